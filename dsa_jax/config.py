@@ -1,0 +1,442 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""ModelConfig: every field of the DeepSeek-V3.2-Exp config (dsa_spec.md §1) plus our run knobs.
+
+Field names follow DeepSeek's reference `ModelArgs` (inference/model.py). The config is a frozen,
+hashable dataclass so it can be a static jit argument. Every invalid value raises `ValueError`
+naming the field, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16")
+_INDEXER_DTYPES = ("fp8", "bfloat16", "float32")
+_IMPLS = ("reference", "pallas")
+
+
+def _err(field: str, value: Any, rule: str) -> ValueError:
+  return ValueError(f"ModelConfig.{field}={value!r} is invalid: {rule}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """DeepSeek-V3.2-Exp architecture (dsa_spec.md §1.1) and the knobs of this implementation."""
+
+  # Sizes (spec §1.1; reference names).
+  vocab_size: int = 129280
+  dim: int = 7168
+  inter_dim: int = 18432
+  moe_inter_dim: int = 2048
+  n_layers: int = 61
+  n_dense_layers: int = 3
+  n_heads: int = 128
+  # MoE (spec §2).
+  n_routed_experts: int = 256
+  n_shared_experts: int = 1
+  n_activated_experts: int = 8
+  n_expert_groups: int = 8
+  n_limited_groups: int = 4
+  route_scale: float = 2.5
+  score_func: str = "sigmoid"
+  # MLA (spec §5).
+  q_lora_rank: int = 1536
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  # FP8 (spec §6): checkpoint weight format and activation scale rounding.
+  dtype: str = "fp8"
+  scale_fmt: str | None = "ue8m0"
+  # Lightning indexer (spec §4).
+  index_n_heads: int = 64
+  index_head_dim: int = 128
+  index_topk: int = 2048
+  # RoPE / YaRN (spec §3).
+  original_seq_len: int = 4096
+  rope_theta: float = 10000.0
+  rope_factor: float = 40.0
+  beta_fast: int = 32
+  beta_slow: int = 1
+  mscale: float = 1.0
+  max_seq_len: int = 16384
+  max_batch_size: int = 8
+  norm_eps: float = 1e-6
+  # MTP (HF num_nextn_predict_layers).
+  n_mtp_layers: int = 1
+  # --- implementation knobs (not in DeepSeek's config) ---
+  param_dtype: str = "float32"  # storage dtype of the parameters
+  compute_dtype: str = "bfloat16"  # activation / matmul dtype
+  indexer_dtype: str = "fp8"  # "fp8": Hadamard + e4m3 1x128 quant-dequant (spec §4.3); else plain
+  impl: str = "reference"  # kernel dispatch: "reference" (pure JAX) | "pallas"
+  attn_block_q: int = 512  # query block of the chunked reference attention / indexer
+  remat: bool = False  # jax.checkpoint each scanned block
+  init_std: float = 0.006  # DeepSeek-V3 init std
+
+  def __post_init__(self):
+    pos_int = (
+      "vocab_size dim inter_dim moe_inter_dim n_layers n_heads q_lora_rank kv_lora_rank "
+      "qk_nope_head_dim qk_rope_head_dim v_head_dim index_n_heads index_head_dim index_topk "
+      "original_seq_len max_seq_len max_batch_size attn_block_q"
+    ).split()
+    for f in pos_int:
+      v = getattr(self, f)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise _err(f, v, "must be a positive int")
+    nonneg_int = "n_dense_layers n_routed_experts n_shared_experts n_mtp_layers".split()
+    for f in nonneg_int:
+      v = getattr(self, f)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise _err(f, v, "must be a non-negative int")
+    for f in ("route_scale", "rope_theta", "rope_factor", "mscale", "norm_eps", "init_std"):
+      v = getattr(self, f)
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+        raise _err(f, v, "must be a positive number")
+    if self.n_dense_layers > self.n_layers:
+      raise _err("n_dense_layers", self.n_dense_layers, f"must be <= n_layers={self.n_layers}")
+    if self.n_mtp_layers > 1:
+      raise _err(
+        "n_mtp_layers", self.n_mtp_layers, "only 0 or 1 MTP module is supported (V3.2 has 1)"
+      )
+    if self.n_layers > self.n_dense_layers:  # there are MoE layers
+      if self.n_routed_experts <= 0:
+        raise _err(
+          "n_routed_experts", self.n_routed_experts, "must be > 0 when there are MoE layers"
+        )
+      if not 0 < self.n_activated_experts <= self.n_routed_experts:
+        raise _err(
+          "n_activated_experts",
+          self.n_activated_experts,
+          f"must be in [1, n_routed_experts={self.n_routed_experts}]",
+        )
+      if self.n_expert_groups <= 0 or self.n_routed_experts % self.n_expert_groups:
+        raise _err(
+          "n_expert_groups",
+          self.n_expert_groups,
+          f"must be > 0 and divide n_routed_experts={self.n_routed_experts}",
+        )
+      if not 0 < self.n_limited_groups <= self.n_expert_groups:
+        raise _err(
+          "n_limited_groups",
+          self.n_limited_groups,
+          f"must be in [1, n_expert_groups={self.n_expert_groups}]",
+        )
+      per_group = self.n_routed_experts // self.n_expert_groups
+      if self.n_expert_groups > 1 and per_group < 2:
+        raise _err(
+          "n_expert_groups", self.n_expert_groups, "group scores sum the top-2 experts of a group"
+        )
+      if self.n_limited_groups * per_group < self.n_activated_experts:
+        raise _err(
+          "n_limited_groups",
+          self.n_limited_groups,
+          f"kept groups hold {self.n_limited_groups * per_group} experts, fewer than "
+          f"n_activated_experts={self.n_activated_experts}",
+        )
+    if self.score_func != "sigmoid":
+      raise _err("score_func", self.score_func, "V3.2 routes with 'sigmoid' (spec §2)")
+    if self.dtype not in ("fp8", "bf16"):
+      raise _err("dtype", self.dtype, "must be 'fp8' or 'bf16'")
+    if self.scale_fmt not in (None, "ue8m0"):
+      raise _err("scale_fmt", self.scale_fmt, "must be None or 'ue8m0'")
+    if self.qk_rope_head_dim % 2:
+      raise _err("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
+    if self.index_head_dim & (self.index_head_dim - 1):
+      raise _err("index_head_dim", self.index_head_dim, "must be a power of two (Hadamard)")
+    if self.qk_rope_head_dim > self.index_head_dim:
+      raise _err(
+        "qk_rope_head_dim",
+        self.qk_rope_head_dim,
+        f"must be <= index_head_dim={self.index_head_dim} (indexer rope part comes first)",
+      )
+    if self.beta_fast <= self.beta_slow:
+      raise _err("beta_fast", self.beta_fast, f"must be > beta_slow={self.beta_slow}")
+    for f, allowed in (
+      ("param_dtype", _DTYPES),
+      ("compute_dtype", _DTYPES),
+      ("indexer_dtype", _INDEXER_DTYPES),
+      ("impl", _IMPLS),
+    ):
+      if getattr(self, f) not in allowed:
+        raise _err(f, getattr(self, f), f"must be one of {allowed}")
+
+  # Derived sizes (spec §1.3).
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def latent_dim(self) -> int:
+    """MQA-mode key dim: kv_lora_rank + qk_rope_head_dim (576 for V3.2)."""
+    return self.kv_lora_rank + self.qk_rope_head_dim
+
+  @property
+  def n_moe_layers(self) -> int:
+    return self.n_layers - self.n_dense_layers
+
+  @property
+  def yarn_active(self) -> bool:
+    return self.max_seq_len > self.original_seq_len
+
+  @property
+  def softmax_scale(self) -> float:
+    """MLA softmax scale with the YaRN mscale correction (spec §3): 0.13523378 for V3.2."""
+    scale = self.qk_head_dim**-0.5
+    if self.yarn_active:
+      m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+      scale = scale * m * m
+    return scale
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+  @classmethod
+  def from_hf_config(cls, path_or_dict: str | os.PathLike | dict, **overrides) -> "ModelConfig":
+    """Reads a DeepSeek-V3.2(-Exp) HF `config.json` (spec §1.2); rejects what it cannot represent."""
+    if isinstance(path_or_dict, dict):
+      hf = dict(path_or_dict)
+    else:
+      p = os.fspath(path_or_dict)
+      if os.path.isdir(p):
+        p = os.path.join(p, "config.json")
+      try:
+        with open(p) as f:
+          hf = json.load(f)
+      except FileNotFoundError:
+        raise ValueError(f"HF config not found: {p}") from None
+      except json.JSONDecodeError as e:
+        raise ValueError(f"HF config {p} is not valid JSON: {e}") from None
+    return cls(**{**_hf_to_fields(hf), **overrides})
+
+
+# HF key -> ModelConfig field (spec §1.2 vs §1.1).
+_HF_MAP = {
+  "vocab_size": "vocab_size",
+  "hidden_size": "dim",
+  "intermediate_size": "inter_dim",
+  "moe_intermediate_size": "moe_inter_dim",
+  "num_hidden_layers": "n_layers",
+  "first_k_dense_replace": "n_dense_layers",
+  "num_attention_heads": "n_heads",
+  "n_routed_experts": "n_routed_experts",
+  "n_shared_experts": "n_shared_experts",
+  "num_experts_per_tok": "n_activated_experts",
+  "n_group": "n_expert_groups",
+  "topk_group": "n_limited_groups",
+  "routed_scaling_factor": "route_scale",
+  "q_lora_rank": "q_lora_rank",
+  "kv_lora_rank": "kv_lora_rank",
+  "qk_nope_head_dim": "qk_nope_head_dim",
+  "qk_rope_head_dim": "qk_rope_head_dim",
+  "v_head_dim": "v_head_dim",
+  "index_n_heads": "index_n_heads",
+  "index_head_dim": "index_head_dim",
+  "index_topk": "index_topk",
+  "max_position_embeddings": "max_seq_len",
+  "rope_theta": "rope_theta",
+  "rms_norm_eps": "norm_eps",
+  "num_nextn_predict_layers": "n_mtp_layers",
+  "initializer_range": "init_std",
+}
+# Keys whose value must be exactly this for the architecture we implement.
+_HF_REQUIRED = {
+  "topk_method": "noaux_tc",
+  "scoring_func": "sigmoid",
+  "hidden_act": "silu",
+  "moe_layer_freq": 1,
+  "tie_word_embeddings": False,
+  "attention_bias": False,
+  "norm_topk_prob": True,
+}
+# Generic HF / tokenizer / serving keys that do not change the math.
+_HF_IGNORED = set(
+  "architectures model_type transformers_version torch_dtype dtype bos_token_id eos_token_id "
+  "pad_token_id use_cache auto_map attention_dropout pretraining_tp ep_size output_attentions "
+  "output_hidden_states return_dict num_key_value_heads rope_interleave _name_or_path "
+  "quantization_config aux_loss_alpha seq_aux id2label label2id tokenizer_class "
+  "chunk_size_feed_forward is_encoder_decoder problem_type torchscript "
+  "use_return_dict rope_parameters rope_scaling index_topk_freq".split()
+)
+
+
+def _hf_to_fields(hf: dict) -> dict:
+  out: dict[str, Any] = {}
+  for k, v in hf.items():
+    if k in _HF_MAP:
+      out[_HF_MAP[k]] = v
+    elif k in _HF_REQUIRED:
+      if v != _HF_REQUIRED[k]:
+        raise ValueError(
+          f"HF config key {k!r}={v!r} cannot be represented: dsa-jax implements {k}="
+          f"{_HF_REQUIRED[k]!r} (DeepSeek-V3.2 architecture)"
+        )
+    elif k not in _HF_IGNORED:
+      raise ValueError(f"HF config key {k!r} (value {v!r}) is not understood by dsa-jax")
+  if hf.get("q_lora_rank") is None and "q_lora_rank" in hf:
+    raise ValueError("HF config key 'q_lora_rank'=None cannot be represented: the indexer reads qr")
+  nkv = hf.get("num_key_value_heads")
+  if nkv is not None and nkv != hf.get("num_attention_heads", nkv):
+    raise ValueError(f"HF config key 'num_key_value_heads'={nkv} must equal num_attention_heads")
+  if hf.get("rope_interleave", True) is not True:
+    raise ValueError(
+      "HF config key 'rope_interleave'=False cannot be represented: MLA is interleaved"
+    )
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+  if isinstance(rope, dict):
+    if "rope_theta" in rope:
+      out["rope_theta"] = rope["rope_theta"]
+    rtype = rope.get("type", rope.get("rope_type"))
+    if rtype == "yarn":
+      for hk, f in (
+        ("factor", "rope_factor"),
+        ("original_max_position_embeddings", "original_seq_len"),
+        ("beta_fast", "beta_fast"),
+        ("beta_slow", "beta_slow"),
+        ("mscale_all_dim", "mscale"),
+      ):
+        if hk in rope:
+          out[f] = rope[hk]
+      if rope.get("mscale", 1.0) != rope.get("mscale_all_dim", 1.0):
+        raise ValueError(
+          f"HF config key 'rope_scaling.mscale'={rope.get('mscale')} != mscale_all_dim: the YaRN "
+          "attention factor mscale/mscale_all_dim must be 1 (spec §3)"
+        )
+    elif rtype in (None, "default"):
+      out["max_seq_len"] = min(out.get("max_seq_len", 4096), out.get("original_seq_len", 4096))
+    else:
+      raise ValueError(f"HF config key 'rope_scaling.type'={rtype!r} cannot be represented (yarn)")
+  elif rope is not None:
+    raise ValueError(f"HF config key 'rope_scaling'={rope!r} must be a dict or null")
+  else:
+    # No scaling: keep YaRN off by making max_seq_len == original_seq_len.
+    out.setdefault("max_seq_len", 4096)
+    out["original_seq_len"] = out["max_seq_len"]
+  for f in ("rope_factor", "beta_fast", "beta_slow", "mscale", "rope_theta", "route_scale"):
+    if f in out and isinstance(out[f], int) and f in ("rope_factor", "mscale", "rope_theta"):
+      out[f] = float(out[f])
+  q = hf.get("quantization_config")
+  if q is not None:
+    if q.get("quant_method") != "fp8" or list(q.get("weight_block_size", [128, 128])) != [128, 128]:
+      raise ValueError(f"HF config key 'quantization_config'={q!r}: only fp8 128x128 blocks")
+    out["dtype"] = "fp8"
+    out["scale_fmt"] = q.get("scale_fmt")
+  else:
+    out["dtype"] = "bf16"
+  return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+  # CPU unit tests: seconds. 1 dense + 2 MoE layers, every code path present.
+  "test": dict(
+    vocab_size=256,
+    dim=64,
+    inter_dim=128,
+    moe_inter_dim=32,
+    n_layers=3,
+    n_dense_layers=1,
+    n_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    index_n_heads=4,
+    index_head_dim=32,
+    index_topk=16,
+    original_seq_len=64,
+    max_seq_len=256,
+    param_dtype="float32",
+    compute_dtype="float32",
+    attn_block_q=32,
+    init_std=0.02,
+  ),
+  # CPU demo / debugging: a couple of minutes of training on 2 cores at L=1024.
+  "debug": dict(
+    vocab_size=256,
+    dim=128,
+    inter_dim=384,
+    moe_inter_dim=64,
+    n_layers=4,
+    n_dense_layers=1,
+    n_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    q_lora_rank=64,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    index_n_heads=4,
+    index_head_dim=64,
+    index_topk=128,
+    original_seq_len=1024,
+    max_seq_len=4096,
+    param_dtype="float32",
+    compute_dtype="float32",
+    attn_block_q=256,
+    init_std=0.02,
+  ),
+  # ~1B total parameters for one H200 at 32K context; real MLA/indexer head shapes (576/512, 64x128)
+  # so the Pallas kernels run at their production shapes.
+  "1b": dict(
+    vocab_size=32768,
+    dim=1536,
+    inter_dim=6144,
+    moe_inter_dim=768,
+    n_layers=12,
+    n_dense_layers=1,
+    n_heads=16,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    q_lora_rank=768,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    index_n_heads=64,
+    index_head_dim=128,
+    index_topk=2048,
+    original_seq_len=4096,
+    max_seq_len=32768,
+    rope_factor=8.0,
+    param_dtype="float32",
+    compute_dtype="bfloat16",
+    attn_block_q=1024,
+    remat=True,
+  ),
+  # Exactly DeepSeek-V3.2-Exp (config_671B_v3.2.json + ModelArgs defaults; HF max positions).
+  "v32_671b": dict(max_seq_len=163840, param_dtype="bfloat16", compute_dtype="bfloat16"),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """Builds a named size (`test`, `debug`, `1b`, `v32_671b`) with field overrides."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,87 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""The one attention dispatch point: sparse MQA attention over top-k rows and dense causal attention.
+
+`impl="reference"` is pure JAX (chunked over query blocks, never an [L, L] array);
+`impl="pallas"` calls the Pallas kernels in `pallas_kernels/`.
+Letters: B batch, T queries, S keys, H heads, K qk dim, V value dim, C latent (MQA) dim, k slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common
+from pallas_kernels.sparse_mla import ops as sparse_mla_ops
+
+
+def sparse_mla(q, kv, idx, *, scale: float, d_v: int, impl: str):
+  """q [B,T,H,C], kv [B,S,C], idx [B,T,k] -> out [B,T,H,d_v], lse [B,T,H]."""
+  return sparse_mla_ops.sparse_mla(q, kv, idx, scale=scale, d_v=d_v, impl=impl)
+
+
+def sparse_probs(q, kv, idx, lse, *, scale: float, impl: str):
+  """Head-mean attention probabilities at the selected slots [B,T,k] (no gradient)."""
+  return sparse_mla_ops.sparse_mla_probs(q, kv, idx, lse, scale=scale, impl=impl)
+
+
+def _dense_block(q, k, v, t0, *, scale, s_offset):
+  """One query block of causal attention. q [B,t,H,K]; k [B,S,H,K] or [B,S,K] (shared, MQA)."""
+  if k.ndim == 3:
+    logits = jnp.einsum("bthk,bsk->bhts", q, k, preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  s = k.shape[1]
+  qpos = s_offset + t0[:, :, None]  # [B,t,1]
+  visible = jnp.arange(s)[None, None, :] <= qpos  # [B,t,S]
+  logits = jnp.where(visible[:, None], logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B,H,t]; every row sees key 0 so it is finite
+  p = jnp.exp(logits - lse[..., None])
+  if v.ndim == 3:
+    out = jnp.einsum("bhts,bsv->bthv", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  else:
+    out = jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype), jnp.moveaxis(lse, 1, 2)
+
+
+def dense_attention(q, k, v, *, scale: float, block_t: int):
+  """Causal softmax attention, chunked over query blocks (queries are the last T of S keys).
+
+  Args:
+    q: [B,T,H,K]; k: [B,S,H,K] (MHA) or [B,S,K] (MQA, shared); v: [B,S,H,V] or [B,S,V].
+  Returns:
+    out [B,T,H,V] (q.dtype), lse [B,T,H] f32.
+  """
+  b, t = q.shape[:2]
+  s_offset = k.shape[1] - t
+  t_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+  fn = lambda qb, tb: _dense_block(qb, k, v, tb, scale=scale, s_offset=s_offset)
+  return _common.map_query_blocks(fn, block_t, [q, t_idx])
+
+
+def dense_topk_overlap(attn_q, attn_kv, attn_lse, idx, *, scale: float, block_t: int):
+  """Share of S_t that is also in the dense attention's own top-k (head-mean probs), per query.
+
+  attn_* in absorbed MQA form; idx [B,T,k] the indexer's selection. Returns [B,T] f32.
+  """
+  from pallas_kernels.lightning_indexer import reference as ref  # dense target, per block
+
+  b, t, s, kk = attn_q.shape[0], attn_q.shape[1], attn_kv.shape[1], idx.shape[-1]
+  t_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+
+  def fn(qb, lb, ib, tb):
+    visible = jnp.arange(s)[None, None, :] <= (s - t + tb)[..., None]
+    p = ref.dense_target_block(qb, attn_kv, lb, visible, scale)
+    p = jnp.where(visible, p, -jnp.inf)
+    _, top = jax.lax.top_k(p, min(kk, s))
+    n_valid = jnp.minimum(s - t + tb + 1, kk)  # [B,t] keys a row can select
+    keep = jnp.arange(top.shape[-1]) < n_valid[..., None]
+    member = jnp.zeros(p.shape, jnp.bool_)  # [B,t,S] membership of the dense top-k
+    member = jnp.put_along_axis(member, top, keep, axis=-1, inplace=False)
+    hit = jnp.take_along_axis(member, jnp.maximum(ib, 0), axis=-1) & (ib >= 0)
+    return jnp.sum(hit, axis=-1) / n_valid
+
+  return jax.lax.stop_gradient(
+    _common.map_query_blocks(fn, block_t, [attn_q, attn_lse, idx, t_idx], remat=False)
+  )

@@ -1,0 +1,47 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+r"""Benchmarks (PERF.md shapes and protocol). One command per set of suites:
+
+  python -m experiments.bench --suite=S1,S2,S3 [--out=experiments/results/sparse_mla.json]
+  python -m experiments.bench --suite=I1,T1,E1 [--small]
+
+Each suite module registers `SUITES = {id: fn(small: bool) -> list[row]}`; rows follow PERF.md's
+result format and carry the baseline measured in the same run.
+"""
+
+import importlib
+import json
+
+from absl import app, flags
+
+from experiments import bench_common
+
+_SUITE = flags.DEFINE_list("suite", ["S1"], "suite ids, e.g. S1,S2,S3,I1,T1,E1")
+_OUT = flags.DEFINE_string("out", None, "result JSON (default: experiments/results/<suite>.json)")
+_SMALL = flags.DEFINE_bool("small", False, "tiny shapes: a smoke test of the harness on CPU")
+
+# suite id -> module holding it (modules are imported lazily so a missing one fails only its suite)
+_MODULES = {
+  "S1": "experiments.bench_sparse_mla",
+  "S2": "experiments.bench_sparse_mla",
+  "S3": "experiments.bench_sparse_mla",
+  "I1": "experiments.bench_indexer",
+  "T1": "experiments.bench_indexer",
+  "E1": "experiments.bench_indexer",
+}
+
+
+def main(argv):
+  del argv
+  for sid in _SUITE.value:
+    if sid not in _MODULES:
+      raise app.UsageError(f"--suite={sid} unknown; expected one of {sorted(_MODULES)}")
+    mod = importlib.import_module(_MODULES[sid])
+    rows = mod.SUITES[sid](_SMALL.value)
+    for r in rows:
+      print(json.dumps(r))
+    out = _OUT.value or f"experiments/results/{sid}.json"
+    bench_common.write_results(out, rows)
+
+
+if __name__ == "__main__":
+  app.run(main)

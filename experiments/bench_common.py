@@ -1,0 +1,71 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Benchmark plumbing shared by the suites (PERF.md protocol): timing, result rows, result files."""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def time_fn(fn, *args, warmup: int = 2, iters: int = 10):
+  """Median wall time in ms of fn(*args) after warm-up (compilation excluded), blocking on results."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return float(np.median(times))
+
+
+def rel_err(out, ref) -> float:
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def commit() -> str:
+  try:
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+  except Exception:  # noqa: BLE001 - no git on the device copy is fine, say so
+    return os.environ.get("DSA_COMMIT", "unknown")
+
+
+def row(suite: str, shape: dict, time_ms: float, flops: float | None, **extra) -> dict:
+  """One result row in the PERF.md format (ratio filled in by the caller via `baseline`)."""
+  r = {
+    "suite": suite,
+    "date": datetime.date.today().isoformat(),
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "commit": commit(),
+    "command": "python -m experiments.bench " + " ".join(sys.argv[1:]),
+    "shape": shape,
+    "time_ms": time_ms,
+    "tflops": (flops / (time_ms * 1e-3) / 1e12) if flops else None,
+  }
+  r.update(extra)
+  base = r.get("baseline")
+  if base and base.get("time_ms"):
+    r["ratio"] = base["time_ms"] / time_ms
+  return r
+
+
+def write_results(path: str, rows: list[dict]):
+  """Appends rows to experiments/results/<name>.json ({"results": [...]})."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  old = []
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f).get("results", [])
+  with open(path + ".tmp", "w") as f:
+    json.dump({"results": old + rows}, f, indent=1)
+  os.replace(path + ".tmp", path)

@@ -1,0 +1,50 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Small helpers shared by the references: query-block chunking that never builds [T, S] at once."""
+
+import jax
+import jax.numpy as jnp
+
+
+def pad_axis(x, axis: int, multiple: int, value=0):
+  """Pads `axis` of x up to a multiple of `multiple` with `value`."""
+  n = x.shape[axis]
+  pad = (-n) % multiple
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def map_query_blocks(fn, block_t: int, xs, t_axis: int = 1, remat: bool = True):
+  """Applies fn to query blocks of every array in xs (split on t_axis), concatenating the results.
+
+  Uses lax.map (a scan) so only one block's intermediates live at a time; with remat the backward
+  pass also re-computes per block instead of storing every block's residuals.
+  """
+  t = xs[0].shape[t_axis]
+  if t <= block_t:
+    return fn(*xs)
+  n = -(-t // block_t)
+  padded = [pad_axis(x, t_axis, block_t) for x in xs]
+
+  def split(x):
+    x = jnp.moveaxis(x, t_axis, 0)
+    x = x.reshape((n, block_t) + x.shape[1:])
+    return x
+
+  blocks = [split(x) for x in padded]
+  body = (
+    jax.checkpoint(lambda args: fn(*[jnp.moveaxis(a, 0, t_axis) for a in args]))
+    if remat
+    else (lambda args: fn(*[jnp.moveaxis(a, 0, t_axis) for a in args]))
+  )
+  out = jax.lax.map(lambda args: body(args), blocks)
+
+  def merge(y):
+    y = jnp.moveaxis(y, t_axis + 1, 1)  # [n, tb, ...]
+    y = y.reshape((n * block_t,) + y.shape[2:])
+    y = jnp.moveaxis(y, 0, t_axis)
+    return jax.lax.slice_in_dim(y, 0, t, axis=t_axis)
+
+  return jax.tree.map(merge, out)

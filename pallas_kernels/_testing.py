@@ -1,0 +1,23 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Test helpers for kernels: tolerances by dtype, random inputs, relative error."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2, jnp.float16: 5e-3}
+
+
+def tolerances(dtype) -> float:
+  """Relative-error tolerance ||out-ref||/||ref|| for outputs computed in `dtype`."""
+  return _TOL[jnp.dtype(dtype).type]
+
+
+def rel_err(out, ref) -> float:
+  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def normal(seed: int, shape, dtype=jnp.float32, scale: float = 1.0):
+  return (scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)).astype(dtype)
