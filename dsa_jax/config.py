@@ -75,6 +75,8 @@ class ModelConfig:
   impl: str = "reference"  # kernel dispatch: "reference" (pure JAX) | "pallas"
   attn_block_q: int = 512  # query block of the chunked reference attention / indexer
   remat: bool = False  # jax.checkpoint each scanned block
+  # Expert parallelism (expert_parallel.py): 0 = dropless; f > 0 = f·n·k/ep slots per shard pair.
+  moe_capacity_factor: float = 0.0
   init_std: float = 0.006  # DeepSeek-V3 init std
 
   def __post_init__(self):
@@ -96,6 +98,8 @@ class ModelConfig:
       v = getattr(self, f)
       if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
         raise _err(f, v, "must be a positive number")
+    if not isinstance(self.moe_capacity_factor, (int, float)) or self.moe_capacity_factor < 0:
+      raise _err("moe_capacity_factor", self.moe_capacity_factor, "must be a number >= 0")
     if self.n_dense_layers > self.n_layers:
       raise _err("n_dense_layers", self.n_dense_layers, f"must be <= n_layers={self.n_layers}")
     if self.n_mtp_layers > 1:

@@ -68,9 +68,9 @@ def select_topk(q, k, w, *, topk: int, impl: str, block_t: int):
   return indexer_ops.indexer_topk(q, k, w, topk=topk, impl=impl, block_t=block_t)
 
 
-def indexer_logits(q, k, w, *, impl: str = "reference"):
-  """Full causal logits [B,T,S] (analysis and small shapes only)."""
-  return indexer_ops.indexer_logits(q, k, w, impl=impl)
+def indexer_logits(q, k, w, *, impl: str = "reference", causal: bool = True):
+  """Logits [B,T,S], -inf above the causal diagonal when causal (small shapes / query blocks)."""
+  return indexer_ops.indexer_logits(q, k, w, impl=impl, causal=causal)
 
 
 def sparse_kl(q, k, w, idx, p, *, impl: str):

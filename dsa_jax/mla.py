@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsa_jax import context_parallel, layers, sharding, sparse_attention
 from dsa_jax import indexer as indexer_lib
-from dsa_jax import layers, sparse_attention
 from dsa_jax.config import ModelConfig
 
 ATTENTION_MODES = ("dense", "dense_mqa", "sparse")
@@ -92,7 +92,13 @@ class MLA(nnx.Module):
     need_idx = attention == "sparse" or metrics
     if need_idx or indexer_loss != "none":
       iq, ik, iw = self.indexer(x, qr, cos, sin)
-    if need_idx:
+    # On a mesh the sparse path runs in shard_map: sequence-parallel top-k + sparse MLA + KL.
+    ctx = sharding.current() if attention == "sparse" and not metrics else None
+    if ctx is not None:
+      o_lat, lse, cp_kl = context_parallel.sparse_attention_cp(
+        ctx, q_abs, kv_lat, iq, ik, iw, cfg, with_kl=indexer_loss == "sparse"
+      )
+    elif need_idx:
       idx = indexer_lib.select_topk(
         iq, ik, iw, topk=cfg.index_topk, impl=cfg.impl, block_t=cfg.attn_block_q
       )
@@ -106,7 +112,9 @@ class MLA(nnx.Module):
       q = jnp.concatenate([q_nope, q_pe], axis=-1)
       o, lse = sparse_attention.dense_attention(q, k, val, scale=scale, block_t=cfg.attn_block_q)
     else:
-      if attention == "dense_mqa":
+      if ctx is not None:
+        pass  # o_lat, lse from the context-parallel path above
+      elif attention == "dense_mqa":
         o_lat, lse = sparse_attention.dense_attention(
           q_abs, kv_lat, c, scale=scale, block_t=cfg.attn_block_q
         )
@@ -122,6 +130,8 @@ class MLA(nnx.Module):
         iq, ik, iw, q_abs, kv_lat, lse, attn_scale=scale, impl=cfg.impl, block_t=cfg.attn_block_q
       )
       aux["indexer_kl"] = jnp.mean(kl)
+    elif indexer_loss == "sparse" and ctx is not None:
+      aux["indexer_kl"] = jnp.mean(cp_kl)
     elif indexer_loss == "sparse":
       p = sparse_attention.sparse_probs(q_abs, kv_lat, idx, lse, scale=scale, impl=cfg.impl)
       aux["indexer_kl"] = jnp.mean(indexer_lib.sparse_kl(iq, ik, iw, idx, p, impl=cfg.impl))

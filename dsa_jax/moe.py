@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsa_jax import layers
+from dsa_jax import expert_parallel, layers, sharding
 from dsa_jax.config import ModelConfig
 
 
@@ -73,6 +73,15 @@ class MoE(nnx.Module):
     b, t, d = x.shape
     e, kk = cfg.n_routed_experts, cfg.n_activated_experts
     cd = layers.dtype_of(cfg.compute_dtype)
+    ctx = sharding.current()
+    if ctx is not None:  # on a mesh: local routing + all_to_all dispatch (expert_parallel.py)
+      y, sizes, _ = expert_parallel.moe_routed(
+        ctx, x, self.gate.kernel[...], self.gate_bias[...], self.w1[...], self.w2[...],
+        self.w3[...], route, cfg,
+      )  # fmt: skip
+      if self.shared_experts is not None:
+        y = y + self.shared_experts(x).astype(jnp.float32)
+      return y.astype(x.dtype), jax.lax.stop_gradient(sizes)
     xf = x.reshape(b * t, d)
     logits = jnp.einsum(
       "nd,de->ne", xf.astype(jnp.float32), self.gate.kernel[...].astype(jnp.float32)

@@ -67,9 +67,7 @@ def indexer_topk_reference(q, k, w, *, topk: int, block_t: int = 512, block_s: i
     logits = jnp.where(visible, logits, -jnp.inf)
     return topk_ref.topk_reference(logits, topk)
 
-  return jax.lax.stop_gradient(
-    _common.map_query_blocks(fn, block_t, [q, w, t_idx], remat=False)
-  )
+  return jax.lax.stop_gradient(_common.map_query_blocks(fn, block_t, [q, w, t_idx], remat=False))
 
 
 def indexer_logits_at_reference(q, k, w, idx):

@@ -35,8 +35,9 @@ def _block(q, kv, idx, *, scale, d_v):
   any_valid = denom > 0
   p = jnp.where(any_valid, e / jnp.where(any_valid, denom, 1.0), 0.0)
   lse = jnp.where(any_valid, m_safe + jnp.log(jnp.where(any_valid, denom, 1.0)), jnp.inf)[..., 0]
-  out = jnp.einsum("bths,btsv->bthv", p.astype(rows.dtype), rows[..., :d_v],
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "bths,btsv->bthv", p.astype(rows.dtype), rows[..., :d_v], preferred_element_type=jnp.float32
+  )
   return out.astype(q.dtype), lse
 
 

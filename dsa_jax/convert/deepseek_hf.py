@@ -1,0 +1,839 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Hugging Face DeepSeek-V3.2(-Exp) / V3.1 safetensors <-> dsa_jax Orbax params checkpoints.
+
+Names and shapes follow dsa_spec.md §9.1. `NAME_MAP` maps each HF tensor name (with `{i}` = HF
+layer, `{e}` = expert) to our leaf path (`{L}` = the block it lives in: `dense_layers[i]`,
+`moe_layers[i - n_dense_layers]`, or `mtp.block` for the MTP layer i = n_layers) and a hook that
+turns the HF tensor into our slice and back (`HOOKS`). Both directions stream one tensor at a time;
+see `orbax_io` for how slices reach the stacked on-disk arrays.
+
+Import keeps what export needs to reproduce the HF directory under `<orbax_dir>/hf_source/`: the
+original config.json, every tensor's dtype / shape / shard, the FP8 block scales (so FP8 weights
+re-quantise bit-exactly, see `fp8.py`) and the non-weight files (tokenizer, generation config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from dsa_jax import model as model_lib
+from dsa_jax.config import ModelConfig
+from dsa_jax.convert import fp8, orbax_io, safetensors_io
+
+# ------------------------------------------------------------------------------------------------
+# Name map (spec §9.1). Value: (our leaf path, hook, which layers have it).
+# Kinds: "top" (once), "all" (every decoder layer incl. MTP), "dense"/"moe" (by FFN type),
+# "expert" (per routed expert), "mtp" (MTP layer only), "mtp_copy" (MTP copy of a shared tensor).
+
+NAME_MAP: dict[str, tuple[str, str, str]] = {
+  "model.embed_tokens.weight": ("embed", "copy", "top"),
+  "model.norm.weight": ("norm.weight", "copy", "top"),
+  "lm_head.weight": ("head.kernel", "linear", "top"),
+  # Attention (MLA, spec §5.1) and block norms.
+  "model.layers.{i}.input_layernorm.weight": ("{L}.attn_norm.weight", "copy", "all"),
+  "model.layers.{i}.post_attention_layernorm.weight": ("{L}.ffn_norm.weight", "copy", "all"),
+  "model.layers.{i}.self_attn.q_a_proj.weight": ("{L}.attn.wq_a.kernel", "linear", "all"),
+  "model.layers.{i}.self_attn.q_a_layernorm.weight": ("{L}.attn.q_norm.weight", "copy", "all"),
+  "model.layers.{i}.self_attn.q_b_proj.weight": ("{L}.attn.wq_b.kernel", "linear", "all"),
+  "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight": (
+    "{L}.attn.wkv_a.kernel",
+    "linear",
+    "all",
+  ),
+  "model.layers.{i}.self_attn.kv_a_layernorm.weight": ("{L}.attn.kv_norm.weight", "copy", "all"),
+  "model.layers.{i}.self_attn.kv_b_proj.weight": ("{L}.attn.wkv_b.kernel", "linear", "all"),
+  "model.layers.{i}.self_attn.o_proj.weight": ("{L}.attn.wo.kernel", "linear", "all"),
+  # Lightning indexer (spec §4.1).
+  "model.layers.{i}.self_attn.indexer.wq_b.weight": (
+    "{L}.attn.indexer.wq_b.kernel",
+    "linear",
+    "all",
+  ),
+  "model.layers.{i}.self_attn.indexer.wk.weight": ("{L}.attn.indexer.wk.kernel", "linear", "all"),
+  "model.layers.{i}.self_attn.indexer.k_norm.weight": (
+    "{L}.attn.indexer.k_norm.weight",
+    "copy",
+    "all",
+  ),
+  "model.layers.{i}.self_attn.indexer.k_norm.bias": ("{L}.attn.indexer.k_norm.bias", "copy", "all"),
+  "model.layers.{i}.self_attn.indexer.weights_proj.weight": (
+    "{L}.attn.indexer.weights_proj.kernel",
+    "linear",
+    "all",
+  ),
+  # Dense SwiGLU FFN: gate_proj = w1, up_proj = w3, down_proj = w2.
+  "model.layers.{i}.mlp.gate_proj.weight": ("{L}.ffn.w1.kernel", "linear", "dense"),
+  "model.layers.{i}.mlp.up_proj.weight": ("{L}.ffn.w3.kernel", "linear", "dense"),
+  "model.layers.{i}.mlp.down_proj.weight": ("{L}.ffn.w2.kernel", "linear", "dense"),
+  # MoE (spec §2): router, its balancing bias, routed experts [E, ...], shared experts.
+  "model.layers.{i}.mlp.gate.weight": ("{L}.ffn.gate.kernel", "linear", "moe"),
+  "model.layers.{i}.mlp.gate.e_score_correction_bias": ("{L}.ffn.gate_bias", "copy", "moe"),
+  "model.layers.{i}.mlp.experts.{e}.gate_proj.weight": ("{L}.ffn.w1[{e}]", "linear", "expert"),
+  "model.layers.{i}.mlp.experts.{e}.up_proj.weight": ("{L}.ffn.w3[{e}]", "linear", "expert"),
+  "model.layers.{i}.mlp.experts.{e}.down_proj.weight": ("{L}.ffn.w2[{e}]", "linear", "expert"),
+  "model.layers.{i}.mlp.shared_experts.gate_proj.weight": (
+    "{L}.ffn.shared_experts.w1.kernel",
+    "linear",
+    "moe",
+  ),
+  "model.layers.{i}.mlp.shared_experts.up_proj.weight": (
+    "{L}.ffn.shared_experts.w3.kernel",
+    "linear",
+    "moe",
+  ),
+  "model.layers.{i}.mlp.shared_experts.down_proj.weight": (
+    "{L}.ffn.shared_experts.w2.kernel",
+    "linear",
+    "moe",
+  ),
+  # MTP layer (i = n_layers): eh_proj input is [enorm(emb) ; hnorm(h)] (spec open question 11).
+  "model.layers.{i}.enorm.weight": ("mtp.enorm.weight", "copy", "mtp"),
+  "model.layers.{i}.hnorm.weight": ("mtp.hnorm.weight", "copy", "mtp"),
+  "model.layers.{i}.eh_proj.weight": ("mtp.eh_proj.kernel", "linear", "mtp"),
+  "model.layers.{i}.shared_head.norm.weight": ("mtp.norm.weight", "copy", "mtp"),
+  # The MTP layer stores its own copies of the embedding and head; we share ours (spec §9.1).
+  "model.layers.{i}.embed_tokens.weight": ("embed", "copy", "mtp_copy"),
+  "model.layers.{i}.shared_head.head.weight": ("head.kernel", "linear", "mtp_copy"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  to_ours: callable  # HF tensor -> our slice
+  to_hf: callable  # our slice -> HF tensor
+  hf_shape: callable  # our slice shape -> HF shape
+
+
+HOOKS = {
+  "copy": Hook(lambda x: x, lambda x: x, lambda s: tuple(s)),
+  # torch Linear weights are [out, in]; our kernels are [in, out].
+  "linear": Hook(lambda x: x.T, lambda x: x.T, lambda s: tuple(reversed(s))),
+}
+
+# Not FP8 in DeepSeek's checkpoints (spec §6): embeddings, head, norms, router, indexer
+# weights_proj, MTP eh_proj. Used by --fp8_export for tensors the import did not see.
+_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|norm|mlp\.gate\.|weights_proj|eh_proj|shared_head)")
+SCALE_SUFFIX = "_scale_inv"
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
+_EXPORT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One HF tensor <-> one slice `leaf[index]` of our parameter tree."""
+
+  hf: str
+  leaf: str
+  index: tuple[int, ...]
+  hook: str
+  kind: str
+
+  @property
+  def shared(self) -> bool:
+    return self.kind == "mtp_copy"
+
+  @property
+  def indexer(self) -> bool:
+    return ".indexer." in self.hf
+
+  @property
+  def fp8_default(self) -> bool:
+    return self.hook == "linear" and not _NOT_FP8.search(self.hf)
+
+
+def _block_root(cfg: ModelConfig, i: int) -> tuple[str, tuple[int, ...]]:
+  if i < cfg.n_dense_layers:
+    return "dense_layers", (i,)
+  if i < cfg.n_layers:
+    return "moe_layers", (i - cfg.n_dense_layers,)
+  return "mtp.block", ()
+
+
+def plan(cfg: ModelConfig) -> list[Entry]:
+  """Every HF tensor of a checkpoint for `cfg`, in HF order (layers, then experts)."""
+  out = []
+  for hf, (leaf, hook, kind) in NAME_MAP.items():
+    if kind == "top":
+      out.append(Entry(hf, leaf, (), hook, kind))
+  layers = list(range(cfg.n_layers)) + ([cfg.n_layers] if cfg.n_mtp_layers else [])
+  for i in layers:
+    root, idx = _block_root(cfg, i)
+    is_moe = i >= cfg.n_dense_layers if i < cfg.n_layers else cfg.n_layers > cfg.n_dense_layers
+    for hf, (leaf, hook, kind) in NAME_MAP.items():
+      if kind == "top" or (kind in ("mtp", "mtp_copy") and i != cfg.n_layers):
+        continue
+      if (kind == "dense" and is_moe) or (kind in ("moe", "expert") and not is_moe):
+        continue
+      experts = range(cfg.n_routed_experts) if kind == "expert" else [None]
+      for e in experts:
+        name = hf.format(i=i, e=e)
+        path = leaf.replace("{L}", root)
+        index = idx
+        if e is not None:
+          path = path.replace("[{e}]", "")
+          index = idx + (e,)
+        out.append(Entry(name, path, index, hook, kind))
+  return out
+
+
+def leaf_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Our parameter leaves {dotted path: (shape, dtype)} for cfg (nothing allocated)."""
+  state = nnx.to_pure_dict(nnx.state(model_lib.abstract(cfg)))
+  out = {}
+
+  def walk(t, p):
+    if isinstance(t, dict):
+      for k, v in t.items():
+        walk(v, p + (str(k),))
+    else:
+      out[".".join(p)] = (tuple(t.shape), np.dtype(t.dtype))
+
+  walk(state, ())
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+
+
+_ARCH_FIELDS = [
+  f.name
+  for f in dataclasses.fields(ModelConfig)
+  if f.name
+  not in (
+    "param_dtype",
+    "compute_dtype",
+    "indexer_dtype",
+    "impl",
+    "attn_block_q",
+    "remat",
+    "init_std",
+    "max_batch_size",
+    "dtype",
+    "scale_fmt",
+  )
+]
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+  """ModelConfig for an HF DeepSeek-V3.2(-Exp) or V3/V3.1 config dict.
+
+  transformers v5 writes derived keys that `ModelConfig.from_hf_config` does not know; they are
+  checked against the architecture here and dropped. A config without
+  `num_nextn_predict_layers` (transformers' DeepseekV32Config has none and never saves the MTP
+  layer) describes a model without MTP.
+  """
+  hf = dict(hf)
+  mt = hf.get("model_type", "deepseek_v32")
+  if mt not in ("deepseek_v32", "deepseek_v3"):
+    raise ValueError(f"HF config model_type={mt!r}: expected 'deepseek_v32' or 'deepseek_v3'")
+  bad = []
+  rope = hf.get("qk_rope_head_dim", 64)
+  if hf.pop("head_dim", rope) != rope:
+    bad.append("head_dim != qk_rope_head_dim")
+  if hf.pop("qk_head_dim", None) not in (None, hf.get("qk_nope_head_dim", 128) + rope):
+    bad.append("qk_head_dim != qk_nope_head_dim + qk_rope_head_dim")
+  if hf.pop("mlp_bias", False):
+    bad.append("mlp_bias=True")
+  n, k = hf.get("num_hidden_layers", 61), hf.get("first_k_dense_replace", 3)
+  mlp_types = hf.pop("mlp_layer_types", None)
+  if mlp_types is not None and list(mlp_types) != ["dense"] * min(k, n) + ["sparse"] * (n - k):
+    bad.append(f"mlp_layer_types={mlp_types} is not first_k_dense_replace={k} dense then MoE")
+  layer_types = hf.pop("layer_types", None)
+  if layer_types is not None and len(set(layer_types)) > 1:
+    bad.append(f"layer_types={layer_types} mixes attention types")
+  hf.pop("output_router_logits", None)
+  hf.pop("num_local_experts", None)
+  if bad:
+    raise ValueError(f"HF config cannot be represented by dsa-jax: {bad}")
+  overrides = dict(overrides)
+  overrides.setdefault("n_mtp_layers", hf.get("num_nextn_predict_layers", 0))
+  return ModelConfig.from_hf_config(hf, **overrides)
+
+
+def hf_config_dict(cfg: ModelConfig, fp8_export: bool = False, torch_dtype="bfloat16") -> dict:
+  """An HF `DeepseekV32ForCausalLM` config.json for cfg (used when no source config was kept)."""
+  hf = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.dim,
+    "intermediate_size": cfg.inter_dim,
+    "moe_intermediate_size": cfg.moe_inter_dim,
+    "num_hidden_layers": cfg.n_layers,
+    "first_k_dense_replace": cfg.n_dense_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_heads,
+    "n_routed_experts": cfg.n_routed_experts,
+    "n_shared_experts": cfg.n_shared_experts,
+    "num_experts_per_tok": cfg.n_activated_experts,
+    "n_group": cfg.n_expert_groups,
+    "topk_group": cfg.n_limited_groups,
+    "routed_scaling_factor": cfg.route_scale,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "moe_layer_freq": 1,
+    "q_lora_rank": cfg.q_lora_rank,
+    "kv_lora_rank": cfg.kv_lora_rank,
+    "qk_nope_head_dim": cfg.qk_nope_head_dim,
+    "qk_rope_head_dim": cfg.qk_rope_head_dim,
+    "v_head_dim": cfg.v_head_dim,
+    "index_n_heads": cfg.index_n_heads,
+    "index_head_dim": cfg.index_head_dim,
+    "index_topk": cfg.index_topk,
+    "num_nextn_predict_layers": cfg.n_mtp_layers,
+    "max_position_embeddings": cfg.max_seq_len,
+    "rope_theta": cfg.rope_theta,
+    "rms_norm_eps": cfg.norm_eps,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "initializer_range": cfg.init_std,
+    "torch_dtype": torch_dtype,
+  }
+  if cfg.yarn_active:
+    hf["rope_scaling"] = {
+      "type": "yarn",
+      "factor": cfg.rope_factor,
+      "original_max_position_embeddings": cfg.original_seq_len,
+      "beta_fast": cfg.beta_fast,
+      "beta_slow": cfg.beta_slow,
+      "mscale": cfg.mscale,
+      "mscale_all_dim": cfg.mscale,
+    }
+  else:
+    hf["rope_scaling"] = None
+  if fp8_export:
+    hf["quantization_config"] = _fp8_qconfig(cfg.scale_fmt)
+  return hf
+
+
+def _fp8_qconfig(scale_fmt):
+  q = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [fp8.BLOCK, fp8.BLOCK],
+  }
+  if scale_fmt:
+    q["scale_fmt"] = scale_fmt
+  return q
+
+
+def check_same_architecture(got: ModelConfig, want: ModelConfig, what: str) -> None:
+  diff = [
+    f"{f}: {getattr(got, f)!r} != expected {getattr(want, f)!r}"
+    for f in _ARCH_FIELDS
+    if getattr(got, f) != getattr(want, f)
+  ]
+  if diff:
+    raise ValueError(f"{what} does not match the expected model config: {diff}")
+
+
+# ------------------------------------------------------------------------------------------------
+# HF directory reading
+
+
+def _list_problems(kind: str, names, limit: int = 30) -> str:
+  names = sorted(names)
+  more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
+  return f"{kind} ({len(names)}): {names[:limit]}{more}"
+
+
+def _open_hf_dir(hf_dir: str):
+  """Config dict and bytes, {name: TensorInfo}, {file: Reader}, index metadata; headers validated."""
+  cpath = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(cpath):
+    raise ValueError(f"HF checkpoint {hf_dir}: config.json not found")
+  with open(cpath, "rb") as f:
+    cbytes = f.read()
+  try:
+    hf_cfg = json.loads(cbytes)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"HF checkpoint {hf_dir}: config.json is not valid JSON: {e}") from None
+  ipath = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.isfile(ipath):
+    try:
+      with open(ipath) as f:
+        index = json.load(f)
+      weight_map, index_meta = index["weight_map"], index.get("metadata") or {}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"HF checkpoint {hf_dir}: bad model.safetensors.index.json: {e}") from None
+    files = sorted(set(weight_map.values()))
+  elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
+    weight_map, files, index_meta = None, ["model.safetensors"], {}
+  else:
+    raise ValueError(
+      f"HF checkpoint {hf_dir}: no model.safetensors.index.json or model.safetensors"
+    )
+  missing_files = [f for f in files if not os.path.isfile(os.path.join(hf_dir, f))]
+  if missing_files:
+    raise ValueError(
+      f"HF checkpoint {hf_dir}: " + _list_problems("missing shard files", missing_files)
+    )
+  readers, infos, errors, dup = {}, {}, [], []
+  for fn in files:
+    try:
+      readers[fn] = safetensors_io.Reader(os.path.join(hf_dir, fn))
+    except ValueError as e:
+      errors.append(str(e))
+      continue
+    for name, info in readers[fn].infos.items():
+      if name in infos:
+        dup.append(name)
+      infos[name] = info
+  if errors:
+    raise ValueError(f"HF checkpoint {hf_dir}: unreadable shards: {errors}")
+  if dup:
+    raise ValueError(f"HF checkpoint {hf_dir}: " + _list_problems("tensors in two shards", dup))
+  if weight_map is not None:
+    wrong = [n for n, fn in weight_map.items() if n not in readers[fn].infos]
+    if wrong:
+      raise ValueError(
+        f"HF checkpoint {hf_dir}: "
+        + _list_problems("tensors listed in the index but missing from their shard", wrong)
+      )
+  return hf_cfg, cbytes, infos, readers, index_meta
+
+
+def _validate(entries: list[Entry], infos, leaves, skip_missing) -> set[str]:
+  """Checks names, shapes and dtypes of every HF tensor; returns the FP8 names."""
+  want = {e.hf: e for e in entries}
+  scales = {n for n in infos if n.endswith(SCALE_SUFFIX)}
+  weights = set(infos) - scales
+  missing = [n for n in want if n not in infos and not skip_missing(want[n])]
+  unexpected = [n for n in weights if n not in want]
+  shapes, dtypes, fp8_names = [], [], set()
+  for n in weights & want.keys():
+    e, info = want[n], infos[n]
+    leaf_shape = leaves[e.leaf][0][len(e.index) :]
+    hf_shape = HOOKS[e.hook].hf_shape(leaf_shape)
+    if info.shape != hf_shape:
+      shapes.append(f"{n}: {list(info.shape)} != expected {list(hf_shape)}")
+    if info.dtype not in _FLOAT_DTYPES:
+      dtypes.append(f"{n}: {info.dtype} (expected one of {_FLOAT_DTYPES})")
+    elif info.dtype == "F8_E4M3":
+      s = infos.get(n + SCALE_SUFFIX)
+      if e.hook != "linear":
+        dtypes.append(f"{n}: F8_E4M3 but only Linear weights may be FP8 (spec §6)")
+      elif s is None:
+        dtypes.append(f"{n}: F8_E4M3 without {n + SCALE_SUFFIX}")
+      elif s.dtype != "F32" or s.shape != fp8.scale_shape(info.shape):
+        dtypes.append(
+          f"{n + SCALE_SUFFIX}: {s.dtype}{list(s.shape)} != expected F32"
+          f"{list(fp8.scale_shape(info.shape))}"
+        )
+      else:
+        fp8_names.add(n)
+  for s in scales:
+    w = s[: -len(SCALE_SUFFIX)]
+    if w not in infos:
+      unexpected.append(s)
+    elif infos[w].dtype != "F8_E4M3":
+      dtypes.append(f"{s}: a block scale for {w}, which is {infos[w].dtype}, not F8_E4M3")
+  problems = []
+  if missing:
+    problems.append(_list_problems("missing", missing))
+  if unexpected:
+    problems.append(_list_problems("unexpected", unexpected))
+  if shapes:
+    problems.append(_list_problems("wrong shapes", shapes))
+  if dtypes:
+    problems.append(_list_problems("wrong dtypes", dtypes))
+  if problems:
+    raise ValueError("HF checkpoint does not match the model config: " + "; ".join(problems))
+  return fp8_names
+
+
+# ------------------------------------------------------------------------------------------------
+# HF -> Orbax
+
+
+def _tmp_sibling(path: str, tag: str) -> str:
+  parent, base = os.path.split(os.path.abspath(path))
+  return os.path.join(parent, f".{base}.{tag}-{os.getpid()}-{time.time_ns()}")
+
+
+def _check_out(path: str) -> None:
+  if os.path.exists(path):
+    raise ValueError(f"output {path} already exists; remove it or choose another directory")
+
+
+def hf_to_orbax(
+  hf_dir: str,
+  orbax_dir: str,
+  *,
+  dtype: str = "float32",
+  overrides: dict | None = None,
+  expect: ModelConfig | None = None,
+  seed: int = 0,
+  init_missing_indexers: bool = False,
+  progress: bool = True,
+) -> ModelConfig:
+  """Converts an HF DeepSeek-V3.2(-Exp) checkpoint (or V3/V3.1, indexers freshly initialised).
+
+  Args:
+    hf_dir: config.json + model.safetensors.index.json + shards (or one model.safetensors).
+    orbax_dir: output params checkpoint for `dsa_jax.checkpoint.load_params`; must not exist.
+    dtype: storage dtype of the parameters ("float32" | "bfloat16"); FP8 weights are dequantised.
+    overrides: ModelConfig fields on top of the HF config (e.g. index_* sizes for a V3 import).
+    expect: if given, the HF config must describe this architecture.
+    seed: numpy seed of freshly initialised indexers.
+    init_missing_indexers: initialise indexer tensors the checkpoint lacks (always on for a dense
+      model_type deepseek_v3 source; for V3.2 only on request, e.g. should a release omit the MTP
+      layer's indexer, which spec §9.1 leaves uncertain).
+  Returns:
+    The ModelConfig of the checkpoint (param_dtype=dtype); also saved in hf_source/convert.json.
+  Raises:
+    ValueError listing missing / unexpected / mis-shaped / wrong-dtype / non-finite tensors, a
+    config mismatch, or truncated / corrupt shards. Nothing is left at orbax_dir on failure.
+  """
+  dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
+  _check_out(orbax_dir)
+  hf_cfg, cbytes, infos, readers, index_meta = _open_hf_dir(hf_dir)
+  cfg = config_from_hf(hf_cfg, **{"param_dtype": dtype, **(overrides or {})})
+  if expect is not None:
+    check_same_architecture(cfg, expect, f"HF config {hf_dir}/config.json")
+  dense_source = hf_cfg.get("model_type") == "deepseek_v3" or init_missing_indexers
+  entries = plan(cfg)
+  leaves = leaf_specs(cfg)
+  fp8_names = _validate(entries, infos, leaves, lambda e: dense_source and e.indexer)
+  depth = {e.leaf: len(e.index) for e in entries}
+  tmp = _tmp_sibling(orbax_dir, "orbax-checkpoint-tmp")  # Orbax treats *-tmp-* dirs as unfinished
+  try:
+    writer = orbax_io.Writer(tmp, {k: (s, d, depth.get(k, 0)) for k, (s, d) in leaves.items()})
+    _import_tensors(entries, infos, readers, writer, leaves, fp8_names, tmp, progress)
+    if dense_source:
+      _init_indexers(cfg, entries, infos, writer, leaves, seed)
+    writer.finalize()
+    _write_sidecar(tmp, hf_dir, cfg, cbytes, infos, readers, index_meta)
+    os.rename(tmp, orbax_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return cfg
+
+
+def _import_tensors(entries, infos, readers, writer, leaves, fp8_names, out_dir, progress):
+  present = [e for e in entries if e.hf in infos]
+  # Read shards sequentially, in file order.
+  present.sort(key=lambda e: (infos[e.hf].path, infos[e.hf].start))
+  scale_specs = {n + SCALE_SUFFIX: ("F32", infos[n + SCALE_SUFFIX].shape) for n in fp8_names}
+  scale_out, scales = None, {}
+  if scale_specs:  # kept so that --fp8_export re-quantises with the same scales (fp8.py)
+    os.makedirs(os.path.join(out_dir, "hf_source"), exist_ok=True)
+    scale_out = safetensors_io.Writer(
+      os.path.join(out_dir, "hf_source", "fp8_scales.safetensors"), scale_specs
+    )
+  shared_leaves = {(e.leaf, e.index) for e in present if e.shared}
+  digests, nonfinite, copy_mismatch = {}, [], []
+  total = sum(infos[e.hf].nbytes for e in present)
+  bar = tqdm(total=total, unit="B", unit_scale=True, desc="hf->orbax", disable=not progress)
+  for e in present:
+    info = infos[e.hf]
+    reader = readers[os.path.basename(info.path)]
+    x = reader.read(e.hf)
+    if e.hf in fp8_names:
+      sname = e.hf + SCALE_SUFFIX
+      s = readers[os.path.basename(infos[sname].path)].read(sname)
+      x = fp8.dequantize(x, s)
+      scales[e.hf + SCALE_SUFFIX] = s
+    else:
+      x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+      nonfinite.append(e.hf)
+    # The MTP layer's embed / head copies must equal the main ones (we store one shared copy).
+    key = (e.leaf, e.index)
+    if key in shared_leaves:
+      dig = hashlib.sha256(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data).hexdigest()
+      if key in digests:
+        if digests[key] != dig:
+          copy_mismatch.append(e.hf)
+        del x
+        bar.update(info.nbytes)
+        continue
+      digests[key] = dig
+    writer.write(e.leaf, e.index, np.asarray(HOOKS[e.hook].to_ours(x), dtype=leaves[e.leaf][1]))
+    del x
+    bar.update(info.nbytes)
+  bar.close()
+  if scale_out is not None:
+    for n in scale_out.order:
+      scale_out.write(n, scales[n])
+    scale_out.close()
+  problems = []
+  if nonfinite:
+    problems.append(_list_problems("non-finite values (corrupt data)", nonfinite))
+  if copy_mismatch:
+    problems.append(
+      _list_problems("MTP copies that differ from model.embed_tokens / lm_head", copy_mismatch)
+    )
+  if problems:
+    raise ValueError("HF checkpoint has bad tensors: " + "; ".join(problems))
+
+
+def _init_indexers(cfg, entries, infos, writer, leaves, seed):
+  """Fresh indexer weights for a dense (V3/V3.1) source, drawn as `model.build` draws them."""
+  _, state = nnx.split(model_lib.abstract(cfg))
+  meta = {}
+  for path, var in nnx.to_flat_state(state):
+    meta[".".join(str(p) for p in path)] = var.get_metadata()
+  rng = np.random.default_rng(seed)
+  for e in entries:
+    if not e.indexer or e.hf in infos:
+      continue
+    shape, dt = leaves[e.leaf]
+    shape = shape[len(e.index) :]
+    std = meta[e.leaf].get("init_std")
+    if std is not None:
+      x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    elif e.leaf.endswith("weight"):
+      x = np.ones(shape, np.float32)
+    else:
+      x = np.zeros(shape, np.float32)
+    writer.write(e.leaf, e.index, x.astype(dt))
+
+
+def _write_sidecar(out_dir, hf_dir, cfg, cbytes, infos, readers, index_meta):
+  side = os.path.join(out_dir, "hf_source")
+  os.makedirs(side, exist_ok=True)
+  with open(os.path.join(side, "config.json"), "wb") as f:
+    f.write(cbytes)
+  record = {
+    "model_config": cfg.to_dict(),
+    "tensors": {
+      n: {"dtype": i.dtype, "shape": list(i.shape), "file": os.path.basename(i.path)}
+      for n, i in infos.items()
+    },
+    "file_metadata": {fn: r.metadata for fn, r in readers.items()},
+    "index_metadata": index_meta,
+  }
+  with open(os.path.join(side, "convert.json"), "w") as f:
+    json.dump(record, f)
+  extra = os.path.join(side, "extra")
+  for fn in sorted(os.listdir(hf_dir)):
+    p = os.path.join(hf_dir, fn)
+    if (
+      os.path.isfile(p)
+      and fn not in ("config.json", "model.safetensors.index.json")
+      and not fn.endswith((".safetensors", ".bin", ".pt", ".pth"))
+    ):
+      os.makedirs(extra, exist_ok=True)
+      shutil.copy2(p, os.path.join(extra, fn))
+
+
+# ------------------------------------------------------------------------------------------------
+# Orbax -> HF
+
+
+def _read_sidecar(orbax_dir):
+  side = os.path.join(orbax_dir, "hf_source")
+  path = os.path.join(side, "convert.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  with open(os.path.join(side, "config.json"), "rb") as f:
+    record["config_bytes"] = f.read()
+  sp = os.path.join(side, "fp8_scales.safetensors")
+  record["scales"] = safetensors_io.Reader(sp) if os.path.isfile(sp) else None
+  return record
+
+
+def orbax_to_hf(
+  orbax_dir: str,
+  hf_dir: str,
+  *,
+  cfg: ModelConfig | None = None,
+  dtype: str | None = None,
+  fp8_export: bool = False,
+  max_shard_bytes: int = 5 * 10**9,
+  progress: bool = True,
+) -> None:
+  """Writes a sharded HF directory (index, config.json, shards) from an Orbax params checkpoint.
+
+  Args:
+    orbax_dir: a params checkpoint (from `hf_to_orbax`, or `checkpoint.save_params` + cfg).
+    hf_dir: output directory; must not exist.
+    cfg: the model config; default: the one `hf_to_orbax` recorded in hf_source/.
+    dtype: "bf16" | "fp32" for every non-FP8 tensor (the router bias stays fp32). Default: each
+      tensor's dtype in the imported checkpoint, else bf16 (spec §9.1).
+    fp8_export: write Linear weights as float8_e4m3fn + 128x128 `weight_scale_inv` (spec §6). With
+      the scales kept by the import and unchanged weights this reproduces an FP8 source bit for bit.
+    max_shard_bytes: shard size when the source's shard layout cannot be reused.
+  """
+  _check_out(hf_dir)
+  reader = orbax_io.Reader(orbax_dir)
+  record = _read_sidecar(orbax_dir)
+  if cfg is None:
+    if record is None:
+      raise ValueError(f"{orbax_dir} has no hf_source/convert.json: pass cfg (the ModelConfig)")
+    cfg = ModelConfig.from_dict(record["model_config"])
+  leaves = leaf_specs(cfg)
+  _check_leaves(reader, leaves, orbax_dir)
+  entries = plan(cfg)
+  src = (record or {}).get("tensors", {})
+  if dtype is not None and dtype not in _EXPORT_DTYPES:
+    raise ValueError(f"dtype={dtype!r}: expected bf16 or fp32")
+  force = _EXPORT_DTYPES.get(dtype)
+
+  def out_dtype(e: Entry) -> str:
+    if fp8_export and (src[e.hf]["dtype"] == "F8_E4M3" if e.hf in src else e.fp8_default):
+      return "F8_E4M3"
+    if e.hf.endswith("e_score_correction_bias"):
+      return "F32"  # a tiny fp32 vector whose balancing updates would round away in bf16
+    if force:
+      return force
+    if e.hf in src and src[e.hf]["dtype"] != "F8_E4M3":
+      return src[e.hf]["dtype"]
+    return "BF16"
+
+  specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+  by_name: dict[str, Entry] = {}
+  for e in entries:
+    shape = HOOKS[e.hook].hf_shape(leaves[e.leaf][0][len(e.index) :])
+    dt = out_dtype(e)
+    specs[e.hf] = (dt, shape)
+    by_name[e.hf] = e
+    if dt == "F8_E4M3":
+      specs[e.hf + SCALE_SUFFIX] = ("F32", fp8.scale_shape(shape))
+  files = _assign_shards(specs, src, max_shard_bytes)
+  hf_cfg = _export_config(
+    record,
+    cfg,
+    any(d == "F8_E4M3" for d, _ in specs.values()),
+    "float32" if force == "F32" else "bfloat16",
+  )
+  scales_reader = (record or {}).get("scales")
+  file_meta = (record or {}).get("file_metadata", {})
+  tmp = _tmp_sibling(hf_dir, "tmp")
+  try:
+    os.makedirs(tmp)
+    total = sum(_nbytes(*specs[n]) for n in specs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="orbax->hf", disable=not progress)
+    for fn, names in files.items():
+      w = safetensors_io.Writer(
+        os.path.join(tmp, fn), {n: specs[n] for n in names}, file_meta.get(fn) or {"format": "pt"}
+      )
+      for n in w.order:
+        if n.endswith(SCALE_SUFFIX):
+          # Scales (F32) precede their F8 weights in a shard; the weight is quantised again when
+          # its turn comes rather than held in memory (quantisation is deterministic).
+          wname = n[: -len(SCALE_SUFFIX)]
+          w.write(n, _export_tensor(reader, by_name[wname], specs[wname][0], scales_reader)[1])
+        else:
+          w.write(n, _export_tensor(reader, by_name[n], specs[n][0], scales_reader)[0])
+        bar.update(_nbytes(*specs[n]))
+      w.close()
+    bar.close()
+    meta = dict((record or {}).get("index_metadata") or {})
+    if "total_parameters" in meta:  # transformers' count; adjust for tensors added / dropped
+      numel = lambda shape: int(np.prod(shape, dtype=np.int64))
+      meta["total_parameters"] += sum(
+        numel(sh) for n, (_, sh) in specs.items() if n not in src and not n.endswith(SCALE_SUFFIX)
+      ) - sum(
+        numel(v["shape"]) for n, v in src.items() if n not in specs and not n.endswith(SCALE_SUFFIX)
+      )
+    meta["total_size"] = total
+    index = {
+      "metadata": meta,
+      "weight_map": {n: fn for fn, names in files.items() for n in sorted(names)},
+    }
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+      f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    with open(os.path.join(tmp, "config.json"), "wb") as f:
+      f.write(hf_cfg)
+    extra = os.path.join(orbax_dir, "hf_source", "extra")
+    if os.path.isdir(extra):
+      for fn in os.listdir(extra):
+        shutil.copy2(os.path.join(extra, fn), os.path.join(tmp, fn))
+    os.rename(tmp, hf_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nbytes(dt: str, shape) -> int:
+  return int(np.prod(shape, dtype=np.int64)) * safetensors_io.DTYPES[dt].itemsize
+
+
+def _check_leaves(reader: orbax_io.Reader, leaves, path):
+  got = set(reader.names)
+  missing = [n for n in leaves if n not in got]
+  unexpected = [n for n in got if n not in leaves]
+  shapes = []
+  for n in leaves.keys() & got:
+    s, _ = reader.shape_dtype(n)
+    if s != leaves[n][0]:
+      shapes.append(f"{n}: {list(s)} != expected {list(leaves[n][0])}")
+  problems = [
+    _list_problems(k, v)
+    for k, v in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", shapes))
+    if v
+  ]
+  if problems:
+    raise ValueError(
+      f"Orbax checkpoint {path} does not match the model config: " + "; ".join(problems)
+    )
+
+
+def _export_tensor(reader, e: Entry, dt: str, scales_reader):
+  """Our slice -> (HF tensor in dtype dt, its block scale or None)."""
+  x = HOOKS[e.hook].to_hf(reader.read(e.leaf, e.index))
+  if dt == "F8_E4M3":
+    sname = e.hf + SCALE_SUFFIX
+    old = scales_reader.read(sname) if scales_reader and sname in scales_reader.infos else None
+    if old is not None and old.shape != fp8.scale_shape(x.shape):
+      old = None
+    return fp8.quantize(x, old)
+  return np.ascontiguousarray(x.astype(safetensors_io.DTYPES[dt])), None
+
+
+def _assign_shards(specs, src, max_shard_bytes) -> dict[str, list[str]]:
+  """Reuses the source's shard of every tensor when all are known, else packs in plan order."""
+  if src and all(n in src for n in specs):
+    files: dict[str, list[str]] = {}
+    for n in specs:
+      files.setdefault(src[n]["file"], []).append(n)
+    return dict(sorted(files.items()))
+  groups, cur, size = [], [], 0
+  for n in specs:
+    b = _nbytes(*specs[n])
+    if cur and size + b > max_shard_bytes:
+      groups.append(cur)
+      cur, size = [], 0
+    cur.append(n)
+    size += b
+  groups.append(cur)
+  k = len(groups)
+  return {f"model-{j + 1:05d}-of-{k:05d}.safetensors": g for j, g in enumerate(groups)}
+
+
+def _export_config(record, cfg: ModelConfig, has_fp8: bool, torch_dtype: str) -> bytes:
+  if record is None:
+    return (json.dumps(hf_config_dict(cfg, has_fp8, torch_dtype), indent=2) + "\n").encode()
+  src = json.loads(record["config_bytes"])
+  same = ("quantization_config" in src) == has_fp8 and src.get("model_type") == "deepseek_v32"
+  if same:
+    return record["config_bytes"]  # byte-identical round trip
+  if src.get("model_type") != "deepseek_v32":  # dense V3 import: now a DSA model (spec §7.1)
+    src["model_type"] = "deepseek_v32"
+    src["architectures"] = ["DeepseekV32ForCausalLM"]
+    src.pop("auto_map", None)
+    src.update(
+      index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk
+    )
+  if has_fp8:
+    src["quantization_config"] = _fp8_qconfig(cfg.scale_fmt)
+  else:
+    src.pop("quantization_config", None)
+  return (json.dumps(src, indent=2) + "\n").encode()

@@ -1,0 +1,204 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Public lightning-indexer ops (logits, fused causal top-k, KL losses) with the impl switch.
+
+impl="pallas" (GPU: Mosaic GPU FP8 logits + radix-select top-k; interpret=True runs the same
+kernels on CPU) takes the same float q, k, w as the reference. q and k are re-quantised inside with
+the spec's 1x128 e4m3 / ue8m0 scheme (dsa_spec.md §4.3 step 5), which is exact for tensors that
+already went through that fake quant, so logits match the reference to fp32 summation order and
+top-k selections match up to near-ties. Its kernels need J=64 heads and D=128.
+The KL ops' impl="pallas" is a custom_vjp with streamed hand-written backward passes (grad.py).
+"""
+
+import jax
+
+from pallas_kernels.lightning_indexer import grad, kernel, kernel_tpu, reference
+
+IMPLS = ("reference", "pallas")
+BACKENDS = ("gpu", "tpu")
+
+
+def _check(q, k, w):
+  if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
+    raise ValueError(
+      f"expected q [B,T,J,D], k [B,S,D], w [B,T,J]; got {q.shape}, {k.shape}, {w.shape}"
+    )
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"q head dim {q.shape[-1]} != k dim {k.shape[-1]}")
+  if w.shape != q.shape[:3]:
+    raise ValueError(f"w shape {w.shape} must be q.shape[:3]={q.shape[:3]}")
+  if q.shape[1] > k.shape[1]:
+    raise ValueError(f"T={q.shape[1]} queries exceed S={k.shape[1]} keys")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"batch of q {q.shape[0]} != batch of k {k.shape[0]}")
+
+
+def _impl(impl):
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+  return impl == "pallas"
+
+
+def _check_fp8_kernel(q, k, block_q: int, block_k: int):
+  _, t, j, d = q.shape
+  s = k.shape[1]
+  if j != kernel.HEADS or d != kernel.DIM:
+    raise ValueError(
+      f"impl='pallas' needs J={kernel.HEADS} heads and D={kernel.DIM}; got J={j}, "
+      f"D={d} (use impl='reference')"
+    )
+  if t % block_q:
+    raise ValueError(f"impl='pallas' needs T={t} divisible by block_q={block_q}")
+  if s % block_k:
+    raise ValueError(f"impl='pallas' needs S={s} divisible by block_k={block_k}")
+
+
+def _interp(interpret):
+  if not interpret:
+    return None
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+  return plgpu.InterpretGPUParams() if interpret is True else interpret
+
+
+def _backend(backend):
+  """ "gpu" | "tpu"; default "tpu" when jax.default_backend() is "tpu", else "gpu"."""
+  backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  return backend
+
+
+def _interp_tpu(interpret):
+  if not interpret:
+    return False
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def indexer_logits(
+  q,
+  k,
+  w,
+  *,
+  causal: bool = True,
+  impl: str = "reference",
+  interpret=False,
+  block_sizes=None,
+  backend: str | None = None,
+  numerics: str | None = None,
+):
+  """I [B,T,S] f32 = Σ_j w·ReLU(q_j·k_s), -inf above the causal diagonal.
+
+  backend="tpu" (kernel_tpu.py; default on a TPU host) takes `numerics` "fp8" | "int8" | "bf16"
+  (default: kernel_tpu.default_numerics() for the chip) and kernel_tpu.BlockSizes.
+  """
+  _check(q, k, w)
+  if not _impl(impl):
+    return reference.indexer_logits_reference(q, k, w, causal=causal)
+  if _backend(backend) == "tpu":
+    return kernel_tpu.indexer_logits_tpu(
+      q,
+      k,
+      w,
+      numerics=numerics or kernel_tpu.default_numerics(),
+      block_sizes=block_sizes,
+      causal=causal,
+      interpret=_interp_tpu(interpret),
+    )
+  bs = block_sizes or kernel.BlockSizes.default_for(q.shape[1], k.shape[1])
+  _check_fp8_kernel(q, k, bs.block_q, bs.block_k)
+  return kernel.indexer_logits_fp8(
+    q, k, w, block_sizes=bs, causal=causal, interpret=_interp(interpret)
+  )
+
+
+def indexer_topk(
+  q,
+  k,
+  w,
+  *,
+  topk: int,
+  impl: str = "reference",
+  interpret=False,
+  block_t=512,
+  backend: str | None = None,
+  numerics: str | None = None,
+  recall_target: float | None = None,
+):
+  """Causal top-k key indices [B,T,topk] int32 (-1 = no key), never materialising [T,S].
+
+  reference: slots in descending score order; pallas: the same set, slots in ascending key order.
+  backend="tpu": the TPU logits kernel (`numerics`, see indexer_logits) per query block, then
+  exact lax.top_k (recall_target=None) or lax.approx_max_k(recall_target); descending order.
+  """
+  _check(q, k, w)
+  if topk <= 0:
+    raise ValueError(f"topk={topk} must be positive")
+  if not _impl(impl):
+    return reference.indexer_topk_reference(q, k, w, topk=topk, block_t=block_t)
+  if _backend(backend) == "tpu":
+    q, k, w = jax.lax.stop_gradient((q, k, w))
+    return kernel_tpu.indexer_topk_tpu(
+      q,
+      k,
+      w,
+      topk=topk,
+      block_t=min(block_t, q.shape[1]),
+      numerics=numerics or kernel_tpu.default_numerics(),
+      recall_target=recall_target,
+      interpret=_interp_tpu(interpret),
+    )
+  from pallas_kernels.topk import kernel as topk_kernel  # noqa: PLC0415
+
+  bt = min(block_t, q.shape[1])
+  lbs = kernel.BlockSizes.default_for(bt, k.shape[1])
+  _check_fp8_kernel(q, k, lbs.block_q, lbs.block_k)
+  if bt % lbs.block_q:
+    raise ValueError(f"block_t={bt} must be a multiple of {lbs.block_q}")
+  q, k, w = jax.lax.stop_gradient((q, k, w))  # indices carry no gradient; kernels have no VJP
+  return topk_kernel.indexer_topk_blocked(
+    q, k, w, topk=topk, block_t=bt, logits_block_sizes=lbs, interpret=bool(interpret)
+  )
+
+
+def sparse_kl(q, k, w, idx, p, *, impl: str = "reference", interpret=False, block_t=512):
+  """Sparse-phase indexer KL per query [B,T] (differentiable in q, k, w)."""
+  _check(q, k, w)
+  if idx.shape != p.shape or idx.shape[:2] != q.shape[:2]:
+    raise ValueError(f"idx {idx.shape} and p {p.shape} must both be [B,T,k] with B,T={q.shape[:2]}")
+  if not _impl(impl):
+    return reference.sparse_kl_reference(q, k, w, idx, p)
+  del interpret  # the streamed backward is plain XLA; nothing to interpret
+  return grad.sparse_kl(q, k, w, idx, p, block_t)
+
+
+def dense_kl(
+  q,
+  k,
+  w,
+  attn_q,
+  attn_kv,
+  attn_lse,
+  *,
+  attn_scale,
+  impl="reference",
+  interpret=False,
+  block_t=256,
+  block_s=2048,
+):
+  """Dense warm-up indexer KL per query [B,T] (differentiable in q, k, w)."""
+  _check(q, k, w)
+  if attn_q.shape[:2] != q.shape[:2] or attn_kv.shape[:2] != k.shape[:2]:
+    raise ValueError(
+      f"attn_q {attn_q.shape} / attn_kv {attn_kv.shape} must match q {q.shape} / "
+      f"k {k.shape} in batch and length"
+    )
+  if attn_lse.shape != attn_q.shape[:3]:
+    raise ValueError(f"attn_lse {attn_lse.shape} must be attn_q.shape[:3]={attn_q.shape[:3]}")
+  if not _impl(impl):
+    return reference.dense_kl_reference(
+      q, k, w, attn_q, attn_kv, attn_lse, attn_scale=attn_scale, block_t=block_t
+    )
+  del interpret
+  return grad.dense_kl(q, k, w, attn_q, attn_kv, attn_lse, float(attn_scale), block_t, block_s)

@@ -1,0 +1,289 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Public sparse-MLA ops: shape validation and the impl switch ("reference" | "pallas")."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common
+from pallas_kernels.sparse_mla import kernel, kernel_tpu, kernel_triton, reference
+
+IMPLS = ("reference", "pallas")
+BACKENDS = ("gpu", "tpu")
+GPU_VARIANTS = ("triton", "triton_xla_bwd", "mosaic")
+# Fastest measured on H200 (notes/sparse_mla2.md): Triton fwd 2.2x XLA; XLA bwd 2.4x the Triton one.
+GPU_DEFAULT_VARIANT = "triton_xla_bwd"
+
+
+def _check(q, kv, idx, d_v):
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B,T,H,K], got shape {q.shape}")
+  if kv.ndim != 3:
+    raise ValueError(f"kv must be [B,S,K], got shape {kv.shape}")
+  if idx.ndim != 3:
+    raise ValueError(f"idx must be [B,T,k], got shape {idx.shape}")
+  if q.shape[0] != kv.shape[0] or q.shape[0] != idx.shape[0]:
+    raise ValueError(f"batch mismatch: q {q.shape}, kv {kv.shape}, idx {idx.shape}")
+  if q.shape[1] != idx.shape[1]:
+    raise ValueError(f"q has T={q.shape[1]} queries but idx has {idx.shape[1]} rows")
+  if q.shape[-1] != kv.shape[-1]:
+    raise ValueError(f"q head dim {q.shape[-1]} != kv row dim {kv.shape[-1]}")
+  if not 0 < d_v <= kv.shape[-1]:
+    raise ValueError(f"d_v={d_v} must be in [1, {kv.shape[-1]}]")
+  if idx.dtype.kind not in "iu":
+    raise ValueError(f"idx must be an integer array, got {idx.dtype}")
+
+
+def _check_pallas(q, kv):
+  if q.dtype != kv.dtype or q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"impl='pallas' needs q and kv both bf16 or f16, got {q.dtype}, {kv.dtype}")
+
+
+def sparse_mla(
+  q,
+  kv,
+  idx,
+  *,
+  scale: float,
+  d_v: int,
+  impl: str = "reference",
+  interpret=False,
+  backend: str | None = None,
+  variant: str | None = None,
+):
+  """out [B,T,H,V], lse [B,T,H] = softmax(scale·q·kv[idx]) · kv[idx][:d_v]. See reference.py.
+
+  impl="pallas" runs the Mosaic GPU forward kernel (kernel.py) under a custom VJP whose backward
+  honours both cotangents (out and lse). `interpret`: True or plgpu.InterpretGPUParams() runs the
+  kernel in the GPU interpreter (CPU tests).
+  backend ("gpu" | "tpu"; default: "tpu" when jax.default_backend() is "tpu", else "gpu") picks
+  the kernels: "tpu" runs kernel_tpu.py (Mosaic TPU forward and backward kernels); there
+  interpret=True means pltpu.InterpretParams().
+  variant (GPU only; default GPU_DEFAULT_VARIANT): "triton" = Triton-backend forward and backward
+  kernels (kernel_triton.py); "triton_xla_bwd" = Triton forward + the blocked XLA backward;
+  "mosaic" = the Mosaic GPU forward (kernel.py) + the blocked XLA backward.
+  """
+  _check(q, kv, idx, d_v)
+  if impl == "reference":
+    return reference.sparse_mla_reference(q, kv, idx, scale=scale, d_v=d_v)
+  if impl == "pallas":
+    backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+    if backend not in BACKENDS:
+      raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    if backend == "tpu":
+      if q.dtype != kv.dtype or q.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"TPU kernels need q and kv both bf16 or f32, got {q.dtype}, {kv.dtype}")
+      if interpret is True:
+        from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+        interpret = pltpu.InterpretParams()
+      bs = kernel_tpu.BlockSizes.default_for(idx.shape[-1])
+      return kernel_tpu.sparse_mla_tpu(
+        q, kv, idx.astype(jnp.int32), float(scale), int(d_v), bs, interpret or False
+      )
+    _check_pallas(q, kv)
+    variant = variant or GPU_DEFAULT_VARIANT
+    if variant not in GPU_VARIANTS:
+      raise ValueError(f"variant={variant!r}; expected one of {GPU_VARIANTS}")
+    if variant != "mosaic":
+      bwd = "triton" if variant == "triton" else "xla"
+      args = (float(scale), int(d_v), bool(interpret), bwd)
+      return _sparse_mla_triton(q, kv, idx.astype(jnp.int32), *args)
+    if interpret is True:
+      from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+      interpret = plgpu.InterpretGPUParams()
+    return _sparse_mla(q, kv, idx.astype(jnp.int32), float(scale), int(d_v), interpret or False)
+  raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+
+
+def sparse_mla_probs(q, kv, idx, lse, *, scale: float, impl: str = "reference", interpret=False):
+  """Head-mean attention probabilities at the selected slots [B,T,k] (sparse KL target)."""
+  _check(q, kv, idx, kv.shape[-1])
+  if impl in ("reference", "pallas"):
+    return reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=scale)
+  raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# impl="pallas"
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _fwd_kernel_call(q, kv, idx, scale, d_v, interpret):
+  """Folds batch into rows, pads to the kernel's granules, runs it, and un-pads."""
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  kp_dim = _round_up(k_dim, 64)
+  hp = _round_up(h, kernel.HEAD_BLOCK)
+  dv_pad = _round_up(d_v, 64)
+  bv = max(c for c in range(64, 257, 64) if dv_pad % c == 0)
+  bs = kernel.BlockSizes(block_k=64, block_v=bv)
+  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, kp_dim - k_dim))).reshape(b * t, hp, kp_dim)
+  kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, kp_dim - k_dim))).reshape(b * s, kp_dim)
+  valid = (idx >= 0) & (idx < s)
+  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
+  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, bs.block_k, value=-1)
+  out, lse = kernel.sparse_mla_fwd_flat(
+    qf, kvf, gidx, scale=scale, n_v=dv_pad // bv, bs=bs, interpret=interpret
+  )
+  out = out[:, :h, :d_v].reshape(b, t, h, d_v)
+  return out, lse[:, :h].reshape(b, t, h)
+
+
+def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t=64):
+  """dq, dkv from the saved lse (no softmax renormalisation), query blocks scanned in XLA.
+
+  With P = exp(scale·q·kᵀ - lse): dS = P ⊙ (dO·Vᵀ - Δ + dlse), Δ = rowsum(O ⊙ dO);
+  dq = scale·dS·K; dK_rows = scale·dSᵀ·q (+ Pᵀ·dO on the value dims), scatter-added into dkv
+  (duplicates across queries add up; invalid slots are dropped).
+  """
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  delta = jnp.einsum("bthv,bthv->bth", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+  n = -(-t // block_t)
+
+  def split(x, fill=0):
+    x = _common.pad_axis(x, 1, block_t, value=fill)
+    return jnp.moveaxis(x.reshape((b, n, block_t) + x.shape[2:]), 1, 0)
+
+  xs = (split(q), split(idx, -1), split(lse, jnp.inf), split(d_out), split(delta), split(d_lse))
+
+  def body(dkv, blk):
+    qb, ib, lb, dob, deb, dlb = blk
+    valid = (ib >= 0) & (ib < s)
+    safe = jnp.where(valid, ib, 0)
+    rows = jax.vmap(lambda kv_b, i_b: kv_b[i_b])(kv, safe)  # [b,tb,k,K]
+    logits = jnp.einsum("bthc,btsc->bths", qb, rows, preferred_element_type=jnp.float32) * scale
+    p = jnp.where(valid[:, :, None, :], jnp.exp(logits - lb[..., None]), 0.0)
+    dp = jnp.einsum("bthv,btsv->bths", dob, rows[..., :d_v], preferred_element_type=jnp.float32)
+    ds = p * (dp - deb[..., None] + dlb[..., None])
+    dq = scale * jnp.einsum(
+      "bths,btsc->bthc", ds.astype(kv.dtype), rows, preferred_element_type=jnp.float32
+    )
+    drows = scale * jnp.einsum(
+      "bths,bthc->btsc", ds.astype(q.dtype), qb, preferred_element_type=jnp.float32
+    )
+    dv = jnp.einsum(
+      "bths,bthv->btsv", p.astype(d_out.dtype), dob, preferred_element_type=jnp.float32
+    )
+    drows = drows.at[..., :d_v].add(dv)
+    scatter_idx = jnp.where(valid, ib, s)  # out of range -> dropped
+    dkv = jax.vmap(lambda a, i, u: a.at[i.reshape(-1)].add(u.reshape(-1, k_dim), mode="drop"))(
+      dkv, scatter_idx, drows
+    )
+    return dkv, dq.astype(q.dtype)
+
+  dkv, dq = jax.lax.scan(body, jnp.zeros(kv.shape, jnp.float32), xs)
+  dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * block_t, h, k_dim)[:, :t]
+  return dq, dkv.astype(kv.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _sparse_mla(q, kv, idx, scale, d_v, interpret):
+  return _fwd_kernel_call(q, kv, idx, scale, d_v, interpret)
+
+
+def _sparse_mla_fwd(q, kv, idx, scale, d_v, interpret):
+  out, lse = _fwd_kernel_call(q, kv, idx, scale, d_v, interpret)
+  return (out, lse), (q, kv, idx, out, lse)
+
+
+def _sparse_mla_bwd(scale, d_v, interpret, res, cts):
+  del interpret
+  q, kv, idx, out, lse = res
+  d_out, d_lse = cts
+  dq, dkv = _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, scale=scale, d_v=d_v)
+  return dq, dkv, None
+
+
+_sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU variants "triton" / "triton_xla_bwd": Triton-backend kernels (kernel_triton.py)
+
+
+def _triton_flat(q, kv, idx, d_v, block_h, block_k):
+  """Folds batch into rows and pads heads / feature dims / slots to the kernels' granules."""
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  da, db = kernel_triton.split_dims(k_dim, d_v)
+  d = da + db
+  hp = _round_up(h, block_h)
+  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, d - k_dim))).reshape(b * t, hp, d)
+  kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, d - k_dim))).reshape(b * s, d)
+  valid = (idx >= 0) & (idx < s)
+  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
+  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, block_k, value=-1)
+  return qf, kvf, gidx, da, db, hp
+
+
+def _triton_fwd_call(q, kv, idx, scale, d_v, interpret):
+  b, t, h, _ = q.shape
+  bs = kernel_triton.BlockSizes()
+  qf, kvf, gidx, da, db, _ = _triton_flat(q, kv, idx, d_v, bs.block_h, bs.block_k)
+  out, lse = kernel_triton.sparse_mla_fwd_triton(
+    qf, kvf, gidx, scale=scale, da=da, db=db, bs=bs, interpret=interpret
+  )
+  return out[:, :h, :d_v].reshape(b, t, h, d_v), lse[:, :h].reshape(b, t, h)
+
+
+def _triton_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret):
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  bs = kernel_triton.BwdBlockSizes()
+  qf, kvf, gidx, da, db, hp = _triton_flat(q, kv, idx, d_v, bs.block_h, bs.block_k)
+  delta = jnp.einsum("bthv,bthv->bth", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+
+  def heads(x, fill=0.0):  # [B,T,H] -> [B*T,Hp]
+    return jnp.pad(x.reshape(b * t, h), ((0, 0), (0, hp - h)), constant_values=fill)
+
+  dof = jnp.pad(d_out, ((0, 0), (0, 0), (0, hp - h), (0, da - d_v))).reshape(b * t, hp, da)
+  dq, dkv = kernel_triton.sparse_mla_bwd_triton(
+    qf,
+    kvf,
+    gidx,
+    dof,
+    heads(lse, jnp.inf),
+    heads(delta),
+    heads(d_lse),
+    scale=scale,
+    da=da,
+    db=db,
+    bs=bs,
+    interpret=interpret,
+  )
+  dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
+  return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _sparse_mla_triton(q, kv, idx, scale, d_v, interpret, bwd):
+  del bwd
+  return _triton_fwd_call(q, kv, idx, scale, d_v, interpret)
+
+
+def _sparse_mla_triton_fwd(q, kv, idx, scale, d_v, interpret, bwd):
+  del bwd
+  out, lse = _triton_fwd_call(q, kv, idx, scale, d_v, interpret)
+  return (out, lse), (q, kv, idx, out, lse)
+
+
+def _sparse_mla_triton_bwd(scale, d_v, interpret, bwd, res, cts):
+  q, kv, idx, out, lse = res
+  d_out, d_lse = cts
+  if bwd == "triton":
+    dq, dkv = _triton_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret)
+  else:
+    dq, dkv = _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, scale=scale, d_v=d_v)
+  return dq, dkv, None
+
+
+_sparse_mla_triton.defvjp(_sparse_mla_triton_fwd, _sparse_mla_triton_bwd)

@@ -1,0 +1,202 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+import functools
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsa_jax
+from dsa_jax import data, losses, model, optim, train
+
+SEQ = 64
+
+
+def _cfg(phase, steps=20, **kw):
+  mc = dsa_jax.preset("test", attn_block_q=SEQ)  # one query block: quick to compile
+  return train.TrainConfig(
+    model=mc,
+    phase=train.phase(phase),
+    optim=optim.OptimConfig(lr=3e-3, warmup_steps=2, total_steps=steps),
+    data=data.DataConfig(source="text", seq_len=SEQ, batch_size=2),
+    ckpt=train.CkptConfig(**{"every": 1000, "async_save": False, **kw.pop("ckpt", {})}),
+    steps=steps,
+    log_every=1,
+    eval_batches=1,
+    progress=False,
+    **{"eval_metrics": False, **kw},
+  )
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer(phase):
+  return train.Trainer(_cfg(phase))
+
+
+def _run(trainer, state, steps, start=0):
+  hist = []
+  for s in range(start, start + steps):
+    b = trainer.put_batch(data.batch(trainer.cfg.data, s))
+    state, m = trainer.train_step(state, b)
+    hist.append({k: float(v) for k, v in m.items()})
+  return state, hist
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("phase", ["dense", "warmup", "sparse"])
+def test_twenty_steps_lower_the_loss(phase):
+  tr = _trainer(phase)
+  state = tr.init_state(model.build(tr.cfg.model, seed=0))
+  # warm-up needs a target worth fitting: any fixed model's attention is one
+  _, hist = _run(tr, state, 20)
+  key = "indexer_kl" if phase == "warmup" else "lm_loss"
+  first, last = np.mean([h[key] for h in hist[:3]]), np.mean([h[key] for h in hist[-3:]])
+  assert last < first, (phase, first, last)
+  assert all(np.isfinite(h["loss"]) for h in hist)
+
+
+def test_warmup_freezes_everything_but_the_indexer():
+  tr = _trainer("warmup")
+  m = model.build(tr.cfg.model, seed=1)
+  before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(m)))  # host copies
+  state = tr.init_state(m)
+  # optimizer state exists only for indexer parameters
+  paths = [optim.path_str(p) for p, _ in nnx.to_flat_state(state.params)]
+  assert paths and all("indexer" in p for p in paths)
+  n_idx = sum("indexer" in optim.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(m)))
+  assert len(paths) == n_idx
+  state, _ = _run(tr, state, 3)
+  after = tr.full_params(state)
+  flat_b, flat_a = nnx.traversals.flatten_mapping(before), nnx.traversals.flatten_mapping(after)
+  changed = [k for k in flat_b if not np.array_equal(flat_b[k], flat_a[k])]
+  assert changed and all("indexer" in "/".join(map(str, k)) for k in changed), changed[:5]
+
+
+def _grads(phase, which):
+  """Gradients of the LM loss or of the indexer KL alone, w.r.t. every parameter."""
+  cfg = _cfg(phase)
+  m = model.build(cfg.model, seed=2)
+  gd, params, rest = nnx.split(m, nnx.Param, ...)
+  b = data.batch(cfg.data, 0)
+  tok = jnp.asarray(b["tokens"])
+
+  def f(params):
+    logits, aux = nnx.merge(gd, params, rest)(
+      tok, attention=cfg.phase.attention, indexer_loss=cfg.phase.indexer_loss
+    )
+    if which == "lm":
+      return losses.lm_loss(logits, tok, jnp.asarray(b["loss_mask"]))
+    return losses.indexer_kl(aux)
+
+  g = jax.grad(f)(params)
+  out = {}
+  for p, v in nnx.to_flat_state(g):
+    out[optim.path_str(p)] = float(jnp.max(jnp.abs(v.get_value())))
+  return out
+
+
+@pytest.mark.parametrize("phase", ["sparse", "warmup"])
+def test_gradient_isolation(phase):
+  kl = _grads(phase, "kl")
+  # the KL reaches the indexer and nothing else
+  assert max(v for k, v in kl.items() if "indexer" in k) > 0
+  leak = {k: v for k, v in kl.items() if "indexer" not in k and v != 0}
+  assert not leak, leak
+  if phase == "sparse":
+    lm = _grads(phase, "lm")
+    assert max(v for k, v in lm.items() if "indexer" not in k) > 0
+    leak = {k: v for k, v in lm.items() if "indexer" in k and v != 0}
+    assert not leak, leak
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+  cfg = _cfg("sparse", steps=4, ckpt={"every": 2})
+  full = train.train(cfg, str(tmp_path / "a"))
+  # interrupted: stop after 2 steps (steps=2 with the same schedule), then resume to 4
+  part = dict(cfg.__dict__)
+  part["steps"] = 2
+  train.train(train.TrainConfig(**part), str(tmp_path / "b"))
+  resumed = train.train(cfg, str(tmp_path / "b"))
+  a = _leaves(full["_trainer"].full_params(full["_state"])) + _leaves(full["_state"].opt_state)
+  b = _leaves(resumed["_trainer"].full_params(resumed["_state"])) + _leaves(
+    resumed["_state"].opt_state
+  )
+  assert len(a) == len(b)
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert full["train"]["loss"] == resumed["train"]["loss"]
+
+
+def test_init_from_previous_phase_and_errors(tmp_path):
+  dense = train.train(_cfg("dense", steps=1), str(tmp_path / "dense"))
+  cfg = _cfg("warmup", steps=1, ckpt={"init_from": str(tmp_path / "dense")})
+  warm = train.train(cfg, str(tmp_path / "warm"))
+  d = nnx.traversals.flatten_mapping(dense["_trainer"].full_params(dense["_state"]))
+  w = nnx.traversals.flatten_mapping(warm["_trainer"].full_params(warm["_state"]))
+  for k in d:
+    if "indexer" not in "/".join(map(str, k)) and "gate_bias" not in k:
+      np.testing.assert_array_equal(d[k], w[k])
+  # mismatched model -> error naming the parameters
+  bad = _cfg("warmup", steps=1, ckpt={"init_from": str(tmp_path / "dense")})
+  bad = train.TrainConfig(**{**bad.__dict__, "model": bad.model.replace(dim=32)})
+  with pytest.raises(ValueError, match="wrong shapes"):
+    train.train(bad, str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match="step not found"):
+    train.load_init_params(str(tmp_path / "dense") + "@7", cfg.model)
+  # a corrupt checkpoint is reported, not silently skipped
+  ck = tmp_path / "dense" / "checkpoints" / "1" / "params"
+  for root, _, files in os.walk(ck):
+    for f in files:
+      if f.endswith(".ocdbt") or "manifest" in f or f == "_METADATA":
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  with pytest.raises(ValueError):
+    train.load_init_params(str(tmp_path / "dense"), cfg.model)
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+  cfg = _cfg("dense", steps=10_000)
+  timer = threading.Timer(8.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  timer.start()
+  r = train.train(cfg, str(tmp_path / "run"))
+  timer.cancel()
+  assert r["preempted"] and 0 < r["step"] < 10_000
+  mgr = r["_trainer"].manager(str(tmp_path / "run"))
+  assert mgr.latest_step() == r["step"]
+
+
+def test_data_is_deterministic_and_host_sharded():
+  dc = data.DataConfig(source="mixed", seq_len=256, batch_size=4)
+  a = data.batch(dc, 3)
+  b = data.batch(dc, 3)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  h0 = data.batch(dc, 3, host=0, n_hosts=2)
+  h1 = data.batch(dc, 3, host=1, n_hosts=2)
+  np.testing.assert_array_equal(np.concatenate([h0["tokens"], h1["tokens"]]), a["tokens"])
+  assert not np.array_equal(data.batch(dc, 4)["tokens"], a["tokens"])
+  toks, mask, dist = data.passkey_eval_batch(256, [10, 200], 2)
+  for t, m in zip(toks, mask):
+    key = bytes(t[m > 0].astype(np.uint8))
+    assert key.isdigit() and bytes(t.astype(np.uint8)).count(key) == 2
+  with pytest.raises(ValueError, match="source"):
+    data.DataConfig(source="web")
+
+
+def test_user_text_directory(tmp_path):
+  for i in range(21):
+    (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 50)
+  (tmp_path / "x.jsonl").write_text('{"text": "hello json"}\n')
+  dc = data.DataConfig(source="dir", path=str(tmp_path), seq_len=64, batch_size=2)
+  b = data.batch(dc, 0)
+  assert b["tokens"].shape == (2, 64) and b["tokens"].max() < 256
+  assert data.batch(dc, 0, split="eval")["tokens"].shape == (2, 64)
+  (tmp_path / "bad.jsonl").write_text("not json\n")
+  data.dir_corpus.cache_clear()
+  with pytest.raises(ValueError, match="bad.jsonl:1"):
+    data.batch(dc, 0)

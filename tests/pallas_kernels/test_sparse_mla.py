@@ -1,0 +1,256 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Sparse MLA: reference vs a naive dense masked softmax, the Mosaic GPU kernel (GPU interpreter)
+vs the reference (forward and jax.vjp gradients), and cross-lowering for CUDA at the V3.2 shapes."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _testing
+from pallas_kernels.sparse_mla import kernel, kernel_triton, ops, reference
+
+SCALE = 0.13
+
+
+def _naive(q, kv, idx, scale, d_v):
+  """Dense softmax over all S keys with a membership mask (counts duplicates like the gather)."""
+  s = kv.shape[1]
+  valid = (idx >= 0) & (idx < s)
+  # count[b,t,j]: how many slots of row t select key j (a duplicate weighs twice, as in the gather)
+  count = jnp.sum(jax.nn.one_hot(jnp.where(valid, idx, s), s + 1)[..., :s], axis=2)
+  logits = jnp.einsum("bthc,bsc->bths", q.astype(jnp.float32), kv.astype(jnp.float32)) * scale
+  w = count[:, :, None, :] * jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
+  denom = jnp.sum(w, -1, keepdims=True)
+  out = jnp.einsum(
+    "bths,bsv->bthv", w / jnp.maximum(denom, 1e-30), kv[..., :d_v].astype(jnp.float32)
+  )
+  lse = jnp.where(denom[..., 0] > 0, jnp.log(denom[..., 0]) + jnp.max(logits, -1), jnp.inf)
+  return out, lse
+
+
+def _inputs(b, t, h, k_dim, s, k, dtype, seed=0, lo=-3, hi_extra=3):
+  q = _testing.normal(seed, (b, t, h, k_dim), dtype)
+  kv = _testing.normal(seed + 1, (b, s, k_dim), dtype)
+  idx = jax.random.randint(jax.random.key(seed + 2), (b, t, k), lo, s + hi_extra, jnp.int32)
+  return q, kv, idx
+
+
+@pytest.mark.parametrize("k", [8, 40])  # 40 >= S: every key selected, with repeats
+def test_reference_matches_naive(k):
+  q, kv, idx = _inputs(2, 5, 3, 16, 24, k, jnp.float32)
+  idx = idx.at[0, 2].set(-1)  # a fully invalid row
+  idx = idx.at[1, 0, :4].set(7)  # duplicates
+  out, lse = reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=12, block_t=2)
+  n_out, n_lse = _naive(q, kv, idx, SCALE, 12)
+  np.testing.assert_allclose(out, n_out, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(n_lse))
+  assert np.isinf(lse[0, 2]).all() and (np.asarray(out[0, 2]) == 0).all()
+  fin = np.isfinite(n_lse)
+  np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(n_lse)[fin], atol=1e-5, rtol=1e-5)
+
+
+def test_reference_probs_sum_to_one():
+  q, kv, idx = _inputs(1, 4, 3, 16, 24, 8, jnp.float32, lo=0, hi_extra=0)
+  _, lse = reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=12)
+  p = reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=SCALE)
+  np.testing.assert_allclose(jnp.sum(p, -1), 1.0, rtol=1e-5)
+
+
+def test_block_sizes_validate():
+  with pytest.raises(ValueError, match="block_k"):
+    kernel.BlockSizes(block_k=32)
+  with pytest.raises(ValueError, match="block_v"):
+    kernel.BlockSizes(block_v=96)
+  assert kernel.BlockSizes.default_for(512) == kernel.BlockSizes(64, 256)
+
+
+def test_pallas_shape_errors():
+  q, kv, idx = _inputs(1, 2, 64, 64, 16, 8, jnp.bfloat16)
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    ops.sparse_mla(q.astype(jnp.float32), kv, idx, scale=SCALE, d_v=32, impl="pallas")
+  with pytest.raises(ValueError, match="d_v"):
+    ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=65, impl="pallas")
+  with pytest.raises(ValueError, match="impl"):
+    ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="triton")
+
+
+def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, variant="mosaic"):
+  q, kv, idx = _inputs(b, t, h, k_dim, s, k, jnp.bfloat16, seed=seed)
+  idx = idx.at[0, 0].set(-1)  # fully invalid row
+  idx = idx.at[-1, -1, : min(k, 5)].set(1)  # duplicates
+  tol = _testing.tolerances(jnp.bfloat16)
+  f = lambda impl: (
+    lambda q, kv: ops.sparse_mla(
+      q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, interpret=True, variant=variant
+    )
+  )
+  (o, l), vjp = jax.vjp(f("pallas"), q, kv)
+  (ro, rl), rvjp = jax.vjp(f("reference"), q, kv)
+  assert o.shape == ro.shape and o.dtype == ro.dtype and l.dtype == jnp.float32
+  assert _testing.rel_err(o, ro) < tol
+  np.testing.assert_array_equal(np.isinf(l), np.isinf(rl))
+  assert np.isinf(l[0, 0]).all() and (np.asarray(o[0, 0], np.float32) == 0).all()
+  fin = np.isfinite(rl)
+  np.testing.assert_allclose(np.asarray(l)[fin], np.asarray(rl)[fin], atol=2e-3, rtol=2e-3)
+  if grads:
+    do = _testing.normal(seed + 5, o.shape, jnp.bfloat16)
+    dl = jnp.where(fin, _testing.normal(seed + 6, l.shape), 0.0)  # lse cotangent honoured too
+    for g, rg in zip(vjp((do, dl)), rvjp((do, dl))):
+      assert g.shape == rg.shape and g.dtype == rg.dtype
+      assert _testing.rel_err(g, rg) < 2 * tol, _testing.rel_err(g, rg)
+
+
+def test_pallas_interpret_fwd_bwd():
+  # ragged k (72 -> padded to 128 with invalid slots), k > S, d_v not a multiple of 64, H < 64.
+  _check_fwd_bwd(b=2, t=2, h=48, k_dim=96, d_v=80, s=40, k=72)
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=3, deadline=None)
+@hypothesis.given(
+  b=st.integers(1, 2),
+  t=st.integers(1, 3),
+  h=st.sampled_from([16, 64, 80]),
+  k_dim=st.sampled_from([64, 128, 192]),
+  s=st.integers(1, 70),
+  k=st.integers(1, 80),
+  seed=st.integers(0, 100),
+)
+def test_pallas_interpret_random_shapes(b, t, h, k_dim, s, k, seed):
+  _check_fwd_bwd(b, t, h, k_dim, k_dim // 2, s, k, seed=seed, grads=False)
+
+
+@hypothesis.settings(max_examples=3, deadline=None)
+@hypothesis.given(
+  t=st.integers(1, 4), s=st.integers(1, 30), k=st.integers(1, 40), seed=st.integers(0, 100)
+)
+def test_pallas_bwd_random_shapes(t, s, k, seed):
+  """The backward (XLA, from the saved lse) vs autodiff of the reference, via the reference fwd."""
+  q, kv, idx = _inputs(1, t, 4, 16, s, k, jnp.float32, seed=seed)
+  out, lse = reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=8)
+  do = _testing.normal(seed + 3, out.shape)
+  dl = jnp.where(jnp.isfinite(lse), _testing.normal(seed + 4, lse.shape), 0.0)
+  dq, dkv = ops._bwd_blocked(q, kv, idx, out, lse, do, dl, scale=SCALE, d_v=8, block_t=2)
+  _, rvjp = jax.vjp(
+    lambda q, kv: reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=8), q, kv
+  )
+  rq, rkv = rvjp((do, dl))
+  np.testing.assert_allclose(dq, rq, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(dkv, rkv, atol=1e-4, rtol=1e-4)
+
+
+def _export(fn, *args):
+  return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cross_lowering_cuda_full_shape(batch):
+  """Runs the real Mosaic GPU lowering (layouts, SMEM budget, tiled-TMA rules) at V3.2 shapes."""
+  t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
+  idx = sds((batch, t, k), jnp.int32)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic")
+  exp = _export(fwd, q, kv, idx)
+  assert "mosaic_gpu" in exp.mlir_module()
+
+  def fwd_bwd(q, kv, idx, do):
+    (_, _), vjp = jax.vjp(lambda q, kv: fwd(q, kv, idx), q, kv)
+    return vjp((do, jnp.zeros((batch, t, h), jnp.float32)))
+
+  exp = _export(fwd_bwd, q, kv, idx, sds((batch, t, h, d_v), jnp.bfloat16))
+  assert "mosaic_gpu" in exp.mlir_module()
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_full_shape():
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs an NVIDIA GPU")
+  q, kv, idx = _inputs(1, 512, 128, 576, 32768, 2048, jnp.bfloat16, lo=-100, hi_extra=0)
+  o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas")
+  ro, rl = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512)
+  assert _testing.rel_err(o, ro) < _testing.tolerances(jnp.bfloat16)
+  assert _testing.rel_err(l, rl) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton-backend kernels (kernel_triton.py): variants "triton_xla_bwd" (the GPU default) and
+# "triton" (Triton backward kernel with dkv atomics).
+
+
+def test_triton_split_dims():
+  assert kernel_triton.split_dims(576, 512) == (512, 64)
+  assert kernel_triton.split_dims(96, 80) == (128, 0)
+  assert kernel_triton.split_dims(96, 32) == (32, 64)
+  with pytest.raises(ValueError, match="block_k"):
+    kernel_triton.BlockSizes(block_k=48)
+  with pytest.raises(ValueError, match="variant"):
+    q, kv, idx = _inputs(1, 2, 64, 64, 16, 8, jnp.bfloat16)
+    ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="pallas", variant="cuda")
+
+
+@pytest.mark.parametrize(
+  "variant", ["triton_xla_bwd", pytest.param("triton", marks=pytest.mark.slow)]
+)
+def test_triton_interpret_fwd_bwd(variant):
+  # ragged k (72 -> padded with invalid slots), k > S, duplicates, H < 64, d_v not a power of 2.
+  _check_fwd_bwd(b=2, t=2, h=48, k_dim=96, d_v=80, s=40, k=72, variant=variant)
+
+
+@pytest.mark.slow
+def test_triton_interpret_rope_split():
+  # db > 0 (da = 32 value dims + 64 more logit dims), as V3.2's 512 + 64 split.
+  _check_fwd_bwd(b=1, t=2, h=16, k_dim=96, d_v=32, s=30, k=40, variant="triton")
+
+
+@pytest.mark.slow
+def test_triton_bwd_kernel_duplicates_exact():
+  """All slots of a token hit 3 rows (heavy duplicates): dkv must add every contribution."""
+  q, kv, _ = _inputs(1, 3, 16, 64, 8, 8, jnp.float32)
+  q, kv = q.astype(jnp.bfloat16), kv.astype(jnp.bfloat16)
+  idx = jnp.array([[[0, 1, 2, 0, 1, 2, 0, -1]] * 3], jnp.int32)
+  f = lambda impl: (
+    lambda q, kv: ops.sparse_mla(
+      q, kv, idx, scale=SCALE, d_v=32, impl=impl, interpret=True, variant="triton"
+    )[0]
+  )
+  o, vjp = jax.vjp(f("pallas"), q, kv)
+  _, rvjp = jax.vjp(f("reference"), q, kv)
+  do = _testing.normal(3, o.shape, jnp.bfloat16)
+  (dq, dkv), (rq, rkv) = vjp(do), rvjp(do)
+  assert _testing.rel_err(dq, rq) < 2 * _testing.tolerances(jnp.bfloat16)
+  assert _testing.rel_err(dkv, rkv) < 2 * _testing.tolerances(jnp.bfloat16)
+  assert (np.asarray(dkv[0, 3:], np.float32) == 0).all()  # never selected rows get nothing
+
+
+@pytest.mark.parametrize("variant", ["triton_xla_bwd", "triton"])
+def test_triton_cross_lowering_cuda_full_shape(variant):
+  """Pallas-Triton lowering of the fwd (+ bwd) at V3.2 shapes (ptxas/SMEM are not checked)."""
+  from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+  t, s, h, k_dim, d_v, k = 4096, 32768, 128, 576, 512, 2048
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((1, t, h, k_dim), jnp.bfloat16), sds((1, s, k_dim), jnp.bfloat16)
+  idx = sds((1, t, k), jnp.int32)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", variant=variant)
+
+  def fwd_bwd(q, kv, idx, do):
+    (_, _), vjp = jax.vjp(lambda q, kv: fwd(q, kv, idx), q, kv)
+    return vjp((do, jnp.zeros((1, t, h), jnp.float32)))
+
+  dev = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=8
+  )
+  checks = [jax.export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)]
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev)):
+    exp = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=checks)(
+      q, kv, idx, sds((1, t, h, d_v), jnp.bfloat16)
+    )
+  mod = exp.mlir_module()
+  assert "sparse_mla_fwd_triton" in mod
+  assert ("sparse_mla_bwd_triton" in mod) == (variant == "triton")

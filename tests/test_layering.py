@@ -1,0 +1,49 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Import direction (STYLE.md §2.3): experiments -> dsa_jax -> pallas_kernels -> jax/numpy."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _imports(path):
+  tree = ast.parse(path.read_text())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      yield from (a.name.split(".")[0] for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      yield node.module.split(".")[0]
+
+
+def _files(pkg):
+  return sorted((ROOT / pkg).rglob("*.py"))
+
+
+@pytest.mark.parametrize("pkg", ["dsa_jax", "pallas_kernels"])
+def test_no_upward_imports(pkg):
+  banned = {
+    "dsa_jax": {"experiments", "tests"},
+    "pallas_kernels": {"dsa_jax", "experiments", "tests", "flax"},
+  }[pkg]
+  bad = [(str(f.relative_to(ROOT)), m) for f in _files(pkg) for m in _imports(f) if m in banned]
+  assert not bad, bad
+
+
+def test_no_flags_in_the_library():
+  bad = [
+    str(f.relative_to(ROOT))
+    for pkg in ("dsa_jax", "pallas_kernels")
+    for f in _files(pkg)
+    if {"absl", "ml_collections"} & set(_imports(f))
+  ]
+  assert not bad, bad
+
+
+def test_kernels_enter_dsa_jax_through_the_dispatch_points():
+  users = {
+    str(f.relative_to(ROOT)) for f in _files("dsa_jax") if "pallas_kernels" in set(_imports(f))
+  }
+  assert users <= {"dsa_jax/indexer.py", "dsa_jax/sparse_attention.py"}, users
