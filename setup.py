@@ -24,7 +24,17 @@ setuptools.setup(
     "tqdm",
   ],
   extras_require={
-    "test": ["pytest", "pytest-xdist", "hypothesis", "ruff", "tensorboardX", "matplotlib"],
+    "test": [
+      "pytest",
+      "pytest-xdist",
+      "hypothesis",
+      "ruff",
+      "tensorboardX",
+      "matplotlib",
+      "nbclient",
+      "nbformat",
+      "ipykernel",
+    ],
     "gpu": ["jax[cuda13]==0.11.2"],
     "tpu": ["jax[tpu]==0.11.2"],
     "torch_ref": ["torch", "transformers>=5.0"],

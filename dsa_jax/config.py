@@ -278,8 +278,33 @@ _HF_IGNORED = set(
 )
 
 
+def _hf_derived_keys(hf: dict) -> dict:
+  """Checks and drops the derived keys transformers v5 writes (head_dim, layer types, ...)."""
+  hf = dict(hf)
+  rope, nope = hf.get("qk_rope_head_dim", 64), hf.get("qk_nope_head_dim", 128)
+  checks = {
+    "head_dim": lambda v: v == rope,
+    "qk_head_dim": lambda v: v == nope + rope,
+    "mlp_bias": lambda v: v is False,
+    "layer_types": lambda v: len(set(v)) <= 1,
+    "mlp_layer_types": lambda v: list(v)
+    == ["dense"] * hf.get("first_k_dense_replace", 0)
+    + ["sparse"] * (len(v) - hf.get("first_k_dense_replace", 0)),
+    "output_router_logits": lambda v: True,
+  }
+  for k, ok in checks.items():
+    if k in hf:
+      v = hf.pop(k)
+      if not ok(v):
+        raise ValueError(f"HF config key {k!r}={v!r} cannot be represented by dsa-jax")
+  return hf
+
+
 def _hf_to_fields(hf: dict) -> dict:
+  hf = _hf_derived_keys(hf)
   out: dict[str, Any] = {}
+  # transformers' DeepseekV32Config has no MTP key and never runs layer n_layers: no key, no MTP.
+  out["n_mtp_layers"] = 0
   for k, v in hf.items():
     if k in _HF_MAP:
       out[_HF_MAP[k]] = v

@@ -40,6 +40,7 @@ from dsa_jax.config import ModelConfig
 
 ATTENTION = ("dense", "sparse")
 DECODE_BLOCK_Q = 256  # query block of multi-token decode chunks (bounds the [t, H, S] logits)
+DECODE_INDEX_BLOCK_Q = 16  # query block of the decode indexer scores (bounds [t, J, S] f32)
 SHAPE_BUCKET = 64  # prompt and cache lengths are rounded up to this: fewer distinct compilations
 
 
@@ -81,19 +82,20 @@ def cached_topk(iq, ik, iw, pos, *, topk: int):
   """Top-k cache slots per query: iq [B,T,J,Dᵢ], ik [B,S,Dᵢ], iw [B,T,J], pos [B,T] -> [B,T,k]
   int32, k = min(topk, S), descending score, -1 where fewer than k slots are visible.
 
-  Ties go to the lower slot (lax.top_k), as in the full forward's reference top-k. The logits come
-  from the reference op: the Pallas FP8 logits kernel tiles queries by 64, decode has one.
+  Scores I[t,s] = Σ_j w[t,j]·ReLU(q[t,j]·k[s]) (spec §4.3 step 8) in one pass over the cache: with
+  one query per request the [B,t,J,S] product is small, and the reference op's key-block loop would
+  cost a kernel launch per 2048 keys per layer. Ties go to the lower slot (lax.top_k), as in the
+  full forward's reference top-k.
   """
 
   def block(qb, wb, pb):
-    # indexer_logits masks keys past the last-T-of-S diagonal; for contiguous query positions that
-    # end before S this is a superset of the per-request mask below.
-    scores = indexer_lib.indexer_logits(qb, ik, wb, impl="reference")
+    z = jnp.einsum("btjd,bsd->btjs", qb, ik, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btj,btjs->bts", wb.astype(jnp.float32), jax.nn.relu(z))
     scores = jnp.where(_visible(pb, ik.shape[1]), scores, -jnp.inf)
     vals, idx = jax.lax.top_k(scores, min(topk, ik.shape[1]))
     return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
 
-  return jax.lax.stop_gradient(_map_blocks(block, DECODE_BLOCK_Q, [iq, iw, pos]))
+  return jax.lax.stop_gradient(_map_blocks(block, DECODE_INDEX_BLOCK_Q, [iq, iw, pos]))
 
 
 def _attention(attn, x, cos, sin, lc, pos, *, attention: str, fp8: bool, start: int | None):
@@ -139,7 +141,7 @@ def _attention(attn, x, cos, sin, lc, pos, *, attention: str, fp8: bool, start: 
   return attn.wo(o.reshape(b, t, cfg.n_heads * cfg.v_head_dim)), lc
 
 
-def _blocks(model):
+def blocks(model):
   """The model's blocks in layer order, each merged from its layer's slice of the stack."""
   for stack in (model.dense_layers, model.moe_layers):
     if stack is None:
@@ -159,7 +161,7 @@ def _layers(model, tokens, pos, cache: cache_lib.Cache, *, attention: str, start
   cos, sin = layers.rope_angles(model.cfg, pos)
   h = model._embed(tokens)
   new = []
-  for blk, lc in zip(_blocks(model), cache.layers, strict=True):
+  for blk, lc in zip(blocks(model), cache.layers, strict=True):
     a, lc = _attention(
       blk.attn, blk.attn_norm(h), cos, sin, lc, pos, attention=attention, fp8=cache.fp8, start=start
     )

@@ -7,7 +7,9 @@ the top n_activated experts among them; combine with the UNBIASED s of the chose
 normalised to sum 1, times route_scale. Output = Σ w_e·Expert_e(x) + SharedExpert(x).
 
 Dispatch is dropless: token copies are sorted by expert and run through `jax.lax.ragged_dot`
-(grouped GEMM), so no capacity factor and no dropped tokens.
+(grouped GEMM), so no capacity factor and no dropped tokens. On a mesh (inside
+`sharding.use_mesh_rules`) the routed experts run expert-parallel (expert_parallel.py: all_to_all
+dispatch, dropless unless `moe_capacity_factor` > 0).
 Letters: B batch, T tokens, N = B·T flat tokens, D model, F expert hidden, E experts, G groups.
 """
 
@@ -75,10 +77,8 @@ class MoE(nnx.Module):
     cd = layers.dtype_of(cfg.compute_dtype)
     ctx = sharding.current()
     if ctx is not None:  # on a mesh: local routing + all_to_all dispatch (expert_parallel.py)
-      y, sizes, _ = expert_parallel.moe_routed(
-        ctx, x, self.gate.kernel[...], self.gate_bias[...], self.w1[...], self.w2[...],
-        self.w3[...], route, cfg,
-      )  # fmt: skip
+      ws = (self.gate.kernel[...], self.gate_bias[...], self.w1[...], self.w2[...], self.w3[...])
+      y, sizes, _ = expert_parallel.moe_routed(ctx, x, *ws, route, cfg)
       if self.shared_experts is not None:
         y = y + self.shared_experts(x).astype(jnp.float32)
       return y.astype(x.dtype), jax.lax.stop_gradient(sizes)

@@ -182,6 +182,7 @@ class Trainer:
     self.eval_step = jax.jit(
       self._eval_step, in_shardings=(self.state_shardings, self.batch_shardings), out_shardings=rep
     )
+    self._init_fn = None
 
   # ---------------------------------------------------------------------------------- state
   def split(self, m: nnx.Module):
@@ -221,6 +222,8 @@ class Trainer:
     """
     import zlib
 
+    if self._init_fn is not None:  # compiled once per trainer
+      return self._init_fn()
     _, abs_params, abs_rest = nnx.split(model.abstract(self.cfg.model), self.filter, ...)
     seed = self.cfg.seed
 
@@ -241,10 +244,11 @@ class Trainer:
 
       return nnx.map_state(one, abs_tree)
 
-    return jax.jit(
+    self._init_fn = jax.jit(
       lambda: (init(abs_params), init(abs_rest)),
       out_shardings=(self.param_shardings, self.rest_shardings),
-    )()
+    )
+    return self._init_fn()
 
   def put_batch(self, b: dict) -> dict:
     """This host's rows (data.batch(..., host, n_hosts)) -> global arrays on the mesh."""

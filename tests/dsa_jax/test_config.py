@@ -214,3 +214,16 @@ def test_unknown_preset_and_field():
     config.preset("7b")
   with pytest.raises(ValueError, match="unknown ModelConfig field"):
     config.ModelConfig.from_dict({"dimm": 3})
+
+
+def test_from_hf_config_reads_transformers_v5_golden_config():
+  """The config.json transformers 5.24 wrote for the tiny parity checkpoint (derived keys incl.)."""
+  import os
+
+  p = os.path.join(os.path.dirname(__file__), "..", "goldens", "deepseek_v32_tiny", "config.json")
+  hf = json.load(open(p))
+  cfg = config.ModelConfig.from_hf_config(hf)
+  assert cfg.n_mtp_layers == 0  # transformers' port has no MTP key and never runs it
+  assert cfg.dim == hf["hidden_size"] and cfg.index_n_heads == hf["index_n_heads"]
+  with pytest.raises(ValueError, match="head_dim"):
+    config.ModelConfig.from_hf_config(dict(hf, head_dim=3))
