@@ -287,9 +287,11 @@ def _hf_derived_keys(hf: dict) -> dict:
     "qk_head_dim": lambda v: v == nope + rope,
     "mlp_bias": lambda v: v is False,
     "layer_types": lambda v: len(set(v)) <= 1,
-    "mlp_layer_types": lambda v: list(v)
-    == ["dense"] * hf.get("first_k_dense_replace", 0)
-    + ["sparse"] * (len(v) - hf.get("first_k_dense_replace", 0)),
+    "mlp_layer_types": lambda v: (
+      list(v)
+      == ["dense"] * hf.get("first_k_dense_replace", 0)
+      + ["sparse"] * (len(v) - hf.get("first_k_dense_replace", 0))
+    ),
     "output_router_logits": lambda v: True,
   }
   for k, ok in checks.items():
