@@ -529,19 +529,26 @@ def train(cfg: TrainConfig, workdir: str, *, log_fn=None) -> dict:
   checkpoint and returns cleanly.
   """
   os.makedirs(workdir, exist_ok=True)
-  trainer = _cached_trainer(cfg)
-  mgr = trainer.manager(workdir)
-  latest = mgr.latest_step()
-  if latest is not None:
-    state = trainer.restore(mgr, latest)
-  elif cfg.ckpt.init_from:
-    state = trainer.init_state(load_init_params(cfg.ckpt.init_from, cfg.model))
-  else:
-    state = trainer.init_state()
-  start = int(jax.device_get(state.step))
-  writer = _Writer(workdir, enabled=jax.process_index() == 0)  # one writer on a shared workdir
+  # Installed before the (possibly long: sharded init compiles) start-up, so that a preemption
+  # then is caught too: the first step runs, is saved, and train returns.
   preempted = _Preempted()
   old = signal.signal(signal.SIGTERM, preempted) if _main_thread() else None
+  try:
+    trainer = _cached_trainer(cfg)
+    mgr = trainer.manager(workdir)
+    latest = mgr.latest_step()
+    if latest is not None:
+      state = trainer.restore(mgr, latest)
+    elif cfg.ckpt.init_from:
+      state = trainer.init_state(load_init_params(cfg.ckpt.init_from, cfg.model))
+    else:
+      state = trainer.init_state()
+  except BaseException:
+    if old is not None:
+      signal.signal(signal.SIGTERM, old)
+    raise
+  start = int(jax.device_get(state.step))
+  writer = _Writer(workdir, enabled=jax.process_index() == 0)  # one writer on a shared workdir
   bar = _bar(cfg, start)
   host, n_hosts = jax.process_index(), jax.process_count()
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
