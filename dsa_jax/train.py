@@ -471,7 +471,11 @@ def _params_meta(mgr, step):
 
 
 def _shape_dtype(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  """Restore targets with the live arrays' shardings: a checkpoint written on another topology
+  (e.g. 8 devices) then restores onto this process's devices instead of failing."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 def load_init_params(path: str, cfg: ModelConfig) -> nnx.Module:
@@ -529,6 +533,9 @@ def train(cfg: TrainConfig, workdir: str, *, log_fn=None) -> dict:
   checkpoint and returns cleanly.
   """
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:  # the model's resolved config: what generate/convert rebuild from
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+      json.dump(cfg.model.to_dict(), f, indent=1)
   # Installed before the (possibly long: sharded init compiles) start-up, so that a preemption
   # then is caught too: the first step runs, is saved, and train returns.
   preempted = _Preempted()

@@ -31,8 +31,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
 def model_config(ckpt: str | None, preset: str) -> dsa_jax.ModelConfig:
-  """The workdir's resolved model config (written by experiments.train), else the preset."""
+  """The workdir's resolved model config (model_config.json from dsa_jax.train, or the launcher's
+  config.json), else the preset."""
   if ckpt:
+    mpath = os.path.join(ckpt.rsplit("@", 1)[0], "model_config.json")  # written by train.train
+    if os.path.exists(mpath):
+      with open(mpath) as f:
+        return dsa_jax.ModelConfig.from_dict(json.load(f))
     path = os.path.join(ckpt.rsplit("@", 1)[0], "config.json")
     if os.path.exists(path):
       with open(path) as f:
