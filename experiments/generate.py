@@ -5,7 +5,7 @@ r"""Text generation from a trained model (byte-level prompts, as the training da
   python -m experiments.generate --preset=test --prompt=a --prompt="import os" \
     --attention=dense --fp8_cache --temperature=0.8 --top_p=0.95
 
---ckpt: a training workdir (its config.json gives the model; latest checkpoint, or DIR@STEP) or a
+--ckpt: a training workdir (its model_config.json gives the model; latest checkpoint, or DIR@STEP) or a
 params checkpoint directory (then --preset gives the model). Without --ckpt: a random model of
 --preset (a smoke run). Each --prompt is one request of the batch.
 """
@@ -19,7 +19,7 @@ from absl import app, flags
 import dsa_jax
 from dsa_jax import generate, model, train
 
-_PRESET = flags.DEFINE_string("preset", "test", "model preset when --ckpt has no config.json")
+_PRESET = flags.DEFINE_string("preset", "test", "model preset when --ckpt has no model_config.json")
 _CKPT = flags.DEFINE_string("ckpt", None, "training workdir[@step] or params checkpoint dir")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["def main("], "prompt text (repeat for a batch)")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
@@ -31,19 +31,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
 def model_config(ckpt: str | None, preset: str) -> dsa_jax.ModelConfig:
-  """The workdir's resolved model config (model_config.json from dsa_jax.train, or the launcher's
-  config.json), else the preset."""
+  """The workdir's resolved model config (model_config.json, written by dsa_jax.train.train for
+  every run, launcher or library), else the preset."""
   if ckpt:
     mpath = os.path.join(ckpt.rsplit("@", 1)[0], "model_config.json")  # written by train.train
     if os.path.exists(mpath):
       with open(mpath) as f:
         return dsa_jax.ModelConfig.from_dict(json.load(f))
-    path = os.path.join(ckpt.rsplit("@", 1)[0], "config.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        m = dict(json.load(f)["model"])
-      m.pop("preset", None)
-      return dsa_jax.ModelConfig(**m)
   return dsa_jax.preset(preset)
 
 
