@@ -230,3 +230,38 @@ def passkey_eval_batch(seq_len: int, distances, per_distance: int, seed: int = 1
       masks.append(m)
       dist.append(int(d))
   return np.stack(toks), np.stack(masks), np.asarray(dist)
+
+
+def mqar_eval_batch(seq_len: int, distances, per_distance: int, n_pairs: int = 8, seed: int = 4321):
+  """Held-out multi-query recall at controlled distances: text filler, the `k=v;` pairs, `d`
+  tokens of filler, then queries `k?v` of every pair (answer_mask marks the queried values).
+
+  Returns tokens [n,L], answer_mask [n,L], distance [n] (gap between the pairs and the queries).
+  """
+  corpus = stdlib_corpus("eval")
+  letters = np.arange(ord("a"), ord("z") + 1)
+  toks, masks, dist = [], [], []
+  for d in distances:
+    for i in range(per_distance):
+      rng = np.random.default_rng([seed, int(d), i])
+      keys = rng.choice(len(letters) ** 2, size=n_pairs, replace=False)
+      kb = [bytes([letters[k // 26], letters[k % 26]]) for k in keys]
+      vb = [bytes(rng.choice(letters, 2).astype(np.uint8)) for _ in range(n_pairs)]
+      ctx = np.frombuffer(
+        b"\n" + b"".join(k + b"=" + v + b";" for k, v in zip(kb, vb)) + b"\n", np.uint8
+      )
+      order = rng.permutation(n_pairs)
+      qs = np.frombuffer(b"".join(kb[j] + b"?" + vb[j] + b" " for j in order), np.uint8)
+      qmask = np.tile(np.asarray([0, 0, 0, 1, 1, 0], np.float32), n_pairs)
+      room = seq_len - len(ctx) - len(qs)
+      if room < 0:
+        raise ValueError(f"seq_len={seq_len} too short for {n_pairs} MQAR pairs")
+      gap = int(np.clip(int(d), 0, room))
+      start = int(rng.integers(0, len(corpus) - room - 1))
+      filler = corpus[start : start + room]
+      row = np.concatenate([filler[: room - gap], ctx, filler[room - gap :], qs]).astype(np.int32)
+      mask = np.concatenate([np.zeros(seq_len - len(qs), np.float32), qmask])
+      toks.append(row)
+      masks.append(mask)
+      dist.append(gap)
+  return np.stack(toks), np.stack(masks), np.asarray(dist)

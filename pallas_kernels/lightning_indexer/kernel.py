@@ -8,10 +8,18 @@ folded into wq and the k scale ks is applied per key after the head sum, both ex
 positive, so they commute with ReLU).
 
 One CTA owns `block_q` queries of one batch row and walks the key blocks up to its causal bound
-(blocks past it are only filled with -inf). Per key block and query t, one fp8 wgmma
+(blocks past it are only filled with -inf). Two variants (BlockSizes.variant):
+
+heads_m: per key block and query t, one fp8 wgmma
   acc[J=64 heads, block_k keys] = q8[t] (64x128, K-major) @ k8_tile^T (K-major: k rows are D-contig)
-then ReLU, scale rows by wq[t], reduce over heads (axis 0) -> one output row of block_k logits.
+then ReLU, scale rows by wq[t], reduce over heads (axis 0, across warps) -> one output row.
 Key tiles are double buffered through TMA; output tiles go back through two SMEM slots.
+
+keys_m (DeepGEMM's mqa-logits layout): per key block and group of q_per_mma queries
+  acc[keys, q_per_mma·64] = k8_tile (K-major) @ q8[group]^T (K-major)
+so the head sum runs along N, inside each thread plus a 4-lane shuffle. Warp specialised: one
+producer warpgroup streams key tiles through a TMA ring, 1-2 consumer warpgroups split each tile's
+keys and overlap each other's wgmma with their epilogues (optionally also within a warpgroup).
 """
 
 import dataclasses
@@ -23,22 +31,57 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 FP8 = jnp.float8_e4m3fn
-HEADS = 64  # wgmma M: indexer heads form the rows of the accumulator
+HEADS = 64  # indexer heads: the wgmma M of heads_m, 64-column groups of N in keys_m
 DIM = 128  # one quantisation block per head vector
+VARIANTS = ("heads_m", "keys_m")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """block_q queries per CTA (q tile = block_q·64·128 B of SMEM); block_k keys per wgmma (N)."""
+  """Tiling of the FP8 logits kernel.
+
+  variant "heads_m": the 64 heads are the wgmma M dimension (one query per wgmma, block_k keys on
+  N) and the head sum is a cross-warp reduction over the accumulator's rows.
+  variant "keys_m": keys are M and (q_per_mma queries x 64 heads) are N, so the head sum runs
+  along the accumulator's rows inside each thread (plus a 4-lane shuffle); a producer warpgroup
+  streams key tiles through `stages` TMA slots to `compute_wgs` consumer warpgroups, each owning
+  block_k / compute_wgs keys of every tile. `overlap` double-buffers the accumulator so the next
+  query group's wgmma runs under the current group's epilogue. `no_auto_barriers` drops the
+  warpgroup barriers Mosaic puts around every SMEM store (safe here: threads only write the output
+  tiles, which are fenced by the TMA waits and commit_smem, and only read TMA-written tiles).
+
+  block_q queries per CTA (q tile = block_q·64·128 B of SMEM); block_k keys per step.
+  """
 
   block_q: int = 16
   block_k: int = 128
+  variant: str = "heads_m"
+  q_per_mma: int = 2
+  stages: int = 2
+  compute_wgs: int = 2
+  overlap: bool = False
+  no_auto_barriers: bool = False
 
   def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant={self.variant!r}; expected one of {VARIANTS}")
     if self.block_q <= 0 or self.block_q % 8:
       raise ValueError(f"block_q={self.block_q} must be a positive multiple of 8")
     if self.block_k % 64 or not 64 <= self.block_k <= 256:
       raise ValueError(f"block_k={self.block_k} must be 64, 128, 192 or 256")
+    if self.variant == "keys_m":
+      mk, n = self.block_k // max(self.compute_wgs, 1), self.q_per_mma * HEADS
+      if self.compute_wgs not in (1, 2) or mk % 64:
+        raise ValueError(
+          f"block_k={self.block_k} must be a multiple of 64 x compute_wgs={self.compute_wgs}"
+        )
+      if self.q_per_mma not in (1, 2, 4) or self.block_q % self.q_per_mma:
+        raise ValueError(f"q_per_mma={self.q_per_mma} must be 1, 2 or 4 and divide block_q")
+      # f32 accumulator registers per thread (x2 with overlap) must leave room for the epilogue
+      if mk * n * (1 + self.overlap) > 128 * 128:
+        raise ValueError(f"accumulator {mk}x{n} (overlap={self.overlap}) exceeds 128 regs/thread")
+      if self.stages < 2:
+        raise ValueError(f"stages={self.stages} must be >= 2")
 
   @staticmethod
   def default_for(t: int, s: int) -> "BlockSizes":
@@ -87,8 +130,16 @@ def logits_fp8(
     raise ValueError(f"fp8 kernel needs J={HEADS}, D={DIM}; got J={j}, D={d}")
   if t % bq or s % bk:
     raise ValueError(f"T={t} % block_q={bq} and S={s} % block_k={bk} must be 0")
-  nk = s // bk
   off = s - t if q_offset is None else q_offset
+  impl = _logits_keys_m if block_sizes.variant == "keys_m" else _logits_heads_m
+  return impl(q8, k8, wq, ks, block_sizes, causal, off, interpret)
+
+
+def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
+  b, t, j, d = q8.shape
+  s = k8.shape[1]
+  bq, bk = block_sizes.block_q, block_sizes.block_k
+  nk = s // bk
   q2 = q8.reshape(b, t * j, d)
 
   def body(
@@ -192,6 +243,169 @@ def logits_fp8(
     interpret=interpret,
   )
   return kern(q2, k8, wq.astype(jnp.float32), ks.astype(jnp.float32))
+
+
+def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
+  """Keys on wgmma M: acc[mk keys, nq·64] = k8_tile @ q8[nq queries·64 heads]^T per query group.
+
+  Warp specialised: warpgroup `nwg` (the producer) loads the CTA's q/w tiles once and streams key
+  tiles through `stages` TMA slots; consumer warpgroup c owns keys [c·mk, (c+1)·mk) of every tile
+  and writes its own [block_q, mk] output tile, so consumers never synchronise with each other.
+  """
+  b, t, j, d = q8.shape
+  s = k8.shape[1]
+  bs = block_sizes
+  bq, bk, nq, nst, nwg = bs.block_q, bs.block_k, bs.q_per_mma, bs.stages, bs.compute_wgs
+  mk, n = bk // nwg, nq * j  # wgmma M (keys per consumer) and N (query-heads per wgmma)
+  ng, nk, nqb = bq // nq, s // bk, t // bq
+  q2 = q8.reshape(b, t * j, d)
+  w2 = wq.astype(jnp.float32).reshape(b, t // nq, n)  # one row per query group (TMA box <= 256)
+  row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (= key)
+
+  def body(q_ref, k_ref, w_ref, ks_ref, o_ref, q_smem, k_smem, w_smem, ks_smem, o_smem, bars):
+    q_bar, k_bar, k_free = bars
+    bi = jax.lax.axis_index("b")
+    qi = nqb - 1 - jax.lax.axis_index("q")  # longest causal rows first: less tail imbalance
+    wg = jax.lax.axis_index("wg")
+    q0 = qi * bq
+    if causal:
+      n_live = jnp.minimum(pl.cdiv(off + q0 + bq, bk), nk)
+    else:
+      n_live = jnp.int32(nk)
+
+    # 3 warpgroups share 64K registers: move them from the producer to the consumers (with 2
+    # warpgroups every thread can already have 255)
+    rebalance = nwg == 2
+
+    @pl.when(wg == nwg)
+    def _producer():
+      if rebalance:
+        plgpu.set_max_registers(40, action="decrease")
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0 * j, bq * j)], q_smem, q_bar)
+      plgpu.copy_gmem_to_smem(w_ref.at[bi, pl.ds(qi * ng, ng)], w_smem, q_bar)
+
+      @pl.loop(0, n_live)
+      def _fetch(kb):
+        slot = jax.lax.rem(kb, nst)
+
+        @pl.when(kb >= nst)
+        def _():
+          plgpu.barrier_wait(k_free.at[slot])
+          # consumers read ks through the generic proxy; order that before the TMA overwrite
+          # (GPU interpret's race detector flags the slot reuse without this proxy fence)
+          plgpu.commit_smem()
+
+        keys = pl.ds(kb * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(ks_ref.at[bi, keys], ks_smem.at[slot], k_bar.at[slot])
+
+      # observe the last releases too: every barrier phase is then seen by each waiting thread
+      @pl.loop(jnp.maximum(n_live - nst, 0), n_live)
+      def _drain(kb):
+        plgpu.barrier_wait(k_free.at[jax.lax.rem(kb, nst)])
+
+    @pl.when(wg < nwg)
+    def _consumer():
+      if rebalance:
+        plgpu.set_max_registers(232, action="increase")
+      plgpu.barrier_wait(q_bar)
+      kloc = wg * mk + plgpu.broadcasted_iota(jnp.int32, (mk,), 0, layout=row)
+
+      def epilogue(z, g, ksv, kpos, oslot):
+        wv = w_smem[g]
+        r = jnp.maximum(z, 0.0) * jax.lax.broadcast_in_dim(wv, (mk, n), [1])
+        for i in range(nq):
+          v = jnp.sum(r[:, i * j : (i + 1) * j], axis=1) * ksv
+          if causal:
+            v = jnp.where(kpos <= off + q0 + g * nq + i, v, -jnp.inf)
+          o_smem[wg, oslot, g * nq + i] = v
+
+      def kv_step(kb, carry):
+        slot = jax.lax.rem(kb, nst)
+        oslot = jax.lax.rem(kb, 2)
+        plgpu.barrier_wait(k_bar.at[slot])
+        # the output slot stored two steps ago must have left SMEM before we overwrite it
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        a = k_smem.at[slot, pl.ds(wg * mk, mk)]
+        ksv = ks_smem[slot, pl.ds(wg * mk, mk)]
+        kpos = kb * bk + kloc
+
+        def qg(g):
+          return q_smem.at[pl.ds(g * n, n)].T
+
+        if bs.overlap:
+          # Group g's wgmma is issued into a fresh accumulator before group g-1's result is
+          # read (wait_n=1), so it runs under g-1's epilogue. Nested scopes instead of zeroing
+          # one accumulator in place: the interpreter has no accumulator store.
+          def chain(g, prev):
+            def scope(acc):
+              plgpu.wgmma(acc, a, qg(g))
+              if prev is not None:
+                epilogue(plgpu.wgmma_accumulator_load(prev, wait_n=1), g - 1, ksv, kpos, oslot)
+              if g + 1 < ng:
+                chain(g + 1, acc)
+              else:
+                epilogue(plgpu.wgmma_accumulator_load(acc, wait_n=0), g, ksv, kpos, oslot)
+
+            pl.run_scoped(scope, plgpu.ACC((mk, n), jnp.float32))
+
+          chain(0, None)
+        else:
+          for g in range(ng):
+
+            def mma(acc_ref, g=g):
+              plgpu.wgmma(acc_ref, a, qg(g))
+              return acc_ref[...]
+
+            z = pl.run_scoped(mma, plgpu.ACC((mk, n), jnp.float32))
+            epilogue(z, g, ksv, kpos, oslot)
+        plgpu.barrier_arrive(k_free.at[slot])  # all wgmmas reading this slot have completed
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+          o_smem.at[wg, oslot], o_ref.at[bi, pl.ds(q0, bq), pl.ds(kb * bk + wg * mk, mk)]
+        )
+        return carry
+
+      jax.lax.fori_loop(0, n_live, kv_step, 0)
+
+      if causal:
+        # key blocks wholly above the diagonal: -inf tiles (no compute), from a free output slot
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        o_smem[wg, 0] = jnp.full((bq, mk), -jnp.inf, jnp.float32)
+        plgpu.commit_smem()
+
+        @pl.loop(n_live, nk)
+        def _dead(kb):
+          plgpu.copy_smem_to_gmem(
+            o_smem.at[wg, 0], o_ref.at[bi, pl.ds(q0, bq), pl.ds(kb * bk + wg * mk, mk)]
+          )
+
+      plgpu.wait_smem_to_gmem(0)
+
+  fp8_t = _transforms(1, d)
+  kern = plgpu.kernel(
+    body,
+    out_type=jax.ShapeDtypeStruct((b, t, s), jnp.float32),
+    scratch_types=[
+      plgpu.SMEM((bq * j, d), FP8, transforms=fp8_t),
+      plgpu.SMEM((nst, bk, d), FP8, transforms=fp8_t),
+      plgpu.SMEM((ng, n), jnp.float32),
+      plgpu.SMEM((nst, bk), jnp.float32),
+      plgpu.SMEM((nwg, 2, bq, mk), jnp.float32),
+      (
+        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_arrivals=2, num_barriers=nst),
+        plgpu.Barrier(num_arrivals=nwg, num_barriers=nst),
+      ),
+    ],
+    grid=(b, nqb),
+    grid_names=("b", "q"),
+    num_threads=nwg + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=bs.no_auto_barriers),
+    interpret=interpret,
+  )
+  return kern(q2, k8, w2, ks.astype(jnp.float32))
 
 
 def prepare_fp8(q, k, w):

@@ -1,6 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Public sparse-MLA ops: shape validation and the impl switch ("reference" | "pallas")."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,46 @@ from pallas_kernels.sparse_mla import kernel, kernel_tpu, kernel_triton, referen
 
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
-GPU_VARIANTS = ("triton", "triton_xla_bwd", "mosaic")
+TRITON_BWDS = ("xla", "xla_fused", "triton", "hybrid", "hybrid_xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+  """Knobs of the Triton GPU variants (hashable: a static argument).
+
+  fwd: forward kernel tiling. bwd: "xla" (ops._bwd_blocked), "xla_fused" (the same with the
+  logits and dP in one matmul and the dkv rows in one), "triton" (head-block kernel with dkv
+  atomics), "hybrid" (Triton dq + dS/P kernel, then the Triton dkv kernel: one atomic per slot and
+  column over all heads), "hybrid_xla" (Triton dq + dS/P kernel, dkv by XLA matmul + scatter-add).
+  xla_block_t: query tokens per scan step of the XLA backward parts; xla_bf16_updates: dkv rows
+  rounded to bf16 before the f32 scatter-add (half the scatter's update traffic).
+  sort_idx: sort each token's slots (same result; gathers walk kv in address order).
+  """
+
+  fwd: kernel_triton.BlockSizes = kernel_triton.BlockSizes()
+  bwd: str = "xla"
+  bwd_bs: kernel_triton.BwdBlockSizes = kernel_triton.BwdBlockSizes()
+  dkv_bs: kernel_triton.DkvBlockSizes = kernel_triton.DkvBlockSizes()
+  xla_block_t: int = 64
+  xla_bf16_updates: bool = False
+  sort_idx: bool = False
+
+  def __post_init__(self):
+    if self.bwd not in TRITON_BWDS:
+      raise ValueError(f"bwd={self.bwd!r}; expected one of {TRITON_BWDS}")
+
+
+TRITON_VARIANTS = {
+  "triton": TritonConfig(bwd="triton"),
+  "triton_xla_bwd": TritonConfig(),
+  "triton_xla_fused_bwd": TritonConfig(bwd="xla_fused"),
+  "triton_relaxed_bwd": TritonConfig(
+    bwd="triton", bwd_bs=kernel_triton.BwdBlockSizes(relaxed_atomics=True)
+  ),
+  "triton_hybrid_bwd": TritonConfig(bwd="hybrid"),
+  "triton_hybrid_xla_bwd": TritonConfig(bwd="hybrid_xla", xla_block_t=256),
+}
+GPU_VARIANTS = (*TRITON_VARIANTS, "mosaic")
 # Fastest measured on H200 (notes/sparse_mla2.md): Triton fwd 2.2x XLA; XLA bwd 2.4x the Triton one.
 GPU_DEFAULT_VARIANT = "triton_xla_bwd"
 
@@ -51,6 +91,7 @@ def sparse_mla(
   interpret=False,
   backend: str | None = None,
   variant: str | None = None,
+  triton_config: TritonConfig | None = None,
 ):
   """out [B,T,H,V], lse [B,T,H] = softmax(scale·q·kv[idx]) · kv[idx][:d_v]. See reference.py.
 
@@ -62,7 +103,9 @@ def sparse_mla(
   interpret=True means pltpu.InterpretParams().
   variant (GPU only; default GPU_DEFAULT_VARIANT): "triton" = Triton-backend forward and backward
   kernels (kernel_triton.py); "triton_xla_bwd" = Triton forward + the blocked XLA backward;
-  "mosaic" = the Mosaic GPU forward (kernel.py) + the blocked XLA backward.
+  "mosaic" = the Mosaic GPU forward (kernel.py) + the blocked XLA backward; the other
+  "triton_*" names are TRITON_VARIANTS (Triton forward + another backward, see TritonConfig).
+  triton_config: overrides the Triton variant's TritonConfig (tuning sweeps).
   """
   _check(q, kv, idx, d_v)
   if impl == "reference":
@@ -86,10 +129,14 @@ def sparse_mla(
     variant = variant or GPU_DEFAULT_VARIANT
     if variant not in GPU_VARIANTS:
       raise ValueError(f"variant={variant!r}; expected one of {GPU_VARIANTS}")
+    if variant == "mosaic" and triton_config is not None:
+      raise ValueError("triton_config needs a Triton variant, got variant='mosaic'")
     if variant != "mosaic":
-      bwd = "triton" if variant == "triton" else "xla"
-      args = (float(scale), int(d_v), bool(interpret), bwd)
-      return _sparse_mla_triton(q, kv, idx.astype(jnp.int32), *args)
+      cfg = triton_config or TRITON_VARIANTS[variant]
+      idx = idx.astype(jnp.int32)
+      if cfg.sort_idx:
+        idx = jnp.sort(idx, axis=-1)
+      return _sparse_mla_triton(q, kv, idx, float(scale), int(d_v), bool(interpret), cfg)
     if interpret is True:
       from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
@@ -135,12 +182,17 @@ def _fwd_kernel_call(q, kv, idx, scale, d_v, interpret):
   return out, lse[:, :h].reshape(b, t, h)
 
 
-def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t=64):
+def _bwd_blocked(
+  q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t=64, update_dtype=None, fused=False
+):
   """dq, dkv from the saved lse (no softmax renormalisation), query blocks scanned in XLA.
 
   With P = exp(scale·q·kᵀ - lse): dS = P ⊙ (dO·Vᵀ - Δ + dlse), Δ = rowsum(O ⊙ dO);
   dq = scale·dS·K; dK_rows = scale·dSᵀ·q (+ Pᵀ·dO on the value dims), scatter-added into dkv
   (duplicates across queries add up; invalid slots are dropped).
+  update_dtype: dK_rows rounded to it before the f32 scatter-add (less scatter traffic).
+  fused: [q; dO] stacked on the head axis, so the logits and dP are one matmul over the gathered
+  rows ([2h, K] x [K, k]) and the dK_rows one more ([dS; P]ᵀ x [q; dO], contraction 2h).
   """
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
@@ -154,29 +206,41 @@ def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t=64):
 
   xs = (split(q), split(idx, -1), split(lse, jnp.inf), split(d_out), split(delta), split(d_lse))
 
+  f32 = jnp.float32
+
   def body(dkv, blk):
     qb, ib, lb, dob, deb, dlb = blk
     valid = (ib >= 0) & (ib < s)
     safe = jnp.where(valid, ib, 0)
     rows = jax.vmap(lambda kv_b, i_b: kv_b[i_b])(kv, safe)  # [b,tb,k,K]
-    logits = jnp.einsum("bthc,btsc->bths", qb, rows, preferred_element_type=jnp.float32) * scale
+    if fused:
+      qd = jnp.concatenate([qb, jnp.pad(dob, ((0, 0),) * 3 + ((0, k_dim - d_v),))], axis=2)
+      sd = jnp.einsum("bthc,btsc->bths", qd, rows, preferred_element_type=f32)
+      logits, dp = sd[:, :, :h] * scale, sd[:, :, h:]
+    else:
+      logits = jnp.einsum("bthc,btsc->bths", qb, rows, preferred_element_type=f32) * scale
     p = jnp.where(valid[:, :, None, :], jnp.exp(logits - lb[..., None]), 0.0)
-    dp = jnp.einsum("bthv,btsv->bths", dob, rows[..., :d_v], preferred_element_type=jnp.float32)
+    if not fused:
+      dp = jnp.einsum("bthv,btsv->bths", dob, rows[..., :d_v], preferred_element_type=f32)
     ds = p * (dp - deb[..., None] + dlb[..., None])
     dq = scale * jnp.einsum(
-      "bths,btsc->bthc", ds.astype(kv.dtype), rows, preferred_element_type=jnp.float32
+      "bths,btsc->bthc", ds.astype(kv.dtype), rows, preferred_element_type=f32
     )
-    drows = scale * jnp.einsum(
-      "bths,bthc->btsc", ds.astype(q.dtype), qb, preferred_element_type=jnp.float32
-    )
-    dv = jnp.einsum(
-      "bths,bthv->btsv", p.astype(d_out.dtype), dob, preferred_element_type=jnp.float32
-    )
-    drows = drows.at[..., :d_v].add(dv)
+    if fused:
+      a = jnp.concatenate([(ds * scale).astype(q.dtype), p.astype(q.dtype)], axis=2)
+      drows = jnp.einsum("bths,bthc->btsc", a, qd, preferred_element_type=update_dtype or f32)
+    else:
+      drows = scale * jnp.einsum(
+        "bths,bthc->btsc", ds.astype(q.dtype), qb, preferred_element_type=f32
+      )
+      dv = jnp.einsum("bths,bthv->btsv", p.astype(d_out.dtype), dob, preferred_element_type=f32)
+      drows = drows.at[..., :d_v].add(dv)
+      if update_dtype is not None:
+        drows = drows.astype(update_dtype)
     scatter_idx = jnp.where(valid, ib, s)  # out of range -> dropped
-    dkv = jax.vmap(lambda a, i, u: a.at[i.reshape(-1)].add(u.reshape(-1, k_dim), mode="drop"))(
-      dkv, scatter_idx, drows
-    )
+    dkv = jax.vmap(
+      lambda a, i, u: a.at[i.reshape(-1)].add(u.reshape(-1, k_dim).astype(f32), mode="drop")
+    )(dkv, scatter_idx, drows)
     return dkv, dq.astype(q.dtype)
 
   dkv, dq = jax.lax.scan(body, jnp.zeros(kv.shape, jnp.float32), xs)
@@ -224,9 +288,16 @@ def _triton_flat(q, kv, idx, d_v, block_h, block_k):
   return qf, kvf, gidx, da, db, hp
 
 
-def _triton_fwd_call(q, kv, idx, scale, d_v, interpret):
+def _fit_heads(bs, h):
+  """Fewer heads than block_h: shrink the program's head block (Triton dots need M >= 16) so a
+  small model does not pay for padded heads."""
+  bh = max(16, 1 << (h - 1).bit_length())
+  return dataclasses.replace(bs, block_h=bh) if bh < bs.block_h else bs
+
+
+def _triton_fwd_call(q, kv, idx, scale, d_v, interpret, cfg):
   b, t, h, _ = q.shape
-  bs = kernel_triton.BlockSizes()
+  bs = _fit_heads(cfg.fwd, h)
   qf, kvf, gidx, da, db, _ = _triton_flat(q, kv, idx, d_v, bs.block_h, bs.block_k)
   out, lse = kernel_triton.sparse_mla_fwd_triton(
     qf, kvf, gidx, scale=scale, da=da, db=db, bs=bs, interpret=interpret
@@ -234,10 +305,11 @@ def _triton_fwd_call(q, kv, idx, scale, d_v, interpret):
   return out[:, :h, :d_v].reshape(b, t, h, d_v), lse[:, :h].reshape(b, t, h)
 
 
-def _triton_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret):
+def _triton_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret, cfg):
+  """The "triton", "hybrid" and "hybrid_xla" backwards on the flat kernel layout."""
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
-  bs = kernel_triton.BwdBlockSizes()
+  bs = _fit_heads(cfg.bwd_bs, h)
   qf, kvf, gidx, da, db, hp = _triton_flat(q, kv, idx, d_v, bs.block_h, bs.block_k)
   delta = jnp.einsum("bthv,bthv->bth", out.astype(jnp.float32), d_out.astype(jnp.float32))
   d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0)
@@ -246,43 +318,84 @@ def _triton_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret):
     return jnp.pad(x.reshape(b * t, h), ((0, 0), (0, hp - h)), constant_values=fill)
 
   dof = jnp.pad(d_out, ((0, 0), (0, 0), (0, hp - h), (0, da - d_v))).reshape(b * t, hp, da)
-  dq, dkv = kernel_triton.sparse_mla_bwd_triton(
-    qf,
-    kvf,
-    gidx,
-    dof,
-    heads(lse, jnp.inf),
-    heads(delta),
-    heads(d_lse),
-    scale=scale,
-    da=da,
-    db=db,
-    bs=bs,
-    interpret=interpret,
-  )
+  args = (qf, kvf, gidx, dof, heads(lse, jnp.inf), heads(delta), heads(d_lse))
+  kw = dict(scale=scale, da=da, db=db, bs=bs, interpret=interpret)
+  if cfg.bwd == "triton":
+    dq, dkv = kernel_triton.sparse_mla_bwd_triton(*args, **kw)
+  else:
+    dq, dsp = kernel_triton.sparse_mla_bwd_dq_triton(*args, **kw)
+    if cfg.bwd == "hybrid":
+      dkv = kernel_triton.sparse_mla_dkv_triton(
+        dsp, qf, dof, gidx, r=b * s, da=da, db=db, bs=cfg.dkv_bs, interpret=interpret
+      )
+    else:
+      upd = jnp.bfloat16 if cfg.xla_bf16_updates else None
+      dkv = _dkv_xla(dsp, qf, dof, gidx, b * s, cfg.xla_block_t, upd)
   dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
 
 
+def _dkv_xla(dsp, qf, dof, gidx, r, block_t, update_dtype):
+  """dkv [r, D] f32 from the Triton dS/P slots: per token [dS; P]ᵀ·[q; dO] (contraction over
+  2·Hp) then a scatter-add of the rows, scanned over blocks of block_t tokens."""
+  n, _, hp, kp = dsp.shape
+  d = qf.shape[-1]
+  dst = jnp.where(gidx >= 0, gidx, r)  # invalid -> out of range -> dropped
+  bt = min(block_t, n)
+  nb = -(-n // bt)
+
+  def split(x, fill=0):
+    x = _common.pad_axis(x, 0, bt, value=fill)
+    return x.reshape((nb, bt) + x.shape[1:])
+
+  xs = (split(dsp), split(qf), split(dof), split(dst, r))
+
+  def body(dkv, blk):
+    a, qb, dob, ib = blk
+    bm = jnp.concatenate([qb, jnp.pad(dob, ((0, 0), (0, 0), (0, d - dob.shape[-1])))], axis=1)
+    drows = jnp.einsum(
+      "tks,tkc->tsc",
+      a.reshape(bt, 2 * hp, kp),
+      bm,
+      preferred_element_type=update_dtype or jnp.float32,
+    )
+    upd = drows.reshape(-1, d).astype(jnp.float32)
+    return dkv.at[ib.reshape(-1)].add(upd, mode="drop"), None
+
+  dkv, _ = jax.lax.scan(body, jnp.zeros((r, d), jnp.float32), xs)
+  return dkv
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _sparse_mla_triton(q, kv, idx, scale, d_v, interpret, bwd):
-  del bwd
-  return _triton_fwd_call(q, kv, idx, scale, d_v, interpret)
+def _sparse_mla_triton(q, kv, idx, scale, d_v, interpret, cfg):
+  return _triton_fwd_call(q, kv, idx, scale, d_v, interpret, cfg)
 
 
-def _sparse_mla_triton_fwd(q, kv, idx, scale, d_v, interpret, bwd):
-  del bwd
-  out, lse = _triton_fwd_call(q, kv, idx, scale, d_v, interpret)
+def _sparse_mla_triton_fwd(q, kv, idx, scale, d_v, interpret, cfg):
+  out, lse = _triton_fwd_call(q, kv, idx, scale, d_v, interpret, cfg)
   return (out, lse), (q, kv, idx, out, lse)
 
 
-def _sparse_mla_triton_bwd(scale, d_v, interpret, bwd, res, cts):
+def _sparse_mla_triton_bwd(scale, d_v, interpret, cfg, res, cts):
   q, kv, idx, out, lse = res
   d_out, d_lse = cts
-  if bwd == "triton":
-    dq, dkv = _triton_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret)
+  if cfg.bwd in ("xla", "xla_fused"):
+    dq, dkv = _bwd_blocked(
+      q,
+      kv,
+      idx,
+      out,
+      lse,
+      d_out,
+      d_lse,
+      scale=scale,
+      d_v=d_v,
+      block_t=cfg.xla_block_t,
+      update_dtype=jnp.bfloat16 if cfg.xla_bf16_updates else None,
+      fused=cfg.bwd == "xla_fused",
+    )
   else:
-    dq, dkv = _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, scale=scale, d_v=d_v)
+    dq, dkv = _triton_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret, cfg)
   return dq, dkv, None
 
 

@@ -60,8 +60,28 @@ def test_quantize_is_idempotent_on_fake_quant():
   assert rel_err(xd, x) < 0.05
 
 
-@pytest.mark.parametrize("causal,t,s", [(True, 16, 192), (False, 8, 64)])
-def test_pallas_logits_interpret(causal, t, s):
+KEYS_M = kernel.BlockSizes(
+  16, 128, "keys_m", q_per_mma=2, stages=3, overlap=True, no_auto_barriers=True
+)
+
+
+@pytest.mark.parametrize(
+  "causal,t,s,bs",
+  [
+    (True, 16, 192, kernel.BlockSizes(block_q=8, block_k=64)),
+    (False, 8, 64, kernel.BlockSizes(block_q=8, block_k=64)),
+    # two consumer warpgroups, overlapped accumulators; 3 key blocks cycle 2 TMA slots
+    (
+      True,
+      16,
+      384,
+      kernel.BlockSizes(8, 128, "keys_m", q_per_mma=2, stages=2, overlap=True),
+    ),
+    # one consumer warpgroup, N = 4 queries x 64 heads
+    (False, 16, 256, kernel.BlockSizes(16, 64, "keys_m", q_per_mma=4, compute_wgs=1)),
+  ],
+)
+def test_pallas_logits_interpret(causal, t, s, bs):
   q, k, w = _inputs(4, 1, t, s, 64, 128, fake_quant=True)
   got = ops.indexer_logits(
     q,
@@ -70,9 +90,35 @@ def test_pallas_logits_interpret(causal, t, s):
     causal=causal,
     impl="pallas",
     interpret=True,
-    block_sizes=kernel.BlockSizes(block_q=8, block_k=64),
+    block_sizes=bs,
   )
   want = ops.indexer_logits(q, k, w, causal=causal)
+  got, want = np.asarray(got), np.asarray(want)
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  fin = np.isfinite(want)
+  np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_logits_keys_m_race_free_and_matches_heads_m():
+  """The producer/consumer barrier protocol under GPU interpret's race detector, q_offset != S-T,
+  batch 2; outputs equal the heads_m kernel's up to fp32 summation order."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # noqa: PLC0415
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+  q, k, w = _inputs(10, 2, 8, 640, 64, 128, fake_quant=True)
+  args = kernel.prepare_fp8(q, k, w)
+  # 4 live key blocks through 2 slots, then one all -inf block
+  bs = kernel.BlockSizes(8, 128, "keys_m", q_per_mma=4, stages=2, no_auto_barriers=True)
+  got = kernel.logits_fp8(
+    *args,
+    block_sizes=bs,
+    q_offset=400,
+    interpret=plgpu.InterpretGPUParams(detect_races=True),
+  )
+  assert not gpu_callbacks.get_races().races_found
+  want = kernel.logits_fp8(
+    *args, block_sizes=kernel.BlockSizes(8, 64), q_offset=400, interpret=plgpu.InterpretGPUParams()
+  )
   got, want = np.asarray(got), np.asarray(want)
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
   fin = np.isfinite(want)
@@ -98,6 +144,12 @@ def test_validation():
     ops.indexer_logits(q, k, w[:, :, :2])
   with pytest.raises(ValueError, match="block_q"):
     kernel.BlockSizes(block_q=12)
+  with pytest.raises(ValueError, match="variant"):
+    kernel.BlockSizes(variant="rows")
+  with pytest.raises(ValueError, match="q_per_mma"):
+    kernel.BlockSizes(8, 128, "keys_m", q_per_mma=16)
+  with pytest.raises(ValueError, match="regs"):
+    kernel.BlockSizes(16, 128, "keys_m", q_per_mma=4, compute_wgs=1)
 
 
 def _kl_case(seed):
@@ -162,11 +214,12 @@ def _export_cuda(f, *avals):
     )(*avals)
 
 
-def test_export_cuda_logits_real_shape():
+@pytest.mark.parametrize("bs", [None, KEYS_M], ids=["heads_m", "keys_m"])
+def test_export_cuda_logits_real_shape(bs):
   """Mosaic GPU lowering of the FP8 logits kernel: a 2048-query block against 32768 keys."""
   f32 = jnp.float32
   exp = _export_cuda(
-    lambda q, k, w: ops.indexer_logits(q, k, w, impl="pallas"),
+    lambda q, k, w: ops.indexer_logits(q, k, w, impl="pallas", block_sizes=bs),
     jax.ShapeDtypeStruct((1, 2048, 64, 128), f32),
     jax.ShapeDtypeStruct((1, 32768, 128), f32),
     jax.ShapeDtypeStruct((1, 2048, 64), f32),
@@ -201,3 +254,14 @@ def test_gpu_logits_and_topk():
   wi = ops.indexer_topk(q, k, w, topk=2048, block_t=512)
   same = np.mean([a == b for a, b in zip(_sets(gi), _sets(wi))])
   assert same > 0.99, same  # near-ties may flip between fp32 summation orders
+
+
+@pytest.mark.gpu
+def test_gpu_logits_keys_m_matches_heads_m():
+  q, k, w = _inputs(11, 1, 2048, 8192, 64, 128, fake_quant=True)
+  args = jax.jit(kernel.prepare_fp8)(q, k, w)
+  want = np.asarray(kernel.logits_fp8(*args, block_sizes=kernel.BlockSizes()))
+  got = np.asarray(kernel.logits_fp8(*args, block_sizes=KEYS_M))
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  fin = np.isfinite(want)
+  assert rel_err(got[fin], want[fin]) < 1e-5

@@ -79,14 +79,14 @@ def test_pallas_shape_errors():
     ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="triton")
 
 
-def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, variant="mosaic"):
+def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, variant="mosaic", **kw):
   q, kv, idx = _inputs(b, t, h, k_dim, s, k, jnp.bfloat16, seed=seed)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[-1, -1, : min(k, 5)].set(1)  # duplicates
   tol = _testing.tolerances(jnp.bfloat16)
   f = lambda impl: (
     lambda q, kv: ops.sparse_mla(
-      q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, interpret=True, variant=variant
+      q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, interpret=True, variant=variant, **kw
     )
   )
   (o, l), vjp = jax.vjp(f("pallas"), q, kv)
@@ -179,8 +179,8 @@ def test_pallas_gpu_full_shape():
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton-backend kernels (kernel_triton.py): variants "triton_xla_bwd" (the GPU default) and
-# "triton" (Triton backward kernel with dkv atomics).
+# Triton-backend kernels (kernel_triton.py): variants "triton_xla_bwd" (the GPU default),
+# "triton" (Triton backward kernel with dkv atomics) and the other ops.TRITON_VARIANTS backwards.
 
 
 def test_triton_split_dims():
@@ -192,20 +192,46 @@ def test_triton_split_dims():
   with pytest.raises(ValueError, match="variant"):
     q, kv, idx = _inputs(1, 2, 64, 64, 16, 8, jnp.bfloat16)
     ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="pallas", variant="cuda")
+  with pytest.raises(ValueError, match="bwd"):
+    ops.TritonConfig(bwd="cuda")
+  with pytest.raises(ValueError, match="value_split"):
+    kernel_triton.BlockSizes(value_split=3)
 
 
 @pytest.mark.parametrize(
-  "variant", ["triton_xla_bwd", pytest.param("triton", marks=pytest.mark.slow)]
+  "variant",
+  [
+    "triton_xla_bwd",
+    "triton_hybrid_bwd",  # Triton dq + dS/P, Triton dkv (all heads per atomic)
+    "triton_hybrid_xla_bwd",  # Triton dq + dS/P, XLA dkv
+    "triton_xla_fused_bwd",
+    pytest.param("triton", marks=pytest.mark.slow),
+  ],
 )
 def test_triton_interpret_fwd_bwd(variant):
   # ragged k (72 -> padded with invalid slots), k > S, duplicates, H < 64, d_v not a power of 2.
   _check_fwd_bwd(b=2, t=2, h=48, k_dim=96, d_v=80, s=40, k=72, variant=variant)
 
 
-@pytest.mark.slow
-def test_triton_interpret_rope_split():
-  # db > 0 (da = 32 value dims + 64 more logit dims), as V3.2's 512 + 64 split.
-  _check_fwd_bwd(b=1, t=2, h=16, k_dim=96, d_v=32, s=30, k=40, variant="triton")
+@pytest.mark.parametrize(
+  "variant", ["triton_hybrid_bwd", pytest.param("triton", marks=pytest.mark.slow)]
+)
+def test_triton_interpret_rope_split(variant):
+  # db > 0 (da = 32 value dims + 64 more logit dims), as V3.2's 512 + 64 split: the hybrid's dkv
+  # kernel runs its second (rope, dS only) pass.
+  _check_fwd_bwd(b=1, t=2, h=16, k_dim=96, d_v=32, s=30, k=40, variant=variant)
+
+
+def test_triton_interpret_tuning_knobs():
+  """Forward knobs (128 heads a program, split accumulator, prefetched slot ids, sorted slots)
+  and the XLA backward's bf16 dkv-row updates with one-token scan steps."""
+  cfg = ops.TritonConfig(
+    fwd=kernel_triton.BlockSizes(block_h=128, block_k=32, value_split=2, prefetch_idx=True),
+    sort_idx=True,
+    xla_block_t=1,
+    xla_bf16_updates=True,
+  )
+  _check_fwd_bwd(b=2, t=2, h=48, k_dim=96, d_v=80, s=40, k=72, variant=None, triton_config=cfg)
 
 
 @pytest.mark.slow
@@ -228,7 +254,15 @@ def test_triton_bwd_kernel_duplicates_exact():
   assert (np.asarray(dkv[0, 3:], np.float32) == 0).all()  # never selected rows get nothing
 
 
-@pytest.mark.parametrize("variant", ["triton_xla_bwd", "triton"])
+_KNOBS = ops.TritonConfig(
+  fwd=kernel_triton.BlockSizes(block_k=32, num_stages=3, value_split=2, prefetch_idx=True),
+  bwd="hybrid",
+  bwd_bs=kernel_triton.BwdBlockSizes(block_k=32, num_stages=2, col_block=256),
+  dkv_bs=kernel_triton.DkvBlockSizes(col_block=256, num_stages=1),
+)
+
+
+@pytest.mark.parametrize("variant", [*ops.TRITON_VARIANTS, "knobs"])
 def test_triton_cross_lowering_cuda_full_shape(variant):
   """Pallas-Triton lowering of the fwd (+ bwd) at V3.2 shapes (ptxas/SMEM are not checked)."""
   from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
@@ -237,7 +271,8 @@ def test_triton_cross_lowering_cuda_full_shape(variant):
   sds = jax.ShapeDtypeStruct
   q, kv = sds((1, t, h, k_dim), jnp.bfloat16), sds((1, s, k_dim), jnp.bfloat16)
   idx = sds((1, t, k), jnp.int32)
-  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", variant=variant)
+  cfg = _KNOBS if variant == "knobs" else ops.TRITON_VARIANTS[variant]
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", triton_config=cfg)
 
   def fwd_bwd(q, kv, idx, do):
     (_, _), vjp = jax.vjp(lambda q, kv: fwd(q, kv, idx), q, kv)
@@ -253,4 +288,8 @@ def test_triton_cross_lowering_cuda_full_shape(variant):
     )
   mod = exp.mlir_module()
   assert "sparse_mla_fwd_triton" in mod
-  assert ("sparse_mla_bwd_triton" in mod) == (variant == "triton")
+  assert ("sparse_mla_bwd_triton" in mod) == (cfg.bwd == "triton")
+  assert ("sparse_mla_bwd_dq_triton" in mod) == cfg.bwd.startswith("hybrid")
+  assert ("sparse_mla_dkv_triton" in mod) == (cfg.bwd == "hybrid")
+  relaxed = cfg.bwd == "hybrid" or (cfg.bwd == "triton" and cfg.bwd_bs.relaxed_atomics)
+  assert ("atomic_add_relaxed" in mod) == relaxed  # the primitive's name in the kernel's locations

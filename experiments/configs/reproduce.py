@@ -1,0 +1,125 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+r"""Small-scale reproduction of the DSA claim (WORKSPACE.md "Reproduction protocol").
+
+  python -m experiments.reproduce --config=experiments/configs/reproduce.py:size=h200 \
+    --workdir=/tmp/repro --stage=pretrain      # then dense, warmup, sparse, eval, report
+
+size=h200: ~45M-parameter V3.2-shaped model (64x128 FP8 indexer, MoE, MLA), L=16384, top-k=2048
+(= L/8), stages of a few minutes each on one H200. size=cpu: the same pipeline at L=512 (tests).
+"""
+
+import ml_collections
+
+SIZES = {
+  "h200": dict(
+    model=dict(
+      vocab_size=256,
+      dim=512,
+      inter_dim=1536,
+      moe_inter_dim=256,
+      n_layers=6,
+      n_dense_layers=1,
+      n_heads=16,
+      n_routed_experts=8,
+      n_shared_experts=1,
+      n_activated_experts=2,
+      n_expert_groups=4,
+      n_limited_groups=2,
+      q_lora_rank=256,
+      kv_lora_rank=256,
+      qk_nope_head_dim=64,
+      qk_rope_head_dim=32,
+      v_head_dim=64,
+      index_n_heads=64,
+      index_head_dim=128,
+      index_topk=2048,
+      original_seq_len=16384,
+      max_seq_len=16384,
+      param_dtype="float32",
+      compute_dtype="bfloat16",
+      attn_block_q=1024,
+      remat=True,
+      impl="pallas",
+    ),
+    seq_len=16384,
+    batch_size=2,
+    steps=dict(pretrain=300, warmup=30, sparse=120),
+    eval=dict(
+      text_rows=8,
+      passkey_distances=(64, 512, 2048, 4096, 8192, 16000),
+      mqar_distances=(16, 512, 2048, 4096, 8192, 15000),
+      per_distance=8,
+      buckets=(0, 256, 1024, 2048, 4096, 8192, 16384),
+    ),
+  ),
+  "cpu": dict(
+    model=dict(
+      vocab_size=256,
+      dim=64,
+      inter_dim=192,
+      moe_inter_dim=32,
+      n_layers=2,
+      n_dense_layers=1,
+      n_heads=2,
+      n_routed_experts=4,
+      n_shared_experts=1,
+      n_activated_experts=2,
+      n_expert_groups=2,
+      n_limited_groups=1,
+      q_lora_rank=32,
+      kv_lora_rank=32,
+      qk_nope_head_dim=16,
+      qk_rope_head_dim=16,
+      v_head_dim=16,
+      index_n_heads=4,
+      index_head_dim=32,
+      index_topk=64,
+      original_seq_len=512,
+      max_seq_len=512,
+      param_dtype="float32",
+      compute_dtype="float32",
+      attn_block_q=512,
+      remat=False,
+      impl="reference",
+    ),
+    seq_len=512,
+    batch_size=1,
+    steps=dict(pretrain=3, warmup=2, sparse=2),
+    eval=dict(
+      text_rows=1,
+      passkey_distances=(16, 400),
+      mqar_distances=(16, 400),
+      per_distance=1,
+      buckets=(0, 64, 256, 512),
+    ),
+  ),
+}
+
+
+def get_config(arg=None):
+  size = "h200"
+  for kv in (arg or "").split(","):
+    if kv:
+      k, _, v = kv.partition("=")
+      if k != "size":
+        raise ValueError(f"config arg {k!r} unknown; expected size=<{'|'.join(SIZES)}>")
+      size = v
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
+  s = SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.size = size
+  c.model = ml_collections.ConfigDict(s["model"])
+  c.seq_len = s["seq_len"]
+  c.batch_size = s["batch_size"]
+  c.seed = 0
+  # Token budgets: branch A (dense) runs warmup + sparse steps, so both branches see equal tokens.
+  c.steps = ml_collections.ConfigDict(s["steps"])
+  c.lr = ml_collections.ConfigDict(dict(pretrain=3e-3, dense=1e-3, warmup=3e-3, sparse=1e-3))
+  # Training mix: stdlib text with pass-key and MQAR rows (long-range tasks to learn retrieval).
+  c.data = ml_collections.ConfigDict(dict(passkey_share=0.2, mqar_share=0.1, mqar_pairs=16))
+  c.eval = ml_collections.ConfigDict(s["eval"])
+  c.eval.passkey_distances = tuple(c.eval.passkey_distances)
+  c.eval.mqar_distances = tuple(c.eval.mqar_distances)
+  c.eval.buckets = tuple(c.eval.buckets)
+  return c

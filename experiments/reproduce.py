@@ -1,0 +1,303 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+r"""Reproduces the DSA claim at small scale: dense pretrain, then two equal-token branches.
+
+  CFG=experiments/configs/reproduce.py:size=h200; WD=/tmp/repro
+  python -m experiments.reproduce --config=$CFG --workdir=$WD --stage=pretrain  # dense, P steps
+  python -m experiments.reproduce --config=$CFG --workdir=$WD --stage=dense     # A: W+S dense
+  python -m experiments.reproduce --config=$CFG --workdir=$WD --stage=warmup    # B1: W indexer-only
+  python -m experiments.reproduce --config=$CFG --workdir=$WD --stage=sparse    # B2: S sparse
+  python -m experiments.reproduce --config=$CFG --workdir=$WD --stage=eval      # held-out metrics
+  python -m experiments.reproduce --config=$CFG --workdir=$WD --stage=report    # JSON + plots
+
+`--stage=all` runs them in order; every training stage resumes from its own checkpoints, so a
+killed stage re-run continues where it stopped. `report` needs only WD's JSON files (it can run
+on another machine). The protocol and its reasoning are in WORKSPACE.md ("Reproduction").
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from dsa_jax import config as model_config
+from dsa_jax import data, optim, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "experiments/configs/reproduce.py", "reproduction config", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (all stages)", required=True)
+STAGES = ("pretrain", "dense", "warmup", "sparse", "eval", "report")
+_STAGE = flags.DEFINE_enum("stage", "all", STAGES + ("all",), "which stage to run")
+_RESULTS = flags.DEFINE_string(
+  "results", "experiments/results", "where `report` writes reproduction.json and plots"
+)
+
+# stage -> (phase, the stage whose final params it starts from)
+PLAN = {
+  "pretrain": ("dense", None),
+  "dense": ("dense", "pretrain"),
+  "warmup": ("warmup", "pretrain"),
+  "sparse": ("sparse", "warmup"),
+}
+
+
+def stage_steps(c, stage: str) -> int:
+  s = c.steps
+  return {
+    "pretrain": s.pretrain,
+    "dense": s.warmup + s.sparse,  # equal token budget with warm-up + sparse
+    "warmup": s.warmup,
+    "sparse": s.sparse,
+  }[stage]
+
+
+def stage_config(c, stage: str, workdir: str) -> train.TrainConfig:
+  phase, parent = PLAN[stage]
+  steps = stage_steps(c, stage)
+  m = dict(c.model)
+  if jax.default_backend() == "cpu":
+    m["impl"] = "reference"  # the Pallas kernels are GPU/TPU code; CPU runs the references
+  return train.TrainConfig(
+    model=model_config.ModelConfig(**m),
+    phase=train.phase(phase),
+    optim=optim.OptimConfig(
+      lr=c.lr[stage], warmup_steps=max(1, steps // 20), total_steps=steps, min_lr_ratio=0.1
+    ),
+    data=data.DataConfig(
+      source="mixed",
+      seq_len=c.seq_len,
+      batch_size=c.batch_size,
+      seed=c.seed + (0 if stage == "pretrain" else 1),  # branches see data the pretrain did not
+      passkey_share=c.data.passkey_share,
+      mqar_share=c.data.mqar_share,
+      mqar_pairs=c.data.mqar_pairs,
+    ),
+    ckpt=train.CkptConfig(
+      every=max(1, min(100, steps)),
+      keep=2,
+      async_save=False,
+      init_from=os.path.join(workdir, parent) if parent else None,
+    ),
+    steps=steps,
+    seed=c.seed,
+    log_every=max(1, min(10, steps // 4)),
+    eval_batches=2,
+    progress=False,
+  )
+
+
+def run_stage(c, stage: str, workdir: str) -> dict:
+  wd = os.path.join(workdir, stage)
+  t0 = time.perf_counter()
+  r = train.train(stage_config(c, stage, workdir), wd)
+  out = {
+    "stage": stage,
+    "steps": r["step"],
+    "tokens": r["step"] * c.batch_size * c.seq_len,
+    "wall_s": time.perf_counter() - t0,
+    "device": jax.devices()[0].device_kind,
+    "train": r["train"],
+    "eval": r.get("eval", {}),
+  }
+  with open(os.path.join(workdir, f"stage_{stage}.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"[{stage}] {json.dumps({k: out[k] for k in ('steps', 'wall_s')})} {out['train']}")
+  return r
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def position_loss(trainer, state, attention: str, rows: int, seq_len: int, seed: int):
+  """Mean next-token NLL per target position [L-1] on held-out stdlib text rows."""
+  cfg = data.DataConfig(source="text", seq_len=seq_len, batch_size=1, seed=seed)
+
+  @jax.jit
+  def nll(st, toks):
+    logits = trainer.merge(st.params, st.rest)(toks, attention=attention)[0]
+    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return -jnp.take_along_axis(lp, toks[:, 1:, None], axis=-1)[..., 0]
+
+  tot = np.zeros(seq_len - 1)
+  for i in range(rows):
+    b = trainer.put_batch(data.batch(cfg, i, split="eval"))
+    tot += np.asarray(jax.device_get(nll(state, b["tokens"])))[0]
+  return tot / rows
+
+
+def bucketed(per_pos, buckets):
+  """per_pos[t] is the loss of predicting token t+1: bucket by that target position."""
+  pos = np.arange(1, len(per_pos) + 1)
+  out = {}
+  for lo, hi in zip(buckets[:-1], buckets[1:]):
+    sel = (pos >= lo) & (pos < hi)
+    if sel.any():
+      out[f"{lo}-{hi}"] = float(per_pos[sel].mean())
+  return out
+
+
+def mqar_accuracy(trainer, state, attention, seq_len, distances, per_distance):
+  toks, mask, dist = data.mqar_eval_batch(seq_len, distances, per_distance)
+  from dsa_jax import losses  # noqa: PLC0415
+
+  fn = jax.jit(
+    lambda st, t, m: losses.answer_accuracy(
+      trainer.merge(st.params, st.rest)(t, attention=attention)[0], t, m
+    )
+  )
+  share = []
+  for i in range(len(toks)):
+    b = trainer.put_batch({"tokens": toks[i : i + 1], "loss_mask": mask[i : i + 1]})
+    share.append(float(np.asarray(fn(state, b["tokens"], b["loss_mask"])[1])[0]))
+  share = np.asarray(share)
+  return {int(d): float(share[dist == d].mean()) for d in sorted(set(dist.tolist()))}
+
+
+def evaluate(c, workdir: str) -> dict:
+  """Held-out metrics of the pretrained model and both branches' final checkpoints."""
+  out = {}
+  for stage, attention in (("pretrain", "dense"), ("dense", "dense"), ("sparse", "sparse")):
+    cfg = stage_config(c, stage, workdir)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1))
+    t0 = time.perf_counter()
+    r = train.train(cfg, os.path.join(workdir, stage))  # resumes at its last step: no training
+    tr, st = r["_trainer"], r["_state"]
+    e = c.eval
+    per_pos = position_loss(tr, st, attention, e.text_rows, c.seq_len, c.seed)
+    pk = tr.retrieval_accuracy(st, e.passkey_distances, per_distance=e.per_distance)
+    out[stage] = {
+      "attention": attention,
+      "step": r["step"],
+      "loss_mean": float(per_pos.mean()),
+      "loss_by_position": bucketed(per_pos, e.buckets),
+      "passkey_exact": pk["exact"],
+      "passkey_digit": pk["digit"],
+      "mqar": mqar_accuracy(tr, st, attention, c.seq_len, e.mqar_distances, e.per_distance),
+      "indexer_recall_per_layer": r["eval"].get("indexer_recall_per_layer"),
+      "topk_overlap": r["eval"].get("topk_overlap"),
+      "eval_s": time.perf_counter() - t0,
+    }
+    print(f"[eval {stage}] loss {out[stage]['loss_mean']:.4f} {out[stage]['loss_by_position']}")
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  return out
+
+
+# ---------------------------------------------------------------------------------------- report
+def report(c, workdir: str, results_dir: str) -> dict:
+  ev = json.load(open(os.path.join(workdir, "eval.json")))
+  st = {s: json.load(open(os.path.join(workdir, f"stage_{s}.json"))) for s in PLAN}
+  warm_recall = st["warmup"]["eval"].get("indexer_recall_per_layer")
+  tps = {s: st[s]["train"].get("tokens_per_s") for s in PLAN}
+  branch_wall = {
+    "dense": st["dense"]["wall_s"],
+    "dsa": st["warmup"]["wall_s"] + st["sparse"]["wall_s"],
+  }
+  rep = {
+    "suite": "reproduction",
+    "date": time.strftime("%Y-%m-%d"),
+    "device": st["pretrain"]["device"],
+    "commit": os.environ.get("DSA_COMMIT") or _commit(),
+    "command": "python -m experiments.reproduce --config=experiments/configs/reproduce.py:"
+    f"size={c.size} --workdir=WD --stage=<pretrain|dense|warmup|sparse|eval|report>",
+    "config": {
+      "seq_len": c.seq_len,
+      "batch_size": c.batch_size,
+      "index_topk": c.model.index_topk,
+      "steps": dict(c.steps),
+      "lr": dict(c.lr),
+      "tokens": {s: st[s]["tokens"] for s in PLAN},
+    },
+    "eval": ev,
+    "indexer_recall_per_layer": {
+      "before_warmup": ev["dense"]["indexer_recall_per_layer"],
+      "after_warmup": warm_recall,
+      "after_sparse": ev["sparse"]["indexer_recall_per_layer"],
+    },
+    "tokens_per_s": tps,
+    "wall_s": {s: st[s]["wall_s"] for s in PLAN}
+    | {"branch_" + k: v for k, v in branch_wall.items()},
+    "parity": {
+      "loss_delta_dsa_minus_dense": ev["sparse"]["loss_mean"] - ev["dense"]["loss_mean"],
+      "sparse_over_dense_train_tokens_per_s": (tps["sparse"] or 0)
+      / max(tps["dense"] or 1e-9, 1e-9),
+    },
+  }
+  os.makedirs(results_dir, exist_ok=True)
+  with open(os.path.join(results_dir, "reproduction.json"), "w") as f:
+    json.dump(rep, f, indent=1)
+  _plots(rep, os.path.join(results_dir, "reproduction.png"))
+  return rep
+
+
+def _commit():
+  from experiments import bench_common  # noqa: PLC0415
+
+  return bench_common.commit()
+
+
+def _plots(rep, path):
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib not installed: no plot")
+    return
+  ev = rep["eval"]
+  fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+  names = {"pretrain": "pretrained (start)", "dense": "A: dense", "sparse": "B: DSA"}
+  for s, lab in names.items():
+    lb = ev[s]["loss_by_position"]
+    ax[0].plot(range(len(lb)), list(lb.values()), "o-", label=lab)
+  ax[0].set_xticks(range(len(lb)), list(lb), rotation=30, fontsize=7)
+  ax[0].set_title("held-out loss by token position")
+  ax[0].legend(fontsize=7)
+  for s in ("dense", "sparse"):
+    for key, ls in (("passkey_digit", "-"), ("mqar", "--")):
+      acc = ev[s][key]
+      ax[1].plot([int(d) for d in acc], list(acc.values()), "o" + ls, label=f"{names[s]} {key}")
+  ax[1].set_xscale("symlog")
+  ax[1].set_ylim(0, 1.02)
+  ax[1].set_title("retrieval accuracy vs distance")
+  ax[1].legend(fontsize=6)
+  for k, v in rep["indexer_recall_per_layer"].items():
+    if v is not None:
+      ax[2].plot(range(len(v)), v, "o-", label=k)
+  ax[2].set_ylim(0, 1.02)
+  ax[2].set_title(f"indexer recall of dense attention (top-{rep['config']['index_topk']})")
+  ax[2].set_xlabel("layer")
+  ax[2].legend(fontsize=7)
+  tps = rep["tokens_per_s"]
+  cfgs = rep["config"]
+  ms = {s: 1e3 * cfgs["batch_size"] * cfgs["seq_len"] / v for s, v in tps.items() if v}
+  ax[3].bar(list(ms), list(ms.values()), color=["C0", "C0", "C2", "C1"][: len(ms)])
+  ax[3].set_title(f"ms per training step (L={cfgs['seq_len']})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f"plots: {path}")
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  wd = os.path.abspath(_WORKDIR.value)
+  os.makedirs(wd, exist_ok=True)
+  stages = STAGES if _STAGE.value == "all" else (_STAGE.value,)
+  for s in stages:
+    if s in PLAN:
+      run_stage(c, s, wd)
+    elif s == "eval":
+      evaluate(c, wd)
+    else:
+      rep = report(c, wd, _RESULTS.value)
+      print(json.dumps(rep["parity"]))
+
+
+if __name__ == "__main__":
+  app.run(main)
