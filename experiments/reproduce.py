@@ -14,7 +14,6 @@ killed stage re-run continues where it stopped. `report` needs only WD's JSON fi
 on another machine). The protocol and its reasoning are in WORKSPACE.md ("Reproduction").
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from dsa_jax import config as model_config
@@ -112,21 +112,34 @@ def run_stage(c, stage: str, workdir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def position_loss(trainer, state, attention: str, rows: int, seq_len: int, seed: int):
-  """Mean next-token NLL per target position [L-1] on held-out stdlib text rows."""
-  cfg = data.DataConfig(source="text", seq_len=seq_len, batch_size=1, seed=seed)
+_FWD = {}
 
-  @jax.jit
-  def nll(st, toks):
-    logits = trainer.merge(st.params, st.rest)(toks, attention=attention)[0]
-    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return -jnp.take_along_axis(lp, toks[:, 1:, None], axis=-1)[..., 0]
 
-  tot = np.zeros(seq_len - 1)
-  for i in range(rows):
-    b = trainer.put_batch(data.batch(cfg, i, split="eval"))
-    tot += np.asarray(jax.device_get(nll(state, b["tokens"])))[0]
-  return tot / rows
+def forward_fn(m, attention: str):
+  """(state, tokens [1,L]) -> logits, jitted once per (model config, attention): the three
+  evaluated checkpoints share the compile."""
+  key = (m.cfg, attention)
+  if key not in _FWD:
+    graphdef = nnx.graphdef(m)
+    _FWD[key] = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t, attention=attention)[0])
+  return _FWD[key]
+
+
+def logits_of(m, attention, toks):
+  fn = forward_fn(m, attention)
+  st = nnx.state(m)
+  return np.stack([np.asarray(fn(st, jnp.asarray(t[None])))[0] for t in toks])
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def position_loss(logits, toks):
+  """Mean next-token NLL per target position [L-1] (index t: the loss of token t+1)."""
+  lp = _log_softmax(logits[:, :-1])
+  return -np.take_along_axis(lp, toks[:, 1:, None], axis=-1)[..., 0].mean(0)
 
 
 def bucketed(per_pos, buckets):
@@ -140,45 +153,49 @@ def bucketed(per_pos, buckets):
   return out
 
 
-def mqar_accuracy(trainer, state, attention, seq_len, distances, per_distance):
-  toks, mask, dist = data.mqar_eval_batch(seq_len, distances, per_distance)
-  from dsa_jax import losses  # noqa: PLC0415
-
-  fn = jax.jit(
-    lambda st, t, m: losses.answer_accuracy(
-      trainer.merge(st.params, st.rest)(t, attention=attention)[0], t, m
-    )
+def answer_accuracy(logits, toks, mask, dist):
+  """Teacher-forced argmax on the answer tokens: (share right, all right) by distance."""
+  hit = logits[:, :-1].argmax(-1) == toks[:, 1:]
+  m = mask[:, 1:] > 0
+  share = (hit & m).sum(-1) / np.maximum(m.sum(-1), 1)
+  exact = np.all(hit | ~m, axis=-1)
+  ds = sorted(set(dist.tolist()))
+  return (
+    {int(d): float(share[dist == d].mean()) for d in ds},
+    {int(d): float(exact[dist == d].mean()) for d in ds},
   )
-  share = []
-  for i in range(len(toks)):
-    b = trainer.put_batch({"tokens": toks[i : i + 1], "loss_mask": mask[i : i + 1]})
-    share.append(float(np.asarray(fn(state, b["tokens"], b["loss_mask"])[1])[0]))
-  share = np.asarray(share)
-  return {int(d): float(share[dist == d].mean()) for d in sorted(set(dist.tolist()))}
 
 
 def evaluate(c, workdir: str) -> dict:
   """Held-out metrics of the pretrained model and both branches' final checkpoints."""
+  e = c.eval
+  text = data.batch(
+    data.DataConfig(source="text", seq_len=c.seq_len, batch_size=e.text_rows, seed=c.seed),
+    0,
+    split="eval",
+  )["tokens"]
+  pk = data.passkey_eval_batch(c.seq_len, e.passkey_distances, e.per_distance)
+  mq = data.mqar_eval_batch(c.seq_len, e.mqar_distances, e.per_distance)
   out = {}
   for stage, attention in (("pretrain", "dense"), ("dense", "dense"), ("sparse", "sparse")):
-    cfg = stage_config(c, stage, workdir)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1))
     t0 = time.perf_counter()
-    r = train.train(cfg, os.path.join(workdir, stage))  # resumes at its last step: no training
-    tr, st = r["_trainer"], r["_state"]
-    e = c.eval
-    per_pos = position_loss(tr, st, attention, e.text_rows, c.seq_len, c.seed)
-    pk = tr.retrieval_accuracy(st, e.passkey_distances, per_distance=e.per_distance)
+    cfg = stage_config(c, stage, workdir)
+    m = train.load_init_params(os.path.join(workdir, stage), cfg.model)
+    per_pos = position_loss(logits_of(m, attention, text), text)
+    pk_digit, pk_exact = answer_accuracy(logits_of(m, attention, pk[0]), *pk)
+    mq_share, _ = answer_accuracy(logits_of(m, attention, mq[0]), *mq)
+    with open(os.path.join(workdir, f"stage_{stage}.json")) as f:
+      st = json.load(f)
     out[stage] = {
       "attention": attention,
-      "step": r["step"],
+      "step": st["steps"],
       "loss_mean": float(per_pos.mean()),
       "loss_by_position": bucketed(per_pos, e.buckets),
-      "passkey_exact": pk["exact"],
-      "passkey_digit": pk["digit"],
-      "mqar": mqar_accuracy(tr, st, attention, c.seq_len, e.mqar_distances, e.per_distance),
-      "indexer_recall_per_layer": r["eval"].get("indexer_recall_per_layer"),
-      "topk_overlap": r["eval"].get("topk_overlap"),
+      "passkey_exact": pk_exact,
+      "passkey_digit": pk_digit,
+      "mqar": mq_share,
+      "indexer_recall_per_layer": st["eval"].get("indexer_recall_per_layer"),
+      "topk_overlap": st["eval"].get("topk_overlap"),
       "eval_s": time.perf_counter() - t0,
     }
     print(f"[eval {stage}] loss {out[stage]['loss_mean']:.4f} {out[stage]['loss_by_position']}")

@@ -44,7 +44,15 @@ class TritonConfig:
 TRITON_VARIANTS = {
   "triton": TritonConfig(bwd="triton"),
   "triton_xla_bwd": TritonConfig(),
-  "triton_xla_fused_bwd": TritonConfig(bwd="xla_fused"),
+  # Fastest measured on H200 (sweep 2026-11-29, experiments/results/sweep_sparse_mla.json):
+  # forward with the accumulator in 4 column tiles and 3 stages (236 vs 213 TFLOP/s), backward
+  # with fused matmuls, 128-token scan steps and bf16 dkv rows (145 vs 101 TFLOP/s).
+  "triton_xla_fused_bwd": TritonConfig(
+    fwd=kernel_triton.BlockSizes(value_split=4, num_stages=3),
+    bwd="xla_fused",
+    xla_block_t=128,
+    xla_bf16_updates=True,
+  ),
   "triton_relaxed_bwd": TritonConfig(
     bwd="triton", bwd_bs=kernel_triton.BwdBlockSizes(relaxed_atomics=True)
   ),
@@ -52,8 +60,7 @@ TRITON_VARIANTS = {
   "triton_hybrid_xla_bwd": TritonConfig(bwd="hybrid_xla", xla_block_t=256),
 }
 GPU_VARIANTS = (*TRITON_VARIANTS, "mosaic")
-# Fastest measured on H200 (notes/sparse_mla2.md): Triton fwd 2.2x XLA; XLA bwd 2.4x the Triton one.
-GPU_DEFAULT_VARIANT = "triton_xla_bwd"
+GPU_DEFAULT_VARIANT = "triton_xla_fused_bwd"
 
 
 def _check(q, kv, idx, d_v):

@@ -179,7 +179,7 @@ def test_pallas_gpu_full_shape():
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton-backend kernels (kernel_triton.py): variants "triton_xla_bwd" (the GPU default),
+# Triton-backend kernels (kernel_triton.py): variants "triton_xla_bwd",
 # "triton" (Triton backward kernel with dkv atomics) and the other ops.TRITON_VARIANTS backwards.
 
 
