@@ -87,7 +87,9 @@ def stage_config(c, stage: str, workdir: str) -> train.TrainConfig:
     steps=steps,
     seed=c.seed,
     log_every=max(1, min(10, steps // 4)),
-    eval_batches=2,
+    eval_batches=1,
+    # the pretrain's indexer is untrained: its recall is measured once, on branch A (same params)
+    eval_metrics=stage != "pretrain",
     progress=False,
   )
 

@@ -322,8 +322,9 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
         r = jnp.maximum(z, 0.0) * jax.lax.broadcast_in_dim(wv, (mk, n), [1])
         for i in range(nq):
           v = jnp.sum(r[:, i * j : (i + 1) * j], axis=1) * ksv
-          if causal:
-            v = jnp.where(kpos <= off + q0 + g * nq + i, v, -jnp.inf)
+          # the select also pins v's layout: without it Mosaic's layout inference fails (H200)
+          lim = off + q0 + g * nq + i if causal else jnp.int32(2**30)
+          v = jnp.where(kpos <= lim, v, -jnp.inf)
           o_smem[wg, oslot, g * nq + i] = v
 
       def kv_step(kb, carry):
