@@ -31,6 +31,9 @@ def rel_err(out, ref) -> float:
 
 
 def commit() -> str:
+  """DSA_COMMIT when set (a device copy's git metadata can be stale), else git's HEAD."""
+  if os.environ.get("DSA_COMMIT"):
+    return os.environ["DSA_COMMIT"]
   try:
     return subprocess.run(
       ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True

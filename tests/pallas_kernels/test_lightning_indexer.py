@@ -227,6 +227,21 @@ def test_export_cuda_logits_real_shape(bs):
   assert exp.out_avals[0].shape == (1, 2048, 32768)
 
 
+def test_export_cuda_logits_keys_m_noncausal():
+  """keys_m with causal=False (the bucketed top-k's call) lowers: on the H200 it once failed
+  Mosaic layout inference while the causal case lowered."""
+  f32 = jnp.float32
+  exp = _export_cuda(
+    lambda q, k, w: ops.indexer_logits(
+      q, k, w, impl="pallas", causal=False, block_sizes=kernel.BlockSizes.default_for(1024, 4096)
+    ),
+    jax.ShapeDtypeStruct((1, 1024, 64, 128), f32),
+    jax.ShapeDtypeStruct((1, 4096, 128), f32),
+    jax.ShapeDtypeStruct((1, 1024, 64), f32),
+  )
+  assert exp.out_avals[0].shape == (1, 1024, 4096)
+
+
 @pytest.mark.slow
 def test_export_cuda_topk_real_shape():
   """Fused indexer top-k at L=32768, J=64, D=128, k=2048 lowers for cuda."""
