@@ -20,10 +20,27 @@ ARGS = {
   "dsa": ["phase=warmup,size=test", "phase=sparse,size=test"],
   "dense_baseline": ["size=test"],
 }
+# configs of multi-stage pipelines, not of one train run: their own tests run them
+PIPELINES = {"reproduce": "tests/experiments/test_reproduce.py"}
 
 
 def test_every_config_file_is_covered():
-  assert set(FILES) == set(ARGS), FILES
+  assert set(FILES) == set(ARGS) | set(PIPELINES), FILES
+
+
+@pytest.mark.parametrize("size", ["h200", "cpu"])
+def test_reproduce_config_sizes_are_valid(size):
+  from dsa_jax import config as model_config  # noqa: PLC0415
+  from experiments.configs import reproduce  # noqa: PLC0415
+
+  c = reproduce.get_config(f"size={size}")
+  m = model_config.ModelConfig(**dict(c.model))  # validates every field
+  assert c.seq_len <= m.max_seq_len and m.index_topk <= c.seq_len // 8  # the protocol's k <= L/8
+  assert c.eval.buckets[-1] >= c.seq_len and max(c.eval.passkey_distances) < c.seq_len
+  with pytest.raises(ValueError, match="size"):
+    reproduce.get_config("size=huge")
+  with pytest.raises(ValueError, match="unknown"):
+    reproduce.get_config("sise=cpu")
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n in sorted(ARGS) for a in ARGS[n]])
