@@ -104,6 +104,8 @@ def run_stage(c, stage: str, workdir: str) -> dict:
     "tokens": r["step"] * c.batch_size * c.seq_len,
     "wall_s": time.perf_counter() - t0,
     "device": jax.devices()[0].device_kind,
+    "commit": _commit(),
+    "date": time.strftime("%Y-%m-%d"),
     "train": r["train"],
     "eval": r.get("eval", {}),
   }
@@ -201,6 +203,9 @@ def evaluate(c, workdir: str) -> dict:
       "eval_s": time.perf_counter() - t0,
     }
     print(f"[eval {stage}] loss {out[stage]['loss_mean']:.4f} {out[stage]['loss_by_position']}")
+  out["device"] = jax.devices()[0].device_kind
+  out["commit"] = _commit()
+  out["date"] = time.strftime("%Y-%m-%d")
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(out, f, indent=1)
   return out
@@ -220,7 +225,7 @@ def report(c, workdir: str, results_dir: str) -> dict:
     "suite": "reproduction",
     "date": time.strftime("%Y-%m-%d"),
     "device": st["pretrain"]["device"],
-    "commit": os.environ.get("DSA_COMMIT") or _commit(),
+    "commit": _commit(),
     "command": "python -m experiments.reproduce --config=experiments/configs/reproduce.py:"
     f"size={c.size} --workdir=WD --stage=<pretrain|dense|warmup|sparse|eval|report>",
     "config": {

@@ -67,6 +67,9 @@ def test_reproduce_all_stages_cpu(tmp_path):
     assert len(r) == 2 and all(0.0 <= x <= 1.0 + 1e-6 for x in r)
   assert all(v > 0 for v in rep["tokens_per_s"].values())
   assert (res / "reproduction.png").exists()
+  for name in ("stage_pretrain", "stage_dense", "stage_warmup", "stage_sparse", "eval"):
+    meta = json.loads((wd / f"{name}.json").read_text())
+    assert meta["device"] and meta["commit"] and meta["date"], name  # every result says its origin
   # a finished stage re-run resumes at its last step and trains nothing more
   again = subprocess.run(
     [
