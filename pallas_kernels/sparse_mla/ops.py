@@ -44,13 +44,14 @@ class TritonConfig:
 TRITON_VARIANTS = {
   "triton": TritonConfig(bwd="triton"),
   "triton_xla_bwd": TritonConfig(),
-  # Fastest measured on H200 (sweep 2026-11-29, experiments/results/sweep_sparse_mla.json):
+  # Fastest measured on H200 (sweeps 2026-11-29, experiments/results/sweep_sparse_mla*.json):
   # forward with the accumulator in 4 column tiles and 3 stages (236 vs 213 TFLOP/s), backward
-  # with fused matmuls, 128-token scan steps and bf16 dkv rows (145 vs 101 TFLOP/s).
+  # with fused matmuls, bf16 dkv rows and 512-token scan steps (151; 128-token steps 146, the
+  # unfused 64-token backward 101). A 512-token step holds ~1.2 GB of gathered rows per batch row.
   "triton_xla_fused_bwd": TritonConfig(
     fwd=kernel_triton.BlockSizes(value_split=4, num_stages=3),
     bwd="xla_fused",
-    xla_block_t=128,
+    xla_block_t=512,
     xla_bf16_updates=True,
   ),
   "triton_relaxed_bwd": TritonConfig(

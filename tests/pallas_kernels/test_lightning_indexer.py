@@ -265,10 +265,17 @@ def test_gpu_logits_and_topk():
   # Hopper's fp8 wgmma accumulates with ~14 mantissa bits (DeepSeek-V3 report): rel_err 1.3e-4
   # measured on H200 against an fp32 "highest" reference, so 1e-5 is out of reach on hardware.
   assert rel_err(np.asarray(got)[fin], np.asarray(want)[fin]) < 5e-4
-  gi = ops.indexer_topk(q, k, w, topk=2048, impl="pallas", block_t=2048)
-  wi = ops.indexer_topk(q, k, w, topk=2048, block_t=512)
-  same = np.mean([a == b for a, b in zip(_sets(gi), _sets(wi))])
-  assert same > 0.99, same  # near-ties may flip between fp32 summation orders
+  gi = _sets(ops.indexer_topk(q, k, w, topk=2048, impl="pallas", block_t=2048))
+  # The selection is exact: the fused path's sets are lax.top_k's over the kernel's own logits.
+  vals, own = jax.lax.top_k(got, 2048)
+  own = _sets(jnp.where(jnp.isfinite(vals), own, -1))
+  assert gi == own, np.mean([a == b for a, b in zip(gi, own)])
+  # Against the fp32 reference only the boundary can differ: fp8 wgmma's ~1e-4 logit error is
+  # comparable to the gap between the 2048th and 2049th score of 8192, so on H200 17% of rows
+  # swap one or two boundary keys (measured 2026-11-29); the sets must still overlap ~fully.
+  wi = _sets(ops.indexer_topk(q, k, w, topk=2048, block_t=512))
+  overlap = np.mean([len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(gi, wi)])
+  assert overlap > 0.999, overlap
 
 
 @pytest.mark.gpu

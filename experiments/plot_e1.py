@@ -1,0 +1,66 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Plot of E1 (one DSA layer fwd+bwd vs cuDNN dense MHA) from a bench result file.
+
+  python -m experiments.plot_e1 [--json=experiments/results/e1.json] [--out=...e1.png]
+
+Per length, the last row of the file wins (a later run at the same length supersedes).
+"""
+
+import json
+
+from absl import app, flags
+
+_JSON = flags.DEFINE_string("json", "experiments/results/e1.json", "bench result file with E1 rows")
+_OUT = flags.DEFINE_string("out", "experiments/results/e1.png", "PNG to write")
+
+
+def e1_points(results: list[dict]) -> dict[int, tuple[float, float]]:
+  """{seq_len: (ours_ms, dense_ms)} from E1 rows that have both times; later rows win."""
+  pts = {}
+  for r in results:
+    if r.get("suite") != "E1" or "baseline" not in r:
+      continue
+    t, td = r.get("time_ms"), r["baseline"].get("time_ms")
+    if t is None or td is None or t != t:  # NaN = a length that did not fit
+      continue
+    pts[int(r["shape"]["seq_len"])] = (float(t), float(td))
+  if not pts:
+    raise ValueError("no E1 rows with both times in the result file")
+  return dict(sorted(pts.items()))
+
+
+def main(argv):
+  del argv
+  with open(_JSON.value) as f:
+    data = json.load(f)
+  pts = e1_points(data["results"])
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  ls = list(pts)
+  ours = [pts[x][0] for x in ls]
+  dense = [pts[x][1] for x in ls]
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  a.loglog(ls, ours, "o-", label="DSA layer (indexer + top-k + sparse MLA + indexer KL)")
+  a.loglog(ls, dense, "s-", label="cuDNN causal MHA (h=128, d_qk=192)")
+  a.set_xlabel("sequence length L")
+  a.set_ylabel("fwd+bwd time (ms)")
+  a.set_xticks(ls, [f"{x // 1024}K" for x in ls])
+  a.legend(fontsize=7)
+  b.semilogx(ls, [d / o for o, d in zip(ours, dense)], "o-")
+  b.axhline(1.0, color="gray", lw=0.8)
+  b.set_xticks(ls, [f"{x // 1024}K" for x in ls])
+  b.set_xlabel("sequence length L")
+  b.set_ylabel("speed-up vs dense (dense / DSA)")
+  r0 = data["results"][-1]
+  fig.suptitle(f"E1 one DSA layer vs dense, {r0.get('device')} {r0.get('date')}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(_OUT.value, dpi=120)
+  for x in ls:
+    print(f"L={x}: DSA {pts[x][0]:.1f} ms, dense {pts[x][1]:.1f} ms, {pts[x][1] / pts[x][0]:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,36 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""plot_e1 reads E1 rows: later rows win per length, failed lengths are skipped, none is an error."""
+
+import json
+import pathlib
+
+import pytest
+
+from experiments import plot_e1
+
+RESULTS = pathlib.Path(__file__).parents[2] / "experiments" / "results" / "e1.json"
+
+
+def _row(l, t, td, suite="E1"):
+  return {"suite": suite, "shape": {"seq_len": l}, "time_ms": t, "baseline": {"time_ms": td}}
+
+
+def test_points_later_rows_win_and_failures_skipped():
+  rows = [
+    _row(16384, 300.0, 130.0),
+    _row(8192, 150.0, 31.0),
+    _row(16384, 290.0, 129.0),  # a later run at the same length
+    {"suite": "E1", "shape": {"seq_len": 32768}, "time_ms": float("nan"), "error": "OOM"},
+    _row(4096, 1.0, 2.0, suite="I1"),
+  ]
+  assert plot_e1.e1_points(rows) == {8192: (150.0, 31.0), 16384: (290.0, 129.0)}
+
+
+def test_no_rows_is_an_error():
+  with pytest.raises(ValueError, match="no E1 rows"):
+    plot_e1.e1_points([_row(4096, 1.0, 2.0, suite="T1")])
+
+
+def test_committed_results_parse():
+  pts = plot_e1.e1_points(json.loads(RESULTS.read_text())["results"])
+  assert 131072 in pts and all(t > 0 and td > 0 for t, td in pts.values())
