@@ -188,7 +188,7 @@ def suite_e1(small: bool):
           qi, ki, wi, topk=topk, impl="pallas", interpret=interp, block_t=bt
         )
         out, lse = mla.sparse_mla(q, kv, idx, scale=scale, d_v=dv, impl=impl)
-        p = mla.sparse_mla_probs(q, kv, idx, lse, scale=scale)
+        p = mla.sparse_mla_probs(q, kv, idx, lse, scale=scale, impl=impl)
         kl = li_ops.sparse_kl(qi, ki, wi, idx, p, impl="pallas")
         return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(kl)
 
