@@ -11,7 +11,8 @@ T1: radix-select kernel on causal [L, L] f32 scores, k=2048, vs lax.top_k (a ful
     is the same kernel without lengths (scans every column, -inf masked).
 E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if it runs, else
     the reference; the row says which) + sparse indexer KL, vs cuDNN causal MHA (h=128,
-    d_qk=192, V padded to 192) fwd+bwd.
+    d_qk=192, V padded to 192) fwd+bwd. E1_LENGTHS=32768,65536 picks lengths; E1_PARTS=1 adds
+    each part's time alone (`parts_ms`: indexer+top-k, sparse MLA fwd and fwd+bwd, probs, KL).
 """
 
 import json
@@ -153,6 +154,44 @@ def _mla_impl(small):
     return "reference"
 
 
+def _e1_parts(q, kv, qi, ki, wi, do, topk, scale, dv, impl, interp, bt):
+  """Each part of the E1 layer alone (ms), to show where the time goes. The parts overlap the
+  whole only roughly: XLA schedules them together in the full layer."""
+  from pallas_kernels.sparse_mla import ops as mla  # noqa: PLC0415
+
+  sel = jax.jit(
+    lambda qi, ki, wi: li_ops.indexer_topk(
+      qi, ki, wi, topk=topk, impl="pallas", interpret=interp, block_t=bt
+    )
+  )
+  idx = sel(qi, ki, wi)
+  fwd = jax.jit(lambda q, kv, idx: mla.sparse_mla(q, kv, idx, scale=scale, d_v=dv, impl=impl))
+  lse = fwd(q, kv, idx)[1]
+
+  def attn_loss(q, kv, idx, do):
+    out = mla.sparse_mla(q, kv, idx, scale=scale, d_v=dv, impl=impl)[0]
+    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+  probs = jax.jit(
+    lambda q, kv, idx, lse: mla.sparse_mla_probs(q, kv, idx, lse, scale=scale, impl=impl)
+  )
+  p = probs(q, kv, idx, lse)
+  kl = jax.jit(
+    jax.grad(
+      lambda qi, ki, wi, idx, p: jnp.sum(li_ops.sparse_kl(qi, ki, wi, idx, p, impl="pallas")),
+      (0, 1, 2),
+    )
+  )
+  timed = {
+    "indexer_topk": (sel, (qi, ki, wi)),
+    "sparse_mla_fwd": (fwd, (q, kv, idx)),
+    "sparse_mla_fwd_bwd": (jax.jit(jax.grad(attn_loss, (0, 1))), (q, kv, idx, do)),
+    "probs": (probs, (q, kv, idx, lse)),
+    "sparse_kl_fwd_bwd": (kl, (qi, ki, wi, idx, p)),
+  }
+  return {name: bc.time_fn(f, *args, warmup=1, iters=3) for name, (f, args) in timed.items()}
+
+
 def suite_e1(small: bool):
   from pallas_kernels.sparse_mla import ops as mla  # noqa: PLC0415
 
@@ -168,6 +207,7 @@ def suite_e1(small: bool):
   hd, dqk_mha = (8, 64) if small else (128, 192)
   impl = _mla_impl(small)
   interp = _interp(small)
+  want_parts = small or bool(os.environ.get("E1_PARTS"))  # E1_PARTS=1: per-part times too
   rows = []
   scale = 0.1352
   for l in ls:
@@ -194,6 +234,9 @@ def suite_e1(small: bool):
 
       ours = jax.jit(jax.grad(layer, (0, 1, 2, 3, 4)))
       t = bc.time_fn(ours, q, kv, qi, ki, wi, do, warmup=1, iters=3)
+      parts = (
+        _e1_parts(q, kv, qi, ki, wi, do, topk, scale, dv, impl, interp, bt) if want_parts else None
+      )
       del q, kv
       qm = _rand(26, (1, l, hd, dqk_mha), jnp.bfloat16)
       km = _rand(27, (1, l, hd, dqk_mha), jnp.bfloat16)
@@ -220,6 +263,7 @@ def suite_e1(small: bool):
           t,
           None,
           sparse_mla_impl=impl,
+          **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},
         )
       )
