@@ -23,8 +23,9 @@ class TritonConfig:
   logits and dP in one matmul and the dkv rows in one), "triton" (head-block kernel with dkv
   atomics), "hybrid" (Triton dq + dS/P kernel, then the Triton dkv kernel: one atomic per slot and
   column over all heads), "hybrid_xla" (Triton dq + dS/P kernel, dkv by XLA matmul + scatter-add).
-  xla_block_t: query tokens per scan step of the XLA backward parts; xla_bf16_updates: dkv rows
-  rounded to bf16 before the f32 scatter-add (half the scatter's update traffic).
+  xla_block_t: query tokens per scan step of the XLA backward parts (summed over the batch in
+  the blocked backward); xla_bf16_updates: dkv rows rounded to bf16 before the f32 scatter-add
+  (half the scatter's update traffic).
   sort_idx: sort each token's slots (same result; gathers walk kv in address order).
   """
 
@@ -398,7 +399,9 @@ def _sparse_mla_triton_bwd(scale, d_v, interpret, cfg, res, cts):
       d_lse,
       scale=scale,
       d_v=d_v,
-      block_t=cfg.xla_block_t,
+      # Scan steps cover xla_block_t tokens summed over the batch (the gathered rows of one
+      # step scale with b * block_t), so a larger batch takes shorter steps, not more memory.
+      block_t=max(1, cfg.xla_block_t // q.shape[0]),
       update_dtype=jnp.bfloat16 if cfg.xla_bf16_updates else None,
       fused=cfg.bwd == "xla_fused",
     )
