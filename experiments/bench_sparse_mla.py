@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_common
-from pallas_kernels.sparse_mla import kernel, kernel_triton, ops
+from pallas_kernels.sparse_mla import kernel, ops
 
 SCALE = 576**-0.5
 _FULL = {
@@ -70,25 +70,26 @@ def _fwd_variants(suite, shp, q, kv, idx, ro, tf):
     print(suite, name, res[name], flush=True)
 
   op = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
-  add("mosaic", jax.jit(functools.partial(op, variant="mosaic")))
+  ws = kernel.WsBlockSizes
+  ws_cases = {
+    "mosaic_ws": ws(),
+    "mosaic_ws_copy2": ws(copy_wgs=2),
+    "mosaic_ws_noab": ws(no_auto_barriers=True),
+    "mosaic_ws_copy2_noab": ws(copy_wgs=2, no_auto_barriers=True),
+    "mosaic_ws_idx_gmem": ws(idx_in_smem=False),
+  }
   if suite != "S1":
-    return res
-  for probe in ("probe_one_copy", "probe_no_math"):  # Mosaic time breakdown (wrong results)
-
-    def mosaic_probe(q, kv, idx, probe=probe):
-      qf, kvf, gidx = ops._triton_flat(q, kv, idx, d_v, 64, 64)[:3]
-      bs = kernel.BlockSizes(64, 256, **{probe: True})
-      return kernel.sparse_mla_fwd_flat(qf, kvf, gidx, scale=SCALE, n_v=2, bs=bs)
-
-    add(f"mosaic_{probe}", jax.jit(mosaic_probe), check=False)
-  for bk, ns, nw in ((64, 2, 8), (32, 3, 8), (32, 2, 8), (32, 4, 8), (64, 1, 8)):
-
-    def tri(q, kv, idx, bs=kernel_triton.BlockSizes(64, bk, nw, ns)):
-      qf, kvf, gidx, da, db, _ = ops._triton_flat(q, kv, idx, d_v, bs.block_h, bs.block_k)
-      o, lse = kernel_triton.sparse_mla_fwd_triton(qf, kvf, gidx, scale=SCALE, da=da, db=db, bs=bs)
-      return o[:, :, :d_v].reshape(ro.shape), lse
-
-    add(f"triton_bk{bk}_ns{ns}_nw{nw}", jax.jit(tri))
+    ws_cases = {"mosaic_ws": ws()}
+  for name, cfg in ws_cases.items():
+    add(name, jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg)))
+  if suite == "S1":  # time breakdown (wrong results): copies and relayouts only
+    cfg = ws(probe_no_math=True)
+    add(
+      "mosaic_ws_probe_no_math",
+      jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg)),
+      check=False,
+    )
+  add("mosaic", jax.jit(functools.partial(op, variant="mosaic")))
   return res
 
 

@@ -203,3 +203,252 @@ def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, i
     interpret=interpret,
   )
   return kern(q, kv, idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warp-specialised forward (the product path of the sparse MLA issue; layout as above, no value
+# split across CTAs).
+#
+# One CTA = one token x 64 heads, 2 + copy_wgs warpgroups (WG):
+#   copy WGs    issue the 64 one-row TMA copies of the next chunk into the untiled stage as soon as
+#               the stage has been drained, reading the slot ids from SMEM (one TMA of the
+#               token's idx row at the start);
+#   compute WGs each re-lay out half of the stage's 64-column tiles into the swizzled operand,
+#               then each computes the whole 64 x 64 logits tile (duplicated: splitting it would
+#               need a cross-WG softmax exchange) and its own half of the value columns of P·V,
+#               so a token's rows are gathered once per 64 heads (the old kernel: once per
+#               64 heads x 256 value columns) and each WG holds a 64 x 256 f32 accumulator.
+# SMEM: q 72 KiB + stage 72 KiB + operand 72 KiB + the idx row (8 KiB at k = 2048) of 227 KiB.
+# The q tile is reused for the output once both WGs have finished their last logits.
+
+
+@dataclasses.dataclass(frozen=True)
+class WsBlockSizes:
+  """copy_wgs: warpgroups issuing the row copies (1 or 2; each issues 64 / copy_wgs per chunk).
+  idx_in_smem: stage the token's slot ids in SMEM (else scalar reads from GMEM).
+  no_auto_barriers: plgpu's unsafe_no_auto_barriers (drops the warpgroup barrier Pallas puts
+  around every copy and SMEM store; the kernel orders its SMEM traffic with mbarriers).
+  probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
+  """
+
+  copy_wgs: int = 1
+  idx_in_smem: bool = True
+  no_auto_barriers: bool = False
+  probe_no_math: bool = False
+
+  def __post_init__(self):
+    if self.copy_wgs not in (1, 2):
+      raise ValueError(f"copy_wgs={self.copy_wgs} must be 1 or 2")
+
+
+WS_BLOCK_K = 64
+_SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
+
+
+def ws_smem_bytes(kp_dim: int, kp: int, itemsize: int, idx_in_smem: bool) -> int:
+  """SMEM the warp-specialised forward asks for (the three 64-row tiles, idx row, lse)."""
+  return 3 * 64 * kp_dim * itemsize + (4 * kp if idx_in_smem else 0) + 4 * HEAD_BLOCK + 64
+
+
+def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes, interpret=False):
+  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
+
+  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0 and d_out <= Kp. The SMEM
+  tiles are stored as [Kp/64, 64, 64] column tiles (each contiguous: TMA copies of q and of the
+  output go tile by tile, and a WG's value columns are whole tiles).
+  """
+  n, hp, kp_dim = q.shape
+  kp = idx.shape[1]
+  bk = WS_BLOCK_K
+  if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
+    raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
+  if bs.idx_in_smem and kp // bk > 256:
+    raise ValueError(f"idx_in_smem needs k <= {256 * bk} slots (one TMA box), got {kp}")
+  n_chunks = kp // bk
+  n_tiles = kp_dim // 64
+  v_tiles = d_out // 128  # value-column tiles per compute WG
+  split = (n_tiles + 1) // 2  # WG0 re-lays out column tiles [0, split), WG1 the rest
+  per_copy = bk // bs.copy_wgs
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E
+  idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
+
+  def relayout(stage, kv_smem, t0, t1):
+    layout = plgpu.Layout.SMEM_GMEM_COPY((bk, 64), dtype, 128)
+    for c in range(t0, t1):
+      src = stage.at[:, pl.ds(c * 64, 64)]
+      kv_smem.at[c][...] = plgpu.load(src, layout=layout, optimized=False)
+
+  def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
+    q_smem, stage, kv_smem, idx_smem, lse_smem, p_smem = bufs
+    bar_in, bar_full, bar_relaid, bar_free = bars
+    t = lax.axis_index("t")
+    hb = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+    ids_ref = idx_smem if bs.idx_in_smem else idx_ref.at[t]
+
+    @pl.when(wg == 0)
+    def _():
+      for c in range(n_tiles):
+        plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_in[0])
+      if bs.idx_in_smem:
+        plgpu.copy_gmem_to_smem(idx_ref.at[t], idx_smem, bar_in[1])
+
+    @pl.when(wg >= 2)
+    def _copy_wg():
+      if not interpret:
+        plgpu.set_max_registers(40, action="decrease")
+      if bs.idx_in_smem:
+        plgpu.barrier_wait(bar_in[1])
+      first = (wg - 2) * per_copy
+
+      def issue(j):
+        # Invalid slots fetch row 0; the compute WGs mask them in the logits.
+        rows = [jnp.maximum(ids_ref[j, first + i], 0) for i in range(per_copy)]
+        for i, r in enumerate(rows):
+          dst = stage.at[pl.ds(first + i, 1)]
+          plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(r, 1)], dst, bar_full)
+
+      issue(0)
+
+      @pl.loop(0, n_chunks)
+      def _(j):
+        plgpu.barrier_wait(bar_relaid)  # chunk j is in the operand buffer: the stage is free
+
+        @pl.when(j + 1 < n_chunks)
+        def _():
+          issue(j + 1)
+
+    @pl.when(wg < 2)
+    def _compute_wg():
+      if not interpret:
+        plgpu.set_max_registers(232 if bs.copy_wgs == 1 else 216, action="increase")
+      plgpu.barrier_wait(bar_in[0])
+      if bs.idx_in_smem:
+        plgpu.barrier_wait(bar_in[1])
+      m_i = plgpu.layout_cast(
+        jnp.full((HEAD_BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+      )
+      l_i = plgpu.layout_cast(
+        jnp.full((HEAD_BLOCK,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+      )
+      accs = tuple(
+        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        for _ in range(v_tiles)
+      )
+      v0 = wg * v_tiles  # this WG's first value-column tile
+
+      def step(j, carry):
+        accs, m_i, l_i = carry
+        plgpu.barrier_wait(bar_full)
+
+        @pl.when(j > 0)
+        def _():
+          plgpu.barrier_wait(bar_free)  # both WGs are done with chunk j-1's operand
+
+        pl.when(wg == 0)(lambda: relayout(stage, kv_smem, 0, split))
+        pl.when(wg == 1)(lambda: relayout(stage, kv_smem, split, n_tiles))
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bar_relaid)
+        plgpu.barrier_wait(bar_relaid)  # the other WG's half is in place too
+        if bs.probe_no_math:
+          plgpu.barrier_arrive(bar_free)
+          return accs, m_i, l_i
+
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[c].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+        ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
+        s = jnp.where(valid, s * qk_scale, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+        new = []
+        for c, acc in enumerate(accs):
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          v_tile = kv_smem.at[v0 + c]
+          if interpret:
+
+            def pv_scope(acc_ref, v_tile=v_tile):
+              plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
+              return acc_ref[...]
+
+            new.append(acc + pl.run_scoped(pv_scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
+          else:
+            new.append(_mma_acc(acc, p16, v_tile, False))
+        plgpu.barrier_arrive(bar_free)
+        return tuple(new), m_new, l_i
+
+      accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
+      plgpu.barrier_wait(bar_free)  # both WGs past their last logits: q_smem can take the output
+      has = l_i > 0
+      l_safe = jnp.where(has, l_i, 1.0)
+      inv = jnp.where(has, 1.0 / l_safe, 0.0)
+      for c, acc in enumerate(accs):
+        q_smem.at[v0 + c][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      plgpu.commit_smem()
+      for c in range(v_tiles):
+        cols = pl.ds((v0 + c) * 64, 64)
+        plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
+
+      @pl.when(wg == 0)
+      def _():
+        lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
+
+      plgpu.wait_smem_to_gmem(0)
+
+  def entry(q_ref, kv_ref, idx_ref, o_ref, lse_ref):
+    bufs = (
+      _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
+      plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer of the row copies
+      _swizzled((n_tiles, bk, 64), dtype),  # wgmma operand
+      plgpu.SMEM((n_chunks, bk), jnp.int32) if bs.idx_in_smem else None,
+      plgpu.SMEM((HEAD_BLOCK,), jnp.float32),
+      _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,
+    )
+    bars = (
+      plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
+      plgpu.Barrier(num_arrivals=1),  # idx row
+      plgpu.Barrier(num_arrivals=bk),  # stage full: one arrival per row copy
+      plgpu.Barrier(num_arrivals=2),  # both compute WGs re-laid out their half (stage free)
+      plgpu.Barrier(num_arrivals=2),  # both compute WGs done with the operand buffer
+    )
+    pl.run_scoped(
+      lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, ((r[0], r[1]), *r[2:])),
+      bufs,
+      bars,
+      collective_axes="wg",
+    )
+
+  out_type = (
+    jax.ShapeDtypeStruct((n, hp, d_out), dtype),
+    jax.ShapeDtypeStruct((n, hp), jnp.float32),
+  )
+  kern = plgpu.kernel(
+    entry,
+    out_type=out_type,
+    grid=(hp // HEAD_BLOCK, n),  # heads fastest: a token's CTAs share its rows in L2
+    grid_names=("h", "t"),
+    num_threads=2 + bs.copy_wgs,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(
+      approx_math=True,
+      unsafe_no_auto_barriers=bs.no_auto_barriers,
+      reduction_scratch_bytes=0,  # the row reductions stay inside a warp (WGMMA layout)
+    ),
+    interpret=interpret,
+  )
+  return kern(q, kv, idx3)

@@ -61,7 +61,9 @@ TRITON_VARIANTS = {
   "triton_hybrid_bwd": TritonConfig(bwd="hybrid"),
   "triton_hybrid_xla_bwd": TritonConfig(bwd="hybrid_xla", xla_block_t=256),
 }
-GPU_VARIANTS = (*TRITON_VARIANTS, "mosaic")
+# "mosaic_ws": the warp-specialised Mosaic GPU forward (kernel.sparse_mla_fwd_ws) with the
+# default variant's backward.
+GPU_VARIANTS = (*TRITON_VARIANTS, "mosaic", "mosaic_ws")
 GPU_DEFAULT_VARIANT = "triton_xla_fused_bwd"
 
 
@@ -101,6 +103,7 @@ def sparse_mla(
   backend: str | None = None,
   variant: str | None = None,
   triton_config: TritonConfig | None = None,
+  ws_config: kernel.WsBlockSizes | None = None,
 ):
   """out [B,T,H,V], lse [B,T,H] = softmax(scale·q·kv[idx]) · kv[idx][:d_v]. See reference.py.
 
@@ -115,6 +118,7 @@ def sparse_mla(
   "mosaic" = the Mosaic GPU forward (kernel.py) + the blocked XLA backward; the other
   "triton_*" names are TRITON_VARIANTS (Triton forward + another backward, see TritonConfig).
   triton_config: overrides the Triton variant's TritonConfig (tuning sweeps).
+  ws_config: kernel.WsBlockSizes of the "mosaic_ws" forward (default WsBlockSizes()).
   """
   _check(q, kv, idx, d_v)
   if impl == "reference":
@@ -138,8 +142,17 @@ def sparse_mla(
     variant = variant or GPU_DEFAULT_VARIANT
     if variant not in GPU_VARIANTS:
       raise ValueError(f"variant={variant!r}; expected one of {GPU_VARIANTS}")
-    if variant == "mosaic" and triton_config is not None:
-      raise ValueError("triton_config needs a Triton variant, got variant='mosaic'")
+    if variant.startswith("mosaic") and triton_config is not None:
+      raise ValueError(f"triton_config needs a Triton variant, got variant={variant!r}")
+    if variant == "mosaic_ws":
+      if interpret is True:
+        from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+        interpret = plgpu.InterpretGPUParams()
+      cfg = TRITON_VARIANTS[GPU_DEFAULT_VARIANT]
+      return _sparse_mla_ws(
+        q, kv, idx.astype(jnp.int32), float(scale), int(d_v), interpret or False, ws_config, cfg
+      )
     if variant != "mosaic":
       cfg = triton_config or TRITON_VARIANTS[variant]
       idx = idx.astype(jnp.int32)
@@ -411,3 +424,47 @@ def _sparse_mla_triton_bwd(scale, d_v, interpret, cfg, res, cts):
 
 
 _sparse_mla_triton.defvjp(_sparse_mla_triton_fwd, _sparse_mla_triton_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU variant "mosaic_ws": warp-specialised Mosaic GPU forward + the default variant's backward
+
+
+def _ws_fwd_call(q, kv, idx, scale, d_v, interpret, bs):
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  d_out = _round_up(d_v, 128)
+  kp_dim = _round_up(max(k_dim, d_out), 64)
+  hp = _round_up(h, kernel.HEAD_BLOCK)
+  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, kp_dim - k_dim))).reshape(b * t, hp, kp_dim)
+  kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, kp_dim - k_dim))).reshape(b * s, kp_dim)
+  valid = (idx >= 0) & (idx < s)
+  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
+  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, kernel.WS_BLOCK_K, value=-1)
+  bs = bs or kernel.WsBlockSizes()
+  if bs.idx_in_smem:
+    need = kernel.ws_smem_bytes(kp_dim, gidx.shape[1], q.dtype.itemsize, True)
+    if need > kernel._SMEM_BYTES:  # long top-k rows: read the slot ids from GMEM instead
+      bs = dataclasses.replace(bs, idx_in_smem=False)
+  out, lse = kernel.sparse_mla_fwd_ws(
+    qf, kvf, gidx, scale=scale, d_out=d_out, bs=bs, interpret=interpret
+  )
+  return out[:, :h, :d_v].reshape(b, t, h, d_v), lse[:, :h].reshape(b, t, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _sparse_mla_ws(q, kv, idx, scale, d_v, interpret, bs, cfg):
+  return _ws_fwd_call(q, kv, idx, scale, d_v, interpret, bs)
+
+
+def _sparse_mla_ws_fwd(q, kv, idx, scale, d_v, interpret, bs, cfg):
+  out, lse = _ws_fwd_call(q, kv, idx, scale, d_v, interpret, bs)
+  return (out, lse), (q, kv, idx, out, lse)
+
+
+def _sparse_mla_ws_bwd(scale, d_v, interpret, bs, cfg, res, cts):
+  del bs
+  return _sparse_mla_triton_bwd(scale, d_v, interpret, cfg, res, cts)
+
+
+_sparse_mla_ws.defvjp(_sparse_mla_ws_fwd, _sparse_mla_ws_bwd)

@@ -179,6 +179,69 @@ def test_pallas_gpu_full_shape():
 
 
 # ---------------------------------------------------------------------------------------------
+# Warp-specialised Mosaic GPU forward (variant "mosaic_ws"): copy warpgroups + two compute WGs.
+
+
+@pytest.mark.parametrize(
+  "ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=2, idx_in_smem=False)]
+)
+def test_ws_interpret_fwd_bwd(ws):
+  # ragged k (72 -> 128 slots), k > S, d_v=80 (-> 128 output columns), H < 64, 2-tile split.
+  _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, variant="mosaic_ws", ws_config=ws)
+
+
+def test_ws_layout_errors():
+  q = jnp.zeros((2, 64, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="d_out=192"):
+    kernel.sparse_mla_fwd_ws(
+      q, q[0], jnp.zeros((2, 64), jnp.int32), scale=1.0, d_out=192, bs=kernel.WsBlockSizes()
+    )
+  with pytest.raises(ValueError, match="copy_wgs=3"):
+    kernel.WsBlockSizes(copy_wgs=3)
+
+
+@pytest.mark.parametrize("ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=2)])
+def test_ws_cross_lowering_cuda_full_shape(ws):
+  """SMEM budget (227 KiB: three 72 KiB tiles + the idx row), TMA box and layout rules at V3.2."""
+  t, s, h, k_dim, d_v, k = 2048, 32768, 128, 576, 512, 2048
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((2, t, h, k_dim), jnp.bfloat16), sds((2, s, k_dim), jnp.bfloat16)
+  idx = sds((2, t, k), jnp.int32)
+  fwd = functools.partial(
+    ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
+  )
+  assert "mosaic_gpu" in _export(fwd, q, kv, idx).mlir_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  "t,s,h,k_dim,d_v,k", [(512, 32768, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)]
+)
+def test_ws_gpu(t, s, h, k_dim, d_v, k):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs an NVIDIA GPU")
+  q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
+  idx = idx.at[0, 0].set(-1)  # fully invalid row
+  idx = idx.at[1, -1, :5].set(1)  # duplicates
+  for ws in (kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True)):
+    o, l = ops.sparse_mla(
+      q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
+    )
+    with jax.default_matmul_precision("highest"):
+      ro, rl = ops.sparse_mla(
+        q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, d_v=d_v
+      )
+    assert _testing.rel_err(o, ro) < _testing.tolerances(jnp.bfloat16), (
+      ws,
+      _testing.rel_err(o, ro),
+    )
+    np.testing.assert_array_equal(np.isinf(l), np.isinf(rl))
+    fin = np.isfinite(rl)
+    np.testing.assert_allclose(np.asarray(l)[fin], np.asarray(rl)[fin], atol=2e-3, rtol=2e-3)
+    assert (np.asarray(o[0, 0], np.float32) == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton-backend kernels (kernel_triton.py): variants "triton_xla_bwd",
 # "triton" (Triton backward kernel with dkv atomics) and the other ops.TRITON_VARIANTS backwards.
 
