@@ -72,11 +72,10 @@ def _fwd_variants(suite, shp, q, kv, idx, ro, tf):
   op = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
   ws = kernel.WsBlockSizes
   ws_cases = {
-    "mosaic_ws": ws(),
     "mosaic_ws_copy2": ws(copy_wgs=2),
-    "mosaic_ws_noab": ws(no_auto_barriers=True),
+    "mosaic_ws_copy4": ws(copy_wgs=4),
     "mosaic_ws_copy2_noab": ws(copy_wgs=2, no_auto_barriers=True),
-    "mosaic_ws_idx_gmem": ws(idx_in_smem=False),
+    "mosaic_ws_copy4_noab": ws(copy_wgs=4, no_auto_barriers=True),
   }
   if suite != "S1":
     ws_cases = {"mosaic_ws": ws()}

@@ -213,7 +213,7 @@ def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, i
 #   copy WGs    issue the 64 one-row TMA copies of the next chunk into the untiled stage as soon as
 #               the stage has been drained, reading the slot ids from SMEM (one TMA of the
 #               token's idx row at the start);
-#   compute WGs each re-lay out half of the stage's 64-column tiles into the swizzled operand,
+#   compute WGs each re-lay out half of the stage's rows into the swizzled operand,
 #               then each computes the whole 64 x 64 logits tile (duplicated: splitting it would
 #               need a cross-WG softmax exchange) and its own half of the value columns of P·V,
 #               so a token's rows are gathered once per 64 heads (the old kernel: once per
@@ -224,7 +224,8 @@ def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, i
 
 @dataclasses.dataclass(frozen=True)
 class WsBlockSizes:
-  """copy_wgs: warpgroups issuing the row copies (1 or 2; each issues 64 / copy_wgs per chunk).
+  """copy_wgs: warpgroups issuing the row copies (1, 2 or 4; each issues 64 / copy_wgs per
+  chunk: one thread issues a copy after the other, so more WGs issue more copies at once).
   idx_in_smem: stage the token's slot ids in SMEM (else scalar reads from GMEM).
   no_auto_barriers: plgpu's unsafe_no_auto_barriers (drops the warpgroup barrier Pallas puts
   around every copy and SMEM store; the kernel orders its SMEM traffic with mbarriers).
@@ -237,8 +238,14 @@ class WsBlockSizes:
   probe_no_math: bool = False
 
   def __post_init__(self):
-    if self.copy_wgs not in (1, 2):
-      raise ValueError(f"copy_wgs={self.copy_wgs} must be 1 or 2")
+    if self.copy_wgs not in (1, 2, 4):
+      raise ValueError(f"copy_wgs={self.copy_wgs} must be 1, 2 or 4")
+
+  @property
+  def registers(self) -> tuple[int, int]:
+    """(compute, copy) registers per thread: 2 * compute + copy_wgs * copy <= 512 (64K / 128)."""
+    copy = 24 if self.copy_wgs == 4 else 40
+    return (512 - self.copy_wgs * copy) // 2 // 8 * 8, copy
 
 
 WS_BLOCK_K = 64
@@ -254,8 +261,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
 
   Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0 and d_out <= Kp. The SMEM
-  tiles are stored as [Kp/64, 64, 64] column tiles (each contiguous: TMA copies of q and of the
-  output go tile by tile, and a WG's value columns are whole tiles).
+  q tile is stored as [Kp/64, 64, 64] column tiles (each contiguous: the output reuses it, and
+  TMA stores need contiguous SMEM).
   """
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
@@ -267,17 +274,17 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   n_chunks = kp // bk
   n_tiles = kp_dim // 64
   v_tiles = d_out // 128  # value-column tiles per compute WG
-  split = (n_tiles + 1) // 2  # WG0 re-lays out column tiles [0, split), WG1 the rest
   per_copy = bk // bs.copy_wgs
   dtype = q.dtype
   qk_scale = scale * _LOG2E
   idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
 
-  def relayout(stage, kv_smem, t0, t1):
-    layout = plgpu.Layout.SMEM_GMEM_COPY((bk, 64), dtype, 128)
-    for c in range(t0, t1):
-      src = stage.at[:, pl.ds(c * 64, 64)]
-      kv_smem.at[c][...] = plgpu.load(src, layout=layout, optimized=False)
+  def relayout(stage, kv_smem, r0):
+    # Row halves: a row range of the untiled stage is contiguous (a column range is not, and
+    # the untiled load assumes contiguity).
+    rows = pl.ds(r0, bk // 2)
+    layout = plgpu.Layout.SMEM_GMEM_COPY((bk // 2, kp_dim), dtype, 128)
+    kv_smem.at[rows][...] = plgpu.load(stage.at[rows], layout=layout, optimized=False)
 
   def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
     q_smem, stage, kv_smem, idx_smem, lse_smem, p_smem = bufs
@@ -298,7 +305,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     @pl.when(wg >= 2)
     def _copy_wg():
       if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(bs.registers[1], action="decrease")
       if bs.idx_in_smem:
         plgpu.barrier_wait(bar_in[1])
       first = (wg - 2) * per_copy
@@ -323,7 +330,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     @pl.when(wg < 2)
     def _compute_wg():
       if not interpret:
-        plgpu.set_max_registers(232 if bs.copy_wgs == 1 else 216, action="increase")
+        plgpu.set_max_registers(bs.registers[0], action="increase")
       plgpu.barrier_wait(bar_in[0])
       if bs.idx_in_smem:
         plgpu.barrier_wait(bar_in[1])
@@ -347,8 +354,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         def _():
           plgpu.barrier_wait(bar_free)  # both WGs are done with chunk j-1's operand
 
-        pl.when(wg == 0)(lambda: relayout(stage, kv_smem, 0, split))
-        pl.when(wg == 1)(lambda: relayout(stage, kv_smem, split, n_tiles))
+        pl.when(wg == 0)(lambda: relayout(stage, kv_smem, 0))
+        pl.when(wg == 1)(lambda: relayout(stage, kv_smem, bk // 2))
         plgpu.commit_smem()
         plgpu.barrier_arrive(bar_relaid)
         plgpu.barrier_wait(bar_relaid)  # the other WG's half is in place too
@@ -358,7 +365,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
         def qk_scope(acc_ref):
           for c in range(n_tiles):
-            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[c].T)
+            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[:, pl.ds(c * 64, 64)].T)
           return acc_ref[...]
 
         s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
@@ -377,7 +384,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         new = []
         for c, acc in enumerate(accs):
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = kv_smem.at[v0 + c]
+          v_tile = kv_smem.at[:, pl.ds((v0 + c) * 64, 64)]
           if interpret:
 
             def pv_scope(acc_ref, v_tile=v_tile):
@@ -414,7 +421,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     bufs = (
       _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
       plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer of the row copies
-      _swizzled((n_tiles, bk, 64), dtype),  # wgmma operand
+      _swizzled((bk, kp_dim), dtype),  # wgmma operand
       plgpu.SMEM((n_chunks, bk), jnp.int32) if bs.idx_in_smem else None,
       plgpu.SMEM((HEAD_BLOCK,), jnp.float32),
       _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,

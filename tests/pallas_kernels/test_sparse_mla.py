@@ -183,7 +183,7 @@ def test_pallas_gpu_full_shape():
 
 
 @pytest.mark.parametrize(
-  "ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=2, idx_in_smem=False)]
+  "ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False)]
 )
 def test_ws_interpret_fwd_bwd(ws):
   # ragged k (72 -> 128 slots), k > S, d_v=80 (-> 128 output columns), H < 64, 2-tile split.
@@ -200,7 +200,7 @@ def test_ws_layout_errors():
     kernel.WsBlockSizes(copy_wgs=3)
 
 
-@pytest.mark.parametrize("ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=2)])
+@pytest.mark.parametrize("ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=4)])
 def test_ws_cross_lowering_cuda_full_shape(ws):
   """SMEM budget (227 KiB: three 72 KiB tiles + the idx row), TMA box and layout rules at V3.2."""
   t, s, h, k_dim, d_v, k = 2048, 32768, 128, 576, 512, 2048
@@ -223,7 +223,11 @@ def test_ws_gpu(t, s, h, k_dim, d_v, k):
   q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[1, -1, :5].set(1)  # duplicates
-  for ws in (kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True)):
+  for ws in (
+    kernel.WsBlockSizes(),
+    kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True),
+    kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False),
+  ):
     o, l = ops.sparse_mla(
       q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
     )
