@@ -229,12 +229,15 @@ class WsBlockSizes:
   idx_in_smem: stage the token's slot ids in SMEM (else scalar reads from GMEM).
   no_auto_barriers: plgpu's unsafe_no_auto_barriers (drops the warpgroup barrier Pallas puts
   around every copy and SMEM store; the kernel orders its SMEM traffic with mbarriers).
+  bulk_copies: promise the copies in bounds (the wrapper guarantees it), so each is one plain
+  `cp.async.bulk` of a contiguous row instead of a tensor-map TMA with out-of-bounds clamping.
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
-  copy_wgs: int = 1
+  copy_wgs: int = 2
   idx_in_smem: bool = True
   no_auto_barriers: bool = False
+  bulk_copies: bool = True
   probe_no_math: bool = False
 
   def __post_init__(self):
@@ -243,9 +246,13 @@ class WsBlockSizes:
 
   @property
   def registers(self) -> tuple[int, int]:
-    """(compute, copy) registers per thread: 2 * compute + copy_wgs * copy <= 512 (64K / 128)."""
+    """(compute, copy) registers per thread after setmaxnreg. The CTA keeps the registers it was
+    launched with (64K / threads per thread, in steps of 8), so 2 * compute + copy_wgs * copy
+    must fit in that pool or the increase waits forever (6 WGs: 80 each, not 85)."""
+    wgs = 2 + self.copy_wgs
+    pool = 65536 // (128 * wgs) // 8 * 8 * wgs
     copy = 24 if self.copy_wgs == 4 else 40
-    return (512 - self.copy_wgs * copy) // 2 // 8 * 8, copy
+    return (pool - self.copy_wgs * copy) // 2 // 8 * 8, copy
 
 
 WS_BLOCK_K = 64
@@ -278,6 +285,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   dtype = q.dtype
   qk_scale = scale * _LOG2E
   idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS if bs.bulk_copies else None
 
   def relayout(stage, kv_smem, r0):
     # Row halves: a row range of the untiled stage is contiguous (a column range is not, and
@@ -300,7 +308,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_in[0])
       if bs.idx_in_smem:
-        plgpu.copy_gmem_to_smem(idx_ref.at[t], idx_smem, bar_in[1])
+        plgpu.copy_gmem_to_smem(idx_ref.at[t], idx_smem, bar_in[1], oob_mode=oob)
 
     @pl.when(wg >= 2)
     def _copy_wg():
@@ -315,7 +323,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         rows = [jnp.maximum(ids_ref[j, first + i], 0) for i in range(per_copy)]
         for i, r in enumerate(rows):
           dst = stage.at[pl.ds(first + i, 1)]
-          plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(r, 1)], dst, bar_full)
+          plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(r, 1)], dst, bar_full, oob_mode=oob)
 
       issue(0)
 
