@@ -26,6 +26,10 @@ CASES = {
   "ws_noab": {"no_auto_barriers": True},
   "ws_probe_no_math": {"probe_no_math": True},
   "ws_copy4_probe_no_math": {"copy_wgs": 4, "probe_no_math": True},
+  "ws_lane": {"lane_copies": True},
+  "ws_lane_copy1": {"copy_wgs": 1, "lane_copies": True},
+  "ws_lane_noab": {"lane_copies": True, "no_auto_barriers": True},
+  "ws_lane_probe_no_math": {"lane_copies": True, "probe_no_math": True},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 

@@ -231,10 +231,14 @@ class WsBlockSizes:
   around every copy and SMEM store; the kernel orders its SMEM traffic with mbarriers).
   bulk_copies: promise the copies in bounds (the wrapper guarantees it), so each is one plain
   `cp.async.bulk` of a contiguous row instead of a tensor-map TMA with out-of-bounds clamping.
+  lane_copies: each copy WG issues its rows from as many threads at once (one row per thread,
+  inline Mosaic GPU) with one barrier arrival per WG, instead of one copy after the other from
+  a single thread with a 128-thread barrier arrival per copy (Pallas' copy_gmem_to_smem).
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
   copy_wgs: int = 2
+  lane_copies: bool = False
   idx_in_smem: bool = True
   no_auto_barriers: bool = False
   bulk_copies: bool = True
@@ -256,6 +260,72 @@ class WsBlockSizes:
 
 
 WS_BLOCK_K = 64
+
+
+def _lane_ops(n_rows: int, row_bytes: int, arrivals: int):
+  """Inline Mosaic GPU ops on a raw SMEM mbarrier (Pallas barriers cannot be passed to
+  inline_mgpu): (init, issue, wait).
+
+  init: one thread sets the barrier up for `arrivals` thread arrivals per phase.
+  issue: thread i < n_rows of the warpgroup copies row max(ids[i], 0) of kv into row i of the
+  stage with one `cp.async.bulk`; all 128 threads arrive once with their share of the bytes.
+  wait: waits for the phase of the given parity (the loop index's low bit).
+  """
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm, vector  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+
+  if (n_rows * row_bytes) % 128:
+    raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not split over 128 threads")
+
+  def types():
+    return tuple(ir.IntegerType.get_signless(w) for w in (8, 32, 64))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def init(ctx, bar):
+    del ctx
+    _, i32, _ = types()
+    pred = mu.single_thread_predicate(scope=mu.ThreadSubset.BLOCK)
+    nvvm.mbarrier_init(mu.memref_ptr(bar), mu.c(arrivals, i32), predicate=pred)
+    nvvm.fence_mbarrier_init()
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4)
+  def issue(ctx, kv, stage, ids, bar):
+    del ctx
+    i8, i32, i64 = types()
+    index = ir.IndexType.get()
+    lane = arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index))
+    active = arith.cmpi(arith.CmpIPredicate.ult, lane, mu.c(n_rows, index))
+    slot = arith.minui(lane, mu.c(n_rows - 1, index))
+    row = arith.maxsi(memref.load(ids, [slot]), mu.c(0, i32))  # invalid slots fetch row 0
+    src = mu.getelementptr(
+      mu.memref_ptr(kv), [arith.muli(arith.extsi(i64, row), mu.c(row_bytes, i64))], i8
+    )
+    dst_off = arith.muli(arith.index_cast(i32, slot), mu.c(row_bytes, i32))
+    dst = mu.getelementptr(mu.memref_ptr(stage), [dst_off], i8)
+    bar_ptr = mu.memref_ptr(bar)
+    nvvm.mbarrier_arrive_expect_tx(bar_ptr, mu.c(n_rows * row_bytes // 128, i32))
+    llvm.inline_asm(
+      ir.Type.parse("!llvm.void"),
+      [active, dst, src, mu.c(row_bytes, i32), bar_ptr],
+      "@$0 cp.async.bulk.shared::cta.global.mbarrier::complete_tx::bytes [$1], [$2], $3, [$4];",
+      "b,l,l,r,l",
+      has_side_effects=True,
+    )
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT))
+  def wait(ctx, bar, parity):
+    del ctx
+    _, i32, _ = types()
+    if not isinstance(parity, ir.Value):  # a splat FragmentedArray: one scalar register
+      parity = parity.registers.flat[0]
+    if isinstance(parity.type, ir.VectorType):
+      parity = vector.extract(parity, [], [0])
+    nvvm.mbarrier_try_wait_parity(mu.memref_ptr(bar), parity, mu.c(10000000, i32))
+
+  return init, issue, wait
+
+
 _SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
 
 
@@ -286,6 +356,12 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   qk_scale = scale * _LOG2E
   idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS if bs.bulk_copies else None
+  if bs.lane_copies:
+    if interpret or not bs.idx_in_smem:
+      raise ValueError("lane_copies needs idx_in_smem and a GPU (inline Mosaic GPU)")
+    lane_init, lane_issue, lane_wait = _lane_ops(
+      per_copy, kp_dim * q.dtype.itemsize, 128 * bs.copy_wgs
+    )
 
   def relayout(stage, kv_smem, r0):
     # Row halves: a row range of the untiled stage is contiguous (a column range is not, and
@@ -295,7 +371,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     kv_smem.at[rows][...] = plgpu.load(stage.at[rows], layout=layout, optimized=False)
 
   def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
-    q_smem, stage, kv_smem, idx_smem, lse_smem, p_smem = bufs
+    q_smem, stage, kv_smem, idx_smem, lse_smem, p_smem, lane_bar = bufs
     bar_in, bar_full, bar_relaid, bar_free = bars
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
@@ -305,6 +381,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
     @pl.when(wg == 0)
     def _():
+      if bs.lane_copies:  # before the idx copy: its barrier orders the init for every WG
+        lane_init(lane_bar)
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_in[0])
       if bs.idx_in_smem:
@@ -319,6 +397,10 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       first = (wg - 2) * per_copy
 
       def issue(j):
+        if bs.lane_copies:
+          rows_src = ids_ref.at[j, pl.ds(first, per_copy)]
+          lane_issue(kv_ref, stage.at[pl.ds(first, per_copy)], rows_src, lane_bar)
+          return
         # Invalid slots fetch row 0; the compute WGs mask them in the logits.
         rows = [jnp.maximum(ids_ref[j, first + i], 0) for i in range(per_copy)]
         for i, r in enumerate(rows):
@@ -356,7 +438,10 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
       def step(j, carry):
         accs, m_i, l_i = carry
-        plgpu.barrier_wait(bar_full)
+        if bs.lane_copies:
+          lane_wait(lane_bar, j % 2)
+        else:
+          plgpu.barrier_wait(bar_full)
 
         @pl.when(j > 0)
         def _():
@@ -433,6 +518,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       plgpu.SMEM((n_chunks, bk), jnp.int32) if bs.idx_in_smem else None,
       plgpu.SMEM((HEAD_BLOCK,), jnp.float32),
       _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,
+      plgpu.SMEM((1,), jnp.int64) if bs.lane_copies else None,  # raw mbarrier of the lane copies
     )
     bars = (
       plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
