@@ -72,22 +72,19 @@ def _fwd_variants(suite, shp, q, kv, idx, ro, tf):
   op = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
   ws = kernel.WsBlockSizes
   ws_cases = {
-    "mosaic_ws_copy2": ws(copy_wgs=2),
-    "mosaic_ws_copy4": ws(copy_wgs=4),
-    "mosaic_ws_copy2_noab": ws(copy_wgs=2, no_auto_barriers=True),
-    "mosaic_ws_copy4_noab": ws(copy_wgs=4, no_auto_barriers=True),
+    "mosaic_ws": ws(),  # lane copies, 1 copy WG
+    "mosaic_ws_noab": ws(no_auto_barriers=True),
+    "mosaic_ws_lane_copy2": ws(copy_wgs=2),
+    "mosaic_ws_pallas_copies": ws(copy_wgs=2, lane_copies=False),
   }
   if suite != "S1":
-    ws_cases = {"mosaic_ws": ws()}
+    ws_cases = {k: ws_cases[k] for k in ("mosaic_ws", "mosaic_ws_noab")}
   for name, cfg in ws_cases.items():
     add(name, jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg)))
   if suite == "S1":  # time breakdown (wrong results): copies and relayouts only
     cfg = ws(probe_no_math=True)
-    add(
-      "mosaic_ws_probe_no_math",
-      jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg)),
-      check=False,
-    )
+    fn = jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg))
+    add("mosaic_ws_probe_no_math", fn, check=False)
   add("mosaic", jax.jit(functools.partial(op, variant="mosaic")))
   return res
 

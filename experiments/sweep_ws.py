@@ -18,18 +18,21 @@ import time
 
 CASES = {
   "triton_default": None,
-  "ws_default": {},
-  "ws_copy1_tensormap": {"copy_wgs": 1, "bulk_copies": False},
-  "ws_copy2_tensormap": {"copy_wgs": 2, "bulk_copies": False},
-  "ws_copy1": {"copy_wgs": 1},
-  "ws_copy4": {"copy_wgs": 4},
+  # Pallas copy_gmem_to_smem row copies (one thread issues them one after the other):
+  "ws_copy2": {"copy_wgs": 2, "lane_copies": False},
+  "ws_copy1_tensormap": {"copy_wgs": 1, "bulk_copies": False, "lane_copies": False},
+  "ws_copy2_tensormap": {"copy_wgs": 2, "bulk_copies": False, "lane_copies": False},
+  "ws_copy1": {"copy_wgs": 1, "lane_copies": False},
+  "ws_copy4": {"copy_wgs": 4, "lane_copies": False},
+  "ws_copy2_noab": {"copy_wgs": 2, "no_auto_barriers": True, "lane_copies": False},
+  "ws_copy2_probe_no_math": {"copy_wgs": 2, "probe_no_math": True, "lane_copies": False},
+  "ws_copy4_probe_no_math": {"copy_wgs": 4, "probe_no_math": True, "lane_copies": False},
+  # lane copies (one row per thread, inline Mosaic GPU):
+  "ws_lane_copy2": {"copy_wgs": 2},
+  "ws_default": {},  # lane copies, 1 copy WG
+  "ws_lane_copy2_noab": {"copy_wgs": 2, "no_auto_barriers": True},
+  "ws_lane_copy2_probe_no_math": {"copy_wgs": 2, "probe_no_math": True},
   "ws_noab": {"no_auto_barriers": True},
-  "ws_probe_no_math": {"probe_no_math": True},
-  "ws_copy4_probe_no_math": {"copy_wgs": 4, "probe_no_math": True},
-  "ws_lane": {"lane_copies": True},
-  "ws_lane_copy1": {"copy_wgs": 1, "lane_copies": True},
-  "ws_lane_noab": {"lane_copies": True, "no_auto_barriers": True},
-  "ws_lane_probe_no_math": {"lane_copies": True, "probe_no_math": True},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 

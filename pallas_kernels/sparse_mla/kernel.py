@@ -237,8 +237,8 @@ class WsBlockSizes:
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
-  copy_wgs: int = 2
-  lane_copies: bool = False
+  copy_wgs: int = 1
+  lane_copies: bool = True
   idx_in_smem: bool = True
   no_auto_barriers: bool = False
   bulk_copies: bool = True

@@ -442,6 +442,8 @@ def _ws_fwd_call(q, kv, idx, scale, d_v, interpret, bs):
   gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
   gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, kernel.WS_BLOCK_K, value=-1)
   bs = bs or kernel.WsBlockSizes()
+  if interpret and bs.lane_copies:  # inline Mosaic GPU has no interpreter: Pallas copies there
+    bs = dataclasses.replace(bs, lane_copies=False)
   if bs.idx_in_smem:
     need = kernel.ws_smem_bytes(kp_dim, gidx.shape[1], q.dtype.itemsize, True)
     if need > kernel._SMEM_BYTES:  # long top-k rows: read the slot ids from GMEM instead

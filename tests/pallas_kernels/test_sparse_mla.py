@@ -185,7 +185,7 @@ def test_pallas_gpu_full_shape():
 @pytest.mark.parametrize(
   "ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False)]
 )
-def test_ws_interpret_fwd_bwd(ws):
+def test_ws_interpret_fwd_bwd(ws):  # lane copies fall back to Pallas copies in the interpreter
   # ragged k (72 -> 128 slots), k > S, d_v=80 (-> 128 output columns), H < 64, 2-tile split.
   _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, variant="mosaic_ws", ws_config=ws)
 
@@ -200,7 +200,9 @@ def test_ws_layout_errors():
     kernel.WsBlockSizes(copy_wgs=3)
 
 
-@pytest.mark.parametrize("ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=4)])
+@pytest.mark.parametrize(
+  "ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=4, lane_copies=False)]
+)
 def test_ws_cross_lowering_cuda_full_shape(ws):
   """SMEM budget (227 KiB: three 72 KiB tiles + the idx row), TMA box and layout rules at V3.2."""
   t, s, h, k_dim, d_v, k = 2048, 32768, 128, 576, 512, 2048
@@ -224,9 +226,9 @@ def test_ws_gpu(t, s, h, k_dim, d_v, k):
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[1, -1, :5].set(1)  # duplicates
   for ws in (
-    kernel.WsBlockSizes(),
+    kernel.WsBlockSizes(),  # lane copies
     kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True),
-    kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False),
+    kernel.WsBlockSizes(copy_wgs=2, lane_copies=False, idx_in_smem=False),
   ):
     o, l = ops.sparse_mla(
       q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
