@@ -85,6 +85,18 @@ def _swizzled(shape, dtype):
   )
 
 
+def _online_softmax(s, ids, m_i, l_i, qk_scale):
+  """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
+  (m_new, alpha = rescale of the old accumulator, p = exp2(s - m), l_new)."""
+  valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
+  s = jnp.where(valid, s * qk_scale, -jnp.inf)
+  m_new = jnp.maximum(m_i, s.max(axis=1))
+  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+  alpha = jnp.exp2(m_i - m_use)
+  p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+  return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+
+
 def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, interpret=False):
   """Flat-layout forward: q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,n_v*bv], lse [N,Hp]."""
   n, hp, kp_dim = q.shape
@@ -169,13 +181,7 @@ def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, i
       ids = plgpu.load(
         idx_row.at[pl.ds(j * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
       )
-      valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
-      s = jnp.where(valid, s * qk_scale, -jnp.inf)
-      m_new = jnp.maximum(m_i, s.max(axis=1))
-      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-      alpha = jnp.exp2(m_i - m_use)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-      l_i = l_i * alpha + p.sum(axis=1)
+      m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
       acc = _mma_acc(acc, p.astype(dtype), kv_smem.at[:, pl.ds(vb * bv, bv)], interpret)
@@ -463,13 +469,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
         s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
         ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-        valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
-        s = jnp.where(valid, s * qk_scale, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
+        m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
         p16 = p.astype(dtype)
         if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
           p_smem.at[wg][...] = p16
