@@ -33,6 +33,10 @@ CASES = {
   "ws_lane_copy2_noab": {"copy_wgs": 2, "no_auto_barriers": True},
   "ws_lane_copy2_probe_no_math": {"copy_wgs": 2, "probe_no_math": True},
   "ws_noab": {"no_auto_barriers": True},
+  # logits split between the compute WGs (P halves swapped through SMEM), ids from GMEM:
+  "ws_split": {"split_qk": True, "idx_in_smem": False},
+  "ws_split_noab": {"split_qk": True, "idx_in_smem": False, "no_auto_barriers": True},
+  "ws_idx_gmem": {"idx_in_smem": False},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 

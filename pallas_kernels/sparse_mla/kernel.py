@@ -240,17 +240,23 @@ class WsBlockSizes:
   lane_copies: each copy WG issues its rows from as many threads at once (one row per thread,
   inline Mosaic GPU) with one barrier arrival per WG, instead of one copy after the other from
   a single thread with a 128-thread barrier arrival per copy (Pallas' copy_gmem_to_smem).
+  split_qk: each compute WG computes the logits of half the slots only (no duplicated q·kᵀ);
+  the WGs swap row maxima and their bf16 P halves through SMEM, and each rebuilds the whole
+  64 x 64 P in registers (P·V needs K = 64). Needs idx_in_smem=False (SMEM for the exchange).
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
   copy_wgs: int = 1
   lane_copies: bool = True
+  split_qk: bool = False
   idx_in_smem: bool = True
   no_auto_barriers: bool = False
   bulk_copies: bool = True
   probe_no_math: bool = False
 
   def __post_init__(self):
+    if self.split_qk and self.idx_in_smem:
+      raise ValueError("split_qk needs idx_in_smem=False (SMEM for the exchange buffers)")
     if self.copy_wgs not in (1, 2, 4):
       raise ValueError(f"copy_wgs={self.copy_wgs} must be 1, 2 or 4")
 
@@ -363,8 +369,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS if bs.bulk_copies else None
   if bs.lane_copies:
-    if interpret or not bs.idx_in_smem:
-      raise ValueError("lane_copies needs idx_in_smem and a GPU (inline Mosaic GPU)")
+    if interpret:
+      raise ValueError("lane_copies needs a GPU (inline Mosaic GPU has no interpreter)")
     lane_init, lane_issue, lane_wait = _lane_ops(
       per_copy, kp_dim * q.dtype.itemsize, 128 * bs.copy_wgs
     )
@@ -377,8 +383,11 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     kv_smem.at[rows][...] = plgpu.load(stage.at[rows], layout=layout, optimized=False)
 
   def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
-    q_smem, stage, kv_smem, idx_smem, lse_smem, p_smem, lane_bar = bufs
-    bar_in, bar_full, bar_relaid, bar_free = bars
+    q_smem, stage, kv_smem, idx_smem, p_smem, pbufs, misc = bufs
+    # misc rows (every SMEM buffer takes whole KiB, so the small ones share one): 0-1 the
+    # split_qk row maxima / sums, 2 the lse tile, 3[:2] the lane copies' raw mbarrier (8 bytes).
+    xbuf, lse_smem, lane_bar = misc.at[pl.ds(0, 2)], misc.at[2], misc.at[3, pl.ds(0, 2)]
+    bar_in, bar_full, bar_relaid, bar_free, bar_x, bar_p = bars
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
@@ -441,6 +450,58 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         for _ in range(v_tiles)
       )
       v0 = wg * v_tiles  # this WG's first value-column tile
+      half = bk // 2
+      own = pl.ds(wg * half, half)
+
+      def split_math(j, accs, m_i, l_i):
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[own, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), jnp.float32))
+        ids = plgpu.load(ids_ref.at[j, own], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
+        s = jnp.where(valid, s * qk_scale, -jnp.inf)
+        xbuf.at[wg][...] = s.max(axis=1)
+        plgpu.barrier_arrive(bar_x)
+        plgpu.barrier_wait(bar_x)  # both halves' row maxima are in xbuf
+        m_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        m_1 = plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        m_new = jnp.maximum(m_i, jnp.maximum(m_0, m_1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)  # this WG's slots only; the halves add up at the end
+        pbufs.at[wg][...] = p.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bar_p)
+        plgpu.barrier_wait(bar_p)  # the other WG's P half is in pbufs
+        halves = [
+          plgpu.load(pbufs.at[i], layout=plgpu.Layout.WGMMA, optimized=False) for i in (0, 1)
+        ]
+        p16 = jnp.concatenate(halves, axis=1)  # [64 heads, 64 slots], slot order of kv_smem
+        return pv_update(accs, alpha, p16), m_new, l_i
+
+      def pv_update(accs, alpha, p16):
+        if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+        new = []
+        for c, acc in enumerate(accs):
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          v_tile = kv_smem.at[:, pl.ds((v0 + c) * 64, 64)]
+          if interpret:
+
+            def pv_scope(acc_ref, v_tile=v_tile):
+              plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
+              return acc_ref[...]
+
+            new.append(acc + pl.run_scoped(pv_scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
+          else:
+            new.append(_mma_acc(acc, p16, v_tile, False))
+        plgpu.barrier_arrive(bar_free)
+        return tuple(new)
 
       def step(j, carry):
         accs, m_i, l_i = carry
@@ -462,6 +523,9 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
           plgpu.barrier_arrive(bar_free)
           return accs, m_i, l_i
 
+        if bs.split_qk:
+          return split_math(j, accs, m_i, l_i)
+
         def qk_scope(acc_ref):
           for c in range(n_tiles):
             plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[:, pl.ds(c * 64, 64)].T)
@@ -470,28 +534,16 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
         ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
         m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
-        p16 = p.astype(dtype)
-        if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
-          p_smem.at[wg][...] = p16
-          plgpu.commit_smem()
-        new = []
-        for c, acc in enumerate(accs):
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = kv_smem.at[:, pl.ds((v0 + c) * 64, 64)]
-          if interpret:
-
-            def pv_scope(acc_ref, v_tile=v_tile):
-              plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
-              return acc_ref[...]
-
-            new.append(acc + pl.run_scoped(pv_scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
-          else:
-            new.append(_mma_acc(acc, p16, v_tile, False))
-        plgpu.barrier_arrive(bar_free)
-        return tuple(new), m_new, l_i
+        return pv_update(accs, alpha, p.astype(dtype)), m_new, l_i
 
       accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
       plgpu.barrier_wait(bar_free)  # both WGs past their last logits: q_smem can take the output
+      if bs.split_qk:  # the softmax denominator is the sum of the two WGs' partial sums
+        xbuf.at[wg][...] = l_i
+        plgpu.barrier_arrive(bar_x)
+        plgpu.barrier_wait(bar_x)
+        l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
       has = l_i > 0
       l_safe = jnp.where(has, l_i, 1.0)
       inv = jnp.where(has, 1.0 / l_safe, 0.0)
@@ -516,9 +568,9 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer of the row copies
       _swizzled((bk, kp_dim), dtype),  # wgmma operand
       plgpu.SMEM((n_chunks, bk), jnp.int32) if bs.idx_in_smem else None,
-      plgpu.SMEM((HEAD_BLOCK,), jnp.float32),
       _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,
-      plgpu.SMEM((1,), jnp.int64) if bs.lane_copies else None,  # raw mbarrier of the lane copies
+      plgpu.SMEM((2, HEAD_BLOCK, bk // 2), dtype) if bs.split_qk else None,  # P halves
+      plgpu.SMEM((4, HEAD_BLOCK), jnp.float32),
     )
     bars = (
       plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
@@ -526,6 +578,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       plgpu.Barrier(num_arrivals=bk),  # stage full: one arrival per row copy
       plgpu.Barrier(num_arrivals=2),  # both compute WGs re-laid out their half (stage free)
       plgpu.Barrier(num_arrivals=2),  # both compute WGs done with the operand buffer
+      plgpu.Barrier(num_arrivals=2),  # split_qk: row maxima (and at the end sums) exchanged
+      plgpu.Barrier(num_arrivals=2),  # split_qk: P halves exchanged
     )
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, ((r[0], r[1]), *r[2:])),

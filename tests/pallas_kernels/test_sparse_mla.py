@@ -183,7 +183,12 @@ def test_pallas_gpu_full_shape():
 
 
 @pytest.mark.parametrize(
-  "ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False)]
+  "ws",
+  [
+    kernel.WsBlockSizes(),
+    kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False),
+    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False),
+  ],
 )
 def test_ws_interpret_fwd_bwd(ws):  # lane copies fall back to Pallas copies in the interpreter
   # ragged k (72 -> 128 slots), k > S, d_v=80 (-> 128 output columns), H < 64, 2-tile split.
@@ -198,10 +203,17 @@ def test_ws_layout_errors():
     )
   with pytest.raises(ValueError, match="copy_wgs=3"):
     kernel.WsBlockSizes(copy_wgs=3)
+  with pytest.raises(ValueError, match="split_qk needs idx_in_smem=False"):
+    kernel.WsBlockSizes(split_qk=True)
 
 
 @pytest.mark.parametrize(
-  "ws", [kernel.WsBlockSizes(), kernel.WsBlockSizes(copy_wgs=4, lane_copies=False)]
+  "ws",
+  [
+    kernel.WsBlockSizes(),
+    kernel.WsBlockSizes(copy_wgs=4, lane_copies=False),
+    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False),
+  ],
 )
 def test_ws_cross_lowering_cuda_full_shape(ws):
   """SMEM budget (227 KiB: three 72 KiB tiles + the idx row), TMA box and layout rules at V3.2."""
@@ -229,6 +241,7 @@ def test_ws_gpu(t, s, h, k_dim, d_v, k):
     kernel.WsBlockSizes(),  # lane copies
     kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True),
     kernel.WsBlockSizes(copy_wgs=2, lane_copies=False, idx_in_smem=False),
+    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False),  # lane copies with ids from GMEM
   ):
     o, l = ops.sparse_mla(
       q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
