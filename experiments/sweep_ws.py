@@ -37,6 +37,7 @@ CASES = {
   "ws_split": {"split_qk": True, "idx_in_smem": False},
   "ws_split_noab": {"split_qk": True, "idx_in_smem": False, "no_auto_barriers": True},
   "ws_idx_gmem": {"idx_in_smem": False},
+  "ws_split_pallas": {"split_qk": True, "idx_in_smem": False, "lane_copies": False, "copy_wgs": 2},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 
