@@ -33,10 +33,8 @@ CASES = {
   "ws_lane_copy2_noab": {"copy_wgs": 2, "no_auto_barriers": True},
   "ws_lane_copy2_probe_no_math": {"copy_wgs": 2, "probe_no_math": True},
   "ws_noab": {"no_auto_barriers": True},
-  # logits split between the compute WGs (P halves swapped through SMEM), ids from GMEM:
-  "ws_split": {"split_qk": True, "idx_in_smem": False},
-  "ws_split_noab": {"split_qk": True, "idx_in_smem": False, "no_auto_barriers": True},
-  "ws_idx_gmem": {"idx_in_smem": False},
+  # logits split between the compute WGs (P halves swapped through SMEM), ids from GMEM (lane
+  # copies with GMEM ids crashed on the H200, sweep_ws_split*.json, so Pallas copies):
   "ws_split_pallas": {"split_qk": True, "idx_in_smem": False, "lane_copies": False, "copy_wgs": 2},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)

@@ -242,7 +242,8 @@ class WsBlockSizes:
   a single thread with a 128-thread barrier arrival per copy (Pallas' copy_gmem_to_smem).
   split_qk: each compute WG computes the logits of half the slots only (no duplicated q·kᵀ);
   the WGs swap row maxima and their bf16 P halves through SMEM, and each rebuilds the whole
-  64 x 64 P in registers (P·V needs K = 64). Needs idx_in_smem=False (SMEM for the exchange).
+  64 x 64 P in registers (P·V needs K = 64). Needs idx_in_smem=False (SMEM for the exchange),
+  hence lane_copies=False. Measured slower (WORKSPACE).
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
@@ -257,6 +258,10 @@ class WsBlockSizes:
   def __post_init__(self):
     if self.split_qk and self.idx_in_smem:
       raise ValueError("split_qk needs idx_in_smem=False (SMEM for the exchange buffers)")
+    if self.lane_copies and not self.idx_in_smem:
+      # Lane copies reading the ids from GMEM crashed on the H200 ("unspecified launch
+      # failure", WORKSPACE 2026-11-29 third session); they read them from SMEM only.
+      raise ValueError("lane_copies=True needs idx_in_smem=True (or set lane_copies=False)")
     if self.copy_wgs not in (1, 2, 4):
       raise ValueError(f"copy_wgs={self.copy_wgs} must be 1, 2 or 4")
 

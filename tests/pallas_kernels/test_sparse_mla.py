@@ -186,8 +186,8 @@ def test_pallas_gpu_full_shape():
   "ws",
   [
     kernel.WsBlockSizes(),
-    kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False),
-    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False),
+    kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False, lane_copies=False),
+    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
   ],
 )
 def test_ws_interpret_fwd_bwd(ws):  # lane copies fall back to Pallas copies in the interpreter
@@ -205,6 +205,8 @@ def test_ws_layout_errors():
     kernel.WsBlockSizes(copy_wgs=3)
   with pytest.raises(ValueError, match="split_qk needs idx_in_smem=False"):
     kernel.WsBlockSizes(split_qk=True)
+  with pytest.raises(ValueError, match="lane_copies=True needs idx_in_smem=True"):
+    kernel.WsBlockSizes(idx_in_smem=False)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +214,7 @@ def test_ws_layout_errors():
   [
     kernel.WsBlockSizes(),
     kernel.WsBlockSizes(copy_wgs=4, lane_copies=False),
-    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False),
+    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
   ],
 )
 def test_ws_cross_lowering_cuda_full_shape(ws):
@@ -241,7 +243,7 @@ def test_ws_gpu(t, s, h, k_dim, d_v, k):
     kernel.WsBlockSizes(),  # lane copies
     kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True),
     kernel.WsBlockSizes(copy_wgs=2, lane_copies=False, idx_in_smem=False),
-    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False),  # lane copies with ids from GMEM
+    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
   ):
     o, l = ops.sparse_mla(
       q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
