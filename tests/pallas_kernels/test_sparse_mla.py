@@ -186,8 +186,11 @@ def test_pallas_gpu_full_shape():
   "ws",
   [
     kernel.WsBlockSizes(),
-    kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False, lane_copies=False),
     kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
+    pytest.param(
+      kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False, lane_copies=False),
+      marks=pytest.mark.slow,
+    ),
   ],
 )
 def test_ws_interpret_fwd_bwd(ws):  # lane copies fall back to Pallas copies in the interpreter
