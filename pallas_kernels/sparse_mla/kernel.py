@@ -216,12 +216,12 @@ def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, i
 # split across CTAs).
 #
 # One CTA = one token x 64 heads, 2 + copy_wgs warpgroups (WG):
-#   copy WGs    issue the 64 one-row TMA copies of the next chunk into the untiled stage as soon as
-#               the stage has been drained, reading the slot ids from SMEM (one TMA of the
-#               token's idx row at the start);
+#   copy WGs    copy the next chunk's 64 rows into the untiled stage as soon as the stage has
+#               been drained (lane copies: one `cp.async.bulk` per thread), reading the slot ids
+#               from SMEM (one TMA of the token's idx row at the start);
 #   compute WGs each re-lay out half of the stage's rows into the swizzled operand,
-#               then each computes the whole 64 x 64 logits tile (duplicated: splitting it would
-#               need a cross-WG softmax exchange) and its own half of the value columns of P·V,
+#               then each computes the whole 64 x 64 logits tile (duplicated; split_qk splits it
+#               with a cross-WG exchange, measured slower) and its half of the value columns of P·V,
 #               so a token's rows are gathered once per 64 heads (the old kernel: once per
 #               64 heads x 256 value columns) and each WG holds a 64 x 256 f32 accumulator.
 # SMEM: q 72 KiB + stage 72 KiB + operand 72 KiB + the idx row (8 KiB at k = 2048) of 227 KiB.
@@ -232,7 +232,7 @@ def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, i
 class WsBlockSizes:
   """copy_wgs: warpgroups issuing the row copies (1, 2 or 4; each issues 64 / copy_wgs per
   chunk: one thread issues a copy after the other, so more WGs issue more copies at once).
-  idx_in_smem: stage the token's slot ids in SMEM (else scalar reads from GMEM).
+  idx_in_smem: stage the token's slot ids in SMEM (else read from GMEM; Pallas copies only).
   no_auto_barriers: plgpu's unsafe_no_auto_barriers (drops the warpgroup barrier Pallas puts
   around every copy and SMEM store; the kernel orders its SMEM traffic with mbarriers).
   bulk_copies: promise the copies in bounds (the wrapper guarantees it), so each is one plain

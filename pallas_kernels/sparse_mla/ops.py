@@ -144,11 +144,11 @@ def sparse_mla(
       raise ValueError(f"variant={variant!r}; expected one of {GPU_VARIANTS}")
     if variant.startswith("mosaic") and triton_config is not None:
       raise ValueError(f"triton_config needs a Triton variant, got variant={variant!r}")
-    if variant == "mosaic_ws":
-      if interpret is True:
-        from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+    if variant.startswith("mosaic") and interpret is True:
+      from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
-        interpret = plgpu.InterpretGPUParams()
+      interpret = plgpu.InterpretGPUParams()
+    if variant == "mosaic_ws":
       cfg = TRITON_VARIANTS[GPU_DEFAULT_VARIANT]
       return _sparse_mla_ws(
         q, kv, idx.astype(jnp.int32), float(scale), int(d_v), interpret or False, ws_config, cfg
@@ -159,10 +159,6 @@ def sparse_mla(
       if cfg.sort_idx:
         idx = jnp.sort(idx, axis=-1)
       return _sparse_mla_triton(q, kv, idx, float(scale), int(d_v), bool(interpret), cfg)
-    if interpret is True:
-      from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-      interpret = plgpu.InterpretGPUParams()
     return _sparse_mla(q, kv, idx.astype(jnp.int32), float(scale), int(d_v), interpret or False)
   raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
 
@@ -183,20 +179,28 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
+def _fold(q, kv, idx, hp, d, block_k):
+  """The kernels' flat layout: batch folded into rows (slot ids offset by b*S, invalid -> -1),
+  heads padded to hp, the feature dim to d and the slots to a multiple of block_k."""
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, d - k_dim))).reshape(b * t, hp, d)
+  kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, d - k_dim))).reshape(b * s, d)
+  valid = (idx >= 0) & (idx < s)
+  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
+  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, block_k, value=-1)
+  return qf, kvf, gidx
+
+
 def _fwd_kernel_call(q, kv, idx, scale, d_v, interpret):
   """Folds batch into rows, pads to the kernel's granules, runs it, and un-pads."""
   b, t, h, k_dim = q.shape
-  s = kv.shape[1]
   kp_dim = _round_up(k_dim, 64)
   hp = _round_up(h, kernel.HEAD_BLOCK)
   dv_pad = _round_up(d_v, 64)
   bv = max(c for c in range(64, 257, 64) if dv_pad % c == 0)
   bs = kernel.BlockSizes(block_k=64, block_v=bv)
-  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, kp_dim - k_dim))).reshape(b * t, hp, kp_dim)
-  kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, kp_dim - k_dim))).reshape(b * s, kp_dim)
-  valid = (idx >= 0) & (idx < s)
-  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
-  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, bs.block_k, value=-1)
+  qf, kvf, gidx = _fold(q, kv, idx, hp, kp_dim, bs.block_k)
   out, lse = kernel.sparse_mla_fwd_flat(
     qf, kvf, gidx, scale=scale, n_v=dv_pad // bv, bs=bs, interpret=interpret
   )
@@ -297,17 +301,9 @@ _sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)
 
 def _triton_flat(q, kv, idx, d_v, block_h, block_k):
   """Folds batch into rows and pads heads / feature dims / slots to the kernels' granules."""
-  b, t, h, k_dim = q.shape
-  s = kv.shape[1]
-  da, db = kernel_triton.split_dims(k_dim, d_v)
-  d = da + db
-  hp = _round_up(h, block_h)
-  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, d - k_dim))).reshape(b * t, hp, d)
-  kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, d - k_dim))).reshape(b * s, d)
-  valid = (idx >= 0) & (idx < s)
-  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
-  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, block_k, value=-1)
-  return qf, kvf, gidx, da, db, hp
+  da, db = kernel_triton.split_dims(q.shape[-1], d_v)
+  hp = _round_up(q.shape[2], block_h)
+  return (*_fold(q, kv, idx, hp, da + db, block_k), da, db, hp)
 
 
 def _fit_heads(bs, h):
@@ -432,15 +428,9 @@ _sparse_mla_triton.defvjp(_sparse_mla_triton_fwd, _sparse_mla_triton_bwd)
 
 def _ws_fwd_call(q, kv, idx, scale, d_v, interpret, bs):
   b, t, h, k_dim = q.shape
-  s = kv.shape[1]
   d_out = _round_up(d_v, 128)
   kp_dim = _round_up(max(k_dim, d_out), 64)
-  hp = _round_up(h, kernel.HEAD_BLOCK)
-  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, kp_dim - k_dim))).reshape(b * t, hp, kp_dim)
-  kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, kp_dim - k_dim))).reshape(b * s, kp_dim)
-  valid = (idx >= 0) & (idx < s)
-  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
-  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, kernel.WS_BLOCK_K, value=-1)
+  qf, kvf, gidx = _fold(q, kv, idx, _round_up(h, kernel.HEAD_BLOCK), kp_dim, kernel.WS_BLOCK_K)
   bs = bs or kernel.WsBlockSizes()
   if interpret and bs.lane_copies:  # inline Mosaic GPU has no interpreter: Pallas copies there
     bs = dataclasses.replace(bs, lane_copies=False)
