@@ -36,6 +36,10 @@ CASES = {
   # logits split between the compute WGs (P halves swapped through SMEM), ids from GMEM (lane
   # copies with GMEM ids crashed on the H200, sweep_ws_split*.json, so Pallas copies):
   "ws_split_pallas": {"split_qk": True, "idx_in_smem": False, "lane_copies": False, "copy_wgs": 2},
+  # direct: 16-byte cp.async pieces straight into a double-buffered swizzled operand:
+  "ws_direct": {"direct": True},
+  "ws_direct_noab": {"direct": True, "no_auto_barriers": True},
+  "ws_direct_probe_no_math": {"direct": True, "probe_no_math": True},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 

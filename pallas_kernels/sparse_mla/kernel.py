@@ -26,6 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 HEAD_BLOCK = 64  # wgmma M
+_SWIZZLE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +81,7 @@ def _mma_acc(acc, a, b, interpret):
 
 
 def _swizzled(shape, dtype):
-  return plgpu.SMEM(
-    shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  )
+  return plgpu.SMEM(shape, dtype, transforms=_SWIZZLE)
 
 
 def _online_softmax(s, ids, m_i, l_i, qk_scale):
@@ -244,6 +243,10 @@ class WsBlockSizes:
   the WGs swap row maxima and their bf16 P halves through SMEM, and each rebuilds the whole
   64 x 64 P in registers (P·V needs K = 64). Needs idx_in_smem=False (SMEM for the exchange),
   hence lane_copies=False. Measured slower (WORKSPACE).
+  direct: each copy-WG thread issues 16-byte `cp.async` pieces of the rows straight into the
+  tiled + swizzled operand (it computes the swizzled address itself, as FlashMLA's producer
+  does): no stage, no relayout, and the SMEM the stage took double-buffers the operand, so the
+  copies of chunk j+1 land while chunk j is multiplied. Needs idx_in_smem, no split_qk.
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
@@ -253,9 +256,12 @@ class WsBlockSizes:
   idx_in_smem: bool = True
   no_auto_barriers: bool = False
   bulk_copies: bool = True
+  direct: bool = False
   probe_no_math: bool = False
 
   def __post_init__(self):
+    if self.direct and (self.split_qk or not self.idx_in_smem):
+      raise ValueError("direct=True needs idx_in_smem=True and split_qk=False")
     if self.split_qk and self.idx_in_smem:
       raise ValueError("split_qk needs idx_in_smem=False (SMEM for the exchange buffers)")
     if self.lane_copies and not self.idx_in_smem:
@@ -289,7 +295,7 @@ def _lane_ops(n_rows: int, row_bytes: int, arrivals: int):
   wait: waits for the phase of the given parity (the loop index's low bit).
   """
   from jax._src.lib.mlir import ir  # noqa: PLC0415
-  from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm, vector  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm  # noqa: PLC0415
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
 
   if (n_rows * row_bytes) % 128:
@@ -334,21 +340,118 @@ def _lane_ops(n_rows: int, row_bytes: int, arrivals: int):
   def wait(ctx, bar, parity):
     del ctx
     _, i32, _ = types()
-    if not isinstance(parity, ir.Value):  # a splat FragmentedArray: one scalar register
-      parity = parity.registers.flat[0]
-    if isinstance(parity.type, ir.VectorType):
-      parity = vector.extract(parity, [], [0])
-    nvvm.mbarrier_try_wait_parity(mu.memref_ptr(bar), parity, mu.c(10000000, i32))
+    nvvm.mbarrier_try_wait_parity(mu.memref_ptr(bar), _scalar(parity), mu.c(10000000, i32))
 
   return init, issue, wait
+
+
+def _scalar(x):
+  """The one register of a WG_SPLAT argument of inline_mgpu."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import vector  # noqa: PLC0415
+
+  if not isinstance(x, ir.Value):  # a splat FragmentedArray
+    x = x.registers.flat[0]
+  if isinstance(x.type, ir.VectorType):
+    x = vector.extract(x, [], [0])
+  return x
+
+
+def _direct_ops(n_rows: int, row_bytes: int):
+  """Inline Mosaic GPU (init, issue) for `WsBlockSizes.direct`: the rows land straight in the
+  tiled + swizzled wgmma operand.
+
+  The operand [2, n_rows, row_bytes / 2] bf16 is stored as 1 KiB tiles of 8 rows x 128 bytes
+  (row tile major, then column tile), and the 128-byte swizzle XORs a 16-byte piece's index
+  with the row's index inside its tile (PTX ISA, wgmma shared memory layouts). Piece f of a
+  chunk (row f / pieces, piece f % pieces of that row) is copied by thread f % 128, so a warp
+  reads 512 contiguous bytes of a row and writes 4 whole 128-byte lines. Each thread then
+  makes the slot's raw mbarrier track its copies (`cp.async.mbarrier.arrive.noinc`): a phase
+  completes when all 128 threads' pieces have landed.
+  """
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+
+  pieces = row_bytes // 16
+  tiles = row_bytes // 128
+  if row_bytes % 128 or (n_rows * pieces) % 128 or n_rows % 8:
+    raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 128 threads")
+  buf_bytes = n_rows * row_bytes
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def init(ctx, bars):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    i8 = ir.IntegerType.get_signless(8)
+    pred = mu.single_thread_predicate(scope=mu.ThreadSubset.BLOCK)
+    for slot in range(2):
+      bar = mu.getelementptr(mu.memref_ptr(bars), [8 * slot], i8)
+      nvvm.mbarrier_init(bar, mu.c(128, i32), predicate=pred)
+    nvvm.fence_mbarrier_init()
+
+  @plgpu.inline_mgpu(
+    arg_types=(
+      plgpu.RefType(),
+      plgpu.RefType(transforms=_SWIZZLE),
+      plgpu.RefType(),
+      plgpu.RefType(),
+      plgpu.Layout.WG_SPLAT,
+    )
+  )
+  def issue(ctx, kv, bufs, ids, bars, slot):
+    del ctx
+    i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
+    index = ir.IndexType.get()
+
+    def c(v, t=i32):
+      return mu.c(v, t)
+
+    lane = arith.index_cast(i32, arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index)))
+    slot = _scalar(slot)
+    kv_ptr = mu.memref_ptr(kv)
+    dst_ptr = mu.getelementptr(mu.memref_ptr(bufs), [arith.muli(slot, c(buf_bytes))], i8)
+    bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
+    for i in range(n_rows * pieces // 128):
+      f = arith.addi(lane, c(128 * i))
+      row = arith.divui(f, c(pieces))
+      piece = arith.remui(f, c(pieces))
+      rid = arith.maxsi(memref.load(ids, [arith.index_cast(index, row)]), c(0))  # invalid: row 0
+      src_off = arith.addi(
+        arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)),
+        arith.extui(i64, arith.muli(piece, c(16))),
+      )
+      r8 = arith.andi(row, c(7))
+      tile = arith.addi(arith.muli(arith.shrui(row, c(3)), c(tiles)), arith.shrui(piece, c(3)))
+      dst_off = arith.addi(
+        arith.addi(arith.muli(tile, c(1024)), arith.muli(r8, c(128))),
+        arith.shli(arith.xori(arith.andi(piece, c(7)), r8), c(4)),
+      )
+      llvm.inline_asm(
+        ir.Type.parse("!llvm.void"),
+        [mu.getelementptr(dst_ptr, [dst_off], i8), mu.getelementptr(kv_ptr, [src_off], i8)],
+        "cp.async.cg.shared.global [$0], [$1], 16;",
+        "l,l",
+        has_side_effects=True,
+      )
+    llvm.inline_asm(
+      ir.Type.parse("!llvm.void"),
+      [bar_ptr],
+      "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];",
+      "l",
+      has_side_effects=True,
+    )
+
+  return init, issue
 
 
 _SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
 
 
 def ws_smem_bytes(kp_dim: int, kp: int, itemsize: int, idx_in_smem: bool) -> int:
-  """SMEM the warp-specialised forward asks for (the three 64-row tiles, idx row, lse)."""
-  return 3 * 64 * kp_dim * itemsize + (4 * kp if idx_in_smem else 0) + 4 * HEAD_BLOCK + 64
+  """SMEM the warp-specialised forward asks for: three 64-row tiles (q + stage + operand, or
+  q + two operands), the idx row, the misc rows and the barriers."""
+  return 3 * 64 * kp_dim * itemsize + (4 * kp if idx_in_smem else 0) + 4 * 4 * HEAD_BLOCK + 128
 
 
 def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes, interpret=False):
@@ -373,12 +476,17 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   qk_scale = scale * _LOG2E
   idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS if bs.bulk_copies else None
-  if bs.lane_copies:
+  if bs.lane_copies or (bs.direct and not interpret):
     if interpret:
       raise ValueError("lane_copies needs a GPU (inline Mosaic GPU has no interpreter)")
     lane_init, lane_issue, lane_wait = _lane_ops(
       per_copy, kp_dim * q.dtype.itemsize, 128 * bs.copy_wgs
     )
+  if bs.direct:
+    if bs.copy_wgs != 1:
+      raise ValueError(f"direct=True issues from one copy warpgroup, got copy_wgs={bs.copy_wgs}")
+    if not interpret:
+      direct_init, direct_issue = _direct_ops(bk, kp_dim * q.dtype.itemsize)
 
   def relayout(stage, kv_smem, r0):
     # Row halves: a row range of the untiled stage is contiguous (a column range is not, and
@@ -390,9 +498,13 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
     q_smem, stage, kv_smem, idx_smem, p_smem, pbufs, misc = bufs
     # misc rows (every SMEM buffer takes whole KiB, so the small ones share one): 0-1 the
-    # split_qk row maxima / sums, 2 the lse tile, 3[:2] the lane copies' raw mbarrier (8 bytes).
+    # split_qk row maxima / sums, 2 the lse tile, 3[:2] the lane copies' raw mbarrier (8 bytes),
+    # 3[:4] direct's two (one per operand slot).
     xbuf, lse_smem, lane_bar = misc.at[pl.ds(0, 2)], misc.at[2], misc.at[3, pl.ds(0, 2)]
+    raw_bars = misc.at[3, pl.ds(0, 4)]
     bar_in, bar_full, bar_relaid, bar_free, bar_x, bar_p = bars
+    # direct: kv_smem is [2, bk, Kp] (two operand slots; no stage), bar_full and bar_free hold
+    # one barrier per slot (bar_full: the interpreter's Pallas copies only), bar_x ends the loop.
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
@@ -401,7 +513,9 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
     @pl.when(wg == 0)
     def _():
-      if bs.lane_copies:  # before the idx copy: its barrier orders the init for every WG
+      if bs.direct and not interpret:  # before the idx copy: its barrier orders the init
+        direct_init(raw_bars)
+      elif bs.lane_copies:  # before the idx copy: its barrier orders the init for every WG
         lane_init(lane_bar)
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_in[0])
@@ -415,6 +529,29 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       if bs.idx_in_smem:
         plgpu.barrier_wait(bar_in[1])
       first = (wg - 2) * per_copy
+
+      if bs.direct:
+
+        def issue_direct(j):
+          slot = j % 2
+          if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
+            for i in range(bk):
+              row = jnp.maximum(ids_ref[j, i], 0)
+              dst = kv_smem.at[slot, pl.ds(i, 1)]
+              plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
+          else:
+            direct_issue(kv_ref, kv_smem, ids_ref.at[j], raw_bars, slot)
+
+        issue_direct(0)
+        if n_chunks > 1:
+          issue_direct(1)
+
+        @pl.loop(2, n_chunks)
+        def _(j):
+          plgpu.barrier_wait(bar_free.at[j % 2])  # both compute WGs are done with chunk j-2
+          issue_direct(j)
+
+        return
 
       def issue(j):
         if bs.lane_copies:
@@ -488,14 +625,14 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         p16 = jnp.concatenate(halves, axis=1)  # [64 heads, 64 slots], slot order of kv_smem
         return pv_update(accs, alpha, p16), m_new, l_i
 
-      def pv_update(accs, alpha, p16):
+      def pv_update(accs, alpha, p16, operand=kv_smem, bar=bar_free):
         if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
           p_smem.at[wg][...] = p16
           plgpu.commit_smem()
         new = []
         for c, acc in enumerate(accs):
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = kv_smem.at[:, pl.ds((v0 + c) * 64, 64)]
+          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
           if interpret:
 
             def pv_scope(acc_ref, v_tile=v_tile):
@@ -505,11 +642,38 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
             new.append(acc + pl.run_scoped(pv_scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
           else:
             new.append(_mma_acc(acc, p16, v_tile, False))
-        plgpu.barrier_arrive(bar_free)
+        plgpu.barrier_arrive(bar)
         return tuple(new)
+
+      def math(j, carry, operand, bar):
+        accs, m_i, l_i = carry
+
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[:, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+        ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
+        return pv_update(accs, alpha, p.astype(dtype), operand, bar), m_new, l_i
+
+      def direct_step(j, carry):
+        slot = j % 2
+        if interpret:
+          plgpu.barrier_wait(bar_full.at[slot])
+        else:
+          lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
+          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+        if bs.probe_no_math:
+          plgpu.barrier_arrive(bar_free.at[slot])
+          return carry
+        return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
 
       def step(j, carry):
         accs, m_i, l_i = carry
+        if bs.direct:
+          return direct_step(j, carry)
         if bs.lane_copies:
           lane_wait(lane_bar, j % 2)
         else:
@@ -530,19 +694,15 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
         if bs.split_qk:
           return split_math(j, accs, m_i, l_i)
-
-        def qk_scope(acc_ref):
-          for c in range(n_tiles):
-            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[:, pl.ds(c * 64, 64)].T)
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
-        ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-        m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
-        return pv_update(accs, alpha, p.astype(dtype)), m_new, l_i
+        return math(j, carry, kv_smem, bar_free)
 
       accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
-      plgpu.barrier_wait(bar_free)  # both WGs past their last logits: q_smem can take the output
+      # Both WGs past their last logits: q_smem can take the output.
+      if bs.direct:
+        plgpu.barrier_arrive(bar_x)
+        plgpu.barrier_wait(bar_x)
+      else:
+        plgpu.barrier_wait(bar_free)
       if bs.split_qk:  # the softmax denominator is the sum of the two WGs' partial sums
         xbuf.at[wg][...] = l_i
         plgpu.barrier_arrive(bar_x)
@@ -570,8 +730,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   def entry(q_ref, kv_ref, idx_ref, o_ref, lse_ref):
     bufs = (
       _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
-      plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer of the row copies
-      _swizzled((bk, kp_dim), dtype),  # wgmma operand
+      None if bs.direct else plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer
+      _swizzled((2, bk, kp_dim) if bs.direct else (bk, kp_dim), dtype),  # wgmma operand(s)
       plgpu.SMEM((n_chunks, bk), jnp.int32) if bs.idx_in_smem else None,
       _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,
       plgpu.SMEM((2, HEAD_BLOCK, bk // 2), dtype) if bs.split_qk else None,  # P halves
@@ -580,10 +740,10 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     bars = (
       plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
       plgpu.Barrier(num_arrivals=1),  # idx row
-      plgpu.Barrier(num_arrivals=bk),  # stage full: one arrival per row copy
+      plgpu.Barrier(num_arrivals=bk, num_barriers=2 if bs.direct else 1),  # one per row copy
       plgpu.Barrier(num_arrivals=2),  # both compute WGs re-laid out their half (stage free)
-      plgpu.Barrier(num_arrivals=2),  # both compute WGs done with the operand buffer
-      plgpu.Barrier(num_arrivals=2),  # split_qk: row maxima (and at the end sums) exchanged
+      plgpu.Barrier(num_arrivals=2, num_barriers=2 if bs.direct else 1),  # operand done
+      plgpu.Barrier(num_arrivals=2),  # split_qk: row maxima (and sums) exchanged; direct: loop end
       plgpu.Barrier(num_arrivals=2),  # split_qk: P halves exchanged
     )
     pl.run_scoped(

@@ -437,7 +437,7 @@ def _ws_fwd_call(q, kv, idx, scale, d_v, interpret, bs):
   if bs.idx_in_smem:
     need = kernel.ws_smem_bytes(kp_dim, gidx.shape[1], q.dtype.itemsize, True)
     if need > kernel._SMEM_BYTES:  # long top-k rows: slot ids from GMEM, Pallas row copies
-      bs = dataclasses.replace(bs, idx_in_smem=False, lane_copies=False)
+      bs = dataclasses.replace(bs, idx_in_smem=False, lane_copies=False, direct=False)
   out, lse = kernel.sparse_mla_fwd_ws(
     qf, kvf, gidx, scale=scale, d_out=d_out, bs=bs, interpret=interpret
   )

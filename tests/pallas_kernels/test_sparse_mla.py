@@ -186,6 +186,7 @@ def test_pallas_gpu_full_shape():
   "ws",
   [
     kernel.WsBlockSizes(),
+    kernel.WsBlockSizes(direct=True),
     kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
     pytest.param(
       kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False, lane_copies=False),
@@ -210,12 +211,15 @@ def test_ws_layout_errors():
     kernel.WsBlockSizes(split_qk=True)
   with pytest.raises(ValueError, match="lane_copies=True needs idx_in_smem=True"):
     kernel.WsBlockSizes(idx_in_smem=False)
+  with pytest.raises(ValueError, match="direct=True needs idx_in_smem=True"):
+    kernel.WsBlockSizes(direct=True, idx_in_smem=False, lane_copies=False)
 
 
 @pytest.mark.parametrize(
   "ws",
   [
     kernel.WsBlockSizes(),
+    kernel.WsBlockSizes(direct=True),
     kernel.WsBlockSizes(copy_wgs=4, lane_copies=False),
     kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
   ],
@@ -244,6 +248,7 @@ def test_ws_gpu(t, s, h, k_dim, d_v, k):
   idx = idx.at[1, -1, :5].set(1)  # duplicates
   for ws in (
     kernel.WsBlockSizes(),  # lane copies
+    kernel.WsBlockSizes(direct=True),
     kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True),
     kernel.WsBlockSizes(copy_wgs=2, lane_copies=False, idx_in_smem=False),
     kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
