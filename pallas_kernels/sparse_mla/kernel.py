@@ -278,7 +278,8 @@ class WsBlockSizes:
     must fit in that pool or the increase waits forever (6 WGs: 80 each, not 85)."""
     wgs = 2 + self.copy_wgs
     pool = 65536 // (128 * wgs) // 8 * 8 * wgs
-    copy = 24 if self.copy_wgs == 4 else 40
+    # direct: FlashMLA's producer/consumer split (72 / 216); the others' copy WGs need few.
+    copy = 24 if self.copy_wgs == 4 else (72 if self.direct else 40)
     return (pool - self.copy_wgs * copy) // 2 // 8 * 8, copy
 
 
@@ -363,20 +364,21 @@ def _direct_ops(n_rows: int, row_bytes: int):
 
   The operand [2, n_rows, row_bytes / 2] bf16 is stored as 1 KiB tiles of 8 rows x 128 bytes
   (row tile major, then column tile), and the 128-byte swizzle XORs a 16-byte piece's index
-  with the row's index inside its tile (PTX ISA, wgmma shared memory layouts). Piece f of a
-  chunk (row f / pieces, piece f % pieces of that row) is copied by thread f % 128, so a warp
-  reads 512 contiguous bytes of a row and writes 4 whole 128-byte lines. Each thread then
-  makes the slot's raw mbarrier track its copies (`cp.async.mbarrier.arrive.noinc`): a phase
-  completes when all 128 threads' pieces have landed.
+  with the row's index inside its tile (PTX ISA, wgmma shared memory layouts). Thread i of the
+  copy WG, in group g = i / 8 of 8 threads, copies piece i % 8 of every 128-byte line of rows
+  g, g + 16, ...: those rows share g % 8, so the swizzled destination is one per-thread base
+  plus compile-time offsets, and a group writes whole 128-byte lines. The slot ids are read
+  once per chunk. `.L2::256B` asks L2 for the whole 256-byte span a group's next lines need.
+  Each thread then makes the slot's raw mbarrier track its copies
+  (`cp.async.mbarrier.arrive.noinc`): a phase completes when all 128 threads' pieces landed.
   """
   from jax._src.lib.mlir import ir  # noqa: PLC0415
   from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm  # noqa: PLC0415
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
 
-  pieces = row_bytes // 16
   tiles = row_bytes // 128
-  if row_bytes % 128 or (n_rows * pieces) % 128 or n_rows % 8:
-    raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 128 threads")
+  if row_bytes % 128 or n_rows % 16:
+    raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 16 groups")
   buf_bytes = n_rows * row_bytes
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
@@ -408,32 +410,34 @@ def _direct_ops(n_rows: int, row_bytes: int):
       return mu.c(v, t)
 
     lane = arith.index_cast(i32, arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index)))
+    g, p = arith.shrui(lane, c(3)), arith.andi(lane, c(7))
+    g8 = arith.andi(g, c(7))
     slot = _scalar(slot)
-    kv_ptr = mu.memref_ptr(kv)
-    dst_ptr = mu.getelementptr(mu.memref_ptr(bufs), [arith.muli(slot, c(buf_bytes))], i8)
+    base = arith.addi(
+      arith.addi(arith.muli(slot, c(buf_bytes)), arith.muli(arith.shrui(g, c(3)), c(tiles * 1024))),
+      arith.addi(arith.muli(g8, c(128)), arith.shli(arith.xori(p, g8), c(4))),
+    )
+    dst = mu.getelementptr(mu.memref_ptr(bufs), [base], i8)
+    src = mu.getelementptr(mu.memref_ptr(kv), [arith.extui(i64, arith.shli(p, c(4)))], i8)
     bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
-    for i in range(n_rows * pieces // 128):
-      f = arith.addi(lane, c(128 * i))
-      row = arith.divui(f, c(pieces))
-      piece = arith.remui(f, c(pieces))
-      rid = arith.maxsi(memref.load(ids, [arith.index_cast(index, row)]), c(0))  # invalid: row 0
-      src_off = arith.addi(
-        arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)),
-        arith.extui(i64, arith.muli(piece, c(16))),
-      )
-      r8 = arith.andi(row, c(7))
-      tile = arith.addi(arith.muli(arith.shrui(row, c(3)), c(tiles)), arith.shrui(piece, c(3)))
-      dst_off = arith.addi(
-        arith.addi(arith.muli(tile, c(1024)), arith.muli(r8, c(128))),
-        arith.shli(arith.xori(arith.andi(piece, c(7)), r8), c(4)),
-      )
-      llvm.inline_asm(
-        ir.Type.parse("!llvm.void"),
-        [mu.getelementptr(dst_ptr, [dst_off], i8), mu.getelementptr(kv_ptr, [src_off], i8)],
-        "cp.async.cg.shared.global [$0], [$1], 16;",
-        "l,l",
-        has_side_effects=True,
-      )
+    rows = []
+    for k in range(n_rows // 16):
+      rid = memref.load(ids, [arith.index_cast(index, arith.addi(g, c(16 * k)))])
+      rid = arith.maxsi(rid, c(0))  # invalid slots fetch row 0 (masked in the logits)
+      rows.append(arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)))
+    for k, row in enumerate(rows):
+      row_src = mu.getelementptr(src, [row], i8)
+      for tile in range(tiles):
+        llvm.inline_asm(
+          ir.Type.parse("!llvm.void"),
+          [
+            mu.getelementptr(dst, [(2 * k * tiles + tile) * 1024], i8),
+            mu.getelementptr(row_src, [tile * 128], i8),
+          ],
+          "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;",
+          "l,l",
+          has_side_effects=True,
+        )
     llvm.inline_asm(
       ir.Type.parse("!llvm.void"),
       [bar_ptr],
