@@ -71,17 +71,19 @@ def _fwd_variants(suite, shp, q, kv, idx, ro, tf):
 
   op = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
   ws = kernel.WsBlockSizes
-  ws_cases = {
-    "mosaic_ws": ws(),  # lane copies, 1 copy WG
+  add(
+    ops.TRITON_DEFAULT_VARIANT, jax.jit(functools.partial(op, variant=ops.TRITON_DEFAULT_VARIANT))
+  )
+  ws_cases = {  # the main row is mosaic_ws with WsBlockSizes() (direct copies)
     "mosaic_ws_noab": ws(no_auto_barriers=True),
-    "mosaic_ws_lane_copy2": ws(copy_wgs=2),
-    "mosaic_ws_pallas_copies": ws(copy_wgs=2, lane_copies=False),
+    "mosaic_ws_lane_copies": ws(direct=False),
+    "mosaic_ws_pallas_copies": ws(direct=False, copy_wgs=2, lane_copies=False),
   }
   if suite != "S1":
-    ws_cases = {k: ws_cases[k] for k in ("mosaic_ws", "mosaic_ws_noab")}
+    ws_cases = {k: ws_cases[k] for k in ("mosaic_ws_noab", "mosaic_ws_lane_copies")}
   for name, cfg in ws_cases.items():
     add(name, jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg)))
-  if suite == "S1":  # time breakdown (wrong results): copies and relayouts only
+  if suite == "S1":  # time breakdown (wrong results): the copies only
     cfg = ws(probe_no_math=True)
     fn = jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg))
     add("mosaic_ws_probe_no_math", fn, check=False)

@@ -9,7 +9,7 @@ slot sorting included). Backward: each case runs the op's custom-VJP backward ru
 (ops._sparse_mla_triton_bwd) on the residuals of one default forward, with both cotangents (out
 and lse): exactly what jax.vjp runs, but one forward serves every case. The default's backward is
 also timed through jax.vjp as experiments/bench_sparse_mla.py does (row "default_via_jax_vjp"),
-to show the two agree. Rel errs are vs the current default (ops.GPU_DEFAULT_VARIANT).
+to show the two agree. Rel errs are vs the Triton default (ops.TRITON_DEFAULT_VARIANT).
 All cases are lowered first, compiled (defaults alone, then the rest in parallel threads), then
 run one at a time in list order until --budget_s is spent; a failing case records its error and
 the sweep goes on. --only=a,b re-runs chosen cases (plus the defaults).
@@ -34,7 +34,7 @@ SCALE = 576**-0.5
 _S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 _SMALL = dict(s_q=4, s_kv=96, h=64, d_qk=128, d_v=64, topk=128)
 
-BASE = ops.TRITON_VARIANTS[ops.GPU_DEFAULT_VARIANT]
+BASE = ops.TRITON_VARIANTS[ops.TRITON_DEFAULT_VARIANT]
 BS, BWD, DKV = kernel_triton.BlockSizes, kernel_triton.BwdBlockSizes, kernel_triton.DkvBlockSizes
 
 
@@ -268,7 +268,7 @@ def main():
     "command": "python -m experiments.sweep_sparse_mla "
     + " ".join(f"--{k}={v}" for k, v in vars(a).items() if v not in ("", False, None)),
     "shape": shp,
-    "default_variant": ops.GPU_DEFAULT_VARIANT,
+    "default_variant": ops.TRITON_DEFAULT_VARIANT,
     "flops": {"forward": "2*s_q*h*topk*(d_qk+d_v)", "backward": "2*s_q*h*topk*(3*d_qk+2*d_v)"},
     "compile_s": t_compiled,
     "total_s": time.perf_counter() - t_start,

@@ -5,7 +5,8 @@
 
 Each case runs in its own subprocess with a time limit, so a case that deadlocks (a warpgroup
 waiting on a barrier or on registers that never come) is recorded as such and the sweep goes on.
-The default Triton forward is timed in the same run as the baseline (ratio = its time / case's).
+Case names as of the direct copies (commit da54a40): ws_lane_copy1 was "ws_default" before.
+The Triton forward (the default before mosaic_ws) is timed in the same run as the baseline (ratio = its time / case's).
 rel_err is vs the XLA gather reference on the same inputs.
 """
 
@@ -17,29 +18,55 @@ import sys
 import time
 
 CASES = {
-  "triton_default": None,
+  "triton_default": None,  # ops.TRITON_DEFAULT_VARIANT's Triton forward
   # Pallas copy_gmem_to_smem row copies (one thread issues them one after the other):
-  "ws_copy2": {"copy_wgs": 2, "lane_copies": False},
-  "ws_copy1_tensormap": {"copy_wgs": 1, "bulk_copies": False, "lane_copies": False},
-  "ws_copy2_tensormap": {"copy_wgs": 2, "bulk_copies": False, "lane_copies": False},
-  "ws_copy1": {"copy_wgs": 1, "lane_copies": False},
-  "ws_copy4": {"copy_wgs": 4, "lane_copies": False},
-  "ws_copy2_noab": {"copy_wgs": 2, "no_auto_barriers": True, "lane_copies": False},
-  "ws_copy2_probe_no_math": {"copy_wgs": 2, "probe_no_math": True, "lane_copies": False},
-  "ws_copy4_probe_no_math": {"copy_wgs": 4, "probe_no_math": True, "lane_copies": False},
+  "ws_copy2": {"direct": False, "copy_wgs": 2, "lane_copies": False},
+  "ws_copy1_tensormap": {
+    "direct": False,
+    "copy_wgs": 1,
+    "bulk_copies": False,
+    "lane_copies": False,
+  },
+  "ws_copy2_tensormap": {
+    "direct": False,
+    "copy_wgs": 2,
+    "bulk_copies": False,
+    "lane_copies": False,
+  },
+  "ws_copy1": {"direct": False, "copy_wgs": 1, "lane_copies": False},
+  "ws_copy4": {"direct": False, "copy_wgs": 4, "lane_copies": False},
+  "ws_copy2_noab": {"direct": False, "copy_wgs": 2, "no_auto_barriers": True, "lane_copies": False},
+  "ws_copy2_probe_no_math": {
+    "direct": False,
+    "copy_wgs": 2,
+    "probe_no_math": True,
+    "lane_copies": False,
+  },
+  "ws_copy4_probe_no_math": {
+    "direct": False,
+    "copy_wgs": 4,
+    "probe_no_math": True,
+    "lane_copies": False,
+  },
   # lane copies (one row per thread, inline Mosaic GPU):
-  "ws_lane_copy2": {"copy_wgs": 2},
-  "ws_default": {},  # lane copies, 1 copy WG
-  "ws_lane_copy2_noab": {"copy_wgs": 2, "no_auto_barriers": True},
-  "ws_lane_copy2_probe_no_math": {"copy_wgs": 2, "probe_no_math": True},
-  "ws_noab": {"no_auto_barriers": True},
+  "ws_lane_copy2": {"direct": False, "copy_wgs": 2},
+  "ws_lane_copy1": {"direct": False},  # lane copies, 1 copy WG (the default before direct)
+  "ws_lane_copy2_noab": {"direct": False, "copy_wgs": 2, "no_auto_barriers": True},
+  "ws_lane_copy2_probe_no_math": {"direct": False, "copy_wgs": 2, "probe_no_math": True},
+  "ws_lane_copy1_noab": {"direct": False, "no_auto_barriers": True},
   # logits split between the compute WGs (P halves swapped through SMEM), ids from GMEM (lane
   # copies with GMEM ids crashed on the H200, sweep_ws_split*.json, so Pallas copies):
-  "ws_split_pallas": {"split_qk": True, "idx_in_smem": False, "lane_copies": False, "copy_wgs": 2},
+  "ws_split_pallas": {
+    "direct": False,
+    "split_qk": True,
+    "idx_in_smem": False,
+    "lane_copies": False,
+    "copy_wgs": 2,
+  },
   # direct: 16-byte cp.async pieces straight into a double-buffered swizzled operand:
-  "ws_direct": {"direct": True},
-  "ws_direct_noab": {"direct": True, "no_auto_barriers": True},
-  "ws_direct_probe_no_math": {"direct": True, "probe_no_math": True},
+  "ws_direct": {},  # the default
+  "ws_direct_noab": {"no_auto_barriers": True},
+  "ws_direct_probe_no_math": {"probe_no_math": True},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 
@@ -56,7 +83,7 @@ def _one(name):
   op = functools.partial(ops.sparse_mla, scale=576**-0.5, d_v=512, impl="pallas")
   kw = CASES[name]
   if kw is None:
-    f = jax.jit(op)
+    f = jax.jit(functools.partial(op, variant=ops.TRITON_DEFAULT_VARIANT))
   else:
     f = jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=kernel.WsBlockSizes(**kw)))
   t0 = time.time()

@@ -256,7 +256,7 @@ class WsBlockSizes:
   idx_in_smem: bool = True
   no_auto_barriers: bool = False
   bulk_copies: bool = True
-  direct: bool = False
+  direct: bool = True
   probe_no_math: bool = False
 
   def __post_init__(self):

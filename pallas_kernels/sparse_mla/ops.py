@@ -61,10 +61,11 @@ TRITON_VARIANTS = {
   "triton_hybrid_bwd": TritonConfig(bwd="hybrid"),
   "triton_hybrid_xla_bwd": TritonConfig(bwd="hybrid_xla", xla_block_t=256),
 }
-# "mosaic_ws": the warp-specialised Mosaic GPU forward (kernel.sparse_mla_fwd_ws) with the
-# default variant's backward.
+# "mosaic_ws" (the default): the warp-specialised Mosaic GPU forward (kernel.sparse_mla_fwd_ws)
+# with TRITON_DEFAULT_VARIANT's backward (Triton dq + XLA dkv).
 GPU_VARIANTS = (*TRITON_VARIANTS, "mosaic", "mosaic_ws")
-GPU_DEFAULT_VARIANT = "triton_xla_fused_bwd"
+GPU_DEFAULT_VARIANT = "mosaic_ws"
+TRITON_DEFAULT_VARIANT = "triton_xla_fused_bwd"  # the Triton variant a triton_config applies to
 
 
 def _check(q, kv, idx, d_v):
@@ -113,7 +114,9 @@ def sparse_mla(
   backend ("gpu" | "tpu"; default: "tpu" when jax.default_backend() is "tpu", else "gpu") picks
   the kernels: "tpu" runs kernel_tpu.py (Mosaic TPU forward and backward kernels); there
   interpret=True means pltpu.InterpretParams().
-  variant (GPU only; default GPU_DEFAULT_VARIANT): "triton" = Triton-backend forward and backward
+  variant (GPU only; default GPU_DEFAULT_VARIANT = "mosaic_ws", the warp-specialised Mosaic GPU
+  forward + TRITON_DEFAULT_VARIANT's backward; TRITON_DEFAULT_VARIANT when only triton_config is
+  given): "triton" = Triton-backend forward and backward
   kernels (kernel_triton.py); "triton_xla_bwd" = Triton forward + the blocked XLA backward;
   "mosaic" = the Mosaic GPU forward (kernel.py) + the blocked XLA backward; the other
   "triton_*" names are TRITON_VARIANTS (Triton forward + another backward, see TritonConfig).
@@ -139,7 +142,7 @@ def sparse_mla(
         q, kv, idx.astype(jnp.int32), float(scale), int(d_v), bs, interpret or False
       )
     _check_pallas(q, kv)
-    variant = variant or GPU_DEFAULT_VARIANT
+    variant = variant or (TRITON_DEFAULT_VARIANT if triton_config else GPU_DEFAULT_VARIANT)
     if variant not in GPU_VARIANTS:
       raise ValueError(f"variant={variant!r}; expected one of {GPU_VARIANTS}")
     if variant.startswith("mosaic") and triton_config is not None:
@@ -149,7 +152,7 @@ def sparse_mla(
 
       interpret = plgpu.InterpretGPUParams()
     if variant == "mosaic_ws":
-      cfg = TRITON_VARIANTS[GPU_DEFAULT_VARIANT]
+      cfg = TRITON_VARIANTS[TRITON_DEFAULT_VARIANT]
       return _sparse_mla_ws(
         q, kv, idx.astype(jnp.int32), float(scale), int(d_v), interpret or False, ws_config, cfg
       )

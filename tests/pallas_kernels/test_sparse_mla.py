@@ -185,11 +185,11 @@ def test_pallas_gpu_full_shape():
 @pytest.mark.parametrize(
   "ws",
   [
-    kernel.WsBlockSizes(),
-    kernel.WsBlockSizes(direct=True),
-    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
+    kernel.WsBlockSizes(),  # direct copies
+    kernel.WsBlockSizes(direct=False),  # lane copies (Pallas copies in the interpreter)
+    kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
     pytest.param(
-      kernel.WsBlockSizes(copy_wgs=4, idx_in_smem=False, lane_copies=False),
+      kernel.WsBlockSizes(direct=False, copy_wgs=4, idx_in_smem=False, lane_copies=False),
       marks=pytest.mark.slow,
     ),
   ],
@@ -208,20 +208,29 @@ def test_ws_layout_errors():
   with pytest.raises(ValueError, match="copy_wgs=3"):
     kernel.WsBlockSizes(copy_wgs=3)
   with pytest.raises(ValueError, match="split_qk needs idx_in_smem=False"):
-    kernel.WsBlockSizes(split_qk=True)
+    kernel.WsBlockSizes(direct=False, split_qk=True)
   with pytest.raises(ValueError, match="lane_copies=True needs idx_in_smem=True"):
-    kernel.WsBlockSizes(idx_in_smem=False)
+    kernel.WsBlockSizes(direct=False, idx_in_smem=False)
   with pytest.raises(ValueError, match="direct=True needs idx_in_smem=True"):
-    kernel.WsBlockSizes(direct=True, idx_in_smem=False, lane_copies=False)
+    kernel.WsBlockSizes(idx_in_smem=False, lane_copies=False)
+  with pytest.raises(ValueError, match="copy_wgs=2"):
+    kernel.sparse_mla_fwd_ws(
+      q,
+      q[0],
+      jnp.zeros((2, 64), jnp.int32),
+      scale=1.0,
+      d_out=128,
+      bs=kernel.WsBlockSizes(copy_wgs=2),
+    )
 
 
 @pytest.mark.parametrize(
   "ws",
   [
     kernel.WsBlockSizes(),
-    kernel.WsBlockSizes(direct=True),
-    kernel.WsBlockSizes(copy_wgs=4, lane_copies=False),
-    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
+    kernel.WsBlockSizes(direct=False),
+    kernel.WsBlockSizes(direct=False, copy_wgs=4, lane_copies=False),
+    kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
   ],
 )
 def test_ws_cross_lowering_cuda_full_shape(ws):
@@ -247,11 +256,12 @@ def test_ws_gpu(t, s, h, k_dim, d_v, k):
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[1, -1, :5].set(1)  # duplicates
   for ws in (
-    kernel.WsBlockSizes(),  # lane copies
-    kernel.WsBlockSizes(direct=True),
-    kernel.WsBlockSizes(copy_wgs=2, no_auto_barriers=True),
-    kernel.WsBlockSizes(copy_wgs=2, lane_copies=False, idx_in_smem=False),
-    kernel.WsBlockSizes(split_qk=True, idx_in_smem=False, lane_copies=False),
+    kernel.WsBlockSizes(),  # direct copies
+    kernel.WsBlockSizes(no_auto_barriers=True),
+    kernel.WsBlockSizes(direct=False),  # lane copies
+    kernel.WsBlockSizes(direct=False, copy_wgs=2, no_auto_barriers=True),
+    kernel.WsBlockSizes(direct=False, copy_wgs=2, lane_copies=False, idx_in_smem=False),
+    kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
   ):
     o, l = ops.sparse_mla(
       q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
