@@ -67,6 +67,9 @@ CASES = {
   "ws_direct": {},  # the default
   "ws_direct_noab": {"no_auto_barriers": True},
   "ws_direct_probe_no_math": {"probe_no_math": True},
+  # pairs: no duplicated logits (alternate chunks per compute WG, P tiles swapped via SMEM):
+  "ws_pairs": {"pairs": True},
+  "ws_pairs_noab": {"pairs": True, "no_auto_barriers": True},
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 

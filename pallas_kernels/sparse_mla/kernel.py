@@ -84,14 +84,15 @@ def _swizzled(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=_SWIZZLE)
 
 
-def _online_softmax(s, ids, m_i, l_i, qk_scale):
+def _online_softmax(s, ids, m_i, l_i, qk_scale, m_old=None):
   """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
-  (m_new, alpha = rescale of the old accumulator, p = exp2(s - m), l_new)."""
+  (m_new, alpha = rescale of the old accumulator, p = exp2(s - m), l_new). m_old: the max the
+  accumulator and l_i are scaled to, when m_i is a larger one from elsewhere (default m_i)."""
   valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
   s = jnp.where(valid, s * qk_scale, -jnp.inf)
   m_new = jnp.maximum(m_i, s.max(axis=1))
   m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-  alpha = jnp.exp2(m_i - m_use)
+  alpha = jnp.exp2((m_i if m_old is None else m_old) - m_use)
   p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
   return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
 
@@ -247,6 +248,12 @@ class WsBlockSizes:
   tiled + swizzled operand (it computes the swizzled address itself, as FlashMLA's producer
   does): no stage, no relayout, and the SMEM the stage took double-buffers the operand, so the
   copies of chunk j+1 land while chunk j is multiplied. Needs idx_in_smem, no split_qk.
+  pairs (needs direct): no duplicated logits. The WGs take the two operand slots' chunks in
+  turn (WG w: the logits of chunk 2i + w), share one running max through SMEM (WG0 posts its
+  max, WG1 folds in its own and posts the new one, WG0 rescales), and each computes P·V for its
+  value half over both chunks: its own P from registers, the other WG's from SMEM. The P tiles
+  live in the operand's last column tile (rope dims: not a value column, and dead after the
+  logits), so it needs Kp - d_out >= 64 and an even number of chunks.
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
@@ -257,9 +264,12 @@ class WsBlockSizes:
   no_auto_barriers: bool = False
   bulk_copies: bool = True
   direct: bool = True
+  pairs: bool = False
   probe_no_math: bool = False
 
   def __post_init__(self):
+    if self.pairs and not self.direct:
+      raise ValueError("pairs=True needs direct=True")
     if self.direct and (self.split_qk or not self.idx_in_smem):
       raise ValueError("direct=True needs idx_in_smem=True and split_qk=False")
     if self.split_qk and self.idx_in_smem:
@@ -474,6 +484,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     raise ValueError(f"idx_in_smem needs k <= {256 * bk} slots (one TMA box), got {kp}")
   n_chunks = kp // bk
   n_tiles = kp_dim // 64
+  p_col = (n_tiles - 1) * 64  # pairs: the P tiles' columns (the last, a rope tile)
   v_tiles = d_out // 128  # value-column tiles per compute WG
   per_copy = bk // bs.copy_wgs
   dtype = q.dtype
@@ -485,6 +496,11 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       raise ValueError("lane_copies needs a GPU (inline Mosaic GPU has no interpreter)")
     lane_init, lane_issue, lane_wait = _lane_ops(
       per_copy, kp_dim * q.dtype.itemsize, 128 * bs.copy_wgs
+    )
+  if bs.pairs and (n_chunks % 2 or kp_dim - d_out < 64):
+    raise ValueError(
+      f"pairs needs an even number of 64-slot chunks and a free column tile: k={kp}, "
+      f"Kp={kp_dim}, d_out={d_out}"
     )
   if bs.direct:
     if bs.copy_wgs != 1:
@@ -507,6 +523,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
     xbuf, lse_smem, lane_bar = misc.at[pl.ds(0, 2)], misc.at[2], misc.at[3, pl.ds(0, 2)]
     raw_bars = misc.at[3, pl.ds(0, 4)]
     bar_in, bar_full, bar_relaid, bar_free, bar_x, bar_p = bars
+    # pairs: bar_p[w] / bar_x[w] = WG w posted its max / its P tile; bar_end ends the loop.
+    bar_end = bar_relaid
     # direct: kv_smem is [2, bk, Kp] (two operand slots; no stage), bar_full and bar_free hold
     # one barrier per slot (bar_full: the interpreter's Pallas copies only), bar_x ends the loop.
     t = lax.axis_index("t")
@@ -674,6 +692,83 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
           return carry
         return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
 
+      def wait_slot(slot, i):
+        if interpret:
+          plgpu.barrier_wait(bar_full.at[slot])
+        else:
+          lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], i % 2)
+          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+
+      def pv(accs, p, slot):
+        """accs[c] + p @ v_tile(c) over this WG's value tiles of the slot; p: registers or an
+        SMEM ref."""
+        if interpret and isinstance(p, jax.Array):  # the interpreter reads A from SMEM only
+          p_smem.at[wg][...] = p
+          plgpu.commit_smem()
+          p = p_smem.at[wg]
+        new = []
+        for c, acc in enumerate(accs):
+          v_tile = kv_smem.at[slot, :, pl.ds((v0 + c) * 64, 64)]
+          if interpret:
+
+            def scope(acc_ref, a=p, b=v_tile):
+              plgpu.wgmma(acc_ref, a, b)
+              return acc_ref[...]
+
+            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
+          else:
+            new.append(_mma_acc(acc, p, v_tile, False))
+        return new
+
+      def scale(accs, f):
+        return [a * lax.broadcast_in_dim(f, a.shape, [0]) for a in accs]
+
+      def pair_round(i, carry):
+        # FlashMLA's schedule (WG0 first): WG w owns slot w = chunk 2i + w. m_i is the max both
+        # WGs agreed on last round; sM (xbuf row 0) carries WG0's max to WG1 and back.
+        accs, m_i, l_i = carry
+        wait_slot(wg, i)
+
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[wg, :, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+        ids = plgpu.load(
+          ids_ref.at[2 * i + wg], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
+        )
+
+        # The max to fold this chunk into: WG0 its own (parked in xbuf row 1: a select on wg
+        # would need a scalar broadcast, which warpgroup lowering lacks), WG1 the one WG0 posted.
+        @pl.when(wg == 0)
+        def _():
+          xbuf.at[1][...] = m_i
+
+        pl.when(wg == 1)(lambda: plgpu.barrier_wait(bar_p.at[0]))
+        m_in = plgpu.load(xbuf.at[1 - wg], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        m_w, alpha, p, l_i = _online_softmax(s, ids, m_in, l_i, qk_scale, m_old=m_i)
+        xbuf.at[0][...] = m_w
+        plgpu.barrier_arrive(bar_p.at[wg])
+        accs = pv(scale(accs, alpha), p.astype(dtype), wg)
+        # The round's max is WG1's post (WG1 reads back its own: WG0 overwrites row 0 only after
+        # WG1 posted its P tile below). WG0's P and accumulator move onto it; WG1's are there.
+        pl.when(wg == 0)(lambda: plgpu.barrier_wait(bar_p.at[1]))
+        m_new = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        c = jnp.where(m_w == -jnp.inf, 0.0, jnp.exp2(m_w - m_new))  # m_w = -inf: P, acc are 0
+        p_tile = kv_smem.at[wg, :, pl.ds(p_col, 64)]
+        p_tile[...] = (p * lax.broadcast_in_dim(c, p.shape, [0])).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bar_x.at[wg])
+        accs, l_i = scale(accs, c), l_i * c
+        other = 1 - wg
+        plgpu.barrier_wait(bar_x.at[other])  # the other WG's P tile is in its slot
+        wait_slot(other, i)
+        accs = pv(accs, kv_smem.at[other, :, pl.ds(p_col, 64)], other)
+        plgpu.barrier_arrive(bar_free.at[0])
+        plgpu.barrier_arrive(bar_free.at[1])
+        return tuple(accs), m_new, l_i
+
       def step(j, carry):
         accs, m_i, l_i = carry
         if bs.direct:
@@ -700,9 +795,18 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
           return split_math(j, accs, m_i, l_i)
         return math(j, carry, kv_smem, bar_free)
 
-      accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
+      if bs.pairs:
+        accs, m_i, l_i = lax.fori_loop(0, n_chunks // 2, pair_round, (accs, m_i, l_i))
+      else:
+        accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
       # Both WGs past their last logits: q_smem can take the output.
-      if bs.direct:
+      if bs.pairs:  # the softmax denominator: the sum of the two WGs' partial sums
+        xbuf.at[wg][...] = l_i
+        plgpu.barrier_arrive(bar_end)
+        plgpu.barrier_wait(bar_end)
+        l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+      elif bs.direct:
         plgpu.barrier_arrive(bar_x)
         plgpu.barrier_wait(bar_x)
       else:
@@ -747,8 +851,10 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       plgpu.Barrier(num_arrivals=bk, num_barriers=2 if bs.direct else 1),  # one per row copy
       plgpu.Barrier(num_arrivals=2),  # both compute WGs re-laid out their half (stage free)
       plgpu.Barrier(num_arrivals=2, num_barriers=2 if bs.direct else 1),  # operand done
-      plgpu.Barrier(num_arrivals=2),  # split_qk: row maxima (and sums) exchanged; direct: loop end
-      plgpu.Barrier(num_arrivals=2),  # split_qk: P halves exchanged
+      # split_qk: row maxima (and sums) exchanged; direct: loop end; pairs: WG w's P tile posted
+      plgpu.Barrier(num_arrivals=1, num_barriers=2) if bs.pairs else plgpu.Barrier(num_arrivals=2),
+      # split_qk: P halves exchanged; pairs: WG w's max posted
+      plgpu.Barrier(num_arrivals=1, num_barriers=2) if bs.pairs else plgpu.Barrier(num_arrivals=2),
     )
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, ((r[0], r[1]), *r[2:])),

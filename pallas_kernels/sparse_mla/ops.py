@@ -433,14 +433,17 @@ def _ws_fwd_call(q, kv, idx, scale, d_v, interpret, bs):
   b, t, h, k_dim = q.shape
   d_out = _round_up(d_v, 128)
   kp_dim = _round_up(max(k_dim, d_out), 64)
-  qf, kvf, gidx = _fold(q, kv, idx, _round_up(h, kernel.HEAD_BLOCK), kp_dim, kernel.WS_BLOCK_K)
   bs = bs or kernel.WsBlockSizes()
+  if bs.pairs and kp_dim - d_out < 64:  # no rope tile to hold the P tiles
+    bs = dataclasses.replace(bs, pairs=False)
+  block_k = kernel.WS_BLOCK_K * (2 if bs.pairs else 1)  # pairs: chunks come in pairs
+  qf, kvf, gidx = _fold(q, kv, idx, _round_up(h, kernel.HEAD_BLOCK), kp_dim, block_k)
   if interpret and bs.lane_copies:  # inline Mosaic GPU has no interpreter: Pallas copies there
     bs = dataclasses.replace(bs, lane_copies=False)
   if bs.idx_in_smem:
     need = kernel.ws_smem_bytes(kp_dim, gidx.shape[1], q.dtype.itemsize, True)
     if need > kernel._SMEM_BYTES:  # long top-k rows: slot ids from GMEM, Pallas row copies
-      bs = dataclasses.replace(bs, idx_in_smem=False, lane_copies=False, direct=False)
+      bs = dataclasses.replace(bs, idx_in_smem=False, lane_copies=False, direct=False, pairs=False)
   out, lse = kernel.sparse_mla_fwd_ws(
     qf, kvf, gidx, scale=scale, d_out=d_out, bs=bs, interpret=interpret
   )

@@ -186,6 +186,7 @@ def test_pallas_gpu_full_shape():
   "ws",
   [
     kernel.WsBlockSizes(),  # direct copies
+    kernel.WsBlockSizes(pairs=True),
     kernel.WsBlockSizes(direct=False),  # lane copies (Pallas copies in the interpreter)
     kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
     pytest.param(
@@ -228,6 +229,7 @@ def test_ws_layout_errors():
   "ws",
   [
     kernel.WsBlockSizes(),
+    kernel.WsBlockSizes(pairs=True),
     kernel.WsBlockSizes(direct=False),
     kernel.WsBlockSizes(direct=False, copy_wgs=4, lane_copies=False),
     kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
@@ -257,6 +259,7 @@ def test_ws_gpu(t, s, h, k_dim, d_v, k):
   idx = idx.at[1, -1, :5].set(1)  # duplicates
   for ws in (
     kernel.WsBlockSizes(),  # direct copies
+    kernel.WsBlockSizes(pairs=True),  # (falls back to pairs=False at k_dim 96: no rope tile)
     kernel.WsBlockSizes(no_auto_barriers=True),
     kernel.WsBlockSizes(direct=False),  # lane copies
     kernel.WsBlockSizes(direct=False, copy_wgs=2, no_auto_barriers=True),
