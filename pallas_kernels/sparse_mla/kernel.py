@@ -750,14 +750,15 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         m_w, alpha, p, l_i = _online_softmax(s, ids, m_in, l_i, qk_scale, m_old=m_i)
         xbuf.at[0][...] = m_w
         plgpu.barrier_arrive(bar_p.at[wg])
-        accs = pv(scale(accs, alpha), p.astype(dtype), wg)
+        p = p.astype(dtype)  # only the bf16 P stays live across the P·V (registers)
+        accs = pv(scale(accs, alpha), p, wg)
         # The round's max is WG1's post (WG1 reads back its own: WG0 overwrites row 0 only after
         # WG1 posted its P tile below). WG0's P and accumulator move onto it; WG1's are there.
         pl.when(wg == 0)(lambda: plgpu.barrier_wait(bar_p.at[1]))
         m_new = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
         c = jnp.where(m_w == -jnp.inf, 0.0, jnp.exp2(m_w - m_new))  # m_w = -inf: P, acc are 0
         p_tile = kv_smem.at[wg, :, pl.ds(p_col, 64)]
-        p_tile[...] = (p * lax.broadcast_in_dim(c, p.shape, [0])).astype(dtype)
+        p_tile[...] = (p.astype(jnp.float32) * lax.broadcast_in_dim(c, p.shape, [0])).astype(dtype)
         plgpu.commit_smem()
         plgpu.barrier_arrive(bar_x.at[wg])
         accs, l_i = scale(accs, c), l_i * c
