@@ -248,12 +248,11 @@ class WsBlockSizes:
   tiled + swizzled operand (it computes the swizzled address itself, as FlashMLA's producer
   does): no stage, no relayout, and the SMEM the stage took double-buffers the operand, so the
   copies of chunk j+1 land while chunk j is multiplied. Needs idx_in_smem, no split_qk.
-  pairs (needs direct): no duplicated logits. The WGs take the two operand slots' chunks in
-  turn (WG w: the logits of chunk 2i + w), share one running max through SMEM (WG0 posts its
-  max, WG1 folds in its own and posts the new one, WG0 rescales), and each computes P·V for its
-  value half over both chunks: its own P from registers, the other WG's from SMEM. The P tiles
-  live in the operand's last column tile (rope dims: not a value column, and dead after the
-  logits), so it needs Kp - d_out >= 64 and an even number of chunks.
+  pairs (needs direct): no duplicated logits (FlashMLA's split). The WGs take the two operand
+  slots' chunks in turn (WG w: the logits of chunk 2i + w), agree on one running max through
+  SMEM, and each computes P·V for its value half over both chunks, reading both P tiles from
+  SMEM. The P tiles live in the operand's last column tile (rope dims: not a value column, and
+  dead after the logits), so it needs Kp - d_out >= 64 and an even number of chunks.
   probe_no_math: profiling only (wrong results): copies and relayouts without the matmuls.
   """
 
@@ -724,8 +723,11 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         return [a * lax.broadcast_in_dim(f, a.shape, [0]) for a in accs]
 
       def pair_round(i, carry):
-        # FlashMLA's schedule (WG0 first): WG w owns slot w = chunk 2i + w. m_i is the max both
-        # WGs agreed on last round; sM (xbuf row 0) carries WG0's max to WG1 and back.
+        # WG w owns slot w = chunk 2i + w. The WGs agree on the round's max before any exp2
+        # (WG0 posts max(m_i, its row max) in xbuf row 0, WG1 folds in its own and posts the
+        # result), so no P is rescaled afterwards and each WG's P goes to SMEM at once: the
+        # P·Vs read it from there, and no 64 x 64 tile besides the accumulators stays in
+        # registers (ptxas caps the kernel at 168 per thread; rescaling P spilled).
         accs, m_i, l_i = carry
         wait_slot(wg, i)
 
@@ -738,30 +740,32 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         ids = plgpu.load(
           ids_ref.at[2 * i + wg], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
         )
+        s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+        m_w = jnp.maximum(m_i, s.max(axis=1))
 
-        # The max to fold this chunk into: WG0 its own (parked in xbuf row 1: a select on wg
-        # would need a scalar broadcast, which warpgroup lowering lacks), WG1 the one WG0 posted.
         @pl.when(wg == 0)
         def _():
-          xbuf.at[1][...] = m_i
+          xbuf.at[0][...] = m_w
+          plgpu.barrier_arrive(bar_p.at[0])
+          plgpu.barrier_wait(bar_p.at[1])
 
-        pl.when(wg == 1)(lambda: plgpu.barrier_wait(bar_p.at[0]))
-        m_in = plgpu.load(xbuf.at[1 - wg], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-        m_w, alpha, p, l_i = _online_softmax(s, ids, m_in, l_i, qk_scale, m_old=m_i)
-        xbuf.at[0][...] = m_w
-        plgpu.barrier_arrive(bar_p.at[wg])
-        p = p.astype(dtype)  # only the bf16 P stays live across the P·V (registers)
-        accs = pv(scale(accs, alpha), p, wg)
-        # The round's max is WG1's post (WG1 reads back its own: WG0 overwrites row 0 only after
-        # WG1 posted its P tile below). WG0's P and accumulator move onto it; WG1's are there.
-        pl.when(wg == 0)(lambda: plgpu.barrier_wait(bar_p.at[1]))
+        @pl.when(wg == 1)
+        def _():
+          plgpu.barrier_wait(bar_p.at[0])
+          posted = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+          xbuf.at[0][...] = jnp.maximum(m_w, posted)
+          plgpu.barrier_arrive(bar_p.at[1])
+
+        # Both read the agreed max back (WG0 rewrites row 0 only after WG1 posted its P tile).
         m_new = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-        c = jnp.where(m_w == -jnp.inf, 0.0, jnp.exp2(m_w - m_new))  # m_w = -inf: P, acc are 0
-        p_tile = kv_smem.at[wg, :, pl.ds(p_col, 64)]
-        p_tile[...] = (p.astype(jnp.float32) * lax.broadcast_in_dim(c, p.shape, [0])).astype(dtype)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        kv_smem.at[wg, :, pl.ds(p_col, 64)][...] = p.astype(dtype)
         plgpu.commit_smem()
         plgpu.barrier_arrive(bar_x.at[wg])
-        accs, l_i = scale(accs, c), l_i * c
+        accs = pv(scale(accs, alpha), kv_smem.at[wg, :, pl.ds(p_col, 64)], wg)
         other = 1 - wg
         plgpu.barrier_wait(bar_x.at[other])  # the other WG's P tile is in its slot
         wait_slot(other, i)
