@@ -80,15 +80,6 @@ def _mma_acc(acc, a, b, interpret):
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _when(cond, f=None):
-  """pl.when that also takes a Python bool (a static warpgroup index)."""
-  if f is None:
-    return functools.partial(_when, cond)
-  if isinstance(cond, bool):
-    return f() if cond else None
-  return pl.when(cond)(f)
-
-
 def _swizzled(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=_SWIZZLE)
 
@@ -611,253 +602,243 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       plgpu.barrier_wait(bar_in[0])
       if bs.idx_in_smem:
         plgpu.barrier_wait(bar_in[1])
+      m_i = plgpu.layout_cast(
+        jnp.full((HEAD_BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+      )
+      l_i = plgpu.layout_cast(
+        jnp.full((HEAD_BLOCK,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+      )
+      accs = tuple(
+        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        for _ in range(v_tiles)
+      )
+      v0 = wg * v_tiles  # this WG's first value-column tile
+      half = bk // 2
+      own = pl.ds(wg * half, half)
 
-      def compute(wg):  # wg: the warpgroup index, a constant under pairs (folded slices)
-        m_i = plgpu.layout_cast(
-          jnp.full((HEAD_BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-        )
-        l_i = plgpu.layout_cast(
-          jnp.full((HEAD_BLOCK,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-        )
-        accs = tuple(
-          plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-          for _ in range(v_tiles)
-        )
-        v0 = wg * v_tiles  # this WG's first value-column tile
-        half = bk // 2
-        own = pl.ds(wg * half, half)
+      def split_math(j, accs, m_i, l_i):
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[own, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
 
-        def split_math(j, accs, m_i, l_i):
-          def qk_scope(acc_ref):
-            for c in range(n_tiles):
-              plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[own, pl.ds(c * 64, 64)].T)
-            return acc_ref[...]
-
-          s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), jnp.float32))
-          ids = plgpu.load(ids_ref.at[j, own], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-          valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
-          s = jnp.where(valid, s * qk_scale, -jnp.inf)
-          xbuf.at[wg][...] = s.max(axis=1)
-          plgpu.barrier_arrive(bar_x)
-          plgpu.barrier_wait(bar_x)  # both halves' row maxima are in xbuf
-          m_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-          m_1 = plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-          m_new = jnp.maximum(m_i, jnp.maximum(m_0, m_1))
-          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-          alpha = jnp.exp2(m_i - m_use)
-          p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-          l_i = l_i * alpha + p.sum(axis=1)  # this WG's slots only; the halves add up at the end
-          pbufs.at[wg][...] = p.astype(dtype)
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(bar_p)
-          plgpu.barrier_wait(bar_p)  # the other WG's P half is in pbufs
-          halves = [
-            plgpu.load(pbufs.at[i], layout=plgpu.Layout.WGMMA, optimized=False) for i in (0, 1)
-          ]
-          p16 = jnp.concatenate(halves, axis=1)  # [64 heads, 64 slots], slot order of kv_smem
-          return pv_update(accs, alpha, p16), m_new, l_i
-
-        def pv_update(accs, alpha, p16, operand=kv_smem, bar=bar_free):
-          if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
-            p_smem.at[wg][...] = p16
-            plgpu.commit_smem()
-          new = []
-          for c, acc in enumerate(accs):
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
-            if interpret:
-
-              def pv_scope(acc_ref, v_tile=v_tile):
-                plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
-                return acc_ref[...]
-
-              new.append(acc + pl.run_scoped(pv_scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
-            else:
-              new.append(_mma_acc(acc, p16, v_tile, False))
-          plgpu.barrier_arrive(bar)
-          return tuple(new)
-
-        def math(j, carry, operand, bar):
-          accs, m_i, l_i = carry
-
-          def qk_scope(acc_ref):
-            for c in range(n_tiles):
-              plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[:, pl.ds(c * 64, 64)].T)
-            return acc_ref[...]
-
-          s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
-          ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-          m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
-          return pv_update(accs, alpha, p.astype(dtype), operand, bar), m_new, l_i
-
-        def direct_step(j, carry):
-          slot = j % 2
-          if interpret:
-            plgpu.barrier_wait(bar_full.at[slot])
-          else:
-            lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
-            plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-          if bs.probe_no_math:
-            plgpu.barrier_arrive(bar_free.at[slot])
-            return carry
-          return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
-
-        def wait_slot(slot, i):
-          if interpret:
-            plgpu.barrier_wait(bar_full.at[slot])
-          else:
-            lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], i % 2)
-            plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-
-        def pv(accs, p, slot):
-          """accs[c] + p @ v_tile(c) over this WG's value tiles of the slot; p: registers or an
-          SMEM ref."""
-          if interpret and isinstance(p, jax.Array):  # the interpreter reads A from SMEM only
-            p_smem.at[wg][...] = p
-            plgpu.commit_smem()
-            p = p_smem.at[wg]
-          new = []
-          for c, acc in enumerate(accs):
-            v_tile = kv_smem.at[slot, :, pl.ds((v0 + c) * 64, 64)]
-            if interpret:
-
-              def scope(acc_ref, a=p, b=v_tile):
-                plgpu.wgmma(acc_ref, a, b)
-                return acc_ref[...]
-
-              new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
-            else:
-              new.append(_mma_acc(acc, p, v_tile, False))
-          return new
-
-        def scale(accs, f):
-          return [a * lax.broadcast_in_dim(f, a.shape, [0]) for a in accs]
-
-        def pair_round(i, carry):
-          # WG w owns slot w = chunk 2i + w. The WGs agree on the round's max before any exp2
-          # (WG0 posts max(m_i, its row max) in xbuf row 0, WG1 folds in its own and posts the
-          # result), so no P is rescaled afterwards and each WG's P goes to SMEM at once: the
-          # P·Vs read it from there, and no 64 x 64 tile besides the accumulators stays in
-          # registers (ptxas caps the kernel at 168 per thread; rescaling P spilled).
-          accs, m_i, l_i = carry
-          wait_slot(wg, i)
-
-          def qk_scope(acc_ref):
-            for c in range(n_tiles):
-              plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[wg, :, pl.ds(c * 64, 64)].T)
-            return acc_ref[...]
-
-          s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
-          ids = plgpu.load(
-            ids_ref.at[2 * i + wg], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
-          )
-          s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
-          m_w = jnp.maximum(m_i, s.max(axis=1))
-
-          @_when(wg == 0)
-          def _():
-            xbuf.at[0][...] = m_w
-            plgpu.barrier_arrive(bar_p.at[0])
-            plgpu.barrier_wait(bar_p.at[1])
-
-          @_when(wg == 1)
-          def _():
-            plgpu.barrier_wait(bar_p.at[0])
-            posted = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-            xbuf.at[0][...] = jnp.maximum(m_w, posted)
-            plgpu.barrier_arrive(bar_p.at[1])
-
-          # Both read the agreed max back (WG0 rewrites row 0 only after WG1 posted its P tile).
-          m_new = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-          alpha = jnp.exp2(m_i - m_use)
-          p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-          l_i = l_i * alpha + p.sum(axis=1)
-          kv_smem.at[wg, :, pl.ds(p_col, 64)][...] = p.astype(dtype)
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(bar_x.at[wg])
-          accs = pv(scale(accs, alpha), kv_smem.at[wg, :, pl.ds(p_col, 64)], wg)
-          other = 1 - wg
-          plgpu.barrier_wait(bar_x.at[other])  # the other WG's P tile is in its slot
-          wait_slot(other, i)
-          accs = pv(accs, kv_smem.at[other, :, pl.ds(p_col, 64)], other)
-          plgpu.barrier_arrive(bar_free.at[0])
-          plgpu.barrier_arrive(bar_free.at[1])
-          return tuple(accs), m_new, l_i
-
-        def step(j, carry):
-          accs, m_i, l_i = carry
-          if bs.direct:
-            return direct_step(j, carry)
-          if bs.lane_copies:
-            lane_wait(lane_bar, j % 2)
-          else:
-            plgpu.barrier_wait(bar_full)
-
-          @pl.when(j > 0)
-          def _():
-            plgpu.barrier_wait(bar_free)  # both WGs are done with chunk j-1's operand
-
-          _when(wg == 0)(lambda: relayout(stage, kv_smem, 0))
-          _when(wg == 1)(lambda: relayout(stage, kv_smem, bk // 2))
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(bar_relaid)
-          plgpu.barrier_wait(bar_relaid)  # the other WG's half is in place too
-          if bs.probe_no_math:
-            plgpu.barrier_arrive(bar_free)
-            return accs, m_i, l_i
-
-          if bs.split_qk:
-            return split_math(j, accs, m_i, l_i)
-          return math(j, carry, kv_smem, bar_free)
-
-        if bs.pairs:
-          accs, m_i, l_i = lax.fori_loop(0, n_chunks // 2, pair_round, (accs, m_i, l_i))
-        else:
-          accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
-        # Both WGs past their last logits: q_smem can take the output.
-        if bs.pairs:  # the softmax denominator: the sum of the two WGs' partial sums
-          xbuf.at[wg][...] = l_i
-          plgpu.barrier_arrive(bar_end)
-          plgpu.barrier_wait(bar_end)
-          l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-          l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-        elif bs.direct:
-          plgpu.barrier_arrive(bar_x)
-          plgpu.barrier_wait(bar_x)
-        else:
-          plgpu.barrier_wait(bar_free)
-        if bs.split_qk:  # the softmax denominator is the sum of the two WGs' partial sums
-          xbuf.at[wg][...] = l_i
-          plgpu.barrier_arrive(bar_x)
-          plgpu.barrier_wait(bar_x)
-          l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-          l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-        has = l_i > 0
-        l_safe = jnp.where(has, l_i, 1.0)
-        inv = jnp.where(has, 1.0 / l_safe, 0.0)
-        for c, acc in enumerate(accs):
-          q_smem.at[v0 + c][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), jnp.float32))
+        ids = plgpu.load(ids_ref.at[j, own], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
+        s = jnp.where(valid, s * qk_scale, -jnp.inf)
+        xbuf.at[wg][...] = s.max(axis=1)
+        plgpu.barrier_arrive(bar_x)
+        plgpu.barrier_wait(bar_x)  # both halves' row maxima are in xbuf
+        m_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        m_1 = plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        m_new = jnp.maximum(m_i, jnp.maximum(m_0, m_1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)  # this WG's slots only; the halves add up at the end
+        pbufs.at[wg][...] = p.astype(dtype)
         plgpu.commit_smem()
-        for c in range(v_tiles):
-          cols = pl.ds((v0 + c) * 64, 64)
-          plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
+        plgpu.barrier_arrive(bar_p)
+        plgpu.barrier_wait(bar_p)  # the other WG's P half is in pbufs
+        halves = [
+          plgpu.load(pbufs.at[i], layout=plgpu.Layout.WGMMA, optimized=False) for i in (0, 1)
+        ]
+        p16 = jnp.concatenate(halves, axis=1)  # [64 heads, 64 slots], slot order of kv_smem
+        return pv_update(accs, alpha, p16), m_new, l_i
 
-        @_when(wg == 0)
-        def _():
-          lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
+      def pv_update(accs, alpha, p16, operand=kv_smem, bar=bar_free):
+        if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
+          p_smem.at[wg][...] = p16
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
+        new = []
+        for c, acc in enumerate(accs):
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
+          if interpret:
 
-        plgpu.wait_smem_to_gmem(0)
+            def pv_scope(acc_ref, v_tile=v_tile):
+              plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
+              return acc_ref[...]
 
-      if bs.pairs:  # each WG its own code with constant slots (dynamic slot slices spilled)
-        for w in (0, 1):
-          # wg * 0 + w: folds to a constant, but is traced (run_state cannot close over static
-          # ref indices).
-          pl.when(wg == w)(functools.partial(compute, wg * 0 + w))
+            new.append(acc + pl.run_scoped(pv_scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
+          else:
+            new.append(_mma_acc(acc, p16, v_tile, False))
+        plgpu.barrier_arrive(bar)
+        return tuple(new)
+
+      def math(j, carry, operand, bar):
+        accs, m_i, l_i = carry
+
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[:, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+        ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
+        return pv_update(accs, alpha, p.astype(dtype), operand, bar), m_new, l_i
+
+      def direct_step(j, carry):
+        slot = j % 2
+        if interpret:
+          plgpu.barrier_wait(bar_full.at[slot])
+        else:
+          lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
+          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+        if bs.probe_no_math:
+          plgpu.barrier_arrive(bar_free.at[slot])
+          return carry
+        return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
+
+      def wait_slot(slot, i):
+        if interpret:
+          plgpu.barrier_wait(bar_full.at[slot])
+        else:
+          lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], i % 2)
+          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+
+      def pv(accs, p, slot):
+        """accs[c] + p @ v_tile(c) over this WG's value tiles of the slot; p: registers or an
+        SMEM ref."""
+        if interpret and isinstance(p, jax.Array):  # the interpreter reads A from SMEM only
+          p_smem.at[wg][...] = p
+          plgpu.commit_smem()
+          p = p_smem.at[wg]
+        new = []
+        for c, acc in enumerate(accs):
+          v_tile = kv_smem.at[slot, :, pl.ds((v0 + c) * 64, 64)]
+          if interpret:
+
+            def scope(acc_ref, a=p, b=v_tile):
+              plgpu.wgmma(acc_ref, a, b)
+              return acc_ref[...]
+
+            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
+          else:
+            new.append(_mma_acc(acc, p, v_tile, False))
+        return new
+
+      def scale(accs, f):
+        return [a * lax.broadcast_in_dim(f, a.shape, [0]) for a in accs]
+
+      def pair_round(i, carry):
+        # WG w owns slot w = chunk 2i + w. The WGs agree on the round's max before any exp2
+        # (WG0 posts max(m_i, its row max) in xbuf row 0, WG1 folds in its own and posts the
+        # result), so no P is rescaled afterwards and each WG's P goes to SMEM at once: the
+        # P·Vs read it from there, and no 64 x 64 tile besides the accumulators stays in
+        # registers (ptxas caps the kernel at 168 per thread; rescaling P spilled).
+        accs, m_i, l_i = carry
+        wait_slot(wg, i)
+
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[wg, :, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+        ids = plgpu.load(
+          ids_ref.at[2 * i + wg], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
+        )
+        s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+        m_w = jnp.maximum(m_i, s.max(axis=1))
+
+        @pl.when(wg == 0)
+        def _():
+          xbuf.at[0][...] = m_w
+          plgpu.barrier_arrive(bar_p.at[0])
+          plgpu.barrier_wait(bar_p.at[1])
+
+        @pl.when(wg == 1)
+        def _():
+          plgpu.barrier_wait(bar_p.at[0])
+          posted = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+          xbuf.at[0][...] = jnp.maximum(m_w, posted)
+          plgpu.barrier_arrive(bar_p.at[1])
+
+        # Both read the agreed max back (WG0 rewrites row 0 only after WG1 posted its P tile).
+        m_new = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        kv_smem.at[wg, :, pl.ds(p_col, 64)][...] = p.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bar_x.at[wg])
+        accs = pv(scale(accs, alpha), kv_smem.at[wg, :, pl.ds(p_col, 64)], wg)
+        other = 1 - wg
+        plgpu.barrier_wait(bar_x.at[other])  # the other WG's P tile is in its slot
+        wait_slot(other, i)
+        accs = pv(accs, kv_smem.at[other, :, pl.ds(p_col, 64)], other)
+        plgpu.barrier_arrive(bar_free.at[0])
+        plgpu.barrier_arrive(bar_free.at[1])
+        return tuple(accs), m_new, l_i
+
+      def step(j, carry):
+        accs, m_i, l_i = carry
+        if bs.direct:
+          return direct_step(j, carry)
+        if bs.lane_copies:
+          lane_wait(lane_bar, j % 2)
+        else:
+          plgpu.barrier_wait(bar_full)
+
+        @pl.when(j > 0)
+        def _():
+          plgpu.barrier_wait(bar_free)  # both WGs are done with chunk j-1's operand
+
+        pl.when(wg == 0)(lambda: relayout(stage, kv_smem, 0))
+        pl.when(wg == 1)(lambda: relayout(stage, kv_smem, bk // 2))
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bar_relaid)
+        plgpu.barrier_wait(bar_relaid)  # the other WG's half is in place too
+        if bs.probe_no_math:
+          plgpu.barrier_arrive(bar_free)
+          return accs, m_i, l_i
+
+        if bs.split_qk:
+          return split_math(j, accs, m_i, l_i)
+        return math(j, carry, kv_smem, bar_free)
+
+      if bs.pairs:
+        accs, m_i, l_i = lax.fori_loop(0, n_chunks // 2, pair_round, (accs, m_i, l_i))
       else:
-        compute(wg)
+        accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
+      # Both WGs past their last logits: q_smem can take the output.
+      if bs.pairs:  # the softmax denominator: the sum of the two WGs' partial sums
+        xbuf.at[wg][...] = l_i
+        plgpu.barrier_arrive(bar_end)
+        plgpu.barrier_wait(bar_end)
+        l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+      elif bs.direct:
+        plgpu.barrier_arrive(bar_x)
+        plgpu.barrier_wait(bar_x)
+      else:
+        plgpu.barrier_wait(bar_free)
+      if bs.split_qk:  # the softmax denominator is the sum of the two WGs' partial sums
+        xbuf.at[wg][...] = l_i
+        plgpu.barrier_arrive(bar_x)
+        plgpu.barrier_wait(bar_x)
+        l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+      has = l_i > 0
+      l_safe = jnp.where(has, l_i, 1.0)
+      inv = jnp.where(has, 1.0 / l_safe, 0.0)
+      for c, acc in enumerate(accs):
+        q_smem.at[v0 + c][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      plgpu.commit_smem()
+      for c in range(v_tiles):
+        cols = pl.ds((v0 + c) * 64, 64)
+        plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
+
+      @pl.when(wg == 0)
+      def _():
+        lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
+
+      plgpu.wait_smem_to_gmem(0)
 
   def entry(q_ref, kv_ref, idx_ref, o_ref, lse_ref):
     bufs = (
