@@ -725,9 +725,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       def pair_round(i, carry):
         # WG w owns slot w = chunk 2i + w. The WGs agree on the round's max before any exp2
         # (WG0 posts max(m_i, its row max) in xbuf row 0, WG1 folds in its own and posts the
-        # result), so no P is rescaled afterwards and each WG's P goes to SMEM at once: the
-        # P·Vs read it from there, and no 64 x 64 tile besides the accumulators stays in
-        # registers (ptxas caps the kernel at 168 per thread; rescaling P spilled).
+        # result), so no P is rescaled afterwards (rescaling P spilled registers: ptxas caps
+        # the kernel at 168 per thread whatever setmaxnreg says).
         accs, m_i, l_i = carry
         wait_slot(wg, i)
 
@@ -762,14 +761,17 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         alpha = jnp.exp2(m_i - m_use)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
-        kv_smem.at[wg, :, pl.ds(p_col, 64)][...] = p.astype(dtype)
+        p = p.astype(dtype)
+        kv_smem.at[wg, :, pl.ds(p_col, 64)][...] = p
         plgpu.commit_smem()
         plgpu.barrier_arrive(bar_x.at[wg])
-        accs = pv(scale(accs, alpha), kv_smem.at[wg, :, pl.ds(p_col, 64)], wg)
+        accs = pv(scale(accs, alpha), p, wg)
         other = 1 - wg
         plgpu.barrier_wait(bar_x.at[other])  # the other WG's P tile is in its slot
         wait_slot(other, i)
-        accs = pv(accs, kv_smem.at[other, :, pl.ds(p_col, 64)], other)
+        # Both P·Vs take A from registers: with A in SMEM (wgmma SS) ptxas spilled (H200).
+        p = plgpu.load(kv_smem.at[other, :, pl.ds(p_col, 64)], layout=plgpu.Layout.WGMMA)
+        accs = pv(accs, p, other)
         plgpu.barrier_arrive(bar_free.at[0])
         plgpu.barrier_arrive(bar_free.at[1])
         return tuple(accs), m_new, l_i
