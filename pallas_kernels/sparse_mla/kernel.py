@@ -698,15 +698,17 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
           lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], i % 2)
           plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
-      def pv(accs, p, slot):
-        """accs[c] + p @ v_tile(c) over this WG's value tiles of the slot; p: registers or an
-        SMEM ref."""
+      def pv(accs, p, slot, alpha=None):
+        """alpha * accs[c] + p @ v_tile(c) over this WG's value tiles of the slot (p: registers
+        or an SMEM ref), each tile scaled right before its wgmma (fewer live registers)."""
         if interpret and isinstance(p, jax.Array):  # the interpreter reads A from SMEM only
           p_smem.at[wg][...] = p
           plgpu.commit_smem()
           p = p_smem.at[wg]
         new = []
         for c, acc in enumerate(accs):
+          if alpha is not None:
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           v_tile = kv_smem.at[slot, :, pl.ds((v0 + c) * 64, 64)]
           if interpret:
 
@@ -718,9 +720,6 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
           else:
             new.append(_mma_acc(acc, p, v_tile, False))
         return new
-
-      def scale(accs, f):
-        return [a * lax.broadcast_in_dim(f, a.shape, [0]) for a in accs]
 
       def pair_round(i, carry):
         # WG w owns slot w = chunk 2i + w. The WGs agree on the round's max before any exp2
@@ -765,7 +764,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         kv_smem.at[wg, :, pl.ds(p_col, 64)][...] = p
         plgpu.commit_smem()
         plgpu.barrier_arrive(bar_x.at[wg])
-        accs = pv(scale(accs, alpha), p, wg)
+        accs = pv(accs, p, wg, alpha)
         other = 1 - wg
         plgpu.barrier_wait(bar_x.at[other])  # the other WG's P tile is in its slot
         wait_slot(other, i)
