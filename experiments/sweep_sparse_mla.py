@@ -89,6 +89,8 @@ BWD_CASES = [
   # Bigger scan steps of the default (fused, bf16 rows): fewer, larger gathers and scatters.
   ("xla_fused_bt256_bf16upd", _cfg(xla_block_t=256)),
   ("xla_fused_bt512_bf16upd", _cfg(xla_block_t=512)),
+  ("xla_fused_bt1024_bf16upd", _cfg(xla_block_t=1024)),
+  ("xla_fused_bt2048_bf16upd", _cfg(xla_block_t=2048)),
 ]
 
 
