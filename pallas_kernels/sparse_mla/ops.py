@@ -52,7 +52,7 @@ TRITON_VARIANTS = {
   "triton_xla_fused_bwd": TritonConfig(
     fwd=kernel_triton.BlockSizes(value_split=4, num_stages=3),
     bwd="xla_fused",
-    xla_block_t=1024,
+    xla_block_t=512,
     xla_bf16_updates=True,
   ),
   "triton_relaxed_bwd": TritonConfig(
