@@ -215,16 +215,18 @@ def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, i
 # Warp-specialised forward (the product path of the sparse MLA issue; layout as above, no value
 # split across CTAs).
 #
-# One CTA = one token x 64 heads, 2 + copy_wgs warpgroups (WG):
-#   copy WGs    copy the next chunk's 64 rows into the untiled stage as soon as the stage has
-#               been drained (lane copies: one `cp.async.bulk` per thread), reading the slot ids
-#               from SMEM (one TMA of the token's idx row at the start);
-#   compute WGs each re-lay out half of the stage's rows into the swizzled operand,
-#               then each computes the whole 64 x 64 logits tile (duplicated; split_qk splits it
-#               with a cross-WG exchange, measured slower) and its half of the value columns of P·V,
-#               so a token's rows are gathered once per 64 heads (the old kernel: once per
-#               64 heads x 256 value columns) and each WG holds a 64 x 256 f32 accumulator.
-# SMEM: q 72 KiB + stage 72 KiB + operand 72 KiB + the idx row (8 KiB at k = 2048) of 227 KiB.
+# One CTA = one token x 64 heads, 2 + copy_wgs warpgroups (WG). Default (`direct`):
+#   copy WG     issues 16-byte cp.async pieces of the next chunk's 64 rows straight into the
+#               free slot of a double-buffered, swizzled wgmma operand (it computes the swizzle
+#               itself), reading the slot ids from SMEM (one TMA of the token's idx row);
+#   compute WGs each compute the whole 64 x 64 logits tile of the chunk (duplicated: `pairs`
+#               splits it, measured slower under ptxas' 168-register cap) and P·V for their half
+#               of the value columns, so a token's rows are gathered once per 64 heads and each
+#               WG holds a 64 x 256 f32 accumulator.
+# SMEM: q 72 KiB + two operand slots 2 x 72 KiB + the idx row (8 KiB at k = 2048) of 227 KiB.
+# Without `direct` (the fallback for idx rows over the SMEM budget, and older variants): the
+# copy WGs land whole rows in an untiled stage (lane copies: one `cp.async.bulk` per thread, or
+# Pallas copies) and the compute WGs re-lay it out into a single operand buffer.
 # The q tile is reused for the output once both WGs have finished their last logits.
 
 
@@ -490,7 +492,8 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
   qk_scale = scale * _LOG2E
   idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS if bs.bulk_copies else None
-  if bs.lane_copies or (bs.direct and not interpret):
+  # Lane ops: the lane copies, and the raw-mbarrier wait of the direct copies on hardware.
+  if (bs.lane_copies and not bs.direct) or (bs.direct and not interpret):
     if interpret:
       raise ValueError("lane_copies needs a GPU (inline Mosaic GPU has no interpreter)")
     lane_init, lane_issue, lane_wait = _lane_ops(

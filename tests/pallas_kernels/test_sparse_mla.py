@@ -214,6 +214,18 @@ def test_ws_layout_errors():
     kernel.WsBlockSizes(direct=False, idx_in_smem=False)
   with pytest.raises(ValueError, match="direct=True needs idx_in_smem=True"):
     kernel.WsBlockSizes(idx_in_smem=False, lane_copies=False)
+  with pytest.raises(ValueError, match="pairs=True needs direct=True"):
+    kernel.WsBlockSizes(direct=False, pairs=True)
+  with pytest.raises(ValueError, match="pairs needs an even number"):  # Kp = d_out: no rope tile
+    kernel.sparse_mla_fwd_ws(
+      q,
+      q[0],
+      jnp.zeros((2, 128), jnp.int32),
+      scale=1.0,
+      d_out=128,
+      bs=kernel.WsBlockSizes(pairs=True),
+      interpret=True,
+    )
   with pytest.raises(ValueError, match="copy_wgs=2"):
     kernel.sparse_mla_fwd_ws(
       q,
