@@ -84,17 +84,26 @@ def _swizzled(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=_SWIZZLE)
 
 
-def _online_softmax(s, ids, m_i, l_i, qk_scale, m_old=None):
-  """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
-  (m_new, alpha = rescale of the old accumulator, p = exp2(s - m), l_new). m_old: the max the
-  accumulator and l_i are scaled to, when m_i is a larger one from elsewhere (default m_i)."""
-  valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
-  s = jnp.where(valid, s * qk_scale, -jnp.inf)
-  m_new = jnp.maximum(m_i, s.max(axis=1))
+def _masked_logits(s, ids, qk_scale):
+  """Base-2 logits of a chunk: s [64, bk] * scale * log2(e), slots with ids < 0 at -inf."""
+  return jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+
+
+def _softmax_update(s, m_i, m_new, l_i):
+  """(alpha = rescale of the old accumulator, p = exp2(s - m_new), l_new) of masked logits s
+  under the new running max m_new >= m_i."""
   m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-  alpha = jnp.exp2((m_i if m_old is None else m_old) - m_use)
+  alpha = jnp.exp2(m_i - m_use)
   p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-  return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+  return alpha, p, l_i * alpha + p.sum(axis=1)
+
+
+def _online_softmax(s, ids, m_i, l_i, qk_scale):
+  """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
+  (m_new, alpha, p, l_new)."""
+  s = _masked_logits(s, ids, qk_scale)
+  m_new = jnp.maximum(m_i, s.max(axis=1))
+  return (m_new, *_softmax_update(s, m_i, m_new, l_i))
 
 
 def sparse_mla_fwd_flat(q, kv, idx, *, scale: float, n_v: int, bs: BlockSizes, interpret=False):
@@ -627,18 +636,15 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
         s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), jnp.float32))
         ids = plgpu.load(ids_ref.at[j, own], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-        valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
-        s = jnp.where(valid, s * qk_scale, -jnp.inf)
+        s = _masked_logits(s, ids, qk_scale)
         xbuf.at[wg][...] = s.max(axis=1)
         plgpu.barrier_arrive(bar_x)
         plgpu.barrier_wait(bar_x)  # both halves' row maxima are in xbuf
         m_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
         m_1 = plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
         m_new = jnp.maximum(m_i, jnp.maximum(m_0, m_1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)  # this WG's slots only; the halves add up at the end
+        # l_i: this WG's slots only; the halves add up at the end.
+        alpha, p, l_i = _softmax_update(s, m_i, m_new, l_i)
         pbufs.at[wg][...] = p.astype(dtype)
         plgpu.commit_smem()
         plgpu.barrier_arrive(bar_p)
@@ -650,22 +656,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         return pv_update(accs, alpha, p16), m_new, l_i
 
       def pv_update(accs, alpha, p16, operand=kv_smem, bar=bar_free):
-        if interpret:  # the interpreter needs the register operand in (per-WG) SMEM
-          p_smem.at[wg][...] = p16
-          plgpu.commit_smem()
-        new = []
-        for c, acc in enumerate(accs):
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
-          if interpret:
-
-            def pv_scope(acc_ref, v_tile=v_tile):
-              plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
-              return acc_ref[...]
-
-            new.append(acc + pl.run_scoped(pv_scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
-          else:
-            new.append(_mma_acc(acc, p16, v_tile, False))
+        new = pv(accs, p16, operand, alpha)
         plgpu.barrier_arrive(bar)
         return tuple(new)
 
@@ -682,18 +673,6 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
         return pv_update(accs, alpha, p.astype(dtype), operand, bar), m_new, l_i
 
-      def direct_step(j, carry):
-        slot = j % 2
-        if interpret:
-          plgpu.barrier_wait(bar_full.at[slot])
-        else:
-          lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
-          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-        if bs.probe_no_math:
-          plgpu.barrier_arrive(bar_free.at[slot])
-          return carry
-        return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
-
       def wait_slot(slot, i):
         if interpret:
           plgpu.barrier_wait(bar_full.at[slot])
@@ -701,9 +680,18 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
           lane_wait(raw_bars.at[pl.ds(slot * 2, 2)], i % 2)
           plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
-      def pv(accs, p, slot, alpha=None):
-        """alpha * accs[c] + p @ v_tile(c) over this WG's value tiles of the slot (p: registers
-        or an SMEM ref), each tile scaled right before its wgmma (fewer live registers)."""
+      def direct_step(j, carry):
+        slot = j % 2
+        wait_slot(slot, j // 2)
+        if bs.probe_no_math:
+          plgpu.barrier_arrive(bar_free.at[slot])
+          return carry
+        return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
+
+      def pv(accs, p, operand, alpha=None):
+        """alpha * accs[c] + p @ v_tile(c) over this WG's value tiles of the [bk, Kp] operand
+        (p: registers or an SMEM ref), each tile scaled right before its wgmma (fewer live
+        registers)."""
         if interpret and isinstance(p, jax.Array):  # the interpreter reads A from SMEM only
           p_smem.at[wg][...] = p
           plgpu.commit_smem()
@@ -712,7 +700,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         for c, acc in enumerate(accs):
           if alpha is not None:
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = kv_smem.at[slot, :, pl.ds((v0 + c) * 64, 64)]
+          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
           if interpret:
 
             def scope(acc_ref, a=p, b=v_tile):
@@ -741,7 +729,7 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
         ids = plgpu.load(
           ids_ref.at[2 * i + wg], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
         )
-        s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+        s = _masked_logits(s, ids, qk_scale)
         m_w = jnp.maximum(m_i, s.max(axis=1))
 
         @pl.when(wg == 0)
@@ -759,21 +747,18 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
 
         # Both read the agreed max back (WG0 rewrites row 0 only after WG1 posted its P tile).
         m_new = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
+        alpha, p, l_i = _softmax_update(s, m_i, m_new, l_i)
         p = p.astype(dtype)
         kv_smem.at[wg, :, pl.ds(p_col, 64)][...] = p
         plgpu.commit_smem()
         plgpu.barrier_arrive(bar_x.at[wg])
-        accs = pv(accs, p, wg, alpha)
+        accs = pv(accs, p, kv_smem.at[wg], alpha)
         other = 1 - wg
         plgpu.barrier_wait(bar_x.at[other])  # the other WG's P tile is in its slot
         wait_slot(other, i)
         # Both P·Vs take A from registers: with A in SMEM (wgmma SS) ptxas spilled (H200).
         p = plgpu.load(kv_smem.at[other, :, pl.ds(p_col, 64)], layout=plgpu.Layout.WGMMA)
-        accs = pv(accs, p, other)
+        accs = pv(accs, p, kv_smem.at[other])
         plgpu.barrier_arrive(bar_free.at[0])
         plgpu.barrier_arrive(bar_free.at[1])
         return tuple(accs), m_new, l_i
@@ -809,21 +794,16 @@ def sparse_mla_fwd_ws(q, kv, idx, *, scale: float, d_out: int, bs: WsBlockSizes,
       else:
         accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
       # Both WGs past their last logits: q_smem can take the output.
-      if bs.pairs:  # the softmax denominator: the sum of the two WGs' partial sums
-        xbuf.at[wg][...] = l_i
-        plgpu.barrier_arrive(bar_end)
-        plgpu.barrier_wait(bar_end)
-        l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-        l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-      elif bs.direct:
+      if bs.direct and not bs.pairs:
         plgpu.barrier_arrive(bar_x)
         plgpu.barrier_wait(bar_x)
-      else:
+      elif not bs.direct:
         plgpu.barrier_wait(bar_free)
-      if bs.split_qk:  # the softmax denominator is the sum of the two WGs' partial sums
+      if bs.pairs or bs.split_qk:  # the softmax denominator: the sum of the WGs' partial sums
+        done = bar_end if bs.pairs else bar_x
         xbuf.at[wg][...] = l_i
-        plgpu.barrier_arrive(bar_x)
-        plgpu.barrier_wait(bar_x)
+        plgpu.barrier_arrive(done)
+        plgpu.barrier_wait(done)
         l_0 = plgpu.load(xbuf.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
         l_i = l_0 + plgpu.load(xbuf.at[1], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
       has = l_i > 0
