@@ -461,6 +461,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     attn_block_q=1024,
     remat=True,
   ),
+  # V3.2's attention exactly (128 heads, MLA 1536/512/128/64/128, indexer 64x128, top-k 2048,
+  # dim 7168) in 2 layers with a small MoE: one training step fits one GPU at 64K (the M1 bench).
+  "v32_attn": dict(
+    vocab_size=32768,
+    inter_dim=4096,
+    moe_inter_dim=1024,
+    n_layers=2,
+    n_dense_layers=1,
+    n_routed_experts=8,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    max_seq_len=131072,
+    n_mtp_layers=0,
+    param_dtype="float32",
+    compute_dtype="bfloat16",
+    attn_block_q=256,
+    remat=True,
+  ),
   # Exactly DeepSeek-V3.2-Exp (config_671B_v3.2.json + ModelArgs defaults; HF max positions).
   "v32_671b": dict(max_seq_len=163840, param_dtype="bfloat16", compute_dtype="bfloat16"),
 }

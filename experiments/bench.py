@@ -28,6 +28,7 @@ _MODULES = {
   "T1": "experiments.bench_indexer",
   "E1": "experiments.bench_indexer",
   **dict.fromkeys(("D1", "COST"), "experiments.bench_decode"),
+  "M1": "experiments.bench_train",
   **dict.fromkeys(
     ("S1_TPU", "S2_TPU", "S3_TPU", "I1_TPU", "T1_TPU", "RECALL_TPU"), "experiments.bench_tpu"
   ),
