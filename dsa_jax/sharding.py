@@ -16,7 +16,6 @@ import dataclasses
 import math
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -77,8 +76,10 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
     raise ValueError(
       f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
     )
-  arr = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  # jax.make_mesh orders the devices for the physical topology (TPU); elsewhere in list order.
+  return jax.make_mesh(
+    tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def spec_for(axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:
