@@ -2,8 +2,9 @@
 """Per-layer attention and indexer maps for analysis (notebooks; short sequences only).
 
 `layer_maps` runs the model layer by layer and returns, for every layer, the dense attention
-probabilities of every head (absorbed MQA form, spec §5.3), the lightning indexer's causal scores
-and its top-k selection S_t (spec §4.3). Holds [B,H,T,T] arrays: for T up to a few thousand.
+probabilities of every head (absorbed MQA form, docs/dsa.md §MLA), the lightning indexer's
+causal scores and its top-k selection S_t (docs/dsa.md §Top-k). Holds [B,H,T,T] arrays: for T up
+to a few thousand.
 
 Letters: B batch, T tokens, H heads, k top-k slots.
 """

@@ -1,19 +1,22 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Decode caches: the MLA latent cache and the lightning-indexer key cache (dsa_spec.md §6).
+"""Decode caches: the MLA latent cache and the lightning-indexer key cache.
+
+See docs/dsa.md §Decoding and caches.
 
 One `LayerCache` per layer, slot s = absolute position s of a request (right-padded batches: every
 request starts at slot 0; `Cache.lengths[b]` is how many slots request b has written, i.e. the
 position of its next token). Two storage modes:
 
 - full precision: latent [c ; k_pe] in the compute dtype, indexer keys in the indexer's dtype.
-- fp8 (DeepSeek's deployed layouts, spec §6), struct-of-arrays with the same bytes per token:
+- fp8 (DeepSeek's deployed layouts, docs/dsa.md §FP8 formats), struct-of-arrays with the same
+  bytes per token:
   latent  = C e4m3 (c) + C/tile fp32 scales (one per 1 x tile block, tile = min(128, C))
             + R bf16 (k_pe, unquantised)       -> 512 + 4·4 + 64·2 = 656 B at V3.2 dims;
   indexer = Dᵢ e4m3 + 1 fp32 scale             -> 128 + 4 = 132 B.
   `packed_latent` / `packed_indexer` give the byte records themselves (FlashMLA / DeepGEMM order).
 
 Scales follow the config's `scale_fmt` (ue8m0: powers of two, as shipped). The indexer keys are
-Hadamard-rotated before quantisation (spec §4.3 step 4); with `indexer_dtype="fp8"` the indexer
+Hadamard-rotated before quantisation (docs/dsa.md §Indexer); with `indexer_dtype="fp8"` the indexer
 already did that and its keys are exact FP8 values, so the fp8 indexer cache is lossless.
 
 Letters: L layers, B batch, S cache slots, T new tokens, C kv_lora_rank, R rope dim, Dᵢ indexer dim.
@@ -198,8 +201,9 @@ def packed_latent(lc: LayerCache):
 
 
 def packed_indexer(lc: LayerCache):
-  """Indexer key records [B,S,Dᵢ + 4] uint8: e4m3 key then its f32 scale (spec §6; DeepGEMM's
-  paged layout groups 64 tokens' values before their 64 scales, a permutation of these bytes)."""
+  """Indexer key records [B,S,Dᵢ + 4] uint8: e4m3 key then its f32 scale (docs/dsa.md §FP8 formats;
+  DeepGEMM's paged layout groups 64 tokens' values before their 64 scales, a permutation of these
+  bytes)."""
   if lc.ik_scale is None:
     raise ValueError("packed_indexer needs an fp8 cache with indexer keys")
   return jnp.concatenate([_bytes(lc.ik), _bytes(lc.ik_scale)], axis=-1)

@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""ModelConfig: every field of the DeepSeek-V3.2-Exp config (dsa_spec.md §1) plus our run knobs.
+"""ModelConfig: every field of the DeepSeek-V3.2-Exp config plus our run knobs (docs/dsa.md).
 
 Field names follow DeepSeek's reference `ModelArgs` (inference/model.py). The config is a frozen,
 hashable dataclass so it can be a static jit argument. Every invalid value raises `ValueError`
@@ -25,9 +25,9 @@ def _err(field: str, value: Any, rule: str) -> ValueError:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """DeepSeek-V3.2-Exp architecture (dsa_spec.md §1.1) and the knobs of this implementation."""
+  """DeepSeek-V3.2-Exp architecture (docs/dsa.md §Notation) and this implementation's knobs."""
 
-  # Sizes (spec §1.1; reference names).
+  # Sizes (DeepSeek's reference names).
   vocab_size: int = 129280
   dim: int = 7168
   inter_dim: int = 18432
@@ -35,7 +35,7 @@ class ModelConfig:
   n_layers: int = 61
   n_dense_layers: int = 3
   n_heads: int = 128
-  # MoE (spec §2).
+  # MoE (docs/dsa.md §Model).
   n_routed_experts: int = 256
   n_shared_experts: int = 1
   n_activated_experts: int = 8
@@ -43,20 +43,20 @@ class ModelConfig:
   n_limited_groups: int = 4
   route_scale: float = 2.5
   score_func: str = "sigmoid"
-  # MLA (spec §5).
+  # MLA (docs/dsa.md §MLA).
   q_lora_rank: int = 1536
   kv_lora_rank: int = 512
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
-  # FP8 (spec §6): checkpoint weight format and activation scale rounding.
+  # FP8 (docs/dsa.md §FP8 formats): checkpoint weight format and activation scale rounding.
   dtype: str = "fp8"
   scale_fmt: str | None = "ue8m0"
-  # Lightning indexer (spec §4).
+  # Lightning indexer (docs/dsa.md §Indexer).
   index_n_heads: int = 64
   index_head_dim: int = 128
   index_topk: int = 2048
-  # RoPE / YaRN (spec §3).
+  # RoPE / YaRN (docs/dsa.md §RoPE and YaRN).
   original_seq_len: int = 4096
   rope_theta: float = 10000.0
   rope_factor: float = 40.0
@@ -71,7 +71,7 @@ class ModelConfig:
   # --- implementation knobs (not in DeepSeek's config) ---
   param_dtype: str = "float32"  # storage dtype of the parameters
   compute_dtype: str = "bfloat16"  # activation / matmul dtype
-  indexer_dtype: str = "fp8"  # "fp8": Hadamard + e4m3 1x128 quant-dequant (spec §4.3); else plain
+  indexer_dtype: str = "fp8"  # "fp8": Hadamard + e4m3 1x128 quant-dequant (docs/dsa.md); else plain
   impl: str = "reference"  # kernel dispatch: "reference" (pure JAX) | "pallas"
   attn_block_q: int = 512  # query block of the chunked reference attention / indexer
   remat: bool = False  # jax.checkpoint each scanned block
@@ -142,7 +142,7 @@ class ModelConfig:
           f"n_activated_experts={self.n_activated_experts}",
         )
     if self.score_func != "sigmoid":
-      raise _err("score_func", self.score_func, "V3.2 routes with 'sigmoid' (spec §2)")
+      raise _err("score_func", self.score_func, "V3.2 routes with 'sigmoid'")
     if self.dtype not in ("fp8", "bf16"):
       raise _err("dtype", self.dtype, "must be 'fp8' or 'bf16'")
     if self.scale_fmt not in (None, "ue8m0"):
@@ -168,7 +168,7 @@ class ModelConfig:
       if getattr(self, f) not in allowed:
         raise _err(f, getattr(self, f), f"must be one of {allowed}")
 
-  # Derived sizes (spec §1.3).
+  # Derived sizes (docs/dsa.md §MLA).
   @property
   def qk_head_dim(self) -> int:
     return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -188,7 +188,7 @@ class ModelConfig:
 
   @property
   def softmax_scale(self) -> float:
-    """MLA softmax scale with the YaRN mscale correction (spec §3): 0.13523378 for V3.2."""
+    """MLA softmax scale with the YaRN mscale correction: 0.13523378 for V3.2 (docs/dsa.md §MLA)."""
     scale = self.qk_head_dim**-0.5
     if self.yarn_active:
       m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
@@ -211,7 +211,10 @@ class ModelConfig:
 
   @classmethod
   def from_hf_config(cls, path_or_dict: str | os.PathLike | dict, **overrides) -> "ModelConfig":
-    """Reads a DeepSeek-V3.2(-Exp) HF `config.json` (spec §1.2); rejects what it cannot represent."""
+    """Reads a DeepSeek-V3.2(-Exp) HF `config.json`; rejects what it cannot represent.
+
+    See docs/dsa.md §Checkpoints.
+    """
     if isinstance(path_or_dict, dict):
       hf = dict(path_or_dict)
     else:
@@ -228,7 +231,7 @@ class ModelConfig:
     return cls(**{**_hf_to_fields(hf), **overrides})
 
 
-# HF key -> ModelConfig field (spec §1.2 vs §1.1).
+# HF key -> ModelConfig field.
 _HF_MAP = {
   "vocab_size": "vocab_size",
   "hidden_size": "dim",
@@ -345,7 +348,7 @@ def _hf_to_fields(hf: dict) -> dict:
       if rope.get("mscale", 1.0) != rope.get("mscale_all_dim", 1.0):
         raise ValueError(
           f"HF config key 'rope_scaling.mscale'={rope.get('mscale')} != mscale_all_dim: the YaRN "
-          "attention factor mscale/mscale_all_dim must be 1 (spec §3)"
+          "attention factor mscale/mscale_all_dim must be 1"
         )
     elif rtype in (None, "default"):
       out["max_seq_len"] = min(out.get("max_seq_len", 4096), out.get("original_seq_len", 4096))

@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Expert parallelism for DeepSeekMoE: tokens stay where they are, routed copies travel.
 
-Inside one `jax.shard_map` over the whole mesh (see notes/scaleout.md):
+Inside one `jax.shard_map` over the whole mesh (docs/architecture.md §Scale-out):
 1. each device routes its own tokens (the router is tiny and replicated);
 2. every routed copy goes to the shard that holds its expert: the copies are packed into a send
    buffer [ep, C, D] (one slot row per destination shard) and exchanged with one `all_to_all` over

@@ -1,10 +1,10 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Generation: prefill, then token-by-token decode over the latent + indexer caches (cache.py).
 
-Attention at decode is MLA's absorbed MQA mode (dsa_spec.md §5.3): queries [q_nope·W_UK ; q_pe]
-against the cached latent rows [c ; k_pe], values c, then o = o_lat·W_UVᵀ. DSA decode scores the
-new token(s) against every cached indexer key, keeps the top-k (k_eff = min(topk, pos + 1), -1
-padded; spec §4.3 steps 6-10, §4.4: the new key is written before scoring, so a token can select
+Attention at decode is MLA's absorbed MQA mode (docs/dsa.md §MLA): queries [q_nope·W_UK ; q_pe]
+against the cached latent rows [c ; k_pe], values c, then o = o_lat·W_UVᵀ. DSA decode scores the new
+token(s) against every cached indexer key, keeps the top-k (k_eff = min(topk, pos + 1), -1 padded;
+docs/dsa.md §Decoding and caches: the new key is written before scoring, so a token can select
 itself), and runs `sparse_attention.sparse_mla` on the selected rows. Dense decode attends to every
 cached slot <= the query's position.
 
@@ -82,10 +82,10 @@ def cached_topk(iq, ik, iw, pos, *, topk: int):
   """Top-k cache slots per query: iq [B,T,J,Dᵢ], ik [B,S,Dᵢ], iw [B,T,J], pos [B,T] -> [B,T,k]
   int32, k = min(topk, S), descending score, -1 where fewer than k slots are visible.
 
-  Scores I[t,s] = Σ_j w[t,j]·ReLU(q[t,j]·k[s]) (spec §4.3 step 8) in one pass over the cache: with
-  one query per request the [B,t,J,S] product is small, and the reference op's key-block loop would
-  cost a kernel launch per 2048 keys per layer. Ties go to the lower slot (lax.top_k), as in the
-  full forward's reference top-k.
+  Scores I[t,s] = Σ_j w[t,j]·ReLU(q[t,j]·k[s]) (docs/dsa.md §Indexer) in one pass over the cache:
+  with one query per request the [B,t,J,S] product is small, and the reference op's key-block loop
+  would cost a kernel launch per 2048 keys per layer. Ties go to the lower slot (lax.top_k), as in
+  the full forward's reference top-k.
   """
 
   def block(qb, wb, pb):
@@ -118,7 +118,7 @@ def _attention(attn, x, cos, sin, lc, pos, *, attention: str, fp8: bool, start: 
       iq, ik = layers.hadamard(iq), layers.hadamard(ik)
   lc = cache_lib.write(cfg, lc, pos, c, k_pe, ik)
   # Attend to what the cache returns (FP8 round trip included), so prefill and decode agree;
-  # DeepSeek's updated reference likewise quant-dequantises c before use (spec §5.1).
+  # DeepSeek's updated reference likewise quant-dequantises c before use.
   end = None if start is None else start + t
   kv = cache_lib.read_latent(lc, q_abs.dtype, end=end)
   if attention == "dense":

@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Lightning indexer (dsa_spec.md §4): per-token scores over past tokens and causal top-k.
+"""Lightning indexer (docs/dsa.md §Indexer): per-token scores over past tokens and causal top-k.
 
     q^I_{t,j} = Had(RoPE_half(W^{IQ}_j qr_t)),   k^I_s = Had(RoPE_half(LayerNorm(W^{IK} x_s)))
     w_{t,j}   = (W^{Iw} x_t)_j · J^-0.5 · D^-0.5
@@ -9,9 +9,9 @@ With `indexer_dtype="fp8"` q and k are Hadamard-rotated and FP8 e4m3 quantise-de
 128-vector with power-of-two scales, as DeepSeek's reference does; "bfloat16"/"float32" give the
 plain indexer (HF transformers' port: no Hadamard, no FP8).
 
-Gradient wall (spec §7.2, "separate optimisation"): the indexer reads stop_gradient(x) and
-stop_gradient(qr), so its KL loss never reaches the main model; top-k indices carry no gradient, so
-the LM loss never reaches the indexer.
+Gradient wall (docs/dsa.md §Training, "separate optimisation"): the indexer reads stop_gradient(x)
+and stop_gradient(qr), so its KL loss never reaches the main model; top-k indices carry no gradient,
+so the LM loss never reaches the indexer.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class LightningIndexer(nnx.Module):
     self.wq_b = layers.Linear(cfg.q_lora_rank, j * d, ("q_lora", "index_heads"), cfg, rngs=rngs)
     self.wk = layers.Linear(cfg.dim, d, ("embed", "index_dim"), cfg, rngs=rngs)
     self.k_norm = layers.LayerNorm(d, cfg.norm_eps)
-    # fp32 weights_proj as in the fixed reference (spec §4.3 step 7).
+    # fp32 weights_proj as in DeepSeek's corrected reference code.
     self.weights_proj = layers.Linear(
       cfg.dim, j, ("embed", "index_heads_w"), cfg, rngs=rngs, dtype=jnp.float32
     )
@@ -49,7 +49,7 @@ class LightningIndexer(nnx.Module):
     b, t, _ = x.shape
     j, d, r = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
     q = self.wq_b(qr).reshape(b, t, j, d)
-    # The rope part is FIRST in the indexer (spec §4.3 step 2), rotated half-split.
+    # The rope part is FIRST in the indexer (docs/dsa.md §Indexer), rotated half-split.
     q = jnp.concatenate([layers.rope_half(q[..., :r], cos, sin), q[..., r:]], axis=-1)
     k = self.k_norm(self.wk(x))
     k = jnp.concatenate([layers.rope_half(k[..., :r], cos, sin), k[..., r:]], axis=-1)
@@ -64,7 +64,10 @@ class LightningIndexer(nnx.Module):
 
 
 def select_topk(q, k, w, *, topk: int, impl: str, block_t: int):
-  """Causal top-k key indices [B,T,topk] int32, k_eff = min(topk, t+1), -1 padded (spec §4.4)."""
+  """Causal top-k key indices [B,T,topk] int32, k_eff = min(topk, t+1), -1 padded.
+
+  See docs/dsa.md §Top-k.
+  """
   return indexer_ops.indexer_topk(q, k, w, topk=topk, impl=impl, block_t=block_t)
 
 
@@ -74,12 +77,12 @@ def indexer_logits(q, k, w, *, impl: str = "reference", causal: bool = True):
 
 
 def sparse_kl(q, k, w, idx, p, *, impl: str):
-  """Per-query KL over the selected set [B,T] (spec §7.2)."""
+  """Per-query KL over the selected set [B,T] (docs/dsa.md §Training)."""
   return indexer_ops.sparse_kl(q, k, w, idx, p, impl=impl)
 
 
 def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale: float, impl: str, block_t: int):
-  """Per-query dense warm-up KL [B,T] (spec §7.1), target rebuilt per query block."""
+  """Per-query dense warm-up KL [B,T] (docs/dsa.md §Training), target rebuilt per query block."""
   return indexer_ops.dense_kl(
     q, k, w, attn_q, attn_kv, attn_lse, attn_scale=attn_scale, impl=impl, block_t=block_t
   )

@@ -47,7 +47,7 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x * rsqrt(mean(x^2) + eps) * w in fp32 (spec §2), cast back to the input dtype."""
+  """x * rsqrt(mean(x^2) + eps) * w in fp32 (docs/dsa.md §Model), cast back to the input dtype."""
 
   def __init__(self, d: int, eps: float, axis_name: str = "norm"):
     self.weight = nnx.Param(jnp.ones((d,), jnp.float32), logical_axes=(axis_name,))
@@ -60,7 +60,7 @@ class RMSNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-  """Mean-centred LayerNorm with bias in fp32 (the indexer's k_norm, spec §4.3 step 3)."""
+  """Mean-centred LayerNorm with bias in fp32 (the indexer's k_norm)."""
 
   def __init__(self, d: int, eps: float):
     self.weight = nnx.Param(jnp.ones((d,), jnp.float32), logical_axes=("norm",))
@@ -76,12 +76,12 @@ class LayerNorm(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# RoPE / YaRN (spec §3)
+# RoPE / YaRN (docs/dsa.md §RoPE and YaRN)
 
 
 @functools.lru_cache(maxsize=None)
 def yarn_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """The R/2 YaRN-corrected frequencies f'_i (spec §3), float64 numpy."""
+  """The R/2 YaRN-corrected frequencies f'_i (docs/dsa.md §RoPE and YaRN), float64 numpy."""
   r = cfg.qk_rope_head_dim
   base = cfg.rope_theta
   freqs = 1.0 / (base ** (np.arange(0, r, 2, dtype=np.float64) / r))
@@ -119,7 +119,7 @@ def rope_interleaved(x, cos, sin):
 
 
 def rope_half(x, cos, sin):
-  """Indexer RoPE, NOT interleaved (spec §3, the Nov-2025 fix): pairs (x[i], x[i + R/2])."""
+  """Indexer RoPE, NOT interleaved (docs/dsa.md §RoPE and YaRN): pairs (x[i], x[i + R/2])."""
   xf = x.astype(jnp.float32)
   h = x.shape[-1] // 2
   x1, x2 = xf[..., :h], xf[..., h:]
@@ -129,7 +129,7 @@ def rope_half(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hadamard rotation and FP8 quantisation of the indexer (spec §4.3 steps 4-5)
+# Hadamard rotation and FP8 quantisation of the indexer (docs/dsa.md §Indexer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +150,7 @@ def hadamard(x):
 
 
 def fp8_scale(amax, scale_fmt: str | None):
-  """Per-block scale: amax/448, or rounded up to a power of two for ue8m0 (spec §4.3 step 5)."""
+  """Per-block scale: amax/448, or that rounded up to a power of two for ue8m0 (docs/dsa.md)."""
   s = jnp.maximum(amax, 1e-4) / FP8_MAX
   if scale_fmt == "ue8m0":
     # Exact power of two from the exponent bits (s = m·2^e, m in [0.5, 1)): round up unless m == 0.5.

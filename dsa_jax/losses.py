@@ -1,12 +1,12 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Losses (dsa_spec.md §7).
+"""Losses (docs/dsa.md §Training).
 
 - LM: next-token cross-entropy, mean over the weighted target tokens; MTP: the same for t+2.
 - Indexer KL: computed inside each attention layer, streamed per query block (the target p is
   rebuilt from the attention logits and their log-sum-exp, never a [B, L, L] tensor), see
   `pallas_kernels/lightning_indexer/reference.py`. Exact KL(p || softmax(I)), no clipping.
   Reduction: mean over query tokens within a layer, then mean over layers (the MTP layer's indexer
-  included when MTP runs). DeepSeek does not publish theirs (spec, open question 4).
+  included when MTP runs). DeepSeek does not publish theirs.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Multi-head latent attention with the lightning indexer (dsa_spec.md §5).
+"""Multi-head latent attention with the lightning indexer (docs/dsa.md §MLA).
 
 Two equivalent computations:
-- MHA path (dense attention, spec §5.2): per-head keys [k_nope ; k_pe] (192) and values (128).
-- absorbed MQA path (DSA kernels, spec §5.3): q_lat = q_nope·W_UK, query [q_lat ; q_pe] (576)
+- MHA path (dense attention): per-head keys [k_nope ; k_pe] (192) and values (128).
+- absorbed MQA path (DSA kernels): q_lat = q_nope·W_UK, query [q_lat ; q_pe] (576)
   against the shared latent [c_kv ; k_pe] (576), values = c_kv (512), then o = o_lat·W_UVᵀ.
-Both use the YaRN-mscale-corrected softmax scale (spec §3).
+Both use the YaRN-mscale-corrected softmax scale (docs/dsa.md §MLA).
 
 Letters: B batch, T tokens, D model, Q q_lora, C kv_lora (latent), H heads, N nope dim,
 R rope dim, V value dim, J/Dᵢ indexer heads/dim, k top-k slots.
@@ -85,7 +85,7 @@ class MLA(nnx.Module):
     scale = cfg.softmax_scale
     qr, q_nope, q_pe, c, k_pe = self._project(x, cos, sin)
     w_uk, w_uv = self._wkv_b()
-    # Absorbed query and shared latent rows (spec §5.3).
+    # Absorbed query and shared latent rows.
     q_abs = jnp.concatenate([jnp.einsum("bthn,chn->bthc", q_nope, w_uk), q_pe], axis=-1)
     kv_lat = jnp.concatenate([c, k_pe], axis=-1)
     aux = {}

@@ -1,6 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""DeepSeek-V3.2-Exp transformer (dsa_spec.md §2): pre-norm blocks of MLA+DSA and dense/MoE FFN,
-scanned layer stacks, and the multi-token-prediction (MTP) module.
+"""DeepSeek-V3.2-Exp transformer (docs/dsa.md §Model): pre-norm blocks of MLA+DSA and dense/MoE
+FFN, scanned layer stacks, and the multi-token-prediction (MTP) module.
 
 Layers are stored stacked (leading layer axis, built with nnx.vmap) in two stacks, `dense_layers`
 (the first n_dense_layers, SwiGLU FFN) and `moe_layers`, and run with lax.scan over the stack.

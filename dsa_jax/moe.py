@@ -1,5 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""DeepSeekMoE (dsa_spec.md §2): sigmoid router with group limits and bias balancing, SwiGLU experts.
+"""DeepSeekMoE: sigmoid router with group limits and bias balancing, SwiGLU experts.
+
+See docs/dsa.md §Model.
 
 Router (noaux_tc): s = sigmoid(x W_g) in fp32; selection uses s + bias (bias only for selection);
 group score = sum of the top-2 biased scores per group; keep the top n_limited_groups groups; pick
@@ -24,7 +26,7 @@ from dsa_jax.config import ModelConfig
 
 
 class MLP(nnx.Module):
-  """SwiGLU: w2(silu(w1 x) * (w3 x)), activation math in fp32 (spec §2)."""
+  """SwiGLU: w2(silu(w1 x) * (w3 x)), activation math in fp32."""
 
   def __init__(self, d: int, f: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.w1 = layers.Linear(d, f, ("embed", "mlp"), cfg, rngs=rngs)

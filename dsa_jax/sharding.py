@@ -6,7 +6,7 @@ Mesh axes: data, fsdp, tensor, expert, sequence. Every parameter carries `logica
 replicated, so every preset runs on every mesh). Activations go through `shard(x, names)`, which
 reads the mesh and rules of the enclosing `use_mesh_rules` block (a no-op outside one), and the
 explicit expert- and context-parallel code (expert_parallel.py, context_parallel.py) reads the same
-context to build its shard_map specs. See notes/scaleout.md.
+context to build its shard_map specs. See docs/architecture.md §Scale-out.
 """
 
 from __future__ import annotations

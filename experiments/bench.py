@@ -1,11 +1,11 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-r"""Benchmarks (PERF.md shapes and protocol). One command per set of suites:
+r"""Benchmarks (docs/benchmarks.md: suites, protocol, result format). One command per set of suites:
 
   python -m experiments.bench --suite=S1,S2,S3 [--out=experiments/results/sparse_mla.json]
   python -m experiments.bench --suite=I1,T1,E1 [--small]
 
-Each suite module registers `SUITES = {id: fn(small: bool) -> list[row]}`; rows follow PERF.md's
-result format and carry the baseline measured in the same run.
+Each suite module registers `SUITES = {id: fn(small: bool) -> list[row]}`; rows follow the
+result format of docs/benchmarks.md and carry the baseline measured in the same run.
 """
 
 import importlib

@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Benchmark plumbing shared by the suites (PERF.md protocol): timing, result rows, result files."""
+"""Benchmark plumbing shared by the suites: timing, result rows, files (docs/benchmarks.md)."""
 
 import datetime
 import json
@@ -43,7 +43,7 @@ def commit() -> str:
 
 
 def row(suite: str, shape: dict, time_ms: float, flops: float | None, **extra) -> dict:
-  """One result row in the PERF.md format (ratio filled in by the caller via `baseline`)."""
+  """One result row (docs/benchmarks.md §Result format); `ratio` is set when `baseline` is given."""
   r = {
     "suite": suite,
     "date": datetime.date.today().isoformat(),

@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-r"""Decode and prefill cost per token vs position, dense MLA vs DSA, `1b` preset (PERF.md D1).
+r"""Decode and prefill cost per token vs position, dense MLA vs DSA, `1b` preset (suite D1).
 
   python -m experiments.bench --suite=D1,COST --out=experiments/results/decode.json
   DSA_BENCH_POSITIONS=4096,32768,131072 DSA_BENCH_BATCH=8 DSA_BENCH_FP8=1 python -m experiments.bench \
@@ -16,8 +16,9 @@ lightning indexer, keeps top-2048 and runs sparse MLA on them. Everything else (
 MoE, head) is identical, as between V3.1-Terminus and V3.2-Exp.
 
 D1 rows: DSA decode time per token vs dense (the baseline) at each context; ratio > 1: DSA faster.
-COST rows: per position, prefill and decode $ per million tokens at $2/GPU-hour (DeepSeek's
-Figure 3 convention, spec §8.2) for both, plus a summary row with the crossover positions.
+COST rows: per position, prefill and decode $ per million tokens at $2/GPU-hour (the convention
+of Figure 3 in DeepSeek's V3.2-Exp report) for both, plus a summary row with the crossover
+positions.
 The plot (time per million tokens vs position, crossovers marked) goes beside the JSON.
 rel_err: decode vs full forward logits on the `test` preset in the bench's compute dtype on the
 same device (the correctness check of the path timed here; CPU tests cover fp32).
@@ -42,7 +43,7 @@ from dsa_jax import cache as cache_lib
 from dsa_jax import generate, model
 from experiments import bench_common as bc
 
-DOLLARS_PER_GPU_HOUR = 2.0  # DeepSeek's Figure 3 (H800 service), spec §8.2
+DOLLARS_PER_GPU_HOUR = 2.0  # DeepSeek's Figure 3 (H800 service)
 
 
 def _env_ints(name, default):

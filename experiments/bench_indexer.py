@@ -1,5 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Indexer benchmarks (PERF.md): I1 FP8 logits, T1 causal top-k, E1 one DSA layer fwd+bwd.
+"""Indexer benchmarks: I1 FP8 logits, T1 causal top-k, E1 one DSA layer fwd+bwd.
+
+Conventions: docs/benchmarks.md.
 
   python -m experiments.bench --suite=I1,T1,E1 --out=experiments/results/indexer.json
 

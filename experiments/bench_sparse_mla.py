@@ -1,6 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Sparse MLA suites (PERF.md): S1/S2 forward vs FlashMLA sparse prefill and the XLA gather
-reference; S3 backward (dq, dkv) vs XLA autodiff of the reference. Correctness in the same run.
+"""Sparse MLA suites (docs/benchmarks.md): S1/S2 forward vs FlashMLA sparse prefill and the XLA
+gather reference; S3 backward (dq, dkv) vs XLA autodiff of the reference. Correctness in the same
+run.
 
 FlashMLA comes from `sgl-flash-mla==1.0.0` (use_legacy=True, torch via dlpack); if it does not
 import, the XLA reference is the only baseline and the row says why.
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_common
-from pallas_kernels.sparse_mla import kernel, ops
+from pallas_kernels.sparse_mla import ops
 
 SCALE = 576**-0.5
 _FULL = {
@@ -55,39 +56,21 @@ def _interp(small):
 
 
 def _fwd_variants(suite, shp, q, kv, idx, ro, tf):
-  """Other GPU variants and block sizes of the forward, timed in the same process."""
+  """The long top-k fallback (ops.GpuConfig(copies="staged")) at the same shape, same process."""
   d_v, res = shp["d_v"], {}
 
-  def add(name, fn, check=True):
+  def add(name, fn):
     try:
       o = fn(q, kv, idx)[0]
       t = bench_common.time_fn(fn, q, kv, idx, iters=5)
-      res[name] = {"time_ms": t, "tflops": tf(t)}
-      if check:
-        res[name]["rel_err"] = bench_common.rel_err(o, ro)
-    except Exception as e:  # noqa: BLE001 - a failing variant is a finding, keep going
+      res[name] = {"time_ms": t, "tflops": tf(t), "rel_err": bench_common.rel_err(o, ro)}
+    except Exception as e:  # noqa: BLE001 - a failing config is a finding, keep going
       res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     print(suite, name, res[name], flush=True)
 
   op = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
-  ws = kernel.WsBlockSizes
-  add(
-    ops.TRITON_DEFAULT_VARIANT, jax.jit(functools.partial(op, variant=ops.TRITON_DEFAULT_VARIANT))
-  )
-  ws_cases = {  # the main row is mosaic_ws with WsBlockSizes() (direct copies)
-    "mosaic_ws_noab": ws(no_auto_barriers=True),
-    "mosaic_ws_lane_copies": ws(direct=False),
-    "mosaic_ws_pallas_copies": ws(direct=False, copy_wgs=2, lane_copies=False),
-  }
-  if suite != "S1":
-    ws_cases = {k: ws_cases[k] for k in ("mosaic_ws_noab", "mosaic_ws_lane_copies")}
-  for name, cfg in ws_cases.items():
-    add(name, jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg)))
-  if suite == "S1":  # time breakdown (wrong results): the copies only
-    cfg = ws(probe_no_math=True)
-    fn = jax.jit(functools.partial(op, variant="mosaic_ws", ws_config=cfg))
-    add("mosaic_ws_probe_no_math", fn, check=False)
-  add("mosaic", jax.jit(functools.partial(op, variant="mosaic")))
+  if suite == "S1":
+    add("staged", jax.jit(functools.partial(op, config=ops.GpuConfig(copies="staged"))))
   return res
 
 
@@ -154,7 +137,7 @@ def _forward(suite, small):
           "tflops": tf(t_fm),
           "rel_err_vs_reference": err_fm,
         },
-        note=f"impl=pallas variant={ops.GPU_DEFAULT_VARIANT}; rel_err vs impl=reference",
+        note="impl=pallas (default GpuConfig); rel_err vs impl=reference",
       )
     )
   rows.append(
@@ -181,12 +164,9 @@ def _backward(suite, small):
   do = jax.random.normal(jax.random.key(7), q.shape[:-1] + (d_v,), jnp.bfloat16)
   flops = _bwd_flops(shp)
   res = {}
-  names = ("pallas", "reference") if small else ("pallas", "reference", "triton")
-  for name in names:
-    impl = "reference" if name == "reference" else "pallas"
-    variant = None if name in ("pallas", "reference") else name
-    f = lambda q, kv, impl=impl, variant=variant: ops.sparse_mla(
-      q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, interpret=_interp(small), variant=variant
+  for name in ("pallas", "reference"):
+    f = lambda q, kv, impl=name: ops.sparse_mla(
+      q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, interpret=_interp(small)
     )[0]
     _, vjp = jax.jit(lambda q, kv, f=f: jax.vjp(f, q, kv))(q, kv)
     bwd = jax.jit(lambda vjp, do: vjp(do))
@@ -207,16 +187,6 @@ def _backward(suite, small):
     )
     fq, fkv = jax.jit(lambda vjp, do: vjp(do))(vjp32, f32(do))
   vs32 = lambda g: {"dq": bench_common.rel_err(g[0], fq), "dkv": bench_common.rel_err(g[1], fkv)}
-  variants = {
-    k: {
-      "time_ms": t,
-      "tflops": flops / t / 1e9,
-      "rel_err": bench_common.rel_err(g[0], rq),
-      "rel_err_dkv": bench_common.rel_err(g[1], rkv),
-    }
-    for k, (g, t) in res.items()
-    if k not in ("pallas", "reference")
-  }
   return [
     bench_common.row(
       suite,
@@ -233,8 +203,7 @@ def _backward(suite, small):
         "rel_err_vs_fp32_reference": vs32((rq, rkv)),
       },
       flops_convention="2*s_q*h*topk*(3*d_qk+2*d_v), backward only (vjp of saved residuals)",
-      variants=variants,
-      note=f"impl=pallas variant={ops.GPU_DEFAULT_VARIANT}; backward from the saved lse"
+      note="impl=pallas (default GpuConfig); backward from the saved lse"
       + (" [small, CPU]" if small else ""),
     )
   ]

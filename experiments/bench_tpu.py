@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-r"""TPU suites (PERF.md shapes and protocol) for the Mosaic TPU kernels, one command on a TPU VM:
+r"""TPU suites for the Mosaic TPU kernels (docs/benchmarks.md), one command on a TPU VM:
 
   python -m experiments.bench --suite=S1_TPU,S2_TPU,S3_TPU,I1_TPU,T1_TPU \
       --out=experiments/results/tpu.json
@@ -12,7 +12,7 @@ Baselines (measured in the same run; FlashMLA/cuDNN do not exist on TPU):
           (so the ratio is the fraction of that ceiling);
   T1_TPU: approx_max_k(0.95) vs exact lax.top_k, with the measured recall.
 RECALL_TPU measures how often the int8 / bf16 (and f32) indexer selections agree with the FP8
-definition (dsa_spec.md §4.3), with the XLA emulation of each kernel's arithmetic.
+definition (docs/dsa.md §Indexer), with the XLA emulation of each kernel's arithmetic.
 """
 
 import functools
@@ -156,7 +156,7 @@ def recall_study(small=False):
 
   T queries = the last T of L keys (causal), J=64, D=128, w ~ N(0, 1)/8. Inputs: "gaussian" iid
   N(0,1) q and k; "outliers": 4 of 128 channels scaled x10, then the Hadamard rotation the spec
-  applies before quantisation (dsa_spec.md §4.3 step 4). Rows with <= k visible keys are left out
+  applies before quantisation (docs/dsa.md §Indexer). Rows with <= k visible keys are left out
   (every key is selected there).
   """
   l, t = (1024, 64) if small else (4096, 512)

@@ -4,8 +4,8 @@ r"""The two-phase DSA demo on embedded data (stdlib source text + pass-key + MQA
   python -m experiments.demo --workdir=/tmp/dsa_demo            # ~10 min on 2 CPU cores
   python -m experiments.demo --workdir=/tmp/dsa_demo --size=ci  # seconds-scale smoke run
 
-Protocol (the paper's, spec §7, at toy scale): a dense model is trained for `dense_steps`;
-from its checkpoint at that step two branches with the same LM-token budget:
+Protocol (the paper's, docs/dsa.md §Training, at toy scale): a dense model is trained for
+`dense_steps`; from its checkpoint at that step two branches with the same LM-token budget:
   dense: continued dense training for `sparse_steps` more steps;
   DSA:   indexer warm-up (`warmup_steps`, dense attention, KL, only the indexer trains), then
          sparse training (`sparse_steps`, top-k = L/8 attention, LM + sparse KL).

@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Pallas kernels for DSA, each next to its pure-JAX reference. Public entry points: the ops modules.
 
-Imports only jax and numpy (STYLE.md §2.3).
+Imports only jax and numpy (docs/architecture.md §Layers).
 """
 
 from pallas_kernels.lightning_indexer import ops as lightning_indexer

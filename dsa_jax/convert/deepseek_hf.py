@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Hugging Face DeepSeek-V3.2(-Exp) / V3.1 safetensors <-> dsa_jax Orbax params checkpoints.
 
-Names and shapes follow dsa_spec.md §9.1. `NAME_MAP` maps each HF tensor name (with `{i}` = HF
+Names and shapes: docs/dsa.md §Checkpoints. `NAME_MAP` maps each HF tensor name (with `{i}` = HF
 layer, `{e}` = expert) to our leaf path (`{L}` = the block it lives in: `dense_layers[i]`,
 `moe_layers[i - n_dense_layers]`, or `mtp.block` for the MTP layer i = n_layers) and a hook that
 turns the HF tensor into our slice and back (`HOOKS`). Both directions stream one tensor at a time;
@@ -31,7 +31,7 @@ from dsa_jax.config import ModelConfig
 from dsa_jax.convert import fp8, orbax_io, safetensors_io
 
 # ------------------------------------------------------------------------------------------------
-# Name map (spec §9.1). Value: (our leaf path, hook, which layers have it).
+# Name map. Value: (our leaf path, hook, which layers have it).
 # Kinds: "top" (once), "all" (every decoder layer incl. MTP), "dense"/"moe" (by FFN type),
 # "expert" (per routed expert), "mtp" (MTP layer only), "mtp_copy" (MTP copy of a shared tensor).
 
@@ -39,7 +39,7 @@ NAME_MAP: dict[str, tuple[str, str, str]] = {
   "model.embed_tokens.weight": ("embed", "copy", "top"),
   "model.norm.weight": ("norm.weight", "copy", "top"),
   "lm_head.weight": ("head.kernel", "linear", "top"),
-  # Attention (MLA, spec §5.1) and block norms.
+  # Attention (MLA) and block norms.
   "model.layers.{i}.input_layernorm.weight": ("{L}.attn_norm.weight", "copy", "all"),
   "model.layers.{i}.post_attention_layernorm.weight": ("{L}.ffn_norm.weight", "copy", "all"),
   "model.layers.{i}.self_attn.q_a_proj.weight": ("{L}.attn.wq_a.kernel", "linear", "all"),
@@ -53,7 +53,7 @@ NAME_MAP: dict[str, tuple[str, str, str]] = {
   "model.layers.{i}.self_attn.kv_a_layernorm.weight": ("{L}.attn.kv_norm.weight", "copy", "all"),
   "model.layers.{i}.self_attn.kv_b_proj.weight": ("{L}.attn.wkv_b.kernel", "linear", "all"),
   "model.layers.{i}.self_attn.o_proj.weight": ("{L}.attn.wo.kernel", "linear", "all"),
-  # Lightning indexer (spec §4.1).
+  # Lightning indexer.
   "model.layers.{i}.self_attn.indexer.wq_b.weight": (
     "{L}.attn.indexer.wq_b.kernel",
     "linear",
@@ -75,7 +75,7 @@ NAME_MAP: dict[str, tuple[str, str, str]] = {
   "model.layers.{i}.mlp.gate_proj.weight": ("{L}.ffn.w1.kernel", "linear", "dense"),
   "model.layers.{i}.mlp.up_proj.weight": ("{L}.ffn.w3.kernel", "linear", "dense"),
   "model.layers.{i}.mlp.down_proj.weight": ("{L}.ffn.w2.kernel", "linear", "dense"),
-  # MoE (spec §2): router, its balancing bias, routed experts [E, ...], shared experts.
+  # MoE: router, its balancing bias, routed experts [E, ...], shared experts.
   "model.layers.{i}.mlp.gate.weight": ("{L}.ffn.gate.kernel", "linear", "moe"),
   "model.layers.{i}.mlp.gate.e_score_correction_bias": ("{L}.ffn.gate_bias", "copy", "moe"),
   "model.layers.{i}.mlp.experts.{e}.gate_proj.weight": ("{L}.ffn.w1[{e}]", "linear", "expert"),
@@ -96,12 +96,13 @@ NAME_MAP: dict[str, tuple[str, str, str]] = {
     "linear",
     "moe",
   ),
-  # MTP layer (i = n_layers): eh_proj input is [enorm(emb) ; hnorm(h)] (spec open question 11).
+  # MTP layer (i = n_layers): eh_proj input is [enorm(emb) ; hnorm(h)] (vLLM's order; DeepSeek's
+  # papers leave it open).
   "model.layers.{i}.enorm.weight": ("mtp.enorm.weight", "copy", "mtp"),
   "model.layers.{i}.hnorm.weight": ("mtp.hnorm.weight", "copy", "mtp"),
   "model.layers.{i}.eh_proj.weight": ("mtp.eh_proj.kernel", "linear", "mtp"),
   "model.layers.{i}.shared_head.norm.weight": ("mtp.norm.weight", "copy", "mtp"),
-  # The MTP layer stores its own copies of the embedding and head; we share ours (spec §9.1).
+  # The MTP layer stores its own copies of the embedding and head; we share ours.
   "model.layers.{i}.embed_tokens.weight": ("embed", "copy", "mtp_copy"),
   "model.layers.{i}.shared_head.head.weight": ("head.kernel", "linear", "mtp_copy"),
 }
@@ -120,8 +121,8 @@ HOOKS = {
   "linear": Hook(lambda x: x.T, lambda x: x.T, lambda s: tuple(reversed(s))),
 }
 
-# Not FP8 in DeepSeek's checkpoints (spec §6): embeddings, head, norms, router, indexer
-# weights_proj, MTP eh_proj. Used by --fp8_export for tensors the import did not see.
+# Not FP8 in DeepSeek's checkpoints (docs/dsa.md §FP8 formats): embeddings, head, norms, router,
+# indexer weights_proj, MTP eh_proj. Used by --fp8_export for tensors the import did not see.
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|norm|mlp\.gate\.|weights_proj|eh_proj|shared_head)")
 SCALE_SUFFIX = "_scale_inv"
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
@@ -426,7 +427,7 @@ def _validate(entries: list[Entry], infos, leaves, skip_missing) -> set[str]:
     elif info.dtype == "F8_E4M3":
       s = infos.get(n + SCALE_SUFFIX)
       if e.hook != "linear":
-        dtypes.append(f"{n}: F8_E4M3 but only Linear weights may be FP8 (spec §6)")
+        dtypes.append(f"{n}: F8_E4M3 but only Linear weights may be FP8")
       elif s is None:
         dtypes.append(f"{n}: F8_E4M3 without {n + SCALE_SUFFIX}")
       elif s.dtype != "F32" or s.shape != fp8.scale_shape(info.shape):
@@ -492,7 +493,7 @@ def hf_to_orbax(
     seed: numpy seed of freshly initialised indexers.
     init_missing_indexers: initialise indexer tensors the checkpoint lacks (always on for a dense
       model_type deepseek_v3 source; for V3.2 only on request, e.g. should a release omit the MTP
-      layer's indexer, which spec §9.1 leaves uncertain).
+      layer's indexer, which no published listing confirms).
   Returns:
     The ModelConfig of the checkpoint (param_dtype=dtype); also saved in hf_source/convert.json.
   Raises:
@@ -667,9 +668,10 @@ def orbax_to_hf(
     hf_dir: output directory; must not exist.
     cfg: the model config; default: the one `hf_to_orbax` recorded in hf_source/.
     dtype: "bf16" | "fp32" for every non-FP8 tensor (the router bias stays fp32). Default: each
-      tensor's dtype in the imported checkpoint, else bf16 (spec §9.1).
-    fp8_export: write Linear weights as float8_e4m3fn + 128x128 `weight_scale_inv` (spec §6). With
-      the scales kept by the import and unchanged weights this reproduces an FP8 source bit for bit.
+      tensor's dtype in the imported checkpoint, else bf16.
+    fp8_export: write Linear weights as float8_e4m3fn + 128x128 `weight_scale_inv`
+      (docs/dsa.md §FP8 formats). With the scales kept by the import and unchanged weights this
+      reproduces an FP8 source bit for bit.
     max_shard_bytes: shard size when the source's shard layout cannot be reused.
   """
   _check_out(hf_dir)
@@ -825,7 +827,7 @@ def _export_config(record, cfg: ModelConfig, has_fp8: bool, torch_dtype: str) ->
   same = ("quantization_config" in src) == has_fp8 and src.get("model_type") == "deepseek_v32"
   if same:
     return record["config_bytes"]  # byte-identical round trip
-  if src.get("model_type") != "deepseek_v32":  # dense V3 import: now a DSA model (spec §7.1)
+  if src.get("model_type") != "deepseek_v32":  # dense V3 import: now a DSA model
     src["model_type"] = "deepseek_v32"
     src["architectures"] = ["DeepseekV32ForCausalLM"]
     src.pop("auto_map", None)

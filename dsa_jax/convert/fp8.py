@@ -1,5 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""128x128 block-scaled float8_e4m3fn weights (dsa_spec.md §6): dequantise and re-quantise.
+"""128x128 block-scaled float8_e4m3fn weights: dequantise and re-quantise.
+
+Format: docs/dsa.md §FP8 formats.
 
 `W[i, j] = W8[i, j] * S[i // 128, j // 128]`, S = `weight_scale_inv` fp32 [ceil(out/128),
 ceil(in/128)] (despite its name it multiplies).

@@ -1,12 +1,12 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Streaming safetensors reader and writer (one tensor in memory at a time).
 
-Why not `safetensors.numpy` for the data: numpy has no float8 dtype, so its backend cannot return the
-F8_E4M3 weights of DeepSeek checkpoints (spec §6). `safe_open` still validates every header; tensor
-bytes are then read at the header's offsets and viewed with ml_dtypes. The writer lays a file out
-exactly as the safetensors library does (tensors sorted by dtype rank then name, compact JSON header
-padded with spaces to 8 bytes), so a file written from the same tensors is byte-identical, and it
-writes the header first, then each tensor as it is produced.
+Why not `safetensors.numpy` for the data: numpy has no float8 dtype, so its backend cannot return
+the F8_E4M3 weights of DeepSeek checkpoints (docs/dsa.md §FP8 formats). `safe_open` still validates
+every header; tensor bytes are then read at the header's offsets and viewed with ml_dtypes. The
+writer lays a file out exactly as the safetensors library does (tensors sorted by dtype rank then
+name, compact JSON header padded with spaces to 8 bytes), so a file written from the same tensors is
+byte-identical, and it writes the header first, then each tensor as it is produced.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Indexer-loss KL ops with hand-written, streamed backward passes (dsa_spec.md §7.4).
+"""Indexer-loss KL ops with hand-written, streamed backward passes (docs/dsa.md §Training).
 
 With P = softmax(I) over the row's valid keys, p the constant target and
   g[t,s] = dKL_t/dI[t,s] = P[t,s] · Σ_{s'} p[t,s'] - p[t,s]

@@ -3,7 +3,7 @@
 
   I[b,t,s] = ks[b,s] · Σ_j wq[b,t,j] · ReLU(q8[b,t,j] · k8[b,s])      (fp32, -inf for s > pos(t))
 
-q8/k8 are e4m3 with per-128-vector power-of-two scales (dsa_spec.md §4.3 step 5); the q scale is
+q8/k8 are e4m3 with per-128-vector power-of-two scales (docs/dsa.md §Indexer); the q scale is
 folded into wq and the k scale ks is applied per key after the head sum, both exact (powers of 2,
 positive, so they commute with ReLU).
 
@@ -97,7 +97,7 @@ class BlockSizes:
 
 
 def quantize_e4m3(x, axis=-1):
-  """Per-vector (1x128) e4m3 quantisation with ue8m0 (power-of-two) scales, spec §4.3 step 5.
+  """Per-vector (1x128) e4m3 quantisation with ue8m0 (power-of-two) scales, docs/dsa.md §Indexer.
 
   Returns (x8 float8_e4m3fn, scale f32 with `axis` dropped). Re-quantising a tensor that already
   went through this quant-dequant round trip is exact.

@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Pure-JAX lightning indexer: logits, fused causal top-k, and the two indexer KL losses.
 
-Indexer logits (dsa_spec.md §4.3 step 8, paper eq. 1):
+Indexer logits (docs/dsa.md §Indexer, paper eq. 1):
   I[b,t,s] = Σ_j w[b,t,j] · ReLU(q[b,t,j] · k[b,s])
 where q, k are the (Hadamard-rotated, FP8 quant-dequantised) indexer vectors and w already holds
 every positive scale (J^-0.5 · D^-0.5; q's FP8 scale is inside the dequantised q).
@@ -92,7 +92,7 @@ def _kl(p, logits):
 
 
 def sparse_kl_reference(q, k, w, idx, p, *, block_t: int = 512):
-  """Sparse-phase KL(p_{t,S_t} || softmax(I_{t,S_t})) per query [B,T] f32 (spec §7.2).
+  """Sparse-phase KL(p_{t,S_t} || softmax(I_{t,S_t})) per query [B,T] f32 (docs/dsa.md §Training).
 
   p [B,T,k] is the constant target (head-mean attention over S_t, zero at invalid slots).
   Differentiable w.r.t. q, k, w.
@@ -117,7 +117,7 @@ def dense_target_block(attn_q, attn_kv, attn_lse, visible, attn_scale):
 def dense_kl_reference(
   q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale: float, block_t: int = 256, block_s=2048
 ):
-  """Dense warm-up KL(p_{t,:} || softmax_{s<=t}(I_{t,:})) per query [B,T] f32 (spec §7.1).
+  """Dense warm-up KL(p_{t,:} || softmax_{s<=t}(I_{t,:})) per query [B,T] f32 (docs/dsa.md).
 
   The target p is rebuilt per query block from the main attention (absorbed MQA form:
   attn_q [B,T,H,C], attn_kv [B,S,C], and its log-sum-exp attn_lse [B,T,H]) and stop-gradient'ed,

@@ -1,11 +1,11 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """TPU top-k for the indexer scores: XLA's TPU-optimised approximate top-k, or the exact sort.
 
-PALLAS.md §4.4: on TPU, `jax.lax.approx_max_k` (arXiv 2206.14286) is the fast op; an in-kernel
-Pallas top-k at k=2048 was measured ~4x slower than scores-in-HBM + approx_max_k (sglang-jax
-#1515), so selection stays outside the logits kernel. `recall_target` (e.g. 0.95) is the expected
-fraction of the true top-k it returns; None is the exact path (`lax.top_k`, sort-based on TPU; on
-CPU approx_max_k also falls back to an exact sort, so its recall there is 1).
+On TPU `jax.lax.approx_max_k` (arXiv 2206.14286) is the fast op (docs/architecture.md §Kernels): an
+in-kernel Pallas top-k at k=2048 was measured ~4x slower than scores-in-HBM + approx_max_k
+(sglang-jax #1515), so selection stays outside the logits kernel. `recall_target` (e.g. 0.95) is the
+expected fraction of the true top-k it returns; None is the exact path (`lax.top_k`, sort-based on
+TPU; on CPU approx_max_k also falls back to an exact sort, so its recall there is 1).
 
 Output matches topk/reference.py's conventions: [..., k] int32, slots in descending score order,
 -1 for -inf (masked) entries and for k > S.

@@ -3,7 +3,7 @@
 
 Ties are broken by the lower index (lax.top_k's documented order). Entries equal to -inf are
 masked keys: their slots come back as -1, so a row with fewer than k valid keys is padded with -1
-(the fixed-width convention of FlashMLA/DeepGEMM, dsa_spec.md §4.4).
+(the fixed-width convention of FlashMLA/DeepGEMM, docs/dsa.md §Top-k).
 """
 
 import jax

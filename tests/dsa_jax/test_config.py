@@ -5,7 +5,7 @@ import pytest
 
 from dsa_jax import config
 
-# spec §1.2: the HF config.json of DeepSeek-V3.2(-Exp).
+# The HF config.json of DeepSeek-V3.2(-Exp).
 HF_V32 = {
   "architectures": ["DeepseekV32ForCausalLM"],
   "model_type": "deepseek_v32",
@@ -72,7 +72,7 @@ def test_presets_build(name):
 
 def test_v32_preset_matches_reference_config():
   cfg = config.preset("v32_671b")
-  # inference/config_671B_v3.2.json (spec §1.1)
+  # inference/config_671B_v3.2.json (DeepSeek's reference config)
   ref = dict(
     vocab_size=129280,
     dim=7168,

@@ -149,7 +149,7 @@ def test_export_writes_both_mtp_copies(src):
 def test_default_export_is_bf16_with_fp32_router_bias(src, tmp_path):
   _, _, hf = src
   convert.hf_to_orbax(hf, str(tmp_path / "o"), progress=False)
-  # Without a recorded source (plain save_params checkpoint) the export is bf16 (spec §9.1).
+  # Without a recorded source (plain save_params checkpoint) the export is bf16.
   for n in os.listdir(tmp_path / "o"):
     if n == "hf_source":
       shutil.rmtree(tmp_path / "o" / n)
@@ -170,7 +170,7 @@ def test_default_export_is_bf16_with_fp32_router_bias(src, tmp_path):
 
 
 def _random_fp8(tensors, seed=0):
-  """Like DeepSeek's release (spec §9.1): FP8-eligible weights random e4m3 codes with arbitrary
+  """Like DeepSeek's release: FP8-eligible weights random e4m3 codes with arbitrary
   fp32 block scales, the other tensors bf16 except the fp32 router bias."""
   rng = np.random.default_rng(seed)
   cfg = dsa_jax.preset("test")
@@ -492,7 +492,8 @@ def test_cli_roundtrip(src, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Streaming: peak host memory on a multi-GB checkpoint (a measurement; notes/convert.md)
+# Streaming: peak host memory on a multi-GB checkpoint (a measurement; WORKSPACE.md lab log,
+# checkpoint conversion)
 
 # ~1.13B parameters: 2.3 GB of bf16 safetensors; the largest stacked leaf (moe_layers.ffn.w1, fp32)
 # is 0.8 GB, the whole fp32 model 4.5 GB, the largest single tensor (embed / head) 0.27 GB in fp32.

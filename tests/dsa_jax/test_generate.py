@@ -98,7 +98,9 @@ def test_cache_bytes_per_token_v32(fp8, latent, indexer):
   got = cache_lib.bytes_per_token(c)
   assert (got["latent"], got["indexer"]) == (latent, indexer)
   assert got["total_all_layers"] == (latent + indexer) * cfg.n_layers
-  if fp8:  # spec §1.5: 128K tokens x 62 layers (with MTP) of fp8 latent + indexer keys = 5.96 GiB
+  # docs/dsa.md §FP8 formats: 128K tokens x 62 layers (with MTP) of fp8 latent + indexer keys
+  # = 5.96 GiB
+  if fp8:
     assert round((latent + indexer) * 131072 * 62 / 2**30, 2) == 5.96
     lc = c.layers[0]
     assert lc.c.dtype == jnp.float8_e4m3fn and lc.c_scale.shape[-1] == 4

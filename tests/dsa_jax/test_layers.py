@@ -14,7 +14,7 @@ def test_hadamard_orthonormal_and_symmetric(n):
   np.testing.assert_allclose(h, h.T)
   x = jax.random.normal(jax.random.key(0), (5, n))
   y = jax.random.normal(jax.random.key(1), (5, n))
-  # Scores are invariant: Ĥq·Ĥk == q·k (spec §12.3)
+  # Scores are invariant: Ĥq·Ĥk == q·k (docs/dsa.md §Invariants)
   np.testing.assert_allclose(
     jnp.sum(layers.hadamard(x) * layers.hadamard(y), -1), jnp.sum(x * y, -1), rtol=1e-5, atol=1e-5
   )

@@ -140,7 +140,7 @@ def test_v32_671b_parameter_counts_abstract():
   mtp = model.param_count(m.mtp)
   main = total - mtp
   embed = 129280 * 7168
-  assert main == 671_877_944_064  # spec §1.4: V3.2 main model
+  assert main == 671_877_944_064  # docs/dsa.md §Invariants: V3.2 main model
   assert mtp == 11_624_027_648  # MTP unique params
   assert mtp + 2 * embed == 13_477_385_728  # MTP as stored (own copies of embed and head)
   assert main + mtp + 2 * embed == 685_355_329_792  # total stored
