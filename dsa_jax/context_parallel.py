@@ -1,14 +1,14 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Context parallelism for DSA: the sequence is split over the `sequence` mesh axis.
 
-Scheme (notes/scaleout.md): queries stay on their shard; the two per-token things every query may
-need from other shards, the indexer keys (Dᵢ = 128 values, 128 B in FP8) and the MLA latent rows
-([c_kv ; k_pe], 576 values, 1.1 KB in bf16), are all-gathered over `sequence` inside one
+Scheme (docs/architecture.md §Scale-out): queries stay on their shard; the two per-token things
+every query may need from other shards, the indexer keys (Dᵢ = 128 values, 128 B in FP8) and the MLA
+latent rows ([c_kv ; k_pe], 576 values, 1.1 KB in bf16), are all-gathered over `sequence` inside one
 `jax.shard_map`. With them each shard computes, for its own queries only:
 - the indexer scores against all keys and the causal top-k, masked at the queries' global
   positions (shard r holds positions r·T_loc ... r·T_loc + T_loc - 1), so the indices are global;
 - the sparse MLA over the gathered rows (the kernel dispatch point: Pallas kernels cannot be
-  auto-partitioned, so they must run in shard_map, PALLAS.md §5.2);
+  auto-partitioned, so they must run in shard_map, docs/architecture.md §Kernels);
 - the sparse indexer KL target and loss.
 Gradients are exact: the transpose of the all-gather is a reduce-scatter that returns each shard's
 dKV and dk^I to its owner. The gathered keys cost O(L) memory per device, against O(L²/cp)
@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsa_jax import indexer as indexer_lib
 from dsa_jax import sharding, sparse_attention
+from pallas_kernels.lightning_indexer import ops as indexer_ops
 
 
 def _names(spec_entry) -> tuple[str, ...]:
@@ -37,13 +38,18 @@ def _axis(axes: tuple[str, ...]):
   return axes[0] if len(axes) == 1 else axes
 
 
-def topk_at_offset(q, k, w, *, offset, topk: int, block_t: int, impl: str):
+def topk_at_offset(q, k, w, *, offset, topk: int, block_t: int, impl: str, interpret=False):
   """Causal top-k for queries at global positions offset + [0, T) against all S keys.
 
-  Same selection as `indexer.select_topk` (lax.top_k order, -1 padding) when offset = S - T.
-  q [B,T,J,Dᵢ], k [B,S,Dᵢ], w [B,T,J] -> idx [B,T,topk] int32.
+  Same selection as `indexer.select_topk` when offset = S - T: on GPU with impl="pallas" the
+  fused FP8 logits + select kernels (slots in ascending key order), elsewhere lax.top_k per query
+  block (score order). -1 pads. q [B,T,J,Dᵢ], k [B,S,Dᵢ], w [B,T,J] -> idx [B,T,topk] int32.
   """
   q, k, w = jax.lax.stop_gradient((q, k, w))
+  if impl == "pallas" and (interpret or jax.default_backend() == "gpu"):
+    return indexer_ops.indexer_topk(
+      q, k, w, topk=topk, impl=impl, block_t=block_t, offset=offset, interpret=interpret
+    )
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   kk = min(topk, s)
 

@@ -3,7 +3,7 @@
 
 impl="pallas" (GPU: Mosaic GPU FP8 logits + radix-select top-k; interpret=True runs the same
 kernels on CPU) takes the same float q, k, w as the reference. q and k are re-quantised inside with
-the spec's 1x128 e4m3 / ue8m0 scheme (dsa_spec.md §4.3 step 5), which is exact for tensors that
+the 1x128 e4m3 / ue8m0 scheme of docs/dsa.md §Indexer, which is exact for tensors that
 already went through that fake quant, so logits match the reference to fp32 summation order and
 top-k selections match up to near-ties. Its kernels need J=64 heads and D=128.
 The KL ops' impl="pallas" is a custom_vjp with streamed hand-written backward passes (grad.py).
@@ -125,8 +125,12 @@ def indexer_topk(
   backend: str | None = None,
   numerics: str | None = None,
   recall_target: float | None = None,
+  offset=None,
 ):
   """Causal top-k key indices [B,T,topk] int32 (-1 = no key), never materialising [T,S].
+
+  offset: global position of query 0 (default S - T); may be traced (a context-parallel shard's
+  start). Only the GPU kernel path takes it.
 
   reference: slots in descending score order; pallas: the same set, slots in ascending key order.
   backend="tpu": the TPU logits kernel (`numerics`, see indexer_logits) per query block, then
@@ -135,6 +139,8 @@ def indexer_topk(
   _check(q, k, w)
   if topk <= 0:
     raise ValueError(f"topk={topk} must be positive")
+  if offset is not None and not (_impl(impl) and _backend(backend) == "gpu"):
+    raise ValueError(f"offset is only taken by impl='pallas' on GPU; got impl={impl!r}")
   if not _impl(impl):
     return reference.indexer_topk_reference(q, k, w, topk=topk, block_t=block_t)
   if _backend(backend) == "tpu":
@@ -158,7 +164,14 @@ def indexer_topk(
     raise ValueError(f"block_t={bt} must be a multiple of {lbs.block_q}")
   q, k, w = jax.lax.stop_gradient((q, k, w))  # indices carry no gradient; kernels have no VJP
   return topk_kernel.indexer_topk_blocked(
-    q, k, w, topk=topk, block_t=bt, logits_block_sizes=lbs, interpret=bool(interpret)
+    q,
+    k,
+    w,
+    topk=topk,
+    block_t=bt,
+    logits_block_sizes=lbs,
+    interpret=bool(interpret),
+    offset=offset,
   )
 
 

@@ -501,6 +501,7 @@ def indexer_topk_blocked(
   select_block_sizes=None,
   num_buckets: int = 8,
   interpret=False,
+  offset=None,
 ):
   """Causal indexer top-k [B,T,topk] int32: FP8 logits kernel + select kernel per query block.
 
@@ -512,6 +513,10 @@ def indexer_topk_blocked(
   the [T,S] logits never exist at once (the logits tile still goes through HBM: not yet fused
   into one kernel). Keys past a row's bound are scored but ignored: up to S / num_buckets extra
   logits per row. Slots are in ascending key order, -1 when a row has fewer than topk keys.
+
+  offset: global position of query 0 (default S - T: the queries are the last T keys). It may be
+  traced (a context-parallel shard's start); then no key bound is static, so every block scores
+  all S keys (one kernel shape) and only the select is limited by the rows' lengths.
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
@@ -521,12 +526,16 @@ def indexer_topk_blocked(
   lbs = logits_block_sizes or lik.BlockSizes.default_for(block_t, s)
   sbs = select_block_sizes or BlockSizes.default_for(s)
   q8, k8, wq, ks = lik.prepare_fp8(q, k, w)
-  off = s - t
-  widths = bucket_widths(s, lbs.block_k, sbs.chunk, num_buckets)
+  if offset is None:
+    off = s - t
+    widths = bucket_widths(s, lbs.block_k, sbs.chunk, num_buckets)
+  else:
+    off = jnp.asarray(offset, jnp.int32)
+    widths = [s]
   lint = plgpu.InterpretGPUParams() if interpret else None
 
   def width_for(need):
-    return next(x for x in widths if x >= need)
+    return widths[-1] if offset is not None else next(x for x in widths if x >= need)
 
   def one_block(t0, n, width):  # t0 may be traced; n and width are static
     logits = lik.logits_fp8(
