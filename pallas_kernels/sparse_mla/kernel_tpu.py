@@ -1,10 +1,11 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Pallas TPU (Mosaic) sparse MLA forward and backward: scalar-prefetched indices, manual row DMAs.
 
-Layout (PALLAS.md §2.1-2.2). Batch is folded into rows: N = B·T query tokens, kv [B·S, Kp] with the
-row dim padded 576 -> Kp = 640 (a multiple of 128 lanes), heads padded to Hp (multiple of 16), and
-each token's k slots padded to kp = n_chunks·block_k with -1. One grid step owns one query token and
-all its heads (the [Hp, Kp] q tile is the MXU's M side, as in FlashMLA's one-token-per-CTA plan):
+Layout (docs/architecture.md §Kernels). Batch is folded into rows: N = B·T query tokens, kv [B·S,
+Kp] with the row dim padded 576 -> Kp = 640 (a multiple of 128 lanes), heads padded to Hp (multiple
+of 16), and each token's k slots padded to kp = n_chunks·block_k with -1. One grid step owns one
+query token and all its heads (the [Hp, Kp] q tile is the MXU's M side, as in FlashMLA's
+one-token-per-CTA plan):
 
   for chunk c of block_k slots (double buffered: chunk c+1's rows are in flight while c computes):
     rows[block_k, Kp] <- block_k single-row DMAs kv_hbm[idx[t, slot]] (invalid slots fetch row 0)
@@ -19,7 +20,7 @@ kv stays in HBM (`memory_space=pl.ANY`).
 Backward (one kernel, same gather): with P = exp(s - lse), dS = P ⊙ (dO·Vᵀ - Δ + dlse),
   dq = scale·dS·rows (accumulated over chunks in VMEM),
   drows = scale·dSᵀ·q (+ Pᵀ·dO on the first Vp dims), per slot, written to HBM by async DMA.
-TPU DMAs have no add/atomic mode (PALLAS.md §5.1), so the per-slot drows of a token chunk are
+TPU DMAs have no add/atomic mode, so the per-slot drows of a token chunk are
 summed into an f32 dkv by an XLA scatter-add in the wrapper (duplicates across and within tokens
 add up; invalid slots drop). That costs one f32 [tokens, kp, Kp] write+read per chunk: the known
 price of v1 (a SparseCore `addupdate_scatter` path would remove it).

@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Pure-JAX sparse MLA over gathered top-k latent rows (MQA mode): the spec for the kernels.
 
-DSA attention (dsa_spec.md §5.3, §4.5): query t attends only to the selected latent rows
+DSA attention (docs/dsa.md §Sparse attention): query t attends only to the selected latent rows
 kv[idx[t, :]] (576 = 512 latent + 64 rope), values are the first `d_v` dims of the same rows.
 Invalid slots (idx < 0 or idx >= S) are skipped; a row with no valid slot gives out = 0 and
 lse = +inf (FlashMLA's convention, so exp(logit - lse) = 0 for it).
@@ -48,7 +48,7 @@ def sparse_mla_reference(q, kv, idx, *, scale: float, d_v: int, block_t: int = 2
     q: [B,T,H,K] queries in the absorbed latent space ([q_nope·W_UK ; q_pe]).
     kv: [B,S,K] latent rows ([c_kv ; k_pe]); values are kv[..., :d_v].
     idx: [B,T,k] int32 selected rows, invalid < 0 or >= S.
-    scale: softmax scale (0.13523378 for V3.2, spec §3).
+    scale: softmax scale (0.13523378 for V3.2, docs/dsa.md §MLA).
     d_v: value dim (512 for V3.2).
     block_t: queries per chunk, so the gathered [B,t,k,K] rows stay small.
   Returns:
@@ -59,7 +59,7 @@ def sparse_mla_reference(q, kv, idx, *, scale: float, d_v: int, block_t: int = 2
 
 
 def sparse_mla_probs_reference(q, kv, idx, lse, *, scale: float, block_t: int = 256):
-  """Head-mean attention probabilities at the selected slots (the sparse KL target, spec §7.2).
+  """Head-mean attention probabilities at the selected slots: the sparse KL target (docs/dsa.md).
 
   p[b,t,s] = (1/H) Σ_h exp(scale·q[b,t,h]·kv[b,idx[b,t,s]] - lse[b,t,h]); 0 at invalid slots.
   Since each head's probabilities sum to 1 over S_t, p sums to 1 over the valid slots (the
