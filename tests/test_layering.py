@@ -1,5 +1,8 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Import direction (STYLE.md §2.3): experiments -> dsa_jax -> pallas_kernels -> jax/numpy."""
+"""Import direction: experiments -> dsa_jax -> pallas_kernels -> jax/numpy.
+
+See docs/architecture.md §Layers.
+"""
 
 import ast
 import pathlib
@@ -9,13 +12,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _imports(path):
+def _modules(path):
+  """Every absolute module name `path` imports (function-level imports included)."""
   tree = ast.parse(path.read_text())
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
-      yield from (a.name.split(".")[0] for a in node.names)
+      yield from (a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      yield node.module.split(".")[0]
+      yield node.module
+
+
+def _imports(path):
+  return (m.split(".")[0] for m in _modules(path))
 
 
 def _files(pkg):
@@ -47,3 +55,15 @@ def test_kernels_enter_dsa_jax_through_the_dispatch_points():
     str(f.relative_to(ROOT)) for f in _files("dsa_jax") if "pallas_kernels" in set(_imports(f))
   }
   assert users <= {"dsa_jax/indexer.py", "dsa_jax/sparse_attention.py"}, users
+
+
+@pytest.mark.parametrize("pkg", ["dsa_jax", "pallas_kernels"])
+def test_no_jax_internals_in_product_code(pkg):
+  """jax._src is JAX's private tree: a JAX upgrade may move it and break `import dsa_jax`."""
+  bad = [
+    (str(f.relative_to(ROOT)), m)
+    for f in _files(pkg)
+    for m in _modules(f)
+    if m == "jax._src" or m.startswith("jax._src.")
+  ]
+  assert not bad, bad

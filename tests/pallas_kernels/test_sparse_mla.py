@@ -1,6 +1,8 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Sparse MLA: reference vs a naive dense masked softmax, the Mosaic GPU kernel (GPU interpreter)
-vs the reference (forward and jax.vjp gradients), and cross-lowering for CUDA at the V3.2 shapes."""
+"""Sparse MLA: reference vs a naive dense masked softmax; the GPU kernel set (Mosaic GPU forward
+with "direct" copies and its long top-k "staged" fallback, blocked XLA backward) vs the reference
+in the GPU interpreter (forward and jax.vjp gradients with both cotangents), cross-lowering for
+CUDA at the V3.2 shapes, and `-m gpu` runs on an NVIDIA Hopper GPU."""
 
 import functools
 
@@ -12,9 +14,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _testing
-from pallas_kernels.sparse_mla import kernel, kernel_triton, ops, reference
+from pallas_kernels.sparse_mla import kernel_mosaic_gpu, ops, reference
 
 SCALE = 0.13
+GpuConfig = kernel_mosaic_gpu.GpuConfig
+# The product set on GPU: default_for's pick at short top-k ("direct"), and the long top-k
+# fallback ("staged"; default_for's pick when the slot ids do not fit in SMEM).
+PRODUCT = [None, GpuConfig(copies="staged")]
 
 
 def _naive(q, kv, idx, scale, d_v):
@@ -61,12 +67,27 @@ def test_reference_probs_sum_to_one():
   np.testing.assert_allclose(jnp.sum(p, -1), 1.0, rtol=1e-5)
 
 
-def test_block_sizes_validate():
-  with pytest.raises(ValueError, match="block_k"):
-    kernel.BlockSizes(block_k=32)
-  with pytest.raises(ValueError, match="block_v"):
-    kernel.BlockSizes(block_v=96)
-  assert kernel.BlockSizes.default_for(512) == kernel.BlockSizes(64, 256)
+def test_config_validate_and_default_for():
+  with pytest.raises(ValueError, match="copies"):
+    GpuConfig(copies="lane")
+  with pytest.raises(ValueError, match="copy_wgs=3"):
+    GpuConfig(copies="staged", copy_wgs=3)
+  with pytest.raises(ValueError, match="one copy warpgroup"):
+    GpuConfig(copy_wgs=2)
+  with pytest.raises(ValueError, match="bwd_block_t"):
+    GpuConfig(bwd_block_t=0)
+  cpu = jax.devices("cpu")[0]
+  assert GpuConfig.default_for((576, 512, 2048), cpu) == GpuConfig()
+  assert GpuConfig.default_for((576, 512, 2304), cpu) == GpuConfig()  # the lowering's bound
+  assert GpuConfig.default_for((576, 512, 2305), cpu).copies == "staged"
+  # k = 4096 at V3.2's row dim: the slot ids do not fit in SMEM next to the three tiles.
+  assert GpuConfig.default_for((576, 512, 4096), cpu) == GpuConfig(copies="staged")
+  # more than 256 chunks of slot ids do not fit one TMA box, whatever the SMEM
+  assert GpuConfig.default_for((64, 32, 16448), cpu).copies == "staged"
+  assert GpuConfig.default_for((64, 32, 16384), cpu).copies == "direct"
+  assert GpuConfig().registers == (216, 72)
+  assert GpuConfig(copies="staged").registers == (232, 40)
+  assert GpuConfig(copies="staged", copy_wgs=4).registers == (192, 24)
 
 
 def test_pallas_shape_errors():
@@ -77,16 +98,35 @@ def test_pallas_shape_errors():
     ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=65, impl="pallas")
   with pytest.raises(ValueError, match="impl"):
     ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="triton")
+  with pytest.raises(ValueError, match="takes a GpuConfig"):
+    ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="pallas", config="direct")
 
 
-def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, variant="mosaic", **kw):
+def test_direct_over_the_smem_budget_raises():
+  """An explicit "direct" config that cannot run the shape raises (it is not rewritten)."""
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((1, 4, 128, 576), jnp.bfloat16), sds((1, 8192, 576), jnp.bfloat16)
+  idx = sds((1, 4, 4096), jnp.int32)
+  fwd = functools.partial(
+    ops.sparse_mla, scale=SCALE, d_v=512, impl="pallas", config=GpuConfig(copies="direct")
+  )
+  with pytest.raises(ValueError, match="copies='staged'"):
+    jax.eval_shape(fwd, q, kv, idx)
+  with pytest.raises(ValueError, match="d_out=192"):
+    x = jnp.zeros((2, 64, 128), jnp.bfloat16)
+    kernel_mosaic_gpu.sparse_mla_fwd(
+      x, x[0], jnp.zeros((2, 64), jnp.int32), scale=1.0, d_out=192, config=GpuConfig()
+    )
+
+
+def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, config=None):
   q, kv, idx = _inputs(b, t, h, k_dim, s, k, jnp.bfloat16, seed=seed)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[-1, -1, : min(k, 5)].set(1)  # duplicates
   tol = _testing.tolerances(jnp.bfloat16)
   f = lambda impl: (
     lambda q, kv: ops.sparse_mla(
-      q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, interpret=True, variant=variant, **kw
+      q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, interpret=True, config=config
     )
   )
   (o, l), vjp = jax.vjp(f("pallas"), q, kv)
@@ -105,9 +145,11 @@ def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, variant="mosai
       assert _testing.rel_err(g, rg) < 2 * tol, _testing.rel_err(g, rg)
 
 
-def test_pallas_interpret_fwd_bwd():
-  # ragged k (72 -> padded to 128 with invalid slots), k > S, d_v not a multiple of 64, H < 64.
-  _check_fwd_bwd(b=2, t=2, h=48, k_dim=96, d_v=80, s=40, k=72)
+@pytest.mark.parametrize("config", PRODUCT, ids=["direct", "staged"])
+def test_pallas_interpret_fwd_bwd(config):
+  # ragged k (72 -> 128 slots, padded with invalid ones), k > S, ids < 0 and >= S, duplicates,
+  # a fully masked row, d_v=80 (-> 128 output columns), H < 64, B = 2, Kp = 3 column tiles.
+  _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, config=config)
 
 
 @pytest.mark.slow
@@ -150,12 +192,13 @@ def _export(fn, *args):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cross_lowering_cuda_full_shape(batch):
-  """Runs the real Mosaic GPU lowering (layouts, SMEM budget, tiled-TMA rules) at V3.2 shapes."""
+  """The default path's real Mosaic GPU lowering (layouts, SMEM budget: three 72 KiB tiles + the
+  idx row, tiled-TMA rules) at V3.2 shapes, forward and forward + backward."""
   t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
   sds = jax.ShapeDtypeStruct
   q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
   idx = sds((batch, t, k), jnp.int32)
-  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic")
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
   exp = _export(fwd, q, kv, idx)
   assert "mosaic_gpu" in exp.mlir_module()
 
@@ -167,10 +210,32 @@ def test_cross_lowering_cuda_full_shape(batch):
   assert "mosaic_gpu" in exp.mlir_module()
 
 
-@pytest.mark.gpu
-def test_pallas_gpu_full_shape():
+@pytest.mark.parametrize(
+  "k,config",
+  [
+    (2048, GpuConfig(copies="staged")),
+    (2048, GpuConfig(copies="staged", copy_wgs=2)),
+    (4096, None),  # long top-k: default_for picks "staged"
+    (2304, None),  # the longest k whose slot ids fit next to the tiles: "direct"
+  ],
+)
+def test_cross_lowering_cuda_configs(k, config):
+  t, s, h, k_dim, d_v = 256, 32768, 128, 576, 512
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((2, t, h, k_dim), jnp.bfloat16), sds((2, s, k_dim), jnp.bfloat16)
+  idx = sds((2, t, k), jnp.int32)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", config=config)
+  assert "mosaic_gpu" in _export(fwd, q, kv, idx).mlir_module()
+
+
+def _on_gpu():
   if jax.default_backend() != "gpu":
     pytest.skip("needs an NVIDIA GPU")
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_full_shape():
+  _on_gpu()
   q, kv, idx = _inputs(1, 512, 128, 576, 32768, 2048, jnp.bfloat16, lo=-100, hi_extra=0)
   o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas")
   ro, rl = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512)
@@ -178,235 +243,53 @@ def test_pallas_gpu_full_shape():
   assert _testing.rel_err(l, rl) < 1e-4
 
 
-# ---------------------------------------------------------------------------------------------
-# Warp-specialised Mosaic GPU forward (variant "mosaic_ws"): copy warpgroups + two compute WGs.
-
-
-@pytest.mark.parametrize(
-  "ws",
-  [
-    kernel.WsBlockSizes(),  # direct copies
-    kernel.WsBlockSizes(pairs=True),
-    kernel.WsBlockSizes(direct=False),  # lane copies (Pallas copies in the interpreter)
-    kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
-    pytest.param(
-      kernel.WsBlockSizes(direct=False, copy_wgs=4, idx_in_smem=False, lane_copies=False),
-      marks=pytest.mark.slow,
-    ),
-  ],
-)
-def test_ws_interpret_fwd_bwd(ws):  # lane copies fall back to Pallas copies in the interpreter
-  # ragged k (72 -> 128 slots), k > S, d_v=80 (-> 128 output columns), H < 64, 2-tile split.
-  _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, variant="mosaic_ws", ws_config=ws)
-
-
-def test_ws_layout_errors():
-  q = jnp.zeros((2, 64, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match="d_out=192"):
-    kernel.sparse_mla_fwd_ws(
-      q, q[0], jnp.zeros((2, 64), jnp.int32), scale=1.0, d_out=192, bs=kernel.WsBlockSizes()
-    )
-  with pytest.raises(ValueError, match="copy_wgs=3"):
-    kernel.WsBlockSizes(copy_wgs=3)
-  with pytest.raises(ValueError, match="split_qk needs idx_in_smem=False"):
-    kernel.WsBlockSizes(direct=False, split_qk=True)
-  with pytest.raises(ValueError, match="lane_copies=True needs idx_in_smem=True"):
-    kernel.WsBlockSizes(direct=False, idx_in_smem=False)
-  with pytest.raises(ValueError, match="direct=True needs idx_in_smem=True"):
-    kernel.WsBlockSizes(idx_in_smem=False, lane_copies=False)
-  with pytest.raises(ValueError, match="pairs=True needs direct=True"):
-    kernel.WsBlockSizes(direct=False, pairs=True)
-  with pytest.raises(ValueError, match="pairs needs an even number"):  # Kp = d_out: no rope tile
-    kernel.sparse_mla_fwd_ws(
-      q,
-      q[0],
-      jnp.zeros((2, 128), jnp.int32),
-      scale=1.0,
-      d_out=128,
-      bs=kernel.WsBlockSizes(pairs=True),
-      interpret=True,
-    )
-  with pytest.raises(ValueError, match="copy_wgs=2"):
-    kernel.sparse_mla_fwd_ws(
-      q,
-      q[0],
-      jnp.zeros((2, 64), jnp.int32),
-      scale=1.0,
-      d_out=128,
-      bs=kernel.WsBlockSizes(copy_wgs=2),
-    )
-
-
-@pytest.mark.parametrize(
-  "ws",
-  [
-    kernel.WsBlockSizes(),
-    kernel.WsBlockSizes(pairs=True),
-    kernel.WsBlockSizes(direct=False),
-    kernel.WsBlockSizes(direct=False, copy_wgs=4, lane_copies=False),
-    kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
-  ],
-)
-def test_ws_cross_lowering_cuda_full_shape(ws):
-  """SMEM budget (227 KiB: three 72 KiB tiles + the idx row), TMA box and layout rules at V3.2."""
-  t, s, h, k_dim, d_v, k = 2048, 32768, 128, 576, 512, 2048
-  sds = jax.ShapeDtypeStruct
-  q, kv = sds((2, t, h, k_dim), jnp.bfloat16), sds((2, s, k_dim), jnp.bfloat16)
-  idx = sds((2, t, k), jnp.int32)
-  fwd = functools.partial(
-    ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
-  )
-  assert "mosaic_gpu" in _export(fwd, q, kv, idx).mlir_module()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-  "t,s,h,k_dim,d_v,k", [(512, 32768, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)]
+  "t,s,h,k_dim,d_v,k",
+  [(512, 32768, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72), (64, 32768, 128, 576, 512, 4096)],
 )
-def test_ws_gpu(t, s, h, k_dim, d_v, k):
-  if jax.default_backend() != "gpu":
-    pytest.skip("needs an NVIDIA GPU")
+def test_pallas_gpu(t, s, h, k_dim, d_v, k):
+  """The product configs (and the fallback with 2 copy warpgroups) vs the fp32 reference: a fully
+  masked row, duplicates, ids < 0 and >= S; k = 4096 is past the SMEM budget of "direct"."""
+  _on_gpu()
   q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[1, -1, :5].set(1)  # duplicates
-  for ws in (
-    kernel.WsBlockSizes(),  # direct copies
-    kernel.WsBlockSizes(pairs=True),  # (falls back to pairs=False at k_dim 96: no rope tile)
-    kernel.WsBlockSizes(no_auto_barriers=True),
-    kernel.WsBlockSizes(direct=False),  # lane copies
-    kernel.WsBlockSizes(direct=False, copy_wgs=2, no_auto_barriers=True),
-    kernel.WsBlockSizes(direct=False, copy_wgs=2, lane_copies=False, idx_in_smem=False),
-    kernel.WsBlockSizes(direct=False, split_qk=True, idx_in_smem=False, lane_copies=False),
-  ):
-    o, l = ops.sparse_mla(
-      q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", variant="mosaic_ws", ws_config=ws
+  with jax.default_matmul_precision("highest"):
+    ro, rl = ops.sparse_mla(
+      q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, d_v=d_v
     )
-    with jax.default_matmul_precision("highest"):
-      ro, rl = ops.sparse_mla(
-        q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, d_v=d_v
-      )
-    assert _testing.rel_err(o, ro) < _testing.tolerances(jnp.bfloat16), (
-      ws,
-      _testing.rel_err(o, ro),
-    )
+  configs = [*PRODUCT, GpuConfig(copies="staged", copy_wgs=2)]
+  if GpuConfig.default_for((k_dim, d_v, k)).copies == "staged":
+    configs = configs[1:]  # "direct" raises there (test_direct_over_the_smem_budget_raises)
+  for config in configs:
+    o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", config=config)
+    err = _testing.rel_err(o, ro)
+    assert err < _testing.tolerances(jnp.bfloat16), (config, err)
     np.testing.assert_array_equal(np.isinf(l), np.isinf(rl))
     fin = np.isfinite(rl)
     np.testing.assert_allclose(np.asarray(l)[fin], np.asarray(rl)[fin], atol=2e-3, rtol=2e-3)
     assert (np.asarray(o[0, 0], np.float32) == 0).all()
 
 
-# ---------------------------------------------------------------------------------------------
-# Triton-backend kernels (kernel_triton.py): variants "triton_xla_bwd",
-# "triton" (Triton backward kernel with dkv atomics) and the other ops.TRITON_VARIANTS backwards.
-
-
-def test_triton_split_dims():
-  assert kernel_triton.split_dims(576, 512) == (512, 64)
-  assert kernel_triton.split_dims(96, 80) == (128, 0)
-  assert kernel_triton.split_dims(96, 32) == (32, 64)
-  with pytest.raises(ValueError, match="block_k"):
-    kernel_triton.BlockSizes(block_k=48)
-  with pytest.raises(ValueError, match="variant"):
-    q, kv, idx = _inputs(1, 2, 64, 64, 16, 8, jnp.bfloat16)
-    ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="pallas", variant="cuda")
-  with pytest.raises(ValueError, match="bwd"):
-    ops.TritonConfig(bwd="cuda")
-  with pytest.raises(ValueError, match="value_split"):
-    kernel_triton.BlockSizes(value_split=3)
-
-
-@pytest.mark.parametrize(
-  "variant",
-  [
-    "triton_xla_bwd",
-    "triton_hybrid_bwd",  # Triton dq + dS/P, Triton dkv (all heads per atomic)
-    "triton_hybrid_xla_bwd",  # Triton dq + dS/P, XLA dkv
-    "triton_xla_fused_bwd",
-    pytest.param("triton", marks=pytest.mark.slow),
-  ],
-)
-def test_triton_interpret_fwd_bwd(variant):
-  # ragged k (72 -> padded with invalid slots), k > S, duplicates, H < 64, d_v not a power of 2.
-  _check_fwd_bwd(b=2, t=2, h=48, k_dim=96, d_v=80, s=40, k=72, variant=variant)
-
-
-@pytest.mark.parametrize(
-  "variant", ["triton_hybrid_bwd", pytest.param("triton", marks=pytest.mark.slow)]
-)
-def test_triton_interpret_rope_split(variant):
-  # db > 0 (da = 32 value dims + 64 more logit dims), as V3.2's 512 + 64 split: the hybrid's dkv
-  # kernel runs its second (rope, dS only) pass.
-  _check_fwd_bwd(b=1, t=2, h=16, k_dim=96, d_v=32, s=30, k=40, variant=variant)
-
-
-def test_triton_interpret_tuning_knobs():
-  """Forward knobs (128 heads a program, split accumulator, prefetched slot ids, sorted slots)
-  and the XLA backward's bf16 dkv-row updates with one-token scan steps."""
-  cfg = ops.TritonConfig(
-    fwd=kernel_triton.BlockSizes(block_h=128, block_k=32, value_split=2, prefetch_idx=True),
-    sort_idx=True,
-    xla_block_t=1,
-    xla_bf16_updates=True,
-  )
-  _check_fwd_bwd(b=2, t=2, h=48, k_dim=96, d_v=80, s=40, k=72, variant=None, triton_config=cfg)
-
-
-@pytest.mark.slow
-def test_triton_bwd_kernel_duplicates_exact():
-  """All slots of a token hit 3 rows (heavy duplicates): dkv must add every contribution."""
-  q, kv, _ = _inputs(1, 3, 16, 64, 8, 8, jnp.float32)
-  q, kv = q.astype(jnp.bfloat16), kv.astype(jnp.bfloat16)
-  idx = jnp.array([[[0, 1, 2, 0, 1, 2, 0, -1]] * 3], jnp.int32)
-  f = lambda impl: (
-    lambda q, kv: ops.sparse_mla(
-      q, kv, idx, scale=SCALE, d_v=32, impl=impl, interpret=True, variant="triton"
-    )[0]
-  )
-  o, vjp = jax.vjp(f("pallas"), q, kv)
-  _, rvjp = jax.vjp(f("reference"), q, kv)
-  do = _testing.normal(3, o.shape, jnp.bfloat16)
-  (dq, dkv), (rq, rkv) = vjp(do), rvjp(do)
-  assert _testing.rel_err(dq, rq) < 2 * _testing.tolerances(jnp.bfloat16)
-  assert _testing.rel_err(dkv, rkv) < 2 * _testing.tolerances(jnp.bfloat16)
-  assert (np.asarray(dkv[0, 3:], np.float32) == 0).all()  # never selected rows get nothing
-
-
-_KNOBS = ops.TritonConfig(
-  fwd=kernel_triton.BlockSizes(block_k=32, num_stages=3, value_split=2, prefetch_idx=True),
-  bwd="hybrid",
-  bwd_bs=kernel_triton.BwdBlockSizes(block_k=32, num_stages=2, col_block=256),
-  dkv_bs=kernel_triton.DkvBlockSizes(col_block=256, num_stages=1),
-)
-
-
-@pytest.mark.parametrize("variant", [*ops.TRITON_VARIANTS, "knobs"])
-def test_triton_cross_lowering_cuda_full_shape(variant):
-  """Pallas-Triton lowering of the fwd (+ bwd) at V3.2 shapes (ptxas/SMEM are not checked)."""
-  from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
-
-  t, s, h, k_dim, d_v, k = 4096, 32768, 128, 576, 512, 2048
-  sds = jax.ShapeDtypeStruct
-  q, kv = sds((1, t, h, k_dim), jnp.bfloat16), sds((1, s, k_dim), jnp.bfloat16)
-  idx = sds((1, t, k), jnp.int32)
-  cfg = _KNOBS if variant == "knobs" else ops.TRITON_VARIANTS[variant]
-  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", triton_config=cfg)
-
-  def fwd_bwd(q, kv, idx, do):
-    (_, _), vjp = jax.vjp(lambda q, kv: fwd(q, kv, idx), q, kv)
-    return vjp((do, jnp.zeros((1, t, h), jnp.float32)))
-
-  dev = jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=8
-  )
-  checks = [jax.export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)]
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev)):
-    exp = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=checks)(
-      q, kv, idx, sds((1, t, h, d_v), jnp.bfloat16)
-    )
-  mod = exp.mlir_module()
-  assert "sparse_mla_fwd_triton" in mod
-  assert ("sparse_mla_bwd_triton" in mod) == (cfg.bwd == "triton")
-  assert ("sparse_mla_bwd_dq_triton" in mod) == cfg.bwd.startswith("hybrid")
-  assert ("sparse_mla_dkv_triton" in mod) == (cfg.bwd == "hybrid")
-  relaxed = cfg.bwd == "hybrid" or (cfg.bwd == "triton" and cfg.bwd_bs.relaxed_atomics)
-  assert ("atomic_add_relaxed" in mod) == relaxed  # the primitive's name in the kernel's locations
+@pytest.mark.gpu
+def test_pallas_gpu_grads():
+  """jax.vjp of the default path (Mosaic GPU forward, XLA backward) with both cotangents vs
+  autodiff of the fp32 reference, at V3.2 dims."""
+  _on_gpu()
+  q, kv, idx = _inputs(2, 64, 128, 576, 4096, 2048, jnp.bfloat16, lo=-100, hi_extra=3)
+  idx = idx.at[0, 0].set(-1)  # fully invalid row
+  f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas")
+  (o, l), vjp = jax.vjp(f, q, kv)
+  f32 = lambda x: x.astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    rf = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512)
+    (ro, rl), rvjp = jax.vjp(rf, f32(q), f32(kv))
+    do = _testing.normal(5, o.shape, jnp.bfloat16)
+    dl = jnp.where(jnp.isfinite(rl), _testing.normal(6, l.shape), 0.0)
+    rgrads = rvjp((f32(do), dl))
+  tol = _testing.tolerances(jnp.bfloat16)
+  assert _testing.rel_err(o, ro) < tol
+  for g, rg in zip(vjp((do, dl)), rgrads):
+    assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
+    assert _testing.rel_err(g, rg) < 2 * tol, _testing.rel_err(g, rg)

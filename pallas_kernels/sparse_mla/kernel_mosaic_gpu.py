@@ -1,0 +1,519 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Mosaic GPU (Hopper) sparse MLA forward over gathered top-k latent rows, warp-specialised.
+
+Layout the wrapper (ops.py) hands to the kernel (batch folded into rows):
+  q   [N, Hp, Kp]  N = B*T query tokens, heads padded to a multiple of 64, K padded to 64s
+  kv  [R, Kp]      R = B*S latent rows
+  idx [N, kp]      int32 global row numbers (b*S + s), -1 for an invalid slot, kp % 64 == 0
+
+One CTA = one token x 64 heads (grid: heads fastest, so a token's CTAs share its rows in L2),
+2 compute warpgroups (WG) + `copy_wgs` copy WGs. Hopper has no TMA gather; the copy WGs gather
+each 64-slot chunk of selected rows into SMEM, the compute WGs run the base-2 online softmax:
+each computes the whole 64 x 64 logits tile of the chunk (q·kᵀ over all Kp dims) and P·V for
+its half of the value columns, so a token's rows are gathered once per 64 heads and each
+compute WG holds a 64 x (d_out / 2) f32 accumulator.
+
+Two ways to copy the rows (`GpuConfig.copies`):
+  "direct" (default): the token's slot ids are staged in SMEM (one TMA); each thread of the one
+    copy WG issues 16-byte `cp.async` pieces of the rows straight into the free slot of a
+    double-buffered, tiled + swizzled wgmma operand (it computes the swizzled address itself,
+    `_direct_ops`), so chunk j+1 lands while chunk j is multiplied.
+    SMEM: q 72 KiB + two operand slots 2 x 72 KiB + the idx row (8 KiB at k = 2048) at V3.2.
+  "staged" (the fallback for idx rows over the SMEM budget, `direct_fits`): the slot ids stay in
+    GMEM; the copy WGs issue one row copy each (Pallas `copy_gmem_to_smem`) into an untiled
+    stage, and the compute WGs re-lay it out into a single swizzled operand buffer.
+The q tile is reused for the output once both compute WGs have finished their last logits.
+In the GPU interpreter (CPU tests) the direct path runs the same pipeline with Pallas row copies
+into the swizzled slots (inline Mosaic GPU has no interpreter).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+HEAD_BLOCK = 64  # wgmma M
+BLOCK_K = 64  # selected rows per chunk (wgmma N of q·kᵀ, K of P·V)
+COPIES = ("direct", "staged")
+_SWIZZLE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
+_SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
+_MAX_IDX_CHUNKS = 256  # one 2-D TMA box of slot ids: <= 256 per dimension
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
+  """(Kp, d_out, kp): the kernel's row dim, output columns and slots for q/kv rows of k_dim,
+  d_v value dims and k selected slots."""
+  d_out = _round_up(d_v, 128)
+  return _round_up(max(k_dim, d_out), 64), d_out, _round_up(k, BLOCK_K)
+
+
+def smem_bytes(kp_dim: int, kp: int, itemsize: int, copies: str) -> int:
+  """SMEM the forward asks for: three 64-row tiles (q + two operand slots, or q + stage +
+  operand), the idx row (direct only), the lse / mbarrier rows and the barriers; Mosaic GPU
+  rounds every buffer up to whole KiB."""
+  kib = lambda x: _round_up(x, 1024)
+  idx = kib(4 * kp) if copies == "direct" else 0
+  return 3 * kib(HEAD_BLOCK * kp_dim * itemsize) + idx + kib(2 * 4 * HEAD_BLOCK) + 128
+
+
+def direct_fits(kp_dim: int, kp: int, itemsize: int = 2) -> bool:
+  """Whether copies="direct" can run: the token's slot ids fit in SMEM next to the tiles and in
+  one TMA box."""
+  fits = smem_bytes(kp_dim, kp, itemsize, "direct") <= _SMEM_BYTES
+  return fits and kp // BLOCK_K <= _MAX_IDX_CHUNKS
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+  """The GPU sparse MLA kernels' settings (hashable: a static argument).
+
+  copies: "direct" (the default) or "staged" (the fallback for long top-k, whose slot ids do
+    not fit in SMEM); see the module docstring. Asking for "direct" where it cannot run raises.
+  copy_wgs: copy warpgroups (1 for "direct"; 1, 2 or 4 for "staged", each copying
+    64 / copy_wgs rows per chunk).
+  bwd_block_t: query tokens per scan step of the XLA backward (ops._bwd_blocked), counted over
+    the batch: a batch of b takes bwd_block_t // b tokens per step.
+  """
+
+  copies: str = "direct"
+  copy_wgs: int = 1
+  bwd_block_t: int = 512
+
+  def __post_init__(self):
+    if self.copies not in COPIES:
+      raise ValueError(f"copies={self.copies!r}; expected one of {COPIES}")
+    if self.copy_wgs not in (1, 2, 4):
+      raise ValueError(f"copy_wgs={self.copy_wgs} must be 1, 2 or 4")
+    if self.copies == "direct" and self.copy_wgs != 1:
+      raise ValueError(f"copies='direct' issues from one copy warpgroup, got {self.copy_wgs}")
+    if self.bwd_block_t < 1:
+      raise ValueError(f"bwd_block_t={self.bwd_block_t} must be positive")
+
+  @classmethod
+  def default_for(cls, shape: tuple[int, int, int], device=None) -> "GpuConfig":
+    """The config for shape = (k_dim, d_v, k) (q/kv row dim, value dims, selected slots) on
+    `device` (default jax.devices()[0]; a GPU must be a Hopper, compute capability 9.x):
+    "direct" copies, or "staged" when the slot ids do not fit (`direct_fits`)."""
+    device = device or jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)
+    if device.platform == "gpu" and cc is not None and not str(cc).startswith("9"):
+      raise ValueError(f"the Mosaic GPU sparse MLA kernels need a Hopper GPU (sm_90), got {cc}")
+    kp_dim, _, kp = padded_dims(*shape)
+    return cls() if direct_fits(kp_dim, kp) else cls(copies="staged")
+
+  @property
+  def registers(self) -> tuple[int, int]:
+    """(compute, copy) registers per thread after setmaxnreg. The CTA keeps the registers it was
+    launched with (64K / threads per thread, in steps of 8), so 2 * compute + copy_wgs * copy
+    must fit in that pool or the increase waits forever (6 WGs: 80 each, not 85)."""
+    wgs = 2 + self.copy_wgs
+    pool = 65536 // (128 * wgs) // 8 * 8 * wgs
+    copy = 24 if self.copy_wgs == 4 else (72 if self.copies == "direct" else 40)
+    return (pool - self.copy_wgs * copy) // 2 // 8 * 8, copy
+
+
+def _swizzled(shape, dtype):
+  return plgpu.SMEM(shape, dtype, transforms=_SWIZZLE)
+
+
+def _mma_acc(acc, a, b):
+  """acc + a @ b with wgmma accumulating in place (hardware only)."""
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _online_softmax(s, ids, m_i, l_i, qk_scale):
+  """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
+  (m_new, alpha = rescale of the old accumulator, p = exp2(s - m_new), l_new)."""
+  s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+  m_new = jnp.maximum(m_i, s.max(axis=1))
+  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+  alpha = jnp.exp2(m_i - m_use)
+  p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+  return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+
+
+def _scalar(x):
+  """The one register of a WG_SPLAT argument of inline_mgpu."""
+  from jaxlib.mlir import ir  # noqa: PLC0415
+  from jaxlib.mlir.dialects import vector  # noqa: PLC0415
+
+  if not isinstance(x, ir.Value):  # a splat FragmentedArray
+    x = x.registers.flat[0]
+  if isinstance(x.type, ir.VectorType):
+    x = vector.extract(x, [], [0])
+  return x
+
+
+def _direct_ops(n_rows: int, row_bytes: int):
+  """Inline Mosaic GPU (init, issue, wait) on raw SMEM mbarriers (Pallas barriers cannot be
+  passed to inline_mgpu) for copies="direct": the rows land straight in the tiled + swizzled
+  wgmma operand.
+
+  The operand [2, n_rows, row_bytes / 2] bf16 is stored as 1 KiB tiles of 8 rows x 128 bytes
+  (row tile major, then column tile), and the 128-byte swizzle XORs a 16-byte piece's index
+  with the row's index inside its tile (PTX ISA, wgmma shared memory layouts). Thread i of the
+  copy WG, in group g = i / 8 of 8 threads, copies piece i % 8 of every 128-byte line of rows
+  g, g + 16, ...: those rows share g % 8, so the swizzled destination is one per-thread base
+  plus compile-time offsets, and a group writes whole 128-byte lines. The slot ids are read
+  once per chunk. `.L2::256B` asks L2 for the whole 256-byte span a group's next lines need.
+  Each thread then makes the slot's raw mbarrier track its copies
+  (`cp.async.mbarrier.arrive.noinc`): a phase completes when all 128 threads' pieces landed.
+  init: one thread sets up the two slots' mbarriers (128 arrivals per phase each).
+  wait: waits for the phase of the given parity on one mbarrier.
+  """
+  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+  from jaxlib.mlir import ir  # noqa: PLC0415
+  from jaxlib.mlir.dialects import arith, gpu, llvm, memref, nvvm  # noqa: PLC0415
+
+  tiles = row_bytes // 128
+  if row_bytes % 128 or n_rows % 16:
+    raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 16 groups")
+  buf_bytes = n_rows * row_bytes
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def init(ctx, bars):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    i8 = ir.IntegerType.get_signless(8)
+    pred = mu.single_thread_predicate(scope=mu.ThreadSubset.BLOCK)
+    for slot in range(2):
+      bar = mu.getelementptr(mu.memref_ptr(bars), [8 * slot], i8)
+      nvvm.mbarrier_init(bar, mu.c(128, i32), predicate=pred)
+    nvvm.fence_mbarrier_init()
+
+  @plgpu.inline_mgpu(
+    arg_types=(
+      plgpu.RefType(),
+      plgpu.RefType(transforms=_SWIZZLE),
+      plgpu.RefType(),
+      plgpu.RefType(),
+      plgpu.Layout.WG_SPLAT,
+    )
+  )
+  def issue(ctx, kv, bufs, ids, bars, slot):
+    del ctx
+    i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
+    index = ir.IndexType.get()
+
+    def c(v, t=i32):
+      return mu.c(v, t)
+
+    lane = arith.index_cast(i32, arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index)))
+    g, p = arith.shrui(lane, c(3)), arith.andi(lane, c(7))
+    g8 = arith.andi(g, c(7))
+    slot = _scalar(slot)
+    base = arith.addi(
+      arith.addi(arith.muli(slot, c(buf_bytes)), arith.muli(arith.shrui(g, c(3)), c(tiles * 1024))),
+      arith.addi(arith.muli(g8, c(128)), arith.shli(arith.xori(p, g8), c(4))),
+    )
+    dst = mu.getelementptr(mu.memref_ptr(bufs), [base], i8)
+    src = mu.getelementptr(mu.memref_ptr(kv), [arith.extui(i64, arith.shli(p, c(4)))], i8)
+    bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
+    rows = []
+    for k in range(n_rows // 16):
+      rid = memref.load(ids, [arith.index_cast(index, arith.addi(g, c(16 * k)))])
+      rid = arith.maxsi(rid, c(0))  # invalid slots fetch row 0 (masked in the logits)
+      rows.append(arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)))
+    for k, row in enumerate(rows):
+      row_src = mu.getelementptr(src, [row], i8)
+      for tile in range(tiles):
+        llvm.inline_asm(
+          ir.Type.parse("!llvm.void"),
+          [
+            mu.getelementptr(dst, [(2 * k * tiles + tile) * 1024], i8),
+            mu.getelementptr(row_src, [tile * 128], i8),
+          ],
+          "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;",
+          "l,l",
+          has_side_effects=True,
+        )
+    llvm.inline_asm(
+      ir.Type.parse("!llvm.void"),
+      [bar_ptr],
+      "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];",
+      "l",
+      has_side_effects=True,
+    )
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT))
+  def wait(ctx, bar, parity):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    nvvm.mbarrier_try_wait_parity(mu.memref_ptr(bar), _scalar(parity), mu.c(10000000, i32))
+
+  return init, issue, wait
+
+
+def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, interpret=False):
+  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
+
+  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0 and d_out <= Kp, and for
+  copies="direct" `direct_fits(Kp, kp)`. The SMEM q tile is stored as [Kp/64, 64, 64] column
+  tiles (each contiguous: the output reuses it, and TMA stores need contiguous SMEM).
+  """
+  n, hp, kp_dim = q.shape
+  kp = idx.shape[1]
+  bk = BLOCK_K
+  if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
+    raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
+  direct = config.copies == "direct"
+  if direct and not direct_fits(kp_dim, kp, q.dtype.itemsize):
+    need = smem_bytes(kp_dim, kp, q.dtype.itemsize, "direct")
+    raise ValueError(
+      f"copies='direct' stages the slot ids in SMEM: k={kp} slots at Kp={kp_dim} need {need} "
+      f"of {_SMEM_BYTES} bytes and at most {_MAX_IDX_CHUNKS * bk} slots; use "
+      "GpuConfig(copies='staged') (the long top-k fallback) or GpuConfig.default_for"
+    )
+  n_chunks = kp // bk
+  n_tiles = kp_dim // 64
+  v_tiles = d_out // 128  # value-column tiles per compute WG
+  per_copy = bk // config.copy_wgs
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E  # softmax in base 2: one FMA per logit
+  idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # the wrapper keeps every copy in bounds
+  if direct and not interpret:
+    direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
+
+  def relayout(stage, kv_smem, r0):
+    # Row halves: a row range of the untiled stage is contiguous (a column range is not, and
+    # the untiled load assumes contiguity).
+    rows = pl.ds(r0, bk // 2)
+    layout = plgpu.Layout.SMEM_GMEM_COPY((bk // 2, kp_dim), dtype, 128)
+    kv_smem.at[rows][...] = plgpu.load(stage.at[rows], layout=layout, optimized=False)
+
+  def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
+    q_smem, stage, kv_smem, idx_smem, p_smem, misc = bufs
+    # direct: kv_smem is [2, bk, Kp] (two operand slots), bar_free holds one barrier per slot,
+    # bar_full too (the interpreter's Pallas copies only), bar_end ends the loop.
+    bar_q, bar_idx, bar_full, bar_relaid, bar_free, bar_end = bars
+    # misc rows (every SMEM buffer takes whole KiB, so the small ones share one): 0 the lse
+    # tile, 1[:4] direct's two raw mbarriers (8 bytes each, one per operand slot).
+    lse_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 4)]
+    t = lax.axis_index("t")
+    hb = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+    ids_ref = idx_smem if direct else idx_ref.at[t]
+
+    @pl.when(wg == 0)
+    def _():
+      if direct and not interpret:  # before the idx copy: its barrier orders the init
+        direct_init(raw_bars)
+      for c in range(n_tiles):
+        plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
+      if direct:
+        plgpu.copy_gmem_to_smem(idx_ref.at[t], idx_smem, bar_idx, oob_mode=oob)
+
+    @pl.when(wg >= 2)
+    def _copy_wg():
+      if not interpret:
+        plgpu.set_max_registers(config.registers[1], action="decrease")
+      if direct:
+        plgpu.barrier_wait(bar_idx)
+
+        def issue_direct(j):
+          slot = j % 2
+          if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
+            for i in range(bk):
+              row = jnp.maximum(ids_ref[j, i], 0)
+              dst = kv_smem.at[slot, pl.ds(i, 1)]
+              plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
+          else:
+            direct_issue(kv_ref, kv_smem, ids_ref.at[j], raw_bars, slot)
+
+        issue_direct(0)
+        if n_chunks > 1:
+          issue_direct(1)
+
+        @pl.loop(2, n_chunks)
+        def _(j):
+          plgpu.barrier_wait(bar_free.at[j % 2])  # both compute WGs are done with chunk j-2
+          issue_direct(j)
+
+        return
+
+      first = (wg - 2) * per_copy
+
+      def issue_staged(j):
+        # Invalid slots fetch row 0; the compute WGs mask them in the logits.
+        rows = [jnp.maximum(ids_ref[j, first + i], 0) for i in range(per_copy)]
+        for i, r in enumerate(rows):
+          dst = stage.at[pl.ds(first + i, 1)]
+          plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(r, 1)], dst, bar_full, oob_mode=oob)
+
+      issue_staged(0)
+
+      @pl.loop(0, n_chunks)
+      def _(j):
+        plgpu.barrier_wait(bar_relaid)  # chunk j is in the operand buffer: the stage is free
+
+        @pl.when(j + 1 < n_chunks)
+        def _():
+          issue_staged(j + 1)
+
+    @pl.when(wg < 2)
+    def _compute_wg():
+      if not interpret:
+        plgpu.set_max_registers(config.registers[0], action="increase")
+      plgpu.barrier_wait(bar_q)
+      if direct:
+        plgpu.barrier_wait(bar_idx)
+      m_i = plgpu.layout_cast(
+        jnp.full((HEAD_BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+      )
+      l_i = plgpu.layout_cast(
+        jnp.full((HEAD_BLOCK,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+      )
+      accs = tuple(
+        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        for _ in range(v_tiles)
+      )
+      v0 = wg * v_tiles  # this WG's first value-column tile
+
+      def pv(accs, p, operand, alpha):
+        """alpha * accs[c] + p @ v_tile(c) over this WG's value tiles of the [bk, Kp] operand,
+        each tile scaled right before its wgmma (fewer live registers)."""
+        if interpret:  # the interpreter reads A from SMEM only
+          p_smem.at[wg][...] = p
+          plgpu.commit_smem()
+          p = p_smem.at[wg]
+        new = []
+        for c, acc in enumerate(accs):
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
+          if interpret:
+            # The interpreter cannot discharge run_state(ACC.init(...)): a fresh product is
+            # added instead (same math).
+            def scope(acc_ref, a=p, b=v_tile):
+              plgpu.wgmma(acc_ref, a, b)
+              return acc_ref[...]
+
+            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
+          else:
+            new.append(_mma_acc(acc, p, v_tile))
+        return tuple(new)
+
+      def math(j, carry, operand, bar):
+        accs, m_i, l_i = carry
+
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[:, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+        ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
+        accs = pv(accs, p.astype(dtype), operand, alpha)
+        plgpu.barrier_arrive(bar)  # this WG is done with the operand
+        return accs, m_new, l_i
+
+      def direct_step(j, carry):
+        slot = j % 2
+        if interpret:
+          plgpu.barrier_wait(bar_full.at[slot])
+        else:
+          mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
+          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+        return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
+
+      def staged_step(j, carry):
+        plgpu.barrier_wait(bar_full)
+
+        @pl.when(j > 0)
+        def _():
+          plgpu.barrier_wait(bar_free)  # both WGs are done with chunk j-1's operand
+
+        pl.when(wg == 0)(lambda: relayout(stage, kv_smem, 0))
+        pl.when(wg == 1)(lambda: relayout(stage, kv_smem, bk // 2))
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bar_relaid)
+        plgpu.barrier_wait(bar_relaid)  # the other WG's half is in place too
+        return math(j, carry, kv_smem, bar_free)
+
+      step = direct_step if direct else staged_step
+      accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
+      # Both WGs past their last logits: q_smem can take the output.
+      if direct:
+        plgpu.barrier_arrive(bar_end)
+        plgpu.barrier_wait(bar_end)
+      else:
+        plgpu.barrier_wait(bar_free)
+      has = l_i > 0
+      l_safe = jnp.where(has, l_i, 1.0)
+      inv = jnp.where(has, 1.0 / l_safe, 0.0)
+      for c, acc in enumerate(accs):
+        q_smem.at[v0 + c][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      plgpu.commit_smem()
+      for c in range(v_tiles):
+        cols = pl.ds((v0 + c) * 64, 64)
+        plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
+
+      @pl.when(wg == 0)
+      def _():
+        lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
+
+      plgpu.wait_smem_to_gmem(0)
+
+  def entry(q_ref, kv_ref, idx_ref, o_ref, lse_ref):
+    bufs = (
+      _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
+      None if direct else plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer
+      _swizzled((2, bk, kp_dim) if direct else (bk, kp_dim), dtype),  # wgmma operand(s)
+      plgpu.SMEM((n_chunks, bk), jnp.int32) if direct else None,  # the token's slot ids
+      _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,  # P (interpreter only)
+      plgpu.SMEM((2, HEAD_BLOCK), jnp.float32),  # lse tile, raw mbarriers
+    )
+    bars = (
+      plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
+      plgpu.Barrier(num_arrivals=1) if direct else None,  # idx row
+      # one arrival per row copy (direct: the interpreter's, per operand slot)
+      None
+      if direct and not interpret
+      else plgpu.Barrier(num_arrivals=bk, num_barriers=2 if direct else 1),
+      None if direct else plgpu.Barrier(num_arrivals=2),  # both halves re-laid out
+      plgpu.Barrier(num_arrivals=2, num_barriers=2 if direct else 1),  # operand done
+      plgpu.Barrier(num_arrivals=2) if direct else None,  # direct: both WGs past the loop
+    )
+    pl.run_scoped(
+      lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, r),
+      bufs,
+      bars,
+      collective_axes="wg",
+    )
+
+  out_type = (
+    jax.ShapeDtypeStruct((n, hp, d_out), dtype),
+    jax.ShapeDtypeStruct((n, hp), jnp.float32),
+  )
+  kern = plgpu.kernel(
+    entry,
+    out_type=out_type,
+    grid=(hp // HEAD_BLOCK, n),  # heads fastest: a token's CTAs share its rows in L2
+    grid_names=("h", "t"),
+    num_threads=2 + config.copy_wgs,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(
+      approx_math=True,
+      reduction_scratch_bytes=0,  # the row reductions stay inside a warp (WGMMA layout)
+    ),
+    interpret=interpret,
+  )
+  return kern(q, kv, idx3)
