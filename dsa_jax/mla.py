@@ -110,7 +110,15 @@ class MLA(nnx.Module):
         [k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1
       )
       q = jnp.concatenate([q_nope, q_pe], axis=-1)
-      o, lse = sparse_attention.dense_attention(q, k, val, scale=scale, block_t=cfg.attn_block_q)
+      o, lse = sparse_attention.dense_attention(
+        q,
+        k,
+        val,
+        scale=scale,
+        block_t=cfg.attn_block_q,
+        impl=cfg.impl,
+        with_lse=indexer_loss == "dense" or metrics,
+      )
     else:
       if ctx is not None:
         pass  # o_lat, lse from the context-parallel path above

@@ -45,14 +45,45 @@ def _dense_block(q, k, v, t0, *, scale, s_offset):
   return out.astype(q.dtype), jnp.moveaxis(lse, 1, 2)
 
 
-def dense_attention(q, k, v, *, scale: float, block_t: int):
+def _cudnn_ok(q, k, impl: str, with_lse: bool) -> bool:
+  return (
+    impl == "pallas"
+    and not with_lse
+    and k.ndim == 4
+    and q.shape[1] == k.shape[1]
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+    and jax.default_backend() == "gpu"
+  )
+
+
+def _cudnn_attention(q, k, v, scale):
+  """cuDNN flash attention (causal, T = S); V is zero-padded to K's head dim, which cuDNN needs,
+  and the padding is sliced off the output."""
+  dv = v.shape[-1]
+  if dv < q.shape[-1]:
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv)))
+  out = jax.nn.dot_product_attention(
+    q, k, v.astype(q.dtype), scale=scale, is_causal=True, implementation="cudnn"
+  )
+  return out[..., :dv]
+
+
+def dense_attention(
+  q, k, v, *, scale: float, block_t: int, impl: str = "reference", with_lse: bool = True
+):
   """Causal softmax attention, chunked over query blocks (queries are the last T of S keys).
+
+  With impl="pallas" on a GPU, MHA inputs in bf16/f16 and with_lse=False (the dense phase), the
+  cuDNN flash kernel runs instead and lse is None: cuDNN hands its lse back only in bf16, too
+  coarse for the warm-up KL target, so callers that need lse get the chunked f32 path.
 
   Args:
     q: [B,T,H,K]; k: [B,S,H,K] (MHA) or [B,S,K] (MQA, shared); v: [B,S,H,V] or [B,S,V].
   Returns:
-    out [B,T,H,V] (q.dtype), lse [B,T,H] f32.
+    out [B,T,H,V] (q.dtype), lse [B,T,H] f32 (None from cuDNN).
   """
+  if _cudnn_ok(q, k, impl, with_lse):
+    return _cudnn_attention(q, k, v, scale), None
   b, t = q.shape[:2]
   s_offset = k.shape[1] - t
   t_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
