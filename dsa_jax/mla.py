@@ -134,8 +134,11 @@ class MLA(nnx.Module):
     out = self.wo(o.reshape(b, t, h * v))
 
     if indexer_loss == "dense":
+      # The target's logits in the form the attention ran: MHA (192 per head) is a third of the
+      # work of the absorbed form (576).
+      aq, akv = (q, k) if attention == "dense" else (q_abs, kv_lat)
       kl = indexer_lib.dense_kl(
-        iq, ik, iw, q_abs, kv_lat, lse, attn_scale=scale, impl=cfg.impl, block_t=cfg.attn_block_q
+        iq, ik, iw, aq, akv, lse, attn_scale=scale, impl=cfg.impl, block_t=cfg.attn_block_q
       )
       aux["indexer_kl"] = jnp.mean(kl)
     elif indexer_loss == "sparse" and ctx is not None:

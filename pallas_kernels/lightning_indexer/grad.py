@@ -8,10 +8,11 @@ With P = softmax(I) over the row's valid keys, p the constant target and
   dk[s]   = Σ_t Σ_j g · w[t,j] · 1[z>0] · q[t,j]   (scatter-add over the queries that use s)
 
 sparse_kl: streamed over query blocks; dk is a scatter-add of [block_t, k, D] rows per block.
-dense_kl: streamed over query blocks, and inside each over key blocks in two sweeps (row
-normalisers of softmax(I) and of the target first, then the gradients), so nothing [T,S]-sized
-exists; dk for a key block is the sum over the query block. Plain jnp (XLA) for now: a Pallas
-version of the same sweeps is the next step (the forward logits already have an FP8 kernel).
+dense_kl: the forward keeps two numbers per query (the indexer logits' log-sum-exp and the
+unnormalised target's row sum), so the backward streams over query blocks and inside each over
+key blocks in one sweep; nothing [T,S]-sized exists; dk for a key block is the sum over the query
+block. The target may come in MHA form (per-head keys), a third of the absorbed form's work.
+Plain jnp (XLA): a Pallas version of the same sweep is the next step.
 """
 
 import functools
@@ -110,12 +111,27 @@ def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_t=256, block_
 
 
 def _dense_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_t, block_s):
-  out = dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_t, block_s)
-  return out, (q, k, w, attn_q, attn_kv, attn_lse)
+  """The KL plus two per-query residuals, so the backward needs one sweep over the keys: the
+  row log-sum-exp of the indexer logits and the row sum of the unnormalised target."""
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  aq, akv, al = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
+  t_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+
+  def fn(qb, wb, aqb, alb, tb_idx):
+    visible = jnp.arange(s)[None, None, :] <= (s - t + tb_idx)[..., None]
+    pt = ref.dense_target_unnormalised(aqb, akv, alb, visible, attn_scale)
+    ps = jnp.sum(pt, axis=-1)
+    logits = jnp.where(visible, ref._logits_block(qb, k, wb, block_s), -jnp.inf)
+    m = jnp.max(jnp.where(visible, logits, -1e30), axis=-1)
+    lse = m + jnp.log(jnp.sum(jnp.where(visible, jnp.exp(logits - m[..., None]), 0.0), axis=-1))
+    return ref._kl(pt / jnp.maximum(ps, 1e-30)[..., None], logits), lse, ps
+
+  kl, lse, ps = _common.map_query_blocks(fn, block_t, [q, w, aq, al, t_idx], remat=False)
+  return kl, (q, k, w, aq, akv, al, lse, ps)
 
 
 def _dense_bwd(attn_scale, block_t, block_s, res, dl):
-  q, k, w, attn_q, attn_kv, attn_lse = res
+  q, k, w, attn_q, attn_kv, attn_lse, lse_i, ps = res
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   bt, bs = min(block_t, t), min(block_s, s)
   kb = _blocks(k, bs)  # [nk, B, bs, D]
@@ -124,43 +140,23 @@ def _dense_bwd(attn_scale, block_t, block_s, res, dl):
   off = s - t
 
   def query_block(dk, xs):
-    qb, wb, aqb, alb, dlb, t0 = xs
+    qb, wb, aqb, alb, dlb, lb, psb, t0 = xs
     qf, wf = qb.astype(jnp.float32), wb.astype(jnp.float32)
     qpos = off + t0 + jnp.arange(bt)  # [bt]
+    pnorm = jnp.maximum(psb, 1e-30)
+    psum = psb / pnorm  # Σ_s p over the row: 1, or 0 for an empty row
 
-    def tiles(j, kk, akv):
+    def sweep(carry, xs2):
+      dq, dw = carry
+      j, kk, akv = xs2
       kpos = j * bs + jnp.arange(bs)
       vis = (kpos[None, :] <= qpos[:, None]) & (kpos < s)[None, :]  # [bt, bs]
       z = jnp.einsum("btjd,bsd->btjs", qf, kk.astype(jnp.float32))
-      logits = jnp.where(vis[None], jnp.einsum("btj,btjs->bts", wf, jax.nn.relu(z)), -jnp.inf)
-      al = jnp.einsum("bthc,bsc->bths", aqb, akv, preferred_element_type=jnp.float32)
-      a = jnp.where(vis[None, :, None, :], jnp.exp(al * attn_scale - alb[..., None]), 0.0)
-      return z, logits, jnp.sum(a, axis=2), vis
-
-    def sweep1(carry, xs2):  # online row max / sum-exp of I, and the target's row sum
-      m, l, ps = carry
-      j, kk, akv = xs2
-      _, logits, pt, _ = tiles(j, kk, akv)
-      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      l = l * jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf)) + jnp.sum(
-        jnp.exp(logits - m_safe[..., None]), axis=-1
-      )
-      return (m_new, l, ps + jnp.sum(pt, axis=-1)), None
-
-    init = (jnp.full((b, bt), -jnp.inf), jnp.zeros((b, bt)), jnp.zeros((b, bt)))
-    (m, l, ps), _ = jax.lax.scan(sweep1, init, (jnp.arange(nk), kb, akvb))
-    lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.maximum(l, 1e-30))
-    pnorm = jnp.maximum(ps, 1e-30)
-    psum = ps / pnorm  # Σ_s p over the row: 1, or 0 for an empty row
-
-    def sweep2(carry, xs2):
-      dq, dw = carry
-      j, kk, akv = xs2
-      z, logits, pt, vis = tiles(j, kk, akv)
-      prob = jnp.where(vis[None], jnp.exp(logits - lse[..., None]), 0.0)
-      pe = pt / pnorm[..., None]
-      g = (prob * psum[..., None] - pe) * dlb[..., None]
+      logits = jnp.einsum("btj,btjs->bts", wf, jax.nn.relu(z))
+      vis_b = jnp.broadcast_to(vis[None], logits.shape)
+      pt = ref.dense_target_unnormalised(aqb, akv, alb, vis_b, attn_scale)
+      prob = jnp.where(vis[None], jnp.exp(logits - lb[..., None]), 0.0)
+      g = (prob * psum[..., None] - pt / pnorm[..., None]) * dlb[..., None]
       g = jnp.where(vis[None], g, 0.0)
       dw = dw + jnp.einsum("bts,btjs->btj", g, jax.nn.relu(z))
       mz = jnp.where(z > 0, wf[..., None] * g[:, :, None, :], 0.0)
@@ -169,12 +165,13 @@ def _dense_bwd(attn_scale, block_t, block_s, res, dl):
       return (dq, dw), dkb
 
     (dq, dw), dkb = jax.lax.scan(
-      sweep2, (jnp.zeros(qf.shape), jnp.zeros(wf.shape)), (jnp.arange(nk), kb, akvb)
+      sweep, (jnp.zeros(qf.shape), jnp.zeros(wf.shape)), (jnp.arange(nk), kb, akvb)
     )
     return dk + dkb, (dq, dw)
 
   nq = -(-t // bt)
-  xs = [_blocks(x, bt) for x in (q, w, attn_q, attn_lse, dl)] + [jnp.arange(nq) * bt]
+  xs = [_blocks(x, bt) for x in (q, w, attn_q, attn_lse, dl, lse_i, ps)]
+  xs.append(jnp.arange(nq) * bt)
   dk, (dq, dw) = jax.lax.scan(query_block, jnp.zeros((nk, b, bs, k.shape[-1]), jnp.float32), xs)
   dk = _unblocks(dk, s)
   dq, dw = _unblocks(dq, t), _unblocks(dw, t)

@@ -102,15 +102,29 @@ def sparse_kl_reference(q, k, w, idx, p, *, block_t: int = 512):
   return _common.map_query_blocks(fn, block_t, [q, w, idx, p])
 
 
+def attn_logits(attn_q, attn_kv):
+  """Main-attention logits [B,t,H,S] f32 (unscaled): absorbed MQA form (attn_kv [B,S,C], one
+  latent row per key) or MHA form (attn_kv [B,S,H,K], per-head keys; K = 192 for V3.2 against
+  576 absorbed, so the same logits for a third of the work)."""
+  if attn_kv.ndim == 3:
+    return jnp.einsum("bthc,bsc->bths", attn_q, attn_kv, preferred_element_type=jnp.float32)
+  return jnp.einsum("bthc,bshc->bths", attn_q, attn_kv, preferred_element_type=jnp.float32)
+
+
+def dense_target_unnormalised(attn_q, attn_kv, attn_lse, visible, attn_scale):
+  """Head-summed attention probabilities [B,t,S] over the visible keys (row sums: H, or less in
+  low precision); attn_lse [B,t,H], visible [B,t,S]."""
+  a = jnp.exp(attn_logits(attn_q, attn_kv) * attn_scale - attn_lse[..., None])
+  return jnp.sum(jnp.where(visible[:, :, None, :], a, 0.0), axis=2)
+
+
 def dense_target_block(attn_q, attn_kv, attn_lse, visible, attn_scale):
   """Warm-up target for a query block: head-summed attention, L1-normalised over causal keys.
 
-  attn_q [B,t,H,C], attn_kv [B,S,C], attn_lse [B,t,H], visible [B,t,S] -> p [B,t,S].
+  attn_q [B,t,H,C], attn_kv [B,S,C] or [B,S,H,C] (see attn_logits), attn_lse [B,t,H],
+  visible [B,t,S] -> p [B,t,S].
   """
-  logits = jnp.einsum("bthc,bsc->bths", attn_q, attn_kv, preferred_element_type=jnp.float32)
-  a = jnp.exp(logits * attn_scale - attn_lse[..., None])
-  a = jnp.where(visible[:, :, None, :], a, 0.0)
-  p = jnp.sum(a, axis=2)
+  p = dense_target_unnormalised(attn_q, attn_kv, attn_lse, visible, attn_scale)
   return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
 
 
@@ -119,8 +133,9 @@ def dense_kl_reference(
 ):
   """Dense warm-up KL(p_{t,:} || softmax_{s<=t}(I_{t,:})) per query [B,T] f32 (docs/dsa.md).
 
-  The target p is rebuilt per query block from the main attention (absorbed MQA form:
-  attn_q [B,T,H,C], attn_kv [B,S,C], and its log-sum-exp attn_lse [B,T,H]) and stop-gradient'ed,
+  The target p is rebuilt per query block from the main attention (attn_q [B,T,H,C] against
+  attn_kv [B,S,C] in absorbed MQA form or [B,S,H,C] in MHA form, and its log-sum-exp attn_lse
+  [B,T,H]) and stop-gradient'ed,
   so nothing [T,S]-sized is ever held. Differentiable w.r.t. q, k, w only.
   """
   b, t, s = q.shape[0], q.shape[1], k.shape[1]

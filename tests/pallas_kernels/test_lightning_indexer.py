@@ -183,8 +183,19 @@ def test_sparse_kl_grad_matches_autodiff():
     assert rel_err(g_, w_) < 1e-5
 
 
-def test_dense_kl_grad_matches_autodiff():
+def _mha_form(aq, akv, seed):
+  """The same attention in MHA form: q·W (per-head) against per-head keys kv·W, so that
+  attn_logits(q_mha, k_mha) == attn_logits(aq, akv) (W orthogonal per head)."""
+  h, c = aq.shape[2], aq.shape[3]
+  w = jnp.linalg.qr(jax.random.normal(jax.random.key(seed), (h, c, c)))[0]  # [H,C,C]
+  return jnp.einsum("bthc,hcd->bthd", aq, w), jnp.einsum("bsc,hcd->bshd", akv, w)
+
+
+@pytest.mark.parametrize("form", ["absorbed", "mha"])
+def test_dense_kl_grad_matches_autodiff(form):
   q, k, w, _, _, ct, aq, akv, lse = _kl_case(8)
+  if form == "mha":
+    aq, akv = _mha_form(aq, akv, 3)
 
   def loss(impl):
     return lambda q, k, w: jnp.sum(
@@ -287,3 +298,13 @@ def test_gpu_logits_keys_m_matches_heads_m():
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
   fin = np.isfinite(want)
   assert rel_err(got[fin], want[fin]) < 1e-5
+
+
+def test_dense_kl_mha_form_equals_absorbed():
+  q, k, w, _, _, _, aq, akv, lse = _kl_case(9)
+  aq_m, akv_m = _mha_form(aq, akv, 4)
+  assert akv_m.ndim == 4
+  for impl in ("reference", "pallas"):
+    a = ops.dense_kl(q, k, w, aq, akv, lse, attn_scale=0.3, impl=impl, block_t=10, block_s=16)
+    m = ops.dense_kl(q, k, w, aq_m, akv_m, lse, attn_scale=0.3, impl=impl, block_t=10, block_s=16)
+    np.testing.assert_allclose(m, a, rtol=1e-4, atol=1e-6)
