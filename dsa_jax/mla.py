@@ -117,7 +117,7 @@ class MLA(nnx.Module):
         scale=scale,
         block_t=cfg.attn_block_q,
         impl=cfg.impl,
-        with_lse=indexer_loss == "dense" or metrics,
+        with_lse=metrics,  # the warm-up KL computes its own f32 lse when this gives none
       )
     else:
       if ctx is not None:

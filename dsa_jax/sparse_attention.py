@@ -74,8 +74,9 @@ def dense_attention(
   """Causal softmax attention, chunked over query blocks (queries are the last T of S keys).
 
   With impl="pallas" on a GPU, MHA inputs in bf16/f16 and with_lse=False (the dense phase), the
-  cuDNN flash kernel runs instead and lse is None: cuDNN hands its lse back only in bf16, too
-  coarse for the warm-up KL target, so callers that need lse get the chunked f32 path.
+  cuDNN flash kernel runs instead and lse is None (cuDNN hands its lse back only in bf16, too
+  coarse for a KL target; the warm-up KL computes its own). Callers that need lse get the chunked
+  f32 path.
 
   Args:
     q: [B,T,H,K]; k: [B,S,H,K] (MHA) or [B,S,K] (MQA, shared); v: [B,S,H,V] or [B,S,V].

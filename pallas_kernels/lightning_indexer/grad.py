@@ -117,16 +117,17 @@ def _dense_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_t, block_s)
   aq, akv, al = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
   t_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
 
-  def fn(qb, wb, aqb, alb, tb_idx):
+  def fn(qb, wb, aqb, tb_idx, alb=None):
     visible = jnp.arange(s)[None, None, :] <= (s - t + tb_idx)[..., None]
-    pt = ref.dense_target_unnormalised(aqb, akv, alb, visible, attn_scale)
+    pt, alb = ref.dense_target_unnormalised(aqb, akv, alb, visible, attn_scale)
     ps = jnp.sum(pt, axis=-1)
     logits = jnp.where(visible, ref._logits_block(qb, k, wb, block_s), -jnp.inf)
     m = jnp.max(jnp.where(visible, logits, -1e30), axis=-1)
     lse = m + jnp.log(jnp.sum(jnp.where(visible, jnp.exp(logits - m[..., None]), 0.0), axis=-1))
-    return ref._kl(pt / jnp.maximum(ps, 1e-30)[..., None], logits), lse, ps
+    return ref._kl(pt / jnp.maximum(ps, 1e-30)[..., None], logits), lse, ps, alb
 
-  kl, lse, ps = _common.map_query_blocks(fn, block_t, [q, w, aq, al, t_idx], remat=False)
+  xs = [q, w, aq, t_idx] + ([] if al is None else [al])
+  kl, lse, ps, al = _common.map_query_blocks(fn, block_t, xs, remat=False)
   return kl, (q, k, w, aq, akv, al, lse, ps)
 
 
@@ -154,7 +155,7 @@ def _dense_bwd(attn_scale, block_t, block_s, res, dl):
       z = jnp.einsum("btjd,bsd->btjs", qf, kk.astype(jnp.float32))
       logits = jnp.einsum("btj,btjs->bts", wf, jax.nn.relu(z))
       vis_b = jnp.broadcast_to(vis[None], logits.shape)
-      pt = ref.dense_target_unnormalised(aqb, akv, alb, vis_b, attn_scale)
+      pt, _ = ref.dense_target_unnormalised(aqb, akv, alb, vis_b, attn_scale)
       prob = jnp.where(vis[None], jnp.exp(logits - lb[..., None]), 0.0)
       g = (prob * psum[..., None] - pt / pnorm[..., None]) * dlb[..., None]
       g = jnp.where(vis[None], g, 0.0)

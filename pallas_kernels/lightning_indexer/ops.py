@@ -209,7 +209,7 @@ def dense_kl(
     )
   if attn_kv.ndim == 4 and attn_kv.shape[2:] != attn_q.shape[2:]:
     raise ValueError(f"MHA-form attn_kv {attn_kv.shape} must match attn_q {attn_q.shape} in H, C")
-  if attn_lse.shape != attn_q.shape[:3]:
+  if attn_lse is not None and attn_lse.shape != attn_q.shape[:3]:
     raise ValueError(f"attn_lse {attn_lse.shape} must be attn_q.shape[:3]={attn_q.shape[:3]}")
   if not _impl(impl):
     return reference.dense_kl_reference(

@@ -113,18 +113,21 @@ def attn_logits(attn_q, attn_kv):
 
 def dense_target_unnormalised(attn_q, attn_kv, attn_lse, visible, attn_scale):
   """Head-summed attention probabilities [B,t,S] over the visible keys (row sums: H, or less in
-  low precision); attn_lse [B,t,H], visible [B,t,S]."""
-  a = jnp.exp(attn_logits(attn_q, attn_kv) * attn_scale - attn_lse[..., None])
-  return jnp.sum(jnp.where(visible[:, :, None, :], a, 0.0), axis=2)
+  low precision) and the per-head log-sum-exp [B,t,H] they used. attn_lse [B,t,H] or None:
+  computed here from the block's logits, which must then span every key of the rows (S)."""
+  lg = jnp.where(visible[:, :, None, :], attn_logits(attn_q, attn_kv) * attn_scale, -jnp.inf)
+  if attn_lse is None:
+    attn_lse = jax.nn.logsumexp(lg, axis=-1)
+  return jnp.sum(jnp.exp(lg - attn_lse[..., None]), axis=2), attn_lse
 
 
 def dense_target_block(attn_q, attn_kv, attn_lse, visible, attn_scale):
   """Warm-up target for a query block: head-summed attention, L1-normalised over causal keys.
 
-  attn_q [B,t,H,C], attn_kv [B,S,C] or [B,S,H,C] (see attn_logits), attn_lse [B,t,H],
-  visible [B,t,S] -> p [B,t,S].
+  attn_q [B,t,H,C], attn_kv [B,S,C] or [B,S,H,C] (see attn_logits), attn_lse [B,t,H] or None
+  (computed from the logits), visible [B,t,S] -> p [B,t,S].
   """
-  p = dense_target_unnormalised(attn_q, attn_kv, attn_lse, visible, attn_scale)
+  p, _ = dense_target_unnormalised(attn_q, attn_kv, attn_lse, visible, attn_scale)
   return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
 
 
@@ -135,17 +138,19 @@ def dense_kl_reference(
 
   The target p is rebuilt per query block from the main attention (attn_q [B,T,H,C] against
   attn_kv [B,S,C] in absorbed MQA form or [B,S,H,C] in MHA form, and its log-sum-exp attn_lse
-  [B,T,H]) and stop-gradient'ed,
+  [B,T,H], or None to compute it from the logits, exact in f32 whatever the attention kernel
+  returns) and stop-gradient'ed,
   so nothing [T,S]-sized is ever held. Differentiable w.r.t. q, k, w only.
   """
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   attn_q, attn_kv, attn_lse = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
   t_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
 
-  def fn(qb, wb, aqb, alb, tb_idx):
+  def fn(qb, wb, aqb, tb_idx, alb=None):
     visible = jnp.arange(s)[None, None, :] <= (s - t + tb_idx)[..., None]
     p = jax.lax.stop_gradient(dense_target_block(aqb, attn_kv, alb, visible, attn_scale))
     logits = jnp.where(visible, _logits_block(qb, k, wb, block_s), -jnp.inf)
     return _kl(p, logits)
 
-  return _common.map_query_blocks(fn, block_t, [q, w, attn_q, attn_lse, t_idx])
+  xs = [q, w, attn_q, t_idx] + ([] if attn_lse is None else [attn_lse])
+  return _common.map_query_blocks(fn, block_t, xs)

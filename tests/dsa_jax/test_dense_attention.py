@@ -46,6 +46,46 @@ def test_dispatch_pads_v_and_skips_lse(monkeypatch):
   np.testing.assert_array_equal(np.float32(lse2), np.float32(ref_lse))
 
 
+def test_warmup_with_cudnn_attention_matches_reference(monkeypatch):
+  """The warm-up (dense attention + dense KL) through the cuDNN dispatch: the attention returns
+  no lse, the KL computes its own, and loss and indexer gradients match impl="reference"."""
+  from flax import nnx
+
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def stand_in(q, k, v, *, scale, is_causal, implementation):
+    calls.append(implementation)
+    return real(q, k, v, scale=scale, is_causal=is_causal, implementation="xla")
+
+  cfg = dsa_jax.preset("test", compute_dtype="bfloat16", n_mtp_layers=0)
+  tokens = jax.random.randint(jax.random.key(2), (2, 64), 0, cfg.vocab_size)
+
+  def run(impl):
+    m = dsa_jax.build(cfg.replace(impl=impl), seed=0)
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss(params):
+      _, aux = nnx.merge(graphdef, params, rest)(tokens, attention="dense", indexer_loss="dense")
+      return jnp.mean(aux["indexer_kl"])
+
+    kl, g = jax.value_and_grad(loss)(params)
+    return kl, nnx.to_pure_dict(g)
+
+  want, want_g = run("reference")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  got, got_g = run("pallas")
+  assert calls and set(calls) == {"cudnn"}
+  np.testing.assert_allclose(got, want, rtol=2e-2)
+  flat, ref = nnx.traversals.flatten_mapping(got_g), nnx.traversals.flatten_mapping(want_g)
+  idx_keys = [k for k in ref if "indexer" in k]
+  assert idx_keys
+  for k in idx_keys:
+    err = np.linalg.norm(np.float32(flat[k]) - np.float32(ref[k]))
+    assert err <= 5e-2 * (np.linalg.norm(np.float32(ref[k])) + 1e-6), k
+
+
 @pytest.mark.gpu
 def test_dense_phase_cudnn_matches_reference_on_gpu():
   cfg = dsa_jax.preset("1b", n_layers=2, vocab_size=1024, dim=256, n_heads=8, n_mtp_layers=0)

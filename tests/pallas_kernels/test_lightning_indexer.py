@@ -300,11 +300,23 @@ def test_gpu_logits_keys_m_matches_heads_m():
   assert rel_err(got[fin], want[fin]) < 1e-5
 
 
-def test_dense_kl_mha_form_equals_absorbed():
-  q, k, w, _, _, _, aq, akv, lse = _kl_case(9)
+def test_dense_kl_mha_form_and_own_lse_equal_absorbed():
+  """MHA-form target, and attn_lse=None (the op computes the lse from its own logits, so a
+  kernel that returns no f32 lse can run the attention), give the absorbed-form values and
+  gradients."""
+  q, k, w, _, _, ct, aq, akv, lse = _kl_case(9)
   aq_m, akv_m = _mha_form(aq, akv, 4)
   assert akv_m.ndim == 4
   for impl in ("reference", "pallas"):
-    a = ops.dense_kl(q, k, w, aq, akv, lse, attn_scale=0.3, impl=impl, block_t=10, block_s=16)
-    m = ops.dense_kl(q, k, w, aq_m, akv_m, lse, attn_scale=0.3, impl=impl, block_t=10, block_s=16)
-    np.testing.assert_allclose(m, a, rtol=1e-4, atol=1e-6)
+
+    def loss(aq, akv, lse):
+      return lambda q, k, w: jnp.sum(
+        ct * ops.dense_kl(q, k, w, aq, akv, lse, attn_scale=0.3, impl=impl, block_t=10, block_s=16)
+      )
+
+    want = loss(aq, akv, lse)
+    want_g = jax.grad(want, (0, 1, 2))(q, k, w)
+    for args in ((aq_m, akv_m, lse), (aq, akv, None), (aq_m, akv_m, None)):
+      np.testing.assert_allclose(loss(*args)(q, k, w), want(q, k, w), rtol=1e-4)
+      for g_, w_ in zip(jax.grad(loss(*args), (0, 1, 2))(q, k, w), want_g):
+        assert rel_err(g_, w_) < 1e-4
