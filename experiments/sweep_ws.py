@@ -22,8 +22,8 @@ CASES = {  # name: (top-k, GpuConfig kwargs)
   "staged": (2048, {"copies": "staged"}),
   "staged_copy2": (2048, {"copies": "staged", "copy_wgs": 2}),
   "staged_copy4": (2048, {"copies": "staged", "copy_wgs": 4}),
-  "k4096_staged": (4096, {"copies": "staged"}),  # = GpuConfig.default_for at this k
-  "k4096_staged_copy2": (4096, {"copies": "staged", "copy_wgs": 2}),
+  "k4096_staged": (4096, {"copies": "staged"}),
+  "k4096_staged_copy2": (4096, {"copies": "staged", "copy_wgs": 2}),  # = default_for at this k
 }
 S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 

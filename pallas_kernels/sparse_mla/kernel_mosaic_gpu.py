@@ -103,13 +103,14 @@ class GpuConfig:
   def default_for(cls, shape: tuple[int, int, int], device=None) -> "GpuConfig":
     """The config for shape = (k_dim, d_v, k) (q/kv row dim, value dims, selected slots) on
     `device` (default jax.devices()[0]; a GPU must be a Hopper, compute capability 9.x):
-    "direct" copies, or "staged" when the slot ids do not fit (`direct_fits`)."""
+    "direct" copies, or "staged" with 2 copy warpgroups when the slot ids do not fit
+    (`direct_fits`)."""
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
     if device.platform == "gpu" and cc is not None and not str(cc).startswith("9"):
       raise ValueError(f"the Mosaic GPU sparse MLA kernels need a Hopper GPU (sm_90), got {cc}")
     kp_dim, _, kp = padded_dims(*shape)
-    return cls() if direct_fits(kp_dim, kp) else cls(copies="staged")
+    return cls() if direct_fits(kp_dim, kp) else cls(copies="staged", copy_wgs=2)
 
   @property
   def registers(self) -> tuple[int, int]:
@@ -276,7 +277,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     raise ValueError(
       f"copies='direct' stages the slot ids in SMEM: k={kp} slots at Kp={kp_dim} need {need} "
       f"of {_SMEM_BYTES} bytes and at most {_MAX_IDX_CHUNKS * bk} slots; use "
-      "GpuConfig(copies='staged') (the long top-k fallback) or GpuConfig.default_for"
+      "GpuConfig(copies='staged', copy_wgs=2) (the long top-k fallback) or GpuConfig.default_for"
     )
   n_chunks = kp // bk
   n_tiles = kp_dim // 64

@@ -20,7 +20,7 @@ SCALE = 0.13
 GpuConfig = kernel_mosaic_gpu.GpuConfig
 # The product set on GPU: default_for's pick at short top-k ("direct"), and the long top-k
 # fallback ("staged"; default_for's pick when the slot ids do not fit in SMEM).
-PRODUCT = [None, GpuConfig(copies="staged")]
+PRODUCT = [None, GpuConfig(copies="staged", copy_wgs=2)]
 
 
 def _naive(q, kv, idx, scale, d_v):
@@ -81,12 +81,13 @@ def test_config_validate_and_default_for():
   assert GpuConfig.default_for((576, 512, 2304), cpu) == GpuConfig()  # the lowering's bound
   assert GpuConfig.default_for((576, 512, 2305), cpu).copies == "staged"
   # k = 4096 at V3.2's row dim: the slot ids do not fit in SMEM next to the three tiles.
-  assert GpuConfig.default_for((576, 512, 4096), cpu) == GpuConfig(copies="staged")
+  assert GpuConfig.default_for((576, 512, 4096), cpu) == PRODUCT[1]
   # more than 256 chunks of slot ids do not fit one TMA box, whatever the SMEM
   assert GpuConfig.default_for((64, 32, 16448), cpu).copies == "staged"
   assert GpuConfig.default_for((64, 32, 16384), cpu).copies == "direct"
   assert GpuConfig().registers == (216, 72)
   assert GpuConfig(copies="staged").registers == (232, 40)
+  assert GpuConfig(copies="staged", copy_wgs=2).registers == (216, 40)
   assert GpuConfig(copies="staged", copy_wgs=4).registers == (192, 24)
 
 
@@ -215,6 +216,7 @@ def test_cross_lowering_cuda_full_shape(batch):
   [
     (2048, GpuConfig(copies="staged")),
     (2048, GpuConfig(copies="staged", copy_wgs=2)),
+    (2048, GpuConfig(copies="staged", copy_wgs=4)),
     (4096, None),  # long top-k: default_for picks "staged"
     (2304, None),  # the longest k whose slot ids fit next to the tiles: "direct"
   ],
@@ -249,7 +251,7 @@ def test_pallas_gpu_full_shape():
   [(512, 32768, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72), (64, 32768, 128, 576, 512, 4096)],
 )
 def test_pallas_gpu(t, s, h, k_dim, d_v, k):
-  """The product configs (and the fallback with 2 copy warpgroups) vs the fp32 reference: a fully
+  """The product configs (and the fallback with 1 copy warpgroup) vs the fp32 reference: a fully
   masked row, duplicates, ids < 0 and >= S; k = 4096 is past the SMEM budget of "direct"."""
   _on_gpu()
   q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
@@ -259,7 +261,7 @@ def test_pallas_gpu(t, s, h, k_dim, d_v, k):
     ro, rl = ops.sparse_mla(
       q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, d_v=d_v
     )
-  configs = [*PRODUCT, GpuConfig(copies="staged", copy_wgs=2)]
+  configs = [*PRODUCT, GpuConfig(copies="staged")]
   if GpuConfig.default_for((k_dim, d_v, k)).copies == "staged":
     configs = configs[1:]  # "direct" raises there (test_direct_over_the_smem_budget_raises)
   for config in configs:
