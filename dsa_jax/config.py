@@ -228,7 +228,29 @@ class ModelConfig:
         raise ValueError(f"HF config not found: {p}") from None
       except json.JSONDecodeError as e:
         raise ValueError(f"HF config {p} is not valid JSON: {e}") from None
+    missing = [k for k in _HF_SHAPE_KEYS if k not in hf and _HF_MAP[k] not in overrides]
+    if missing:  # the dataclass defaults are the 671B model's: never a silent fill-in
+      raise ValueError(f"HF config is missing required key(s) {missing}")
     return cls(**{**_hf_to_fields(hf), **overrides})
+
+
+# HF keys that set parameter shapes: a config.json without one of them is rejected.
+_HF_SHAPE_KEYS = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "moe_intermediate_size",
+  "num_hidden_layers",
+  "first_k_dense_replace",
+  "num_attention_heads",
+  "n_routed_experts",
+  "num_experts_per_tok",
+  "q_lora_rank",
+  "kv_lora_rank",
+  "qk_nope_head_dim",
+  "qk_rope_head_dim",
+  "v_head_dim",
+)
 
 
 # HF key -> ModelConfig field.
@@ -465,17 +487,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     remat=True,
   ),
   # V3.2's attention exactly (128 heads, MLA 1536/512/128/64/128, indexer 64x128, top-k 2048,
-  # dim 7168) in 2 layers with a small MoE: one training step fits one GPU at 64K (the M1 bench).
+  # dim 7168) in 2 dense-FFN layers, so a training step fits one GPU at long context (the M1
+  # bench). No MoE: XLA's GPU ragged_dot materialises [E, tokens·k, D] (lab log 2026-12-05).
   "v32_attn": dict(
     vocab_size=32768,
     inter_dim=4096,
-    moe_inter_dim=1024,
     n_layers=2,
-    n_dense_layers=1,
-    n_routed_experts=8,
-    n_activated_experts=2,
-    n_expert_groups=4,
-    n_limited_groups=2,
+    n_dense_layers=2,
     max_seq_len=131072,
     n_mtp_layers=0,
     param_dtype="float32",

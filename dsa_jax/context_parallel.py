@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 
 from dsa_jax import indexer as indexer_lib
 from dsa_jax import sharding, sparse_attention
-from pallas_kernels.lightning_indexer import ops as indexer_ops
 
 
 def _names(spec_entry) -> tuple[str, ...]:
@@ -47,7 +46,7 @@ def topk_at_offset(q, k, w, *, offset, topk: int, block_t: int, impl: str, inter
   """
   q, k, w = jax.lax.stop_gradient((q, k, w))
   if impl == "pallas" and (interpret or jax.default_backend() == "gpu"):
-    return indexer_ops.indexer_topk(
+    return indexer_lib.select_topk(
       q, k, w, topk=topk, impl=impl, block_t=block_t, offset=offset, interpret=interpret
     )
   b, t, s = q.shape[0], q.shape[1], k.shape[1]

@@ -63,12 +63,15 @@ class LightningIndexer(nnx.Module):
     return q, k, w
 
 
-def select_topk(q, k, w, *, topk: int, impl: str, block_t: int):
+def select_topk(q, k, w, *, topk: int, impl: str, block_t: int, offset=None, interpret=False):
   """Causal top-k key indices [B,T,topk] int32, k_eff = min(topk, t+1), -1 padded.
 
-  See docs/dsa.md §Top-k.
+  offset: global position of query 0 (default S - T; may be traced: a context-parallel shard's
+  start; GPU kernel path only). See docs/dsa.md §Top-k.
   """
-  return indexer_ops.indexer_topk(q, k, w, topk=topk, impl=impl, block_t=block_t)
+  return indexer_ops.indexer_topk(
+    q, k, w, topk=topk, impl=impl, block_t=block_t, offset=offset, interpret=interpret
+  )
 
 
 def indexer_logits(q, k, w, *, impl: str = "reference", causal: bool = True):

@@ -127,7 +127,7 @@ def _dense_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_t, block_s)
     return ref._kl(pt / jnp.maximum(ps, 1e-30)[..., None], logits), lse, ps, alb
 
   xs = [q, w, aq, t_idx] + ([] if al is None else [al])
-  kl, lse, ps, al = _common.map_query_blocks(fn, block_t, xs, remat=False)
+  kl, lse, ps, al = _common.map_query_blocks(fn, block_t, xs)
   return kl, (q, k, w, aq, akv, al, lse, ps)
 
 
