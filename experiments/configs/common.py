@@ -45,11 +45,13 @@ def base_config(phase: str, size: str) -> ml_collections.ConfigDict:
       c.model[f] = getattr(model_config.ModelConfig(), f)
   c.model.update(model_over)
   c.phase = ml_collections.ConfigDict(train.PHASES[phase])
+  # warmup_steps / total_steps unset: derived from `steps` (max(1, steps // 20) and steps), so
+  # --config.steps moves the whole LR schedule; set them to fix the schedule on purpose.
   c.optim = ml_collections.ConfigDict(
     dict(
       lr=3e-3 if phase != "sparse" else 1e-3,
-      warmup_steps=max(1, steps // 20),
-      total_steps=steps,
+      warmup_steps=ml_collections.config_dict.placeholder(int),
+      total_steps=ml_collections.config_dict.placeholder(int),
       min_lr_ratio=0.1,
       b1=0.9,
       b2=0.95,
@@ -84,6 +86,8 @@ def base_config(phase: str, size: str) -> ml_collections.ConfigDict:
   )
   c.rules = ml_collections.ConfigDict({})
   c.progress = True
+  c.nan_policy = "stop"  # or "skip": skip the update of a step with a non-finite loss / gradient
+  c.init = "auto"  # parameter init: auto | host | sharded (see TrainConfig.init)
   return c
 
 
@@ -97,7 +101,7 @@ def to_train_config(c: ml_collections.ConfigDict) -> train.TrainConfig:
   return train.TrainConfig(
     model=model_config.ModelConfig(**m),
     phase=train.PhaseConfig(**dict(c.phase)),
-    optim=optim.OptimConfig(**dict(c.optim)),
+    optim=optim.OptimConfig(**optim_fields(c)),
     data=data.DataConfig(**d),
     ckpt=train.CkptConfig(**{**dict(c.ckpt), "init_from": c.ckpt.init_from or None}),
     steps=c.steps,
@@ -112,4 +116,16 @@ def to_train_config(c: ml_collections.ConfigDict) -> train.TrainConfig:
     )
     or None,
     progress=c.progress,
+    nan_policy=c.get("nan_policy", "stop"),
+    init=c.get("init", "auto"),
   )
+
+
+def optim_fields(c: ml_collections.ConfigDict) -> dict:
+  """c.optim with an unset (None) warmup_steps / total_steps derived from c.steps."""
+  o = dict(c.optim)
+  if o.get("total_steps") is None:
+    o["total_steps"] = c.steps
+  if o.get("warmup_steps") is None:
+    o["warmup_steps"] = max(1, c.steps // 20)
+  return o

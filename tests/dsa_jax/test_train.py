@@ -162,11 +162,12 @@ def test_init_from_previous_phase_and_errors(tmp_path):
 
 def test_sigterm_saves_and_exits(tmp_path):
   cfg = _cfg("dense", steps=10_000)
-  timer = threading.Timer(8.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
-  timer.start()
-  r = train.train(cfg, str(tmp_path / "run"))
-  timer.cancel()
-  assert r["preempted"] and 0 < r["step"] < 10_000
+  # from another thread, as a scheduler's signal arrives: the handler runs between steps
+  kill = lambda step, m: (
+    step == 3 and threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+  )
+  r = train.train(cfg, str(tmp_path / "run"), log_fn=kill)
+  assert r["preempted"] and r["signal"] == "SIGTERM" and 3 <= r["step"] < 10_000
   mgr = r["_trainer"].manager(str(tmp_path / "run"))
   assert mgr.latest_step() == r["step"]
 
