@@ -15,8 +15,9 @@ checkpoints that hf_to_orbax did not write (e.g. `checkpoint.save_params` from t
 """
 
 import json
+import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dsa_jax import convert
 from dsa_jax.config import ModelConfig
@@ -47,6 +48,16 @@ def _model_config(path):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax / absl INFO chatter only on request
+    logging.set_verbosity(logging.WARNING)
+  try:
+    _convert()
+  except (ValueError, OSError) as e:  # bad input: one line, exit 2
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _convert():
   if _DIRECTION.value == "hf_to_orbax":
     cfg = convert.hf_to_orbax(
       _HF_DIR.value,

@@ -14,10 +14,12 @@ Prints a table and writes DIR/report.json and DIR/report.png.
 
 import json
 import os
+import signal
+import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import dsa_jax
 from dsa_jax import data, optim, train
@@ -65,14 +67,25 @@ def run_phase(name, workdir, mc, dc, steps, total, lr, init_from=None, every=Non
     log_every=max(1, steps // 10),
     eval_batches=2,
   )
+  if train.finished_step(workdir) == steps:
+    print(f"{name}: reusing the finished run in {workdir} (step {steps}); delete it to retrain")
   t0 = time.perf_counter()
-  r = train.train(cfg, workdir)
+  try:
+    r = train.train(cfg, workdir)
+  except (ValueError, train.NonFiniteError) as e:
+    print(f"error: {name}: {e}", file=sys.stderr)
+    sys.exit(3 if isinstance(e, train.NonFiniteError) else 2)
+  if r["preempted"]:
+    print(f"stopped by {r['signal']} in {name} at step {r['step']}, saved; rerun to resume")
+    sys.exit(128 + int(getattr(signal, r["signal"])))
   r["wall_s"] = time.perf_counter() - t0
   return r
 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax / absl INFO chatter only on request
+    logging.set_verbosity(logging.WARNING)
   t_start = time.perf_counter()
   seq_len, bs, n_dense, n_warm, n_sparse, distances = SIZES[_SIZE.value]
   wd = os.path.abspath(_WORKDIR.value)

@@ -6,15 +6,17 @@ r"""Text generation from a trained model (byte-level prompts, as the training da
     --attention=dense --fp8_cache --temperature=0.8 --top_p=0.95
 
 --ckpt: a training workdir (its model_config.json gives the model; latest checkpoint, or DIR@STEP) or a
-params checkpoint directory (then --preset gives the model). Without --ckpt: a random model of
---preset (a smoke run). Each --prompt is one request of the batch.
+params checkpoint directory (the config `convert_checkpoint` recorded in hf_source/convert.json,
+else --preset gives the model). Without --ckpt: a random model of --preset (a smoke run). Each
+--prompt is one request of the batch. A bad --ckpt or flag prints one line and exits 2.
 """
 
 import json
 import os
+import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import dsa_jax
 from dsa_jax import generate, model, train
@@ -31,23 +33,35 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
 def model_config(ckpt: str | None, preset: str) -> dsa_jax.ModelConfig:
-  """The workdir's resolved model config (model_config.json, written by dsa_jax.train.train for
-  every run, launcher or library), else the preset."""
+  """The recorded model config: a training workdir's model_config.json (written by
+  dsa_jax.train.train for every run) or a converted checkpoint's hf_source/convert.json; else the
+  preset."""
   if ckpt:
-    mpath = os.path.join(ckpt.rsplit("@", 1)[0], "model_config.json")  # written by train.train
+    root = ckpt.rsplit("@", 1)[0]
+    mpath = os.path.join(root, "model_config.json")  # written by train.train
     if os.path.exists(mpath):
       with open(mpath) as f:
         return dsa_jax.ModelConfig.from_dict(json.load(f))
+    cpath = os.path.join(root, "hf_source", "convert.json")  # written by hf_to_orbax
+    if os.path.exists(cpath):
+      with open(cpath) as f:
+        return dsa_jax.ModelConfig.from_dict(json.load(f)["model_config"])
   return dsa_jax.preset(preset)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  cfg = model_config(_CKPT.value, _PRESET.value)
-  if cfg.vocab_size < 256:
-    raise app.UsageError(f"vocab_size={cfg.vocab_size} < 256: prompts are byte tokens")
-  m = train.load_init_params(_CKPT.value, cfg) if _CKPT.value else model.build(cfg)
+  if not flags.FLAGS["verbosity"].present:  # Orbax / absl INFO chatter only on request
+    logging.set_verbosity(logging.WARNING)
+  try:
+    cfg = model_config(_CKPT.value, _PRESET.value)
+    if cfg.vocab_size < 256:
+      raise ValueError(f"vocab_size={cfg.vocab_size} < 256: prompts are byte tokens")
+    m = train.load_init_params(_CKPT.value, cfg) if _CKPT.value else model.build(cfg)
+  except (ValueError, KeyError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   gen = generate.GenerateConfig(
     max_new_tokens=_MAX_NEW.value,
     attention=_ATTN.value,
