@@ -2,9 +2,9 @@
 """Per-layer attention and indexer maps for analysis (notebooks; short sequences only).
 
 `layer_maps` runs the model layer by layer and returns, for every layer, the dense attention
-probabilities of every head (absorbed MQA form, docs/dsa.md §MLA), the lightning indexer's
-causal scores and its top-k selection S_t (docs/dsa.md §Top-k). Holds [B,H,T,T] arrays: for T up
-to a few thousand.
+probabilities of every head (the absorbed MQA form of `MLA.project`, docs/dsa.md §MLA), the
+lightning indexer's causal scores and its top-k selection S_t (docs/dsa.md §Top-k). Holds
+[B,H,T,T] arrays: for T up to a few thousand.
 
 Letters: B batch, T tokens, H heads, k top-k slots.
 """
@@ -27,19 +27,15 @@ def layer_maps(model, tokens, *, attention: str = "dense"):
   b, t = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
   cos, sin = layers.rope_angles(cfg, pos)
-  h = model._embed(tokens)
+  h = model.embed_tokens(tokens)
   causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
   out = []
   for blk in generate.blocks(model):
     x = blk.attn_norm(h)
-    attn = blk.attn
-    qr, q_nope, q_pe, c, k_pe = attn._project(x, cos, sin)
-    w_uk, _ = attn._wkv_b()
-    q_abs = jnp.concatenate([jnp.einsum("bthn,chn->bthc", q_nope, w_uk), q_pe], axis=-1)
-    kv = jnp.concatenate([c, k_pe], axis=-1)
-    logits = jnp.einsum("bthc,bsc->bhts", q_abs, kv, preferred_element_type=jnp.float32)
+    pr = blk.attn.project(x, cos, sin, indexer=True)
+    logits = jnp.einsum("bthc,bsc->bhts", pr.q_abs, pr.kv_lat, preferred_element_type=jnp.float32)
     logits = jnp.where(causal, logits * cfg.softmax_scale, -jnp.inf)
-    iq, ik, iw = attn.indexer(x, qr, cos, sin)
+    iq, ik, iw = pr.iq, pr.ik, pr.iw
     out.append(
       dict(
         probs=jax.nn.softmax(logits, axis=-1),

@@ -1,12 +1,12 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Generation: prefill, then token-by-token decode over the latent + indexer caches (cache.py).
 
-Attention at decode is MLA's absorbed MQA mode (docs/dsa.md §MLA): queries [q_nope·W_UK ; q_pe]
-against the cached latent rows [c ; k_pe], values c, then o = o_lat·W_UVᵀ. DSA decode scores the new
-token(s) against every cached indexer key, keeps the top-k (k_eff = min(topk, pos + 1), -1 padded;
-docs/dsa.md §Decoding and caches: the new key is written before scoring, so a token can select
-itself), and runs `sparse_attention.sparse_mla` on the selected rows. Dense decode attends to every
-cached slot <= the query's position.
+Attention at decode is MLA's absorbed MQA mode (docs/dsa.md §MLA): the absorbed queries of
+`MLA.project` against the cached latent rows [c ; k_pe], values c, then `MLA.out_from_latent`
+(o = o_lat·W_UVᵀ, then wo). DSA decode scores the new token(s) against every cached indexer key,
+keeps the top-k (k_eff = min(topk, pos + 1), -1 padded; docs/dsa.md §Decoding and caches: the new
+key is written before scoring, so a token can select itself), and runs `sparse_attention.sparse_mla`
+on the selected rows. Dense decode attends to every cached slot <= the query's position.
 
 Batches are right-padded: request b's prompt fills slots 0..len_b-1 (its positions), pad tokens
 after it are written but never visible (a query at position p sees slots <= p only), and decode
@@ -35,10 +35,10 @@ from flax import nnx
 
 from dsa_jax import cache as cache_lib
 from dsa_jax import indexer as indexer_lib
-from dsa_jax import layers, sparse_attention
+from dsa_jax import layers, mla, sparse_attention
 from dsa_jax.config import ModelConfig
 
-ATTENTION = ("dense", "sparse")
+ATTENTION = mla.DECODE_MODES  # "dense": every visible cache slot; "sparse": the indexer's top-k
 DECODE_BLOCK_Q = 256  # query block of multi-token decode chunks (bounds the [t, H, S] logits)
 DECODE_INDEX_BLOCK_Q = 16  # query block of the decode indexer scores (bounds [t, J, S] f32)
 SHAPE_BUCKET = 64  # prompt and cache lengths are rounded up to this: fewer distinct compilations
@@ -106,17 +106,14 @@ def _attention(attn, x, cos, sin, lc, pos, *, attention: str, fp8: bool, start: 
   [0, start+T) with the full forward's ops (queries are the last T of S = start+T keys).
   """
   cfg: ModelConfig = attn.cfg
-  b, t, _ = x.shape
+  t = x.shape[1]
   scale, c_dim = cfg.softmax_scale, cfg.kv_lora_rank
-  qr, q_nope, q_pe, c, k_pe = attn._project(x, cos, sin)
-  w_uk, w_uv = attn._wkv_b()
-  q_abs = jnp.concatenate([jnp.einsum("bthn,chn->bthc", q_nope, w_uk), q_pe], axis=-1)
-  iq = ik = iw = None
-  if attention == "sparse":
-    iq, ik, iw = attn.indexer(x, qr, cos, sin)
-    if cache_lib.rotate_index(cfg, fp8):  # rotate both sides: scores unchanged, FP8 error spread
-      iq, ik = layers.hadamard(iq), layers.hadamard(ik)
-  lc = cache_lib.write(cfg, lc, pos, c, k_pe, ik)
+  pr = attn.project(x, cos, sin, indexer=attention == "sparse")
+  q_abs, iq, ik, iw = pr.q_abs, pr.iq, pr.ik, pr.iw
+  if attention == "sparse" and cache_lib.rotate_index(cfg, fp8):
+    # Rotate both sides: scores unchanged, FP8 error spread.
+    iq, ik = layers.hadamard(iq), layers.hadamard(ik)
+  lc = cache_lib.write(cfg, lc, pos, pr.c, pr.k_pe, ik)
   # Attend to what the cache returns (FP8 round trip included), so prefill and decode agree;
   # DeepSeek's updated reference likewise quant-dequantises c before use.
   end = None if start is None else start + t
@@ -137,8 +134,7 @@ def _attention(attn, x, cos, sin, lc, pos, *, attention: str, fp8: bool, start: 
         iq, ikc, iw, topk=cfg.index_topk, impl=cfg.impl, block_t=cfg.attn_block_q
       )
     o_lat, _ = sparse_attention.sparse_mla(q_abs, kv, idx, scale=scale, d_v=c_dim, impl=cfg.impl)
-  o = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
-  return attn.wo(o.reshape(b, t, cfg.n_heads * cfg.v_head_dim)), lc
+  return attn.out_from_latent(o_lat), lc
 
 
 def blocks(model):
@@ -159,7 +155,7 @@ def _layers(model, tokens, pos, cache: cache_lib.Cache, *, attention: str, start
   if attention == "sparse" and cache.layers[0].ik is None:
     raise ValueError("attention='sparse' needs a cache with indexer keys (cache.init indexer=True)")
   cos, sin = layers.rope_angles(model.cfg, pos)
-  h = model._embed(tokens)
+  h = model.embed_tokens(tokens)
   new = []
   for blk, lc in zip(blocks(model), cache.layers, strict=True):
     a, lc = _attention(

@@ -1,5 +1,8 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Lightning indexer (docs/dsa.md §Indexer): per-token scores over past tokens and causal top-k.
+"""Lightning indexer (docs/dsa.md §Indexer): the module, and the dispatch of the indexer ops.
+
+`LightningIndexer` computes the indexer's q, k, w; `select_topk`, `indexer_logits`, `sparse_kl`
+and `dense_kl` (bottom of the file) are the kernel entry points for them.
 
     q^I_{t,j} = Had(RoPE_half(W^{IQ}_j qr_t)),   k^I_s = Had(RoPE_half(LayerNorm(W^{IK} x_s)))
     w_{t,j}   = (W^{Iw} x_t)_j · J^-0.5 · D^-0.5
@@ -63,29 +66,19 @@ class LightningIndexer(nnx.Module):
     return q, k, w
 
 
-def select_topk(q, k, w, *, topk: int, impl: str, block_t: int, offset=None, interpret=False):
-  """Causal top-k key indices [B,T,topk] int32, k_eff = min(topk, t+1), -1 padded.
+# ----------------------------------------------------------------------------------------------
+# Dispatch: the indexer ops the library calls, re-exported from the kernel package. Their
+# `impl="reference" | "pallas"` switch, backend choice (GPU / TPU), shape checks and custom VJPs
+# live in pallas_kernels/lightning_indexer/ops.py; dsa_jax reaches them only through this module
+# (attention ops: sparse_attention.py), which tests/test_layering.py enforces.
 
-  offset: global position of query 0 (default S - T; may be traced: a context-parallel shard's
-  start; GPU kernel path only). See docs/dsa.md §Top-k.
-  """
-  return indexer_ops.indexer_topk(
-    q, k, w, topk=topk, impl=impl, block_t=block_t, offset=offset, interpret=interpret
-  )
-
-
-def indexer_logits(q, k, w, *, impl: str = "reference", causal: bool = True):
-  """Logits [B,T,S], -inf above the causal diagonal when causal (small shapes / query blocks)."""
-  return indexer_ops.indexer_logits(q, k, w, impl=impl, causal=causal)
-
-
-def sparse_kl(q, k, w, idx, p, *, impl: str):
-  """Per-query KL over the selected set [B,T] (docs/dsa.md §Training)."""
-  return indexer_ops.sparse_kl(q, k, w, idx, p, impl=impl)
-
-
-def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale: float, impl: str, block_t: int):
-  """Per-query dense warm-up KL [B,T] (docs/dsa.md §Training), target rebuilt per query block."""
-  return indexer_ops.dense_kl(
-    q, k, w, attn_q, attn_kv, attn_lse, attn_scale=attn_scale, impl=impl, block_t=block_t
-  )
+# Causal top-k key indices [B,T,topk] int32, k_eff = min(topk, pos + 1), -1 padded; `offset`
+# (GPU kernel path only) is the global position of query 0, e.g. a context-parallel shard's start.
+# See docs/dsa.md §Top-k.
+select_topk = indexer_ops.indexer_topk
+# Logits [B,T,S] f32, -inf above the causal diagonal when causal (small shapes / query blocks).
+indexer_logits = indexer_ops.indexer_logits
+# Per-query KL over the selected set [B,T] (docs/dsa.md §Training).
+sparse_kl = indexer_ops.sparse_kl
+# Per-query dense warm-up KL [B,T] (docs/dsa.md §Training), target rebuilt per query block.
+dense_kl = indexer_ops.dense_kl

@@ -7,11 +7,18 @@ Two equivalent computations:
   against the shared latent [c_kv ; k_pe] (576), values = c_kv (512), then o = o_lat·W_UVᵀ.
 Both use the YaRN-mscale-corrected softmax scale (docs/dsa.md §MLA).
 
+Seams: `MLA.project` forms the projections, the absorbed query and the latent rows once
+(`Projections`) for training (`MLA.__call__`), decoding (generate.py) and analysis (analysis.py);
+`MLA.out_from_latent` maps a latent output back to the model dim. `ATTENTION_MODES` /
+`INDEXER_LOSSES` / `check_modes` are the registry of modes (docs/extending.md).
+
 Letters: B batch, T tokens, D model, Q q_lora, C kv_lora (latent), H heads, N nope dim,
 R rope dim, V value dim, J/Dᵢ indexer heads/dim, k top-k slots.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +28,54 @@ from dsa_jax import context_parallel, layers, sharding, sparse_attention
 from dsa_jax import indexer as indexer_lib
 from dsa_jax.config import ModelConfig
 
-ATTENTION_MODES = ("dense", "dense_mqa", "sparse")
-INDEXER_LOSSES = ("none", "dense", "sparse")
+# The registry of attention modes and indexer losses (docs/extending.md): the model, the training
+# phases (train.PhaseConfig) and decoding (generate.py, DECODE_MODES) validate against these.
+ATTENTION_MODES = {
+  "dense": "MHA path: per-head keys [c·W_UK ; k_pe] (N+R) and values c·W_UV, causal",
+  "dense_mqa": "absorbed MQA path, causal: q_abs against every latent row kv_lat",
+  "sparse": "DSA: the indexer's top-k rows per query, sparse MLA over them (absorbed form)",
+}
+INDEXER_LOSSES = {
+  "none": "no indexer loss",
+  "dense": "warm-up KL of the indexer to the dense attention (head-summed, every key)",
+  "sparse": "KL over the selected set S_t (needs attention='sparse')",
+}
+# Decoding attends in the absorbed form over the cache: "dense" there is every visible slot.
+DECODE_MODES = ("dense", "sparse")
+
+
+def check_modes(attention: str, indexer_loss: str = "none", *, where: str = "") -> None:
+  """Raises ValueError unless (attention, indexer_loss) is a valid pair of the registry.
+
+  where: a prefix for the message naming the caller's field (e.g. "PhaseConfig.").
+  """
+  if attention not in ATTENTION_MODES:
+    raise ValueError(f"{where}attention={attention!r}; expected one of {tuple(ATTENTION_MODES)}")
+  if indexer_loss not in INDEXER_LOSSES:
+    raise ValueError(
+      f"{where}indexer_loss={indexer_loss!r}; expected one of {tuple(INDEXER_LOSSES)}"
+    )
+  if indexer_loss == "sparse" and attention != "sparse":
+    raise ValueError(f"{where}indexer_loss='sparse' needs attention='sparse'")
+
+
+class Projections(NamedTuple):
+  """What `MLA.project` computes from the normed input x [B,T,D] (docs/dsa.md §MLA).
+
+  The absorbed query and the latent rows are what every MQA consumer (sparse MLA, dense MQA,
+  decoding caches, analysis maps) attends with; the rest feeds the MHA path and the indexer.
+  """
+
+  qr: jax.Array  # [B,T,Q] normed query latent (the indexer's query input)
+  q_nope: jax.Array  # [B,T,H,N]
+  q_pe: jax.Array  # [B,T,H,R] interleaved RoPE applied
+  c: jax.Array  # [B,T,C] normed KV latent (also the MQA values)
+  k_pe: jax.Array  # [B,T,R] shared rope key, RoPE applied
+  q_abs: jax.Array  # [B,T,H,C+R] absorbed query [q_nope·W_UK ; q_pe]
+  kv_lat: jax.Array  # [B,T,C+R] latent rows [c ; k_pe]
+  iq: jax.Array | None = None  # [B,T,J,Dᵢ] indexer query (with indexer=True)
+  ik: jax.Array | None = None  # [B,T,Dᵢ] indexer key
+  iw: jax.Array | None = None  # [B,T,J] indexer head weights (all positive scales folded in)
 
 
 class MLA(nnx.Module):
@@ -38,7 +91,13 @@ class MLA(nnx.Module):
     self.wo = layers.Linear(h * v, cfg.dim, ("heads", "embed"), cfg, rngs=rngs)
     self.indexer = indexer_lib.LightningIndexer(cfg, rngs=rngs)
 
-  def _project(self, x, cos, sin):
+  def project(self, x, cos, sin, *, indexer: bool = False) -> Projections:
+    """x [B,T,D] (attention-normed), cos/sin [B,T,R/2] -> `Projections`.
+
+    The one place the query/latent projections and the absorbed query are formed; training
+    (`__call__`), decoding (generate.py) and analysis (analysis.py) all start here.
+    indexer: also run the lightning indexer (iq, ik, iw; otherwise None).
+    """
     cfg = self.cfg
     b, t, _ = x.shape
     h, n, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
@@ -48,7 +107,20 @@ class MLA(nnx.Module):
     kv = self.wkv_a(x)
     c = self.kv_norm(kv[..., : cfg.kv_lora_rank])
     k_pe = layers.rope_interleaved(kv[..., cfg.kv_lora_rank :], cos, sin)
-    return qr, q_nope, q_pe, c, k_pe
+    w_uk, _ = self._wkv_b()
+    q_abs = jnp.concatenate([jnp.einsum("bthn,chn->bthc", q_nope, w_uk), q_pe], axis=-1)
+    kv_lat = jnp.concatenate([c, k_pe], axis=-1)
+    iq = ik = iw = None
+    if indexer:
+      iq, ik, iw = self.indexer(x, qr, cos, sin)
+    return Projections(qr, q_nope, q_pe, c, k_pe, q_abs, kv_lat, iq, ik, iw)
+
+  def out_from_latent(self, o_lat):
+    """Latent attention output o_lat [B,T,H,C] -> [B,T,D]: o = o_lat·W_UVᵀ per head, then wo."""
+    cfg = self.cfg
+    b, t = o_lat.shape[:2]
+    o = jnp.einsum("bthc,chv->bthv", o_lat, self._wkv_b()[1])
+    return self.wo(o.reshape(b, t, cfg.n_heads * cfg.v_head_dim))
 
   def _wkv_b(self):
     cfg = self.cfg
@@ -74,24 +146,14 @@ class MLA(nnx.Module):
     metrics: also report indexer recall and overlap with the dense top-k (costs a dense pass).
     """
     cfg = self.cfg
-    if attention not in ATTENTION_MODES:
-      raise ValueError(f"attention={attention!r}; expected one of {ATTENTION_MODES}")
-    if indexer_loss not in INDEXER_LOSSES:
-      raise ValueError(f"indexer_loss={indexer_loss!r}; expected one of {INDEXER_LOSSES}")
-    if indexer_loss == "sparse" and attention != "sparse":
-      raise ValueError("indexer_loss='sparse' needs attention='sparse'")
+    check_modes(attention, indexer_loss)
     b, t, _ = x.shape
     h, v = cfg.n_heads, cfg.v_head_dim
     scale = cfg.softmax_scale
-    qr, q_nope, q_pe, c, k_pe = self._project(x, cos, sin)
-    w_uk, w_uv = self._wkv_b()
-    # Absorbed query and shared latent rows.
-    q_abs = jnp.concatenate([jnp.einsum("bthn,chn->bthc", q_nope, w_uk), q_pe], axis=-1)
-    kv_lat = jnp.concatenate([c, k_pe], axis=-1)
-    aux = {}
     need_idx = attention == "sparse" or metrics
-    if need_idx or indexer_loss != "none":
-      iq, ik, iw = self.indexer(x, qr, cos, sin)
+    pr = self.project(x, cos, sin, indexer=need_idx or indexer_loss != "none")
+    q_abs, kv_lat, iq, ik, iw = pr.q_abs, pr.kv_lat, pr.iq, pr.ik, pr.iw
+    aux = {}
     # On a mesh the sparse path runs in shard_map: sequence-parallel top-k + sparse MLA + KL.
     ctx = sharding.current() if attention == "sparse" and not metrics else None
     if ctx is not None:
@@ -104,12 +166,14 @@ class MLA(nnx.Module):
       )
 
     if attention == "dense":
-      kvb = jnp.einsum("btc,chd->bthd", c, jnp.concatenate([w_uk, w_uv], axis=-1))
+      w_uk, w_uv = self._wkv_b()
+      kvb = jnp.einsum("btc,chd->bthd", pr.c, jnp.concatenate([w_uk, w_uv], axis=-1))
       k_nope, val = kvb[..., : cfg.qk_nope_head_dim], kvb[..., cfg.qk_nope_head_dim :]
+      k_pe = pr.k_pe
       k = jnp.concatenate(
         [k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1
       )
-      q = jnp.concatenate([q_nope, q_pe], axis=-1)
+      q = jnp.concatenate([pr.q_nope, pr.q_pe], axis=-1)
       o, lse = sparse_attention.dense_attention(
         q,
         k,
@@ -119,19 +183,19 @@ class MLA(nnx.Module):
         impl=cfg.impl,
         with_lse=metrics,  # the warm-up KL computes its own f32 lse when this gives none
       )
+      out = self.wo(o.reshape(b, t, h * v))
     else:
       if ctx is not None:
         pass  # o_lat, lse from the context-parallel path above
       elif attention == "dense_mqa":
         o_lat, lse = sparse_attention.dense_attention(
-          q_abs, kv_lat, c, scale=scale, block_t=cfg.attn_block_q
+          q_abs, kv_lat, pr.c, scale=scale, block_t=cfg.attn_block_q
         )
       else:
         o_lat, lse = sparse_attention.sparse_mla(
           q_abs, kv_lat, idx, scale=scale, d_v=cfg.kv_lora_rank, impl=cfg.impl
         )
-      o = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
-    out = self.wo(o.reshape(b, t, h * v))
+      out = self.out_from_latent(o_lat)
 
     if indexer_loss == "dense":
       # The target's logits in the form the attention ran: MHA (192 per head) is a third of the

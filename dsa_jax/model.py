@@ -104,7 +104,8 @@ class Transformer(nnx.Module):
     self.head = layers.Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
     self.mtp = MTP(cfg, rngs=rngs) if cfg.n_mtp_layers else None
 
-  def _embed(self, tokens):
+  def embed_tokens(self, tokens):
+    """tokens [B,T] int -> embeddings [B,T,D] in the compute dtype."""
     return self.embed[...][tokens].astype(layers.dtype_of(self.cfg.compute_dtype))
 
   def __call__(
@@ -129,7 +130,7 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     cos, sin = layers.rope_angles(cfg, positions)
     kw = dict(attention=attention, indexer_loss=indexer_loss, metrics=metrics)
-    h = self._embed(tokens)
+    h = self.embed_tokens(tokens)
     auxes = []
     for stack in (self.dense_layers, self.moe_layers):
       if stack is not None:
@@ -144,7 +145,7 @@ class Transformer(nnx.Module):
       out["moe_load"] = auxes[-1]["moe_load"]
     logits = self.head(self.norm(h)).astype(jnp.float32)
     if mtp and self.mtp is not None:
-      emb_next = self._embed(jnp.roll(tokens, -1, axis=1))
+      emb_next = self.embed_tokens(jnp.roll(tokens, -1, axis=1))
       hm, maux = self.mtp(h, emb_next, cos, sin, **kw)
       out["mtp_logits"] = self.head(hm).astype(jnp.float32)
       for key in ("indexer_kl", "indexer_recall", "topk_overlap"):

@@ -1,8 +1,13 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""The one attention dispatch point: sparse MQA attention over top-k rows and dense causal attention.
+"""The attention dispatch point: sparse MQA attention over top-k rows and dense causal attention.
 
-`impl="reference"` is pure JAX (chunked over query blocks, never an [L, L] array);
-`impl="pallas"` calls the Pallas kernels in `pallas_kernels/`.
+dsa_jax reaches the attention kernels only through this module (the indexer ops: indexer.py;
+tests/test_layering.py enforces both). `sparse_mla` and `sparse_probs` are the sparse-MLA kernel
+package's public ops, re-exported: their `impl="reference" | "pallas"` switch, backend choice
+(GPU / TPU), shape checks and custom VJP live in pallas_kernels/sparse_mla/ops.py. The dense
+attention is dispatched here: `impl="reference"` is pure JAX (chunked over query blocks, never an
+[L, L] array); `impl="pallas"` on a GPU takes cuDNN's flash attention where it applies.
+
 Letters: B batch, T queries, S keys, H heads, K qk dim, V value dim, C latent (MQA) dim, k slots.
 """
 
@@ -14,15 +19,12 @@ import jax.numpy as jnp
 from pallas_kernels import _common
 from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 
-
-def sparse_mla(q, kv, idx, *, scale: float, d_v: int, impl: str):
-  """q [B,T,H,C], kv [B,S,C], idx [B,T,k] -> out [B,T,H,d_v], lse [B,T,H]."""
-  return sparse_mla_ops.sparse_mla(q, kv, idx, scale=scale, d_v=d_v, impl=impl)
-
-
-def sparse_probs(q, kv, idx, lse, *, scale: float, impl: str):
-  """Head-mean attention probabilities at the selected slots [B,T,k] (no gradient)."""
-  return sparse_mla_ops.sparse_mla_probs(q, kv, idx, lse, scale=scale, impl=impl)
+# q [B,T,H,C], kv [B,S,C], idx [B,T,k] -> out [B,T,H,d_v], lse [B,T,H]
+# (docs/dsa.md §Sparse attention).
+sparse_mla = sparse_mla_ops.sparse_mla
+# Head-mean attention probabilities at the selected slots [B,T,k] (the sparse KL target; no
+# gradient).
+sparse_probs = sparse_mla_ops.sparse_mla_probs
 
 
 def _dense_block(q, k, v, t0, *, scale, s_offset):

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import dsa_jax
-from dsa_jax import model, moe
+from dsa_jax import generate, mla, model, moe, train
 
 T = 48  # > index_topk=16 of the test preset, so DSA is really sparse past position 15
 
@@ -54,6 +54,20 @@ def test_causality(attention):
   b, _ = fwd(state, tok2, attention=attention)
   np.testing.assert_allclose(a[:, : t0 + 1], b[:, : t0 + 1], rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(a[:, t0 + 1 :] - b[:, t0 + 1 :]).max()) > 1e-3
+
+
+def test_one_registry_of_modes():
+  bad = [
+    dict(attention="x"),
+    dict(indexer_loss="y"),
+    dict(attention="dense", indexer_loss="sparse"),
+  ]
+  for kw in bad:
+    with pytest.raises(ValueError):
+      mla.check_modes(**{"attention": "sparse", "indexer_loss": "none", **kw})
+    with pytest.raises(ValueError, match="PhaseConfig"):
+      train.PhaseConfig(**kw)
+  assert set(generate.ATTENTION) <= set(mla.ATTENTION_MODES)
 
 
 def test_sparse_differs_from_dense_when_topk_below_length():
