@@ -86,8 +86,7 @@ class BlockSizes:
   @staticmethod
   def default_for(t: int, s: int) -> "BlockSizes":
     if t % 16 == 0 and s % 128 == 0:
-      # Fastest in the H200 sweep of 2026-11-29 (experiments/results/sweep_indexer.json):
-      # 973 TFLOP/s at L=32K causal vs 185 for heads_m.
+      # keys_m: the fastest in the 2026-11-29 indexer sweep (lab log).
       return BlockSizes(
         block_q=16, block_k=128, variant="keys_m", q_per_mma=4, stages=3, no_auto_barriers=True
       )

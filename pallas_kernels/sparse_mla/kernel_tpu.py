@@ -22,8 +22,7 @@ Backward (one kernel, same gather): with P = exp(s - lse), dS = P ⊙ (dO·Vᵀ 
   drows = scale·dSᵀ·q (+ Pᵀ·dO on the first Vp dims), per slot, written to HBM by async DMA.
 TPU DMAs have no add/atomic mode, so the per-slot drows of a token chunk are
 summed into an f32 dkv by an XLA scatter-add in the wrapper (duplicates across and within tokens
-add up; invalid slots drop). That costs one f32 [tokens, kp, Kp] write+read per chunk: the known
-price of v1 (a SparseCore `addupdate_scatter` path would remove it).
+add up; invalid slots drop). That costs one f32 [tokens, kp, Kp] write+read per chunk.
 """
 
 import dataclasses

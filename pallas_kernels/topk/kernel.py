@@ -510,8 +510,8 @@ def indexer_topk_blocked(
   block (sliced dynamically) against the bucket's keys with causal=False, into a [B, block_t, W]
   f32 buffer, and the causal bound goes to the select kernel as per-row lengths (dynamic). So at
   most num_buckets (+1 for a partial last block) kernel shapes are compiled whatever T is, and
-  the [T,S] logits never exist at once (the logits tile still goes through HBM: not yet fused
-  into one kernel). Keys past a row's bound are scored but ignored: up to S / num_buckets extra
+  the [T,S] logits never exist at once (each block's logits tile goes through HBM between the
+  two kernels). Keys past a row's bound are scored but ignored: up to S / num_buckets extra
   logits per row. Slots are in ascending key order, -1 when a row has fewer than topk keys.
 
   offset: global position of query 0 (default S - T: the queries are the last T keys). It may be

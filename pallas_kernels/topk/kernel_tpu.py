@@ -1,11 +1,10 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """TPU top-k for the indexer scores: XLA's TPU-optimised approximate top-k, or the exact sort.
 
-On TPU `jax.lax.approx_max_k` (arXiv 2206.14286) is the fast op (docs/architecture.md §Kernels): an
-in-kernel Pallas top-k at k=2048 was measured ~4x slower than scores-in-HBM + approx_max_k
-(sglang-jax #1515), so selection stays outside the logits kernel. `recall_target` (e.g. 0.95) is the
-expected fraction of the true top-k it returns; None is the exact path (`lax.top_k`, sort-based on
-TPU; on CPU approx_max_k also falls back to an exact sort, so its recall there is 1).
+Selection runs outside the logits kernel, on scores in HBM (docs/architecture.md §Kernels; why:
+lab log 2026-12-05): `jax.lax.approx_max_k` (arXiv 2206.14286) with `recall_target` (e.g. 0.95,
+the expected fraction of the true top-k it returns), or with None the exact path (`lax.top_k`,
+sort-based on TPU; on CPU approx_max_k also falls back to an exact sort, so its recall there is 1).
 
 Output matches topk/reference.py's conventions: [..., k] int32, slots in descending score order,
 -1 for -inf (masked) entries and for k > S.
