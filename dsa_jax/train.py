@@ -463,7 +463,7 @@ class Trainer:
   def manager(self, workdir: str, protect: int | None = None):
     """The workdir's CheckpointManager: keeps the `ckpt.keep` newest steps and `protect` (the
     step this run was restored from and verified), so rotation never removes the last verified
-    checkpoint. Unfinished temporary step directories (a killed save) are removed."""
+    checkpoint."""
     import orbax.checkpoint as ocp
     from orbax.checkpoint import checkpoint_managers as cm
 
@@ -476,7 +476,6 @@ class Trainer:
       options=ocp.CheckpointManagerOptions(
         enable_async_checkpointing=self.cfg.ckpt.async_save,
         preservation_policy=cm.AnyPreservationPolicy(keep),
-        cleanup_tmp_directories=True,
       ),
     )
 
@@ -916,8 +915,23 @@ def train(
 
 
 def _train(cfg, workdir, lead, preempted, log_fn, allow_config_change) -> dict:
+  managers = []  # closed at the end: Orbax's threads would otherwise outlive the run
+  try:
+    return _train_phase(cfg, workdir, lead, preempted, log_fn, allow_config_change, managers)
+  finally:
+    for m in managers:
+      m.close()
+
+
+def _train_phase(cfg, workdir, lead, preempted, log_fn, allow_config_change, managers) -> dict:
   trainer = _cached_trainer(cfg)
+  if lead:  # a save killed midway leaves a temporary step directory (this run holds the lock)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    for d in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ():
+      if ".orbax-checkpoint-tmp" in d:
+        shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
   mgr = trainer.manager(workdir)
+  managers.append(mgr)
   latest = mgr.latest_step()
   skipped = 0
   if latest is not None:
@@ -930,14 +944,14 @@ def _train(cfg, workdir, lead, preempted, log_fn, allow_config_change) -> dict:
     if diffs and not allow_config_change:
       raise RunError(
         f"workdir {workdir} was produced by another config: {'; '.join(diffs)} "
-        "(use another workdir, or allow the change on purpose)"
+        "(use another workdir, or allow_config_change to resume anyway)"
       )
     if diffs:
       log.warning("resuming %s with a changed config: %s", workdir, "; ".join(diffs))
     state, step = trainer.restore_latest_good(mgr, workdir)
     skipped = int(trainer.restored_meta.get("skipped", 0))
-    mgr.close()
     mgr = trainer.manager(workdir, protect=step)  # never rotate out the verified step
+    managers.append(mgr)
   elif cfg.ckpt.init_from:
     state = trainer.init_state(load_init_params(cfg.ckpt.init_from, cfg.model))
   else:
