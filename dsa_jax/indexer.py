@@ -26,6 +26,7 @@ from flax import nnx
 from dsa_jax import layers
 from dsa_jax.config import ModelConfig
 from pallas_kernels.lightning_indexer import ops as indexer_ops
+from pallas_kernels.v4_attention import ops as v4_attention_ops
 
 
 class LightningIndexer(nnx.Module):
@@ -82,3 +83,6 @@ indexer_logits = indexer_ops.indexer_logits
 sparse_kl = indexer_ops.sparse_kl
 # Per-query dense warm-up KL [B,T] (docs/dsa.md §Training), target rebuilt per query block.
 dense_kl = indexer_ops.dense_kl
+# DeepSeek-V4 CSA (docs/v4.md §Indexer): top-k over compressed keys, block-causal j < (t+1)//m.
+v4_select_topk = v4_attention_ops.compressed_topk
+v4_indexer_logits = v4_attention_ops.compressed_indexer_logits

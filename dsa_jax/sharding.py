@@ -40,6 +40,13 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   "experts": "expert",
   "experts_r": None,
   "norm": None,
+  # DeepSeek-V4 (docs/v4.md §Sharding): output groups split like heads (a group is H/O heads)
+  "o_groups": "tensor",
+  "o_group_in": None,
+  "o_lora": None,
+  "compress_rows": None,
+  "hc_mix": None,
+  "hash": None,
   # activations (parameters never use these names)
   "act_embed": None,  # the model dim of [B,T,D] activations: replicated (no sequence-parallel D)
   "act_heads": "tensor",  # attention heads of [B,T,H,...] activations

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels.sparse_mla import ops as sparse_mla_ops
+from pallas_kernels.v4_attention import ops as v4_attention_ops
 
 # q [B,T,H,C], kv [B,S,C], idx [B,T,k] -> out [B,T,H,d_v], lse [B,T,H]
 # (docs/dsa.md §Sparse attention).
@@ -25,6 +26,10 @@ sparse_mla = sparse_mla_ops.sparse_mla
 # Head-mean attention probabilities at the selected slots [B,T,k] (the sparse KL target; no
 # gradient).
 sparse_probs = sparse_mla_ops.sparse_mla_probs
+# DeepSeek-V4 (docs/v4.md §Attention): window ∪ compressed rows (all visible, or the indexer's
+# selection) in one softmax with the per-head sink; and the same over an explicit index buffer.
+v4_attention = v4_attention_ops.v4_attention
+v4_sink_attention = v4_attention_ops.sink_attention
 
 
 def _dense_block(q, k, v, t0, *, scale, s_offset):
