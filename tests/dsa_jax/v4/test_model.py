@@ -17,8 +17,9 @@ T = 40  # CSA: 10 entries (top-k 4 binds); HCA (m = 16): 2 entries; window 8
 def runs():
   cfg = config.preset("v4_test")
   m = model.build(cfg, seed=0)
+  # MTP runs in the sparse compile only (one model compile per mode keeps the file fast)
   fwd = {
-    mode: nnx.jit(lambda m, t, mode=mode: m(t, attention=mode, mtp=True))
+    mode: nnx.jit(lambda m, t, mode=mode: m(t, attention=mode, mtp=mode == "sparse"))
     for mode in ("dense", "sparse")
   }
   tokens = jax.random.randint(jax.random.key(0), (2, T), 0, cfg.vocab_size)
@@ -49,8 +50,8 @@ def test_future_tokens_never_change_past_outputs(runs, mode):
   b, aux_b = fwd[mode](m, changed)
   np.testing.assert_array_equal(a[:, :p], b[:, :p])
   assert np.abs(np.asarray(a[:, p:] - b[:, p:])).max() > 0
-  # MTP at t reads token t+1
-  np.testing.assert_array_equal(aux_a["mtp_logits"][:, : p - 1], aux_b["mtp_logits"][:, : p - 1])
+  if "mtp_logits" in aux_a:  # MTP at t reads token t+1
+    np.testing.assert_array_equal(aux_a["mtp_logits"][:, : p - 1], aux_b["mtp_logits"][:, : p - 1])
 
 
 def test_sparse_equals_dense_when_topk_covers_every_entry(runs):
