@@ -12,6 +12,8 @@ Sources:
   distance (retrieval accuracy by distance).
 - `mqar`: multi-query associative recall: key-value pairs, then queries for a subset of keys.
 - `mixed`: text rows with a share of passkey and mqar rows.
+- `retrieval`: `mqar_pairs` key-value pairs written over text filler, each queried once at a
+  log-uniform distance (retrieval_data.py; issue 21).
 - `dir`: a directory of .txt / .jsonl ("text" field) files, byte-level or with a `tokenizer.json`
   (the `tokenizers` package).
 """
@@ -28,7 +30,7 @@ import sysconfig
 
 import numpy as np
 
-SOURCES = ("text", "passkey", "mqar", "mixed", "dir")
+SOURCES = ("text", "passkey", "mqar", "mixed", "dir", "retrieval")
 DOC_SEP = 0  # byte 0 never occurs in source text: document separator
 
 
@@ -43,6 +45,11 @@ class DataConfig:
   mqar_pairs: int = 16
   path: str | None = None  # for source="dir"
   tokenizer: str | None = None  # tokenizer.json for source="dir"; None = bytes
+  # source="retrieval": query-pair distances log-uniform in [min, max] (max 0: the whole row),
+  # loss weight of the filler text (the answers weigh 1)
+  retrieval_min_distance: int = 8
+  retrieval_max_distance: int = 0
+  retrieval_text_weight: float = 0.0
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -55,6 +62,8 @@ class DataConfig:
       v = getattr(self, f)
       if not 0.0 <= v <= 1.0:
         raise ValueError(f"DataConfig.{f}={v} must be in [0, 1]")
+    if self.retrieval_min_distance < 5 or self.retrieval_max_distance < 0:
+      raise ValueError("DataConfig.retrieval_min_distance must be >= 5, retrieval_max_distance >= 0")
     if self.passkey_share + self.mqar_share > 1.0:
       raise ValueError("DataConfig.passkey_share + mqar_share must be <= 1")
     if self.source == "dir" and not (self.path and os.path.isdir(self.path)):
@@ -198,6 +207,18 @@ def _row(cfg: DataConfig, split: str, step: int, row: int):
     return passkey_row(rng, corpus, cfg.seq_len, None)
   if kind == "mqar":
     return mqar_row(rng, cfg.seq_len, cfg.mqar_pairs)
+  if kind == "retrieval":
+    from dsa_jax import retrieval_data  # noqa: PLC0415
+
+    return retrieval_data.train_row(
+      rng,
+      corpus,
+      cfg.seq_len,
+      cfg.mqar_pairs,
+      cfg.retrieval_min_distance,
+      cfg.retrieval_max_distance,
+      cfg.retrieval_text_weight,
+    )
   start = int(rng.integers(0, len(corpus) - cfg.seq_len - 1))
   toks = corpus[start : start + cfg.seq_len].astype(np.int32)
   return toks, np.ones(cfg.seq_len, np.float32)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsa_jax import context_parallel, layers, sharding, sparse_attention
+from dsa_jax import context_parallel, layers, selection, sharding, sparse_attention
 from dsa_jax import indexer as indexer_lib
 from dsa_jax.config import ModelConfig
 
@@ -34,6 +34,10 @@ ATTENTION_MODES = {
   "dense": "MHA path: per-head keys [c·W_UK ; k_pe] (N+R) and values c·W_UV, causal",
   "dense_mqa": "absorbed MQA path, causal: q_abs against every latent row kv_lat",
   "sparse": "DSA: the indexer's top-k rows per query, sparse MLA over them (absorbed form)",
+  # Controls with DSA's budget (issue 21): positional S_t (selection.py), the same sparse MLA.
+  "window": "the last index_topk rows per query (sliding window), sparse MLA over them",
+  "random": "index_topk rows drawn per query position (selection.random), sparse MLA",
+  "random_local": "the last index_topk//2 rows + as many drawn as in 'random', sparse MLA",
 }
 INDEXER_LOSSES = {
   "none": "no indexer loss",
@@ -57,6 +61,8 @@ def check_modes(attention: str, indexer_loss: str = "none", *, where: str = "") 
     )
   if indexer_loss == "sparse" and attention != "sparse":
     raise ValueError(f"{where}indexer_loss='sparse' needs attention='sparse'")
+  if indexer_loss != "none" and attention in selection.MODES:
+    raise ValueError(f"{where}attention={attention!r} takes no indexer loss")
 
 
 class Projections(NamedTuple):
@@ -141,9 +147,11 @@ class MLA(nnx.Module):
   ):
     """x [B,T,D] (attention-normed) -> (out [B,T,D], aux dict of per-layer scalars/arrays).
 
-    attention: "dense" (MHA path), "dense_mqa" (absorbed path, dense causal), "sparse" (DSA).
+    attention: "dense" (MHA path), "dense_mqa" (absorbed path, dense causal), "sparse" (DSA),
+      or a positional control "window" | "random" | "random_local" (selection.py).
     indexer_loss: "none", "dense" (warm-up KL vs the dense attention), "sparse" (KL over S_t).
-    metrics: also report indexer recall and overlap with the dense top-k (costs a dense pass).
+    metrics: also report the recall of S_t (the indexer's, or the control's) and its overlap
+      with the dense top-k (costs a dense pass).
     """
     cfg = self.cfg
     check_modes(attention, indexer_loss)
@@ -160,6 +168,10 @@ class MLA(nnx.Module):
       o_lat, lse, cp_kl = context_parallel.sparse_attention_cp(
         ctx, q_abs, kv_lat, iq, ik, iw, cfg, with_kl=indexer_loss == "sparse"
       )
+    elif attention in selection.MODES:
+      if sharding.current() is not None and cfg.impl == "pallas":  # cannot be auto-partitioned
+        raise ValueError(f"attention={attention!r} with impl='pallas' runs on one device")
+      idx = selection.select(attention, b, t, t, cfg.index_topk)
     elif need_idx:
       idx = indexer_lib.select_topk(
         iq, ik, iw, topk=cfg.index_topk, impl=cfg.impl, block_t=cfg.attn_block_q
@@ -212,7 +224,7 @@ class MLA(nnx.Module):
       aux["indexer_kl"] = jnp.mean(indexer_lib.sparse_kl(iq, ik, iw, idx, p, impl=cfg.impl))
     if metrics:
       q_s, kv_s = jax.lax.stop_gradient((q_abs, kv_lat))
-      if attention == "sparse":  # recall is measured against the dense attention
+      if attention not in ("dense", "dense_mqa"):  # recall is measured against dense attention
         _, lse_d = sparse_attention.dense_attention(
           q_s, kv_s, kv_s[..., : cfg.kv_lora_rank], scale=scale, block_t=cfg.attn_block_q
         )
