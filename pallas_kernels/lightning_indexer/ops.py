@@ -6,12 +6,15 @@ kernels on CPU) takes the same float q, k, w as the reference. q and k are re-qu
 the 1x128 e4m3 / ue8m0 scheme of docs/dsa.md §Indexer, which is exact for tensors that
 already went through that fake quant, so logits match the reference to fp32 summation order and
 top-k selections match up to near-ties. Its kernels need J=64 heads and D=128.
-The KL ops' impl="pallas" is a custom_vjp with streamed hand-written backward passes (grad.py).
+The KL ops' impl="pallas" is a custom_vjp with streamed hand-written backward passes (grad.py);
+dense_kl on a GPU backend (or with interpret=True) runs the Pallas-Triton kernels of
+kernel_kl_triton.py instead, and the XLA grad.py version where they cannot run (CPU without
+interpret, TPU) or do not take the shape (kernel_kl_triton.supported).
 """
 
 import jax
 
-from pallas_kernels.lightning_indexer import grad, kernel, kernel_tpu, reference
+from pallas_kernels.lightning_indexer import grad, kernel, kernel_kl_triton, kernel_tpu, reference
 
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
@@ -199,9 +202,24 @@ def dense_kl(
   interpret=False,
   block_t=256,
   block_s=2048,
+  backend: str | None = None,
+  block_sizes: kernel_kl_triton.BlockSizes | None = None,
 ):
-  """Dense warm-up indexer KL per query [B,T] (differentiable in q, k, w)."""
+  """Dense warm-up indexer KL per query [B,T] (differentiable in q, k, w).
+
+  impl="pallas": the Pallas-Triton kernels (kernel_kl_triton.py; `block_sizes`) when the backend is
+  "gpu" and either jax runs on a GPU or interpret=True (CPU tests); otherwise, or for shapes the
+  kernels do not take (kernel_kl_triton.supported), the streamed XLA custom_vjp of grad.py with
+  block_t / block_s. With several devices the kernels run only when asked for (a pallas_call is
+  not auto-partitioned; call it inside a shard_map over batch). Asking for the kernels explicitly
+  (interpret=True or block_sizes) with a backend or shape they do not take raises.
+  """
   _check(q, k, w)
+  if attn_q.ndim != 4 or attn_kv.ndim not in (3, 4):
+    raise ValueError(
+      f"expected attn_q [B,T,H,C] and attn_kv [B,S,C] or [B,S,H,C]; got {attn_q.shape}, "
+      f"{attn_kv.shape}"
+    )
   if attn_q.shape[:2] != q.shape[:2] or attn_kv.shape[:2] != k.shape[:2]:
     raise ValueError(
       f"attn_q {attn_q.shape} / attn_kv {attn_kv.shape} must match q {q.shape} / "
@@ -209,11 +227,35 @@ def dense_kl(
     )
   if attn_kv.ndim == 4 and attn_kv.shape[2:] != attn_q.shape[2:]:
     raise ValueError(f"MHA-form attn_kv {attn_kv.shape} must match attn_q {attn_q.shape} in H, C")
+  if attn_kv.ndim == 3 and attn_kv.shape[-1] != attn_q.shape[-1]:
+    raise ValueError(f"absorbed attn_kv {attn_kv.shape} must match attn_q {attn_q.shape} in C")
   if attn_lse is not None and attn_lse.shape != attn_q.shape[:3]:
     raise ValueError(f"attn_lse {attn_lse.shape} must be attn_q.shape[:3]={attn_q.shape[:3]}")
   if not _impl(impl):
     return reference.dense_kl_reference(
       q, k, w, attn_q, attn_kv, attn_lse, attn_scale=attn_scale, block_t=block_t
     )
-  del interpret
+  explicit = bool(interpret) or block_sizes is not None
+  why = kernel_kl_triton.supported(q, attn_q)
+  if _backend(backend) != "gpu":
+    why = f"backend={_backend(backend)!r} (the kernels are Pallas-Triton, GPU only)"
+  elif not interpret and jax.default_backend() != "gpu":
+    why = why or f"no GPU (jax.default_backend()={jax.default_backend()!r}); pass interpret=True"
+  elif not explicit and jax.device_count() > 1:
+    # A pallas_call is not auto-partitioned: under a sharded jit it would run replicated.
+    why = why or "several devices (the kernels need a shard_map over batch; not wired)"
+  if why is None:
+    return kernel_kl_triton.dense_kl(
+      q,
+      k,
+      w,
+      attn_q,
+      attn_kv,
+      attn_lse,
+      float(attn_scale),
+      block_sizes or kernel_kl_triton.BlockSizes(),
+      bool(interpret),
+    )
+  if explicit:
+    raise ValueError(f"dense_kl kernels requested but not taken: {why}")
   return grad.dense_kl(q, k, w, attn_q, attn_kv, attn_lse, float(attn_scale), block_t, block_s)

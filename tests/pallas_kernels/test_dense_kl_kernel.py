@@ -1,0 +1,187 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Warm-up dense KL Pallas-Triton kernels (kernel_kl_triton.py): interpret mode vs the reference's
+value and autodiff gradients at tiny shapes (ragged tiles, T < S, MHA / absorbed target, given
+or computed attention lse), dispatch and errors of ops.dense_kl, cuda lowering at V3.2 shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels._testing import rel_err
+from pallas_kernels.lightning_indexer import grad, kernel_kl_triton, ops, reference
+
+SCALE = 0.3
+
+
+def _case(seed, b, t, s, j, d, h, c, mha, with_lse, dtype=jnp.float32):
+  """Inputs made in numpy (eager jax ops would each compile: seconds on a loaded CPU)."""
+  rng = np.random.default_rng(seed)
+  f = lambda *shape: rng.standard_normal(shape, np.float32)
+  q, k, aq, ct = f(b, t, j, d), f(b, s, d), f(b, t, h, c), f(b, t)
+  w = f(b, t, j) * np.float32(30.0 / np.sqrt(j * d))  # a peaked indexer softmax
+  akv = f(b, s, h, c) if mha else f(b, s, c)
+  lse = None
+  if with_lse:
+    vis = np.arange(s)[None, :] <= (s - t + np.arange(t))[:, None]  # [t, s]
+    eq = "bthc,bshc->bths" if mha else "bthc,bsc->bths"
+    lg = np.where(vis[None, :, None, :], np.einsum(eq, aq, akv) * SCALE, -np.inf)
+    m = lg.max(-1, keepdims=True)
+    lse = jnp.asarray((m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[..., 0], jnp.float32)
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(q), cast(k), cast(w), cast(aq), cast(akv), lse, jnp.asarray(ct)
+
+
+def _check(args, bsz, tol=1e-5):
+  """Per-query KL and the vjp with a random cotangent, kernels (interpret) vs the reference."""
+  q, k, w, aq, akv, lse, ct = args
+
+  @jax.jit
+  def kern(q, k, w):
+    f = lambda q, k, w: ops.dense_kl(
+      q, k, w, aq, akv, lse, attn_scale=SCALE, impl="pallas", interpret=True, block_sizes=bsz
+    )
+    kl, vjp = jax.vjp(f, q, k, w)
+    return kl, vjp(ct)
+
+  @jax.jit
+  def ref(q, k, w):
+    f = lambda q, k, w: reference.dense_kl_reference(q, k, w, aq, akv, lse, attn_scale=SCALE)
+    kl, vjp = jax.vjp(f, q, k, w)
+    return kl, vjp(ct)
+
+  got, got_g = kern(q, k, w)
+  want, want_g = ref(*(x.astype(jnp.float32) for x in (q, k, w)))
+  assert rel_err(got, want) < tol
+  for name, g_, w_ in zip("qkw", got_g, want_g):
+    assert g_.dtype == q.dtype
+    assert rel_err(g_, w_) < tol, name
+
+
+# (seed, B, T, S, J, D, H, C, mha, attn_lse given), BlockSizes(block_t, block_s, block_c)
+CASES = {
+  # T < S (offset 16), ragged last query and key blocks, per-head keys, lse given
+  "mha_lse_offset": ((0, 2, 40, 56, 4, 16, 3, 12, True, True), (16, 16, 16)),
+  # T = S, absorbed target, lse computed by the kernel; D 24 -> 32 and C 20 -> 32 (2 chunks)
+  "absorbed_own_lse": ((1, 2, 48, 48, 5, 24, 3, 20, False, False), (32, 16, 16)),
+  # per-head keys, lse computed; block_s > block_t
+  "mha_own_lse": ((2, 2, 96, 96, 8, 32, 3, 24, True, False), (16, 32, 16)),
+  # absorbed, lse given, B = 1, ragged S with T < S
+  "absorbed_lse_b1": ((3, 1, 72, 90, 6, 16, 2, 24, False, True), (32, 32, 16)),
+}
+SLOW_CASES = {
+  # T much shorter than S: the dk kernel's first query block is past 0 for most key blocks
+  "short_t": ((4, 2, 17, 60, 4, 16, 3, 12, True, True), (16, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpret_matches_reference(name):
+  case, bsz = CASES[name]
+  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_CASES))
+def test_interpret_matches_reference_more_shapes(name):
+  case, bsz = SLOW_CASES[name]
+  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
+
+
+@pytest.mark.slow
+def test_interpret_bf16_inputs():
+  """bf16 operands: bf16 dots with f32 accumulation; g is cast to bf16 for dq / dk."""
+  case = (5, 1, 48, 64, 4, 32, 2, 24, True, False)
+  _check(_case(*case, dtype=jnp.bfloat16), kernel_kl_triton.BlockSizes(16, 16, 16), tol=2e-2)
+
+
+def test_dispatch_and_errors():
+  q, k, w, aq, akv, lse, _ = _case(0, 1, 8, 8, 2, 16, 2, 8, True, True)
+  kw = dict(attn_scale=SCALE, impl="pallas")
+  # CPU without interpret: the XLA custom_vjp of grad.py, no error
+  jaxpr = str(jax.make_jaxpr(lambda *a: ops.dense_kl(*a, **kw))(q, k, w, aq, akv, lse))
+  assert "custom_vjp_call" in jaxpr and "pallas_call" not in jaxpr
+  jaxpr = str(
+    jax.make_jaxpr(lambda *a: ops.dense_kl(*a, interpret=True, **kw))(q, k, w, aq, akv, lse)
+  )
+  assert "pallas_call" in jaxpr
+  with pytest.raises(ValueError, match="backend='tpu'"):
+    ops.dense_kl(q, k, w, aq, akv, lse, interpret=True, backend="tpu", **kw)
+  with pytest.raises(ValueError, match="no GPU"):
+    ops.dense_kl(q, k, w, aq, akv, lse, block_sizes=kernel_kl_triton.BlockSizes(), **kw)
+  qd, kd = jnp.zeros((1, 8, 2, 300)), jnp.zeros((1, 8, 300))
+  with pytest.raises(ValueError, match="D=300 > 256"):
+    ops.dense_kl(qd, kd, w, aq, akv, lse, interpret=True, **kw)
+  with pytest.raises(ValueError, match="power of 2"):
+    kernel_kl_triton.BlockSizes(block_t=48)
+  with pytest.raises(ValueError, match="in C"):
+    ops.dense_kl(q, k, w, aq, akv[:, :, 0, :4], lse, **kw)
+
+
+def _export_cuda(f, *avals):
+  mesh = jax.sharding.AbstractMesh(
+    (),
+    (),
+    abstract_device=jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100", platform="gpu", num_cores=132
+    ),
+  )
+  with jax.sharding.use_abstract_mesh(mesh):
+    return export.export(
+      jax.jit(f),
+      platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
+    )(*avals)
+
+
+@pytest.mark.parametrize(
+  "form,with_lse,dtype",
+  [("mha", False, jnp.bfloat16), ("mha", True, jnp.float32), ("absorbed", True, jnp.bfloat16)],
+)
+def test_export_cuda_v32_shapes(form, with_lse, dtype):
+  """Value and gradient lower for cuda at V3.2's shapes (J=64, D=128, H=128, C=192 per head or
+  576 absorbed), L=4096: the lse kernel (when attn_lse is None), forward, dq/dw and dk kernels."""
+  n, h = 4096, 128
+  sds = jax.ShapeDtypeStruct
+  c = 192 if form == "mha" else 576
+  kv = sds((1, n, h, c) if form == "mha" else (1, n, c), dtype)
+
+  def loss(q, k, w, aq, akv, lse):
+    lse = lse if with_lse else None
+    bsz = kernel_kl_triton.BlockSizes()
+    return jnp.mean(kernel_kl_triton.dense_kl(q, k, w, aq, akv, lse, c**-0.5, bsz, False))
+
+  args = (
+    sds((1, n, 64, 128), dtype),
+    sds((1, n, 128), dtype),
+    sds((1, n, 64), dtype),
+    sds((1, n, h, c), dtype),
+    kv,
+    sds((1, n, h), jnp.float32),
+  )
+  exp = _export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
+  assert [a.shape for a in exp.out_avals] == [(), (1, n, 64, 128), (1, n, 128), (1, n, 64)]
+  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3 + (not with_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+def test_gpu_matches_xla_path(dtype, tol):
+  """Mid shape on the GPU: the kernels against the streamed XLA custom_vjp (grad.py, f32)."""
+  q, k, w, aq, akv, _, ct = _case(7, 1, 1024, 2048, 64, 128, 16, 192, True, False, dtype)
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, w: jnp.sum(ct * fn(q, k, w))
+
+  kern = lambda q, k, w: ops.dense_kl(q, k, w, aq, akv, None, attn_scale=SCALE, impl="pallas")
+  aqf, akvf = f32(aq), f32(akv)
+  xla = lambda q, k, w: grad.dense_kl(q, k, w, aqf, akvf, None, SCALE, 256, 2048)
+  got, got_g = jax.jit(jax.value_and_grad(loss(kern), (0, 1, 2)))(q, k, w)
+  with jax.default_matmul_precision("highest"):
+    want, want_g = jax.jit(jax.value_and_grad(loss(xla), (0, 1, 2)))(f32(q), f32(k), f32(w))
+  assert abs(float(got) - float(want)) <= tol * abs(float(want))
+  for g_, w_ in zip(got_g, want_g):
+    assert rel_err(g_, w_) < tol
