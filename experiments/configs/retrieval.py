@@ -1,0 +1,114 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+r"""Long-range retrieval beyond the top-k budget (issue 21; experiments/retrieval.py).
+
+  python -m experiments.retrieval --config=experiments/configs/retrieval.py:size=gpu \
+    --workdir=/tmp/retrieval --stage=short   # then pretrain, the branches, eval, report
+
+size=gpu: one H100/H200, ~20 minutes in all. A 2-layer MLA model (dim 256, 16 heads, dense FFN,
+no MoE, no MTP) with the paper's 64x128 FP8 indexer (the Pallas indexer kernels need J=64,
+Dᵢ=128; the MLA shapes are those of repro_h200, which ran on the H200), L=8192, k=512 = L/16.
+Why: two attention layers are the smallest model that does associative recall (a previous-token
+head, then an induction head that matches the key and copies the value); 2 layers also keep a
+window's receptive field at 2k = 1024, so every bucket from 2k on is out of its reach even through
+relays. MQAR on clean markers is learned quickly, so most of the time goes to the dense
+pretraining at short L (a curriculum: L=1024 forms the circuit at 1/8 of the attention cost),
+then at L=8192 until the held-out gate (every bucket >= 0.95) or the step / minute limit.
+32 queries per row x 8 rows = 512 answer bytes per step; the filler text weighs 0.05 so that
+LM loss on the corpus is trained too without drowning the answers (~8K x 0.05 = 400 vs 64 per
+row).
+size=cpu: the same pipeline at L=256, k=32, a tiny model, a few steps per stage (the test).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from dsa_jax import config as model_config
+
+SIZES = {
+  "gpu": dict(
+    preset="repro_h200",
+    model=dict(
+      dim=256,
+      inter_dim=768,
+      n_layers=2,
+      n_dense_layers=2,
+      n_mtp_layers=0,
+      index_topk=512,
+      original_seq_len=8192,
+      max_seq_len=8192,
+      attn_block_q=1024,
+      init_std=0.02,
+    ),
+    seq_len=8192,
+    batch_size=8,
+    pairs=32,
+    text_weight=0.05,
+    short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
+    pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=9.0),
+    steps=dict(warmup=60, sparse=240),
+    eval=dict(rows=32, batch=4, gate_rows=8, text_rows=4, probes=64),
+  ),
+  "cpu": dict(
+    preset="repro_cpu",
+    model=dict(
+      n_layers=2,
+      n_dense_layers=2,
+      n_mtp_layers=0,
+      index_topk=32,
+      original_seq_len=256,
+      max_seq_len=256,
+      attn_block_q=256,
+    ),
+    seq_len=256,
+    batch_size=2,
+    pairs=8,
+    text_weight=0.05,
+    short=dict(seq_len=128, batch_size=2, pairs=4, steps=0),  # skipped: one compile less
+    pretrain=dict(chunk=2, max_steps=4, gate=0.95, max_minutes=5.0),
+    steps=dict(warmup=1, sparse=2),
+    eval=dict(rows=2, batch=2, gate_rows=2, text_rows=1, probes=8),
+  ),
+}
+
+
+def get_config(arg=None):
+  size = "gpu"
+  for kv in (arg or "").split(","):
+    if kv:
+      k, _, v = kv.partition("=")
+      if k != "size":
+        raise ValueError(f"config arg {k!r} unknown; expected size=<{'|'.join(SIZES)}>")
+      size = v
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
+  s = SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.size = size
+  # every ModelConfig field of the preset with this size's overrides (--config.model.<field>=)
+  m = model_config.preset(s["preset"], **s["model"])
+  c.model = ml_collections.ConfigDict({"preset": s["preset"], **dataclasses.asdict(m)})
+  c.seq_len = s["seq_len"]
+  c.batch_size = s["batch_size"]
+  c.seed = 0
+  # the task (dsa_jax/retrieval_data.py): pairs (= queries) per row, log-uniform distances in
+  # [min_distance, the row], loss weight of the filler text (answers weigh 1)
+  c.data = ml_collections.ConfigDict(
+    dict(pairs=s["pairs"], min_distance=8, text_weight=s["text_weight"])
+  )
+  # the curriculum's first stage: dense at a short length (steps=0 skips it)
+  c.short = ml_collections.ConfigDict(s["short"])
+  # dense pretraining at seq_len in chunks; stops when the held-out accuracy of every bucket
+  # reaches `gate`, or at max_steps, or after max_minutes (checked after each chunk)
+  c.pretrain = ml_collections.ConfigDict(s["pretrain"])
+  # branches from the pretrained model, equal tokens: dense / window / random / frozen_indexer
+  # run warmup + sparse steps; DSA runs `warmup` (indexer only) then `sparse`
+  c.steps = ml_collections.ConfigDict(s["steps"])
+  c.lr = ml_collections.ConfigDict(
+    dict(short=3e-3, pretrain=2e-3, branch=1e-3, warmup=3e-3, sparse=1e-3)
+  )
+  c.random_mode = "random"  # or "random_local": half the budget the last keys
+  # distance buckets: topk·lo_frac, doubling, up to the row (retrieval_data.bucket_edges)
+  c.buckets_lo_frac = 0.25
+  c.eval = ml_collections.ConfigDict(s["eval"])
+  return c

@@ -1,0 +1,265 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Issue 21: the positional controls (window / random selections) against references, the
+retrieval data's distances, the launcher's evaluation pieces, and its CPU-sized stage chain."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsa_jax
+from dsa_jax import data, generate, layers, mla, model, retrieval_data, selection, train
+from pallas_kernels.sparse_mla import reference as sparse_ref
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+# ------------------------------------------------------------------------------------ selections
+def _windowed_attention(q, kv, k, scale, d_v):
+  """Naive softmax over the keys s with p - k < s <= p (query p = S - T + t)."""
+  t, s = q.shape[1], kv.shape[1]
+  p = s - t + jnp.arange(t)[:, None]
+  keep = (jnp.arange(s)[None] <= p) & (jnp.arange(s)[None] > p - k)  # [T,S]
+  logits = jnp.einsum("bthc,bsc->bths", q, kv) * scale
+  w = jax.nn.softmax(jnp.where(keep[None, :, None], logits, -jnp.inf), axis=-1)
+  return jnp.einsum("bths,bsv->bthv", w, kv[..., :d_v])
+
+
+@pytest.mark.parametrize("t,s,k", [(24, 24, 5), (10, 24, 7), (24, 24, 40)])
+def test_window_selection_is_windowed_causal_attention(t, s, k):
+  q = jax.random.normal(jax.random.key(0), (2, t, 3, 16))
+  kv = jax.random.normal(jax.random.key(1), (2, s, 16))
+  idx = selection.select("window", 2, t, s, k)
+  out, _ = sparse_ref.sparse_mla_reference(q, kv, idx, scale=0.2, d_v=12, block_t=8)
+  np.testing.assert_allclose(out, _windowed_attention(q, kv, k, 0.2, 12), atol=1e-5, rtol=1e-5)
+
+
+def _check_layout(idx, pos, k):
+  """select_topk's layout: min(k, p+1) valid causal keys, ascending, unique, then -1."""
+  idx, pos = np.asarray(idx), np.asarray(pos)
+  for row, p in zip(idx.reshape(-1, k), pos.reshape(-1)):
+    n = min(k, p + 1)
+    assert (row[n:] == -1).all() and (row[:n] >= 0).all() and (row[:n] <= p).all()
+    assert (np.diff(row[:n]) > 0).all()  # ascending, so no duplicates
+
+
+@pytest.mark.parametrize("mode", selection.MODES)
+def test_random_selections_causal_deterministic_positional(mode):
+  k, pos = 16, np.arange(300)
+  a = np.asarray(selection.at_positions(mode, pos, k, seed=3))
+  _check_layout(a, pos, k)
+  np.testing.assert_array_equal(a, selection.at_positions(mode, pos, k, seed=3))  # per seed
+  # a position's selection does not depend on the call's shape (training rows vs eval rows)
+  np.testing.assert_array_equal(selection.select(mode, 2, 100, 300, k, seed=3)[1], a[200:300])
+  np.testing.assert_array_equal(selection.at_positions(mode, pos[[7, 250]], k, seed=3), a[[7, 250]])
+  if mode != "window":
+    b = selection.at_positions(mode, pos, k, seed=4)
+    assert (a[k:] != np.asarray(b[k:])).any()  # another seed, another draw
+
+
+def test_random_strata_and_local_part():
+  k, p = 8, 999
+  idx = np.asarray(selection.random(np.full(400, p), k, seed=0))  # the same row 400 times
+  assert (idx == idx[0]).all()
+  one = idx[0]
+  m = p + 1
+  for i, key in enumerate(one):  # one key in each of the k strata of [0, p]
+    assert i * m // k <= key < (i + 1) * m // k
+  loc = np.asarray(selection.random(np.asarray([p]), k, seed=0, n_local=3))[0]
+  assert loc[-3:].tolist() == [p - 2, p - 1, p] and (loc[:-3] < p - 2).all()
+  # over many positions each stratum is drawn uniformly: the mean offset in it is ~ half
+  pos = np.arange(2000, 6000)
+  r = np.asarray(selection.random(pos, k, seed=1))
+  width = (pos[:, None] + 1) / k
+  frac = (r - np.floor(np.arange(k)[None] * (pos[:, None] + 1) / k)) / width
+  assert abs(frac.mean() - 0.5) < 0.02 and frac.min() >= 0 and frac.max() < 1
+
+
+def test_modes_registry():
+  for mode in selection.MODES:
+    assert mode in mla.ATTENTION_MODES
+    train.phase("dense", attention=mode)  # a valid phase: no indexer loss
+    with pytest.raises(ValueError, match="takes no indexer loss"):
+      mla.check_modes(mode, "dense")
+
+
+def _tiny(topk):
+  cfg = dsa_jax.preset("walkthrough_tiny", index_topk=topk, n_mtp_layers=0)
+  return cfg, model.build(cfg)
+
+
+def test_mla_window_mode_matches_windowed_attention():
+  cfg, m = _tiny(topk=8)
+  blk = next(generate.blocks(m))
+  t = 40
+  x = jax.random.normal(jax.random.key(0), (2, t, cfg.dim))
+  cos, sin = layers.rope_angles(cfg, jnp.arange(t)[None])
+  out, _ = blk.attn(x, cos, sin, attention="window")
+  pr = blk.attn.project(x, cos, sin)
+  o_lat = _windowed_attention(pr.q_abs, pr.kv_lat, 8, cfg.softmax_scale, cfg.kv_lora_rank)
+  np.testing.assert_allclose(out, blk.attn.out_from_latent(o_lat), atol=1e-5, rtol=1e-4)
+
+
+def test_positional_modes_with_full_budget_are_dense():
+  """k >= L: every positional mode is dense attention; the recall of S_t is then 1."""
+  _, m = _tiny(topk=32)
+  tok = jax.random.randint(jax.random.key(1), (1, 32), 0, 256)
+  ref, _ = m(tok, attention="dense_mqa")
+  for mode in ("window", "random"):
+    got, aux = m(tok, attention=mode, metrics=True)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(aux["indexer_recall"], 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_eval_rows_place_pairs_at_bucket_distances():
+  edges = retrieval_data.bucket_edges(512, 32)
+  assert edges == (8, 16, 32, 64, 128, 256, 506)
+  assert retrieval_data.bucket_edges(8192, 512) == (128, 256, 512, 1024, 2048, 4096, 8186)
+  b = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=12, seed=5)
+  again = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=12, seed=5)
+  other = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=12, seed=6)
+  for k in b:
+    np.testing.assert_array_equal(b[k], again[k])  # deterministic per seed
+  assert (b["tokens"] != other["tokens"]).any()
+  for r in range(3):
+    toks, mask = b["tokens"][r], b["answer_mask"][r]
+    assert (toks == retrieval_data.PAIR).sum() == 12 == (toks == retrieval_data.QUERY).sum()
+    assert (toks == retrieval_data.SEP).sum() == 24 and (toks < 9).sum() == 48  # markers only
+    assert mask.sum() == 24
+    for i in range(12):
+      q, v, p, d, bk = (
+        b[k][r, i] for k in ("query_pos", "value_pos", "pair_pos", "distance", "bucket")
+      )
+      assert q - v == d and edges[bk] <= d < edges[bk + 1] and bk == i % 6
+      assert v == p + 4 and toks[p] == retrieval_data.PAIR and toks[q] == retrieval_data.SEP
+      assert toks[q - 3] == retrieval_data.QUERY
+      assert (toks[p + 1 : p + 3] == toks[q - 2 : q]).all()  # the query asks for this key
+      assert (toks[v : v + 2] == toks[q + 1 : q + 3]).all() and mask[q + 1] == mask[q + 2] == 1
+      keys = [bytes(toks[j + 1 : j + 3]) for j in np.flatnonzero(toks == retrieval_data.PAIR)]
+      assert keys.count(bytes(toks[p + 1 : p + 3])) == 1  # keys are unique in a row
+
+
+def test_training_rows_source():
+  cfg = data.DataConfig(
+    source="retrieval", seq_len=512, batch_size=3, mqar_pairs=10, retrieval_text_weight=0.1
+  )
+  a, b = data.batch(cfg, 7), data.batch(cfg, 7)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert (data.batch(cfg, 8)["tokens"] != a["tokens"]).any()
+  m = a["loss_mask"]
+  assert ((m == 1.0).sum(1) == 20).all()  # two answer bytes per query
+  np.testing.assert_allclose(np.unique(m), [0.0, 0.1, 1.0], rtol=1e-6)
+  d = retrieval_data.train_distances(np.random.default_rng(0), 8192, 20000, 8, 0)
+  assert d.min() >= 8 and d.max() <= retrieval_data.max_distance(8192)
+  assert 0.4 < np.mean(np.log(d) < (np.log(8) + np.log(8186)) / 2) < 0.6  # log-uniform
+  with pytest.raises(ValueError, match="retrieval_min_distance"):
+    data.DataConfig(source="retrieval", retrieval_min_distance=2)
+
+
+# ------------------------------------------------------------------------------------- launcher
+@pytest.fixture(scope="module")
+def launcher():
+  from experiments import retrieval
+  from experiments.configs import retrieval as cfg_mod
+
+  c = cfg_mod.get_config("size=cpu")
+  c.unlock()
+  c.model.index_topk = 16
+  c.eval.probes = 4
+  return retrieval, c
+
+
+def test_analyse_hits_of_window_and_indexer(launcher):
+  """The eval's S_t at the query rows: a window holds the needed key iff distance < k; the
+  indexer's top-k rows are the reference top-k at those positions."""
+  retrieval, c = launcher
+  m = model.build(retrieval.model_cfg(c))
+  rows = retrieval.eval_rows(c, 2)
+  res = retrieval.analyse_rows(m, "window", rows, batch=2)
+  d = rows["distance"][:, None]  # [R,1,N] against hit [R,layers,N]
+  np.testing.assert_array_equal(res["hit_value"], np.broadcast_to(d < 16, res["hit_value"].shape))
+  assert ((res["recall_query"] >= 0) & (res["recall_query"] <= 1 + 1e-5)).all()
+  assert res["correct"].shape == rows["distance"].shape and np.isfinite(res["nll"]).all()
+  sp = retrieval.analyse_rows(m, "sparse", rows, batch=2)
+  assert ((sp["recall_probe"] > 0) & (sp["recall_probe"] <= 1 + 1e-5)).all()
+
+
+def test_criterion_reads_the_buckets(launcher):
+  retrieval, _ = launcher
+  edges = [8, 16, 32, 64, 128, 250]
+  acc = lambda vals: [
+    {"distance_lo": lo, "distance_hi": hi, "accuracy": a, "n": 10}
+    for lo, hi, a in zip(edges[:-1], edges[1:], vals)
+  ]
+  ev = {
+    "dense": {"accuracy": acc([1, 1, 0.95, 0.95, 0.9])},
+    "dsa": {
+      "accuracy": acc([1, 1, 0.9, 0.9, 0.85]),
+      "hit_value_any_layer_by_bucket": [1, 1, 1, 0.95, 0.9],
+      "recall_probe_per_layer": [0.95, 0.91],
+    },
+    "window": {"accuracy": acc([1, 0.5, 0.04, 0.03, 0.01])},
+  }
+  cr = retrieval.criterion(ev, topk=16, n_layers=2)
+  assert cr["dense_ok"] and cr["recall_ok"] and cr["hit_ok"] and cr["window_at_chance"]
+  # beyond k = 16: the buckets from 16 on; out of a 2-layer window's reach: from 32 on
+  assert len(cr["dsa_over_dense_beyond_k"]) == 4 and cr["window_beyond_reach"] == [0.04, 0.03, 0.01]
+  assert cr["dsa_ok"]  # 0.85 / 0.9 = 0.944 >= 0.9
+
+
+def _run(wd, res, stage="all"):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.retrieval",
+      "--config=experiments/configs/retrieval.py:size=cpu",
+      f"--workdir={wd}",
+      f"--stage={stage}",
+      f"--results={res}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+
+
+@pytest.mark.slow
+def test_retrieval_all_stages_cpu(tmp_path):
+  wd, res = tmp_path / "wd", tmp_path / "results"
+  out = _run(wd, res)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rep = json.loads((res / "retrieval_cpu.json").read_text())
+  assert rep["topk"] == 32 and rep["seq_len"] == 256 and rep["device"] and rep["commit"]
+  nb = len(rep["buckets"]) - 1
+  assert len(rep["results"]) == 5 * nb
+  assert {r["branch"] for r in rep["results"]} == set(
+    ("dense", "dsa", "window", "random", "frozen_indexer")
+  )
+  for r in rep["results"]:
+    assert 0 <= r["accuracy"] <= 1 and r["n"] > 0 and r["distance_lo"] < r["distance_hi"]
+  tok = {b: v["tokens"] for b, v in rep["branches"].items()}
+  assert len(set(tok.values())) == 1  # equal tokens for every branch
+  for b, v in rep["branches"].items():
+    assert len(v["recall_probe_per_layer"]) == 2 and np.isfinite(v["text_loss"])
+    assert len(v["hit_value_any_layer_by_bucket"]) == nb
+  # the window's S_t holds the needed key exactly below k
+  hv = rep["branches"]["window"]["hit_value_any_layer_by_bucket"]
+  assert hv == [1.0 if hi <= 32 else 0.0 for hi in rep["buckets"][1:]]
+  assert rep["pretrain_gate"]["done"] and set(rep["criterion"]) >= {"dense_ok", "dsa_ok"}
+  assert (res / "retrieval_cpu.png").exists()
+  # finished stages re-run without training more (the pretrain gate log, the checkpoints)
+  again = _run(wd, res, stage="pretrain")
+  assert again.returncode == 0 and "done at step 4" in again.stdout, again.stderr[-3000:]
+  again = _run(wd, res, stage="window")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((wd / "stage_window.json").read_text())["steps"] == 3
