@@ -12,7 +12,9 @@ dense_kl: the forward keeps two numbers per query (the indexer logits' log-sum-e
 unnormalised target's row sum), so the backward streams over query blocks and inside each over
 key blocks in one sweep; nothing [T,S]-sized exists; dk for a key block is the sum over the query
 block. The target may come in MHA form (per-head keys), a third of the absorbed form's work.
-Plain jnp (XLA); no Pallas kernel.
+Plain jnp (XLA). On one GPU, ops.dense_kl runs the Pallas-Triton kernels of kernel_kl_triton.py
+instead (same math, tiles in registers); this version is their reference and the CPU / TPU /
+multi-device fallback.
 """
 
 import functools

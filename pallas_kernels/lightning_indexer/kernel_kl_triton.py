@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import _common
 
 MAX_DIM = 256  # largest (padded) indexer head dim the register tiles take
+MAX_UNROLL = 4  # attention-dim chunks unrolled per head (more: a loop)
 _NEG = -1e30
 
 
@@ -50,13 +51,15 @@ def _cdiv(a, b):
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """block_t queries x block_s keys per tile, block_c: attention dim chunk per dot (all powers of
-  2 >= 16). num_warps / num_stages: Triton's, for the lse+fwd and the two backward kernels."""
+  2 >= 16). num_warps / num_stages: Triton's; num_warps for the lse and forward kernels,
+  num_warps_bwd for the dq and dk kernels (they hold I, pt, g and z tiles at once: with 4 warps
+  they spill at 64x64 tiles)."""
 
   block_t: int = 64
   block_s: int = 64
   block_c: int = 64
   num_warps: int = 4
-  num_warps_bwd: int = 4
+  num_warps_bwd: int = 8
   num_stages: int = 2
 
   def __post_init__(self):
@@ -106,15 +109,22 @@ def _indexer_tile(q_ref, w_ref, kt, b, t0, *, bt, nj):
 
 
 def _attn_logits(aq_ref, kv_ref, b, h, t0, s0, *, bt, bs, nc, bc, mha):
-  """Unscaled attention logits of head h, [bt, bs] f32, C in nc chunks of bc."""
-  acc = jnp.zeros((bt, bs), jnp.float32)
-  for c in range(nc):
+  """Unscaled attention logits of head h, [bt, bs] f32, C in nc chunks of bc (unrolled up to
+  MAX_UNROLL chunks, else a loop: 9 unrolled 64-chunks of the 576 absorbed row overflow SMEM)."""
+
+  def chunk(c, acc):
     a = aq_ref[b, pl.ds(t0, bt), h, pl.ds(c * bc, bc)]
     if mha:
       kv = kv_ref[b, pl.ds(s0, bs), h, pl.ds(c * bc, bc)]
     else:
       kv = kv_ref[b, pl.ds(s0, bs), pl.ds(c * bc, bc)]
-    acc = acc + _dot(a, kv, 1, 1)
+    return acc + _dot(a, kv, 1, 1)
+
+  acc = jnp.zeros((bt, bs), jnp.float32)
+  if nc > MAX_UNROLL:
+    return jax.lax.fori_loop(0, nc, chunk, acc)
+  for c in range(nc):
+    acc = chunk(c, acc)
   return acc
 
 

@@ -68,8 +68,8 @@ CASES = {
   "absorbed_own_lse": ((1, 2, 48, 48, 5, 24, 3, 20, False, False), (32, 16, 16)),
   # per-head keys, lse computed; block_s > block_t
   "mha_own_lse": ((2, 2, 96, 96, 8, 32, 3, 24, True, False), (16, 32, 16)),
-  # absorbed, lse given, B = 1, ragged S with T < S
-  "absorbed_lse_b1": ((3, 1, 72, 90, 6, 16, 2, 24, False, True), (32, 32, 16)),
+  # absorbed, lse given, B = 1, ragged S with T < S; C 72 -> 80 = 5 chunks (the looped path)
+  "absorbed_lse_b1": ((3, 1, 72, 90, 6, 16, 2, 72, False, True), (32, 32, 16)),
 }
 SLOW_CASES = {
   # T much shorter than S: the dk kernel's first query block is past 0 for most key blocks
