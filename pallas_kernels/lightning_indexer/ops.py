@@ -207,10 +207,10 @@ def dense_kl(
 ):
   """Dense warm-up indexer KL per query [B,T] (differentiable in q, k, w).
 
-  impl="pallas": the Pallas-Triton kernels (kernel_kl_triton.py; `block_sizes`) when the backend is
-  "gpu" and either jax runs on a GPU or interpret=True (CPU tests); otherwise, or for shapes the
-  kernels do not take (kernel_kl_triton.supported), the streamed XLA custom_vjp of grad.py with
-  block_t / block_s. With several devices the kernels run only when asked for (a pallas_call is
+  impl="pallas": the streamed XLA custom_vjp of grad.py (block_t / block_s), or the Pallas-Triton
+  kernels (kernel_kl_triton.py) when asked for with `block_sizes` (a GPU) or interpret=True (CPU
+  tests); they are not the default until they have passed the GPU tests. Shapes the kernels do
+  not take: kernel_kl_triton.supported. With several devices the kernels run only when asked for (a pallas_call is
   not auto-partitioned; call it inside a shard_map over batch). Asking for the kernels explicitly
   (interpret=True or block_sizes) with a backend or shape they do not take raises.
   """
@@ -244,6 +244,10 @@ def dense_kl(
   elif not explicit and jax.device_count() > 1:
     # A pallas_call is not auto-partitioned: under a sharded jit it would run replicated.
     why = why or "several devices (the kernels need a shard_map over batch; not wired)"
+  elif not explicit:
+    # Interpret-tested and CUDA-lowered only: the default stays the measured XLA path until the
+    # kernels pass the GPU tests (tests/pallas_kernels/test_dense_kl_kernel.py -m gpu).
+    why = why or "not yet run on a GPU: opt in with block_sizes=kernel_kl_triton.BlockSizes()"
   if why is None:
     return kernel_kl_triton.dense_kl(
       q,
