@@ -2,21 +2,24 @@
 """Multi-query associative recall at controlled distances (issue 21), byte level.
 
 A row is L bytes of filler text (the embedded corpus) with N key-value pairs and N queries written
-over it, each key queried once, at a chosen distance after its pair:
+over it, each key queried once, at a chosen distance after its pair (the canonical MQAR form,
+one token per key and value):
 
-  pair   \\x01 k0 k1 \\x02 v0 v1        (keys: 2 lowercase letters, unique in the row; values: 2)
-  query  \\x03 k0 k1 \\x02 v0 v1        (answer_mask marks v0, v1: the targets scored)
+  pair   k v        query   k v        (answer_mask marks the query's v: the target scored)
 
-The marker bytes never occur in the filler (bytes < 9 of the text become spaces), so the pair is
-the only earlier place where `k0 k1 \\x02` is followed by the answer. Per query:
-- query_pos: the query's \\x02, the position whose next-token prediction is v0 (the row S_t of
-  the query);
-- value_pos: the pair's v0, the key that query has to reach;
+Keys are bytes 128..255, unique in the row; bytes >= 128 of the filler become "?", so the pair is
+the only earlier occurrence of the query's key, and the answer is the byte after it (an
+induction head: attend to the token after the earlier occurrence, copy it). Values are drawn
+from the 62 letters and digits (chance 1/62). Per query:
+- query_pos: the query's key byte, the position whose next-token prediction is v (the row S_t
+  of the query);
+- value_pos: the pair's v, the key that query has to reach;
 - distance = query_pos - value_pos (a window of the last k keys holds it iff distance < k);
-- pair_pos: the pair's first byte (the pair spans pair_pos .. pair_pos + 5).
+- pair_pos: the pair's key byte (value_pos - 1).
 
 Distances: training rows draw them log-uniformly in [d_lo, d_hi]; eval rows give query i a
-distance uniform in bucket i mod n_buckets, so every row covers every bucket. Every row is a pure
+distance uniform in bucket i mod n_buckets, so every row covers every bucket (a draw that does
+not fit the row, e.g. two pairs that both need its first bytes, is drawn again). Every row is a pure
 function of its seed (numpy Generator), like data.py.
 """
 
@@ -24,10 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
-PAIR, SEP, QUERY = 1, 2, 3  # marker bytes
-SEG = 6  # bytes per pair and per query
+KEY_BASE, N_KEYS = 128, 128  # key bytes 128..255
+SEG = 2  # bytes per pair and per query
 MIN_DISTANCE = SEG - 1  # a query right after its pair
-_LETTERS = np.arange(ord("a"), ord("z") + 1, dtype=np.int32)
+VALUES = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", np.uint8)
 
 
 def max_distance(seq_len: int) -> int:
@@ -35,7 +38,7 @@ def max_distance(seq_len: int) -> int:
   return seq_len - SEG - 1
 
 
-def _layout(rng: np.random.Generator, seq_len: int, distances, tries: int = 50) -> np.ndarray:
+def _layout(rng: np.random.Generator, seq_len: int, distances, tries: int = 10) -> np.ndarray:
   """Start of each pair p_i (its query starts at p_i + d_i + 1), no two segments overlapping.
   Longest distances are placed first (fewest choices); each pair start is uniform among the
   free ones; a layout that runs out of room is drawn again (dense rows)."""
@@ -78,30 +81,25 @@ def row(rng: np.random.Generator, corpus: np.ndarray, seq_len: int, distances, t
   """
   d = np.asarray(distances, np.int64)
   n = len(d)
-  if n > len(_LETTERS) ** 2:
-    raise ValueError(f"{n} pairs: at most {len(_LETTERS) ** 2} distinct keys")
+  if n > N_KEYS:
+    raise ValueError(f"{n} pairs: at most {N_KEYS} distinct keys")
   if d.min(initial=MIN_DISTANCE) < MIN_DISTANCE or d.max(initial=0) > max_distance(seq_len):
     raise ValueError(f"distances must be in [{MIN_DISTANCE}, {max_distance(seq_len)}]")
   start = int(rng.integers(0, len(corpus) - seq_len - 1))
   toks = corpus[start : start + seq_len].astype(np.int32)
-  toks = np.where(toks < 9, ord(" "), toks)  # the markers occur only where written below
+  toks = np.where(toks >= KEY_BASE, ord("?"), toks)  # key bytes occur only where written below
   mask = np.full(seq_len, float(text_weight), np.float32)
-  keys = rng.choice(len(_LETTERS) ** 2, size=n, replace=False)
-  vals = rng.integers(0, len(_LETTERS), size=(n, 2))
+  keys = KEY_BASE + rng.choice(N_KEYS, size=n, replace=False)
+  vals = VALUES[rng.integers(0, len(VALUES), size=n)]
   p = _layout(rng, seq_len, d)
   q = p + d + 1
-  for i in range(n):
-    k0, k1 = _LETTERS[keys[i] // 26], _LETTERS[keys[i] % 26]
-    v0, v1 = _LETTERS[vals[i, 0]], _LETTERS[vals[i, 1]]
-    toks[p[i] : p[i] + SEG] = (PAIR, k0, k1, SEP, v0, v1)
-    toks[q[i] : q[i] + SEG] = (QUERY, k0, k1, SEP, v0, v1)
-    mask[p[i] : p[i] + SEG] = 0.0
-    mask[q[i] : q[i] + SEG] = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0)
+  toks[p], toks[p + 1], toks[q], toks[q + 1] = keys, vals, keys, vals
+  mask[p], mask[p + 1], mask[q], mask[q + 1] = 0.0, 0.0, 0.0, 1.0
   info = dict(
-    query_pos=(q + 3).astype(np.int32),
-    value_pos=(p + 4).astype(np.int32),
+    query_pos=q.astype(np.int32),
+    value_pos=(p + 1).astype(np.int32),
     pair_pos=p.astype(np.int32),
-    distance=(q + 3 - (p + 4)).astype(np.int32),
+    distance=(q - (p + 1)).astype(np.int32),
   )
   return toks, mask, info
 
@@ -113,17 +111,29 @@ def train_distances(rng: np.random.Generator, seq_len: int, n: int, d_lo: int, d
   return np.floor(np.exp(rng.uniform(np.log(lo), np.log(hi + 1), size=n))).astype(np.int64)
 
 
+def _drawn_row(rng, corpus, seq_len: int, draw, text_weight: float = 0.0, tries: int = 20):
+  """`row` with distances from draw(); a draw that does not fit (e.g. two pairs that both need
+  the row's first bytes) is drawn again."""
+  for i in range(tries):
+    try:
+      return row(rng, corpus, seq_len, draw(), text_weight)
+    except ValueError:
+      if i == tries - 1:
+        raise
+  raise AssertionError("unreachable")
+
+
 def train_row(rng, corpus, seq_len: int, n_pairs: int, d_lo: int, d_hi: int, text_weight: float):
   """A training row: (tokens, loss_mask) with log-uniform distances (data.py's source 'retrieval')."""
-  d = train_distances(rng, seq_len, n_pairs, d_lo, d_hi)
-  toks, mask, _ = row(rng, corpus, seq_len, d, text_weight)
+  draw = lambda: train_distances(rng, seq_len, n_pairs, d_lo, d_hi)
+  toks, mask, _ = _drawn_row(rng, corpus, seq_len, draw, text_weight)
   return toks, mask
 
 
 def bucket_edges(seq_len: int, topk: int, lo_frac: float = 0.25) -> tuple[int, ...]:
   """Distance bucket edges k·lo_frac, 2x, 4x, ... up to the row's longest distance.
 
-  E.g. L=8192, k=512: 128, 256, 512, 1024, 2048, 4096, 8185 (two buckets below k, four beyond).
+  E.g. L=8192, k=512: 128, 256, 512, 1024, 2048, 4096, 8190 (two buckets below k, four beyond).
   """
   edges, e = [], max(int(topk * lo_frac), MIN_DISTANCE)
   top = max_distance(seq_len) + 1
@@ -154,8 +164,9 @@ def eval_batch(seq_len: int, edges, rows: int, n_pairs: int, *, seed: int = 2121
   for r in range(rows):
     rng = np.random.default_rng([seed, seq_len, r])
     b = np.arange(n_pairs) % nb
-    d = rng.integers(edges[b], edges[b + 1])
-    toks, mask, info = row(rng, corpus, seq_len, d)
+    toks, mask, info = _drawn_row(
+      rng, corpus, seq_len, lambda: rng.integers(edges[b], edges[b + 1])
+    )
     out["tokens"].append(toks)
     out["answer_mask"].append(mask)
     for k, v in info.items():

@@ -6,7 +6,8 @@ r"""Long-range retrieval beyond the top-k budget (issue 21; experiments/retrieva
 
 size=gpu: one H100/H200, ~20 minutes in all. A 2-layer MLA model (dim 256, 16 heads, dense FFN,
 no MoE, no MTP) with the paper's 64x128 FP8 indexer (the Pallas indexer kernels need J=64,
-Dᵢ=128; the MLA shapes are those of repro_h200, which ran on the H200), L=8192, k=512 = L/16.
+Dᵢ=128; the MLA shapes are those of the reproduction's model, which ran on the H200: q/kv LoRA
+256, nope 64, rope 32, v 64), L=8192, k=512 = L/16.
 Why: two attention layers are the smallest model that does associative recall (a previous-token
 head, then an induction head that matches the key and copies the value); 2 layers also keep a
 window's receptive field at 2k = 1024, so every bucket from 2k on is out of its reach even through
@@ -27,17 +28,29 @@ from dsa_jax import config as model_config
 
 SIZES = {
   "gpu": dict(
-    preset="repro_h200",
     model=dict(
       dim=256,
       inter_dim=768,
       n_layers=2,
       n_dense_layers=2,
-      n_mtp_layers=0,
+      n_heads=16,
+      q_lora_rank=256,
+      kv_lora_rank=256,
+      qk_nope_head_dim=64,
+      qk_rope_head_dim=32,
+      v_head_dim=64,
+      index_n_heads=64,
+      index_head_dim=128,
       index_topk=512,
       original_seq_len=8192,
       max_seq_len=8192,
+      n_mtp_layers=0,
+      param_dtype="float32",
+      compute_dtype="bfloat16",
+      indexer_dtype="fp8",
+      impl="pallas",
       attn_block_q=1024,
+      remat=True,
       init_std=0.02,
     ),
     seq_len=8192,
@@ -50,15 +63,29 @@ SIZES = {
     eval=dict(rows=32, batch=4, gate_rows=8, text_rows=4, probes=64),
   ),
   "cpu": dict(
-    preset="repro_cpu",
     model=dict(
+      dim=64,
+      inter_dim=192,
       n_layers=2,
       n_dense_layers=2,
-      n_mtp_layers=0,
+      n_heads=2,
+      q_lora_rank=32,
+      kv_lora_rank=32,
+      qk_nope_head_dim=16,
+      qk_rope_head_dim=16,
+      v_head_dim=16,
+      index_n_heads=4,
+      index_head_dim=32,
       index_topk=32,
       original_seq_len=256,
       max_seq_len=256,
+      n_mtp_layers=0,
+      param_dtype="float32",
+      compute_dtype="float32",
+      impl="reference",
       attn_block_q=256,
+      remat=False,
+      init_std=0.02,
     ),
     seq_len=256,
     batch_size=2,
@@ -85,9 +112,10 @@ def get_config(arg=None):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.size = size
-  # every ModelConfig field of the preset with this size's overrides (--config.model.<field>=)
-  m = model_config.preset(s["preset"], **s["model"])
-  c.model = ml_collections.ConfigDict({"preset": s["preset"], **dataclasses.asdict(m)})
+  # every ModelConfig field (--config.model.<field>=): the `test` preset's with every size field
+  # of this experiment set here
+  m = model_config.preset("test", **s["model"])
+  c.model = ml_collections.ConfigDict({"preset": "test", **dataclasses.asdict(m)})
   c.seq_len = s["seq_len"]
   c.batch_size = s["batch_size"]
   c.seed = 0

@@ -89,7 +89,9 @@ def test_modes_registry():
 
 
 def _tiny(topk):
-  cfg = dsa_jax.preset("walkthrough_tiny", index_topk=topk, n_mtp_layers=0)
+  cfg = dsa_jax.preset(
+    "test", n_layers=2, n_dense_layers=2, index_topk=topk, n_mtp_layers=0, attn_block_q=64
+  )
   return cfg, model.build(cfg)
 
 
@@ -119,30 +121,26 @@ def test_positional_modes_with_full_budget_are_dense():
 # ------------------------------------------------------------------------------------------ data
 def test_eval_rows_place_pairs_at_bucket_distances():
   edges = retrieval_data.bucket_edges(512, 32)
-  assert edges == (8, 16, 32, 64, 128, 256, 506)
-  assert retrieval_data.bucket_edges(8192, 512) == (128, 256, 512, 1024, 2048, 4096, 8186)
-  b = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=12, seed=5)
-  again = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=12, seed=5)
-  other = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=12, seed=6)
+  assert edges == (8, 16, 32, 64, 128, 256, 510)
+  assert retrieval_data.bucket_edges(8192, 512) == (128, 256, 512, 1024, 2048, 4096, 8190)
+  b = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=24, seed=5)
+  again = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=24, seed=5)
+  other = retrieval_data.eval_batch(512, edges, rows=3, n_pairs=24, seed=6)
   for k in b:
     np.testing.assert_array_equal(b[k], again[k])  # deterministic per seed
   assert (b["tokens"] != other["tokens"]).any()
   for r in range(3):
     toks, mask = b["tokens"][r], b["answer_mask"][r]
-    assert (toks == retrieval_data.PAIR).sum() == 12 == (toks == retrieval_data.QUERY).sum()
-    assert (toks == retrieval_data.SEP).sum() == 24 and (toks < 9).sum() == 48  # markers only
-    assert mask.sum() == 24
-    for i in range(12):
+    assert (toks >= retrieval_data.KEY_BASE).sum() == 48 and mask.sum() == 24  # keys only there
+    for i in range(24):
       q, v, p, d, bk = (
         b[k][r, i] for k in ("query_pos", "value_pos", "pair_pos", "distance", "bucket")
       )
       assert q - v == d and edges[bk] <= d < edges[bk + 1] and bk == i % 6
-      assert v == p + 4 and toks[p] == retrieval_data.PAIR and toks[q] == retrieval_data.SEP
-      assert toks[q - 3] == retrieval_data.QUERY
-      assert (toks[p + 1 : p + 3] == toks[q - 2 : q]).all()  # the query asks for this key
-      assert (toks[v : v + 2] == toks[q + 1 : q + 3]).all() and mask[q + 1] == mask[q + 2] == 1
-      keys = [bytes(toks[j + 1 : j + 3]) for j in np.flatnonzero(toks == retrieval_data.PAIR)]
-      assert keys.count(bytes(toks[p + 1 : p + 3])) == 1  # keys are unique in a row
+      assert v == p + 1 and toks[p] == toks[q] >= retrieval_data.KEY_BASE  # the query's key
+      assert (toks == toks[q]).sum() == 2  # once in the pair, once in the query
+      assert toks[v] == toks[q + 1] and mask[q + 1] == 1  # the answer is the pair's value
+      assert toks[v] in retrieval_data.VALUES
 
 
 def test_training_rows_source():
@@ -153,11 +151,11 @@ def test_training_rows_source():
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   assert (data.batch(cfg, 8)["tokens"] != a["tokens"]).any()
   m = a["loss_mask"]
-  assert ((m == 1.0).sum(1) == 20).all()  # two answer bytes per query
+  assert ((m == 1.0).sum(1) == 10).all()  # one answer byte per query
   np.testing.assert_allclose(np.unique(m), [0.0, 0.1, 1.0], rtol=1e-6)
   d = retrieval_data.train_distances(np.random.default_rng(0), 8192, 20000, 8, 0)
   assert d.min() >= 8 and d.max() <= retrieval_data.max_distance(8192)
-  assert 0.4 < np.mean(np.log(d) < (np.log(8) + np.log(8186)) / 2) < 0.6  # log-uniform
+  assert 0.4 < np.mean(np.log(d) < (np.log(8) + np.log(8190)) / 2) < 0.6  # log-uniform
   with pytest.raises(ValueError, match="retrieval_min_distance"):
     data.DataConfig(source="retrieval", retrieval_min_distance=2)
 
