@@ -15,6 +15,10 @@ import os
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16")
+# Fields of older records (model_config.json, convert.json) that nothing read: dropped on load.
+# score_func was always "sigmoid"; dtype named the HF checkpoint's weight format (the converter
+# reads it from the safetensors); max_batch_size was never used.
+REMOVED_FIELDS = ("score_func", "dtype", "max_batch_size")
 _INDEXER_DTYPES = ("fp8", "bfloat16", "float32")
 _IMPLS = ("reference", "pallas")
 
@@ -41,16 +45,14 @@ class ModelConfig:
   n_activated_experts: int = 8
   n_expert_groups: int = 8
   n_limited_groups: int = 4
-  route_scale: float = 2.5
-  score_func: str = "sigmoid"
+  route_scale: float = 2.5  # routing is sigmoid scores (DeepSeek's score_func="sigmoid")
   # MLA (docs/dsa.md §MLA).
   q_lora_rank: int = 1536
   kv_lora_rank: int = 512
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
-  # FP8 (docs/dsa.md §FP8 formats): checkpoint weight format and activation scale rounding.
-  dtype: str = "fp8"
+  # FP8 (docs/dsa.md §FP8 formats): activation scale rounding (the FP8 indexer and caches).
   scale_fmt: str | None = "ue8m0"
   # Lightning indexer (docs/dsa.md §Indexer).
   index_n_heads: int = 64
@@ -64,7 +66,6 @@ class ModelConfig:
   beta_slow: int = 1
   mscale: float = 1.0
   max_seq_len: int = 16384
-  max_batch_size: int = 8
   norm_eps: float = 1e-6
   # MTP (HF num_nextn_predict_layers).
   n_mtp_layers: int = 1
@@ -83,7 +84,7 @@ class ModelConfig:
     pos_int = (
       "vocab_size dim inter_dim moe_inter_dim n_layers n_heads q_lora_rank kv_lora_rank "
       "qk_nope_head_dim qk_rope_head_dim v_head_dim index_n_heads index_head_dim index_topk "
-      "original_seq_len max_seq_len max_batch_size attn_block_q"
+      "original_seq_len max_seq_len attn_block_q"
     ).split()
     for f in pos_int:
       v = getattr(self, f)
@@ -141,10 +142,6 @@ class ModelConfig:
           f"kept groups hold {self.n_limited_groups * per_group} experts, fewer than "
           f"n_activated_experts={self.n_activated_experts}",
         )
-    if self.score_func != "sigmoid":
-      raise _err("score_func", self.score_func, "V3.2 routes with 'sigmoid'")
-    if self.dtype not in ("fp8", "bf16"):
-      raise _err("dtype", self.dtype, "must be 'fp8' or 'bf16'")
     if self.scale_fmt not in (None, "ue8m0"):
       raise _err("scale_fmt", self.scale_fmt, "must be None or 'ue8m0'")
     if self.qk_rope_head_dim % 2:
@@ -203,7 +200,10 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "ModelConfig":
+    """From `to_dict()` output, e.g. a workdir's model_config.json (the removed fields
+    `REMOVED_FIELDS` of older records are ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k not in REMOVED_FIELDS}
     unknown = sorted(set(d) - names)
     if unknown:
       raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(names)}")
@@ -318,7 +318,11 @@ def _hf_derived_keys(hf: dict) -> dict:
       + ["sparse"] * (len(v) - hf.get("first_k_dense_replace", 0))
     ),
     "output_router_logits": lambda v: True,
+    "num_local_experts": lambda v: v == hf.get("n_routed_experts", v),
   }
+  mt = hf.get("model_type", "deepseek_v32")
+  if mt not in ("deepseek_v32", "deepseek_v3"):
+    raise ValueError(f"HF config model_type={mt!r}: expected 'deepseek_v32' or 'deepseek_v3'")
   for k, ok in checks.items():
     if k in hf:
       v = hf.pop(k)
@@ -389,11 +393,83 @@ def _hf_to_fields(hf: dict) -> dict:
   if q is not None:
     if q.get("quant_method") != "fp8" or list(q.get("weight_block_size", [128, 128])) != [128, 128]:
       raise ValueError(f"HF config key 'quantization_config'={q!r}: only fp8 128x128 blocks")
-    out["dtype"] = "fp8"
     out["scale_fmt"] = q.get("scale_fmt")
-  else:
-    out["dtype"] = "bf16"
   return out
+
+
+# FP8 weight blocks of DeepSeek's checkpoints (convert/fp8.py quantises with the same size).
+FP8_BLOCK = 128
+
+
+def hf_config_dict(cfg: ModelConfig, fp8_export: bool = False, torch_dtype="bfloat16") -> dict:
+  """An HF `DeepseekV32ForCausalLM` config.json for cfg (used when no source config was kept)."""
+  hf = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.dim,
+    "intermediate_size": cfg.inter_dim,
+    "moe_intermediate_size": cfg.moe_inter_dim,
+    "num_hidden_layers": cfg.n_layers,
+    "first_k_dense_replace": cfg.n_dense_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_heads,
+    "n_routed_experts": cfg.n_routed_experts,
+    "n_shared_experts": cfg.n_shared_experts,
+    "num_experts_per_tok": cfg.n_activated_experts,
+    "n_group": cfg.n_expert_groups,
+    "topk_group": cfg.n_limited_groups,
+    "routed_scaling_factor": cfg.route_scale,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "moe_layer_freq": 1,
+    "q_lora_rank": cfg.q_lora_rank,
+    "kv_lora_rank": cfg.kv_lora_rank,
+    "qk_nope_head_dim": cfg.qk_nope_head_dim,
+    "qk_rope_head_dim": cfg.qk_rope_head_dim,
+    "v_head_dim": cfg.v_head_dim,
+    "index_n_heads": cfg.index_n_heads,
+    "index_head_dim": cfg.index_head_dim,
+    "index_topk": cfg.index_topk,
+    "num_nextn_predict_layers": cfg.n_mtp_layers,
+    "max_position_embeddings": cfg.max_seq_len,
+    "rope_theta": cfg.rope_theta,
+    "rms_norm_eps": cfg.norm_eps,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "initializer_range": cfg.init_std,
+    "torch_dtype": torch_dtype,
+  }
+  if cfg.yarn_active:
+    hf["rope_scaling"] = {
+      "type": "yarn",
+      "factor": cfg.rope_factor,
+      "original_max_position_embeddings": cfg.original_seq_len,
+      "beta_fast": cfg.beta_fast,
+      "beta_slow": cfg.beta_slow,
+      "mscale": cfg.mscale,
+      "mscale_all_dim": cfg.mscale,
+    }
+  else:
+    hf["rope_scaling"] = None
+  if fp8_export:
+    hf["quantization_config"] = fp8_quantization_config(cfg.scale_fmt)
+  return hf
+
+
+def fp8_quantization_config(scale_fmt: str | None) -> dict:
+  """HF `quantization_config` of an FP8 export (e4m3 weights in 128x128 blocks)."""
+  q = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+  }
+  if scale_fmt:
+    q["scale_fmt"] = scale_fmt
+  return q
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -503,11 +579,113 @@ PRESETS: dict[str, dict[str, Any]] = {
   ),
   # Exactly DeepSeek-V3.2-Exp (config_671B_v3.2.json + ModelArgs defaults; HF max positions).
   "v32_671b": dict(max_seq_len=163840, param_dtype="bfloat16", compute_dtype="bfloat16"),
+  # --- the experiments' sizes (one table for every model size) ---
+  # `python -m experiments.demo` (README's main command): 2 layers at L=1024, top-k = L/8, one
+  # query block per sequence (fastest to compile and run on CPU at this size).
+  "demo": dict(
+    vocab_size=256,
+    dim=64,
+    inter_dim=192,
+    moe_inter_dim=32,
+    n_layers=2,
+    n_dense_layers=1,
+    n_heads=2,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=16,
+    v_head_dim=16,
+    index_n_heads=4,
+    index_head_dim=32,
+    index_topk=128,
+    original_seq_len=1024,
+    max_seq_len=1024,
+    param_dtype="float32",
+    compute_dtype="float32",
+    attn_block_q=1024,
+    init_std=0.02,
+  ),
+  # The small-scale reproduction (experiments/reproduce.py, configs/reproduce.py:size=h200): a
+  # V3.2-shaped model (MLA 16 heads, 64x128 FP8 indexer, MoE) at L=16384, top-k 2048 = L/8.
+  "repro_h200": dict(
+    vocab_size=256,
+    dim=512,
+    inter_dim=1536,
+    moe_inter_dim=256,
+    n_layers=6,
+    n_dense_layers=1,
+    n_heads=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    q_lora_rank=256,
+    kv_lora_rank=256,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    index_n_heads=64,
+    index_head_dim=128,
+    index_topk=2048,
+    original_seq_len=16384,
+    max_seq_len=16384,
+    param_dtype="float32",
+    compute_dtype="bfloat16",
+    attn_block_q=1024,
+    remat=True,
+    impl="pallas",
+  ),
+  # The same pipeline on CPU at L=512 (configs/reproduce.py:size=cpu, its test).
+  "repro_cpu": dict(
+    vocab_size=256,
+    dim=64,
+    inter_dim=192,
+    moe_inter_dim=32,
+    n_layers=2,
+    n_dense_layers=1,
+    n_heads=2,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    n_activated_experts=2,
+    n_expert_groups=2,
+    n_limited_groups=1,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=16,
+    v_head_dim=16,
+    index_n_heads=4,
+    index_head_dim=32,
+    index_topk=64,
+    original_seq_len=512,
+    max_seq_len=512,
+    param_dtype="float32",
+    compute_dtype="float32",
+    attn_block_q=512,
+    remat=False,
+    impl="reference",
+  ),
 }
+# The walkthrough notebook (experiments/notebooks): `debug` at L=512, top-k 64; and its CI size,
+# `test` with two dense-FFN layers (quickest to compile) at L=64, top-k 16.
+PRESETS["walkthrough"] = dict(
+  PRESETS["debug"], index_topk=64, attn_block_q=512, max_seq_len=512, original_seq_len=512
+)
+PRESETS["walkthrough_tiny"] = dict(
+  PRESETS["test"], n_layers=2, n_dense_layers=2, index_topk=16, attn_block_q=64
+)
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-  """Builds a named size (`test`, `debug`, `1b`, `v32_671b`) with field overrides."""
+  """Builds a named size (a key of `PRESETS`: `test`, `debug`, `1b`, `v32_attn`, `v32_671b`, and
+  the experiments' `demo`, `repro_h200`, `repro_cpu`, `walkthrough`, `walkthrough_tiny`) with
+  field overrides."""
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
   return ModelConfig(**{**PRESETS[name], **overrides})

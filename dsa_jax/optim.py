@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -23,15 +24,35 @@ class OptimConfig:
   grad_clip: float = 1.0
 
   def __post_init__(self):
-    if not self.lr > 0:
-      raise ValueError(f"OptimConfig.lr={self.lr} must be > 0")
-    if self.warmup_steps < 0 or self.total_steps <= 0:
-      raise ValueError(
-        f"OptimConfig warmup_steps={self.warmup_steps} must be >= 0 and total_steps="
-        f"{self.total_steps} > 0"
-      )
-    if not 0 <= self.min_lr_ratio <= 1:
-      raise ValueError(f"OptimConfig.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+    check_number("OptimConfig", "lr", self.lr, lo=0, lo_open=True)
+    check_number("OptimConfig", "min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+    check_number("OptimConfig", "b1", self.b1, lo=0, hi=1, hi_open=True)
+    check_number("OptimConfig", "b2", self.b2, lo=0, hi=1, hi_open=True)
+    check_number("OptimConfig", "weight_decay", self.weight_decay, lo=0)
+    check_number("OptimConfig", "grad_clip", self.grad_clip, lo=0, lo_open=True)
+    check_int("OptimConfig", "warmup_steps", self.warmup_steps, 0)
+    check_int("OptimConfig", "total_steps", self.total_steps, 1)
+
+
+def check_number(where: str, name: str, v, lo=None, hi=None, lo_open=False, hi_open=False):
+  """Raises ValueError unless v is a finite number (math.isfinite) within the bounds (open ends
+  where asked). Shared by the training configs (train_config.py)."""
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  rule = []
+  if lo is not None:
+    rule.append(f"> {lo}" if lo_open else f">= {lo}")
+    ok = ok and (v > lo if lo_open else v >= lo)
+  if hi is not None:
+    rule.append(f"< {hi}" if hi_open else f"<= {hi}")
+    ok = ok and (v < hi if hi_open else v <= hi)
+  if not ok:
+    raise ValueError(f"{where}.{name}={v!r} must be a finite number {' and '.join(rule)}".rstrip())
+
+
+def check_int(where: str, name: str, v, lo: int):
+  """Raises ValueError unless v is an int (not a bool) >= lo."""
+  if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+    raise ValueError(f"{where}.{name}={v!r} must be an integer >= {lo}")
 
 
 def schedule(cfg: OptimConfig):

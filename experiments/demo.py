@@ -21,8 +21,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-import dsa_jax
-from dsa_jax import data, optim, train
+from dsa_jax import train
+from experiments.configs import common
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/dsa_demo", "output directory")
 _SIZE = flags.DEFINE_enum("size", "default", ["default", "ci"], "default: the demo; ci: smoke size")
@@ -34,44 +34,28 @@ SIZES = {
 }
 
 
-def model_config(seq_len: int):
-  return dsa_jax.preset(
-    "debug",
-    dim=64,
-    n_layers=2,
-    n_dense_layers=1,
-    n_heads=2,
-    inter_dim=192,
-    moe_inter_dim=32,
-    q_lora_rank=32,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=16,
-    v_head_dim=16,
-    index_head_dim=32,
-    index_topk=seq_len // 8,  # real sparsity: k = L/8
-    attn_block_q=seq_len,  # one query block: fastest to compile and run on CPU at this size
-    max_seq_len=seq_len,
-    original_seq_len=seq_len,
+def phase_config(name, seq_len, bs, steps, total, lr, init_from=None, every=None, keep=2):
+  """One phase of the demo: the `demo` preset (dsa_jax.config.PRESETS, L=1024, top-k = L/8)."""
+  c = common.make_config(
+    name,
+    "demo",
+    steps,
+    data_=dict(source="mixed", seq_len=seq_len, batch_size=bs, passkey_share=0.3),
   )
+  c.optim.update(lr=lr, warmup_steps=max(1, total // 20), total_steps=total)
+  c.ckpt.update(every=every or steps, keep=keep, async_save=False, init_from=init_from or "")
+  c.update(log_every=max(1, steps // 10), eval_batches=2)
+  return common.to_train_config(c)
 
 
-def run_phase(name, workdir, mc, dc, steps, total, lr, init_from=None, every=None, keep=2):
-  cfg = train.TrainConfig(
-    model=mc,
-    phase=train.phase(name),
-    optim=optim.OptimConfig(lr=lr, warmup_steps=max(1, total // 20), total_steps=total),
-    data=dc,
-    ckpt=train.CkptConfig(every=every or steps, keep=keep, async_save=False, init_from=init_from),
-    steps=steps,
-    log_every=max(1, steps // 10),
-    eval_batches=2,
-  )
-  if train.finished_step(workdir) == steps:
-    print(f"{name}: reusing the finished run in {workdir} (step {steps}); delete it to retrain")
+def run_phase(name, workdir, cfg):
+  """Trains (or reuses the finished) phase in workdir: (result, its trainer)."""
+  if train.finished_step(workdir) == cfg.steps:
+    print(f"{name}: reusing the finished run in {workdir} (step {cfg.steps}); delete it to retrain")
   t0 = time.perf_counter()
+  trainer = train.Trainer(cfg)
   try:
-    r = train.train(cfg, workdir)
+    r = train.train(cfg, workdir, trainer=trainer)
   except (ValueError, train.NonFiniteError) as e:
     print(f"error: {name}: {e}", file=sys.stderr)
     sys.exit(3 if isinstance(e, train.NonFiniteError) else 2)
@@ -79,7 +63,7 @@ def run_phase(name, workdir, mc, dc, steps, total, lr, init_from=None, every=Non
     print(f"stopped by {r['signal']} in {name} at step {r['step']}, saved; rerun to resume")
     sys.exit(128 + int(getattr(signal, r["signal"])))
   r["wall_s"] = time.perf_counter() - t0
-  return r
+  return r, trainer
 
 
 def main(argv):
@@ -90,18 +74,24 @@ def main(argv):
   seq_len, bs, n_dense, n_warm, n_sparse, distances = SIZES[_SIZE.value]
   wd = os.path.abspath(_WORKDIR.value)
   os.makedirs(wd, exist_ok=True)
-  mc = model_config(seq_len)
-  dc = data.DataConfig(source="mixed", seq_len=seq_len, batch_size=bs, passkey_share=0.3)
+  dc = dict(seq_len=seq_len, bs=bs)
   total_dense = n_dense + n_sparse
   # Dense run: checkpoints at the branch point and at the end (the dense branch).
-  dense = run_phase("dense", f"{wd}/dense", mc, dc, total_dense, total_dense, 3e-3, every=n_dense)
-  branch = f"{wd}/dense@{n_dense}"
-  warm = run_phase("warmup", f"{wd}/warmup", mc, dc, n_warm, n_warm, 3e-3, init_from=branch)
-  sparse = run_phase(
-    "sparse", f"{wd}/sparse", mc, dc, n_sparse, total_dense, 3e-3, init_from=f"{wd}/warmup"
+  dense_cfg = phase_config(
+    "dense", **dc, steps=total_dense, total=total_dense, lr=3e-3, every=n_dense
   )
-  acc_dense = dense["_trainer"].retrieval_accuracy(dense["_state"], distances)
-  acc_dsa = sparse["_trainer"].retrieval_accuracy(sparse["_state"], distances)
+  dense, dense_tr = run_phase("dense", f"{wd}/dense", dense_cfg)
+  branch = f"{wd}/dense@{n_dense}"
+  warm_cfg = phase_config("warmup", **dc, steps=n_warm, total=n_warm, lr=3e-3, init_from=branch)
+  warm, _ = run_phase("warmup", f"{wd}/warmup", warm_cfg)
+  sparse_cfg = phase_config(
+    "sparse", **dc, steps=n_sparse, total=total_dense, lr=3e-3, init_from=f"{wd}/warmup"
+  )
+  sparse, sparse_tr = run_phase("sparse", f"{wd}/sparse", sparse_cfg)
+  mc = sparse_cfg.model
+  # the final states are the runs' newest checkpoints
+  acc_dense = dense_tr.retrieval_accuracy(train.restore_latest(dense_tr, f"{wd}/dense"), distances)
+  acc_dsa = sparse_tr.retrieval_accuracy(train.restore_latest(sparse_tr, f"{wd}/sparse"), distances)
   report = {
     "seq_len": seq_len,
     "index_topk": mc.index_topk,

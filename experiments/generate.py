@@ -27,7 +27,7 @@ _PROMPT = flags.DEFINE_multi_string("prompt", ["def main("], "prompt text (repea
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
 _TEMP = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-_ATTN = flags.DEFINE_enum("attention", "sparse", ["dense", "sparse"], "dense MLA or DSA")
+_ATTN = flags.DEFINE_enum("attention", "sparse", list(generate.ATTENTION), "dense MLA or DSA")
 _FP8 = flags.DEFINE_bool("fp8_cache", False, "FP8 latent + indexer caches (DeepSeek's layouts)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 

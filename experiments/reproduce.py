@@ -25,8 +25,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dsa_jax import config as model_config
-from dsa_jax import data, optim, train
+from dsa_jax import data, train
+from experiments.configs import common
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "experiments/configs/reproduce.py", "reproduction config", lock_config=True
@@ -60,16 +60,15 @@ def stage_steps(c, stage: str) -> int:
 def stage_config(c, stage: str, workdir: str) -> train.TrainConfig:
   phase, parent = PLAN[stage]
   steps = stage_steps(c, stage)
-  m = dict(c.model)
+  model = dict(c.model)
   if jax.default_backend() == "cpu":
-    m["impl"] = "reference"  # the Pallas kernels are GPU/TPU code; CPU runs the references
-  return train.TrainConfig(
-    model=model_config.ModelConfig(**m),
-    phase=train.phase(phase),
-    optim=optim.OptimConfig(
-      lr=c.lr[stage], warmup_steps=max(1, steps // 20), total_steps=steps, min_lr_ratio=0.1
-    ),
-    data=data.DataConfig(
+    model["impl"] = "reference"  # the Pallas kernels are GPU/TPU code; CPU runs the references
+  t = common.make_config(
+    phase,
+    c.model.preset,
+    steps,
+    model=model,
+    data_=dict(
       source="mixed",
       seq_len=c.seq_len,
       batch_size=c.batch_size,
@@ -78,13 +77,17 @@ def stage_config(c, stage: str, workdir: str) -> train.TrainConfig:
       mqar_share=c.data.mqar_share,
       mqar_pairs=c.data.mqar_pairs,
     ),
-    ckpt=train.CkptConfig(
-      every=max(1, min(100, steps)),
-      keep=2,
-      async_save=False,
-      init_from=os.path.join(workdir, parent) if parent else None,
-    ),
-    steps=steps,
+  )
+  t.optim.update(
+    lr=c.lr[stage], warmup_steps=max(1, steps // 20), total_steps=steps, min_lr_ratio=0.1
+  )
+  t.ckpt.update(
+    every=max(1, min(100, steps)),
+    keep=2,
+    async_save=False,
+    init_from=os.path.join(workdir, parent) if parent else "",
+  )
+  t.update(
     seed=c.seed,
     log_every=max(1, min(10, steps // 4)),
     eval_batches=1,
@@ -92,6 +95,7 @@ def stage_config(c, stage: str, workdir: str) -> train.TrainConfig:
     eval_metrics=stage != "pretrain",
     progress=False,
   )
+  return common.to_train_config(t)
 
 
 def run_stage(c, stage: str, workdir: str) -> dict:

@@ -16,6 +16,7 @@ stopped by SIGTERM / SIGINT after saving (rerun the same command to resume).
 
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -128,9 +129,9 @@ def run(config, workdir: str, allow_config_change: bool = False) -> int:
     _fail(e, EXIT_NONFINITE)
   except (ValueError, TypeError) as e:  # the library's user errors (config, workdir, ckpt)
     _fail(e, EXIT_ERROR)
-  print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=1))
+  print(json.dumps(result, indent=1))
   if result["preempted"]:
-    signum = int(getattr(train.signal, result["signal"]))
+    signum = int(getattr(signal, result["signal"]))
     print(
       f"stopped by {result['signal']} at step {result['step']}, saved; rerun the same command "
       "to resume",

@@ -27,7 +27,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dsa_jax import model as model_lib
-from dsa_jax.config import ModelConfig
+from dsa_jax.config import ModelConfig, fp8_quantization_config, hf_config_dict
 from dsa_jax.convert import fp8, orbax_io, safetensors_io
 
 # ------------------------------------------------------------------------------------------------
@@ -219,117 +219,17 @@ _ARCH_FIELDS = [
     "attn_block_q",
     "remat",
     "init_std",
-    "max_batch_size",
-    "dtype",
     "scale_fmt",
   )
 ]
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-  """ModelConfig for an HF DeepSeek-V3.2(-Exp) or V3/V3.1 config dict.
-
-  transformers v5 writes derived keys that `ModelConfig.from_hf_config` does not know; they are
-  checked against the architecture here and dropped. A config without
+  """ModelConfig for an HF DeepSeek-V3.2(-Exp) or V3/V3.1 config dict (`ModelConfig.from_hf_config`:
+  config.py holds the HF-config mapping, both directions). A config without
   `num_nextn_predict_layers` (transformers' DeepseekV32Config has none and never saves the MTP
-  layer) describes a model without MTP.
-  """
-  hf = dict(hf)
-  mt = hf.get("model_type", "deepseek_v32")
-  if mt not in ("deepseek_v32", "deepseek_v3"):
-    raise ValueError(f"HF config model_type={mt!r}: expected 'deepseek_v32' or 'deepseek_v3'")
-  bad = []
-  rope = hf.get("qk_rope_head_dim", 64)
-  if hf.pop("head_dim", rope) != rope:
-    bad.append("head_dim != qk_rope_head_dim")
-  if hf.pop("qk_head_dim", None) not in (None, hf.get("qk_nope_head_dim", 128) + rope):
-    bad.append("qk_head_dim != qk_nope_head_dim + qk_rope_head_dim")
-  if hf.pop("mlp_bias", False):
-    bad.append("mlp_bias=True")
-  n, k = hf.get("num_hidden_layers", 61), hf.get("first_k_dense_replace", 3)
-  mlp_types = hf.pop("mlp_layer_types", None)
-  if mlp_types is not None and list(mlp_types) != ["dense"] * min(k, n) + ["sparse"] * (n - k):
-    bad.append(f"mlp_layer_types={mlp_types} is not first_k_dense_replace={k} dense then MoE")
-  layer_types = hf.pop("layer_types", None)
-  if layer_types is not None and len(set(layer_types)) > 1:
-    bad.append(f"layer_types={layer_types} mixes attention types")
-  hf.pop("output_router_logits", None)
-  hf.pop("num_local_experts", None)
-  if bad:
-    raise ValueError(f"HF config cannot be represented by dsa-jax: {bad}")
-  overrides = dict(overrides)
-  overrides.setdefault("n_mtp_layers", hf.get("num_nextn_predict_layers", 0))
+  layer) describes a model without MTP."""
   return ModelConfig.from_hf_config(hf, **overrides)
-
-
-def hf_config_dict(cfg: ModelConfig, fp8_export: bool = False, torch_dtype="bfloat16") -> dict:
-  """An HF `DeepseekV32ForCausalLM` config.json for cfg (used when no source config was kept)."""
-  hf = {
-    "architectures": ["DeepseekV32ForCausalLM"],
-    "model_type": "deepseek_v32",
-    "vocab_size": cfg.vocab_size,
-    "hidden_size": cfg.dim,
-    "intermediate_size": cfg.inter_dim,
-    "moe_intermediate_size": cfg.moe_inter_dim,
-    "num_hidden_layers": cfg.n_layers,
-    "first_k_dense_replace": cfg.n_dense_layers,
-    "num_attention_heads": cfg.n_heads,
-    "num_key_value_heads": cfg.n_heads,
-    "n_routed_experts": cfg.n_routed_experts,
-    "n_shared_experts": cfg.n_shared_experts,
-    "num_experts_per_tok": cfg.n_activated_experts,
-    "n_group": cfg.n_expert_groups,
-    "topk_group": cfg.n_limited_groups,
-    "routed_scaling_factor": cfg.route_scale,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "norm_topk_prob": True,
-    "moe_layer_freq": 1,
-    "q_lora_rank": cfg.q_lora_rank,
-    "kv_lora_rank": cfg.kv_lora_rank,
-    "qk_nope_head_dim": cfg.qk_nope_head_dim,
-    "qk_rope_head_dim": cfg.qk_rope_head_dim,
-    "v_head_dim": cfg.v_head_dim,
-    "index_n_heads": cfg.index_n_heads,
-    "index_head_dim": cfg.index_head_dim,
-    "index_topk": cfg.index_topk,
-    "num_nextn_predict_layers": cfg.n_mtp_layers,
-    "max_position_embeddings": cfg.max_seq_len,
-    "rope_theta": cfg.rope_theta,
-    "rms_norm_eps": cfg.norm_eps,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "initializer_range": cfg.init_std,
-    "torch_dtype": torch_dtype,
-  }
-  if cfg.yarn_active:
-    hf["rope_scaling"] = {
-      "type": "yarn",
-      "factor": cfg.rope_factor,
-      "original_max_position_embeddings": cfg.original_seq_len,
-      "beta_fast": cfg.beta_fast,
-      "beta_slow": cfg.beta_slow,
-      "mscale": cfg.mscale,
-      "mscale_all_dim": cfg.mscale,
-    }
-  else:
-    hf["rope_scaling"] = None
-  if fp8_export:
-    hf["quantization_config"] = _fp8_qconfig(cfg.scale_fmt)
-  return hf
-
-
-def _fp8_qconfig(scale_fmt):
-  q = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [fp8.BLOCK, fp8.BLOCK],
-  }
-  if scale_fmt:
-    q["scale_fmt"] = scale_fmt
-  return q
 
 
 def check_same_architecture(got: ModelConfig, want: ModelConfig, what: str) -> None:
@@ -835,7 +735,7 @@ def _export_config(record, cfg: ModelConfig, has_fp8: bool, torch_dtype: str) ->
       index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk
     )
   if has_fp8:
-    src["quantization_config"] = _fp8_qconfig(cfg.scale_fmt)
+    src["quantization_config"] = fp8_quantization_config(cfg.scale_fmt)
   else:
     src.pop("quantization_config", None)
   return (json.dumps(src, indent=2) + "\n").encode()

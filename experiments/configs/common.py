@@ -1,5 +1,14 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Shared config sections and the ConfigDict -> dataclass conversion (the launcher's one boundary)."""
+"""Shared config sections and the ConfigDict -> dataclass conversion (the launchers' one boundary).
+
+Model sizes live in one table, `dsa_jax.config.PRESETS`; a config's `model` section holds every
+ModelConfig field of its preset (so each is overridable: `--config.model.<field>=`) plus the
+preset's name. The other sections are built from the library dataclasses' own defaults. Every
+launcher (experiments/train.py, demo.py, reproduce.py) turns its ConfigDict into the library's
+`TrainConfig` with `to_train_config`.
+"""
+
+import dataclasses
 
 import ml_collections
 
@@ -31,93 +40,82 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def base_config(phase: str, size: str) -> ml_collections.ConfigDict:
-  if size not in SIZES:
-    raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
-  preset, model_over, data_over, steps = SIZES[size]
+def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """Every ModelConfig field of `preset` (with `overrides`) and `preset`, the name."""
+  fields = model_config.preset(preset, **overrides).to_dict()
+  return ml_collections.ConfigDict({"preset": preset, **fields})
+
+
+def _section(cls, **overrides) -> ml_collections.ConfigDict:
+  """A dataclass's fields at their defaults; an optional path (default None) is '' here."""
+  d = {f.name: f.default for f in dataclasses.fields(cls)}
+  d = {k: "" if v is None else v for k, v in d.items()}
+  d.update(overrides)
+  return ml_collections.ConfigDict(d)
+
+
+def make_config(
+  phase: str, preset: str, steps: int, model: dict | None = None, data_: dict | None = None
+) -> ml_collections.ConfigDict:
+  """A one-phase training config: `preset`'s model (with `model` overrides), the phase's
+  fields, and the library defaults for optimizer, data (with `data_`), checkpoints and the run."""
+  if phase not in train.PHASES:
+    raise ValueError(f"phase={phase!r}; expected one of {sorted(train.PHASES)}")
+  model = {k: v for k, v in (model or {}).items() if k != "preset"}
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict({"preset": preset, **model_over})
-  # every ModelConfig field is overridable from the command line
-  for f, v in model_config.PRESETS[preset].items():
-    c.model[f] = v
-  for f in ("index_topk", "indexer_dtype", "impl", "remat", "attn_block_q", "n_mtp_layers"):
-    if f not in c.model:
-      c.model[f] = getattr(model_config.ModelConfig(), f)
-  c.model.update(model_over)
-  c.phase = ml_collections.ConfigDict(train.PHASES[phase])
+  c.model = model_section(preset, **model)
+  c.phase = ml_collections.ConfigDict(dataclasses.asdict(train.phase(phase)))
   # warmup_steps / total_steps unset: derived from `steps` (max(1, steps // 20) and steps), so
   # --config.steps moves the whole LR schedule; set them to fix the schedule on purpose.
-  c.optim = ml_collections.ConfigDict(
-    dict(
-      lr=3e-3 if phase != "sparse" else 1e-3,
-      warmup_steps=ml_collections.config_dict.placeholder(int),
-      total_steps=ml_collections.config_dict.placeholder(int),
-      min_lr_ratio=0.1,
-      b1=0.9,
-      b2=0.95,
-      weight_decay=0.1,
-      grad_clip=1.0,
-    )
+  c.optim = _section(
+    optim.OptimConfig,
+    lr=3e-3 if phase != "sparse" else 1e-3,
+    warmup_steps=ml_collections.config_dict.placeholder(int),
+    total_steps=ml_collections.config_dict.placeholder(int),
   )
-  c.data = ml_collections.ConfigDict(
-    dict(
-      source="mixed",
-      seq_len=1024,
-      batch_size=8,
-      seed=0,
-      passkey_share=0.25,
-      mqar_share=0.125,
-      mqar_pairs=16,
-      path="",
-      tokenizer="",
-    )
-  )
-  c.data.update(data_over)
-  c.ckpt = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True, init_from=""))
+  c.data = _section(data.DataConfig, **(data_ or {}))
+  c.ckpt = _section(train.CkptConfig)
+  run = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+  for f in ("model", "phase", "optim", "data", "ckpt", "mesh", "rules"):
+    del run[f]
+  c.update(run)  # steps, seed, log_every, eval_*, progress, nan_policy (stop|skip), init
   c.steps = steps
-  c.seed = 0
   c.log_every = 10 if steps >= 10 else 1
-  c.eval_every = 0
-  c.eval_batches = 2
-  c.eval_metrics = True
   # every mesh axis present so that --config.mesh.fsdp=4 works on the locked config
   c.mesh = ml_collections.ConfigDict(
     {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1, "sequence": 1}
   )
-  c.rules = ml_collections.ConfigDict({})
-  c.progress = True
-  c.nan_policy = "stop"  # or "skip": skip the update of a step with a non-finite loss / gradient
-  c.init = "auto"  # parameter init: auto | host | sharded (see TrainConfig.init)
+  c.rules = ml_collections.ConfigDict({})  # overrides of sharding.DEFAULT_RULES
   return c
+
+
+def base_config(phase: str, size: str) -> ml_collections.ConfigDict:
+  """`make_config` at one of the launcher's `SIZES`."""
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
+  preset, model_over, data_over, steps = SIZES[size]
+  return make_config(phase, preset, steps, model=model_over, data_=data_over)
 
 
 def to_train_config(c: ml_collections.ConfigDict) -> train.TrainConfig:
   """The one place where experiment ConfigDicts become the library's typed dataclasses."""
-  m = dict(c.model)
-  m.pop("preset")
-  d = dict(c.data)
-  d["path"] = d["path"] or None
-  d["tokenizer"] = d["tokenizer"] or None
+  m = {k: v for k, v in dict(c.model).items() if k != "preset"}
+  none_if_empty = lambda d, *keys: {**d, **{k: d[k] or None for k in keys}}
+  run = {f.name for f in dataclasses.fields(train.TrainConfig)}
+  run -= {"model", "phase", "optim", "data", "ckpt", "mesh", "rules"}
   return train.TrainConfig(
     model=model_config.ModelConfig(**m),
     phase=train.PhaseConfig(**dict(c.phase)),
     optim=optim.OptimConfig(**optim_fields(c)),
-    data=data.DataConfig(**d),
-    ckpt=train.CkptConfig(**{**dict(c.ckpt), "init_from": c.ckpt.init_from or None}),
-    steps=c.steps,
-    seed=c.seed,
-    log_every=c.log_every,
-    eval_every=c.eval_every,
-    eval_batches=c.eval_batches,
-    eval_metrics=c.eval_metrics,
-    mesh=tuple(dict(c.mesh).items()),
+    data=data.DataConfig(**none_if_empty(dict(c.data), "path", "tokenizer")),
+    ckpt=train.CkptConfig(**none_if_empty(dict(c.ckpt), "init_from")),
+    # axes of size 1 are left out (sharding.make_mesh adds every axis, size 1 when unused)
+    mesh=tuple((k, v) for k, v in dict(c.mesh).items() if v != 1 or k == "data"),
     rules=tuple(
       (k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(c.rules).items()
     )
     or None,
-    progress=c.progress,
-    nan_policy=c.get("nan_policy", "stop"),
-    init=c.get("init", "auto"),
+    **{k: c[k] for k in run if k in c},
   )
 
 

@@ -4,43 +4,18 @@ r"""Small-scale reproduction of the DSA claim (WORKSPACE.md "Reproduction protoc
   python -m experiments.reproduce --config=experiments/configs/reproduce.py:size=h200 \
     --workdir=/tmp/repro --stage=pretrain      # then dense, warmup, sparse, eval, report
 
-size=h200: ~45M-parameter V3.2-shaped model (64x128 FP8 indexer, MoE, MLA), L=16384, top-k=2048
-(= L/8), stages of a few minutes each on one H200. size=cpu: the same pipeline at L=512 (tests).
+size=h200: the `repro_h200` preset (dsa_jax.config.PRESETS: a 51.8M-parameter V3.2-shaped model,
+64x128 FP8 indexer, MoE, MLA), L=16384, top-k=2048 (= L/8), stages of a few minutes each on one
+H200. size=cpu: the `repro_cpu` preset, the same pipeline at L=512 (tests).
 """
 
 import ml_collections
 
+from experiments.configs import common
+
 SIZES = {
+  # the model: dsa_jax.config.PRESETS["repro_<size>"]
   "h200": dict(
-    model=dict(
-      vocab_size=256,
-      dim=512,
-      inter_dim=1536,
-      moe_inter_dim=256,
-      n_layers=6,
-      n_dense_layers=1,
-      n_heads=16,
-      n_routed_experts=8,
-      n_shared_experts=1,
-      n_activated_experts=2,
-      n_expert_groups=4,
-      n_limited_groups=2,
-      q_lora_rank=256,
-      kv_lora_rank=256,
-      qk_nope_head_dim=64,
-      qk_rope_head_dim=32,
-      v_head_dim=64,
-      index_n_heads=64,
-      index_head_dim=128,
-      index_topk=2048,
-      original_seq_len=16384,
-      max_seq_len=16384,
-      param_dtype="float32",
-      compute_dtype="bfloat16",
-      attn_block_q=1024,
-      remat=True,
-      impl="pallas",
-    ),
     seq_len=16384,
     batch_size=2,
     # sized to the device time left in the session (H200 probe: 1.4 s/step dense, 3.9 warm-up)
@@ -54,35 +29,6 @@ SIZES = {
     ),
   ),
   "cpu": dict(
-    model=dict(
-      vocab_size=256,
-      dim=64,
-      inter_dim=192,
-      moe_inter_dim=32,
-      n_layers=2,
-      n_dense_layers=1,
-      n_heads=2,
-      n_routed_experts=4,
-      n_shared_experts=1,
-      n_activated_experts=2,
-      n_expert_groups=2,
-      n_limited_groups=1,
-      q_lora_rank=32,
-      kv_lora_rank=32,
-      qk_nope_head_dim=16,
-      qk_rope_head_dim=16,
-      v_head_dim=16,
-      index_n_heads=4,
-      index_head_dim=32,
-      index_topk=64,
-      original_seq_len=512,
-      max_seq_len=512,
-      param_dtype="float32",
-      compute_dtype="float32",
-      attn_block_q=512,
-      remat=False,
-      impl="reference",
-    ),
     seq_len=512,
     batch_size=1,
     steps=dict(pretrain=3, warmup=2, sparse=2),
@@ -110,7 +56,7 @@ def get_config(arg=None):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.size = size
-  c.model = ml_collections.ConfigDict(s["model"])
+  c.model = common.model_section(f"repro_{size}")  # every ModelConfig field overridable
   c.seq_len = s["seq_len"]
   c.batch_size = s["batch_size"]
   c.seed = 0

@@ -2,11 +2,13 @@
 """A run never silently loses or corrupts work: NaN guard, checkpoint integrity, config and resume
 checks, workdir lock, metrics on resume, preemption, one-line errors.
 
-The in-process runs share one compiled train step of a one-layer model (same model, phase, optim
-and data; only steps / checkpointing / logging differ); two launcher runs are subprocesses.
+The in-process runs share one compiled `Trainer` of a one-layer model (same model, phase, optim
+and data; only steps / checkpointing / logging differ: `train(..., trainer=)`); one launcher run
+is a subprocess.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 import dsa_jax
-from dsa_jax import data, optim, train
+from dsa_jax import data, optim, train, train_checkpoint
 from dsa_jax.config import ModelConfig
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -52,6 +54,21 @@ def _cfg(steps=2, every=1, keep=3, phase=None, batch_size=None, **kw):
   return dataclasses.replace(cfg, **kw)
 
 
+@functools.cache
+def _trainer():
+  return train.Trainer(_cfg())
+
+
+def _train(cfg, wd, **kw):
+  """train.train with the module's one compiled trainer where `cfg` allows it."""
+  try:
+    _trainer().reuse_for(cfg)
+    kw["trainer"] = _trainer()
+  except ValueError:  # another phase / batch / nan_policy: a trainer of its own
+    pass
+  return train.train(cfg, wd, **kw)
+
+
 def _nan_mask_from(monkeypatch, first_bad_step):
   """Batches from `first_bad_step` on carry a NaN loss weight: the LM loss turns NaN."""
   real = data.batch
@@ -75,7 +92,7 @@ def test_nan_stops_without_saving_it(tmp_path, monkeypatch):
   _nan_mask_from(monkeypatch, 3)
   wd = str(tmp_path / "run")
   with pytest.raises(train.NonFiniteError, match=r"^step 3: non-finite lm_loss=nan") as e:
-    train.train(_cfg(steps=5), wd)
+    _train(_cfg(steps=5), wd)
   assert e.value.step == 3 and "\n" not in str(e.value)
   assert "last checkpoint, step 2, is finite" in str(e.value)
   assert _steps(wd) == [1, 2]  # nothing after the NaN was saved; the finite ones are kept
@@ -129,27 +146,29 @@ def _corrupt_params(wd, step):
 
 def test_corrupt_checkpoint_falls_back_and_keeps_verified(tmp_path, caplog):
   wd = str(tmp_path / "run")
-  train.train(_cfg(steps=2), wd)
+  _train(_cfg(steps=2), wd)
   _corrupt_params(wd, 2)
-  with caplog.at_level(logging.WARNING, logger="dsa_jax.train"):
-    r = train.train(_cfg(steps=4, keep=1), wd)
+  with caplog.at_level(logging.WARNING, logger="dsa_jax"):
+    r = _train(_cfg(steps=4, keep=1), wd)
   assert r["step"] == 4
   assert any("checkpoint step 2" in m and "\n" not in m for m in caplog.messages)
   assert os.path.isdir(os.path.join(wd, "corrupt_checkpoints", "2"))
   assert _steps(wd) == [1, 4]  # keep=1, and step 1 (restored, verified) is never rotated out
   # a checksum that does not match is caught even when the bytes decode
-  tr = r["_trainer"]
+  tr = _trainer()
   meta_path = os.path.join(wd, "checkpoints", "4", "meta", "metadata")
   meta = json.load(open(meta_path))
   name = sorted(k for k in meta["checksums"] if k.startswith("params/"))[0]
   meta["checksums"][name] ^= 1
   json.dump(meta, open(meta_path, "w"))
+  mgr = train_checkpoint.manager(tr, wd)
   with pytest.raises(train.CheckpointCorrupt, match=f"checksum mismatch in {name}"):
-    tr.restore(tr.manager(wd), 4)
+    train_checkpoint.restore(tr, mgr, 4)
+  mgr.close()
   # no good step left: one line, no training
   _corrupt_params(wd, 1)
   with pytest.raises(train.RunError, match="no usable checkpoint") as e:
-    train.train(_cfg(steps=5), wd)
+    _train(_cfg(steps=5), wd)
   assert "\n" not in str(e.value)
 
 
@@ -194,15 +213,15 @@ def test_lr_schedule_follows_steps():
 # 4. resume checks ---------------------------------------------------------------------------
 def test_resume_refuses_changed_config(tmp_path):
   wd = str(tmp_path)
-  train.train(_cfg(steps=2), wd)
+  _train(_cfg(steps=2), wd)
   with pytest.raises(train.RunError, match=r"data.batch_size: 2 -> 4") as e:
-    train.train(_cfg(steps=3, batch_size=4), wd)
+    _train(_cfg(steps=3, batch_size=4), wd)
   assert "\n" not in str(e.value)
   with pytest.raises(train.RunError, match=r"phase: 'dense' -> 'warmup'"):
-    train.train(_cfg(steps=3, phase="warmup"), wd)
+    _train(_cfg(steps=3, phase="warmup"), wd)
   with pytest.raises(train.RunError, match="steps=1 is below step 2"):
-    train.train(_cfg(steps=1), wd)
-  r = train.train(_cfg(steps=3), wd)  # a longer run of the same config resumes
+    _train(_cfg(steps=1), wd)
+  r = _train(_cfg(steps=3), wd)  # a longer run of the same config resumes
   assert r["step"] == 3
   runs = train.recorded_configs(wd)
   assert [os.path.basename(p) for p in runs] == ["config.0.json", "config.1.json"]
@@ -214,20 +233,20 @@ def test_workdir_lock_and_stale_lock(tmp_path):
   wd = str(tmp_path)
   with train._WorkdirLock(wd):
     with pytest.raises(train.RunError, match=f"workdir {wd} is in use by pid {os.getpid()}"):
-      train.train(_cfg(steps=1), wd)
+      _train(_cfg(steps=1), wd)
   # a lock file left by a killed run (no process holds it) does not block
   (tmp_path / ".lock").write_text("pid 999999 on elsewhere since 2026-01-01\n")
-  assert train.train(_cfg(steps=1), wd)["step"] == 1
+  assert _train(_cfg(steps=1), wd)["step"] == 1
 
 
 def test_metrics_have_one_row_per_step_after_resume(tmp_path):
   wd = str(tmp_path)
-  train.train(_cfg(steps=4, every=2), wd)
+  _train(_cfg(steps=4, every=2), wd)
   # as if killed after logging steps 3-4 but before their checkpoint was written
   import shutil  # noqa: PLC0415
 
   shutil.rmtree(tmp_path / "checkpoints" / "4")
-  train.train(_cfg(steps=4, every=2), wd)
+  _train(_cfg(steps=4, every=2), wd)
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
   assert [r["step"] for r in rows if "eval_loss" in r] == [4]
@@ -235,7 +254,7 @@ def test_metrics_have_one_row_per_step_after_resume(tmp_path):
 
 def test_sigint_saves_like_sigterm(tmp_path):
   kill = lambda step, m: step == 2 and os.kill(os.getpid(), signal.SIGINT)
-  r = train.train(_cfg(steps=50, every=100), str(tmp_path), log_fn=kill)
+  r = _train(_cfg(steps=50, every=100), str(tmp_path), log_fn=kill)
   assert r["preempted"] and r["signal"] == "SIGINT" and r["step"] == 2
   assert _steps(str(tmp_path)) == [2]
 
@@ -303,17 +322,19 @@ def test_launcher_user_errors_are_one_line(tmp_path):
 def test_library_messages(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(train.RunError, match="is a file; expected a directory"):
-    train.train(_cfg(), str(tmp_path / "file"))
+    _train(_cfg(), str(tmp_path / "file"))
   # init_from an empty directory
   with pytest.raises(ValueError, match="neither a training workdir .* nor a params checkpoint"):
     train.load_init_params(str(tmp_path), dsa_jax.preset("test"))
   # an empty _METADATA: the step is reported unusable in one line, not a bare JSONDecodeError
   wd = str(tmp_path / "run")
-  r = train.train(_cfg(steps=1), wd)
+  r = _train(_cfg(steps=1), wd)
   open(os.path.join(wd, "checkpoints", "1", "params", "_METADATA"), "w").close()
-  tr = r["_trainer"]
+  assert r["step"] == 1
+  tr, mgr = _trainer(), train_checkpoint.manager(_trainer(), wd)
   with pytest.raises(train.CheckpointCorrupt, match="checkpoint step 1 .* could not be restored"):
-    tr.restore(tr.manager(wd), 1)
+    train_checkpoint.restore(tr, mgr, 1)
+  mgr.close()
   # a converter config without shape keys
   with open(os.path.join(ROOT, "tests", "goldens", "deepseek_v32_tiny", "config.json")) as f:
     hf = json.load(f)
