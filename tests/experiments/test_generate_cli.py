@@ -13,10 +13,12 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_generate_cli_from_training_workdir(tmp_path):
-  mc = dsa_jax.preset("test", attn_block_q=64)
+  """CI's end-to-end run (the demo, reproduction and notebook runs are `slow`): a one-layer model
+  (quick to compile) trained one step, then decoded by the launcher in a subprocess."""
+  mc = dsa_jax.preset("test", attn_block_q=64, n_layers=1, n_dense_layers=1, n_mtp_layers=0)
   cfg = train.TrainConfig(
     model=mc,
-    phase=train.phase("sparse"),
+    phase=train.phase("dense"),
     optim=optim.OptimConfig(total_steps=1),
     data=data.DataConfig(source="text", seq_len=64, batch_size=2),
     ckpt=train.CkptConfig(async_save=False),

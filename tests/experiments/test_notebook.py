@@ -19,6 +19,7 @@ def test_notebook_is_stored_without_outputs():
       assert not cell.outputs and cell.execution_count is None, cell.source[:80]
 
 
+@pytest.mark.slow  # a notebook kernel running two phases (issue 20, item 7)
 def test_walkthrough_notebook_executes(monkeypatch):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # The kernel inherits this environment: tiny size, one CPU device (no fake 8-device mesh).

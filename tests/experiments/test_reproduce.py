@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from dsa_jax import data
 
@@ -31,6 +32,7 @@ def test_mqar_eval_rows_place_pairs_at_distance():
     assert m.sum() == 8
 
 
+@pytest.mark.slow  # every stage in subprocesses (issue 20, item 7)
 def test_reproduce_all_stages_cpu(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   wd, res = tmp_path / "wd", tmp_path / "results"
