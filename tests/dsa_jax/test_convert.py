@@ -161,7 +161,7 @@ def test_default_export_is_bf16_with_fp32_router_bias(src, tmp_path):
   assert r.infos["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == "F32"
   with open(tmp_path / "hf" / "config.json") as f:
     assert convert.config_from_hf(json.load(f)) == dsa_jax.preset("test").replace(
-      dtype="bf16", compute_dtype="bfloat16", attn_block_q=512
+      compute_dtype="bfloat16", attn_block_q=512
     )
 
 
