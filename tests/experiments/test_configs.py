@@ -21,7 +21,10 @@ ARGS = {
   "dense_baseline": ["size=test"],
 }
 # configs of multi-stage pipelines, not of one train run: their own tests run them
-PIPELINES = {"reproduce": "tests/experiments/test_reproduce.py"}
+PIPELINES = {
+  "reproduce": "tests/experiments/test_reproduce.py",
+  "retrieval": "tests/experiments/test_retrieval.py",
+}
 
 
 def test_every_config_file_is_covered():
