@@ -63,7 +63,9 @@ class DataConfig:
       if not 0.0 <= v <= 1.0:
         raise ValueError(f"DataConfig.{f}={v} must be in [0, 1]")
     if self.retrieval_min_distance < 5 or self.retrieval_max_distance < 0:
-      raise ValueError("DataConfig.retrieval_min_distance must be >= 5, retrieval_max_distance >= 0")
+      raise ValueError(
+        "DataConfig.retrieval_min_distance must be >= 5, retrieval_max_distance >= 0"
+      )
     if self.passkey_share + self.mqar_share > 1.0:
       raise ValueError("DataConfig.passkey_share + mqar_share must be <= 1")
     if self.source == "dir" and not (self.path and os.path.isdir(self.path)):
