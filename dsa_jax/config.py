@@ -680,6 +680,59 @@ PRESETS["walkthrough"] = dict(
 PRESETS["walkthrough_tiny"] = dict(
   PRESETS["test"], n_layers=2, n_dense_layers=2, index_topk=16, attn_block_q=64
 )
+# The retrieval experiment (experiments/retrieval.py): a 2-layer MLA model with the 64x128 FP8
+# indexer at L=8192, top-k 512 (retrieval_gpu); the same pipeline at L=256, top-k 32 (CI).
+PRESETS["retrieval_gpu"] = dict(
+  PRESETS["test"],
+  dim=256,
+  inter_dim=768,
+  n_layers=2,
+  n_dense_layers=2,
+  n_heads=16,
+  q_lora_rank=256,
+  kv_lora_rank=256,
+  qk_nope_head_dim=64,
+  qk_rope_head_dim=32,
+  v_head_dim=64,
+  index_n_heads=64,
+  index_head_dim=128,
+  index_topk=512,
+  original_seq_len=8192,
+  max_seq_len=8192,
+  n_mtp_layers=0,
+  param_dtype="float32",
+  compute_dtype="bfloat16",
+  indexer_dtype="fp8",
+  impl="pallas",
+  attn_block_q=1024,
+  remat=True,
+  init_std=0.02,
+)
+PRESETS["retrieval_cpu"] = dict(
+  PRESETS["test"],
+  dim=64,
+  inter_dim=192,
+  n_layers=2,
+  n_dense_layers=2,
+  n_heads=2,
+  q_lora_rank=32,
+  kv_lora_rank=32,
+  qk_nope_head_dim=16,
+  qk_rope_head_dim=16,
+  v_head_dim=16,
+  index_n_heads=4,
+  index_head_dim=32,
+  index_topk=32,
+  original_seq_len=256,
+  max_seq_len=256,
+  n_mtp_layers=0,
+  param_dtype="float32",
+  compute_dtype="float32",
+  impl="reference",
+  attn_block_q=256,
+  remat=False,
+  init_std=0.02,
+)
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -28,31 +28,7 @@ from dsa_jax import config as model_config
 
 SIZES = {
   "gpu": dict(
-    model=dict(
-      dim=256,
-      inter_dim=768,
-      n_layers=2,
-      n_dense_layers=2,
-      n_heads=16,
-      q_lora_rank=256,
-      kv_lora_rank=256,
-      qk_nope_head_dim=64,
-      qk_rope_head_dim=32,
-      v_head_dim=64,
-      index_n_heads=64,
-      index_head_dim=128,
-      index_topk=512,
-      original_seq_len=8192,
-      max_seq_len=8192,
-      n_mtp_layers=0,
-      param_dtype="float32",
-      compute_dtype="bfloat16",
-      indexer_dtype="fp8",
-      impl="pallas",
-      attn_block_q=1024,
-      remat=True,
-      init_std=0.02,
-    ),
+    preset="retrieval_gpu",
     seq_len=8192,
     batch_size=8,
     pairs=32,
@@ -63,30 +39,7 @@ SIZES = {
     eval=dict(rows=32, batch=4, gate_rows=8, text_rows=4, probes=64),
   ),
   "cpu": dict(
-    model=dict(
-      dim=64,
-      inter_dim=192,
-      n_layers=2,
-      n_dense_layers=2,
-      n_heads=2,
-      q_lora_rank=32,
-      kv_lora_rank=32,
-      qk_nope_head_dim=16,
-      qk_rope_head_dim=16,
-      v_head_dim=16,
-      index_n_heads=4,
-      index_head_dim=32,
-      index_topk=32,
-      original_seq_len=256,
-      max_seq_len=256,
-      n_mtp_layers=0,
-      param_dtype="float32",
-      compute_dtype="float32",
-      impl="reference",
-      attn_block_q=256,
-      remat=False,
-      init_std=0.02,
-    ),
+    preset="retrieval_cpu",
     seq_len=256,
     batch_size=2,
     pairs=8,
@@ -112,10 +65,9 @@ def get_config(arg=None):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.size = size
-  # every ModelConfig field (--config.model.<field>=): the `test` preset's with every size field
-  # of this experiment set here
-  m = model_config.preset("test", **s["model"])
-  c.model = ml_collections.ConfigDict({"preset": "test", **dataclasses.asdict(m)})
+  # every ModelConfig field (--config.model.<field>=), from the size's preset
+  m = model_config.preset(s["preset"])
+  c.model = ml_collections.ConfigDict({"preset": s["preset"], **dataclasses.asdict(m)})
   c.seq_len = s["seq_len"]
   c.batch_size = s["batch_size"]
   c.seed = 0
