@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
-from pallas_kernels.lightning_indexer import kernel as lik
+from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik
 from pallas_kernels.lightning_indexer import ops as li_ops
-from pallas_kernels.topk import kernel as tk
+from pallas_kernels.topk import kernel_triton as tk
 from pallas_kernels.topk import reference as tref
 
 

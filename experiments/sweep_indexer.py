@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
-from pallas_kernels.lightning_indexer import kernel as lik
+from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik
 
 B = lik.BlockSizes
 

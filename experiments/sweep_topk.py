@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
-from pallas_kernels.topk import kernel as tk
+from pallas_kernels.topk import kernel_triton as tk
 from pallas_kernels.topk import reference as tref
 
 BS = tk.BlockSizes
@@ -152,7 +152,7 @@ def sweep_t1(rec, *, l, k, iters, interp, deadline, variants):
 def sweep_indexer(rec, *, lengths, topk, block_t, bs, lbs_kw, interp, iters, deadline):
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
-  from pallas_kernels.lightning_indexer import kernel as lik  # noqa: PLC0415
+  from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik  # noqa: PLC0415
 
   for l in lengths:
     q = k = w = out = None  # free the previous length's arrays first

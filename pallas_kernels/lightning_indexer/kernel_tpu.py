@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.lightning_indexer import kernel as gpu_kernel
+from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as gpu_kernel
 
 NUMERICS = ("fp8", "int8", "bf16")
 

@@ -14,7 +14,13 @@ interpret, TPU) or do not take the shape (kernel_kl_triton.supported).
 
 import jax
 
-from pallas_kernels.lightning_indexer import grad, kernel, kernel_kl_triton, kernel_tpu, reference
+from pallas_kernels.lightning_indexer import (
+  grad,
+  kernel_kl_triton,
+  kernel_mosaic_gpu,
+  kernel_tpu,
+  reference,
+)
 
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
@@ -44,9 +50,9 @@ def _impl(impl):
 def _check_fp8_kernel(q, k, block_q: int, block_k: int):
   _, t, j, d = q.shape
   s = k.shape[1]
-  if j != kernel.HEADS or d != kernel.DIM:
+  if j != kernel_mosaic_gpu.HEADS or d != kernel_mosaic_gpu.DIM:
     raise ValueError(
-      f"impl='pallas' needs J={kernel.HEADS} heads and D={kernel.DIM}; got J={j}, "
+      f"impl='pallas' needs J={kernel_mosaic_gpu.HEADS} heads and D={kernel_mosaic_gpu.DIM}; got J={j}, "
       f"D={d} (use impl='reference')"
     )
   if t % block_q:
@@ -109,9 +115,9 @@ def indexer_logits(
       causal=causal,
       interpret=_interp_tpu(interpret),
     )
-  bs = block_sizes or kernel.BlockSizes.default_for(q.shape[1], k.shape[1])
+  bs = block_sizes or kernel_mosaic_gpu.BlockSizes.default_for(q.shape[1], k.shape[1])
   _check_fp8_kernel(q, k, bs.block_q, bs.block_k)
-  return kernel.indexer_logits_fp8(
+  return kernel_mosaic_gpu.indexer_logits_fp8(
     q, k, w, block_sizes=bs, causal=causal, interpret=_interp(interpret)
   )
 
@@ -158,10 +164,10 @@ def indexer_topk(
       recall_target=recall_target,
       interpret=_interp_tpu(interpret),
     )
-  from pallas_kernels.topk import kernel as topk_kernel  # noqa: PLC0415
+  from pallas_kernels.topk import kernel_triton as topk_kernel  # noqa: PLC0415
 
   bt = min(block_t, q.shape[1])
-  lbs = kernel.BlockSizes.default_for(bt, k.shape[1])
+  lbs = kernel_mosaic_gpu.BlockSizes.default_for(bt, k.shape[1])
   _check_fp8_kernel(q, k, lbs.block_q, lbs.block_k)
   if bt % lbs.block_q:
     raise ValueError(f"block_t={bt} must be a multiple of {lbs.block_q}")

@@ -4,7 +4,7 @@
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.topk import kernel, kernel_tpu, reference
+from pallas_kernels.topk import kernel_tpu, kernel_triton, reference
 
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
@@ -23,7 +23,7 @@ def topk(
   """Exact top-k indices of the last axis; -inf entries -> -1; ties to the lower index.
 
   impl="reference": lax.top_k, slots in descending score order.
-  impl="pallas": radix threshold select (kernel.py), the same index set with slots in ascending
+  impl="pallas": threshold select (kernel_triton.py), the same index set with slots in ascending
   index order (-1 slots last). NaN scores are treated as masked. interpret=True runs it on CPU.
   impl="pallas" with backend="tpu" (default on a TPU host): kernel_tpu.topk_tpu, i.e. exact
   lax.top_k (recall_target=None) or lax.approx_max_k(recall_target); descending score order.
@@ -46,11 +46,11 @@ def topk(
   lead, s = scores.shape[:-1], scores.shape[-1]
   rows = scores.reshape(-1, s).astype(jnp.float32)
   lengths = jnp.full((rows.shape[0],), s, jnp.int32)
-  idx = kernel.select_topk(
+  idx = kernel_triton.select_topk(
     rows,
     lengths,
     k=k,
-    block_sizes=block_sizes or kernel.BlockSizes.default_for(s),
+    block_sizes=block_sizes or kernel_triton.BlockSizes.default_for(s),
     interpret=interpret,
   )
   return idx.reshape(lead + (k,))

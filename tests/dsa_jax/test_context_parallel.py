@@ -9,9 +9,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsa_jax import context_parallel
-from pallas_kernels.lightning_indexer import kernel as lik
+from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik
 from pallas_kernels.lightning_indexer import ops as indexer_ops
-from pallas_kernels.topk import kernel as topk_kernel
+from pallas_kernels.topk import kernel_triton as topk_kernel
 
 
 def _logits(q8, k8, wq, ks, *, block_sizes, causal=True, q_offset=None, interpret=None):

@@ -11,7 +11,7 @@ from jax import export
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._testing import rel_err
-from pallas_kernels.lightning_indexer import kernel, ops, reference
+from pallas_kernels.lightning_indexer import kernel_mosaic_gpu, ops, reference
 
 
 def _inputs(seed, b, t, s, j, d, fake_quant=False):
@@ -20,8 +20,8 @@ def _inputs(seed, b, t, s, j, d, fake_quant=False):
   k = jax.random.normal(ks[1], (b, s, d))
   w = jax.random.normal(ks[2], (b, t, j)) / np.sqrt(j * d)
   if fake_quant:  # what the model feeds: FP8 quant-dequantised floats
-    q8, qs = kernel.quantize_e4m3(q)
-    k8, kss = kernel.quantize_e4m3(k)
+    q8, qs = kernel_mosaic_gpu.quantize_e4m3(q)
+    k8, kss = kernel_mosaic_gpu.quantize_e4m3(k)
     q, k = q8.astype(jnp.float32) * qs[..., None], k8.astype(jnp.float32) * kss[..., None]
   return q, k, w
 
@@ -52,15 +52,15 @@ def test_reference_topk_streamed_equals_dense():
 
 def test_quantize_is_idempotent_on_fake_quant():
   x = jax.random.normal(jax.random.key(3), (4, 7, 128)) * 5.0
-  x8, s = kernel.quantize_e4m3(x)
+  x8, s = kernel_mosaic_gpu.quantize_e4m3(x)
   assert np.all(np.log2(np.asarray(s)) == np.round(np.log2(np.asarray(s))))  # ue8m0
   xd = x8.astype(jnp.float32) * s[..., None]
-  y8, s2 = kernel.quantize_e4m3(xd)
+  y8, s2 = kernel_mosaic_gpu.quantize_e4m3(xd)
   np.testing.assert_array_equal(np.asarray(y8.astype(jnp.float32) * s2[..., None]), np.asarray(xd))
   assert rel_err(xd, x) < 0.05
 
 
-KEYS_M = kernel.BlockSizes(
+KEYS_M = kernel_mosaic_gpu.BlockSizes(
   16, 128, "keys_m", q_per_mma=2, stages=3, overlap=True, no_auto_barriers=True
 )
 
@@ -68,17 +68,17 @@ KEYS_M = kernel.BlockSizes(
 @pytest.mark.parametrize(
   "causal,t,s,bs",
   [
-    (True, 16, 192, kernel.BlockSizes(block_q=8, block_k=64)),
-    (False, 8, 64, kernel.BlockSizes(block_q=8, block_k=64)),
+    (True, 16, 192, kernel_mosaic_gpu.BlockSizes(block_q=8, block_k=64)),
+    (False, 8, 64, kernel_mosaic_gpu.BlockSizes(block_q=8, block_k=64)),
     # two consumer warpgroups, overlapped accumulators; 3 key blocks cycle 2 TMA slots
     (
       True,
       16,
       384,
-      kernel.BlockSizes(8, 128, "keys_m", q_per_mma=2, stages=2, overlap=True),
+      kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=2, stages=2, overlap=True),
     ),
     # one consumer warpgroup, N = 4 queries x 64 heads
-    (False, 16, 256, kernel.BlockSizes(16, 64, "keys_m", q_per_mma=4, compute_wgs=1)),
+    (False, 16, 256, kernel_mosaic_gpu.BlockSizes(16, 64, "keys_m", q_per_mma=4, compute_wgs=1)),
   ],
 )
 def test_pallas_logits_interpret(causal, t, s, bs):
@@ -106,18 +106,21 @@ def test_pallas_logits_keys_m_race_free_and_matches_heads_m():
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
   q, k, w = _inputs(10, 2, 8, 640, 64, 128, fake_quant=True)
-  args = kernel.prepare_fp8(q, k, w)
+  args = kernel_mosaic_gpu.prepare_fp8(q, k, w)
   # 4 live key blocks through 2 slots, then one all -inf block
-  bs = kernel.BlockSizes(8, 128, "keys_m", q_per_mma=4, stages=2, no_auto_barriers=True)
-  got = kernel.logits_fp8(
+  bs = kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=4, stages=2, no_auto_barriers=True)
+  got = kernel_mosaic_gpu.logits_fp8(
     *args,
     block_sizes=bs,
     q_offset=400,
     interpret=plgpu.InterpretGPUParams(detect_races=True),
   )
   assert not gpu_callbacks.get_races().races_found
-  want = kernel.logits_fp8(
-    *args, block_sizes=kernel.BlockSizes(8, 64), q_offset=400, interpret=plgpu.InterpretGPUParams()
+  want = kernel_mosaic_gpu.logits_fp8(
+    *args,
+    block_sizes=kernel_mosaic_gpu.BlockSizes(8, 64),
+    q_offset=400,
+    interpret=plgpu.InterpretGPUParams(),
   )
   got, want = np.asarray(got), np.asarray(want)
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
@@ -143,13 +146,13 @@ def test_validation():
   with pytest.raises(ValueError, match="w shape"):
     ops.indexer_logits(q, k, w[:, :, :2])
   with pytest.raises(ValueError, match="block_q"):
-    kernel.BlockSizes(block_q=12)
+    kernel_mosaic_gpu.BlockSizes(block_q=12)
   with pytest.raises(ValueError, match="variant"):
-    kernel.BlockSizes(variant="rows")
+    kernel_mosaic_gpu.BlockSizes(variant="rows")
   with pytest.raises(ValueError, match="q_per_mma"):
-    kernel.BlockSizes(8, 128, "keys_m", q_per_mma=16)
+    kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=16)
   with pytest.raises(ValueError, match="regs"):
-    kernel.BlockSizes(16, 128, "keys_m", q_per_mma=4, compute_wgs=1)
+    kernel_mosaic_gpu.BlockSizes(16, 128, "keys_m", q_per_mma=4, compute_wgs=1)
 
 
 def _kl_case(seed):
@@ -244,7 +247,12 @@ def test_export_cuda_logits_keys_m_noncausal():
   f32 = jnp.float32
   exp = _export_cuda(
     lambda q, k, w: ops.indexer_logits(
-      q, k, w, impl="pallas", causal=False, block_sizes=kernel.BlockSizes.default_for(1024, 4096)
+      q,
+      k,
+      w,
+      impl="pallas",
+      causal=False,
+      block_sizes=kernel_mosaic_gpu.BlockSizes.default_for(1024, 4096),
     ),
     jax.ShapeDtypeStruct((1, 1024, 64, 128), f32),
     jax.ShapeDtypeStruct((1, 4096, 128), f32),
@@ -292,9 +300,9 @@ def test_gpu_logits_and_topk():
 @pytest.mark.gpu
 def test_gpu_logits_keys_m_matches_heads_m():
   q, k, w = _inputs(11, 1, 2048, 8192, 64, 128, fake_quant=True)
-  args = jax.jit(kernel.prepare_fp8)(q, k, w)
-  want = np.asarray(kernel.logits_fp8(*args, block_sizes=kernel.BlockSizes()))
-  got = np.asarray(kernel.logits_fp8(*args, block_sizes=KEYS_M))
+  args = jax.jit(kernel_mosaic_gpu.prepare_fp8)(q, k, w)
+  want = np.asarray(kernel_mosaic_gpu.logits_fp8(*args, block_sizes=kernel_mosaic_gpu.BlockSizes()))
+  got = np.asarray(kernel_mosaic_gpu.logits_fp8(*args, block_sizes=KEYS_M))
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
   fin = np.isfinite(want)
   assert rel_err(got[fin], want[fin]) < 1e-5

@@ -9,7 +9,7 @@ import pytest
 from jax import export
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.topk import kernel, ops, reference
+from pallas_kernels.topk import kernel_triton, ops, reference
 
 
 def _naive_topk(x, k):
@@ -59,7 +59,7 @@ def test_reference_matches_naive():
 )
 def test_pallas_select_matches_reference(kind, shape, k, chunk, radix):
   x = jnp.asarray(_scores(1, shape, kind))
-  bs = kernel.BlockSizes(chunk=chunk, radix_bits=radix)
+  bs = kernel_triton.BlockSizes(chunk=chunk, radix_bits=radix)
   got = ops.topk(x, k, impl="pallas", interpret=True, block_sizes=bs)
   want = ops.topk(x, k, impl="reference")
   assert got.shape == want.shape and got.dtype == jnp.int32
@@ -71,7 +71,7 @@ def test_pallas_select_matches_reference(kind, shape, k, chunk, radix):
 
 
 def _check_lengths(x, lengths, k, bs):
-  got = kernel.select_topk(x, lengths, k=k, block_sizes=bs, interpret=True)
+  got = kernel_triton.select_topk(x, lengths, k=k, block_sizes=bs, interpret=True)
   masked = jnp.where(jnp.arange(x.shape[1])[None] < lengths[:, None], x, -jnp.inf)
   assert _sets(got) == _sets(reference.topk_reference(masked, k))
   for row in np.asarray(got):
@@ -82,7 +82,7 @@ def _check_lengths(x, lengths, k, bs):
 def test_pallas_select_row_lengths():
   x = jnp.asarray(_scores(2, (4, 128), "ints"))
   lengths = jnp.array([128, 50, 3, 100], jnp.int32)
-  _check_lengths(x, lengths, 20, kernel.BlockSizes(chunk=32))
+  _check_lengths(x, lengths, 20, kernel_triton.BlockSizes(chunk=32))
 
 
 # cap=4 forces the key-space splitting passes and, on heavy ties, the no-scratch path (a bracket
@@ -90,11 +90,15 @@ def test_pallas_select_row_lengths():
 @pytest.mark.parametrize(
   "bs",
   [
-    kernel.BlockSizes(chunk=64, sample=32),
-    kernel.BlockSizes(chunk=32, sample=16, thresholds=4, cap=4, radix_bits=1),
-    kernel.BlockSizes(chunk=128, sample=64, thresholds=16, radix_bits=8, cap=40, prefetch=False),
-    kernel.BlockSizes(chunk=64, variant="radix", radix_bits=4),
-    kernel.BlockSizes(chunk=64, variant="radix", radix_bits=4, accumulate=False, prefetch=False),
+    kernel_triton.BlockSizes(chunk=64, sample=32),
+    kernel_triton.BlockSizes(chunk=32, sample=16, thresholds=4, cap=4, radix_bits=1),
+    kernel_triton.BlockSizes(
+      chunk=128, sample=64, thresholds=16, radix_bits=8, cap=40, prefetch=False
+    ),
+    kernel_triton.BlockSizes(chunk=64, variant="radix", radix_bits=4),
+    kernel_triton.BlockSizes(
+      chunk=64, variant="radix", radix_bits=4, accumulate=False, prefetch=False
+    ),
   ],
   ids=["sample", "sample-split", "sample-m16", "radix", "radix-noacc"],
 )
@@ -110,7 +114,7 @@ def test_indexer_topk_blocked_buckets(monkeypatch):
   """Bucketed blocked indexer: one logits shape per key-width bucket (+ the partial last block),
   and the same sets as a dense causal select. Integer inputs make every logit exact (and tied
   often), and a jnp stand-in for the FP8 logits kernel keeps the test fast."""
-  from pallas_kernels.lightning_indexer import kernel as lik  # noqa: PLC0415
+  from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik  # noqa: PLC0415
 
   shapes = set()
 
@@ -131,10 +135,10 @@ def test_indexer_topk_blocked_buckets(monkeypatch):
   k = jnp.asarray(rng.integers(-3, 4, (b, s, d)), jnp.float32)
   w = jnp.asarray(rng.integers(-2, 3, (b, t, j)), jnp.float32)
   lbs = lik.BlockSizes(block_q=8, block_k=64)
-  sbs = kernel.BlockSizes(chunk=32, sample=16)
-  assert kernel.bucket_widths(s, lbs.block_k, sbs.chunk, 2) == [64, 128]
+  sbs = kernel_triton.BlockSizes(chunk=32, sample=16)
+  assert kernel_triton.bucket_widths(s, lbs.block_k, sbs.chunk, 2) == [64, 128]
   try:
-    got = kernel.indexer_topk_blocked(
+    got = kernel_triton.indexer_topk_blocked(
       q,
       k,
       w,
@@ -146,7 +150,7 @@ def test_indexer_topk_blocked_buckets(monkeypatch):
       interpret=True,
     )
   finally:
-    kernel.indexer_topk_blocked.clear_cache()  # the jit cache holds the stand-in
+    kernel_triton.indexer_topk_blocked.clear_cache()  # the jit cache holds the stand-in
   # 7 full blocks (keys needed: 24, 40, .. 120 -> widths 64, 64, 64, 128, ..) and an 8-row tail
   assert {sh[:2] for sh in shapes} == {
     ((b, 16, j, d), (b, 64, d)),
@@ -167,19 +171,19 @@ def test_validation():
   with pytest.raises(ValueError, match="floating"):
     ops.topk(jnp.ones((2, 8), jnp.int32), 2, impl="pallas")
   with pytest.raises(ValueError, match="power of 2"):
-    kernel.BlockSizes(chunk=48)
+    kernel_triton.BlockSizes(chunk=48)
   with pytest.raises(ValueError, match="variant"):
-    kernel.BlockSizes(variant="sort")
+    kernel_triton.BlockSizes(variant="sort")
   with pytest.raises(ValueError, match="thresholds"):
-    kernel.BlockSizes(thresholds=2)
+    kernel_triton.BlockSizes(thresholds=2)
   with pytest.raises(ValueError, match="sample"):
-    kernel.BlockSizes(sample=8)
+    kernel_triton.BlockSizes(sample=8)
 
 
-@pytest.mark.parametrize("variant", kernel.VARIANTS)
+@pytest.mark.parametrize("variant", kernel_triton.VARIANTS)
 def test_export_cuda_t1_shape(variant):
   """Pallas-Triton lowering of the select kernel at T1's shape (32768 rows x 32768, k=2048)."""
-  bs = kernel.BlockSizes(variant=variant, radix_bits=4 if variant == "radix" else 2)
+  bs = kernel_triton.BlockSizes(variant=variant, radix_bits=4 if variant == "radix" else 2)
   f = jax.jit(lambda x: ops.topk(x, 2048, impl="pallas", block_sizes=bs))
   mesh = jax.sharding.AbstractMesh(
     (),

@@ -520,7 +520,7 @@ def indexer_topk_blocked(
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
-  from pallas_kernels.lightning_indexer import kernel as lik  # noqa: PLC0415
+  from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik  # noqa: PLC0415
 
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   lbs = logits_block_sizes or lik.BlockSizes.default_for(block_t, s)
