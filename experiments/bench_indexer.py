@@ -8,7 +8,7 @@ Conventions: docs/benchmarks.md.
 I1: our Mosaic GPU FP8 logits kernel (causal L x L, H_I=64, d_I=128; inputs pre-quantised, like a
     model that keeps the FP8 cache) vs an fp8 XLA GEMM 8192^3 (f32 out) measured in the same run,
     its time scaled to the same FLOPs: ratio = fraction of that GEMM ceiling.
-T1: radix-select kernel on causal [L, L] f32 scores, k=2048, vs lax.top_k (a full CUB sort).
+T1: topk/kernel_triton.py select on causal [L, L] f32 scores, k=2048, vs lax.top_k (a full CUB sort).
     Main row: with per-row causal lengths (what the fused indexer path uses); `full_scan` in the row
     is the same kernel without lengths (scans every column, -inf masked).
 E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if it runs, else

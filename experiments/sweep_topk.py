@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Top-k select sweep on one GPU: every select variant at T1, then the blocked FP8 indexer top-k.
+"""Top-k select sweep on one GPU: the select kernel's knobs at T1, then the blocked FP8 indexer top-k.
 
   python -m experiments.sweep_topk --out=experiments/results/sweep_topk.json
   python -m experiments.sweep_topk --small --out=/tmp/sweep_topk_small.json  # CPU, interpret
@@ -39,8 +39,6 @@ BS = tk.BlockSizes
 # is the kernel's default.
 T1_VARIANTS = {
   "sample": BS(),
-  # the kernel as it was (26.3 ms on H200), up to the longest-row-first grid order
-  "radix_rb4_noacc_nopf": BS(variant="radix", radix_bits=4, accumulate=False, prefetch=False),
   "sample_nopf": BS(prefetch=False),
   "sample_w8": BS(num_warps=8),
   "sample_c1024_w8": BS(chunk=1024, num_warps=8),
@@ -53,12 +51,8 @@ T1_VARIANTS = {
   "sample_cap1024": BS(cap=1024),
   "sample_nopf_st3": BS(prefetch=False, num_stages=3),
   "sample_c256_w8": BS(chunk=256, num_warps=8),
-  "radix_rb4": BS(variant="radix", radix_bits=4),
-  "radix_rb4_w8": BS(variant="radix", radix_bits=4, num_warps=8),
-  "radix_rb2": BS(variant="radix", radix_bits=2),
-  "radix_rb4_noacc": BS(variant="radix", radix_bits=4, accumulate=False),
 }
-TIES_VARIANTS = ("sample", "sample_cap1024", "radix_rb4")
+TIES_VARIANTS = ("sample", "sample_cap1024")
 
 
 def _sets(idx):

@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Public lightning-indexer ops (logits, fused causal top-k, KL losses) with the impl switch.
 
-impl="pallas" (GPU: Mosaic GPU FP8 logits + radix-select top-k; interpret=True runs the same
+impl="pallas" (GPU: Mosaic GPU FP8 logits + threshold-select top-k; interpret=True runs the same
 kernels on CPU) takes the same float q, k, w as the reference. q and k are re-quantised inside with
 the 1x128 e4m3 / ue8m0 scheme of docs/dsa.md §Indexer, which is exact for tensors that
 already went through that fake quant, so logits match the reference to fp32 summation order and

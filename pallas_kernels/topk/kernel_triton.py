@@ -8,7 +8,7 @@ every key > tau plus the first (in index order) keys == tau, tau being the exact
 so ties go to the lower index like lax.top_k. Output: [rows, k] int32 in ascending key-index
 order (not score order), -1 in unused slots. Rows with length <= k skip the search.
 
-variant="sample" (default; ~3 streaming passes over the row):
+The select (~3 streaming passes over the row):
   1. Strided sample of `sample` keys; their ranks (pairwise compare) give `thresholds - 1` sample
      quantiles around the k-th largest (spread over +-3 binomial sigma), plus threshold 1 (counts
      the valid keys).
@@ -20,14 +20,9 @@ variant="sample" (default; ~3 streaming passes over the row):
      order), then a radix select over only those candidates finds tau (skipping the leading bits
      lo and hi - 1 share) and the index of the last tie to keep ("cut").
   4. Output pass: key > tau or (key == tau and index <= cut), scattered to its prefix-sum slot.
-variant="radix" (reference design): radix search from the top digit, `radix_bits` per full-row
-  pass counting keys >= each of 2^radix_bits candidate prefixes (32 / radix_bits passes), then a
-  counting pass and an output pass with two prefix sums. `accumulate` keeps the per-candidate
-  counts in registers across chunks instead of reducing every chunk.
-
 Pointer-style masked loads and vector-indexed stores; passes re-stream the row (from L2 mostly),
 each chunk's load issued one chunk ahead (`prefetch`); the grid runs the last row first. On CPU
-the kernels run under interpret=True (`cap` + `chunk` extra scratch and output slots then catch
+the kernel runs under interpret=True (`cap` + `chunk` extra scratch and output slots then catch
 the dead lanes of the interpreter's unmasked scatters).
 """
 
@@ -40,7 +35,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-VARIANTS = ("sample", "radix")
 _U32_MAX = 0xFFFFFFFF
 _I32_MAX = 2**31 - 1
 
@@ -57,19 +51,16 @@ def _pow2(n: int) -> bool:
 class BlockSizes:
   """Select-kernel knobs (all static).
 
-  chunk: columns per vector step (power of 2). radix_bits: digit width of the radix search (the
-  whole search for "radix", 4 is the usual choice there; the candidate search for "sample", where
-  2 keeps the [2^bits, chunk] accumulator's registers down). num_warps, num_stages: Triton's.
-  accumulate ("radix"): register accumulator across chunks. sample, thresholds, cap ("sample"):
-  sample size (power of 2 >= 16), counts per counting pass (power of 2 >= 4), candidate buffer
-  per row. prefetch: load the next chunk of the row before working on the current one.
+  chunk: columns per vector step (power of 2). radix_bits: digit width of the radix search over
+  the candidates (2 keeps the [2^bits, chunk] accumulator's registers down). num_warps,
+  num_stages: Triton's. sample, thresholds, cap: sample size (power of 2 >= 16), counts per
+  counting pass (power of 2 >= 4), candidate buffer per row. prefetch: load the next chunk of the
+  row before working on the current one.
   """
 
   chunk: int = 512
   radix_bits: int = 2
   num_warps: int = 4
-  variant: str = "sample"
-  accumulate: bool = True
   sample: int = 256
   thresholds: int = 8
   cap: int = 2048
@@ -81,8 +72,6 @@ class BlockSizes:
       raise ValueError(f"chunk={self.chunk} must be a power of 2")
     if self.radix_bits not in (1, 2, 4, 8):
       raise ValueError(f"radix_bits={self.radix_bits} must be one of 1, 2, 4, 8")
-    if self.variant not in VARIANTS:
-      raise ValueError(f"variant={self.variant!r}; expected one of {VARIANTS}")
     if not _pow2(self.sample) or self.sample < 16:
       raise ValueError(f"sample={self.sample} must be a power of 2 >= 16")
     if not _pow2(self.thresholds) or not 4 <= self.thresholds <= 64:
@@ -140,75 +129,6 @@ def _row_stream(x_ref, r, length, chunk, prefetch):
     return jax.lax.fori_loop(0, n, step, (raw(0), init))[1]
 
   return stream
-
-
-def _radix_kernel(len_ref, x_ref, o_ref, *, k, kp, chunk, radix_bits, accumulate, prefetch, pad):
-  r = _row()
-  length = len_ref[r]
-  n_chunks = pl.cdiv(length, chunk)
-  iota = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-  stream = _row_stream(x_ref, r, length, chunk, prefetch)
-
-  # Radix passes; skipped (0 chunks) when the row has no more than k candidates.
-  n_radix = jnp.where(length > k, n_chunks, jnp.int32(0))
-  nb = 1 << radix_bits
-  digits = jax.lax.broadcasted_iota(jnp.uint32, (nb, 1), 0)
-  prefix = jnp.uint32(0)
-  for p in range(32 // radix_bits):
-    shift = 32 - radix_bits * (p + 1)
-    cand = prefix | (digits << shift)  # [nb, 1]
-    # Masked keys are 0: only the digit-0 candidate 0 counts them, and digit 0 is always kept.
-    if accumulate:
-
-      def count(c, key, cols, acc, cand=cand):
-        return acc + (key[None, :] >= cand).astype(jnp.int32)
-
-      acc = stream(n_radix, count, jnp.zeros((nb, chunk), jnp.int32))
-      cnt = jnp.sum(acc, axis=1, keepdims=True)
-    else:
-
-      def count(c, key, cols, cnt, cand=cand):
-        ge = key[None, :] >= cand
-        return cnt + jnp.sum(ge.astype(jnp.int32), axis=1, keepdims=True)
-
-      cnt = stream(n_radix, count, jnp.zeros((nb, 1), jnp.int32))
-    # counts are non-increasing in the digit: the kept digit is (#digits with count >= k) - 1
-    d = jnp.maximum(jnp.sum((cnt >= k).astype(jnp.int32)) - 1, 0).astype(jnp.uint32)
-    prefix = prefix | (d << shift)
-  tau = prefix
-
-  def count_gt(c, key, cols, carry):
-    g, nv = carry
-    g += jnp.sum((key > tau).astype(jnp.int32))
-    nv += jnp.sum((key > 0).astype(jnp.int32))
-    return g, nv
-
-  g, nv = stream(n_chunks, count_gt, (jnp.int32(0), jnp.int32(0)))
-  n_sel = jnp.minimum(nv, k)
-  need_eq = n_sel - g
-
-  # -1 into the unused tail slots (disjoint from the slots the compaction writes).
-  for j in range(kp // chunk):
-    cols = j * chunk + iota
-    pltriton.store(
-      o_ref.at[r, pl.ds(j * chunk, chunk)],
-      jnp.full((chunk,), -1, jnp.int32),
-      mask=(cols >= n_sel) & (cols < k),
-    )
-
-  def compact(c, key, cols, carry):
-    n_done, n_eq = carry
-    eq = ((key == tau) & (key > 0)).astype(jnp.int32)
-    eq_rank = n_eq + jnp.cumsum(eq) - eq
-    sel = ((key > tau) & (key > 0)) | ((eq == 1) & (eq_rank < need_eq))
-    sel_i = sel.astype(jnp.int32)
-    pos = n_done + jnp.cumsum(sel_i) - sel_i
-    if pad:  # interpreter: a masked scatter is a full scatter; give dead lanes distinct slots
-      pos = jnp.where(sel, pos, kp + iota)
-    pltriton.store(o_ref.at[r, pos], cols, mask=sel)
-    return n_done + jnp.sum(sel_i), n_eq + jnp.sum(eq)
-
-  stream(n_chunks, compact, (jnp.int32(0), jnp.int32(0)))
 
 
 # Every jnp.where below gets typed scalars: the Triton lowering of select_n gives a weak-typed
@@ -421,53 +341,33 @@ def select_topk(scores, lengths, *, k: int, block_sizes: BlockSizes, interpret=F
   scores = scores.astype(jnp.float32)
   params = pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
   out = jax.ShapeDtypeStruct((r, out_w), jnp.int32)
-  if bs.variant == "radix":
-    kern = functools.partial(
-      _radix_kernel,
-      k=k,
-      kp=kp,
-      chunk=chunk,
-      radix_bits=bs.radix_bits,
-      accumulate=bs.accumulate,
-      prefetch=bs.prefetch,
-      pad=pad,
-    )
-    idx = pl.pallas_call(
-      kern,
-      out_shape=out,
-      grid=(r,),
-      compiler_params=params,
-      interpret=interpret,
-      name="radix_select_topk",
-    )(lengths, scores)
-  else:
-    capw = -(-bs.cap // chunk) * chunk
-    scratch_w = capw + (chunk if pad else 0)
-    kern = functools.partial(
-      _sample_kernel,
-      k=k,
-      kp=kp,
-      chunk=chunk,
-      rb=bs.radix_bits,
-      ns=bs.sample,
-      m=bs.thresholds,
-      cap=bs.cap,
-      capw=capw,
-      prefetch=bs.prefetch,
-      pad=pad,
-    )
-    idx, _, _ = pl.pallas_call(
-      kern,
-      out_shape=(
-        out,
-        jax.ShapeDtypeStruct((r, scratch_w), jnp.uint32),
-        jax.ShapeDtypeStruct((r, scratch_w), jnp.int32),
-      ),
-      grid=(r,),
-      compiler_params=params,
-      interpret=interpret,
-      name="sample_select_topk",
-    )(lengths, scores)
+  capw = -(-bs.cap // chunk) * chunk
+  scratch_w = capw + (chunk if pad else 0)
+  kern = functools.partial(
+    _sample_kernel,
+    k=k,
+    kp=kp,
+    chunk=chunk,
+    rb=bs.radix_bits,
+    ns=bs.sample,
+    m=bs.thresholds,
+    cap=bs.cap,
+    capw=capw,
+    prefetch=bs.prefetch,
+    pad=pad,
+  )
+  idx, _, _ = pl.pallas_call(
+    kern,
+    out_shape=(
+      out,
+      jax.ShapeDtypeStruct((r, scratch_w), jnp.uint32),
+      jax.ShapeDtypeStruct((r, scratch_w), jnp.int32),
+    ),
+    grid=(r,),
+    compiler_params=params,
+    interpret=interpret,
+    name="sample_select_topk",
+  )(lengths, scores)
   return idx if out_w == k else idx[:, :k]
 
 

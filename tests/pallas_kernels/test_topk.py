@@ -95,14 +95,10 @@ def test_pallas_select_row_lengths():
     kernel_triton.BlockSizes(
       chunk=128, sample=64, thresholds=16, radix_bits=8, cap=40, prefetch=False
     ),
-    kernel_triton.BlockSizes(chunk=64, variant="radix", radix_bits=4),
-    kernel_triton.BlockSizes(
-      chunk=64, variant="radix", radix_bits=4, accumulate=False, prefetch=False
-    ),
   ],
-  ids=["sample", "sample-split", "sample-m16", "radix", "radix-noacc"],
+  ids=["sample", "sample-split", "sample-m16"],
 )
-def test_select_variants(bs):
+def test_select_paths(bs):
   """Random floats and many-tie rows, lengths 0, <= k, k + 1 and full, masked and signed zeros."""
   x = np.concatenate([_scores(3, (6, 300), "normal"), _scores(4, (6, 300), "ints")])
   x[4, 150:] = -np.inf  # more masked keys than the length leaves room for
@@ -172,18 +168,17 @@ def test_validation():
     ops.topk(jnp.ones((2, 8), jnp.int32), 2, impl="pallas")
   with pytest.raises(ValueError, match="power of 2"):
     kernel_triton.BlockSizes(chunk=48)
-  with pytest.raises(ValueError, match="variant"):
-    kernel_triton.BlockSizes(variant="sort")
+  with pytest.raises(ValueError, match="radix_bits"):
+    kernel_triton.BlockSizes(radix_bits=3)
   with pytest.raises(ValueError, match="thresholds"):
     kernel_triton.BlockSizes(thresholds=2)
   with pytest.raises(ValueError, match="sample"):
     kernel_triton.BlockSizes(sample=8)
 
 
-@pytest.mark.parametrize("variant", kernel_triton.VARIANTS)
-def test_export_cuda_t1_shape(variant):
+def test_export_cuda_t1_shape():
   """Pallas-Triton lowering of the select kernel at T1's shape (32768 rows x 32768, k=2048)."""
-  bs = kernel_triton.BlockSizes(variant=variant, radix_bits=4 if variant == "radix" else 2)
+  bs = kernel_triton.BlockSizes.default_for(32768)
   f = jax.jit(lambda x: ops.topk(x, 2048, impl="pallas", block_sizes=bs))
   mesh = jax.sharding.AbstractMesh(
     (),
