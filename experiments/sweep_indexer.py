@@ -1,5 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""I1 sweep of the FP8 lightning-indexer logits kernel's variants and block sizes.
+"""I1 sweep of the FP8 lightning-indexer logits kernel's block sizes (heads_m and keys_m).
 
   python -m experiments.sweep_indexer --out=experiments/results/indexer_sweep.json
   python -m experiments.sweep_indexer --small --out=/tmp/sweep.json   # CPU, GPU interpret mode
@@ -32,22 +32,8 @@ B = lik.BlockSizes
 CONFIGS = [
   ("heads_m_default", B(16, 128)),
   ("keys_m_q4_s3", B(16, 128, "keys_m", q_per_mma=4, stages=3)),
-  ("keys_m_q4_s3_nab", B(16, 128, "keys_m", q_per_mma=4, stages=3, no_auto_barriers=True)),
-  ("keys_m_q2_s3_nab", B(16, 128, "keys_m", q_per_mma=2, stages=3, no_auto_barriers=True)),
-  (
-    "keys_m_q2_s3_ovl_nab",
-    B(16, 128, "keys_m", q_per_mma=2, stages=3, overlap=True, no_auto_barriers=True),
-  ),
-  ("keys_m_bq8_q4_s4_nab", B(8, 128, "keys_m", q_per_mma=4, stages=4, no_auto_barriers=True)),
-  (
-    "keys_m_bq8_q2_s4_ovl_nab",
-    B(8, 128, "keys_m", q_per_mma=2, stages=4, overlap=True, no_auto_barriers=True),
-  ),
-  ("keys_m_1wg_q4_s4_nab", B(16, 64, "keys_m", 4, 4, compute_wgs=1, no_auto_barriers=True)),
-  (
-    "keys_m_1wg_q2_s4_ovl_nab",
-    B(16, 64, "keys_m", 2, 4, compute_wgs=1, overlap=True, no_auto_barriers=True),
-  ),
+  ("keys_m_q2_s3", B(16, 128, "keys_m", q_per_mma=2, stages=3)),
+  ("keys_m_bq8_q4_s4", B(8, 128, "keys_m", q_per_mma=4, stages=4)),
 ]
 
 

@@ -8,7 +8,8 @@ folded into wq and the k scale ks is applied per key after the head sum, both ex
 positive, so they commute with ReLU).
 
 One CTA owns `block_q` queries of one batch row and walks the key blocks up to its causal bound
-(blocks past it are only filled with -inf). Two variants (BlockSizes.variant):
+(blocks past it are only filled with -inf). Two layouts (BlockSizes.variant; default_for picks
+keys_m, and heads_m where T % 16 or S % 128 rules keys_m's tiles out):
 
 heads_m: per key block and query t, one fp8 wgmma
   acc[J=64 heads, block_k keys] = q8[t] (64x128, K-major) @ k8_tile^T (K-major: k rows are D-contig)
@@ -18,8 +19,8 @@ Key tiles are double buffered through TMA; output tiles go back through two SMEM
 keys_m (DeepGEMM's mqa-logits layout): per key block and group of q_per_mma queries
   acc[keys, q_per_mma·64] = k8_tile (K-major) @ q8[group]^T (K-major)
 so the head sum runs along N, inside each thread plus a 4-lane shuffle. Warp specialised: one
-producer warpgroup streams key tiles through a TMA ring, 1-2 consumer warpgroups split each tile's
-keys and overlap each other's wgmma with their epilogues (optionally also within a warpgroup).
+producer warpgroup streams key tiles through a TMA ring, 2 consumer warpgroups split each tile's
+keys and overlap each other's wgmma with their epilogues.
 """
 
 import dataclasses
@@ -34,6 +35,7 @@ FP8 = jnp.float8_e4m3fn
 HEADS = 64  # indexer heads: the wgmma M of heads_m, 64-column groups of N in keys_m
 DIM = 128  # one quantisation block per head vector
 VARIANTS = ("heads_m", "keys_m")
+CONSUMER_WGS = 2  # keys_m: consumer warpgroups, each owning block_k / 2 keys of every key tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +46,10 @@ class BlockSizes:
   N) and the head sum is a cross-warp reduction over the accumulator's rows.
   variant "keys_m": keys are M and (q_per_mma queries x 64 heads) are N, so the head sum runs
   along the accumulator's rows inside each thread (plus a 4-lane shuffle); a producer warpgroup
-  streams key tiles through `stages` TMA slots to `compute_wgs` consumer warpgroups, each owning
-  block_k / compute_wgs keys of every tile. `overlap` double-buffers the accumulator so the next
-  query group's wgmma runs under the current group's epilogue. `no_auto_barriers` drops the
-  warpgroup barriers Mosaic puts around every SMEM store (safe here: threads only write the output
-  tiles, which are fenced by the TMA waits and commit_smem, and only read TMA-written tiles).
+  streams key tiles through `stages` TMA slots to 2 consumer warpgroups, each owning block_k / 2
+  keys of every tile. Mosaic's automatic warpgroup barriers around SMEM stores are off (safe here:
+  threads only write the output tiles, which are fenced by the TMA waits and commit_smem, and only
+  read TMA-written tiles).
 
   block_q queries per CTA (q tile = block_q·64·128 B of SMEM); block_k keys per step.
   """
@@ -58,9 +59,6 @@ class BlockSizes:
   variant: str = "heads_m"
   q_per_mma: int = 2
   stages: int = 2
-  compute_wgs: int = 2
-  overlap: bool = False
-  no_auto_barriers: bool = False
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -70,16 +68,16 @@ class BlockSizes:
     if self.block_k % 64 or not 64 <= self.block_k <= 256:
       raise ValueError(f"block_k={self.block_k} must be 64, 128, 192 or 256")
     if self.variant == "keys_m":
-      mk, n = self.block_k // max(self.compute_wgs, 1), self.q_per_mma * HEADS
-      if self.compute_wgs not in (1, 2) or mk % 64:
+      mk, n = self.block_k // CONSUMER_WGS, self.q_per_mma * HEADS
+      if mk % 64:
         raise ValueError(
-          f"block_k={self.block_k} must be a multiple of 64 x compute_wgs={self.compute_wgs}"
+          f"keys_m: block_k={self.block_k} must be a multiple of 64 x {CONSUMER_WGS}"
         )
       if self.q_per_mma not in (1, 2, 4) or self.block_q % self.q_per_mma:
         raise ValueError(f"q_per_mma={self.q_per_mma} must be 1, 2 or 4 and divide block_q")
-      # f32 accumulator registers per thread (x2 with overlap) must leave room for the epilogue
-      if mk * n * (1 + self.overlap) > 128 * 128:
-        raise ValueError(f"accumulator {mk}x{n} (overlap={self.overlap}) exceeds 128 regs/thread")
+      # f32 accumulator registers per thread must leave room for the epilogue
+      if mk * n > 128 * 128:
+        raise ValueError(f"accumulator {mk}x{n} exceeds 128 regs/thread")
       if self.stages < 2:
         raise ValueError(f"stages={self.stages} must be >= 2")
 
@@ -87,9 +85,7 @@ class BlockSizes:
   def default_for(t: int, s: int) -> "BlockSizes":
     if t % 16 == 0 and s % 128 == 0:
       # keys_m: the fastest in the 2026-11-29 indexer sweep (lab log).
-      return BlockSizes(
-        block_q=16, block_k=128, variant="keys_m", q_per_mma=4, stages=3, no_auto_barriers=True
-      )
+      return BlockSizes(block_q=16, block_k=128, variant="keys_m", q_per_mma=4, stages=3)
     bq = 16 if t % 16 == 0 else 8
     bk = 128 if s % 128 == 0 else 64
     return BlockSizes(block_q=bq, block_k=bk)
@@ -260,7 +256,7 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
   b, t, j, d = q8.shape
   s = k8.shape[1]
   bs = block_sizes
-  bq, bk, nq, nst, nwg = bs.block_q, bs.block_k, bs.q_per_mma, bs.stages, bs.compute_wgs
+  bq, bk, nq, nst, nwg = bs.block_q, bs.block_k, bs.q_per_mma, bs.stages, CONSUMER_WGS
   mk, n = bk // nwg, nq * j  # wgmma M (keys per consumer) and N (query-heads per wgmma)
   ng, nk, nqb = bq // nq, s // bk, t // bq
   q2 = q8.reshape(b, t * j, d)
@@ -278,14 +274,10 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
     else:
       n_live = jnp.int32(nk)
 
-    # 3 warpgroups share 64K registers: move them from the producer to the consumers (with 2
-    # warpgroups every thread can already have 255)
-    rebalance = nwg == 2
-
+    # 3 warpgroups share 64K registers: move them from the producer to the consumers
     @pl.when(wg == nwg)
     def _producer():
-      if rebalance:
-        plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(40, action="decrease")
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0 * j, bq * j)], q_smem, q_bar)
       plgpu.copy_gmem_to_smem(w_ref.at[bi, pl.ds(qi * ng, ng)], w_smem, q_bar)
 
@@ -311,8 +303,7 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
 
     @pl.when(wg < nwg)
     def _consumer():
-      if rebalance:
-        plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(232, action="increase")
       plgpu.barrier_wait(q_bar)
       kloc = wg * mk + plgpu.broadcasted_iota(jnp.int32, (mk,), 0, layout=row)
 
@@ -339,32 +330,14 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
         def qg(g):
           return q_smem.at[pl.ds(g * n, n)].T
 
-        if bs.overlap:
-          # Group g's wgmma is issued into a fresh accumulator before group g-1's result is
-          # read (wait_n=1), so it runs under g-1's epilogue. Nested scopes instead of zeroing
-          # one accumulator in place: the interpreter has no accumulator store.
-          def chain(g, prev):
-            def scope(acc):
-              plgpu.wgmma(acc, a, qg(g))
-              if prev is not None:
-                epilogue(plgpu.wgmma_accumulator_load(prev, wait_n=1), g - 1, ksv, kpos, oslot)
-              if g + 1 < ng:
-                chain(g + 1, acc)
-              else:
-                epilogue(plgpu.wgmma_accumulator_load(acc, wait_n=0), g, ksv, kpos, oslot)
+        for g in range(ng):
 
-            pl.run_scoped(scope, plgpu.ACC((mk, n), jnp.float32))
+          def mma(acc_ref, g=g):
+            plgpu.wgmma(acc_ref, a, qg(g))
+            return acc_ref[...]
 
-          chain(0, None)
-        else:
-          for g in range(ng):
-
-            def mma(acc_ref, g=g):
-              plgpu.wgmma(acc_ref, a, qg(g))
-              return acc_ref[...]
-
-            z = pl.run_scoped(mma, plgpu.ACC((mk, n), jnp.float32))
-            epilogue(z, g, ksv, kpos, oslot)
+          z = pl.run_scoped(mma, plgpu.ACC((mk, n), jnp.float32))
+          epilogue(z, g, ksv, kpos, oslot)
         plgpu.barrier_arrive(k_free.at[slot])  # all wgmmas reading this slot have completed
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(
@@ -408,7 +381,7 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
     grid_names=("b", "q"),
     num_threads=nwg + 1,
     thread_name="wg",
-    compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=bs.no_auto_barriers),
+    compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True),
     interpret=interpret,
   )
   return kern(q2, k8, w2, ks.astype(jnp.float32))

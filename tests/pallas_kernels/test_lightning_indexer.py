@@ -60,9 +60,10 @@ def test_quantize_is_idempotent_on_fake_quant():
   assert rel_err(xd, x) < 0.05
 
 
-KEYS_M = kernel_mosaic_gpu.BlockSizes(
-  16, 128, "keys_m", q_per_mma=2, stages=3, overlap=True, no_auto_barriers=True
-)
+# The product configurations at a 2048-query block against 32768 keys: keys_m (the default) and
+# the heads_m fallback (T % 16 != 0).
+KEYS_M = kernel_mosaic_gpu.BlockSizes.default_for(2048, 32768)
+HEADS_M = kernel_mosaic_gpu.BlockSizes.default_for(2040, 32768)
 
 
 @pytest.mark.parametrize(
@@ -70,15 +71,10 @@ KEYS_M = kernel_mosaic_gpu.BlockSizes(
   [
     (True, 16, 192, kernel_mosaic_gpu.BlockSizes(block_q=8, block_k=64)),
     (False, 8, 64, kernel_mosaic_gpu.BlockSizes(block_q=8, block_k=64)),
-    # two consumer warpgroups, overlapped accumulators; 3 key blocks cycle 2 TMA slots
-    (
-      True,
-      16,
-      384,
-      kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=2, stages=2, overlap=True),
-    ),
-    # one consumer warpgroup, N = 4 queries x 64 heads
-    (False, 16, 256, kernel_mosaic_gpu.BlockSizes(16, 64, "keys_m", q_per_mma=4, compute_wgs=1)),
+    # keys_m, 2 queries per wgmma; 3 key blocks cycle 2 TMA slots
+    (True, 16, 384, kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=2, stages=2)),
+    # the default configuration (keys_m, N = 4 queries x 64 heads, 3 TMA slots)
+    (False, 16, 256, kernel_mosaic_gpu.BlockSizes.default_for(16, 256)),
   ],
 )
 def test_pallas_logits_interpret(causal, t, s, bs):
@@ -108,7 +104,7 @@ def test_pallas_logits_keys_m_race_free_and_matches_heads_m():
   q, k, w = _inputs(10, 2, 8, 640, 64, 128, fake_quant=True)
   args = kernel_mosaic_gpu.prepare_fp8(q, k, w)
   # 4 live key blocks through 2 slots, then one all -inf block
-  bs = kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=4, stages=2, no_auto_barriers=True)
+  bs = kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=4, stages=2)
   got = kernel_mosaic_gpu.logits_fp8(
     *args,
     block_sizes=bs,
@@ -129,7 +125,7 @@ def test_pallas_logits_keys_m_race_free_and_matches_heads_m():
 
 
 def test_pallas_topk_interpret_matches_reference():
-  """Fused (per query block) FP8 logits + radix select; early rows have fewer keys than topk."""
+  """Fused (per query block) FP8 logits + threshold select; early rows have fewer keys than topk."""
   q, k, w = _inputs(5, 2, 32, 128, 64, 128, fake_quant=True)
   got = ops.indexer_topk(q, k, w, topk=112, impl="pallas", interpret=True, block_t=16)
   want = ops.indexer_topk(q, k, w, topk=112, block_t=16)
@@ -152,7 +148,9 @@ def test_validation():
   with pytest.raises(ValueError, match="q_per_mma"):
     kernel_mosaic_gpu.BlockSizes(8, 128, "keys_m", q_per_mma=16)
   with pytest.raises(ValueError, match="regs"):
-    kernel_mosaic_gpu.BlockSizes(16, 128, "keys_m", q_per_mma=4, compute_wgs=1)
+    kernel_mosaic_gpu.BlockSizes(16, 256, "keys_m", q_per_mma=4)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    kernel_mosaic_gpu.BlockSizes(16, 64, "keys_m", q_per_mma=4)
 
 
 def _kl_case(seed):
@@ -228,7 +226,7 @@ def _export_cuda(f, *avals):
     )(*avals)
 
 
-@pytest.mark.parametrize("bs", [None, KEYS_M], ids=["heads_m", "keys_m"])
+@pytest.mark.parametrize("bs", [KEYS_M, HEADS_M], ids=["keys_m", "heads_m"])
 def test_export_cuda_logits_real_shape(bs):
   """Mosaic GPU lowering of the FP8 logits kernel: a 2048-query block against 32768 keys."""
   f32 = jnp.float32
@@ -301,7 +299,7 @@ def test_gpu_logits_and_topk():
 def test_gpu_logits_keys_m_matches_heads_m():
   q, k, w = _inputs(11, 1, 2048, 8192, 64, 128, fake_quant=True)
   args = jax.jit(kernel_mosaic_gpu.prepare_fp8)(q, k, w)
-  want = np.asarray(kernel_mosaic_gpu.logits_fp8(*args, block_sizes=kernel_mosaic_gpu.BlockSizes()))
+  want = np.asarray(kernel_mosaic_gpu.logits_fp8(*args, block_sizes=HEADS_M))
   got = np.asarray(kernel_mosaic_gpu.logits_fp8(*args, block_sizes=KEYS_M))
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
   fin = np.isfinite(want)
