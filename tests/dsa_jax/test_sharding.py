@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import dsa_jax
-from dsa_jax import data, model, optim, sharding, train
+from dsa_jax import data, model, optim, sharding, train, train_checkpoint
 
 SEQ = 64
 MC = dsa_jax.preset("test", attn_block_q=SEQ // 2, n_layers=1, n_dense_layers=0, n_mtp_layers=0)
@@ -145,12 +145,12 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
   a = train.Trainer(_cfg({"fsdp": 4, "data": 2}))
   st = a.init_state(_model())
   st = st.replace(step=st.step + 3)  # (a train step would only add compile time here)
-  mgr = a.manager(str(tmp_path))
-  a.save(mgr, st, force=True)
+  mgr = train_checkpoint.manager(a, str(tmp_path))
+  train_checkpoint.save(a, mgr, st, force=True)
   mgr.wait_until_finished()
   want = jax.device_get((a.full_params(st), st.opt_state))
   b = train.Trainer(_cfg({"tensor": 2, "expert": 4}))
-  got = b.restore(b.manager(str(tmp_path)), 3)
+  got, _ = train_checkpoint.restore(b, train_checkpoint.manager(b, str(tmp_path)), 3)
   assert int(got.step) == 3
   for x, s in zip(jax.tree.leaves(got), jax.tree.leaves(b.state_shardings)):
     assert x.sharding.is_equivalent_to(s, x.ndim)
