@@ -27,6 +27,22 @@ def _err(field: str, value: Any, rule: str) -> ValueError:
   return ValueError(f"ModelConfig.{field}={value!r} is invalid: {rule}")
 
 
+def read_hf_config(path_or_dict: str | os.PathLike | dict) -> dict:
+  """An HF `config.json` as a dict: a dict (copied), the file, or a directory holding it."""
+  if isinstance(path_or_dict, dict):
+    return dict(path_or_dict)
+  p = os.fspath(path_or_dict)
+  if os.path.isdir(p):
+    p = os.path.join(p, "config.json")
+  try:
+    with open(p) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"HF config not found: {p}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"HF config {p} is not valid JSON: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """DeepSeek-V3.2-Exp architecture (docs/dsa.md §Notation) and this implementation's knobs."""
@@ -215,19 +231,7 @@ class ModelConfig:
 
     See docs/dsa.md §Checkpoints.
     """
-    if isinstance(path_or_dict, dict):
-      hf = dict(path_or_dict)
-    else:
-      p = os.fspath(path_or_dict)
-      if os.path.isdir(p):
-        p = os.path.join(p, "config.json")
-      try:
-        with open(p) as f:
-          hf = json.load(f)
-      except FileNotFoundError:
-        raise ValueError(f"HF config not found: {p}") from None
-      except json.JSONDecodeError as e:
-        raise ValueError(f"HF config {p} is not valid JSON: {e}") from None
+    hf = read_hf_config(path_or_dict)
     missing = [k for k in _HF_SHAPE_KEYS if k not in hf and _HF_MAP[k] not in overrides]
     if missing:  # the dataclass defaults are the 671B model's: never a silent fill-in
       raise ValueError(f"HF config is missing required key(s) {missing}")

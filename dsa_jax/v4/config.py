@@ -9,9 +9,10 @@ one-line `ValueError` naming the field, the value and the rule. See docs/v4.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from dsa_jax import config as model_config
 
 _DTYPES = ("float32", "bfloat16")
 _SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -198,19 +199,7 @@ class V4Config:
   @classmethod
   def from_hf_config(cls, path_or_dict: str | os.PathLike | dict, **overrides) -> "V4Config":
     """Reads a DeepSeek-V4 HF `config.json` (raw hub names); rejects what it cannot represent."""
-    if isinstance(path_or_dict, dict):
-      hf = dict(path_or_dict)
-    else:
-      p = os.fspath(path_or_dict)
-      if os.path.isdir(p):
-        p = os.path.join(p, "config.json")
-      try:
-        with open(p) as f:
-          hf = json.load(f)
-      except FileNotFoundError:
-        raise ValueError(f"HF config not found: {p}") from None
-      except json.JSONDecodeError as e:
-        raise ValueError(f"HF config {p} is not valid JSON: {e}") from None
+    hf = model_config.read_hf_config(path_or_dict)
     missing = [k for k in _HF_SHAPE_KEYS if k not in hf and _HF_MAP[k] not in overrides]
     if missing:  # the defaults are V4-Flash's: never a silent fill-in
       raise ValueError(f"HF config is missing required key(s) {missing}")
