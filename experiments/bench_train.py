@@ -16,6 +16,8 @@ phase of the same preset and length (ratio = tokens/s over the baseline's). Mode
 N counts the parameters a token passes through (routed experts: the activated share only).
 The dense target of the warm-up KL is not counted (a fused kernel would reuse the attention's
 logits); so the warm-up MFU is a floor.
+M1_DENSE_KL=xla,kernels runs the warm-up once per dense-KL path (the streamed XLA custom_vjp, the
+Pallas-Triton kernels; `shape.dense_kl` names it); unset, the library's default.
 With M1_PROFILE=<L>, one step per phase at that length is traced (jax.profiler, Perfetto JSON)
 and the top GPU ops by time go to `<out dir>/m1_profile_<preset>_<phase>_<L>.md`.
 """
@@ -34,6 +36,7 @@ from dsa_jax import config as config_lib
 from dsa_jax import data, model, optim
 from dsa_jax import train as train_lib
 from experiments import bench_common as bc
+from pallas_kernels.lightning_indexer import ops as indexer_ops
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # dense bf16 tensor-core peak (SXM)
 
@@ -122,7 +125,7 @@ def _profile_table(trace_dir: str, steps: int, top: int = 15) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _one(preset, phase, seq_len, iters, profile_dir, impl):
+def _one(preset, phase, seq_len, iters, profile_dir, impl, tag=""):
   trainer, cfg = _trainer(preset, phase, seq_len, impl)
   state = trainer.init_state()
   rng = np.random.default_rng(0)
@@ -157,7 +160,7 @@ def _one(preset, phase, seq_len, iters, profile_dir, impl):
           state, m = compiled(state, batch)
         jax.block_until_ready(m)
       table = _profile_table(d, 2)
-    path = os.path.join(profile_dir, f"m1_profile_{preset}_{phase}_{seq_len}.md")
+    path = os.path.join(profile_dir, f"m1_profile_{preset}_{phase}{tag}_{seq_len}.md")
     with open(path, "w") as f:
       f.write(f"# M1 profile: {preset}, {phase}, L={seq_len}, {jax.devices()[0].device_kind}\n\n")
       f.write(f"commit {bc.commit()}, step {np.median(times):.1f} ms (timed run)\n\n{table}")
@@ -174,6 +177,9 @@ def suite_m1(small: bool):
     lengths = [int(x) for x in env("M1_LENGTHS", "8192,32768,65536")]
     phases = env("M1_PHASES", "dense,warmup,sparse")
     iters = int(os.environ.get("M1_ITERS", "5"))
+  kl_modes = env("M1_DENSE_KL", "")
+  if set(kl_modes) - {"xla", "kernels"}:
+    raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of xla, kernels")
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -183,11 +189,22 @@ def suite_m1(small: bool):
     mcfg = config_lib.preset(preset)
     for l in lengths:
       base = None
-      for ph in phases:
+      runs = [(ph, None) for ph in phases if ph != "warmup" or not kl_modes]
+      runs[1:1] = [("warmup", m) for m in kl_modes if "warmup" in phases]
+      for ph, kl_mode in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
+        if kl_mode is not None:
+          shape["dense_kl"] = kl_mode
+          indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode == "kernels"
         try:
           ms, comp_s, mem_gib, loss = _one(
-            preset, ph, l, iters, prof_dir if l == prof_len else None, impl
+            preset,
+            ph,
+            l,
+            iters,
+            prof_dir if l == prof_len else None,
+            impl,
+            f"_{kl_mode}" if kl_mode else "",
           )
         except Exception as e:  # noqa: BLE001 - record what did not fit, go on
           rows.append(

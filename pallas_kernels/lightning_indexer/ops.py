@@ -195,6 +195,12 @@ def sparse_kl(q, k, w, idx, p, *, impl: str = "reference", interpret=False, bloc
   return grad.sparse_kl(q, k, w, idx, p, block_t)
 
 
+# One GPU takes the Pallas-Triton dense-KL kernels by default only once they have passed the GPU
+# tests (tests/pallas_kernels/test_dense_kl_kernel.py -m gpu); until then the streamed XLA path.
+# M1 (experiments/bench_train.py, M1_DENSE_KL) flips it to measure both.
+DENSE_KL_KERNELS_BY_DEFAULT = False
+
+
 def dense_kl(
   q,
   k,
@@ -250,10 +256,8 @@ def dense_kl(
   elif not explicit and jax.device_count() > 1:
     # A pallas_call is not auto-partitioned: under a sharded jit it would run replicated.
     why = why or "several devices (the kernels need a shard_map over batch; not wired)"
-  elif not explicit:
-    # Interpret-tested and CUDA-lowered only: the default stays the measured XLA path until the
-    # kernels pass the GPU tests (tests/pallas_kernels/test_dense_kl_kernel.py -m gpu).
-    why = why or "not yet run on a GPU: opt in with block_sizes=kernel_kl_triton.BlockSizes()"
+  elif not explicit and not DENSE_KL_KERNELS_BY_DEFAULT:
+    why = why or "DENSE_KL_KERNELS_BY_DEFAULT is off: opt in with block_sizes=BlockSizes()"
   if why is None:
     return kernel_kl_triton.dense_kl(
       q,
