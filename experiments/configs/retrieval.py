@@ -34,7 +34,7 @@ SIZES = {
     pairs=32,
     text_weight=0.05,
     short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
-    pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=7.0),
+    pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=6.0),
     steps=dict(warmup=60, sparse=240),
     eval=dict(rows=32, batch=4, gate_rows=8, text_rows=4, probes=64),
   ),
