@@ -21,7 +21,7 @@ import numpy as np
 import tensorstore as ts
 
 _CHUNK_BYTES = 64 << 20
-_ZARR_DTYPE = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2"}
+_ZARR_DTYPE = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2", "int32": "<i4"}
 
 
 def _context():

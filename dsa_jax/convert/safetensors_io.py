@@ -26,6 +26,7 @@ DTYPES = {
   "BF16": np.dtype(ml_dtypes.bfloat16),
   "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
   "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),  # DeepSeek-V4's power-of-two block scales
   "I64": np.dtype(np.int64),
   "I32": np.dtype(np.int32),
   "I16": np.dtype(np.int16),
@@ -38,7 +39,7 @@ DTYPES = {
 }
 NAME_OF = {v: k for k, v in DTYPES.items()}
 # The safetensors library orders tensors by its Dtype enum, largest first (measured with 0.8.0).
-_RANK = "BOOL U8 I8 F8_E5M2 F8_E4M3 I16 U16 F16 BF16 I32 U32 F32 F64 I64 U64".split()
+_RANK = "BOOL U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 I16 U16 F16 BF16 I32 U32 F32 F64 I64 U64".split()
 
 
 class TensorInfo:
