@@ -86,3 +86,6 @@ dense_kl = indexer_ops.dense_kl
 # DeepSeek-V4 CSA (docs/v4.md §Indexer): top-k over compressed keys, block-causal j < (t+1)//m.
 v4_select_topk = v4_attention_ops.compressed_topk
 v4_indexer_logits = v4_attention_ops.compressed_indexer_logits
+# V4 CSA indexer loss [B,T] (docs/v4.md §Training) and its eval metrics against the dense teacher.
+v4_indexer_kl = v4_attention_ops.indexer_kl
+v4_teacher_recall = v4_attention_ops.teacher_recall

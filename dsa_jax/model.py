@@ -17,6 +17,8 @@ from flax import nnx
 
 from dsa_jax import layers, mla, moe
 from dsa_jax.config import ModelConfig
+from dsa_jax.v4 import model as v4_model
+from dsa_jax.v4.config import V4Config
 
 
 class Block(nnx.Module):
@@ -156,13 +158,15 @@ class Transformer(nnx.Module):
     return logits, out
 
 
-def build(cfg: ModelConfig, seed: int = 0, *, on_host: bool = True) -> Transformer:
+def build(cfg: ModelConfig | V4Config, seed: int = 0, *, on_host: bool = True) -> Transformer:
   """Builds and initialises a model (use `abstract` for sizes that must not be allocated).
 
   on_host: draw the normal initialisers with numpy from the abstract model (seconds), instead of
   compiling the jax.random init graph (XLA:CPU takes ~20 s for it even at the test size). Norm
   weights start at 1, biases (LayerNorm, router) at 0, as in the jax initialisers.
   """
+  if isinstance(cfg, V4Config):
+    return v4_model.build(cfg, seed, on_host=on_host)
   if not on_host:
     return Transformer(cfg, rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(abstract(cfg))
@@ -183,8 +187,10 @@ def build(cfg: ModelConfig, seed: int = 0, *, on_host: bool = True) -> Transform
   return nnx.merge(graphdef, state)
 
 
-def abstract(cfg: ModelConfig) -> Transformer:
+def abstract(cfg: ModelConfig | V4Config) -> Transformer:
   """The model with ShapeDtypeStruct leaves: nothing allocated (e.g. the 671B config)."""
+  if isinstance(cfg, V4Config):
+    return v4_model.abstract(cfg)
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 

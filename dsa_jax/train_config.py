@@ -17,6 +17,7 @@ import dataclasses
 
 from dsa_jax import data, mla, optim
 from dsa_jax.config import ModelConfig
+from dsa_jax.v4.config import V4Config
 
 
 class RunError(ValueError):
@@ -104,7 +105,7 @@ class CkptConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-  model: ModelConfig
+  model: ModelConfig | V4Config  # V3.2 (dsa_jax.config) or DeepSeek-V4 (dsa_jax.v4)
   phase: PhaseConfig
   optim: optim.OptimConfig
   data: data.DataConfig

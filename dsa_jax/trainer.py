@@ -23,6 +23,7 @@ from flax import nnx, struct
 from dsa_jax import data, losses, model, moe, optim, sharding
 from dsa_jax.config import ModelConfig
 from dsa_jax.train_config import CkptConfig, TrainConfig
+from dsa_jax.v4.config import V4Config
 
 
 class TrainState(struct.PyTreeNode):
@@ -242,6 +243,14 @@ class Trainer:
     if rate <= 0 or not loads:
       return rest
     m = self.merge(params, rest)
+    if isinstance(self.cfg.model, V4Config):  # per-layer blocks; hash-routed ones have no bias
+      ffns = [(blk.ffn, loads["moe_load"][i]) for i, blk in enumerate(m.layers)]
+      if "mtp_moe_load" in loads:
+        ffns.append((m.mtp.block.ffn, loads["mtp_moe_load"]))
+      for ffn, load in ffns:
+        if not ffn.hashed:
+          ffn.gate_bias.set_value(moe.update_router_bias(ffn.gate_bias.get_value(), load, rate))
+      return self.split(m)[1]
     if "moe_load" in loads:
       b = m.moe_layers.ffn.gate_bias
       b.set_value(moe.update_router_bias(b.get_value(), loads["moe_load"], rate))

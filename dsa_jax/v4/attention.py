@@ -36,9 +36,22 @@ ATTENTION_MODES = {
 }
 
 
-def check_mode(attention: str) -> None:
+# Indexer losses of CSA layers (docs/v4.md §Training): the teacher is the head-summed joint
+# softmax (window ∪ compressed ∪ sink) restricted to the compressed support and L1-normalised.
+INDEXER_LOSSES = {
+  "none": "no indexer loss (the indexer is not run unless attention='sparse')",
+  "dense": "warm-up KL over every visible compressed entry (needs attention='dense')",
+  "sparse": "KL over the selected entries S_t (needs attention='sparse')",
+}
+
+
+def check_mode(attention: str, indexer_loss: str = "none") -> None:
   if attention not in ATTENTION_MODES:
     raise ValueError(f"V4 attention={attention!r}; expected one of {tuple(ATTENTION_MODES)}")
+  if indexer_loss not in INDEXER_LOSSES:
+    raise ValueError(f"V4 indexer_loss={indexer_loss!r}; expected one of {tuple(INDEXER_LOSSES)}")
+  if indexer_loss != "none" and indexer_loss != attention:
+    raise ValueError(f"V4 indexer_loss={indexer_loss!r} needs attention={indexer_loss!r}")
 
 
 def unweighted_rms_norm(x, eps: float):
@@ -82,10 +95,9 @@ class V4Attention(nnx.Module):
     kv = quant_nope(rope.rope_tail(self.kv_norm(self.wkv(x)), cos, sin), cfg)
     return qr, q, kv
 
-  def select(self, x, qr, cos, sin):
+  def select(self, iq, ik, iw):
     """The indexer's top-k compressed entries [B,T,k] int32 (-1 = none) of a CSA layer."""
     cfg = self.cfg
-    iq, ik, iw = self.indexer(x, qr, cos, sin)
     return indexer_lib.v4_select_topk(
       iq, ik, iw, ratio=4, topk=cfg.index_topk, block_t=cfg.attn_block_q, impl=cfg.impl
     )
@@ -99,15 +111,10 @@ class V4Attention(nnx.Module):
     z = jnp.einsum("btoi,oiy->btoy", o.astype(cd), self.wo_a[...].astype(cd))
     return self.wo_b(z.reshape(b, t, -1))
 
-  def __call__(self, x, *, attention: str = "dense"):
-    """x [B,T,D] (normed; positions 0..T-1) -> (y [B,T,D], aux)."""
+  def attend(self, q, kv, ckv, idx):
+    """(o [B,T,H,K], lse [B,T,H]) over window ∪ entries (idx None: every visible) ∪ sink."""
     cfg = self.cfg
-    check_mode(attention)
-    cos, sin = self.rope_angles(x.shape[1])
-    qr, q, kv = self.project(x, cos, sin)
-    ckv = self.compressor(x) if self.compressor is not None else None
-    idx = self.select(x, qr, cos, sin) if (self.indexer and attention == "sparse") else None
-    o, _ = sparse_attention.v4_attention(
+    return sparse_attention.v4_attention(
       q,
       kv,
       self.attn_sink[...],
@@ -119,5 +126,50 @@ class V4Attention(nnx.Module):
       block_t=cfg.attn_block_q,
       impl=cfg.impl,
     )
-    aux = {} if idx is None else {"topk_idx": idx}
+
+  def __call__(
+    self, x, *, attention: str = "dense", indexer_loss: str = "none", metrics: bool = False
+  ):
+    """x [B,T,D] (normed; positions 0..T-1) -> (y [B,T,D], aux).
+
+    aux of a CSA layer: `topk_idx` [B,T,k] when the indexer ran; `indexer_kl` (mean over
+    queries) with an indexer loss; `indexer_recall` / `topk_overlap` (means) with metrics.
+    """
+    cfg = self.cfg
+    check_mode(attention, indexer_loss)
+    cos, sin = self.rope_angles(x.shape[1])
+    qr, q, kv = self.project(x, cos, sin)
+    ckv = self.compressor(x) if self.compressor is not None else None
+    aux, idx = {}, None
+    run_indexer = self.indexer is not None and (
+      attention == "sparse" or indexer_loss != "none" or metrics
+    )
+    if run_indexer:
+      iq, ik, iw = self.indexer(x, qr, cos, sin)
+      sel = self.select(iq, ik, iw)
+      aux["topk_idx"] = sel
+      idx = sel if attention == "sparse" else None
+    o, lse = self.attend(q, kv, ckv, idx)
+    if run_indexer and indexer_loss != "none":
+      kl = indexer_lib.v4_indexer_kl(
+        iq,
+        ik,
+        iw,
+        q,
+        ckv,
+        lse,
+        ratio=self.ratio,
+        scale=cfg.softmax_scale,
+        idx=idx,
+        block_t=cfg.attn_block_q,
+        impl=cfg.impl,
+      )
+      aux["indexer_kl"] = jnp.mean(kl)
+    if run_indexer and metrics:
+      # Recall is measured against the dense stage's distribution (every visible entry).
+      lse_d = lse if idx is None else jax.lax.stop_gradient(self.attend(q, kv, ckv, None)[1])
+      recall, overlap = indexer_lib.v4_teacher_recall(
+        q, ckv, lse_d, sel, ratio=self.ratio, scale=cfg.softmax_scale, block_t=cfg.attn_block_q
+      )
+      aux["indexer_recall"], aux["topk_overlap"] = jnp.mean(recall), jnp.mean(overlap)
     return self.output(o, cos, sin), aux

@@ -42,9 +42,16 @@ class V4Block(nnx.Module):
     self.hc_attn = hyper.HyperConnection(cfg, rngs=rngs)
     self.hc_ffn = hyper.HyperConnection(cfg, rngs=rngs)
 
-  def __call__(self, h, tokens, *, attention: str = "dense"):
-    """h [B,T,M,D], tokens [B,T] -> (h [B,T,M,D], aux: moe_load [E], topk_idx for CSA sparse)."""
-    h, aux = self.hc_attn(h, lambda x: self.attn(self.attn_norm(x), attention=attention))
+  def __call__(
+    self, h, tokens, *, attention: str = "dense", indexer_loss: str = "none", metrics=False
+  ):
+    """h [B,T,M,D], tokens [B,T] -> (h [B,T,M,D], aux: moe_load [E] and the attention's aux)."""
+    h, aux = self.hc_attn(
+      h,
+      lambda x: self.attn(
+        self.attn_norm(x), attention=attention, indexer_loss=indexer_loss, metrics=metrics
+      ),
+    )
     h, load = self.hc_ffn(h, lambda x: self.ffn(self.ffn_norm(x), tokens))
     return h, {**aux, "moe_load": load}
 
@@ -59,10 +66,12 @@ class V4MTP(nnx.Module):
     self.block = V4Block(cfg, cfg.n_layers, rngs=rngs)
     self.hc_head = hyper.HyperHead(cfg, rngs=rngs)
 
-  def __call__(self, h, emb_next, tokens_next, *, attention: str = "dense"):
+  def __call__(
+    self, h, emb_next, tokens_next, *, attention: str = "dense", indexer_loss: str = "none"
+  ):
     """h [B,T,M,D] final streams, emb_next [B,T,D] -> (x [B,T,D] normed for the head, aux)."""
     x = self.e_proj(self.enorm(emb_next))[:, :, None] + self.h_proj(self.hnorm(h))
-    x, aux = self.block(x, tokens_next, attention=attention)
+    x, aux = self.block(x, tokens_next, attention=attention, indexer_loss=indexer_loss)
     return self.norm(self.hc_head(x)), aux
 
 
@@ -80,30 +89,54 @@ class V4Transformer(nnx.Module):
   def embed_tokens(self, tokens):
     return self.embed[...][tokens].astype(layers.dtype_of(self.cfg.compute_dtype))
 
-  def __call__(self, tokens, *, attention: str = "dense", mtp: bool = False):
+  def __call__(
+    self,
+    tokens,
+    *,
+    attention: str = "dense",
+    indexer_loss: str = "none",
+    mtp: bool = False,
+    metrics: bool = False,
+  ):
     """tokens [B,T] int (positions 0..T-1) -> (logits [B,T,V] f32, aux).
 
-    aux: `moe_load` [L,E]; `topk_idx` {layer: [B,T,k]} of the CSA layers in sparse mode;
-    with mtp, `mtp_logits` [B,T,V] (position t predicts token t+2; the last two are meaningless).
+    aux: `moe_load` [L,E]; `topk_idx` {layer: [B,T,k]} of the CSA layers whose indexer ran;
+    with an indexer loss, `indexer_kl` [n_CSA] (per CSA layer, mean over queries; the trainer
+    averages the layers as for V3.2); with metrics, `indexer_recall` / `topk_overlap` [n_CSA];
+    with mtp, `mtp_logits` [B,T,V] (position t predicts token t+2; the last two are
+    meaningless), `mtp_moe_load`, and `mtp_indexer_kl` when the MTP layer is CSA.
     """
-    attention_lib.check_mode(attention)
+    attention_lib.check_mode(attention, indexer_loss)
+    n = self.cfg.n_layers
+    if (indexer_loss != "none" or metrics) and 4 not in self.cfg.compress_ratios[:n]:
+      raise ValueError(
+        f"indexer_loss={indexer_loss!r} / metrics={metrics} need a CSA layer (ratio 4); "
+        f"compress_ratios={self.cfg.compress_ratios[:n]}"
+      )
     e = self.embed_tokens(tokens)
     h = jnp.broadcast_to(e[:, :, None], e.shape[:2] + (self.cfg.hc_mult,) + e.shape[2:])
-    loads, topk = [], {}
+    loads, topk, per_layer = [], {}, {}
     for blk in self.layers:
-      h, aux = blk(h, tokens, attention=attention)
+      h, aux = blk(h, tokens, attention=attention, indexer_loss=indexer_loss, metrics=metrics)
       loads.append(aux["moe_load"])
       if "topk_idx" in aux:
         topk[blk.layer] = aux["topk_idx"]
+      for name in ("indexer_kl", "indexer_recall", "topk_overlap"):
+        if name in aux:
+          per_layer.setdefault(name, []).append(aux[name])
     logits = self.head(self.norm(self.hc_head(h))).astype(jnp.float32)
-    out = {"moe_load": jnp.stack(loads)}
+    out = {"moe_load": jnp.stack(loads), **{k: jnp.stack(v) for k, v in per_layer.items()}}
     if topk:
       out["topk_idx"] = topk
     if mtp and self.mtp is not None:
       nxt = jnp.roll(tokens, -1, axis=1)
-      x, maux = self.mtp(h, self.embed_tokens(nxt), nxt, attention=attention)
+      x, maux = self.mtp(
+        h, self.embed_tokens(nxt), nxt, attention=attention, indexer_loss=indexer_loss
+      )
       out["mtp_logits"] = self.head(x).astype(jnp.float32)
       out["mtp_moe_load"] = maux["moe_load"]
+      if "indexer_kl" in maux:
+        out["mtp_indexer_kl"] = maux["indexer_kl"]
     return logits, out
 
 

@@ -45,4 +45,26 @@ def compressed_topk(q, k, w, *, ratio, topk, block_t=512, impl="reference"):
   return reference.compressed_indexer_topk(q, k, w, ratio=ratio, topk=topk, block_t=block_t)
 
 
+def indexer_kl(iq, ik, iw, q, ckv, lse, *, ratio, scale, idx=None, block_t=512, impl="reference"):
+  """Per-query indexer KL [B,T] of a CSA layer (reference.v4_indexer_kl); idx None = warm-up."""
+  _impl(impl)
+  if iq.ndim != 4 or ik.ndim != 3 or iw.shape != iq.shape[:3] or ik.shape[-1] != iq.shape[-1]:
+    raise ValueError(
+      f"expected iq [B,T,J,D], ik [B,U,D], iw [B,T,J]; got {iq.shape}, {ik.shape}, {iw.shape}"
+    )
+  if ik.shape[:2] != ckv.shape[:2] or lse.shape != q.shape[:3] or q.shape[:2] != iq.shape[:2]:
+    raise ValueError(
+      f"ik {ik.shape} / ckv {ckv.shape} must share [B,U]; lse {lse.shape} must be q's "
+      f"[B,T,H] {q.shape[:3]}; q and iq must share [B,T]"
+    )
+  return reference.v4_indexer_kl(
+    iq, ik, iw, q, ckv, lse, ratio=ratio, scale=scale, idx=idx, block_t=block_t
+  )
+
+
+def teacher_recall(q, ckv, lse, idx, *, ratio, scale, block_t=512):
+  """(recall, overlap) [B,T] of a CSA selection against its dense teacher (eval metrics)."""
+  return reference.v4_teacher_recall(q, ckv, lse, idx, ratio=ratio, scale=scale, block_t=block_t)
+
+
 compressed_indexer_logits = reference.compressed_indexer_logits

@@ -174,3 +174,106 @@ def compressed_indexer_topk(q, k, w, *, ratio: int, topk: int, block_t: int = 51
     return topk_reference(jnp.where(ok, logits, -jnp.inf), topk)
 
   return jax.lax.stop_gradient(_common.map_query_blocks(block, block_t, [q, w, pos], remat=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Indexer KL of CSA layers (the warm-up and sparse training stages, docs/v4.md §Training).
+
+
+def _indexer_scores(q, k, w):
+  """q [B,t,J,Dᵢ], k [B,t?,n,Dᵢ] (per query) or [B,n,Dᵢ] (shared) -> I [B,t,n] f32."""
+  eq = "btjd,btnd->btjn" if k.ndim == 4 else "btjd,bnd->btjn"
+  s = jnp.einsum(eq, q, k, preferred_element_type=jnp.float32)
+  return jnp.einsum("btjn,btj->btn", jax.nn.relu(s), w.astype(jnp.float32))
+
+
+def _kl_rows(teacher_logits, lse, scores, ok):
+  """KL(p ‖ softmax(scores)) per query over the support `ok` [B,t,n].
+
+  teacher_logits [B,t,H,n] f32, lse [B,t,H] (the layer's sink-inclusive lse):
+  p = Σ_h exp(logit − lse) on the support, L1-normalised there. Rows with an empty support (or
+  no teacher mass) give 0 with zero gradients.
+  """
+  pt = jnp.sum(jnp.exp(teacher_logits - lse[..., None]), axis=2)  # [B,t,n]
+  pt = jnp.where(ok, pt, 0.0)
+  mass = jnp.sum(pt, axis=-1, keepdims=True)
+  live = mass > 0
+  p = pt / jnp.where(live, mass, 1.0)
+  s = jnp.where(ok, scores, -1e30)  # finite: an all-masked row must not make NaN gradients
+  log_q = s - jax.nn.logsumexp(s, axis=-1, keepdims=True)
+  plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+  kl = jnp.sum(plogp - jnp.where(ok, p * log_q, 0.0), axis=-1)
+  return jnp.where(live[..., 0], kl, 0.0)
+
+
+def v4_indexer_kl(
+  iq, ik, iw, q, ckv, lse, *, ratio: int, scale: float, idx=None, block_t: int = 512
+):
+  """Per-query KL [B,T] of the indexer against the layer's head-summed attention (CSA layers).
+
+  iq [B,T,J,Dᵢ], ik [B,U,Dᵢ], iw [B,T,J] (the indexer's q, compressed keys, weights);
+  q [B,T,H,K], ckv [B,U,K] (the attention's queries and compressed rows), lse [B,T,H] (the
+  attention's sink-inclusive lse over window ∪ its compressed rows ∪ sink);
+  idx [B,T,k] (sparse stage: the support S_t is the valid selected entries) or None (warm-up:
+  every visible entry j < (t+1)//m).
+  The teacher p_t = Σ_h exp(scale·q_h·c_j − lse_h) on S_t, L1-normalised over S_t (the joint
+  softmax's mass on the compressed entries, window and sink excluded from the support); the
+  student is softmax_{S_t}(I_t). Gradients reach iq, ik, iw only (the teacher is detached).
+  """
+  q, ckv, lse = jax.lax.stop_gradient((q, ckv, lse))
+  b, t = q.shape[:2]
+  u = ckv.shape[1]
+  if u == 0:
+    return jnp.zeros((b, t), jnp.float32)
+  lse = lse.astype(jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+
+  def block(qb, iqb, iwb, lb, pb, *rest):
+    n_vis = jnp.minimum(visible_entries(pb, ratio), u)[..., None]  # [B,t,1]
+    if idx is None:
+      ok = jnp.arange(u)[None, None, :] < n_vis
+      c = jnp.einsum("bthk,buk->bthu", qb, ckv, preferred_element_type=jnp.float32)
+      scores = _indexer_scores(iqb, ik, iwb)
+    else:
+      (ib,) = rest
+      ok = (ib >= 0) & (ib < n_vis)
+      safe = jnp.clip(ib, 0, u - 1)[..., None]
+      sel = jnp.take_along_axis(ckv[:, None], safe, axis=2)  # [B,t,k,K]
+      c = jnp.einsum("bthk,btjk->bthj", qb, sel, preferred_element_type=jnp.float32)
+      scores = _indexer_scores(iqb, jnp.take_along_axis(ik[:, None], safe, axis=2), iwb)
+    return _kl_rows(c * scale, lb, scores, ok)
+
+  xs = [q, iq, iw, lse, pos] + ([] if idx is None else [idx])
+  return _common.map_query_blocks(block, block_t, xs)
+
+
+def v4_teacher_recall(q, ckv, lse, idx, *, ratio: int, scale: float, block_t: int = 512):
+  """Eval metrics of a CSA layer's selection against its dense teacher, per query [B,T] each:
+  recall = the teacher's compressed mass (over every visible entry, L1-normalised) inside idx;
+  overlap = |idx ∩ the teacher's top-k| / |valid idx| (1 where nothing is visible).
+  lse is the dense attention's (window ∪ every visible entry ∪ sink)."""
+  b, t = q.shape[:2]
+  u, kk = ckv.shape[1], idx.shape[-1]
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+
+  def block(qb, lb, pb, ib):
+    n_vis = jnp.minimum(visible_entries(pb, ratio), u)[..., None]
+    ok = jnp.arange(u)[None, None, :] < n_vis
+    c = jnp.einsum("bthk,buk->bthu", qb, ckv, preferred_element_type=jnp.float32) * scale
+    pt = jnp.where(ok, jnp.sum(jnp.exp(c - lb[..., None]), axis=2), 0.0)
+    p = pt / jnp.maximum(jnp.sum(pt, axis=-1, keepdims=True), 1e-30)
+    valid = (ib >= 0) & (ib < n_vis)
+    hit = jnp.take_along_axis(p, jnp.clip(ib, 0, u - 1), axis=-1)
+    recall = jnp.where(n_vis[..., 0] > 0, jnp.sum(jnp.where(valid, hit, 0.0), axis=-1), 1.0)
+    best = topk_reference(jnp.where(ok, p, -jnp.inf), kk)  # -1 padded
+    same = (ib[..., :, None] == best[..., None, :]) & (best[..., None, :] >= 0)
+    n_ok = jnp.sum(valid, axis=-1)
+    inter = jnp.sum(jnp.any(same, axis=-1) & valid, axis=-1)
+    overlap = jnp.where(n_ok > 0, inter / jnp.maximum(n_ok, 1), 1.0)
+    return recall, overlap.astype(jnp.float32)
+
+  if u == 0:
+    one = jnp.ones((b, t), jnp.float32)
+    return one, one
+  q, ckv, lse = jax.lax.stop_gradient((q, ckv, lse.astype(jnp.float32)))
+  return _common.map_query_blocks(block, block_t, [q, lse, pos, idx], remat=False)
