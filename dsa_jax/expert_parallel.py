@@ -6,9 +6,11 @@ Inside one `jax.shard_map` over the whole mesh (docs/architecture.md §Scale-out
 2. every routed copy goes to the shard that holds its expert: the copies are packed into a send
    buffer [ep, C, D] (one slot row per destination shard) and exchanged with one `all_to_all` over
    the expert mesh axes;
-3. each shard runs its E/ep local experts as a grouped GEMM (`jax.lax.ragged_dot`) on the copies it
-   received, sorted by local expert; empty slots carry the sentinel id E/ep and sort last, where
-   ragged_dot leaves zeros;
+3. each shard runs its E/ep local experts as a grouped GEMM (grouped_matmul.ops.gmm with the
+   model's impl: `jax.lax.ragged_dot` or, on GPUs, the Pallas-Triton kernels, which may run here
+   because this is a shard_map) on the copies it received, sorted by local expert; empty slots
+   carry the sentinel id E/ep and sort last, past Σ group sizes, where the grouped GEMM leaves
+   zeros;
 4. a second `all_to_all` returns the outputs, which are weighted and summed back per token.
 
 Capacity/drop policy (`ModelConfig.moe_capacity_factor`):
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsa_jax import layers, sharding
+from pallas_kernels.grouped_matmul import ops as gmm_ops
 
 
 def _axis(axes: tuple[str, ...]):
@@ -98,10 +101,12 @@ def moe_routed(ctx: sharding.Context, x, gate_w, gate_bias, w1, w2, w3, route_fn
     order = jnp.argsort(local_id, stable=True)
     sizes = jnp.bincount(local_id, length=e_loc + 1)[:e_loc].astype(jnp.int32)
     xs = dest_x[order].astype(cd)
-    h1 = jax.lax.ragged_dot(xs, w1, sizes, preferred_element_type=jnp.float32)
-    h3 = jax.lax.ragged_dot(xs, w3, sizes, preferred_element_type=jnp.float32)
+    gmm = lambda lhs, rhs: gmm_ops.gmm(
+      lhs, rhs, sizes, preferred_element_type=jnp.float32, impl=cfg.impl
+    )
+    h1, h3 = gmm(xs, w1), gmm(xs, w3)
     a = (jax.nn.silu(h1) * h3).astype(cd)
-    ys = jax.lax.ragged_dot(a, w2, sizes, preferred_element_type=jnp.float32)
+    ys = gmm(a, w2)
     if tp_axes:  # F was split over tensor: partial sums
       ys = jax.lax.psum(ys, _axis(tp_axes))
     ys = jnp.zeros_like(ys).at[order].set(ys)  # back to slot order

@@ -8,8 +8,9 @@ group score = sum of the top-2 biased scores per group; keep the top n_limited_g
 the top n_activated experts among them; combine with the UNBIASED s of the chosen experts,
 normalised to sum 1, times route_scale. Output = Σ w_e·Expert_e(x) + SharedExpert(x).
 
-Dispatch is dropless: token copies are sorted by expert and run through `jax.lax.ragged_dot`
-(grouped GEMM), so no capacity factor and no dropped tokens. On a mesh (inside
+Dispatch is dropless: token copies are sorted by expert and run through a grouped GEMM
+(`pallas_kernels.grouped_matmul.ops.gmm` with the model's impl: `jax.lax.ragged_dot`, or the
+Pallas-Triton kernels on a GPU), so no capacity factor and no dropped tokens. On a mesh (inside
 `sharding.use_mesh_rules`) the routed experts run expert-parallel (expert_parallel.py: all_to_all
 dispatch, dropless unless `moe_capacity_factor` > 0).
 Letters: B batch, T tokens, N = B·T flat tokens, D model, F expert hidden, E experts, G groups.
@@ -23,6 +24,7 @@ from flax import nnx
 
 from dsa_jax import expert_parallel, layers, sharding
 from dsa_jax.config import ModelConfig
+from pallas_kernels.grouped_matmul import ops as gmm_ops
 
 
 class MLP(nnx.Module):
@@ -96,10 +98,12 @@ class MoE(nnx.Module):
     sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     xs = xf[token].astype(cd)
     w1, w2, w3 = (p[...].astype(cd) for p in (self.w1, self.w2, self.w3))
-    h1 = jax.lax.ragged_dot(xs, w1, sizes, preferred_element_type=jnp.float32)
-    h3 = jax.lax.ragged_dot(xs, w3, sizes, preferred_element_type=jnp.float32)
+    gmm = lambda lhs, rhs: gmm_ops.gmm(
+      lhs, rhs, sizes, preferred_element_type=jnp.float32, impl=cfg.impl
+    )
+    h1, h3 = gmm(xs, w1), gmm(xs, w3)
     a = (jax.nn.silu(h1) * h3).astype(cd)
-    ys = jax.lax.ragged_dot(a, w2, sizes, preferred_element_type=jnp.float32)
+    ys = gmm(a, w2)
     ys = ys * w.reshape(-1)[order][:, None]
     y = jnp.zeros((b * t, d), jnp.float32).at[token].add(ys)
     y = y.reshape(b, t, d)
