@@ -195,10 +195,10 @@ def sparse_kl(q, k, w, idx, p, *, impl: str = "reference", interpret=False, bloc
   return grad.sparse_kl(q, k, w, idx, p, block_t)
 
 
-# One GPU takes the Pallas-Triton dense-KL kernels by default only once they have passed the GPU
-# tests (tests/pallas_kernels/test_dense_kl_kernel.py -m gpu); until then the streamed XLA path.
-# M1 (experiments/bench_train.py, M1_DENSE_KL) flips it to measure both.
-DENSE_KL_KERNELS_BY_DEFAULT = False
+# One GPU takes the Pallas-Triton dense-KL kernels by default (they pass the GPU tests,
+# tests/pallas_kernels/test_dense_kl_kernel.py -m gpu); False keeps the streamed XLA path.
+# M1 (experiments/bench_train.py, M1_DENSE_KL=xla,kernels) sets it to measure both.
+DENSE_KL_KERNELS_BY_DEFAULT = True
 
 
 def dense_kl(
@@ -219,9 +219,9 @@ def dense_kl(
 ):
   """Dense warm-up indexer KL per query [B,T] (differentiable in q, k, w).
 
-  impl="pallas": the streamed XLA custom_vjp of grad.py (block_t / block_s), or the Pallas-Triton
-  kernels (kernel_kl_triton.py) when asked for with `block_sizes` (a GPU) or interpret=True (CPU
-  tests); they are not the default until they have passed the GPU tests. Shapes the kernels do
+  impl="pallas": on one GPU the Pallas-Triton kernels (kernel_kl_triton.py; `block_sizes` tunes
+  them, interpret=True runs them on CPU); elsewhere the streamed XLA custom_vjp of grad.py
+  (block_t / block_s). Shapes the kernels do
   not take: kernel_kl_triton.supported. With several devices the kernels run only when asked for (a pallas_call is
   not auto-partitioned; call it inside a shard_map over batch). Asking for the kernels explicitly
   (interpret=True or block_sizes) with a backend or shape they do not take raises.

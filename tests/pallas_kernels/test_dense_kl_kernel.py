@@ -176,7 +176,7 @@ def test_gpu_matches_xla_path(dtype, tol):
   def loss(fn):
     return lambda q, k, w: jnp.sum(ct * fn(q, k, w))
 
-  bsz = kernel_kl_triton.BlockSizes()  # opt in: not the default until this test has passed
+  bsz = kernel_kl_triton.BlockSizes()
   kern = lambda q, k, w: ops.dense_kl(
     q, k, w, aq, akv, None, attn_scale=SCALE, impl="pallas", block_sizes=bsz
   )
