@@ -13,7 +13,7 @@ import dataclasses
 import ml_collections
 
 from dsa_jax import config as model_config
-from dsa_jax import data, optim, train
+from dsa_jax import data, optim, train, v4
 
 SIZES = {
   # size: (preset, model overrides, data overrides, steps)
@@ -41,9 +41,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
-  """Every ModelConfig field of `preset` (with `overrides`) and `preset`, the name."""
-  fields = model_config.preset(preset, **overrides).to_dict()
+  """Every model-config field of `preset` (with `overrides`) and `preset`, the name: a V3.2
+  `ModelConfig` (dsa_jax.config.PRESETS) or a DeepSeek-V4 `V4Config` (dsa_jax.v4.PRESETS)."""
+  build = v4.preset if preset in v4.PRESETS else model_config.preset
+  fields = build(preset, **overrides).to_dict()
   return ml_collections.ConfigDict({"preset": preset, **fields})
+
+
+def model_config_of(c: ml_collections.ConfigDict):
+  """The typed model config of a `model` section (V4Config for a V4 preset)."""
+  m = {k: v for k, v in dict(c).items() if k != "preset"}
+  if c.get("preset") in v4.PRESETS:
+    m = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items()}
+    return v4.V4Config(**m)
+  return model_config.ModelConfig(**m)
 
 
 def _section(cls, **overrides) -> ml_collections.ConfigDict:
@@ -99,12 +110,11 @@ def base_config(phase: str, size: str) -> ml_collections.ConfigDict:
 
 def to_train_config(c: ml_collections.ConfigDict) -> train.TrainConfig:
   """The one place where experiment ConfigDicts become the library's typed dataclasses."""
-  m = {k: v for k, v in dict(c.model).items() if k != "preset"}
   none_if_empty = lambda d, *keys: {**d, **{k: d[k] or None for k in keys}}
   run = {f.name for f in dataclasses.fields(train.TrainConfig)}
   run -= {"model", "phase", "optim", "data", "ckpt", "mesh", "rules"}
   return train.TrainConfig(
-    model=model_config.ModelConfig(**m),
+    model=model_config_of(c.model),
     phase=train.PhaseConfig(**dict(c.phase)),
     optim=optim.OptimConfig(**optim_fields(c)),
     data=data.DataConfig(**none_if_empty(dict(c.data), "path", "tokenizer")),

@@ -19,6 +19,7 @@ FILES = sorted(
 ARGS = {
   "dsa": ["phase=warmup,size=test", "phase=sparse,size=test"],
   "dense_baseline": ["size=test"],
+  "v4": ["phase=warmup,size=test"],
 }
 # configs of multi-stage pipelines, not of one train run: their own tests run them
 PIPELINES = {
