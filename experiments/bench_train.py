@@ -16,6 +16,8 @@ phase of the same preset and length (ratio = tokens/s over the baseline's). Mode
 N counts the parameters a token passes through (routed experts: the activated share only).
 The dense target of the warm-up KL is not counted (a fused kernel would reuse the attention's
 logits); so the warm-up MFU is a floor.
+M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shape.gmm`; default:
+the library's choice) for MoE presets such as `v32_attn_moe`.
 M1_DENSE_KL=xla,kernels runs the warm-up once per dense-KL path (the streamed XLA custom_vjp, the
 Pallas-Triton kernels; `shape.dense_kl` names it); unset, the library's default.
 With M1_PROFILE=<L>, one step per phase at that length is traced (jax.profiler, Perfetto JSON)
@@ -36,6 +38,7 @@ from dsa_jax import config as config_lib
 from dsa_jax import data, model, optim
 from dsa_jax import train as train_lib
 from experiments import bench_common as bc
+from pallas_kernels.grouped_matmul import ops as gmm_ops
 from pallas_kernels.lightning_indexer import ops as indexer_ops
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # dense bf16 tensor-core peak (SXM)
@@ -177,6 +180,11 @@ def suite_m1(small: bool):
     lengths = [int(x) for x in env("M1_LENGTHS", "8192,32768,65536")]
     phases = env("M1_PHASES", "dense,warmup,sparse")
     iters = int(os.environ.get("M1_ITERS", "5"))
+  gmm_mode = os.environ.get("M1_GMM", "")
+  if gmm_mode not in ("", "ragged_dot", "kernels"):
+    raise ValueError(f"M1_GMM={gmm_mode!r}; expected ragged_dot or kernels")
+  if gmm_mode:
+    gmm_ops.GMM_KERNELS_BY_DEFAULT = gmm_mode == "kernels"
   kl_modes = env("M1_DENSE_KL", "")
   if set(kl_modes) - {"xla", "kernels"}:
     raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of xla, kernels")
@@ -193,6 +201,8 @@ def suite_m1(small: bool):
       runs[1:1] = [("warmup", m) for m in kl_modes if "warmup" in phases]
       for ph, kl_mode in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
+        if gmm_mode and mcfg.n_layers > mcfg.n_dense_layers:
+          shape["gmm"] = gmm_mode
         if kl_mode is not None:
           shape["dense_kl"] = kl_mode
           indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode == "kernels"
