@@ -201,7 +201,7 @@ class MLA(nnx.Module):
         pass  # o_lat, lse from the context-parallel path above
       elif attention == "dense_mqa":
         o_lat, lse = sparse_attention.dense_attention(
-          q_abs, kv_lat, pr.c, scale=scale, block_t=cfg.attn_block_q
+          q_abs, kv_lat, pr.c, scale=scale, block_t=cfg.attn_block_q, impl=cfg.impl
         )
       else:
         o_lat, lse = sparse_attention.sparse_mla(
@@ -226,7 +226,12 @@ class MLA(nnx.Module):
       q_s, kv_s = jax.lax.stop_gradient((q_abs, kv_lat))
       if attention not in ("dense", "dense_mqa"):  # recall is measured against dense attention
         _, lse_d = sparse_attention.dense_attention(
-          q_s, kv_s, kv_s[..., : cfg.kv_lora_rank], scale=scale, block_t=cfg.attn_block_q
+          q_s,
+          kv_s,
+          kv_s[..., : cfg.kv_lora_rank],
+          scale=scale,
+          block_t=cfg.attn_block_q,
+          impl=cfg.impl,
         )
       else:
         lse_d = jax.lax.stop_gradient(lse)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _common
+from pallas_kernels.dense_attention import kernel_tpu as dense_tpu
 from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 from pallas_kernels.v4_attention import ops as v4_attention_ops
 
@@ -83,7 +84,8 @@ def dense_attention(
   With impl="pallas" on a GPU, MHA inputs in bf16/f16 and with_lse=False (the dense phase), the
   cuDNN flash kernel runs instead and lse is None (cuDNN hands its lse back only in bf16, too
   coarse for a KL target; the warm-up KL computes its own). Callers that need lse get the chunked
-  f32 path.
+  f32 path. On a TPU, impl="pallas" runs the splash-attention kernels (MHA or MQA, T = S a
+  multiple of the block, one device or inside a shard_map), which also return the f32 lse.
 
   Args:
     q: [B,T,H,K]; k: [B,S,H,K] (MHA) or [B,S,K] (MQA, shared); v: [B,S,H,V] or [B,S,V].
@@ -92,6 +94,8 @@ def dense_attention(
   """
   if _cudnn_ok(q, k, impl, with_lse):
     return _cudnn_attention(q, k, v, scale), None
+  if impl == "pallas" and jax.default_backend() == "tpu" and not dense_tpu.supported(q, k, v):
+    return dense_tpu.causal_attention(q, k, v, scale=scale, with_lse=with_lse)
   b, t = q.shape[:2]
   s_offset = k.shape[1] - t
   t_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
