@@ -297,8 +297,13 @@ def _round_up(n: int, m: int) -> int:
 def generate(model, prompts: Sequence[Sequence[int]], gen: GenerateConfig) -> list[list[int]]:
   """Generates up to gen.max_new_tokens for each prompt (a batch of different lengths).
 
-  Returns the new tokens of each request (cut after eos_id when set).
+  Returns the new tokens of each request (cut after eos_id when set). DeepSeek-V4 models run
+  `dsa_jax.v4.decode.generate` (window rings, compressor states, compressed caches).
   """
+  if not isinstance(model.cfg, ModelConfig):
+    from dsa_jax.v4 import decode as v4_decode  # V4Config; imports this module
+
+    return v4_decode.generate(model, prompts, gen)
   cfg: ModelConfig = model.cfg
   tokens, lengths = pad_prompts(prompts, bucket=SHAPE_BUCKET)
   longest = int(lengths.max())

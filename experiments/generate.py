@@ -9,6 +9,9 @@ r"""Text generation from a trained model (byte-level prompts, as the training da
 params checkpoint directory (the config `convert_checkpoint` recorded in hf_source/convert.json,
 else --preset gives the model). Without --ckpt: a random model of --preset (a smoke run). Each
 --prompt is one request of the batch. A bad --ckpt or flag prints one line and exits 2.
+DeepSeek-V4 runs the same way (a V4 preset such as `--preset=v4_test`, a V4 training workdir, or
+a V4 checkpoint converted by `dsa-convert`): window rings, compressor states and compressed
+caches (docs/v4.md §Decoding); --fp8_cache needs the config's kv_quant="fp8".
 """
 
 import json
@@ -19,7 +22,7 @@ import time
 from absl import app, flags, logging
 
 import dsa_jax
-from dsa_jax import generate, model, train
+from dsa_jax import generate, model, train, v4
 
 _PRESET = flags.DEFINE_string("preset", "test", "model preset when --ckpt has no model_config.json")
 _CKPT = flags.DEFINE_string("ckpt", None, "training workdir[@step] or params checkpoint dir")
@@ -32,21 +35,28 @@ _FP8 = flags.DEFINE_bool("fp8_cache", False, "FP8 latent + indexer caches (DeepS
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
-def model_config(ckpt: str | None, preset: str) -> dsa_jax.ModelConfig:
+def _config(d: dict) -> dsa_jax.ModelConfig | v4.V4Config:
+  """A recorded config dict: V4 (it has compress_ratios) or V3.2."""
+  if "compress_ratios" in d:
+    return v4.V4Config(**{**d, "compress_ratios": tuple(d["compress_ratios"])})
+  return dsa_jax.ModelConfig.from_dict(d)
+
+
+def model_config(ckpt: str | None, preset: str) -> dsa_jax.ModelConfig | v4.V4Config:
   """The recorded model config: a training workdir's model_config.json (written by
   dsa_jax.train.train for every run) or a converted checkpoint's hf_source/convert.json; else the
-  preset."""
+  preset (V3.2 or V4)."""
   if ckpt:
     root = ckpt.rsplit("@", 1)[0]
     mpath = os.path.join(root, "model_config.json")  # written by train.train
     if os.path.exists(mpath):
       with open(mpath) as f:
-        return dsa_jax.ModelConfig.from_dict(json.load(f))
+        return _config(json.load(f))
     cpath = os.path.join(root, "hf_source", "convert.json")  # written by hf_to_orbax
     if os.path.exists(cpath):
       with open(cpath) as f:
-        return dsa_jax.ModelConfig.from_dict(json.load(f)["model_config"])
-  return dsa_jax.preset(preset)
+        return _config(json.load(f)["model_config"])
+  return v4.preset(preset) if preset in v4.PRESETS else dsa_jax.preset(preset)
 
 
 def main(argv):
@@ -59,7 +69,7 @@ def main(argv):
     if cfg.vocab_size < 256:
       raise ValueError(f"vocab_size={cfg.vocab_size} < 256: prompts are byte tokens")
     m = train.load_init_params(_CKPT.value, cfg) if _CKPT.value else model.build(cfg)
-  except (ValueError, KeyError, OSError) as e:
+  except (ValueError, KeyError, OSError, TypeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   gen = generate.GenerateConfig(
@@ -72,7 +82,11 @@ def main(argv):
   )
   prompts = [list(p.encode("utf-8")) for p in _PROMPT.value]
   t0 = time.perf_counter()
-  out = generate.generate(m, prompts, gen)
+  try:
+    out = generate.generate(m, prompts, gen)
+  except ValueError as e:  # e.g. --fp8_cache on a V4 config without kv_quant="fp8"
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   dt = time.perf_counter() - t0
   for p, toks in zip(_PROMPT.value, out):
     text = bytes(t for t in toks if t < 256).decode("utf-8", errors="replace")

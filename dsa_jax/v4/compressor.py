@@ -31,6 +31,8 @@ def pool(kv, score, ape, ratio: int):
   """kv, score [B,T,c·K] f32 (c = 2 iff ratio == 4), ape [m, c·K] -> entries [B,U,K] f32."""
   b, t, ck = kv.shape
   u = t // ratio
+  if u == 0:  # T < m: no complete block yet
+    return jnp.zeros((b, 0, ck // 2 if ratio == 4 else ck), kv.dtype)
   kv = kv[:, : u * ratio].reshape(b, u, ratio, ck)
   score = score[:, : u * ratio].reshape(b, u, ratio, ck) + ape
   if ratio == 4:
@@ -72,15 +74,26 @@ class Compressor(nnx.Module):
     )
     self.norm = layers.RMSNorm(d, cfg.norm_eps)
 
-  def __call__(self, x):
-    """x [B,T,D] (normed block input) -> entries [B,U,K] (fp32 for the indexer, else x.dtype)."""
-    cfg, m = self.cfg, self.ratio
+  def rows(self, x):
+    """x [B,T,D] -> the per-token value and gate rows C, Z [B,T,c·K] f32 (Z without `ape`)."""
     xf = x.astype(jnp.float32)
     kv = jnp.einsum("btd,dc->btc", xf, self.wkv.kernel[...].astype(jnp.float32))
     score = jnp.einsum("btd,dc->btc", xf, self.wgate.kernel[...].astype(jnp.float32))
-    c = self.norm(pool(kv, score, self.ape[...], m))
-    cos, sin = rope.angles(cfg, jnp.arange(c.shape[1]) * m, compressed=True)  # position j·m
-    c = rope.rope_tail(c, cos, sin)
+    return kv, score
+
+  def entries(self, pooled, first, dtype):
+    """pooled [B,U,K] f32, first [U] or [B,U] (each block's first position j·m) -> entries:
+    RMSNorm, RoPE at `first`, the consumer's numerics (fp32 for the indexer, else `dtype`)."""
+    cfg = self.cfg
+    cos, sin = rope.angles(cfg, first, compressed=True)
+    c = rope.rope_tail(self.norm(pooled), cos, sin)
     if self.indexer:
       return quant.indexer_fake_quant(c, cfg.indexer_quant, cfg.scale_fmt)
-    return quant_nope(c, cfg).astype(x.dtype)
+    return quant_nope(c, cfg).astype(dtype)
+
+  def __call__(self, x):
+    """x [B,T,D] (normed block input) -> entries [B,U,K] (fp32 for the indexer, else x.dtype)."""
+    m = self.ratio
+    kv, score = self.rows(x)
+    pooled = pool(kv, score, self.ape[...], m)
+    return self.entries(pooled, jnp.arange(pooled.shape[1]) * m, x.dtype)  # position j·m

@@ -38,15 +38,19 @@ class V4Indexer(nnx.Module):
     )
     self.compressor = Compressor(cfg, 4, d, "index_dim", rngs=rngs, indexer=True)
 
-  def __call__(self, x, qr, cos, sin):
-    """x [B,T,D], qr [B,T,Q], cos/sin [T,R/2] -> q [B,T,J,Dᵢ], k [B,U,Dᵢ], w [B,T,J] (f32)."""
+  def query(self, x, qr, cos, sin):
+    """x [B,T,D], qr [B,T,Q], cos/sin [T,R/2] (or [B,T,R/2]) -> q [B,T,J,Dᵢ], w [B,T,J] f32."""
     cfg = self.cfg
     x, qr = jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)
     b, t, _ = x.shape
     q = self.wq_b(qr).reshape(b, t, cfg.index_n_heads, cfg.index_head_dim).astype(jnp.float32)
     q = quant.indexer_fake_quant(rope.rope_tail(q, cos, sin), cfg.indexer_quant, cfg.scale_fmt)
-    k = self.compressor(x)
     w = self.weights_proj(x.astype(jnp.float32)) * (
       cfg.index_n_heads**-0.5 * cfg.index_head_dim**-0.5
     )
-    return q, k, w
+    return q, w
+
+  def __call__(self, x, qr, cos, sin):
+    """x [B,T,D], qr [B,T,Q], cos/sin [T,R/2] -> q [B,T,J,Dᵢ], k [B,U,Dᵢ], w [B,T,J] (f32)."""
+    q, w = self.query(x, qr, cos, sin)
+    return q, self.compressor(jax.lax.stop_gradient(x)), w

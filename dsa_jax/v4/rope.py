@@ -54,12 +54,12 @@ def angles(cfg: V4Config, positions, compressed: bool):
 def rope_tail(x, cos, sin, *, inverse: bool = False):
   """Rotates the last R = 2·cos.shape[-1] dims of x in interleaved pairs; inverse: the conjugate.
 
-  x [B,T,K] or [B,T,H,K]; cos/sin [T,R/2]. The inverse rotation of an attention output at the
+  x [B,T,K] or [B,T,H,K]; cos/sin [T,R/2] or per request [B,T,R/2]. The inverse rotation of an attention output at the
   query position turns Σ_s p_s·R(s)·v_s into Σ_s p_s·R(s − t)·v_s: values carry relative positions.
   """
   r = 2 * cos.shape[-1]
   if x.ndim == 4:
-    cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos[..., None, :], sin[..., None, :]
   sin = -sin if inverse else sin
   xf = x[..., -r:].astype(jnp.float32)
   x1, x2 = xf[..., 0::2], xf[..., 1::2]
