@@ -5,7 +5,8 @@ Names and shapes: docs/dsa.md §Checkpoints. `NAME_MAP` maps each HF tensor name
 layer, `{e}` = expert) to our leaf path (`{L}` = the block it lives in: `dense_layers[i]`,
 `moe_layers[i - n_dense_layers]`, or `mtp.block` for the MTP layer i = n_layers) and a hook that
 turns the HF tensor into our slice and back (`HOOKS`). Both directions stream one tensor at a time;
-see `orbax_io` for how slices reach the stacked on-disk arrays.
+see `orbax_io` for how slices reach the stacked on-disk arrays and `common` for what the V4
+converter shares.
 
 Import keeps what export needs to reproduce the HF directory under `<orbax_dir>/hf_source/`: the
 original config.json, every tensor's dtype / shape / shard, the FP8 block scales (so FP8 weights
@@ -17,18 +18,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import shutil
-import time
 
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from dsa_jax import model as model_lib
 from dsa_jax.config import ModelConfig, fp8_quantization_config, hf_config_dict
-from dsa_jax.convert import fp8, orbax_io, safetensors_io
+from dsa_jax.convert import common, fp8, orbax_io, safetensors_io
 
 # ------------------------------------------------------------------------------------------------
 # Name map. Value: (our leaf path, hook, which layers have it).
@@ -126,7 +123,6 @@ HOOKS = {
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|norm|mlp\.gate\.|weights_proj|eh_proj|shared_head)")
 SCALE_SUFFIX = "_scale_inv"
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
-_EXPORT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,39 +185,23 @@ def plan(cfg: ModelConfig) -> list[Entry]:
 
 def leaf_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Our parameter leaves {dotted path: (shape, dtype)} for cfg (nothing allocated)."""
-  state = nnx.to_pure_dict(nnx.state(model_lib.abstract(cfg)))
-  out = {}
-
-  def walk(t, p):
-    if isinstance(t, dict):
-      for k, v in t.items():
-        walk(v, p + (str(k),))
-    else:
-      out[".".join(p)] = (tuple(t.shape), np.dtype(t.dtype))
-
-  walk(state, ())
-  return out
+  return common.leaf_specs(model_lib.abstract(cfg))
 
 
 # ------------------------------------------------------------------------------------------------
 # Configs
 
 
-_ARCH_FIELDS = [
-  f.name
-  for f in dataclasses.fields(ModelConfig)
-  if f.name
-  not in (
-    "param_dtype",
-    "compute_dtype",
-    "indexer_dtype",
-    "impl",
-    "attn_block_q",
-    "remat",
-    "init_std",
-    "scale_fmt",
-  )
-]
+_NOT_ARCH = {
+  "param_dtype",
+  "compute_dtype",
+  "indexer_dtype",
+  "impl",
+  "attn_block_q",
+  "remat",
+  "init_std",
+  "scale_fmt",
+}
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -233,79 +213,11 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 
 def check_same_architecture(got: ModelConfig, want: ModelConfig, what: str) -> None:
-  diff = [
-    f"{f}: {getattr(got, f)!r} != expected {getattr(want, f)!r}"
-    for f in _ARCH_FIELDS
-    if getattr(got, f) != getattr(want, f)
-  ]
-  if diff:
-    raise ValueError(f"{what} does not match the expected model config: {diff}")
+  common.check_same_architecture(got, want, what, _NOT_ARCH)
 
 
 # ------------------------------------------------------------------------------------------------
-# HF directory reading
-
-
-def _list_problems(kind: str, names, limit: int = 30) -> str:
-  names = sorted(names)
-  more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
-  return f"{kind} ({len(names)}): {names[:limit]}{more}"
-
-
-def _open_hf_dir(hf_dir: str):
-  """Config dict and bytes, {name: TensorInfo}, {file: Reader}, index metadata; headers validated."""
-  cpath = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(cpath):
-    raise ValueError(f"HF checkpoint {hf_dir}: config.json not found")
-  with open(cpath, "rb") as f:
-    cbytes = f.read()
-  try:
-    hf_cfg = json.loads(cbytes)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"HF checkpoint {hf_dir}: config.json is not valid JSON: {e}") from None
-  ipath = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.isfile(ipath):
-    try:
-      with open(ipath) as f:
-        index = json.load(f)
-      weight_map, index_meta = index["weight_map"], index.get("metadata") or {}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ValueError(f"HF checkpoint {hf_dir}: bad model.safetensors.index.json: {e}") from None
-    files = sorted(set(weight_map.values()))
-  elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
-    weight_map, files, index_meta = None, ["model.safetensors"], {}
-  else:
-    raise ValueError(
-      f"HF checkpoint {hf_dir}: no model.safetensors.index.json or model.safetensors"
-    )
-  missing_files = [f for f in files if not os.path.isfile(os.path.join(hf_dir, f))]
-  if missing_files:
-    raise ValueError(
-      f"HF checkpoint {hf_dir}: " + _list_problems("missing shard files", missing_files)
-    )
-  readers, infos, errors, dup = {}, {}, [], []
-  for fn in files:
-    try:
-      readers[fn] = safetensors_io.Reader(os.path.join(hf_dir, fn))
-    except ValueError as e:
-      errors.append(str(e))
-      continue
-    for name, info in readers[fn].infos.items():
-      if name in infos:
-        dup.append(name)
-      infos[name] = info
-  if errors:
-    raise ValueError(f"HF checkpoint {hf_dir}: unreadable shards: {errors}")
-  if dup:
-    raise ValueError(f"HF checkpoint {hf_dir}: " + _list_problems("tensors in two shards", dup))
-  if weight_map is not None:
-    wrong = [n for n, fn in weight_map.items() if n not in readers[fn].infos]
-    if wrong:
-      raise ValueError(
-        f"HF checkpoint {hf_dir}: "
-        + _list_problems("tensors listed in the index but missing from their shard", wrong)
-      )
-  return hf_cfg, cbytes, infos, readers, index_meta
+# Validation
 
 
 def _validate(entries: list[Entry], infos, leaves, skip_missing) -> set[str]:
@@ -343,32 +255,20 @@ def _validate(entries: list[Entry], infos, leaves, skip_missing) -> set[str]:
       unexpected.append(s)
     elif infos[w].dtype != "F8_E4M3":
       dtypes.append(f"{s}: a block scale for {w}, which is {infos[w].dtype}, not F8_E4M3")
-  problems = []
-  if missing:
-    problems.append(_list_problems("missing", missing))
-  if unexpected:
-    problems.append(_list_problems("unexpected", unexpected))
-  if shapes:
-    problems.append(_list_problems("wrong shapes", shapes))
-  if dtypes:
-    problems.append(_list_problems("wrong dtypes", dtypes))
-  if problems:
-    raise ValueError("HF checkpoint does not match the model config: " + "; ".join(problems))
+  common.raise_problems(
+    "HF checkpoint does not match the model config: ",
+    (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("wrong shapes", shapes),
+      ("wrong dtypes", dtypes),
+    ),
+  )
   return fp8_names
 
 
 # ------------------------------------------------------------------------------------------------
 # HF -> Orbax
-
-
-def _tmp_sibling(path: str, tag: str) -> str:
-  parent, base = os.path.split(os.path.abspath(path))
-  return os.path.join(parent, f".{base}.{tag}-{os.getpid()}-{time.time_ns()}")
-
-
-def _check_out(path: str) -> None:
-  if os.path.exists(path):
-    raise ValueError(f"output {path} already exists; remove it or choose another directory")
 
 
 def hf_to_orbax(
@@ -401,8 +301,8 @@ def hf_to_orbax(
     config mismatch, or truncated / corrupt shards. Nothing is left at orbax_dir on failure.
   """
   dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
-  _check_out(orbax_dir)
-  hf_cfg, cbytes, infos, readers, index_meta = _open_hf_dir(hf_dir)
+  common.check_out(orbax_dir)
+  hf_cfg, cbytes, infos, readers, index_meta = common.open_hf_dir(hf_dir)
   cfg = config_from_hf(hf_cfg, **{"param_dtype": dtype, **(overrides or {})})
   if expect is not None:
     check_same_architecture(cfg, expect, f"HF config {hf_dir}/config.json")
@@ -410,43 +310,28 @@ def hf_to_orbax(
   entries = plan(cfg)
   leaves = leaf_specs(cfg)
   fp8_names = _validate(entries, infos, leaves, lambda e: dense_source and e.indexer)
-  depth = {e.leaf: len(e.index) for e in entries}
-  tmp = _tmp_sibling(orbax_dir, "orbax-checkpoint-tmp")  # Orbax treats *-tmp-* dirs as unfinished
-  try:
-    writer = orbax_io.Writer(tmp, {k: (s, d, depth.get(k, 0)) for k, (s, d) in leaves.items()})
+  # Orbax treats *-tmp-* dirs as unfinished.
+  with common.staged_dir(orbax_dir, "orbax-checkpoint-tmp") as tmp:
+    writer = common.orbax_writer(tmp, leaves, entries)
     _import_tensors(entries, infos, readers, writer, leaves, fp8_names, tmp, progress)
     if dense_source:
       _init_indexers(cfg, entries, infos, writer, leaves, seed)
     writer.finalize()
-    _write_sidecar(tmp, hf_dir, cfg, cbytes, infos, readers, index_meta)
-    os.rename(tmp, orbax_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    common.write_sidecar(tmp, hf_dir, cfg, cbytes, infos, readers, index_meta)
   return cfg
 
 
 def _import_tensors(entries, infos, readers, writer, leaves, fp8_names, out_dir, progress):
   present = [e for e in entries if e.hf in infos]
-  # Read shards sequentially, in file order.
-  present.sort(key=lambda e: (infos[e.hf].path, infos[e.hf].start))
   scale_specs = {n + SCALE_SUFFIX: ("F32", infos[n + SCALE_SUFFIX].shape) for n in fp8_names}
-  scale_out, scales = None, {}
-  if scale_specs:  # kept so that --fp8_export re-quantises with the same scales (fp8.py)
-    os.makedirs(os.path.join(out_dir, "hf_source"), exist_ok=True)
-    scale_out = safetensors_io.Writer(
-      os.path.join(out_dir, "hf_source", "fp8_scales.safetensors"), scale_specs
-    )
+  # Kept so that --fp8_export re-quantises with the same scales (fp8.py).
+  scale_out, scales = common.scale_writer(out_dir, scale_specs), {}
   shared_leaves = {(e.leaf, e.index) for e in present if e.shared}
   digests, nonfinite, copy_mismatch = {}, [], []
-  total = sum(infos[e.hf].nbytes for e in present)
-  bar = tqdm(total=total, unit="B", unit_scale=True, desc="hf->orbax", disable=not progress)
-  for e in present:
-    info = infos[e.hf]
-    reader = readers[os.path.basename(info.path)]
-    x = reader.read(e.hf)
+  for e, x in common.stream_tensors(present, infos, readers, progress):
     if e.hf in fp8_names:
       sname = e.hf + SCALE_SUFFIX
-      s = readers[os.path.basename(infos[sname].path)].read(sname)
+      s = common.read_tensor(infos, readers, sname)
       x = fp8.dequantize(x, s)
       scales[e.hf + SCALE_SUFFIX] = s
     else:
@@ -461,26 +346,18 @@ def _import_tensors(entries, infos, readers, writer, leaves, fp8_names, out_dir,
         if digests[key] != dig:
           copy_mismatch.append(e.hf)
         del x
-        bar.update(info.nbytes)
         continue
       digests[key] = dig
     writer.write(e.leaf, e.index, np.asarray(HOOKS[e.hook].to_ours(x), dtype=leaves[e.leaf][1]))
     del x
-    bar.update(info.nbytes)
-  bar.close()
-  if scale_out is not None:
-    for n in scale_out.order:
-      scale_out.write(n, scales[n])
-    scale_out.close()
-  problems = []
-  if nonfinite:
-    problems.append(_list_problems("non-finite values (corrupt data)", nonfinite))
-  if copy_mismatch:
-    problems.append(
-      _list_problems("MTP copies that differ from model.embed_tokens / lm_head", copy_mismatch)
-    )
-  if problems:
-    raise ValueError("HF checkpoint has bad tensors: " + "; ".join(problems))
+  common.write_all(scale_out, scales)
+  common.raise_problems(
+    "HF checkpoint has bad tensors: ",
+    (
+      ("non-finite values (corrupt data)", nonfinite),
+      ("MTP copies that differ from model.embed_tokens / lm_head", copy_mismatch),
+    ),
+  )
 
 
 def _init_indexers(cfg, entries, infos, writer, leaves, seed):
@@ -505,50 +382,8 @@ def _init_indexers(cfg, entries, infos, writer, leaves, seed):
     writer.write(e.leaf, e.index, x.astype(dt))
 
 
-def _write_sidecar(out_dir, hf_dir, cfg, cbytes, infos, readers, index_meta):
-  side = os.path.join(out_dir, "hf_source")
-  os.makedirs(side, exist_ok=True)
-  with open(os.path.join(side, "config.json"), "wb") as f:
-    f.write(cbytes)
-  record = {
-    "model_config": cfg.to_dict(),
-    "tensors": {
-      n: {"dtype": i.dtype, "shape": list(i.shape), "file": os.path.basename(i.path)}
-      for n, i in infos.items()
-    },
-    "file_metadata": {fn: r.metadata for fn, r in readers.items()},
-    "index_metadata": index_meta,
-  }
-  with open(os.path.join(side, "convert.json"), "w") as f:
-    json.dump(record, f)
-  extra = os.path.join(side, "extra")
-  for fn in sorted(os.listdir(hf_dir)):
-    p = os.path.join(hf_dir, fn)
-    if (
-      os.path.isfile(p)
-      and fn not in ("config.json", "model.safetensors.index.json")
-      and not fn.endswith((".safetensors", ".bin", ".pt", ".pth"))
-    ):
-      os.makedirs(extra, exist_ok=True)
-      shutil.copy2(p, os.path.join(extra, fn))
-
-
 # ------------------------------------------------------------------------------------------------
 # Orbax -> HF
-
-
-def _read_sidecar(orbax_dir):
-  side = os.path.join(orbax_dir, "hf_source")
-  path = os.path.join(side, "convert.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    record = json.load(f)
-  with open(os.path.join(side, "config.json"), "rb") as f:
-    record["config_bytes"] = f.read()
-  sp = os.path.join(side, "fp8_scales.safetensors")
-  record["scales"] = safetensors_io.Reader(sp) if os.path.isfile(sp) else None
-  return record
 
 
 def orbax_to_hf(
@@ -574,20 +409,18 @@ def orbax_to_hf(
       reproduces an FP8 source bit for bit.
     max_shard_bytes: shard size when the source's shard layout cannot be reused.
   """
-  _check_out(hf_dir)
+  common.check_out(hf_dir)
   reader = orbax_io.Reader(orbax_dir)
-  record = _read_sidecar(orbax_dir)
+  record = common.read_sidecar(orbax_dir)
   if cfg is None:
     if record is None:
       raise ValueError(f"{orbax_dir} has no hf_source/convert.json: pass cfg (the ModelConfig)")
     cfg = ModelConfig.from_dict(record["model_config"])
   leaves = leaf_specs(cfg)
-  _check_leaves(reader, leaves, orbax_dir)
+  common.check_leaves(reader, leaves, orbax_dir)
   entries = plan(cfg)
   src = (record or {}).get("tensors", {})
-  if dtype is not None and dtype not in _EXPORT_DTYPES:
-    raise ValueError(f"dtype={dtype!r}: expected bf16 or fp32")
-  force = _EXPORT_DTYPES.get(dtype)
+  force = common.export_dtype(dtype)
 
   def out_dtype(e: Entry) -> str:
     if fp8_export and (src[e.hf]["dtype"] == "F8_E4M3" if e.hf in src else e.fp8_default):
@@ -609,7 +442,7 @@ def orbax_to_hf(
     by_name[e.hf] = e
     if dt == "F8_E4M3":
       specs[e.hf + SCALE_SUFFIX] = ("F32", fp8.scale_shape(shape))
-  files = _assign_shards(specs, src, max_shard_bytes)
+  files = common.assign_shards(specs, src, max_shard_bytes)
   hf_cfg = _export_config(
     record,
     cfg,
@@ -617,74 +450,34 @@ def orbax_to_hf(
     "float32" if force == "F32" else "bfloat16",
   )
   scales_reader = (record or {}).get("scales")
-  file_meta = (record or {}).get("file_metadata", {})
-  tmp = _tmp_sibling(hf_dir, "tmp")
-  try:
-    os.makedirs(tmp)
-    total = sum(_nbytes(*specs[n]) for n in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="orbax->hf", disable=not progress)
-    for fn, names in files.items():
-      w = safetensors_io.Writer(
-        os.path.join(tmp, fn), {n: specs[n] for n in names}, file_meta.get(fn) or {"format": "pt"}
-      )
-      for n in w.order:
-        if n.endswith(SCALE_SUFFIX):
-          # Scales (F32) precede their F8 weights in a shard; the weight is quantised again when
-          # its turn comes rather than held in memory (quantisation is deterministic).
-          wname = n[: -len(SCALE_SUFFIX)]
-          w.write(n, _export_tensor(reader, by_name[wname], specs[wname][0], scales_reader)[1])
-        else:
-          w.write(n, _export_tensor(reader, by_name[n], specs[n][0], scales_reader)[0])
-        bar.update(_nbytes(*specs[n]))
-      w.close()
-    bar.close()
-    meta = dict((record or {}).get("index_metadata") or {})
-    if "total_parameters" in meta:  # transformers' count; adjust for tensors added / dropped
-      numel = lambda shape: int(np.prod(shape, dtype=np.int64))
-      meta["total_parameters"] += sum(
-        numel(sh) for n, (_, sh) in specs.items() if n not in src and not n.endswith(SCALE_SUFFIX)
-      ) - sum(
-        numel(v["shape"]) for n, v in src.items() if n not in specs and not n.endswith(SCALE_SUFFIX)
-      )
-    meta["total_size"] = total
-    index = {
-      "metadata": meta,
-      "weight_map": {n: fn for fn, names in files.items() for n in sorted(names)},
-    }
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-      f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    with open(os.path.join(tmp, "config.json"), "wb") as f:
-      f.write(hf_cfg)
-    extra = os.path.join(orbax_dir, "hf_source", "extra")
-    if os.path.isdir(extra):
-      for fn in os.listdir(extra):
-        shutil.copy2(os.path.join(extra, fn), os.path.join(tmp, fn))
-    os.rename(tmp, hf_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  meta = dict((record or {}).get("index_metadata") or {})
+  if "total_parameters" in meta:  # transformers' count; adjust for tensors added / dropped
+    numel = lambda shape: int(np.prod(shape, dtype=np.int64))
+    meta["total_parameters"] += sum(
+      numel(sh) for n, (_, sh) in specs.items() if n not in src and not n.endswith(SCALE_SUFFIX)
+    ) - sum(
+      numel(v["shape"]) for n, v in src.items() if n not in specs and not n.endswith(SCALE_SUFFIX)
+    )
 
+  def tensor(n):
+    if n.endswith(SCALE_SUFFIX):
+      # Scales (F32) precede their F8 weights in a shard; the weight is quantised again when its
+      # turn comes rather than held in memory (quantisation is deterministic).
+      wname = n[: -len(SCALE_SUFFIX)]
+      return _export_tensor(reader, by_name[wname], specs[wname][0], scales_reader)[1]
+    return _export_tensor(reader, by_name[n], specs[n][0], scales_reader)[0]
 
-def _nbytes(dt: str, shape) -> int:
-  return int(np.prod(shape, dtype=np.int64)) * safetensors_io.DTYPES[dt].itemsize
-
-
-def _check_leaves(reader: orbax_io.Reader, leaves, path):
-  got = set(reader.names)
-  missing = [n for n in leaves if n not in got]
-  unexpected = [n for n in got if n not in leaves]
-  shapes = []
-  for n in leaves.keys() & got:
-    s, _ = reader.shape_dtype(n)
-    if s != leaves[n][0]:
-      shapes.append(f"{n}: {list(s)} != expected {list(leaves[n][0])}")
-  problems = [
-    _list_problems(k, v)
-    for k, v in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", shapes))
-    if v
-  ]
-  if problems:
-    raise ValueError(
-      f"Orbax checkpoint {path} does not match the model config: " + "; ".join(problems)
+  with common.staged_dir(hf_dir, "tmp") as tmp:
+    common.write_hf_dir(
+      tmp,
+      files,
+      specs,
+      tensor,
+      file_meta=(record or {}).get("file_metadata", {}),
+      index_meta=meta,
+      config_bytes=hf_cfg,
+      orbax_dir=orbax_dir,
+      progress=progress,
     )
 
 
@@ -700,29 +493,9 @@ def _export_tensor(reader, e: Entry, dt: str, scales_reader):
   return np.ascontiguousarray(x.astype(safetensors_io.DTYPES[dt])), None
 
 
-def _assign_shards(specs, src, max_shard_bytes) -> dict[str, list[str]]:
-  """Reuses the source's shard of every tensor when all are known, else packs in plan order."""
-  if src and all(n in src for n in specs):
-    files: dict[str, list[str]] = {}
-    for n in specs:
-      files.setdefault(src[n]["file"], []).append(n)
-    return dict(sorted(files.items()))
-  groups, cur, size = [], [], 0
-  for n in specs:
-    b = _nbytes(*specs[n])
-    if cur and size + b > max_shard_bytes:
-      groups.append(cur)
-      cur, size = [], 0
-    cur.append(n)
-    size += b
-  groups.append(cur)
-  k = len(groups)
-  return {f"model-{j + 1:05d}-of-{k:05d}.safetensors": g for j, g in enumerate(groups)}
-
-
 def _export_config(record, cfg: ModelConfig, has_fp8: bool, torch_dtype: str) -> bytes:
   if record is None:
-    return (json.dumps(hf_config_dict(cfg, has_fp8, torch_dtype), indent=2) + "\n").encode()
+    return common.config_bytes(hf_config_dict(cfg, has_fp8, torch_dtype))
   src = json.loads(record["config_bytes"])
   same = ("quantization_config" in src) == has_fp8 and src.get("model_type") == "deepseek_v32"
   if same:
@@ -738,4 +511,4 @@ def _export_config(record, cfg: ModelConfig, has_fp8: bool, torch_dtype: str) ->
     src["quantization_config"] = fp8_quantization_config(cfg.scale_fmt)
   else:
     src.pop("quantization_config", None)
-  return (json.dumps(src, indent=2) + "\n").encode()
+  return common.config_bytes(src)

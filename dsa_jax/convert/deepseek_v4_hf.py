@@ -16,10 +16,10 @@ Two directory layouts are read and written:
   the hub's `compress_ratios` / `rope_scaling`.
 
 `plan(cfg, layout)` lists every HF tensor with our leaf path, a hook that maps the tensor onto our
-array and back, and its dtype class. Both directions stream one tensor at a time through the V3.2
-helpers (`safetensors_io`, `orbax_io`, the sidecar of `deepseek_hf`). Import keeps the source's
-config, dtypes, shard layout and quantisation scales under `<orbax_dir>/hf_source/`, so an export
-reproduces the source directory byte for byte (quantised tensors too, with `quantized=True`).
+array and back, and its dtype class. Both directions stream one tensor at a time through the
+helpers shared with the V3.2 converter (`safetensors_io`, `orbax_io`, `common`). Import keeps the
+source's config, dtypes, shard layout and quantisation scales under `<orbax_dir>/hf_source/`, so an
+export reproduces the source directory byte for byte (quantised tensors too, with `quantized=True`).
 """
 
 from __future__ import annotations
@@ -27,17 +27,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import re
-import shutil
 
 import ml_dtypes
 import numpy as np
-from flax import nnx
-from tqdm import tqdm
 
 from dsa_jax import v4
-from dsa_jax.convert import deepseek_hf, fp8, orbax_io, safetensors_io
+from dsa_jax.convert import common, fp8, orbax_io, safetensors_io
 from dsa_jax.v4 import config as v4_config
 
 ARCH = "deepseek_v4"
@@ -165,7 +161,6 @@ _FLOAT = ("F32", "BF16", "F16")
 _INT = ("I64", "I32")
 _QUANT = ("F8_E4M3", "I8")
 _SCALE_DTYPES = ("F8_E8M0", "F32")
-_EXPORT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,18 +307,7 @@ def hf_config_dict(cfg: v4.V4Config, quantized: bool = False) -> dict:
 
 def leaf_specs(cfg: v4.V4Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Our state's leaves {dotted path: (shape, dtype)} (parameters, router biases, hash tables)."""
-  state = nnx.to_pure_dict(nnx.state(v4.abstract(cfg)))
-  out = {}
-
-  def walk(t, p):
-    if isinstance(t, dict):
-      for k, v in t.items():
-        walk(v, p + (str(k),))
-    else:
-      out[".".join(p)] = (tuple(t.shape), np.dtype(t.dtype))
-
-  walk(state, ())
-  return out
+  return common.leaf_specs(v4.abstract(cfg))
 
 
 def plan(cfg: v4.V4Config, layout: str = "hub", leaves=None) -> list[Entry]:
@@ -491,17 +475,15 @@ def _validate(entries: list[Entry], infos, leaves) -> dict[str, str]:
     w = scale_of[s].hf
     if w in infos and infos[w].dtype not in _QUANT:
       dtypes.append(f"{s}: a block scale for {w}, which is {infos[w].dtype}, not quantised")
-  problems = []
-  for kind, names in (
-    ("missing", missing),
-    ("unexpected", unexpected),
-    ("wrong shapes", shapes),
-    ("wrong dtypes", dtypes),
-  ):
-    if names:
-      problems.append(deepseek_hf._list_problems(kind, names))
-  if problems:
-    raise ValueError("HF checkpoint does not match the model config: " + "; ".join(problems))
+  common.raise_problems(
+    "HF checkpoint does not match the model config: ",
+    (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("wrong shapes", shapes),
+      ("wrong dtypes", dtypes),
+    ),
+  )
   return quant
 
 
@@ -524,13 +506,7 @@ _NOT_ARCH = {
 
 
 def check_same_architecture(got: v4.V4Config, want: v4.V4Config, what: str) -> None:
-  diff = [
-    f"{f.name}: {getattr(got, f.name)!r} != expected {getattr(want, f.name)!r}"
-    for f in dataclasses.fields(v4.V4Config)
-    if f.name not in _NOT_ARCH and getattr(got, f.name) != getattr(want, f.name)
-  ]
-  if diff:
-    raise ValueError(f"{what} does not match the expected model config: {diff}")
+  common.check_same_architecture(got, want, what, _NOT_ARCH)
 
 
 def hf_to_orbax(
@@ -561,8 +537,8 @@ def hf_to_orbax(
     orbax_dir on failure.
   """
   dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
-  deepseek_hf._check_out(orbax_dir)
-  hf_cfg, cbytes, infos, readers, index_meta = deepseek_hf._open_hf_dir(hf_dir)
+  common.check_out(orbax_dir)
+  hf_cfg, cbytes, infos, readers, index_meta = common.open_hf_dir(hf_dir)
   layout = detect_layout(infos)
   has_mtp = any(n.startswith("mtp.") for n in infos) if layout == "transformers" else None
   cfg = config_from_hf(hf_cfg, has_mtp, **{"param_dtype": dtype, **(overrides or {})})
@@ -571,50 +547,26 @@ def hf_to_orbax(
   leaves = leaf_specs(cfg)
   entries = plan(cfg, layout, leaves)
   quant = _validate(entries, infos, leaves)
-  depth = {e.leaf: len(e.index) for e in entries}
-  tmp = deepseek_hf._tmp_sibling(orbax_dir, "orbax-checkpoint-tmp")
-  try:
-    writer = orbax_io.Writer(tmp, {k: (s, d, depth.get(k, 0)) for k, (s, d) in leaves.items()})
+  with common.staged_dir(orbax_dir, "orbax-checkpoint-tmp") as tmp:
+    writer = common.orbax_writer(tmp, leaves, entries)
     _import_tensors(cfg, entries, infos, readers, writer, leaves, quant, tmp, progress)
     writer.finalize()
-    deepseek_hf._write_sidecar(tmp, hf_dir, cfg, cbytes, infos, readers, index_meta)
-    side = os.path.join(tmp, "hf_source", "convert.json")
-    with open(side) as f:
-      record = json.load(f)
-    record.update(arch=ARCH, layout=layout)
-    with open(side, "w") as f:
-      json.dump(record, f)
-    os.rename(tmp, orbax_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    common.write_sidecar(
+      tmp, hf_dir, cfg, cbytes, infos, readers, index_meta, arch=ARCH, layout=layout
+    )
   return cfg
 
 
 def _import_tensors(cfg, entries, infos, readers, writer, leaves, quant, out_dir, progress):
-  present = sorted(entries, key=lambda e: (infos[e.hf].path, infos[e.hf].start))
   by_name = {e.hf: e for e in entries}
   scale_specs = {by_name[n].scale: (infos[by_name[n].scale].dtype, infos[by_name[n].scale].shape)
                  for n in quant}  # fmt: skip
-  scale_out, scales = None, {}
-  if scale_specs:  # kept so that a quantised export re-quantises with the same scales
-    os.makedirs(os.path.join(out_dir, "hf_source"), exist_ok=True)
-    scale_out = safetensors_io.Writer(
-      os.path.join(out_dir, "hf_source", "fp8_scales.safetensors"), scale_specs
-    )
+  # Kept so that a quantised export re-quantises with the same scales.
+  scale_out, scales = common.scale_writer(out_dir, scale_specs), {}
   nonfinite, bad_table = [], []
-  bar = tqdm(
-    total=sum(infos[e.hf].nbytes for e in present),
-    unit="B",
-    unit_scale=True,
-    desc="hf->orbax",
-    disable=not progress,
-  )
-  for e in present:
-    info = infos[e.hf]
-    x = readers[os.path.basename(info.path)].read(e.hf)
+  for e, x in common.stream_tensors(entries, infos, readers, progress):
     if e.hf in quant:
-      sinfo = infos[e.scale]
-      s = readers[os.path.basename(sinfo.path)].read(e.scale)
+      s = common.read_tensor(infos, readers, e.scale)
       scales[e.scale] = s
       x = dequantize_fp4(x, s) if quant[e.hf] == "I8" else fp8.dequantize(x, s.astype(np.float32))
     elif e.cls != "table":
@@ -627,23 +579,14 @@ def _import_tensors(cfg, entries, infos, readers, writer, leaves, quant, out_dir
     y = HOOKS[e.hook].to_ours(x, cfg)
     writer.write(e.leaf, e.index, np.asarray(y, dtype=leaves[e.leaf][1]))
     del x, y
-    bar.update(info.nbytes)
-  bar.close()
-  if scale_out is not None:
-    for n in scale_out.order:
-      scale_out.write(n, scales[n])
-    scale_out.close()
-  problems = []
-  if nonfinite:
-    problems.append(deepseek_hf._list_problems("non-finite values (corrupt data)", nonfinite))
-  if bad_table:
-    problems.append(
-      deepseek_hf._list_problems(
-        f"hash tables with expert ids outside [0, {cfg.n_routed_experts})", bad_table
-      )
-    )
-  if problems:
-    raise ValueError("HF checkpoint has bad tensors: " + "; ".join(problems))
+  common.write_all(scale_out, scales)
+  common.raise_problems(
+    "HF checkpoint has bad tensors: ",
+    (
+      ("non-finite values (corrupt data)", nonfinite),
+      (f"hash tables with expert ids outside [0, {cfg.n_routed_experts})", bad_table),
+    ),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -693,7 +636,7 @@ def hf_specs(
   source (quantized=True: the release's formats)."""
   leaves = leaf_specs(cfg)
   return _specs(
-    cfg, plan(cfg, layout, leaves), leaves, {}, {}, quantized, _EXPORT_DTYPES.get(dtype)
+    cfg, plan(cfg, layout, leaves), leaves, {}, {}, quantized, common.EXPORT_DTYPES.get(dtype)
   )
 
 
@@ -724,9 +667,9 @@ def orbax_to_hf(
     layout: "hub" | "transformers"; default: the source's, else "hub".
     max_shard_bytes: shard size when the source's shard layout cannot be reused.
   """
-  deepseek_hf._check_out(hf_dir)
+  common.check_out(hf_dir)
   reader = orbax_io.Reader(orbax_dir)
-  record = deepseek_hf._read_sidecar(orbax_dir)
+  record = common.read_sidecar(orbax_dir)
   if record is not None and record.get("arch") != ARCH:
     raise ValueError(f"{orbax_dir} was converted from a {record.get('arch', 'V3.2')} checkpoint")
   if cfg is None:
@@ -735,11 +678,9 @@ def orbax_to_hf(
     cfg = _cfg_from_record(record["model_config"])
   src_layout = (record or {}).get("layout")
   layout = layout or src_layout or "hub"
-  if dtype is not None and dtype not in _EXPORT_DTYPES:
-    raise ValueError(f"dtype={dtype!r}: expected bf16 or fp32")
-  force = _EXPORT_DTYPES.get(dtype)
+  force = common.export_dtype(dtype)
   leaves = leaf_specs(cfg)
-  deepseek_hf._check_leaves(reader, leaves, orbax_dir)
+  common.check_leaves(reader, leaves, orbax_dir)
   entries = plan(cfg, layout, leaves)
   # The source's tensors by hub name (the layout may change on export).
   src_entries = {e.hf: e.hub for e in plan(cfg, src_layout, leaves)} if src_layout else {}
@@ -753,50 +694,34 @@ def orbax_to_hf(
   has_quant = bool(scale_names)
   same_layout = layout == src_layout
   src_files = (record or {}).get("tensors", {}) if same_layout else {}
-  files = deepseek_hf._assign_shards(specs, src_files, max_shard_bytes)
+  files = common.assign_shards(specs, src_files, max_shard_bytes)
   hf_cfg = _export_config(record, cfg, has_quant, same_layout)
   scales_reader = (record or {}).get("scales")
   src_names = {h: n for n, h in src_entries.items()}
   file_meta = (record or {}).get("file_metadata", {}) if same_layout else {}
-  tmp = deepseek_hf._tmp_sibling(hf_dir, "tmp")
-  try:
-    os.makedirs(tmp)
-    total = sum(deepseek_hf._nbytes(*specs[n]) for n in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="orbax->hf", disable=not progress)
-    for fn, names in files.items():
-      w = safetensors_io.Writer(
-        os.path.join(tmp, fn), {n: specs[n] for n in names}, file_meta.get(fn) or {"format": "pt"}
-      )
-      for n in w.order:
-        if n in scale_names:  # quantised again when its weight comes (deterministic)
-          e = scale_names[n]
-          _, s = _export_tensor(reader, e, specs[e.hf][0], scales_reader, src_names, cfg)
-          w.write(n, _scale_out(s, specs[n][0]))
-        else:
-          e = by_name[n]
-          w.write(n, _export_tensor(reader, e, specs[n][0], scales_reader, src_names, cfg)[0])
-        bar.update(deepseek_hf._nbytes(*specs[n]))
-      w.close()
-    bar.close()
-    meta = dict((record or {}).get("index_metadata") or {}) if same_layout else {}
-    if "total_parameters" in meta and set(src_files) != set(specs):
-      del meta["total_parameters"]  # transformers' count; no longer known
-    meta["total_size"] = total
-    index = {
-      "metadata": meta,
-      "weight_map": {n: fn for fn, names in files.items() for n in sorted(names)},
-    }
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-      f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    with open(os.path.join(tmp, "config.json"), "wb") as f:
-      f.write(hf_cfg)
-    extra = os.path.join(orbax_dir, "hf_source", "extra")
-    if os.path.isdir(extra):
-      for fn in os.listdir(extra):
-        shutil.copy2(os.path.join(extra, fn), os.path.join(tmp, fn))
-    os.rename(tmp, hf_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  meta = dict((record or {}).get("index_metadata") or {}) if same_layout else {}
+  if "total_parameters" in meta and set(src_files) != set(specs):
+    del meta["total_parameters"]  # transformers' count; no longer known
+
+  def tensor(n):
+    if n in scale_names:  # quantised again when its weight comes (deterministic)
+      e = scale_names[n]
+      _, s = _export_tensor(reader, e, specs[e.hf][0], scales_reader, src_names, cfg)
+      return _scale_out(s, specs[n][0])
+    return _export_tensor(reader, by_name[n], specs[n][0], scales_reader, src_names, cfg)[0]
+
+  with common.staged_dir(hf_dir, "tmp") as tmp:
+    common.write_hf_dir(
+      tmp,
+      files,
+      specs,
+      tensor,
+      file_meta=file_meta,
+      index_meta=meta,
+      config_bytes=hf_cfg,
+      orbax_dir=orbax_dir,
+      progress=progress,
+    )
 
 
 def _export_tensor(reader, e: Entry, dt: str, scales_reader, src_names, cfg):
@@ -819,7 +744,7 @@ def _export_tensor(reader, e: Entry, dt: str, scales_reader, src_names, cfg):
 
 def _export_config(record, cfg: v4.V4Config, has_quant: bool, same_layout: bool) -> bytes:
   if record is None or not same_layout:
-    return (json.dumps(hf_config_dict(cfg, has_quant), indent=2) + "\n").encode()
+    return common.config_bytes(hf_config_dict(cfg, has_quant))
   src = json.loads(record["config_bytes"])
   if ("quantization_config" in src) == has_quant:
     return record["config_bytes"]  # byte-identical round trip
@@ -827,4 +752,4 @@ def _export_config(record, cfg: v4.V4Config, has_quant: bool, same_layout: bool)
     src["quantization_config"] = hf_config_dict(cfg, True)["quantization_config"]
   else:
     src.pop("quantization_config", None)
-  return (json.dumps(src, indent=2) + "\n").encode()
+  return common.config_bytes(src)

@@ -20,7 +20,7 @@ import pytest
 
 import dsa_jax
 from dsa_jax import checkpoint, convert, model
-from dsa_jax.convert import deepseek_hf, fp8, safetensors_io
+from dsa_jax.convert import common, deepseek_hf, fp8, safetensors_io
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "goldens", "deepseek_v32_tiny")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -468,7 +468,7 @@ def test_failure_midway_leaves_nothing(src, tmp_path, monkeypatch):
   def boom(*a, **k):
     raise ValueError("injected failure")
 
-  monkeypatch.setattr(deepseek_hf, "_write_sidecar", boom)
+  monkeypatch.setattr(common, "write_sidecar", boom)
   _bad(src[2], tmp_path, "injected failure")
 
 
@@ -527,7 +527,7 @@ def _synthetic_hf(cfg, path, shard_bytes=1 << 30):
   for e in convert.plan(cfg):
     shape = deepseek_hf.HOOKS[e.hook].hf_shape(leaves[e.leaf][0][len(e.index) :])
     specs[e.hf] = ("F32" if e.hf.endswith("correction_bias") else "BF16", shape)
-  files = deepseek_hf._assign_shards(specs, {}, shard_bytes)
+  files = common.assign_shards(specs, {}, shard_bytes)
   by = {e.hf: e for e in convert.plan(cfg)}
   for fn, names in files.items():
     w = safetensors_io.Writer(
@@ -543,7 +543,7 @@ def _synthetic_hf(cfg, path, shard_bytes=1 << 30):
   _write_index(
     path,
     {n: fn for fn, ns in files.items() for n in ns},
-    sum(deepseek_hf._nbytes(*v) for v in specs.values()),
+    sum(common.nbytes(*v) for v in specs.values()),
   )
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(convert.hf_config_dict(cfg), f)
