@@ -23,6 +23,15 @@ EXPORT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "
 SCALES_FILE = "fp8_scales.safetensors"  # the import's block scales, under hf_source/
 
 
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """How an HF tensor becomes our slice and back (V4's functions also take the config)."""
+
+  to_ours: callable  # HF tensor -> our slice
+  to_hf: callable  # our slice -> HF tensor
+  hf_shape: callable  # our slice shape -> HF shape
+
+
 def list_problems(kind: str, names, limit: int = 30) -> str:
   names = sorted(names)
   more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -34,6 +43,26 @@ def raise_problems(what: str, problems) -> None:
   found = [list_problems(kind, names) for kind, names in problems if names]
   if found:
     raise ValueError(what + "; ".join(found))
+
+
+def check_tensor_problems(missing, unexpected, shapes, dtypes) -> None:
+  """Raises if an HF checkpoint's tensors do not fit the plan (names, shapes, dtypes)."""
+  raise_problems(
+    "HF checkpoint does not match the model config: ",
+    (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("wrong shapes", shapes),
+      ("wrong dtypes", dtypes),
+    ),
+  )
+
+
+def check_values(nonfinite, *problems) -> None:
+  """Raises if imported tensors had non-finite values or other (kind, names) problems."""
+  raise_problems(
+    "HF checkpoint has bad tensors: ", (("non-finite values (corrupt data)", nonfinite), *problems)
+  )
 
 
 def check_same_architecture(got, want, what: str, ignore) -> None:
@@ -296,10 +325,20 @@ def write_index(path: str, weight_map: dict, metadata: dict) -> None:
 
 
 def write_hf_dir(
-  out, files, specs, tensor, *, file_meta, index_meta, config_bytes, orbax_dir, progress
+  hf_dir, files, specs, tensor, file_meta, index_meta, config_bytes, orbax_dir, progress
 ) -> None:
-  """Creates `out` with the shards `files` {file: names} (tensor(name) -> array of specs[name]),
-  the index (index_meta + total_size), config.json and the files of orbax_dir/hf_source/extra."""
+  """Writes `hf_dir` (it appears once complete): the shards `files` {file: names}, with
+  tensor(name) -> array of specs[name], the index (index_meta + total_size), config.json and the
+  files of orbax_dir/hf_source/extra."""
+  with staged_dir(hf_dir, "tmp") as tmp:
+    _write_hf_files(
+      tmp, files, specs, tensor, file_meta, index_meta, config_bytes, orbax_dir, progress
+    )
+
+
+def _write_hf_files(
+  out, files, specs, tensor, file_meta, index_meta, config_bytes, orbax_dir, progress
+):
   os.makedirs(out)
   total = sum(nbytes(*specs[n]) for n in specs)
   bar = tqdm(total=total, unit="B", unit_scale=True, desc="orbax->hf", disable=not progress)

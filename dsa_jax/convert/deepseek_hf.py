@@ -105,17 +105,10 @@ NAME_MAP: dict[str, tuple[str, str, str]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Hook:
-  to_ours: callable  # HF tensor -> our slice
-  to_hf: callable  # our slice -> HF tensor
-  hf_shape: callable  # our slice shape -> HF shape
-
-
 HOOKS = {
-  "copy": Hook(lambda x: x, lambda x: x, lambda s: tuple(s)),
+  "copy": common.Hook(lambda x: x, lambda x: x, lambda s: tuple(s)),
   # torch Linear weights are [out, in]; our kernels are [in, out].
-  "linear": Hook(lambda x: x.T, lambda x: x.T, lambda s: tuple(reversed(s))),
+  "linear": common.Hook(lambda x: x.T, lambda x: x.T, lambda s: tuple(reversed(s))),
 }
 
 # Not FP8 in DeepSeek's checkpoints (docs/dsa.md §FP8 formats): embeddings, head, norms, router,
@@ -255,15 +248,7 @@ def _validate(entries: list[Entry], infos, leaves, skip_missing) -> set[str]:
       unexpected.append(s)
     elif infos[w].dtype != "F8_E4M3":
       dtypes.append(f"{s}: a block scale for {w}, which is {infos[w].dtype}, not F8_E4M3")
-  common.raise_problems(
-    "HF checkpoint does not match the model config: ",
-    (
-      ("missing", missing),
-      ("unexpected", unexpected),
-      ("wrong shapes", shapes),
-      ("wrong dtypes", dtypes),
-    ),
-  )
+  common.check_tensor_problems(missing, unexpected, shapes, dtypes)
   return fp8_names
 
 
@@ -351,12 +336,8 @@ def _import_tensors(entries, infos, readers, writer, leaves, fp8_names, out_dir,
     writer.write(e.leaf, e.index, np.asarray(HOOKS[e.hook].to_ours(x), dtype=leaves[e.leaf][1]))
     del x
   common.write_all(scale_out, scales)
-  common.raise_problems(
-    "HF checkpoint has bad tensors: ",
-    (
-      ("non-finite values (corrupt data)", nonfinite),
-      ("MTP copies that differ from model.embed_tokens / lm_head", copy_mismatch),
-    ),
+  common.check_values(
+    nonfinite, ("MTP copies that differ from model.embed_tokens / lm_head", copy_mismatch)
   )
 
 
@@ -467,18 +448,8 @@ def orbax_to_hf(
       return _export_tensor(reader, by_name[wname], specs[wname][0], scales_reader)[1]
     return _export_tensor(reader, by_name[n], specs[n][0], scales_reader)[0]
 
-  with common.staged_dir(hf_dir, "tmp") as tmp:
-    common.write_hf_dir(
-      tmp,
-      files,
-      specs,
-      tensor,
-      file_meta=(record or {}).get("file_metadata", {}),
-      index_meta=meta,
-      config_bytes=hf_cfg,
-      orbax_dir=orbax_dir,
-      progress=progress,
-    )
+  file_meta = (record or {}).get("file_metadata", {})
+  common.write_hf_dir(hf_dir, files, specs, tensor, file_meta, meta, hf_cfg, orbax_dir, progress)
 
 
 def _export_tensor(reader, e: Entry, dt: str, scales_reader):

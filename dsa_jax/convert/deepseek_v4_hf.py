@@ -52,25 +52,29 @@ E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
 # Entries whose leaf the model lacks (no compressor in window-only layers, no indexer in HCA layers,
 # tid2eid only in hash layers, gate.bias only in learned ones) are left out by `plan`.
 
+
+def _hc(hub: str, leaf: str) -> dict[str, tuple[str, str, str]]:
+  """A hyper-connection's fp32 mixing weights (`fn`, a Linear), bias and scales."""
+  return {
+    f"{hub}_fn": (f"{leaf}.fn", "linear", "f32"),
+    f"{hub}_base": (f"{leaf}.base", "copy", "f32"),
+    f"{hub}_scale": (f"{leaf}.scale", "copy", "f32"),
+  }
+
+
 TOP: dict[str, tuple[str, str, str]] = {
   "embed.weight": ("embed", "copy", "bf16"),
 }
 TOP_END: dict[str, tuple[str, str, str]] = {
   "norm.weight": ("norm.weight", "copy", "bf16"),
-  "hc_head_fn": ("hc_head.fn", "linear", "f32"),
-  "hc_head_base": ("hc_head.base", "copy", "f32"),
-  "hc_head_scale": ("hc_head.scale", "copy", "f32"),
+  **_hc("hc_head", "hc_head"),
   "head.weight": ("head.kernel", "linear", "bf16"),
 }
 BLOCK: dict[str, tuple[str, str, str]] = {
   "{P}.attn_norm.weight": ("{L}.attn_norm.weight", "copy", "bf16"),
   "{P}.ffn_norm.weight": ("{L}.ffn_norm.weight", "copy", "bf16"),
-  "{P}.hc_attn_fn": ("{L}.hc_attn.fn", "linear", "f32"),
-  "{P}.hc_attn_base": ("{L}.hc_attn.base", "copy", "f32"),
-  "{P}.hc_attn_scale": ("{L}.hc_attn.scale", "copy", "f32"),
-  "{P}.hc_ffn_fn": ("{L}.hc_ffn.fn", "linear", "f32"),
-  "{P}.hc_ffn_base": ("{L}.hc_ffn.base", "copy", "f32"),
-  "{P}.hc_ffn_scale": ("{L}.hc_ffn.scale", "copy", "f32"),
+  **_hc("{P}.hc_attn", "{L}.hc_attn"),
+  **_hc("{P}.hc_ffn", "{L}.hc_ffn"),
   # Attention (all layer types).
   "{P}.attn.attn_sink": ("{L}.attn.attn_sink", "copy", "f32"),
   "{P}.attn.wq_a.weight": ("{L}.attn.wq_a.kernel", "linear", "fp8"),
@@ -125,9 +129,7 @@ MTP: dict[str, tuple[str, str, str]] = {
   "mtp.0.enorm.weight": ("mtp.enorm.weight", "copy", "bf16"),
   "mtp.0.hnorm.weight": ("mtp.hnorm.weight", "copy", "bf16"),
   "mtp.0.norm.weight": ("mtp.norm.weight", "copy", "bf16"),
-  "mtp.0.hc_head_fn": ("mtp.hc_head.fn", "linear", "f32"),
-  "mtp.0.hc_head_base": ("mtp.hc_head.base", "copy", "f32"),
-  "mtp.0.hc_head_scale": ("mtp.hc_head.scale", "copy", "f32"),
+  **_hc("mtp.0.hc_head", "mtp.hc_head"),
 }
 
 
@@ -136,12 +138,7 @@ def _grouped_to_ours(x, o: int):
   return x.reshape(o, -1, x.shape[1]).transpose(0, 2, 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class Hook:
-  to_ours: callable  # (HF tensor, cfg) -> our slice
-  to_hf: callable  # (our slice, cfg) -> HF tensor
-  hf_shape: callable  # our slice shape -> HF shape
-
+Hook = common.Hook  # to_ours / to_hf take (tensor, cfg)
 
 HOOKS = {
   "copy": Hook(lambda x, c: x, lambda x, c: x, tuple),
@@ -475,15 +472,7 @@ def _validate(entries: list[Entry], infos, leaves) -> dict[str, str]:
     w = scale_of[s].hf
     if w in infos and infos[w].dtype not in _QUANT:
       dtypes.append(f"{s}: a block scale for {w}, which is {infos[w].dtype}, not quantised")
-  common.raise_problems(
-    "HF checkpoint does not match the model config: ",
-    (
-      ("missing", missing),
-      ("unexpected", unexpected),
-      ("wrong shapes", shapes),
-      ("wrong dtypes", dtypes),
-    ),
-  )
+  common.check_tensor_problems(missing, unexpected, shapes, dtypes)
   return quant
 
 
@@ -580,12 +569,8 @@ def _import_tensors(cfg, entries, infos, readers, writer, leaves, quant, out_dir
     writer.write(e.leaf, e.index, np.asarray(y, dtype=leaves[e.leaf][1]))
     del x, y
   common.write_all(scale_out, scales)
-  common.raise_problems(
-    "HF checkpoint has bad tensors: ",
-    (
-      ("non-finite values (corrupt data)", nonfinite),
-      (f"hash tables with expert ids outside [0, {cfg.n_routed_experts})", bad_table),
-    ),
+  common.check_values(
+    nonfinite, (f"hash tables with expert ids outside [0, {cfg.n_routed_experts})", bad_table)
   )
 
 
@@ -710,18 +695,7 @@ def orbax_to_hf(
       return _scale_out(s, specs[n][0])
     return _export_tensor(reader, by_name[n], specs[n][0], scales_reader, src_names, cfg)[0]
 
-  with common.staged_dir(hf_dir, "tmp") as tmp:
-    common.write_hf_dir(
-      tmp,
-      files,
-      specs,
-      tensor,
-      file_meta=file_meta,
-      index_meta=meta,
-      config_bytes=hf_cfg,
-      orbax_dir=orbax_dir,
-      progress=progress,
-    )
+  common.write_hf_dir(hf_dir, files, specs, tensor, file_meta, meta, hf_cfg, orbax_dir, progress)
 
 
 def _export_tensor(reader, e: Entry, dt: str, scales_reader, src_names, cfg):
