@@ -306,31 +306,45 @@ def generate(model, prompts: Sequence[Sequence[int]], gen: GenerateConfig) -> li
     return v4_decode.generate(model, prompts, gen)
   cfg: ModelConfig = model.cfg
   tokens, lengths = pad_prompts(prompts, bucket=SHAPE_BUCKET)
+  max_len = cache_len(cfg, tokens, lengths, gen)
+  cache = cache_lib.init(
+    cfg, len(prompts), max_len, fp8=gen.fp8_cache, indexer=gen.attention == "sparse"
+  )
+  graphdef, state = nnx.split(model)
+  logits, cache = prefill_step(graphdef, state, tokens, lengths, cache, attention=gen.attention)
+  step = functools.partial(decode_step, graphdef, state, attention=gen.attention)
+  return sample_loop(logits, cache, step, gen)
+
+
+def cache_len(cfg, tokens, lengths, gen: GenerateConfig) -> int:
+  """Cache length for padded prompts plus gen.max_new_tokens (a multiple of SHAPE_BUCKET); raises
+  past cfg.max_seq_len."""
   longest = int(lengths.max())
   if longest + gen.max_new_tokens > cfg.max_seq_len:
     raise ValueError(
       f"longest prompt {longest} + max_new_tokens {gen.max_new_tokens} exceeds "
       f"max_seq_len={cfg.max_seq_len}"
     )
-  max_len = _round_up(max(tokens.shape[1], longest + gen.max_new_tokens), SHAPE_BUCKET)
-  cache = cache_lib.init(
-    cfg, len(prompts), max_len, fp8=gen.fp8_cache, indexer=gen.attention == "sparse"
-  )
-  graphdef, state = nnx.split(model)
-  logits, cache = prefill_step(graphdef, state, tokens, lengths, cache, attention=gen.attention)
+  return _round_up(max(tokens.shape[1], longest + gen.max_new_tokens), SHAPE_BUCKET)
+
+
+def sample_loop(logits, cache, step, gen: GenerateConfig) -> list[list[int]]:
+  """Samples up to gen.max_new_tokens from the prefill's logits [B,V], feeding each token [B,1] to
+  step(tokens, cache) -> (logits [B,1,V], cache); stops once every row has sampled eos. Returns
+  each row's tokens, cut after eos."""
   key = jax.random.key(gen.seed)
-  out, done = [], np.zeros(len(prompts), bool)
-  for step in range(gen.max_new_tokens):
+  out, done = [], np.zeros(logits.shape[0], bool)
+  for i in range(gen.max_new_tokens):
     tok = _sample_jit(
-      logits, jax.random.fold_in(key, step), temperature=gen.temperature, top_p=gen.top_p
+      logits, jax.random.fold_in(key, i), temperature=gen.temperature, top_p=gen.top_p
     )
     tok_np = np.asarray(tok)
     out.append(tok_np)
     if gen.eos_id is not None:
       done |= tok_np == gen.eos_id
-    if done.all() or step == gen.max_new_tokens - 1:
+    if done.all() or i == gen.max_new_tokens - 1:
       break
-    logits, cache = decode_step(graphdef, state, tok[:, None], cache, attention=gen.attention)
+    logits, cache = step(tok[:, None], cache)
     logits = logits[:, -1]
   seqs = np.stack(out, axis=1).tolist()
   if gen.eos_id is not None:

@@ -27,7 +27,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dsa_jax import generate as generate_lib
@@ -300,31 +299,9 @@ def generate(model, prompts: Sequence[Sequence[int]], gen) -> list[list[int]]:
   temperature / top-p sampling, eos) with a V4 model; returns each request's new tokens."""
   cfg = model.cfg
   tokens, lengths = generate_lib.pad_prompts(prompts, bucket=SHAPE_BUCKET)
-  longest = int(lengths.max())
-  if longest + gen.max_new_tokens > cfg.max_seq_len:
-    raise ValueError(
-      f"longest prompt {longest} + max_new_tokens {gen.max_new_tokens} exceeds "
-      f"max_seq_len={cfg.max_seq_len}"
-    )
-  max_len = generate_lib._round_up(max(tokens.shape[1], longest + gen.max_new_tokens), SHAPE_BUCKET)
+  max_len = generate_lib.cache_len(cfg, tokens, lengths, gen)
   cache = cache_lib.init(cfg, len(prompts), max_len, fp8=gen.fp8_cache)
   graphdef, state = nnx.split(model)
   logits, cache = prefill_step(graphdef, state, tokens, lengths, cache, attention=gen.attention)
-  key = jax.random.key(gen.seed)
-  out, done = [], np.zeros(len(prompts), bool)
-  for step in range(gen.max_new_tokens):
-    tok = generate_lib._sample_jit(
-      logits, jax.random.fold_in(key, step), temperature=gen.temperature, top_p=gen.top_p
-    )
-    tok_np = np.asarray(tok)
-    out.append(tok_np)
-    if gen.eos_id is not None:
-      done |= tok_np == gen.eos_id
-    if done.all() or step == gen.max_new_tokens - 1:
-      break
-    logits, cache = decode_step(graphdef, state, tok[:, None], cache, attention=gen.attention)
-    logits = logits[:, -1]
-  seqs = np.stack(out, axis=1).tolist()
-  if gen.eos_id is not None:
-    seqs = [s[: s.index(gen.eos_id) + 1] if gen.eos_id in s else s for s in seqs]
-  return seqs
+  step = functools.partial(decode_step, graphdef, state, attention=gen.attention)
+  return generate_lib.sample_loop(logits, cache, step, gen)
