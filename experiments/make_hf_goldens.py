@@ -91,36 +91,45 @@ def main():
   cfg = tiny_config()
   model = transformers.DeepseekV32ForCausalLM(cfg).eval()
   randomise(model)
-  shutil.rmtree(args.out, ignore_errors=True)
-  # Small shards so the golden exercises model.safetensors.index.json.
-  model.save_pretrained(args.out, max_shard_size="400KB")
-  # Logits from the model as reloaded from disk: what the checkpoint really holds.
-  model = transformers.DeepseekV32ForCausalLM.from_pretrained(
-    args.out, attn_implementation="eager", dtype=torch.float32
-  ).eval()
-  tokens = torch.randint(0, cfg.vocab_size, (2, L), generator=torch.Generator().manual_seed(1))
-  np.save(os.path.join(args.out, "input_ids.npy"), tokens.numpy().astype(np.int32))
-  logits = {}
-  for k in TOPKS:
+
+  def set_topk(model, k):
     for layer in model.model.layers:
       layer.self_attn.indexer.index_topk = k
+
+  write_golden(args.out, model, "400KB", set_topk, L, TOPKS)
+
+
+def write_golden(out, model, max_shard_size, set_topk, seq_len, topks):
+  """Saves model to out (shards of max_shard_size), reloads it and writes input_ids.npy, the
+  logits for each index_topk (set_topk(model, k)) and golden_meta.json."""
+  shutil.rmtree(out, ignore_errors=True)
+  # Small shards so the golden exercises model.safetensors.index.json.
+  model.save_pretrained(out, max_shard_size=max_shard_size)
+  # Logits from the model as reloaded from disk: what the checkpoint really holds.
+  model = type(model).from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+  vocab = model.config.vocab_size
+  tokens = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(1))
+  np.save(os.path.join(out, "input_ids.npy"), tokens.numpy().astype(np.int32))
+  logits = {}
+  for k in topks:
+    set_topk(model, k)
     with torch.no_grad():
       logits[k] = model(tokens).logits.float().numpy()
-    np.save(os.path.join(args.out, f"logits_topk{k}.npy"), logits[k])
-  diff = float(np.abs(logits[TOPKS[0]] - logits[TOPKS[1]]).max())
+    np.save(os.path.join(out, f"logits_topk{k}.npy"), logits[k])
+  diff = float(np.abs(logits[topks[0]] - logits[topks[1]]).max())
   meta = {
     "torch": torch.__version__,
     "transformers": transformers.__version__,
     "attn_implementation": "eager",
-    "seq_len": L,
-    "index_topks": list(TOPKS),
+    "seq_len": seq_len,
+    "index_topks": list(topks),
     "max_abs_logit_diff_between_topks": diff,
   }
-  with open(os.path.join(args.out, "golden_meta.json"), "w") as f:
+  with open(os.path.join(out, "golden_meta.json"), "w") as f:
     json.dump(meta, f, indent=2)
   print(json.dumps(meta, indent=2))
-  total = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
-  print(f"wrote {args.out}: {total / 1e6:.2f} MB")
+  total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  print(f"wrote {out}: {total / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

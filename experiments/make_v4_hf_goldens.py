@@ -15,13 +15,10 @@ without torch. Plain argparse (no absl): this script runs outside dsa-jax's envi
 """
 
 import argparse
-import json
-import os
-import shutil
 
-import numpy as np
 import torch
 import transformers
+from make_hf_goldens import write_golden  # this script's folder (run as a script, not -m)
 
 L = 64  # tokens of the golden input: 16 CSA entries, 4 HCA entries at the end
 TOPKS = (16, 4)  # >= every visible CSA entry (dense-equivalent); < visible past position 19
@@ -102,37 +99,13 @@ def main():
   cfg = tiny_config()
   model = transformers.DeepseekV4ForCausalLM(cfg).eval()
   randomise(model, cfg)
-  shutil.rmtree(args.out, ignore_errors=True)
-  # Small shards so the golden exercises model.safetensors.index.json.
-  model.save_pretrained(args.out, max_shard_size="200KB")
-  # Logits from the model as reloaded from disk: what the checkpoint really holds.
-  model = transformers.DeepseekV4ForCausalLM.from_pretrained(
-    args.out, attn_implementation="eager", dtype=torch.float32
-  ).eval()
-  tokens = torch.randint(0, cfg.vocab_size, (2, L), generator=torch.Generator().manual_seed(1))
-  np.save(os.path.join(args.out, "input_ids.npy"), tokens.numpy().astype(np.int32))
-  logits = {}
-  for k in TOPKS:
+
+  def set_topk(model, k):
     for layer in model.model.layers:
       if layer.self_attn.compressor is not None and hasattr(layer.self_attn.compressor, "indexer"):
         layer.self_attn.compressor.indexer.index_topk = k
-    with torch.no_grad():
-      logits[k] = model(tokens).logits.float().numpy()
-    np.save(os.path.join(args.out, f"logits_topk{k}.npy"), logits[k])
-  diff = float(np.abs(logits[TOPKS[0]] - logits[TOPKS[1]]).max())
-  meta = {
-    "torch": torch.__version__,
-    "transformers": transformers.__version__,
-    "attn_implementation": "eager",
-    "seq_len": L,
-    "index_topks": list(TOPKS),
-    "max_abs_logit_diff_between_topks": diff,
-  }
-  with open(os.path.join(args.out, "golden_meta.json"), "w") as f:
-    json.dump(meta, f, indent=2)
-  print(json.dumps(meta, indent=2))
-  total = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
-  print(f"wrote {args.out}: {total / 1e6:.2f} MB")
+
+  write_golden(args.out, model, "200KB", set_topk, L, TOPKS)
 
 
 if __name__ == "__main__":
