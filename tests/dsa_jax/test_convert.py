@@ -5,7 +5,6 @@ The parity goldens (tests/goldens/deepseek_v32_tiny) were written by transformer
 DeepseekV32ForCausalLM via experiments/make_hf_goldens.py; these tests read only safetensors + npy.
 """
 
-import filecmp
 import json
 import os
 import shutil
@@ -17,29 +16,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from convert_testing import REPO, convert_cli, flat, leftovers, same_dirs
 
 import dsa_jax
 from dsa_jax import checkpoint, convert, model
 from dsa_jax.convert import common, deepseek_hf, fp8, safetensors_io
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "goldens", "deepseek_v32_tiny")
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-
-
-def _flat(m):
-  return {k: np.asarray(v) for k, v in checkpoint._flat(checkpoint.params_dict(m)).items()}
-
-
-def _same_dirs(a, b):
-  names = sorted(os.listdir(a))
-  assert names == sorted(os.listdir(b))
-  diff = [n for n in names if not filecmp.cmp(os.path.join(a, n), os.path.join(b, n), False)]
-  assert not diff, f"files differ: {diff}"
-
-
-def _leftovers(parent):
-  return [n for n in os.listdir(parent) if n.startswith(".")]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +34,7 @@ def src(tmp_path_factory):
   m = model.build(cfg, seed=1)
   checkpoint.save_params(root / "orbax", m)
   convert.orbax_to_hf(str(root / "orbax"), str(root / "hf"), cfg=cfg, dtype="fp32", progress=False)
-  return cfg, _flat(m), str(root / "hf")
+  return cfg, flat(m), str(root / "hf")
 
 
 def _edit_hf(src_dir, dst_dir, edit):
@@ -75,9 +59,7 @@ def _edit_hf(src_dir, dst_dir, edit):
 
 
 def _write_index(path, weight_map, total_size):
-  index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-    f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")  # transformers' format
+  common.write_index(path, weight_map, {"total_size": total_size})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,12 +95,12 @@ def test_roundtrip_hf_orbax_hf_is_exact(src, tmp_path):
   cfg2 = convert.hf_to_orbax(hf, str(tmp_path / "o"), progress=False)
   m = model.build(cfg2, seed=7)
   checkpoint.load_params(str(tmp_path / "o"), m)
-  got = _flat(m)
+  got = flat(m)
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=".".join(k))
   convert.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "hf2"), progress=False)
-  _same_dirs(hf, str(tmp_path / "hf2"))
+  same_dirs(hf, str(tmp_path / "hf2"))
 
 
 def test_import_bf16_storage(src, tmp_path):
@@ -127,7 +109,7 @@ def test_import_bf16_storage(src, tmp_path):
   assert cfg2.param_dtype == "bfloat16"
   m = model.build(cfg2)
   checkpoint.load_params(str(tmp_path / "o"), m)
-  got = _flat(m)
+  got = flat(m)
   k = ("moe_layers", "ffn", "w1")
   assert got[k].dtype == jnp.bfloat16
   np.testing.assert_array_equal(got[k], want[k].astype(ml_dtypes.bfloat16))
@@ -205,7 +187,7 @@ def test_fp8_roundtrip_is_bitwise(src, tmp_path, dtype):
     json.dump(c, f)
   convert.hf_to_orbax(hf8, str(tmp_path / "o"), dtype=dtype, progress=False)
   convert.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "back"), fp8_export=True, progress=False)
-  _same_dirs(hf8, str(tmp_path / "back"))
+  same_dirs(hf8, str(tmp_path / "back"))
   # Without --fp8_export the same checkpoint exports dequantised bf16 weights and no scales.
   convert.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "bf"), progress=False)
   r = safetensors_io.Reader(str(tmp_path / "bf" / "model-00001-of-00001.safetensors"))
@@ -227,7 +209,7 @@ def test_fp8_dequantisation_values(src, tmp_path):
     codes.astype(np.float32)
     * np.repeat(np.repeat(s, 128, 0), 128, 1)[: codes.shape[0], : codes.shape[1]]
   )
-  np.testing.assert_array_equal(_flat(m)[("moe_layers", "ffn", "w3")][1, 3], want.T)
+  np.testing.assert_array_equal(flat(m)[("moe_layers", "ffn", "w3")][1, 3], want.T)
 
 
 def test_fp8_export_without_source_scales(src, tmp_path):
@@ -242,14 +224,14 @@ def test_fp8_export_without_source_scales(src, tmp_path):
   checkpoint.load_params(str(tmp_path / "o"), m)
   w, g = (
     want[("moe_layers", "attn", "wq_b", "kernel")],
-    _flat(m)[("moe_layers", "attn", "wq_b", "kernel")],
+    flat(m)[("moe_layers", "attn", "wq_b", "kernel")],
   )
   # e4m3 has 3 mantissa bits: error <= 2^-4 relative, or the subnormal step of its block.
   tol = np.abs(w).max() * 2.0**-4
   np.testing.assert_allclose(g, w, atol=tol)
-  np.testing.assert_array_equal(_flat(m)[("norm", "weight")], want[("norm", "weight")])  # not FP8
+  np.testing.assert_array_equal(flat(m)[("norm", "weight")], want[("norm", "weight")])  # not FP8
   convert.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "h8b"), fp8_export=True, progress=False)
-  _same_dirs(str(tmp_path / "h8"), str(tmp_path / "h8b"))
+  same_dirs(str(tmp_path / "h8"), str(tmp_path / "h8b"))
 
 
 def test_fp8_quantize_recovers_codes_from_bf16():
@@ -295,7 +277,7 @@ def test_golden_roundtrip_is_byte_identical(golden_orbax, tmp_path):
   """transformers' own shards, index and config come back unchanged."""
   _, path = golden_orbax
   convert.orbax_to_hf(path, str(tmp_path / "hf"), progress=False)
-  _same_dirs(GOLDEN, str(tmp_path / "hf"))
+  same_dirs(GOLDEN, str(tmp_path / "hf"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,7 +309,7 @@ def test_dense_v31_import_initialises_indexers(src, tmp_path):
   cfg2 = convert.hf_to_orbax(v31, str(tmp_path / "o"), overrides=idx, progress=False)
   m = model.build(cfg2, seed=9)
   checkpoint.load_params(str(tmp_path / "o"), m)
-  got = _flat(m)
+  got = flat(m)
   for k in want:
     if "indexer" not in k:
       np.testing.assert_array_equal(got[k], want[k])
@@ -354,7 +336,7 @@ def _bad(hf_dir, tmp_path, match, **kw):
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=match):
     convert.hf_to_orbax(hf_dir, str(out), progress=False, **kw)
-  assert not out.exists() and not _leftovers(tmp_path)
+  assert not out.exists() and not leftovers(tmp_path)
 
 
 def test_bad_missing_tensor(src, tmp_path):
@@ -459,7 +441,7 @@ def test_bad_orbax_does_not_match_config(src, tmp_path):
     convert.orbax_to_hf(
       orbax0, str(tmp_path / "hf"), cfg=dsa_jax.preset("test", moe_inter_dim=16), progress=False
     )
-  assert not (tmp_path / "hf").exists() and not _leftovers(tmp_path)
+  assert not (tmp_path / "hf").exists() and not leftovers(tmp_path)
 
 
 def test_failure_midway_leaves_nothing(src, tmp_path, monkeypatch):
@@ -477,18 +459,11 @@ def test_failure_midway_leaves_nothing(src, tmp_path, monkeypatch):
 
 
 def test_cli_roundtrip(src, tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  run = lambda *a: subprocess.run(
-    [sys.executable, "-m", "experiments.convert_checkpoint", *a],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    check=True,
+  convert_cli("--direction=hf_to_orbax", f"--hf_dir={src[2]}", f"--orbax_dir={tmp_path / 'o'}")
+  convert_cli(
+    "--direction=orbax_to_hf", f"--hf_dir={tmp_path / 'hf'}", f"--orbax_dir={tmp_path / 'o'}"
   )
-  run("--direction=hf_to_orbax", f"--hf_dir={src[2]}", f"--orbax_dir={tmp_path / 'o'}")
-  run("--direction=orbax_to_hf", f"--hf_dir={tmp_path / 'hf'}", f"--orbax_dir={tmp_path / 'o'}")
-  _same_dirs(src[2], str(tmp_path / "hf"))
+  same_dirs(src[2], str(tmp_path / "hf"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,6 +561,6 @@ def test_streaming_peak_rss(tmp_path):
       f"{direction}: checkpoint {hf_bytes / 2**30:.2f} GiB, peak RSS {rows[direction][1]:.2f}"
       f" GiB (after imports {rows[direction][0]:.2f} GiB), {rows[direction][2]:.0f} s"
     )
-  _same_dirs(str(tmp_path / "hf"), str(tmp_path / "hf2"))
+  same_dirs(str(tmp_path / "hf"), str(tmp_path / "hf2"))
   for _, peak, _ in rows.values():
     assert peak < 2.0  # GiB; the fp32 model is 4.5 GiB, its largest stacked leaf 0.8 GiB

@@ -7,36 +7,22 @@ The parity goldens (tests/goldens/deepseek_v4_tiny) were written by transformers
 DeepseekV4ForCausalLM via experiments/make_v4_hf_goldens.py; these tests read only safetensors + npy.
 """
 
-import filecmp
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from convert_testing import convert_cli, flat, leftovers, same_dirs
 
 from dsa_jax import checkpoint, v4
+from dsa_jax.convert import common, safetensors_io
 from dsa_jax.convert import deepseek_v4_hf as cv
-from dsa_jax.convert import safetensors_io
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "goldens", "deepseek_v4_tiny")
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
-
-
-def _flat(m):
-  return {k: np.asarray(v) for k, v in checkpoint._flat(checkpoint.params_dict(m)).items()}
-
-
-def _same_dirs(a, b):
-  names = sorted(os.listdir(a))
-  assert names == sorted(os.listdir(b))
-  diff = [n for n in names if not filecmp.cmp(os.path.join(a, n), os.path.join(b, n), False)]
-  assert not diff, f"files differ: {diff}"
 
 
 def _read_all(path):
@@ -58,12 +44,8 @@ def _write_hf(path, tensors, config):
   for n in w.order:
     w.write(n, tensors[n])
   w.close()
-  index = {
-    "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
-    "weight_map": {n: fn for n in tensors},
-  }
-  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-    f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")  # transformers' format
+  total = sum(a.nbytes for a in tensors.values())
+  common.write_index(path, {n: fn for n in tensors}, {"total_size": total})
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f)
   return path
@@ -90,7 +72,7 @@ def src(tmp_path_factory):
   o = str(root / "orbax")
   cv.orbax_to_hf(o, str(root / "hf"), cfg=cfg, dtype="fp32", progress=False)
   cv.orbax_to_hf(o, str(root / "hf8"), cfg=cfg, quantized=True, progress=False)
-  return cfg, _flat(m), str(root / "hf"), str(root / "hf8")
+  return cfg, flat(m), str(root / "hf"), str(root / "hf8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,12 +236,12 @@ def test_roundtrip_hub_fp32_is_exact(src, tmp_path):
   assert cfg2.compress_ratios == cfg.compress_ratios and cfg2.n_mtp_layers == 1
   m = v4.build(cfg2, seed=7)
   checkpoint.load_params(str(tmp_path / "o"), m)
-  got = _flat(m)
+  got = flat(m)
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=".".join(k))
   cv.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "hf2"), progress=False)
-  _same_dirs(hf, str(tmp_path / "hf2"))
+  same_dirs(hf, str(tmp_path / "hf2"))
 
 
 def test_default_export_dtypes(src, tmp_path):
@@ -287,7 +269,7 @@ def test_import_bf16_storage(src, tmp_path):
   cfg2 = cv.hf_to_orbax(hf, str(tmp_path / "o"), dtype="bf16", progress=False)
   m = v4.build(cfg2)
   checkpoint.load_params(str(tmp_path / "o"), m)
-  got = _flat(m)
+  got = flat(m)
   k = ("layers", "1", "ffn", "w1")
   assert got[k].dtype == jnp.bfloat16
   np.testing.assert_array_equal(got[k], want[k].astype(ml_dtypes.bfloat16))
@@ -307,7 +289,7 @@ def test_transformers_layout_to_hub_and_back(tmp_path):
   ma, mb = v4.build(a), v4.build(b, seed=5)
   checkpoint.load_params(str(tmp_path / "o"), ma)
   checkpoint.load_params(str(tmp_path / "o2"), mb)
-  fa, fb = _flat(ma), _flat(mb)
+  fa, fb = flat(ma), flat(mb)
   for k in fa:
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=".".join(k))
 
@@ -359,7 +341,7 @@ def test_quantised_roundtrip_is_bitwise(release, tmp_path, dtype):
   """HF FP8 + FP4 -> Orbax (dequantised, exact in fp32 and bf16) -> HF FP8 + FP4, file by file."""
   cv.hf_to_orbax(release, str(tmp_path / "o"), dtype=dtype, progress=False)
   cv.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "back"), quantized=True, progress=False)
-  _same_dirs(release, str(tmp_path / "back"))
+  same_dirs(release, str(tmp_path / "back"))
   # Without `quantized` the same checkpoint exports dequantised bf16 weights and no scales.
   cv.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "bf"), progress=False)
   t = _read_all(str(tmp_path / "bf"))
@@ -374,7 +356,7 @@ def test_dequantisation_values(src, release, tmp_path):
   cv.hf_to_orbax(release, str(tmp_path / "o"), progress=False)
   m = v4.build(cfg)
   checkpoint.load_params(str(tmp_path / "o"), m)
-  got, t = _flat(m), _read_all(release)
+  got, t = flat(m), _read_all(release)
   n = "layers.1.ffn.experts.3.w2"  # FP4: [D, F/2] int8 + [D, F/32] e8m0
   assert t[n + ".weight"].dtype == np.int8 and t[n + ".scale"].dtype == E8M0
   want = _fp4_ref(t[n + ".weight"], t[n + ".scale"])
@@ -398,7 +380,7 @@ def test_fresh_quantisation_is_stable(src, tmp_path):
   cv.hf_to_orbax(hf8, str(tmp_path / "o"), progress=False)
   m = v4.build(cfg)
   checkpoint.load_params(str(tmp_path / "o"), m)
-  got = _flat(m)
+  got = flat(m)
   for k, rel in (
     (("layers", "1", "attn", "wq_b", "kernel"), 2.0**-4),
     (("layers", "1", "ffn", "w1"), 0.25),
@@ -407,7 +389,7 @@ def test_fresh_quantisation_is_stable(src, tmp_path):
   k = ("layers", "1", "attn", "compressor", "wkv", "kernel")  # bf16 in the release, not FP8
   np.testing.assert_array_equal(got[k], want[k].astype(ml_dtypes.bfloat16).astype(np.float32))
   cv.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "h8b"), quantized=True, progress=False)
-  _same_dirs(hf8, str(tmp_path / "h8b"))
+  same_dirs(hf8, str(tmp_path / "h8b"))
 
 
 def test_fp4_quantize_recovers_codes():
@@ -438,7 +420,7 @@ def test_golden_roundtrip_is_byte_identical(golden_orbax, tmp_path):
   """transformers' own shards, index and config come back unchanged."""
   _, path = golden_orbax
   cv.orbax_to_hf(path, str(tmp_path / "hf"), progress=False)
-  _same_dirs(GOLDEN, str(tmp_path / "hf"))
+  same_dirs(GOLDEN, str(tmp_path / "hf"))
 
 
 @pytest.mark.parametrize("topk", [16, 4])  # >= every visible CSA entry (T/4 = 16), and < visible
@@ -471,7 +453,7 @@ def _bad(hf_dir, tmp_path, match, **kw):
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=match):
     cv.hf_to_orbax(hf_dir, str(out), progress=False, **kw)
-  assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+  assert not out.exists() and not leftovers(tmp_path)
 
 
 def test_bad_missing_tensor(src, tmp_path):
@@ -557,27 +539,22 @@ def test_export_refuses_a_v32_record(tmp_path):
 
 
 def test_cli_roundtrip_v4(release, tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  run = lambda *a: subprocess.run(
-    [sys.executable, "-m", "experiments.convert_checkpoint", *a],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    check=True,
+  out = convert_cli(
+    "--direction=hf_to_orbax", f"--hf_dir={release}", f"--orbax_dir={tmp_path / 'o'}"
   )
-  out = run("--direction=hf_to_orbax", f"--hf_dir={release}", f"--orbax_dir={tmp_path / 'o'}")
   assert "V4Config" in out.stdout
-  run(
+  convert_cli(
     "--direction=orbax_to_hf",
     "--fp8_export",
     f"--hf_dir={tmp_path / 'hf'}",
     f"--orbax_dir={tmp_path / 'o'}",
   )
-  _same_dirs(release, str(tmp_path / "hf"))
-  bad = subprocess.run(
-    [sys.executable, "-m", "experiments.convert_checkpoint", "--direction=hf_to_orbax",
-     "--arch=v32", f"--hf_dir={release}", f"--orbax_dir={tmp_path / 'o2'}"],
-    cwd=REPO, env=env, capture_output=True, text=True,
-  )  # fmt: skip
+  same_dirs(release, str(tmp_path / "hf"))
+  bad = convert_cli(
+    "--direction=hf_to_orbax",
+    "--arch=v32",
+    f"--hf_dir={release}",
+    f"--orbax_dir={tmp_path / 'o2'}",
+    check=False,
+  )
   assert bad.returncode == 2 and "model_type" in bad.stderr
