@@ -12,3 +12,28 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+
+def _load_launcher(name: str):
+  """experiments.<name>, imported afresh. Launchers define absl flags at import (several share
+  --config / --workdir), so two of them in one test process would clash: the flags every
+  experiments.* module defined so far are removed first, and the module is re-imported."""
+  for module, defined in list(flags.FLAGS.flags_by_module_dict().items()):
+    if module.startswith("experiments.") or module.startswith("experiments/"):
+      for f in list(defined):  # delattr edits this list
+        if f.name in flags.FLAGS:
+          delattr(flags.FLAGS, f.name)
+  sys.modules.pop(f"experiments.{name}", None)
+  return importlib.import_module(f"experiments.{name}")
+
+
+@pytest.fixture(scope="session")
+def load_launcher():
+  """load_launcher("train") -> the experiments.train module, its flags defined afresh."""
+  return _load_launcher

@@ -259,8 +259,8 @@ def test_sigint_saves_like_sigterm(tmp_path):
   assert _steps(str(tmp_path)) == [2]
 
 
-def test_launcher_exit_codes(tmp_path, monkeypatch, capsys):
-  import experiments.train as launcher  # noqa: PLC0415
+def test_launcher_exit_codes(tmp_path, monkeypatch, capsys, load_launcher):
+  launcher = load_launcher("train")
 
   # a real run through the launcher: SIGTERM after step 1 -> saved, exit 128 + 15
   real = data.batch
@@ -319,7 +319,7 @@ def test_launcher_user_errors_are_one_line(tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
 
 
-def test_library_messages(tmp_path):
+def test_library_messages(tmp_path, load_launcher):
   (tmp_path / "file").write_text("")
   with pytest.raises(train.RunError, match="is a file; expected a directory"):
     _train(_cfg(), str(tmp_path / "file"))
@@ -342,7 +342,7 @@ def test_library_messages(tmp_path):
   with pytest.raises(ValueError, match=r"missing required key\(s\) \['hidden_size', 'num_hi"):
     ModelConfig.from_hf_config(hf)
   # generate reads the model config a converted checkpoint recorded
-  from experiments import generate  # noqa: PLC0415
+  generate = load_launcher("generate")
 
   conv = tmp_path / "converted"
   (conv / "hf_source").mkdir(parents=True)

@@ -162,10 +162,10 @@ def test_training_rows_source():
 
 # ------------------------------------------------------------------------------------- launcher
 @pytest.fixture(scope="module")
-def launcher():
-  from experiments import retrieval
+def launcher(load_launcher):
   from experiments.configs import retrieval as cfg_mod
 
+  retrieval = load_launcher("retrieval")
   c = cfg_mod.get_config("size=cpu")
   c.unlock()
   c.model.index_topk = 16

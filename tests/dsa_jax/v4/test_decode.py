@@ -167,13 +167,14 @@ def test_generate_v4_greedy_matches_forward_argmax():
 
 
 @pytest.mark.slow
-def test_decode_converted_golden_matches_transformers(tmp_path):
+def test_decode_converted_golden_matches_transformers(tmp_path, load_launcher):
   """The transformers golden (tests/goldens/deepseek_v4_tiny: window, CSA, HCA m = 16, CSA)
   converted, then prefill 10 tokens + 54 decode steps: the logits equal transformers' full
   forward (both regimes, top-k 4 and 16); `experiments.generate` reads the converted config."""
   from dsa_jax import checkpoint
   from dsa_jax.convert import deepseek_v4_hf as cv
-  from experiments import generate as generate_cli
+
+  generate_cli = load_launcher("generate")
 
   golden = os.path.join(os.path.dirname(__file__), "..", "..", "goldens", "deepseek_v4_tiny")
   path = str(tmp_path / "o")
