@@ -476,6 +476,20 @@ def fp8_quantization_config(scale_fmt: str | None) -> dict:
   return q
 
 
+# v32_attn's fields (see PRESETS): V3.2's attention in 2 dense-FFN layers for the M1 bench.
+_V32_ATTN = dict(
+  vocab_size=32768,
+  inter_dim=4096,
+  n_layers=2,
+  n_dense_layers=2,
+  max_seq_len=131072,
+  n_mtp_layers=0,
+  param_dtype="float32",
+  compute_dtype="bfloat16",
+  attn_block_q=256,
+  remat=True,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
   # CPU unit tests: seconds. 1 dense + 2 MoE layers, every code path present.
   "test": dict(
@@ -569,36 +583,17 @@ PRESETS: dict[str, dict[str, Any]] = {
   # V3.2's attention exactly (128 heads, MLA 1536/512/128/64/128, indexer 64x128, top-k 2048,
   # dim 7168) in 2 dense-FFN layers, so a training step fits one GPU at long context (the M1
   # bench). No MoE (v32_attn_moe has one): XLA's GPU ragged_dot materialises [E, tokens·k, D].
-  "v32_attn": dict(
-    vocab_size=32768,
-    inter_dim=4096,
-    n_layers=2,
-    n_dense_layers=2,
-    max_seq_len=131072,
-    n_mtp_layers=0,
-    param_dtype="float32",
-    compute_dtype="bfloat16",
-    attn_block_q=256,
-    remat=True,
-  ),
+  "v32_attn": _V32_ATTN,
   # v32_attn with its second layer MoE (8 routed experts, top-2, 1 shared; V3.2's expert size):
   # the M1 rows of the MoE dispatch (grouped-matmul kernels vs ragged_dot, M1_GMM).
   "v32_attn_moe": dict(
-    vocab_size=32768,
-    inter_dim=4096,
-    n_layers=2,
+    _V32_ATTN,
     n_dense_layers=1,
     n_routed_experts=8,
     n_activated_experts=2,
     n_expert_groups=1,
     n_limited_groups=1,
     n_shared_experts=1,
-    max_seq_len=131072,
-    n_mtp_layers=0,
-    param_dtype="float32",
-    compute_dtype="bfloat16",
-    attn_block_q=256,
-    remat=True,
   ),
   # Exactly DeepSeek-V3.2-Exp (config_671B_v3.2.json + ModelArgs defaults; HF max positions).
   "v32_671b": dict(max_seq_len=163840, param_dtype="bfloat16", compute_dtype="bfloat16"),
