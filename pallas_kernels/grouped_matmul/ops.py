@@ -5,8 +5,7 @@ impl="reference": `jax.lax.ragged_dot`. impl="pallas": the Pallas-Triton kernels
 kernel_triton.py (forward, d_lhs and d_rhs; nothing [E,M,*]-sized) where they can run and are
 wanted, else ragged_dot:
 - they run on one GPU, or on CPU with interpret=True (tests);
-- on one GPU they are taken by default only once GMM_KERNELS_BY_DEFAULT is on (after the GPU
-  tests); until then opt in with `block_sizes=kernel_triton.BlockSizes()`;
+- on one GPU they are the default (GMM_KERNELS_BY_DEFAULT; False keeps ragged_dot);
 - with several devices a pallas_call is not auto-partitioned, so they run only inside a shard_map
   over every mesh axis (expert_parallel.py's body) or when asked for explicitly;
 - asking for them explicitly (interpret=True or block_sizes) where they cannot run raises.
@@ -19,10 +18,10 @@ from pallas_kernels.grouped_matmul import kernel_triton, reference
 
 IMPLS = ("reference", "pallas")
 
-# One GPU takes the Pallas-Triton grouped-matmul kernels by default only once they have passed the
-# GPU tests (tests/pallas_kernels/test_grouped_matmul.py -m gpu); until then ragged_dot, whose GPU
-# lowering holds [E, M, N] (E-fold FLOPs and memory).
-GMM_KERNELS_BY_DEFAULT = False
+# One GPU takes the Pallas-Triton grouped-matmul kernels by default: they pass the GPU tests
+# (tests/pallas_kernels/test_grouped_matmul.py -m gpu, V3.2 expert shapes included), and XLA's
+# GPU ragged_dot holds [E, M, N] (E-fold FLOPs and memory). M1_GMM=ragged_dot measures the other.
+GMM_KERNELS_BY_DEFAULT = True
 
 
 def _check(lhs, rhs, group_sizes):

@@ -56,11 +56,11 @@ class BlockSizes:
   they spill at 64x64 tiles)."""
 
   block_t: int = 64
-  block_s: int = 64
+  block_s: int = 128
   block_c: int = 64
   num_warps: int = 4
   num_warps_bwd: int = 8
-  num_stages: int = 2
+  num_stages: int = 3
 
   def __post_init__(self):
     for name in ("block_t", "block_s", "block_c"):

@@ -167,7 +167,7 @@ def test_export_cuda_v32_shapes(form, with_lse, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_s", [64, 128])  # 128: the candidate default (lab log 2026-12-05)
+@pytest.mark.parametrize("block_s", [64, 128])  # 128: the default (sweep_dense_kl, lab log)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
 def test_gpu_matches_xla_path(dtype, tol, block_s):
   """Mid shape on the GPU: the kernels against the streamed XLA custom_vjp (grad.py, f32)."""
