@@ -3,8 +3,10 @@
 
 impl="pallas" runs one kernel set per backend under a custom VJP that honours both cotangents
 (out and lse):
-  gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`) and the
-       blocked XLA backward from the saved lse (`_bwd_blocked`);
+  gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`); the backward
+       and the head-mean probabilities as Pallas-Triton kernels from the saved lse
+       (kernel_triton.py) when GPU_TRITON_KERNELS is on, else the blocked XLA backward
+       (`_bwd_blocked`, also the kernels' reference) and the reference probabilities;
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
 """
 
@@ -14,11 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _common
-from pallas_kernels.sparse_mla import kernel_mosaic_gpu, kernel_tpu, reference
+from pallas_kernels.sparse_mla import kernel_mosaic_gpu, kernel_tpu, kernel_triton, reference
 
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
 GpuConfig = kernel_mosaic_gpu.GpuConfig
+
+# backend="gpu": the Pallas-Triton backward and probability kernels (kernel_triton.py) instead of
+# the blocked XLA backward and the reference probabilities. Off until the GPU tests pass
+# (tests/pallas_kernels/test_sparse_mla_triton.py -m gpu).
+GPU_TRITON_KERNELS = False
+TRITON_BLOCK_SIZES = kernel_triton.BlockSizes()
 
 
 def _check(q, kv, idx, d_v):
@@ -95,12 +103,40 @@ def sparse_mla(
   return _sparse_mla_gpu(q, kv, idx, float(scale), int(d_v), interpret or False, config)
 
 
-def sparse_mla_probs(q, kv, idx, lse, *, scale: float, impl: str = "reference", interpret=False):
-  """Head-mean attention probabilities at the selected slots [B,T,k] (sparse KL target)."""
+def sparse_mla_probs(
+  q, kv, idx, lse, *, scale: float, impl: str = "reference", interpret=False, d_v: int | None = None
+):
+  """Head-mean attention probabilities at the selected slots [B,T,k] (sparse KL target).
+
+  impl="pallas" takes the Pallas-Triton kernel on a GPU when GPU_TRITON_KERNELS is on, or on CPU
+  with interpret=True (tests); otherwise the reference. d_v only sets how the kernel splits the
+  row (value part + rest, default the row's largest power-of-2 part); the result does not depend
+  on it."""
   _check(q, kv, idx, kv.shape[-1])
-  if impl in ("reference", "pallas"):
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+  on_gpu = jax.default_backend() == "gpu" and GPU_TRITON_KERNELS
+  if impl == "reference" or not (interpret or on_gpu):
     return reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=scale)
-  raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+  k_dim = q.shape[-1]
+  d_v = d_v or min(k_dim, 1 << (k_dim.bit_length() - 1))
+  b, t = idx.shape[:2]
+  bsz = TRITON_BLOCK_SIZES
+  qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, d_v, bsz)
+  lse_p = _pad_heads(lse.astype(jnp.float32), hp, jnp.inf)
+  p = kernel_triton.sparse_mla_probs(
+    qn,
+    qr,
+    lse_p,
+    kvn,
+    kvr,
+    gidx,
+    scale=float(scale),
+    h=q.shape[2],
+    block_sizes=bsz,
+    interpret=bool(interpret),
+  )
+  return jax.lax.stop_gradient(p[:, : idx.shape[-1]].reshape(b, t, -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +147,15 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
+def _global_idx(idx, s, block_k):
+  """[B*T, kp] row ids into the batch-folded rows (b*S + s), invalid -> -1, slots padded to a
+  multiple of block_k with -1."""
+  b = idx.shape[0]
+  valid = (idx >= 0) & (idx < s)
+  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
+  return _common.pad_axis(gidx.reshape(-1, idx.shape[-1]), 1, block_k, value=-1)
+
+
 def _fold(q, kv, idx, hp, d, block_k):
   """The kernel's flat layout: batch folded into rows (slot ids offset by b*S, invalid -> -1),
   heads padded to hp, the feature dim to d and the slots to a multiple of block_k."""
@@ -118,10 +163,63 @@ def _fold(q, kv, idx, hp, d, block_k):
   s = kv.shape[1]
   qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, d - k_dim))).reshape(b * t, hp, d)
   kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, d - k_dim))).reshape(b * s, d)
-  valid = (idx >= 0) & (idx < s)
-  gidx = jnp.where(valid, idx + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
-  gidx = _common.pad_axis(gidx.reshape(b * t, -1), 1, block_k, value=-1)
-  return qf, kvf, gidx
+  return qf, kvf, _global_idx(idx, s, block_k)
+
+
+def _pad_heads(x, hp, value=0):
+  """[B,T,H,...] -> [B*T, Hp, ...], the extra heads filled with `value`."""
+  b, t, h = x.shape[:3]
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, hp - h)) + ((0, 0),) * (x.ndim - 3), constant_values=value)
+  return x.reshape((b * t, hp) + x.shape[3:])
+
+
+def _split_row(x, d_v, dv, dr):
+  """[..., K] -> value part [..., dv] and rest [..., dr] (None when dr == 0), zero-padded."""
+  pad = lambda y, w: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, w - y.shape[-1]),))
+  return pad(x[..., :d_v], dv), (None if dr == 0 else pad(x[..., d_v:], dr))
+
+
+def _triton_layout(q, kv, idx, d_v, bsz):
+  """kernel_triton.py's layout: qn, qr [B*T, Hp, *], kvn, kvr [B*S, *], global ids, Hp."""
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  dv, dr = kernel_triton.split_dims(k_dim, d_v)
+  hp = _round_up(h, bsz.block_h)
+  qn, qr = _split_row(_pad_heads(q, hp), d_v, dv, dr)
+  kvn, kvr = _split_row(kv.reshape(b * s, k_dim), d_v, dv, dr)
+  return qn, qr, kvn, kvr, _global_idx(idx, s, bsz.block_k), hp
+
+
+def _bwd_triton(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, bsz, interpret=False):
+  """dq, dkv from the saved lse with the Pallas-Triton kernels (same math as _bwd_blocked)."""
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  f32 = jnp.float32
+  delta = jnp.einsum("bthv,bthv->bth", out.astype(f32), d_out.astype(f32))
+  dd = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+  qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, d_v, bsz)
+  dv, _ = kernel_triton.split_dims(k_dim, d_v)
+  don = _split_row(_pad_heads(d_out.astype(q.dtype), hp), d_v, dv, 0)[0]
+  (dqn, dqr), (dkvn, dkvr) = kernel_triton.sparse_mla_bwd(
+    qn,
+    qr,
+    don,
+    _pad_heads(lse.astype(f32), hp, jnp.inf),
+    _pad_heads(dd, hp),
+    kvn,
+    kvr,
+    gidx,
+    scale=float(scale),
+    h=h,
+    block_sizes=bsz,
+    interpret=bool(interpret),
+  )
+  rest = k_dim - d_v
+  dq = (
+    dqn[:, :h, :d_v] if dqr is None else jnp.concatenate([dqn[:, :h, :d_v], dqr[:, :h, :rest]], -1)
+  )
+  dkv = dkvn[:, :d_v] if dkvr is None else jnp.concatenate([dkvn[:, :d_v], dkvr[:, :rest]], -1)
+  return dq.reshape(b, t, h, k_dim), dkv.reshape(b, s, k_dim).astype(kv.dtype)
 
 
 def _gpu_fwd_call(q, kv, idx, scale, d_v, interpret, config):
@@ -186,7 +284,21 @@ def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, upd
   return dq, dkv.astype(kv.dtype)
 
 
-def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config):
+def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interpret=False):
+  if GPU_TRITON_KERNELS:
+    return _bwd_triton(
+      q,
+      kv,
+      idx,
+      out,
+      lse,
+      d_out,
+      d_lse,
+      scale=scale,
+      d_v=d_v,
+      bsz=TRITON_BLOCK_SIZES,
+      interpret=bool(interpret),
+    )
   # Scan steps cover config.bwd_block_t tokens summed over the batch (the gathered rows of one
   # step scale with b * block_t), so a larger batch takes shorter steps, not more memory.
   return _bwd_blocked(
@@ -215,8 +327,7 @@ def _sparse_mla_gpu_fwd(q, kv, idx, scale, d_v, interpret, config):
 
 
 def _sparse_mla_gpu_bwd(scale, d_v, interpret, config, res, cts):
-  del interpret
-  dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config)
+  dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config, interpret)
   return dq, dkv, None
 
 
