@@ -21,7 +21,9 @@ _SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 _INDEXER_QUANTS = ("fp4", "fp8", "none")
 # Fake-quant of the no-rope dims of window and compressed rows: "fp8" e4m3 per 64 (reference).
 _KV_QUANTS = ("fp8", "none")
-_IMPLS = ("reference",)
+# Attention kernels: "reference" (pure JAX) | "pallas" (the sparse-attention kernels, GPU / TPU;
+# the indexer ops still run their references, docs/v4.md §Kernels).
+_IMPLS = ("reference", "pallas")
 
 WINDOW, CSA, HCA = "window", "csa", "hca"
 

@@ -1,24 +1,155 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Public DeepSeek-V4 attention ops: shape checks and the impl switch.
+"""Public DeepSeek-V4 attention ops: shape checks and the impl switch ("reference" | "pallas").
 
-Only impl="reference" exists so far; the Pallas kernels (512-wide K = V rows, the sink and its
-gradient, one index buffer of window + selected rows) are issue 22, item 4.
+impl="pallas" runs V4's attention (`sink_attention`, `v4_attention`) on the V3.2 sparse-attention
+kernels (pallas_kernels/sparse_mla/ops.py, backend "gpu" or "tpu") and folds the sink in XLA:
+
+- V4 rows are K wide with key = value, so the kernel runs with d_v = K and returns, per query and
+  head, out and lse over the selected rows only (lse = +inf, out = 0 where no slot is valid).
+- The sink a_h adds exp(a_h) to the denominator and nothing to the numerator, so the
+  sink-inclusive results are exactly lse' = log(exp(lse) + exp(a_h)) and out' = out·exp(lse − lse')
+  (`fold_sink`). JAX differentiates this epilogue: d q and d rows through the kernel's custom VJP
+  (which takes both the out and the lse cotangent), d sink directly.
+- `v4_attention` gathers window ∪ compressed rows through one index buffer (`v4_index_buffer`) over
+  the row buffer [raw rows ; compressed entries], so one kernel call serves both sets.
+
+The indexer ops (`compressed_topk`, `indexer_kl`) have no V4 kernel yet: impl="pallas" runs their
+references (issue 22, item 4: the block-causal FP8 indexer / top-k and the dense warm-up kernels).
 """
 
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 from pallas_kernels.v4_attention import reference
 
-IMPLS = ("reference",)
+IMPLS = ("reference", "pallas")
 
 
 def _impl(impl: str):
   if impl not in IMPLS:
-    raise ValueError(f"V4 attention impl={impl!r}: only {IMPLS} exist (Pallas kernels: to do)")
+    raise ValueError(f"V4 attention impl={impl!r}; expected one of {IMPLS}")
+
+
+def fold_sink(out, lse, sink):
+  """Adds the per-head sink to a softmax given as (out, lse) over its keys.
+
+  out [B,T,H,K] (any float dtype), lse [B,T,H] f32 (+inf: the row had no key, out = 0 there),
+  sink [H] -> out' [B,T,H,K] (out.dtype), lse' [B,T,H] f32 with
+  lse' = log(exp(lse) + exp(a_h)), out' = out·exp(lse − lse'). A row with no key gets lse' = a_h,
+  out' = 0 (lse' = +inf if the sink is −inf too, the references' convention). No inf − inf is
+  ever formed, so values and gradients stay finite for any finite sink.
+  """
+  a = jnp.broadcast_to(sink.astype(jnp.float32)[None, None, :], lse.shape)
+  lse = lse.astype(jnp.float32)
+  l = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # a row with no key contributes exp(-inf) = 0
+  m = jnp.maximum(l, a)
+  # The shift cancels exactly in value and gradient, so it needs no gradient of its own.
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  den = jnp.exp(l - m) + jnp.exp(a - m)
+  empty = den == 0  # no key and a -inf sink
+  lse_new = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, den)))
+  # exp(lse - lse') = exp(l - m) / den: never inf - inf (l and m are -inf only where den is 0).
+  w = jnp.exp(l - m) / jnp.where(empty, 1.0, den)
+  out_new = (out.astype(jnp.float32) * w[..., None]).astype(out.dtype)
+  return out_new, lse_new
+
+
+def _kernel_sink_attention(q, kv, idx, sink, scale, interpret, backend, config):
+  out, lse = sparse_mla_ops.sparse_mla(
+    q,
+    kv,
+    idx,
+    scale=scale,
+    d_v=kv.shape[-1],
+    impl="pallas",
+    interpret=interpret,
+    backend=backend,
+    config=config,
+  )
+  return fold_sink(out, lse, sink)
+
+
+def sink_attention(
+  q,
+  kv,
+  idx,
+  sink,
+  *,
+  scale,
+  block_t=512,
+  impl="reference",
+  interpret=False,
+  backend=None,
+  config=None,
+):
+  """out [B,T,H,K], lse [B,T,H] over an explicit index buffer with the sink (reference.py).
+
+  q [B,T,H,K], kv [B,S,K] (K = V), idx [B,T,k] int (<0 or >=S: no key; duplicates count twice),
+  sink [H]. impl="pallas": the sparse-attention kernel with d_v = K plus `fold_sink`;
+  interpret / backend / config as for `sparse_mla_ops.sparse_mla` (GPU: q, kv bf16 or f16;
+  TPU: both bf16 or both f32). block_t is the reference's query chunk only.
+  """
+  _impl(impl)
+  if q.ndim != 4 or kv.ndim != 3 or idx.ndim != 3 or q.shape[-1] != kv.shape[-1]:
+    raise ValueError(
+      f"expected q [B,T,H,K], kv [B,S,K], idx [B,T,k]; got {q.shape}, {kv.shape}, {idx.shape}"
+    )
+  if sink.shape != (q.shape[2],):
+    raise ValueError(f"sink must be [H={q.shape[2]}], got {sink.shape}")
+  if impl == "reference":
+    return reference.sink_attention(q, kv, idx, sink, scale=scale, block_t=block_t)
+  return _kernel_sink_attention(q, kv, idx, sink, scale, interpret, backend, config)
+
+
+def v4_index_buffer(t: int, window: int, *, u: int = 0, ratio: int = 0, idx=None, batch: int = 1):
+  """One index buffer [B,T,n] int32 over the row buffer [raw rows (T) ; compressed entries (U)].
+
+  Slots of query t, in order:
+    0 .. W'-1   window rows t−W'+1 .. t, oldest first (W' = min(window, T); −1 before row 0);
+    W' ..       compressed entries as T + j: idx given (CSA sparse), slot i holds T + idx[t, i]
+                if 0 <= idx[t, i] < min((t+1)//m, U), else −1 (n = W' + k); idx None (HCA, CSA
+                dense), slot W' + j holds T + j for every visible j < (t+1)//m, else −1
+                (n = W' + U).
+  Duplicate ids in idx stay duplicates (counted twice, as in the reference). A window longer
+  than T only adds slots that are always −1, hence W' = min(window, T).
+  """
+  w = min(window, t)
+  win = jnp.broadcast_to(reference.window_indices(t, w)[None], (batch, t, w))
+  if u == 0:
+    return win
+  n_vis = reference.visible_entries(jnp.arange(t, dtype=jnp.int32), ratio)[None, :, None]
+  if idx is None:
+    j = jnp.arange(u, dtype=jnp.int32)[None, None, :]
+    comp = jnp.broadcast_to(jnp.where(j < n_vis, t + j, -1), (batch, t, u))
+  else:
+    idx = idx.astype(jnp.int32)
+    comp = jnp.where((idx >= 0) & (idx < jnp.minimum(n_vis, u)), t + idx, -1)
+  return jnp.concatenate([win, comp.astype(jnp.int32)], axis=-1)
 
 
 def v4_attention(
-  q, kv, sink, *, scale, window, ckv=None, ratio=0, idx=None, block_t=512, impl="reference"
+  q,
+  kv,
+  sink,
+  *,
+  scale,
+  window,
+  ckv=None,
+  ratio=0,
+  idx=None,
+  block_t=512,
+  impl="reference",
+  interpret=False,
+  backend=None,
+  config=None,
 ):
-  """out [B,T,H,K], lse [B,T,H] over window ∪ compressed rows with the sink (reference.py)."""
+  """out [B,T,H,K], lse [B,T,H] over window ∪ compressed rows with the sink (reference.py).
+
+  impl="pallas": one kernel call over [kv ; ckv] with the slots of `v4_index_buffer` (window,
+  then the selected entries, or every visible entry when idx is None), then `fold_sink`.
+  The all-visible case (HCA, CSA's dense stage) gives every query W + U slots.
+  """
   _impl(impl)
   if q.ndim != 4 or kv.ndim != 3 or q.shape[-1] != kv.shape[-1]:
     raise ValueError(f"q must be [B,T,H,K] and kv [B,T,K], got {q.shape}, {kv.shape}")
@@ -28,25 +159,35 @@ def v4_attention(
     raise ValueError(f"ckv must be [B,U,K={q.shape[-1]}], got {ckv.shape}")
   if idx is not None and (idx.ndim != 3 or idx.shape[:2] != q.shape[:2]):
     raise ValueError(f"idx must be [B,T,k] with B,T of q {q.shape[:2]}, got {idx.shape}")
-  return reference.v4_attention(
-    q, kv, sink, scale=scale, window=window, ckv=ckv, ratio=ratio, idx=idx, block_t=block_t
-  )
-
-
-def sink_attention(q, kv, idx, sink, *, scale, block_t=512, impl="reference"):
-  """out [B,T,H,K], lse [B,T,H] over an explicit index buffer with the sink (reference.py)."""
-  _impl(impl)
-  return reference.sink_attention(q, kv, idx, sink, scale=scale, block_t=block_t)
+  if impl == "reference":
+    return reference.v4_attention(
+      q, kv, sink, scale=scale, window=window, ckv=ckv, ratio=ratio, idx=idx, block_t=block_t
+    )
+  b, t = q.shape[:2]
+  if kv.shape[:2] != (b, t):
+    raise ValueError(f"v4_attention wants the raw rows of the T={t} queries, got {kv.shape}")
+  if window <= 0:
+    raise ValueError(f"window={window} must be > 0")
+  if ckv is not None and ratio <= 0:
+    raise ValueError(f"compressed rows need a ratio > 0, got {ratio}")
+  u = 0 if ckv is None else ckv.shape[1]
+  buf = v4_index_buffer(t, window, u=u, ratio=ratio, idx=idx, batch=b)
+  rows = kv if u == 0 else jnp.concatenate([kv, ckv.astype(kv.dtype)], axis=1)
+  return _kernel_sink_attention(q, rows, buf, sink, scale, interpret, backend, config)
 
 
 def compressed_topk(q, k, w, *, ratio, topk, block_t=512, impl="reference"):
-  """Block-causal top-k over compressed indexer keys: idx [B,T,topk] int32, -1 padded."""
+  """Block-causal top-k over compressed indexer keys: idx [B,T,topk] int32, -1 padded.
+
+  No kernel yet: impl="pallas" runs the reference."""
   _impl(impl)
   return reference.compressed_indexer_topk(q, k, w, ratio=ratio, topk=topk, block_t=block_t)
 
 
 def indexer_kl(iq, ik, iw, q, ckv, lse, *, ratio, scale, idx=None, block_t=512, impl="reference"):
-  """Per-query indexer KL [B,T] of a CSA layer (reference.v4_indexer_kl); idx None = warm-up."""
+  """Per-query indexer KL [B,T] of a CSA layer (reference.v4_indexer_kl); idx None = warm-up.
+
+  No kernel yet: impl="pallas" runs the reference."""
   _impl(impl)
   if iq.ndim != 4 or ik.ndim != 3 or iw.shape != iq.shape[:3] or ik.shape[-1] != iq.shape[-1]:
     raise ValueError(

@@ -163,7 +163,7 @@ def test_compressed_topk_matches_naive_selection():
 def test_impl_switch_and_shape_errors():
   q, kv, ckv, sink = _inputs(4)
   with pytest.raises(ValueError, match="impl"):
-    ops.v4_attention(q, kv, sink, scale=SCALE, window=W, impl="pallas")
+    ops.v4_attention(q, kv, sink, scale=SCALE, window=W, impl="triton")
   with pytest.raises(ValueError, match="sink"):
     ops.v4_attention(q, kv, sink[:2], scale=SCALE, window=W)
   with pytest.raises(ValueError, match="ratio"):

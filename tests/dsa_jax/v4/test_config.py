@@ -67,7 +67,7 @@ def test_presets_and_layer_schedule():
     (dict(indexer_quant="int8"), "indexer_quant"),
     (dict(n_hash_layers=9), "n_hash_layers"),
     (dict(swiglu_limit=-1.0), "swiglu_limit"),
-    (dict(impl="pallas"), "impl"),
+    (dict(impl="triton"), "impl"),
   ],
 )
 def test_invalid_values_raise_one_line_errors(kw, match):
