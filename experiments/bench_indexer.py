@@ -207,13 +207,13 @@ def suite_e1(small: bool):
   )
   h, dqk, dv, topk = (8, 576, 512, 64) if small else (128, 576, 512, 2048)
   hd, dqk_mha = (8, 64) if small else (128, 192)
-  # E1_SPARSE_KERNELS=triton|xla: the sparse-MLA backward and probabilities on the Pallas-Triton
-  # kernels or on the blocked XLA backward + reference probabilities (default: the ops' setting).
-  mode = os.environ.get("E1_SPARSE_KERNELS", "")
-  if mode not in ("", "triton", "xla"):
-    raise ValueError(f"E1_SPARSE_KERNELS={mode!r}; expected triton or xla")
+  # E1_PROBS=kernel|reference: the head-mean probabilities (sparse KL target) on the Pallas-Triton
+  # kernel or the reference (default: the ops' setting, GPU_PROBS_KERNEL).
+  mode = os.environ.get("E1_PROBS", "")
+  if mode not in ("", "kernel", "reference"):
+    raise ValueError(f"E1_PROBS={mode!r}; expected kernel or reference")
   if mode:
-    mla.GPU_TRITON_KERNELS = mode == "triton"
+    mla.GPU_PROBS_KERNEL = mode == "kernel"
   impl = _mla_impl(small)
   interp = _interp(small)
   want_parts = small or bool(os.environ.get("E1_PARTS"))  # E1_PARTS=1: per-part times too
@@ -272,7 +272,7 @@ def suite_e1(small: bool):
           t,
           None,
           sparse_mla_impl=impl,
-          sparse_bwd_probs="triton" if mla.GPU_TRITON_KERNELS else "xla",
+          probs="kernel" if mla.GPU_PROBS_KERNEL else "reference",
           **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},
         )

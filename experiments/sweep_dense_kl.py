@@ -5,8 +5,9 @@
   python -m experiments.sweep_dense_kl --small --out=/tmp/sweep_dense_kl.json  # CPU, interpret
 
 One V3.2 layer's warm-up KL, batch 1, L queries over L keys (default 16384): indexer q [L,64,128]
-and k [L,128] bf16, w [L,64] f32, the absorbed attention q [L,128,576] and kv [L,576] bf16, no
-attention lse given (the lse kernel runs, as in the trainer). Each variant: compile time, the
+and k [L,128] bf16, w [L,64] f32, the attention target in the trainer's MHA form (q, k
+[L,128,192], --form=mha, the default) or the absorbed form (q [L,128,576] over kv rows [L,576],
+--form=absorbed), bf16, no attention lse given (the lse kernel runs, as in the trainer). Each variant: compile time, the
 forward alone and value+grad (q, k, w) median times, and the max relative error of the KL and
 the gradients against the default block sizes. The streamed XLA custom_vjp (grad.py) is the
 baseline, measured in the same process. The file is rewritten after every row.
@@ -30,23 +31,29 @@ BS = kernel_kl_triton.BlockSizes
 # name -> BlockSizes; the first is the kernels' default (the numerics reference of the others).
 VARIANTS = {
   "default": BS(),
+  "s64": BS(block_s=64),
   "s128": BS(block_s=128),
-  "t128": BS(block_t=128),
-  "s128_stages3": BS(block_s=128, num_stages=3),
+  "s128_fwd3": BS(block_s=128, num_stages=3),
+  "s128_bwd3": BS(block_s=128, num_stages_bwd=3),
+  "s128_stages3": BS(block_s=128, num_stages=3, num_stages_bwd=3),
   "s128_c128": BS(block_s=128, block_c=128),
-  "s128_w8": BS(block_s=128, num_warps=8),
+  "t128": BS(block_t=128),
   "t128_s128": BS(block_t=128, block_s=128),
   "s32": BS(block_s=32),
 }
 
 
-def _inputs(l, scale_w):
+def _inputs(l, scale_w, form):
   ks = jax.random.split(jax.random.key(0), 5)
   q = jax.random.normal(ks[0], (1, l, 64, 128), jnp.bfloat16)
   k = jax.random.normal(ks[1], (1, l, 128), jnp.bfloat16)
   w = jax.random.normal(ks[2], (1, l, 64), jnp.float32) * scale_w
-  aq = jax.random.normal(ks[3], (1, l, 128, 576), jnp.bfloat16)
-  akv = jax.random.normal(ks[4], (1, l, 576), jnp.bfloat16)
+  if form == "mha":  # the trainer's dense phase: per-head q, k of 192 (= 128 nope + 64 rope)
+    aq = jax.random.normal(ks[3], (1, l, 128, 192), jnp.bfloat16)
+    akv = jax.random.normal(ks[4], (1, l, 128, 192), jnp.bfloat16)
+  else:  # the absorbed MQA form: 576-wide latent rows shared by the heads
+    aq = jax.random.normal(ks[3], (1, l, 128, 576), jnp.bfloat16)
+    akv = jax.random.normal(ks[4], (1, l, 576), jnp.bfloat16)
   return q, k, w, aq, akv
 
 
@@ -70,12 +77,13 @@ def main():
   ap.add_argument("--small", action="store_true", help="tiny shapes in interpret mode (CPU)")
   ap.add_argument("--budget_s", type=float, default=420.0)
   ap.add_argument("--variants", default="", help="comma list of names (default: all)")
+  ap.add_argument("--form", default="mha", choices=["mha", "absorbed"], help="target's form")
   args = ap.parse_args()
   l = 128 if args.small else args.length
   interp = args.small
   iters = 1 if args.small else 5
   scale = 576**-0.5
-  x = _inputs(l, 1 / np.sqrt(64 * 128))
+  x = _inputs(l, 1 / np.sqrt(64 * 128), args.form)
   names = [n for n in args.variants.split(",") if n] or list(VARIANTS)
   if args.small:
     names = names[:2]
@@ -90,7 +98,7 @@ def main():
   )
   tb_fwd = bc.time_fn(base_fwd, *x, warmup=1, iters=iters)
   tb = bc.time_fn(base_vg, *x, warmup=1, iters=iters)
-  shape = {"L": l, "H": 128, "C": 576, "J": 64, "D": 128}
+  shape = {"L": l, "H": 128, "C": x[3].shape[-1], "form": args.form, "J": 64, "D": 128}
   for name in names:
     bsz = VARIANTS[name]
     extra = {

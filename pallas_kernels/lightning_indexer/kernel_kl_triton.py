@@ -51,8 +51,8 @@ def _cdiv(a, b):
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """block_t queries x block_s keys per tile, block_c: attention dim chunk per dot (all powers of
-  2 >= 16). num_warps / num_stages: Triton's; num_warps for the lse and forward kernels,
-  num_warps_bwd for the dq and dk kernels (they hold I, pt, g and z tiles at once: with 4 warps
+  2 >= 16). num_warps / num_stages: Triton's, for the lse and forward kernels; num_warps_bwd /
+  num_stages_bwd for the dq and dk kernels (they hold I, pt, g and z tiles at once: with 4 warps
   they spill at 64x64 tiles)."""
 
   block_t: int = 64
@@ -60,7 +60,8 @@ class BlockSizes:
   block_c: int = 64
   num_warps: int = 4
   num_warps_bwd: int = 8
-  num_stages: int = 3
+  num_stages: int = 2
+  num_stages_bwd: int = 2
 
   def __post_init__(self):
     for name in ("block_t", "block_s", "block_c"):
@@ -364,11 +365,12 @@ def _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz: BlockSizes):
 
 def _call(kernel, name, grid, out_shape, args, bsz, interpret, bwd=False):
   warps = bsz.num_warps_bwd if bwd else bsz.num_warps
+  stages = bsz.num_stages_bwd if bwd else bsz.num_stages
   return pl.pallas_call(
     kernel,
     out_shape=out_shape,
     grid=grid,
-    compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=bsz.num_stages),
+    compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages),
     interpret=interpret,
     name=name,
   )(*args)

@@ -3,11 +3,11 @@
 
 impl="pallas" runs one kernel set per backend under a custom VJP that honours both cotangents
 (out and lse):
-  gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`); the backward
-       and the head-mean probabilities as Pallas-Triton kernels from the saved lse
-       (kernel_triton.py) when GPU_TRITON_KERNELS is on, else the blocked XLA backward
-       (`_bwd_blocked`, also the kernels' reference) and the reference probabilities;
+  gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`) and the
+       blocked XLA backward from the saved lse (`_bwd_blocked`);
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
+`sparse_mla_probs` (the sparse KL target) takes the Pallas-Triton kernel of kernel_triton.py on a
+GPU when GPU_PROBS_KERNEL is on, else the reference.
 """
 
 import functools
@@ -22,11 +22,10 @@ IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
 GpuConfig = kernel_mosaic_gpu.GpuConfig
 
-# backend="gpu": the Pallas-Triton backward and probability kernels (kernel_triton.py) instead of
-# the blocked XLA backward and the reference probabilities. Off until the GPU tests pass
-# (tests/pallas_kernels/test_sparse_mla_triton.py -m gpu).
-GPU_TRITON_KERNELS = False
-TRITON_BLOCK_SIZES = kernel_triton.BlockSizes()
+# On a GPU the head-mean probabilities come from the Pallas-Triton kernel (kernel_triton.py; it
+# passes tests/pallas_kernels/test_sparse_mla_triton.py -m gpu); False: the reference.
+GPU_PROBS_KERNEL = True
+PROBS_BLOCK_SIZES = kernel_triton.BlockSizes()
 
 
 def _check(q, kv, idx, d_v):
@@ -108,20 +107,20 @@ def sparse_mla_probs(
 ):
   """Head-mean attention probabilities at the selected slots [B,T,k] (sparse KL target).
 
-  impl="pallas" takes the Pallas-Triton kernel on a GPU when GPU_TRITON_KERNELS is on, or on CPU
+  impl="pallas" takes the Pallas-Triton kernel on a GPU when GPU_PROBS_KERNEL is on, or on CPU
   with interpret=True (tests); otherwise the reference. d_v only sets how the kernel splits the
   row (value part + rest, default the row's largest power-of-2 part); the result does not depend
   on it."""
   _check(q, kv, idx, kv.shape[-1])
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
-  on_gpu = jax.default_backend() == "gpu" and GPU_TRITON_KERNELS
+  on_gpu = jax.default_backend() == "gpu" and GPU_PROBS_KERNEL
   if impl == "reference" or not (interpret or on_gpu):
     return reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=scale)
   k_dim = q.shape[-1]
   d_v = d_v or min(k_dim, 1 << (k_dim.bit_length() - 1))
   b, t = idx.shape[:2]
-  bsz = TRITON_BLOCK_SIZES
+  bsz = PROBS_BLOCK_SIZES
   qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, d_v, bsz)
   lse_p = _pad_heads(lse.astype(jnp.float32), hp, jnp.inf)
   p = kernel_triton.sparse_mla_probs(
@@ -190,38 +189,6 @@ def _triton_layout(q, kv, idx, d_v, bsz):
   return qn, qr, kvn, kvr, _global_idx(idx, s, bsz.block_k), hp
 
 
-def _bwd_triton(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, bsz, interpret=False):
-  """dq, dkv from the saved lse with the Pallas-Triton kernels (same math as _bwd_blocked)."""
-  b, t, h, k_dim = q.shape
-  s = kv.shape[1]
-  f32 = jnp.float32
-  delta = jnp.einsum("bthv,bthv->bth", out.astype(f32), d_out.astype(f32))
-  dd = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
-  qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, d_v, bsz)
-  dv, _ = kernel_triton.split_dims(k_dim, d_v)
-  don = _split_row(_pad_heads(d_out.astype(q.dtype), hp), d_v, dv, 0)[0]
-  (dqn, dqr), (dkvn, dkvr) = kernel_triton.sparse_mla_bwd(
-    qn,
-    qr,
-    don,
-    _pad_heads(lse.astype(f32), hp, jnp.inf),
-    _pad_heads(dd, hp),
-    kvn,
-    kvr,
-    gidx,
-    scale=float(scale),
-    h=h,
-    block_sizes=bsz,
-    interpret=bool(interpret),
-  )
-  rest = k_dim - d_v
-  dq = (
-    dqn[:, :h, :d_v] if dqr is None else jnp.concatenate([dqn[:, :h, :d_v], dqr[:, :h, :rest]], -1)
-  )
-  dkv = dkvn[:, :d_v] if dkvr is None else jnp.concatenate([dkvn[:, :d_v], dkvr[:, :rest]], -1)
-  return dq.reshape(b, t, h, k_dim), dkv.reshape(b, s, k_dim).astype(kv.dtype)
-
-
 def _gpu_fwd_call(q, kv, idx, scale, d_v, interpret, config):
   """Folds batch into rows, pads to the kernel's granules, runs it, and un-pads."""
   b, t, h, k_dim = q.shape
@@ -284,21 +251,7 @@ def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, upd
   return dq, dkv.astype(kv.dtype)
 
 
-def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interpret=False):
-  if GPU_TRITON_KERNELS:
-    return _bwd_triton(
-      q,
-      kv,
-      idx,
-      out,
-      lse,
-      d_out,
-      d_lse,
-      scale=scale,
-      d_v=d_v,
-      bsz=TRITON_BLOCK_SIZES,
-      interpret=bool(interpret),
-    )
+def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config):
   # Scan steps cover config.bwd_block_t tokens summed over the batch (the gathered rows of one
   # step scale with b * block_t), so a larger batch takes shorter steps, not more memory.
   return _bwd_blocked(
@@ -327,7 +280,8 @@ def _sparse_mla_gpu_fwd(q, kv, idx, scale, d_v, interpret, config):
 
 
 def _sparse_mla_gpu_bwd(scale, d_v, interpret, config, res, cts):
-  dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config, interpret)
+  del interpret
+  dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config)
   return dq, dkv, None
 
 
