@@ -35,7 +35,7 @@ class BlockSizes:
   """block_h heads x block_k slots per tile (powers of 2 >= 16); num_warps / num_stages: Triton's."""
 
   block_h: int = 32
-  block_k: int = 64
+  block_k: int = 128
   num_warps: int = 8
   num_stages: int = 2
 

@@ -117,6 +117,8 @@ def sparse_mla_probs(
   on_gpu = jax.default_backend() == "gpu" and GPU_PROBS_KERNEL
   if impl == "reference" or not (interpret or on_gpu):
     return reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=scale)
+  # The target is a constant: cut the inputs before the kernel (a pallas_call has no JVP rule).
+  q, kv, lse = jax.lax.stop_gradient((q, kv, lse))
   k_dim = q.shape[-1]
   d_v = d_v or min(k_dim, 1 << (k_dim.bit_length() - 1))
   b, t = idx.shape[:2]
@@ -135,7 +137,7 @@ def sparse_mla_probs(
     block_sizes=bsz,
     interpret=bool(interpret),
   )
-  return jax.lax.stop_gradient(p[:, : idx.shape[-1]].reshape(b, t, -1))
+  return p[:, : idx.shape[-1]].reshape(b, t, -1)
 
 
 # ---------------------------------------------------------------------------------------------

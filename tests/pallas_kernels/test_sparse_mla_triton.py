@@ -4,7 +4,6 @@ the reference: interpret mode on CPU at small awkward shapes (f32 and bf16, inva
 ids, a fully masked row, k >= S, no second row part), CUDA lowering at V3.2 shapes, and `-m gpu`
 runs at V3.2 dims."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +48,22 @@ def test_probs_interpret_matches_reference(monkeypatch, dtype):
   # without interpret and off the GPU the op is the reference (no pallas_call)
   jaxpr = str(jax.make_jaxpr(lambda: ops.sparse_mla_probs(q, kv, idx, lse, scale=SCALE))())
   assert "pallas_call" not in jaxpr
+
+
+def test_probs_kernel_under_grad(monkeypatch):
+  """Inside a differentiated function (the trainer's loss) the kernel's target is a constant:
+  grad traces (a pallas_call has no JVP rule) and gives the gradient of the other terms only."""
+  monkeypatch.setattr(ops, "PROBS_BLOCK_SIZES", SMALL)
+  q, kv, idx = _case(1, 2, 16, 96, 30, 24, jnp.float32, seed=9)
+  lse = reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=64)[1]
+
+  def loss(q, kv):
+    p = ops.sparse_mla_probs(q, kv, idx, lse, scale=SCALE, impl="pallas", interpret=True)
+    return jnp.sum(p * p) + jnp.sum(q)
+
+  gq, gkv = jax.grad(loss, (0, 1))(q, kv)
+  np.testing.assert_array_equal(gq, jnp.ones_like(q))
+  np.testing.assert_array_equal(gkv, jnp.zeros_like(kv))
 
 
 def test_block_sizes_validate():
