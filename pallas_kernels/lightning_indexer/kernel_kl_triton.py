@@ -60,7 +60,7 @@ class BlockSizes:
   block_c: int = 64
   num_warps: int = 4
   num_warps_bwd: int = 8
-  num_stages: int = 3
+  num_stages: int = 2
   num_stages_bwd: int = 2
 
   def __post_init__(self):
