@@ -21,3 +21,24 @@ def rel_err(out, ref) -> float:
 
 def normal(seed: int, shape, dtype=jnp.float32, scale: float = 1.0):
   return (scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)).astype(dtype)
+
+
+def export_cuda(f, *avals, device_kind: str = "NVIDIA H100"):
+  """jax.export of jit(f) for cuda on CPU, under an abstract one-GPU mesh of `device_kind` (kernel
+  choices that read the device see a Hopper GPU). Pallas-Triton custom calls are allowed."""
+  from jax import export  # noqa: PLC0415
+  from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+  mesh = jax.sharding.AbstractMesh(
+    (),
+    (),
+    abstract_device=jax.sharding.AbstractDevice(
+      device_kind=device_kind, platform="gpu", num_cores=132
+    ),
+  )
+  with jax.sharding.use_abstract_mesh(mesh):
+    return export.export(
+      jax.jit(f),
+      platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
+    )(*avals)

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._testing import rel_err
+from pallas_kernels._testing import export_cuda, rel_err
 from pallas_kernels.lightning_indexer import grad, kernel_kl_triton, ops, reference
 
 SCALE = 0.3
@@ -121,19 +120,7 @@ def test_dispatch_and_errors():
 
 
 def _export_cuda(f, *avals):
-  mesh = jax.sharding.AbstractMesh(
-    (),
-    (),
-    abstract_device=jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H100", platform="gpu", num_cores=132
-    ),
-  )
-  with jax.sharding.use_abstract_mesh(mesh):
-    return export.export(
-      jax.jit(f),
-      platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
-    )(*avals)
+  return export_cuda(f, *avals)
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax import export
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels._testing import rel_err
+from pallas_kernels._testing import export_cuda, rel_err
 from pallas_kernels.grouped_matmul import kernel_triton, ops, reference
 
 SMALL = kernel_triton.BlockSizes(16, 16, 16, 16, 16, 16)
@@ -189,19 +188,7 @@ def test_moe_layer_on_the_kernels(monkeypatch, mesh):
 
 
 def _export_cuda(f, *avals):
-  mesh = jax.sharding.AbstractMesh(
-    (),
-    (),
-    abstract_device=jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H100", platform="gpu", num_cores=132
-    ),
-  )
-  with jax.sharding.use_abstract_mesh(mesh):
-    return export.export(
-      jax.jit(f),
-      platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
-    )(*avals)
+  return export_cuda(f, *avals)
 
 
 V32 = dict(e=8, m=131072, k=7168, n=2048)  # 8 local experts, 16K tokens x 8 copies, D, F

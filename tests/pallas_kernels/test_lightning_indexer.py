@@ -7,10 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
-from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._testing import rel_err
+from pallas_kernels._testing import export_cuda, rel_err
 from pallas_kernels.lightning_indexer import kernel_mosaic_gpu, ops, reference
 
 
@@ -211,19 +209,7 @@ def test_dense_kl_grad_matches_autodiff(form):
 
 
 def _export_cuda(f, *avals):
-  mesh = jax.sharding.AbstractMesh(
-    (),
-    (),
-    abstract_device=jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H200", platform="gpu", num_cores=132
-    ),
-  )
-  with jax.sharding.use_abstract_mesh(mesh):
-    return export.export(
-      jax.jit(f),
-      platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
-    )(*avals)
+  return export_cuda(f, *avals, device_kind="NVIDIA H200")
 
 
 @pytest.mark.parametrize("bs", [KEYS_M, HEADS_M], ids=["keys_m", "heads_m"])

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _testing
@@ -77,19 +76,7 @@ def test_block_sizes_validate():
 
 
 def _export_cuda(f, *avals):
-  mesh = jax.sharding.AbstractMesh(
-    (),
-    (),
-    abstract_device=jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H100", platform="gpu", num_cores=132
-    ),
-  )
-  with jax.sharding.use_abstract_mesh(mesh):
-    return export.export(
-      jax.jit(f),
-      platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
-    )(*avals)
+  return _testing.export_cuda(f, *avals)
 
 
 def test_export_cuda_v32_shapes(monkeypatch):
