@@ -2,7 +2,9 @@
 """Warm-up dense indexer KL as Pallas-Triton GPU kernels (docs/dsa.md §Training; math in grad.py).
 
 Tiles are [bt queries, bs keys]; a query block's program walks its causal key blocks (queries are
-the last T of S keys, query t at position S - T + t), nothing [T,S]-sized is ever held:
+the last T of S keys, query t at position S - T + t; or, with ratio m > 1, DeepSeek-V4's
+block-causal rule over compressed entries: query t at position t sees entries j < (t+1)//m),
+nothing [T,S]-sized is ever held:
   I  = Σ_j w[:,j] · ReLU(q_j · kᵀ)          fori over the J indexer heads, a [bt,D]·[D,bs] dot each
   pt = Σ_h exp(scale · aq_h · kv_hᵀ - lse_h)  fori over the H attention heads, C in chunks of bc
 kernels:
@@ -91,11 +93,13 @@ def _dot(a, b, ca, cb):
   return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _vis(t0, s0, *, bt, bs, off, s):
-  """[bt, bs] True where key s0 + c is a real key visible to query t0 + r."""
+def _vis(t0, s0, *, bt, bs, off, s, m=1):
+  """[bt, bs] True where key s0 + c is a real key visible to query t0 + r: causal (m = 1), or
+  block-causal over entries of ratio m (entry j visible iff j < (position + 1) // m)."""
   qpos = off + t0 + jax.lax.broadcasted_iota(jnp.int32, (bt, bs), 0)
   kpos = s0 + jax.lax.broadcasted_iota(jnp.int32, (bt, bs), 1)
-  return (kpos <= qpos) & (kpos < s)
+  last = qpos if m == 1 else (qpos + 1) // m - 1
+  return (kpos <= last) & (kpos < s)
 
 
 def _indexer_tile(q_ref, w_ref, kt, b, t0, *, bt, nj):
@@ -140,15 +144,15 @@ def _target_tile(aq_ref, kv_ref, lse_ref, b, t0, s0, *, bt, bs, nh, nc, bc, mha,
   return jax.lax.fori_loop(0, nh, body, jnp.zeros((bt, bs), jnp.float32))
 
 
-def _n_key_blocks(t0, *, bt, bs, off, s):
-  """Key blocks a query block starting at t0 sees (its last row's causal bound, capped at S)."""
-  return (jnp.minimum(off + t0 + bt, s) + bs - 1) // bs
+def _n_key_blocks(t0, *, bt, bs, off, s, m=1):
+  """Key blocks a query block starting at t0 sees (its last row's bound, capped at S)."""
+  return (jnp.minimum((off + t0 + bt) // m, s) + bs - 1) // bs
 
 
 def _grad_tile(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt, b, t0, s0, c):
   """g [bt, bs] = (P·[ps>0] - pt/ps)·dl over the visible keys, 0 elsewhere."""
   bt, bs = c["bt"], c["bs"]
-  vis = _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"])
+  vis = _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
   i = _indexer_tile(q_ref, w_ref, kt, b, t0, bt=bt, nj=c["nj"])
   pt = _target_tile(
     aq_ref,
@@ -180,7 +184,7 @@ def _lse_kernel(aq_ref, kv_ref, o_ref, *, c):
   i = pl.num_programs(0) - 1 - pl.program_id(0)
   b, h = pl.program_id(1), pl.program_id(2)
   t0 = i * bt
-  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"])
+  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
 
   def body(kb, carry):
     m, l = carry
@@ -189,7 +193,9 @@ def _lse_kernel(aq_ref, kv_ref, o_ref, *, c):
       aq_ref, kv_ref, b, h, t0, s0, bt=bt, bs=bs, nc=c["nc"], bc=c["bc"], mha=c["mha"]
     )
     lg = jnp.where(
-      _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"]), lg * jnp.float32(c["scale"]), _NEG
+      _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"]),
+      lg * jnp.float32(c["scale"]),
+      _NEG,
     )
     m_new = jnp.maximum(m, jnp.max(lg, axis=1))
     l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(lg - m_new[:, None]), axis=1)
@@ -205,13 +211,13 @@ def _fwd_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, kl_ref, lsei_ref,
   i = pl.num_programs(0) - 1 - pl.program_id(0)
   b = pl.program_id(1)
   t0 = i * bt
-  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"])
+  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
   zero = jnp.float32(0)
 
   def body(kb, carry):
     m, l, ps, a, cc = carry
     s0 = kb * bs
-    vis = _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"])
+    vis = _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
     kt = k_ref[b, pl.ds(s0, bs), :]
     ind = _indexer_tile(q_ref, w_ref, kt, b, t0, bt=bt, nj=c["nj"])
     pt = _target_tile(
@@ -262,7 +268,7 @@ def _dq_kernel(
   i = pl.num_programs(0) - 1 - pl.program_id(0)
   b = pl.program_id(1)
   t0 = i * bt
-  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"])
+  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
   lsei, psn, psum, dl = _row_stats(lsei_ref, ps_ref, dl_ref, b, t0, bt)
   dp = q_ref.shape[-1]
 
@@ -302,8 +308,9 @@ def _dk_kernel(
   b = pl.program_id(1)
   s0 = kb * bs
   kt = k_ref[b, pl.ds(s0, bs), :]
-  # first query block with a row at position >= s0 (row t sits at off + t)
-  i0 = jnp.maximum(s0 - c["off"], 0) // bt
+  # first query block with a row that sees key s0 (row t sits at off + t and sees keys up to
+  # (off + t + 1) // m - 1, i.e. from off + t >= m·(s0 + 1) - 1)
+  i0 = jnp.maximum(c["m"] * (s0 + 1) - 1 - c["off"], 0) // bt
 
   def body(i, dk):
     t0 = i * bt
@@ -328,7 +335,7 @@ def _dk_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz: BlockSizes):
+def _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz: BlockSizes, ratio: int = 1):
   """Padded, kernel-layout operands and the static config."""
   b, t, nj, d = q.shape
   s = k.shape[1]
@@ -354,7 +361,8 @@ def _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz: BlockSizes):
     nj=nj,
     nh=nh,
     mha=attn_kv.ndim == 4,
-    off=s - t,
+    off=s - t if ratio == 1 else 0,
+    m=ratio,
     s=s,
     nq=qp.shape[1] // bt,
     nkb=kp.shape[1] // bs,
@@ -390,13 +398,20 @@ def _attn_lse_call(aq, kv, cfg, bsz, interpret):
   )
 
 
-@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret"))
-def dense_kl_fwd(q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False):
+@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "ratio"))
+def dense_kl_fwd(
+  q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False, ratio=1
+):
   """(kl [B,T], residuals): residuals = (lse_I [B,Tp], ps [B,Tp], attention lse [B,H,Tp]).
 
-  attn_lse [B,T,H] or None (then the lse kernel computes it from the target's logits)."""
+  attn_lse [B,T,H] or None (then the lse kernel computes it from the target's logits).
+  ratio m > 1: the keys are compressed entries of ratio m and query t (position t of the same
+  sequence, from 0) sees entries j < (t+1)//m (DeepSeek-V4's CSA warm-up); attn_lse is then the
+  layer's own (window and sink included) and must be given."""
+  if ratio != 1 and attn_lse is None:
+    raise ValueError(f"ratio={ratio} needs the layer's attn_lse (the lse kernel is causal only)")
   bsz = block_sizes
-  qp, kp, wp, aq, kv, alse, cfg = _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz)
+  qp, kp, wp, aq, kv, alse, cfg = _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz, ratio)
   cfg["scale"] = float(attn_scale)
   if alse is None:
     alse = _attn_lse_call(aq, kv, cfg, bsz, interpret)
@@ -413,12 +428,14 @@ def dense_kl_fwd(q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes,
   return kl[:, : q.shape[1]], (lsei, ps, alse)
 
 
-@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret"))
-def dense_kl_bwd(q, k, w, attn_q, attn_kv, res, dl, *, attn_scale, block_sizes, interpret=False):
+@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "ratio"))
+def dense_kl_bwd(
+  q, k, w, attn_q, attn_kv, res, dl, *, attn_scale, block_sizes, interpret=False, ratio=1
+):
   """(dq, dk, dw) of Σ_t dl[t]·kl[t], from dense_kl_fwd's residuals; in q's, k's, w's dtypes."""
   bsz = block_sizes
   lsei, ps, alse = res
-  qp, kp, wp, aq, kv, _, cfg = _prepare(q, k, w, attn_q, attn_kv, None, bsz)
+  qp, kp, wp, aq, kv, _, cfg = _prepare(q, k, w, attn_q, attn_kv, None, bsz, ratio)
   cfg["scale"] = float(attn_scale)
   cfg["barrier"] = not interpret
   dlp = _common.pad_axis(dl.astype(jnp.float32), 1, cfg["bt"])
@@ -454,9 +471,10 @@ def dense_kl_bwd(q, k, w, attn_q, attn_kv, res, dl, *, attn_scale, block_sizes, 
   return dq, dk, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret=False):
-  """Warm-up KL per query [B,T] f32, differentiable in q, k, w (the target is a constant)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret=False, ratio=1):
+  """Warm-up KL per query [B,T] f32, differentiable in q, k, w (the target is a constant).
+  ratio: 1 causal over raw keys; m > 1 block-causal over compressed entries (dense_kl_fwd)."""
   kl, _ = dense_kl_fwd(
     q,
     k,
@@ -465,22 +483,42 @@ def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
     attn_scale=attn_scale,
     block_sizes=block_sizes,
     interpret=interpret,
+    ratio=ratio,
   )
   return kl
 
 
-def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret):
+def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret, ratio):
   aq, akv, al = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
   kl, res = dense_kl_fwd(
-    q, k, w, aq, akv, al, attn_scale=attn_scale, block_sizes=block_sizes, interpret=interpret
+    q,
+    k,
+    w,
+    aq,
+    akv,
+    al,
+    attn_scale=attn_scale,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    ratio=ratio,
   )
   return kl, (q, k, w, aq, akv, res)
 
 
-def _vjp_bwd(attn_scale, block_sizes, interpret, saved, dl):
+def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):
   q, k, w, aq, akv, res = saved
   dq, dk, dw = dense_kl_bwd(
-    q, k, w, aq, akv, res, dl, attn_scale=attn_scale, block_sizes=block_sizes, interpret=interpret
+    q,
+    k,
+    w,
+    aq,
+    akv,
+    res,
+    dl,
+    attn_scale=attn_scale,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    ratio=ratio,
   )
   return dq, dk, dw, None, None, None
 

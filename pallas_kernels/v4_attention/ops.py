@@ -13,13 +13,16 @@ kernels (pallas_kernels/sparse_mla/ops.py, backend "gpu" or "tpu") and folds the
 - `v4_attention` gathers window ∪ compressed rows through one index buffer (`v4_index_buffer`) over
   the row buffer [raw rows ; compressed entries], so one kernel call serves both sets.
 
-The indexer ops (`compressed_topk`, `indexer_kl`) have no V4 kernel yet: impl="pallas" runs their
-references (issue 22, item 4: the block-causal FP8 indexer / top-k and the dense warm-up kernels).
+`indexer_kl`'s warm-up (every visible entry) runs on the dense-KL Pallas-Triton kernels with the
+block-causal rule (ratio m); its sparse stage, and `compressed_topk`, run their references with
+impl="pallas" until they have kernels.
 """
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.lightning_indexer import kernel_kl_triton
+from pallas_kernels.lightning_indexer import ops as lightning_indexer_ops
 from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 from pallas_kernels.v4_attention import reference
 
@@ -184,10 +187,30 @@ def compressed_topk(q, k, w, *, ratio, topk, block_t=512, impl="reference"):
   return reference.compressed_indexer_topk(q, k, w, ratio=ratio, topk=topk, block_t=block_t)
 
 
-def indexer_kl(iq, ik, iw, q, ckv, lse, *, ratio, scale, idx=None, block_t=512, impl="reference"):
+def indexer_kl(
+  iq,
+  ik,
+  iw,
+  q,
+  ckv,
+  lse,
+  *,
+  ratio,
+  scale,
+  idx=None,
+  block_t=512,
+  impl="reference",
+  interpret=False,
+  block_sizes=None,
+):
   """Per-query indexer KL [B,T] of a CSA layer (reference.v4_indexer_kl); idx None = warm-up.
 
-  No kernel yet: impl="pallas" runs the reference."""
+  Warm-up (idx None) with impl="pallas": the Pallas-Triton dense-KL kernels with the block-causal
+  rule over compressed entries (lightning_indexer/kernel_kl_triton.py, ratio m), where they run:
+  one GPU with lightning_indexer.ops.DENSE_KL_KERNELS_BY_DEFAULT on, or interpret=True (CPU
+  tests); `block_sizes` tunes them. The teacher is the same: the layer's sink-inclusive lse makes
+  Σ_h exp(scale·q_h·c_j − lse_h) its compressed mass, which the kernel L1-normalises over the
+  visible entries. Otherwise (and for the sparse stage, idx given) the reference."""
   _impl(impl)
   if iq.ndim != 4 or ik.ndim != 3 or iw.shape != iq.shape[:3] or ik.shape[-1] != iq.shape[-1]:
     raise ValueError(
@@ -198,8 +221,32 @@ def indexer_kl(iq, ik, iw, q, ckv, lse, *, ratio, scale, idx=None, block_t=512, 
       f"ik {ik.shape} / ckv {ckv.shape} must share [B,U]; lse {lse.shape} must be q's "
       f"[B,T,H] {q.shape[:3]}; q and iq must share [B,T]"
     )
+  if impl == "pallas" and idx is None and ckv.shape[1] > 0 and _dense_kl_kernels(iq, q, interpret):
+    return kernel_kl_triton.dense_kl(
+      iq,
+      ik,
+      iw,
+      *jax.lax.stop_gradient((q, ckv, lse.astype(jnp.float32))),
+      float(scale),
+      block_sizes or kernel_kl_triton.BlockSizes(),
+      bool(interpret),
+      int(ratio),
+    )
   return reference.v4_indexer_kl(
     iq, ik, iw, q, ckv, lse, ratio=ratio, scale=scale, idx=idx, block_t=block_t
+  )
+
+
+def _dense_kl_kernels(iq, q, interpret) -> bool:
+  """Whether the warm-up KL kernels take this call (see indexer_kl)."""
+  if kernel_kl_triton.supported(iq, q) is not None:
+    return False
+  if interpret:
+    return True
+  return (
+    jax.default_backend() == "gpu"
+    and jax.device_count() == 1
+    and lightning_indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT
   )
 
 
