@@ -126,3 +126,28 @@ def test_export_cuda_v4_flash_shapes():
     exp = _testing.export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
   assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3
   assert [a.shape for a in exp.out_avals] == [(), (1, t, j, d), (1, u, d), (1, t, j)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+def test_gpu_matches_reference(dtype, tol):
+  """On the GPU (the default BlockSizes), T = 2048, m = 4, V4 dims: KL and gradients against the
+  f32 reference."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs an NVIDIA GPU")
+  iq, ik, iw, q, ckv, lse, scale = _case(1, 2048, 4, 64, 128, 64, 512, dtype, seed=3)
+  ct = _testing.normal(9, (1, 2048))
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def vg(impl, args):
+    kl, vjp = jax.vjp(
+      lambda a, b_, c: ops.indexer_kl(a, b_, c, *args, ratio=4, scale=scale, impl=impl), iq, ik, iw
+    )
+    return kl, vjp(ct)
+
+  kl, grads = jax.jit(lambda: vg("pallas", (q, ckv, lse)))()
+  with jax.default_matmul_precision("highest"):
+    rkl, rgrads = jax.jit(lambda: vg("reference", (f32(q), f32(ckv), lse)))()
+  assert _testing.rel_err(kl, rkl) < tol, _testing.rel_err(kl, rkl)
+  for g, rg in zip(grads, rgrads):
+    assert _testing.rel_err(g, rg) < tol, _testing.rel_err(g, rg)
