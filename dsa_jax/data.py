@@ -14,6 +14,9 @@ Sources:
 - `mixed`: text rows with a share of passkey and mqar rows.
 - `retrieval`: `mqar_pairs` key-value pairs written over text filler, each queried once at a
   log-uniform distance (retrieval_data.py; issue 21).
+- `retrieval_packed`: rows of pairs and queries only, no filler (retrieval_data.packed_row; the
+  retrieval curriculum's first stage), keys/values from the first `retrieval_keys` /
+  `retrieval_values` symbols.
 - `dir`: a directory of .txt / .jsonl ("text" field) files, byte-level or with a `tokenizer.json`
   (the `tokenizers` package).
 """
@@ -30,7 +33,7 @@ import sysconfig
 
 import numpy as np
 
-SOURCES = ("text", "passkey", "mqar", "mixed", "dir", "retrieval")
+SOURCES = ("text", "passkey", "mqar", "mixed", "dir", "retrieval", "retrieval_packed")
 DOC_SEP = 0  # byte 0 never occurs in source text: document separator
 
 
@@ -50,6 +53,9 @@ class DataConfig:
   retrieval_min_distance: int = 8
   retrieval_max_distance: int = 0
   retrieval_text_weight: float = 0.0
+  # source="retrieval_packed": key / value alphabet sizes (0: all 128 keys / all 62 values)
+  retrieval_keys: int = 0
+  retrieval_values: int = 0
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -209,6 +215,11 @@ def _row(cfg: DataConfig, split: str, step: int, row: int):
     return passkey_row(rng, corpus, cfg.seq_len, None)
   if kind == "mqar":
     return mqar_row(rng, cfg.seq_len, cfg.mqar_pairs)
+  if kind == "retrieval_packed":
+    from dsa_jax import retrieval_data  # noqa: PLC0415
+
+    n_keys = cfg.retrieval_keys or retrieval_data.N_KEYS
+    return retrieval_data.packed_row(rng, cfg.seq_len, cfg.mqar_pairs, n_keys, cfg.retrieval_values)
   if kind == "retrieval":
     from dsa_jax import retrieval_data  # noqa: PLC0415
 

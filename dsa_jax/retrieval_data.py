@@ -173,3 +173,34 @@ def eval_batch(seq_len: int, edges, rows: int, n_pairs: int, *, seed: int = 2121
       out[k].append(v)
     out["bucket"].append(b.astype(np.int32))
   return {k: np.stack(v) for k, v in out.items()}
+
+
+def packed_row(
+  rng: np.random.Generator, seq_len: int, n_pairs: int, n_keys: int = N_KEYS, n_values: int = 0
+):
+  """A row of 2-byte segments only, no filler (the curriculum's first stage): n_pairs pairs
+  `k v` (segment 0 is one, the others at random segments) and every other segment a query `k v`
+  of a uniformly drawn earlier pair (keys unique among the pairs; a key may be queried more than
+  once). -> (tokens [L] int32, loss_mask [L] f32: 1 on every query's value). Many answers a
+  row, e.g. L=256, 32 pairs: 96 answers (train_row over text: one per pair). Keys are drawn
+  from the first n_keys key bytes and values from the first n_values of VALUES (0: all 62): a
+  small alphabet is an easier start."""
+  n_seg = seq_len // SEG
+  n_values = n_values or len(VALUES)
+  if not 1 <= n_pairs <= min(n_keys, n_seg) or not 1 <= n_keys <= N_KEYS:
+    raise ValueError(f"n_pairs={n_pairs} must be in [1, {min(n_keys, n_seg)}]")
+  if not 1 <= n_values <= len(VALUES):
+    raise ValueError(f"n_values={n_values} must be in [1, {len(VALUES)}]")
+  is_pair = np.zeros(n_seg, bool)
+  is_pair[0] = True
+  is_pair[1 + rng.choice(n_seg - 1, size=n_pairs - 1, replace=False)] = True
+  keys = KEY_BASE + rng.choice(n_keys, size=n_pairs, replace=False)
+  vals = VALUES[rng.integers(0, n_values, size=n_pairs)]
+  seen = np.cumsum(is_pair)  # pairs written up to and including each segment
+  which = np.where(is_pair, seen - 1, (rng.random(n_seg) * seen).astype(np.int64))
+  toks = np.full(seq_len, ord(" "), np.int32)
+  mask = np.zeros(seq_len, np.float32)
+  starts = SEG * np.arange(n_seg)
+  toks[starts], toks[starts + 1] = keys[which], vals[which]
+  mask[starts[~is_pair] + 1] = 1.0
+  return toks, mask

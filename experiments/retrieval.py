@@ -3,6 +3,7 @@ r"""Long-range retrieval beyond the top-k budget (issue 21): does DSA keep what 
 finds, where a window of the same budget cannot?
 
   CFG=experiments/configs/retrieval.py:size=gpu; WD=/tmp/retrieval
+  python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=pack      # dense, packed
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=short     # dense, short L
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=pretrain  # dense, gated
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=dense     # W+S dense
@@ -14,6 +15,9 @@ finds, where a window of the same budget cannot?
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=eval      #   indexer at init
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=report    # JSON + plot
 
+`pack` (the curriculum's first stage, dense): rows of pairs and queries only, no filler, keys and
+values from a small alphabet (retrieval_data.packed_row): many answers a row and few symbols, the
+cheapest start for the induction circuit; `pack.steps=0` skips it.
 `--stage=all` runs them in order. Every training stage resumes from its own checkpoints; the
 pretrain stage trains in chunks and after each one measures held-out accuracy by distance bucket
 (the gate): it stops when every bucket reaches `pretrain.gate` (or at max_steps / max_minutes),
@@ -49,7 +53,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (all stages)", required=True)
 BRANCHES = ("dense", "dsa", "window", "random", "frozen_indexer")
-TRAIN_STAGES = ("short", "pretrain", "dense", "warmup", "dsa", "window", "random", "frozen_indexer")
+TRAIN_STAGES = (
+  "pack",
+  "short",
+  "pretrain",
+  "dense",
+  "warmup",
+  "dsa",
+  "window",
+  "random",
+  "frozen_indexer",
+)
 STAGES = TRAIN_STAGES + ("eval", "report")
 _STAGE = flags.DEFINE_enum("stage", "all", STAGES + ("all",), "which stage to run")
 _RESULTS = flags.DEFINE_string(
@@ -61,9 +75,11 @@ NO_INDEXER = r"^(?!.*indexer)"
 
 def plan(c, stage: str):
   """stage -> (phase name, phase overrides, parent stage, attention at eval)."""
-  parent_of_pretrain = "short" if c.short.steps > 0 else None
+  parent_of_short = "pack" if c.pack.steps > 0 else None
+  parent_of_pretrain = "short" if c.short.steps > 0 else parent_of_short
   return {
-    "short": ("dense", {}, None, "dense"),
+    "pack": ("dense", {}, None, "dense"),
+    "short": ("dense", {}, parent_of_short, "dense"),
     "pretrain": ("dense", {}, parent_of_pretrain, "dense"),
     "dense": ("dense", {}, "pretrain", "dense"),
     "warmup": ("warmup", {}, "pretrain", "dense"),
@@ -81,6 +97,8 @@ def plan(c, stage: str):
 
 def stage_steps(c, stage: str) -> int:
   s = c.steps
+  if stage == "pack":
+    return c.pack.steps
   if stage == "short":
     return c.short.steps
   if stage == "pretrain":
@@ -99,18 +117,27 @@ def stage_config(c, stage: str, workdir: str, steps: int | None = None) -> train
   """The TrainConfig of a stage; `steps` (pretrain chunks) below the stage's schedule length."""
   phase_name, over, parent, _ = plan(c, stage)
   total = stage_steps(c, stage)
-  short = stage == "short"
-  seed = c.seed + {"short": 0, "pretrain": 1, "dsa": 3}.get(stage, 2)  # branches: the same data
+  # branches: the same data
+  seed = c.seed + {"short": 0, "pretrain": 1, "dsa": 3, "pack": 4}.get(stage, 2)
+  sub = {"short": c.short, "pack": c.pack}.get(stage)
   d = data.DataConfig(
-    source="retrieval",
-    seq_len=c.short.seq_len if short else c.seq_len,
-    batch_size=c.short.batch_size if short else c.batch_size,
+    source="retrieval_packed" if stage == "pack" else "retrieval",
+    seq_len=sub.seq_len if sub else c.seq_len,
+    batch_size=sub.batch_size if sub else c.batch_size,
     seed=seed,
-    mqar_pairs=c.short.pairs if short else c.data.pairs,
+    mqar_pairs=sub.pairs if sub else c.data.pairs,
     retrieval_min_distance=c.data.min_distance,
     retrieval_text_weight=c.data.text_weight,
+    retrieval_keys=c.pack.keys if stage == "pack" else 0,
+    retrieval_values=c.pack.values if stage == "pack" else 0,
   )
-  lr = {"short": c.lr.short, "pretrain": c.lr.pretrain, "warmup": c.lr.warmup, "dsa": c.lr.sparse}
+  lr = {
+    "pack": c.lr.pack,
+    "short": c.lr.short,
+    "pretrain": c.lr.pretrain,
+    "warmup": c.lr.warmup,
+    "dsa": c.lr.sparse,
+  }
   o = optim.OptimConfig(
     lr=lr.get(stage, c.lr.branch),
     warmup_steps=max(1, total // 20),
@@ -173,8 +200,8 @@ def _record(c, stage: str, workdir: str, r: dict, wall: float, extra: dict | Non
 def run_stage(c, stage: str, workdir: str):
   if stage == "pretrain":
     return run_pretrain(c, workdir)
-  if stage == "short" and c.short.steps <= 0:
-    print("[short] steps=0: skipped")
+  if stage in ("short", "pack") and stage_steps(c, stage) <= 0:
+    print(f"[{stage}] steps=0: skipped")
     return None
   path = os.path.join(workdir, f"stage_{stage}.json")
   if os.path.exists(path):  # finished: keep its record (a resumed run would report no metrics)
@@ -453,6 +480,7 @@ def report(c, workdir: str, results_dir: str) -> dict:
       "batch_size": c.batch_size,
       "pairs": c.data.pairs,
       "text_weight": c.data.text_weight,
+      "pack": dict(c.pack),
       "short": dict(c.short),
       "pretrain": dict(c.pretrain),
       "steps": dict(c.steps),

@@ -33,6 +33,8 @@ SIZES = {
     batch_size=8,
     pairs=32,
     text_weight=0.05,
+    # packed rows (no filler), 8 keys x 8 values: 24 answers a row of 64 (WORKSPACE.md, session 3)
+    pack=dict(seq_len=64, batch_size=256, pairs=8, keys=8, values=8, steps=4000),
     short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
     pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=6.0),
     steps=dict(warmup=60, sparse=240),
@@ -44,6 +46,7 @@ SIZES = {
     batch_size=2,
     pairs=8,
     text_weight=0.05,
+    pack=dict(seq_len=64, batch_size=2, pairs=4, keys=8, values=8, steps=2),
     short=dict(seq_len=128, batch_size=2, pairs=4, steps=0),  # skipped: one compile less
     pretrain=dict(chunk=2, max_steps=4, gate=0.95, max_minutes=5.0),
     steps=dict(warmup=1, sparse=2),
@@ -76,7 +79,10 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(
     dict(pairs=s["pairs"], min_distance=8, text_weight=s["text_weight"])
   )
-  # the curriculum's first stage: dense at a short length (steps=0 skips it)
+  # the curriculum's first stage: dense on rows packed with pairs and queries (no filler), keys /
+  # values from the first `keys` / `values` symbols (steps=0 skips it)
+  c.pack = ml_collections.ConfigDict(s["pack"])
+  # then dense at a short length over text filler (steps=0 skips it)
   c.short = ml_collections.ConfigDict(s["short"])
   # dense pretraining at seq_len in chunks; stops when the held-out accuracy of every bucket
   # reaches `gate`, or at max_steps, or after max_minutes (checked after each chunk)
@@ -85,7 +91,7 @@ def get_config(arg=None):
   # run warmup + sparse steps; DSA runs `warmup` (indexer only) then `sparse`
   c.steps = ml_collections.ConfigDict(s["steps"])
   c.lr = ml_collections.ConfigDict(
-    dict(short=3e-3, pretrain=2e-3, branch=1e-3, warmup=3e-3, sparse=1e-3)
+    dict(pack=3e-3, short=3e-3, pretrain=2e-3, branch=1e-3, warmup=3e-3, sparse=1e-3)
   )
   c.random_mode = "random"  # or "random_local": half the budget the last keys
   # distance buckets: topk·lo_frac, doubling, up to the row (retrieval_data.bucket_edges)

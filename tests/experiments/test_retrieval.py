@@ -160,6 +160,42 @@ def test_training_rows_source():
     data.DataConfig(source="retrieval", retrieval_min_distance=2)
 
 
+def test_packed_rows_answer_every_query_from_its_pair():
+  rng = np.random.default_rng(3)
+  for seq_len, pairs, keys, values in [(64, 8, 8, 8), (256, 32, 128, 0), (65, 1, 1, 1)]:
+    toks, mask = retrieval_data.packed_row(rng, seq_len, pairs, keys, values)
+    assert toks.shape == mask.shape == (seq_len,)
+    n_seg = seq_len // 2
+    pair_val = {}
+    for s_ in range(n_seg):
+      k, v = int(toks[2 * s_]), int(toks[2 * s_ + 1])
+      assert retrieval_data.KEY_BASE <= k < retrieval_data.KEY_BASE + keys
+      assert v in retrieval_data.VALUES[: values or len(retrieval_data.VALUES)]
+      assert mask[2 * s_] == 0
+      if k in pair_val:  # a query: scored, and answered by its pair's value
+        assert mask[2 * s_ + 1] == 1 and v == pair_val[k]
+      else:  # the pair: not scored
+        assert mask[2 * s_ + 1] == 0
+        pair_val[k] = v
+    assert len(pair_val) == pairs and mask.sum() == n_seg - pairs
+    assert (mask[2 * n_seg :] == 0).all()
+  with pytest.raises(ValueError, match="n_pairs"):
+    retrieval_data.packed_row(rng, 64, 9, n_keys=8)
+  cfg = data.DataConfig(
+    source="retrieval_packed",
+    seq_len=64,
+    batch_size=4,
+    mqar_pairs=8,
+    retrieval_keys=8,
+    retrieval_values=4,
+  )
+  b = data.batch(cfg, 0)
+  np.testing.assert_array_equal(b["tokens"], data.batch(cfg, 0)["tokens"])
+  assert ((b["loss_mask"] == 1).sum(1) == 24).all()
+  assert set(np.unique(b["tokens"][:, 0::2])) <= set(range(128, 136))
+  assert set(np.unique(b["tokens"][:, 1::2])) <= set(retrieval_data.VALUES[:4].tolist())
+
+
 # ------------------------------------------------------------------------------------- launcher
 @pytest.fixture(scope="module")
 def launcher(load_launcher):
@@ -186,6 +222,26 @@ def test_analyse_hits_of_window_and_indexer(launcher):
   assert res["correct"].shape == rows["distance"].shape and np.isfinite(res["nll"]).all()
   sp = retrieval.analyse_rows(m, "sparse", rows, batch=2)
   assert ((sp["recall_probe"] > 0) & (sp["recall_probe"] <= 1 + 1e-5)).all()
+
+
+def test_curriculum_chain(launcher, tmp_path):
+  """pack -> short -> pretrain: each stage starts from the one before; a stage with 0 steps is
+  skipped and the next starts from the one before it."""
+  retrieval, c = launcher
+  c = c.copy_and_resolve_references()
+  c.short.steps = 3
+  assert retrieval.plan(c, "pack")[2] is None and retrieval.plan(c, "short")[2] == "pack"
+  assert retrieval.plan(c, "pretrain")[2] == "short"
+  cfg = retrieval.stage_config(c, "pack", str(tmp_path))
+  assert cfg.data.source == "retrieval_packed" and cfg.data.retrieval_keys == c.pack.keys
+  assert cfg.data.seq_len == c.pack.seq_len and cfg.optim.lr == c.lr.pack
+  assert retrieval.stage_config(c, "short", str(tmp_path)).ckpt.init_from == str(tmp_path / "pack")
+  sc = retrieval.stage_config(c, "pretrain", str(tmp_path))
+  assert sc.data.source == "retrieval" and sc.data.retrieval_keys == 0
+  c.short.steps = 0
+  assert retrieval.plan(c, "pretrain")[2] == "pack"
+  c.pack.steps = 0
+  assert retrieval.plan(c, "pretrain")[2] is None
 
 
 def test_criterion_reads_the_buckets(launcher):
