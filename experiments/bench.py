@@ -3,6 +3,7 @@ r"""Benchmarks (docs/benchmarks.md: suites, protocol, result format). One comman
 
   python -m experiments.bench --suite=S1,S2,S3 [--out=experiments/results/sparse_mla.json]
   python -m experiments.bench --suite=I1,T1,E1 [--small]
+  python -m experiments.bench --suite=E1_V4 [--small]         # DeepSeek-V4 CSA layer
 
 Each suite module registers `SUITES = {id: fn(small: bool) -> list[row]}`; rows follow the
 result format of docs/benchmarks.md and carry the baseline measured in the same run.
@@ -27,6 +28,7 @@ _MODULES = {
   "I1": "experiments.bench_indexer",
   "T1": "experiments.bench_indexer",
   "E1": "experiments.bench_indexer",
+  "E1_V4": "experiments.bench_v4",
   **dict.fromkeys(("D1", "COST"), "experiments.bench_decode"),
   "M1": "experiments.bench_train",
   **dict.fromkeys(

@@ -118,11 +118,17 @@ def logits_fp8(
   block_sizes: BlockSizes,
   causal: bool = True,
   q_offset: int | None = None,
+  ratio: int = 1,
   interpret=None,
 ):
   """q8 [B,T,64,128] e4m3, k8 [B,S,128] e4m3, wq [B,T,64] f32, ks [B,S] f32 -> [B,T,S] f32.
 
-  Query t sits at key position q_offset + t (default S - T: the queries are the last T keys).
+  Query t sits at position p = q_offset + t (default S - T: the queries are the last T keys).
+  causal: key s is scored iff s < (p + 1) // ratio, -inf otherwise. ratio=1 is the token-level
+  causal rule (s <= p); ratio=m > 1 is DeepSeek-V4's block-causal rule over compressed entries of
+  m tokens each (entry s is complete once token (s+1)·m − 1 is seen), with q_offset then
+  defaulting to 0 (the queries are tokens 0..T-1). Key blocks wholly past a CTA's last query's
+  bound are skipped (written -inf) in both cases.
   """
   b, t, j, d = q8.shape
   s = k8.shape[1]
@@ -131,12 +137,31 @@ def logits_fp8(
     raise ValueError(f"fp8 kernel needs J={HEADS}, D={DIM}; got J={j}, D={d}")
   if t % bq or s % bk:
     raise ValueError(f"T={t} % block_q={bq} and S={s} % block_k={bk} must be 0")
-  off = s - t if q_offset is None else q_offset
+  if ratio < 1:
+    raise ValueError(f"ratio={ratio} must be >= 1")
+  off = (s - t if ratio == 1 else 0) if q_offset is None else q_offset
   impl = _logits_keys_m if block_sizes.variant == "keys_m" else _logits_heads_m
-  return impl(q8, k8, wq, ks, block_sizes, causal, off, interpret)
+  return impl(q8, k8, wq, ks, block_sizes, causal, off, interpret, ratio)
 
 
-def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
+def _live_blocks(off, q0, bq, bk, nk, ratio):
+  """Key blocks holding a key visible to some query of the CTA (its last query has the most)."""
+  if ratio == 1:
+    return jnp.minimum(pl.cdiv(off + q0 + bq, bk), nk)
+  # at least one: heads_m issues block 0's TMA before its loop (a block with no visible key is
+  # scored and masked, e.g. the first CTAs when ratio > block_q)
+  return jnp.clip(pl.cdiv((off + q0 + bq) // ratio, bk), 1, nk)
+
+
+def _visible(kpos, pos, ratio):
+  """Key ids kpos (vector) visible to the query at position pos (scalar): s < (pos+1)//ratio,
+  written s·ratio + ratio − 1 <= pos so the vector side needs no division."""
+  if ratio == 1:
+    return kpos <= pos
+  return kpos * ratio + (ratio - 1) <= pos
+
+
+def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret, ratio=1):
   b, t, j, d = q8.shape
   s = k8.shape[1]
   bq, bk = block_sizes.block_q, block_sizes.block_k
@@ -162,7 +187,7 @@ def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
     qi = jax.lax.axis_index("q")
     q0 = qi * bq
     if causal:
-      n_live = jnp.minimum(pl.cdiv(off + q0 + bq, bk), nk)
+      n_live = _live_blocks(off, q0, bq, bk, nk, ratio)
     else:
       n_live = jnp.int32(nk)
 
@@ -201,7 +226,7 @@ def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
         r = jnp.maximum(z, 0.0) * jax.lax.broadcast_in_dim(wv, (j, bk), [0])
         v = jnp.sum(r, axis=0) * ksv
         if causal:
-          v = jnp.where(kpos <= off + q0 + ti, v, -jnp.inf)
+          v = jnp.where(_visible(kpos, off + q0 + ti, ratio), v, -jnp.inf)
         o_smem[slot, ti] = v
         return c
 
@@ -246,7 +271,7 @@ def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
   return kern(q2, k8, wq.astype(jnp.float32), ks.astype(jnp.float32))
 
 
-def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
+def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret, ratio=1):
   """Keys on wgmma M: acc[mk keys, nq·64] = k8_tile @ q8[nq queries·64 heads]^T per query group.
 
   Warp specialised: warpgroup `nwg` (the producer) loads the CTA's q/w tiles once and streams key
@@ -270,7 +295,7 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
     wg = jax.lax.axis_index("wg")
     q0 = qi * bq
     if causal:
-      n_live = jnp.minimum(pl.cdiv(off + q0 + bq, bk), nk)
+      n_live = _live_blocks(off, q0, bq, bk, nk, ratio)
     else:
       n_live = jnp.int32(nk)
 
@@ -313,8 +338,10 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret):
         for i in range(nq):
           v = jnp.sum(r[:, i * j : (i + 1) * j], axis=1) * ksv
           # the select also pins v's layout: without it Mosaic's layout inference fails (H200)
-          lim = off + q0 + g * nq + i if causal else jnp.int32(2**30)
-          v = jnp.where(kpos <= lim, v, -jnp.inf)
+          if causal:
+            v = jnp.where(_visible(kpos, off + q0 + g * nq + i, ratio), v, -jnp.inf)
+          else:
+            v = jnp.where(kpos <= jnp.int32(2**30), v, -jnp.inf)
           o_smem[wg, oslot, g * nq + i] = v
 
       def kv_step(kb, carry):

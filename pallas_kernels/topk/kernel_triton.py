@@ -388,6 +388,7 @@ def bucket_widths(s: int, block_k: int, chunk: int, num_buckets: int) -> list[in
     "select_block_sizes",
     "num_buckets",
     "interpret",
+    "ratio",
   ),
 )
 def indexer_topk_blocked(
@@ -402,6 +403,7 @@ def indexer_topk_blocked(
   num_buckets: int = 8,
   interpret=False,
   offset=None,
+  ratio: int = 1,
 ):
   """Causal indexer top-k [B,T,topk] int32: FP8 logits kernel + select kernel per query block.
 
@@ -417,25 +419,45 @@ def indexer_topk_blocked(
   offset: global position of query 0 (default S - T: the queries are the last T keys). It may be
   traced (a context-parallel shard's start); then no key bound is static, so every block scores
   all S keys (one kernel shape) and only the select is limited by the rows' lengths.
+
+  ratio: keys are compressed entries of `ratio` tokens (DeepSeek-V4 CSA, ratio 4): the query at
+  position p sees keys j < (p + 1) // ratio, never a partial block, and offset defaults to 0
+  (the queries are tokens 0..T-1). Only the rows' lengths and the buckets' key bounds change;
+  ratio=1 is the token-level rule above. Any T and S: they are padded here to the logits kernel's
+  block_q / block_k (padded keys lie past every row's length, padded queries are dropped).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
   from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik  # noqa: PLC0415
 
-  b, t, s = q.shape[0], q.shape[1], k.shape[1]
-  lbs = logits_block_sizes or lik.BlockSizes.default_for(block_t, s)
+  if ratio < 1:
+    raise ValueError(f"ratio={ratio} must be >= 1")
+  b, t, s_keys = q.shape[0], q.shape[1], k.shape[1]
+  lbs = logits_block_sizes or lik.BlockSizes.default_for(block_t, s_keys)
+  t_run = _cdiv(t, lbs.block_q) * lbs.block_q  # no-ops for the shapes the V3.2 op admits
+  s = _cdiv(s_keys, lbs.block_k) * lbs.block_k
+  if t_run != t:
+    q = jnp.pad(q, ((0, 0), (0, t_run - t), (0, 0), (0, 0)))
+    w = jnp.pad(w, ((0, 0), (0, t_run - t), (0, 0)))
+  if s != s_keys:
+    k = jnp.pad(k, ((0, 0), (0, s - s_keys), (0, 0)))
   sbs = select_block_sizes or BlockSizes.default_for(s)
   q8, k8, wq, ks = lik.prepare_fp8(q, k, w)
   if offset is None:
-    off = s - t
+    off = s_keys - t if ratio == 1 else 0
     widths = bucket_widths(s, lbs.block_k, sbs.chunk, num_buckets)
   else:
     off = jnp.asarray(offset, jnp.int32)
     widths = [s]
   lint = plgpu.InterpretGPUParams() if interpret else None
 
+  def bound(end):  # keys visible to the query at position end - 1
+    return end if ratio == 1 else end // ratio
+
   def width_for(need):
-    return widths[-1] if offset is not None else next(x for x in widths if x >= need)
+    if offset is not None:
+      return widths[-1]
+    return next(x for x in widths if x >= min(need, s))
 
   def one_block(t0, n, width):  # t0 may be traced; n and width are static
     logits = lik.logits_fp8(
@@ -448,22 +470,26 @@ def indexer_topk_blocked(
       q_offset=0,
       interpret=lint,
     )
-    lengths = jnp.tile(off + t0 + 1 + jnp.arange(n, dtype=jnp.int32), b)
+    lengths = bound(off + t0 + 1 + jnp.arange(n, dtype=jnp.int32))
+    if ratio != 1 or s != s_keys:  # never past the real keys (V3.2's bound is <= S already)
+      lengths = jnp.minimum(lengths, s_keys)
+    lengths = jnp.tile(lengths, b)
     idx = select_topk(
       logits.reshape(b * n, width), lengths, k=topk, block_sizes=sbs, interpret=interpret
     )
     return idx.reshape(b, n, topk)
 
   groups = {}  # width -> starts of its full blocks (consecutive: widths grow with t0)
-  for t0 in range(0, t - t % block_t, block_t):
-    groups.setdefault(width_for(off + t0 + block_t), []).append(t0)
+  for t0 in range(0, t_run - t_run % block_t, block_t):
+    groups.setdefault(width_for(bound(off + t0 + block_t)), []).append(t0)
   outs = []
   for width, starts in groups.items():
     res = jax.lax.map(
       lambda t0, width=width: one_block(t0, block_t, width), jnp.asarray(starts, jnp.int32)
     )
     outs.append(jnp.moveaxis(res, 0, 1).reshape(b, len(starts) * block_t, topk))
-  if t % block_t:
-    t0 = t - t % block_t
-    outs.append(one_block(t0, t % block_t, width_for(s)))
-  return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+  if t_run % block_t:
+    t0 = t_run - t_run % block_t
+    outs.append(one_block(t0, t_run % block_t, width_for(s)))
+  out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+  return out[:, :t] if t_run != t else out

@@ -14,8 +14,10 @@ kernels (pallas_kernels/sparse_mla/ops.py, backend "gpu" or "tpu") and folds the
   the row buffer [raw rows ; compressed entries], so one kernel call serves both sets.
 
 `indexer_kl`'s warm-up (every visible entry) runs on the dense-KL Pallas-Triton kernels with the
-block-causal rule (ratio m); its sparse stage, and `compressed_topk`, run their references with
-impl="pallas" until they have kernels.
+block-causal rule (ratio m); its sparse stage runs its reference with impl="pallas" until it has a
+kernel. `compressed_topk` and `compressed_indexer_logits` run on the V3.2 GPU indexer kernels
+(Mosaic GPU FP8 logits with a ratio-m causal bound, the Triton select with per-row lengths
+(t+1)//m) where they take the shape (J 64, D 128, backend "gpu"), else their references.
 """
 
 import jax
@@ -179,12 +181,75 @@ def v4_attention(
   return _kernel_sink_attention(q, rows, buf, sink, scale, interpret, backend, config)
 
 
-def compressed_topk(q, k, w, *, ratio, topk, block_t=512, impl="reference"):
+def _indexer_kernels(q, k, w, ratio, backend, interpret, what) -> bool:
+  """Whether the V3.2 GPU indexer kernels take a compressed-key call (see compressed_topk)."""
+  if q.ndim != 4 or k.ndim != 3 or w.shape != q.shape[:3] or k.shape[-1] != q.shape[-1]:
+    raise ValueError(
+      f"expected q [B,T,J,D], k [B,U,D], w [B,T,J]; got {q.shape}, {k.shape}, {w.shape}"
+    )
+  if ratio < 1:
+    raise ValueError(f"ratio={ratio} must be >= 1")
+  from pallas_kernels.lightning_indexer import kernel_mosaic_gpu  # noqa: PLC0415
+
+  backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+  why = None
+  if backend != "gpu":
+    why = f"backend={backend!r} (the V4 indexer kernels are the GPU ones)"
+  elif q.shape[2:] != (kernel_mosaic_gpu.HEADS, kernel_mosaic_gpu.DIM):
+    why = f"J, D = {q.shape[2:]}; the FP8 kernel takes ({kernel_mosaic_gpu.HEADS}, {kernel_mosaic_gpu.DIM})"
+  if why is not None and interpret:
+    raise ValueError(f"{what} kernels requested (interpret) but not taken: {why}")
+  return why is None
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def compressed_topk(
+  q, k, w, *, ratio, topk, block_t=512, impl="reference", interpret=False, backend=None
+):
   """Block-causal top-k over compressed indexer keys: idx [B,T,topk] int32, -1 padded.
 
-  No kernel yet: impl="pallas" runs the reference."""
+  q [B,T,J,D] (queries = tokens 0..T-1), k [B,U,D] (compressed keys), w [B,T,J]. Query t takes
+  min(topk, (t+1)//m) entries among j < (t+1)//m (never a partial block), ties to the lower id.
+  impl="reference": slots in descending score order (reference.compressed_indexer_topk).
+  impl="pallas": the V3.2 GPU kernels per query block (topk.kernel_triton.indexer_topk_blocked
+  with ratio=m: the Mosaic GPU FP8 logits kernel, non-causal over the block's key bucket, then
+  the threshold select with per-row lengths (t+1)//m). The same index set as the reference, slots
+  in ascending entry order, -1 last (the V3.2 pallas convention). q and k are re-quantised to
+  1x128 e4m3 inside, exact for FP8 fake-quantised inputs (docs/dsa.md §Indexer). Any T and U
+  (padded to the kernels' tiles inside); block_t is rounded up to a multiple of 16.
+  interpret=True runs the kernels on CPU. Shapes the FP8 kernel does not take (J != 64 or
+  D != 128) and backend="tpu" run the reference, unless interpret asks for the kernels (raises).
+  """
   _impl(impl)
-  return reference.compressed_indexer_topk(q, k, w, ratio=ratio, topk=topk, block_t=block_t)
+  if topk <= 0:
+    raise ValueError(f"topk={topk} must be positive")
+  b, t = q.shape[:2]
+  if impl == "reference" or not _indexer_kernels(
+    q, k, w, ratio, backend, interpret, "compressed_topk"
+  ):
+    return reference.compressed_indexer_topk(q, k, w, ratio=ratio, topk=topk, block_t=block_t)
+  u = k.shape[1]
+  if u == 0 or t < ratio:  # nothing is visible yet
+    return jnp.full((b, t, topk), -1, jnp.int32)
+  from pallas_kernels.lightning_indexer import kernel_mosaic_gpu  # noqa: PLC0415
+  from pallas_kernels.topk import kernel_triton as topk_kernel  # noqa: PLC0415
+
+  bt = min(_round_up(block_t, 16), _round_up(t, 16))
+  lbs = kernel_mosaic_gpu.BlockSizes.default_for(bt, _round_up(u, 128))
+  q, k, w = jax.lax.stop_gradient((q, k, w))  # indices carry no gradient; kernels have no VJP
+  return topk_kernel.indexer_topk_blocked(
+    q,
+    k,
+    w,
+    topk=topk,
+    block_t=bt,
+    logits_block_sizes=lbs,
+    interpret=bool(interpret),
+    ratio=ratio,
+  )
 
 
 def indexer_kl(
@@ -255,4 +320,39 @@ def teacher_recall(q, ckv, lse, idx, *, ratio, scale, block_t=512):
   return reference.v4_teacher_recall(q, ckv, lse, idx, ratio=ratio, scale=scale, block_t=block_t)
 
 
-compressed_indexer_logits = reference.compressed_indexer_logits
+def compressed_indexer_logits(q, k, w, ratio, *, impl="reference", interpret=False, backend=None):
+  """I [B,T,U] f32 over compressed keys, -inf where j >= (t+1)//m (small shapes / query blocks).
+
+  impl="pallas": the Mosaic GPU FP8 logits kernel with its block-causal bound (ratio=m; T, U
+  padded to its tiles inside); the same fallbacks as compressed_topk.
+  """
+  _impl(impl)
+  if impl == "reference" or not _indexer_kernels(
+    q, k, w, ratio, backend, interpret, "compressed_indexer_logits"
+  ):
+    return reference.compressed_indexer_logits(q, k, w, ratio)
+  from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as lik  # noqa: PLC0415
+
+  b, t = q.shape[:2]
+  u = k.shape[1]
+  if u == 0:
+    return jnp.zeros((b, t, 0), jnp.float32)
+  tp, up = _round_up(t, 16), _round_up(u, 128)
+  q, k, w = jax.lax.stop_gradient((q, k, w))
+  q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  w = jnp.pad(w, ((0, 0), (0, tp - t), (0, 0)))
+  k = jnp.pad(k, ((0, 0), (0, up - u), (0, 0)))
+  interp = None
+  if interpret:
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    interp = plgpu.InterpretGPUParams()
+  out = lik.logits_fp8(
+    *lik.prepare_fp8(q, k, w),
+    block_sizes=lik.BlockSizes.default_for(tp, up),
+    causal=True,
+    q_offset=0,
+    ratio=ratio,
+    interpret=interp,
+  )
+  return out[:, :t, :u]
