@@ -72,6 +72,10 @@ class DataConfig:
       raise ValueError(
         "DataConfig.retrieval_min_distance must be >= 5, retrieval_max_distance >= 0"
       )
+    if not (isinstance(self.retrieval_keys, int) and isinstance(self.retrieval_values, int)) or (
+      self.retrieval_keys < 0 or self.retrieval_values < 0
+    ):
+      raise ValueError("DataConfig.retrieval_keys / retrieval_values must be integers >= 0")
     if self.passkey_share + self.mqar_share > 1.0:
       raise ValueError("DataConfig.passkey_share + mqar_share must be <= 1")
     if self.source == "dir" and not (self.path and os.path.isdir(self.path)):

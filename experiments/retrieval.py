@@ -128,8 +128,8 @@ def stage_config(c, stage: str, workdir: str, steps: int | None = None) -> train
     mqar_pairs=sub.pairs if sub else c.data.pairs,
     retrieval_min_distance=c.data.min_distance,
     retrieval_text_weight=c.data.text_weight,
-    retrieval_keys=c.pack.keys if stage == "pack" else 0,
-    retrieval_values=c.pack.values if stage == "pack" else 0,
+    retrieval_keys=c.pack.n_keys if stage == "pack" else 0,
+    retrieval_values=c.pack.n_values if stage == "pack" else 0,
   )
   lr = {
     "pack": c.lr.pack,

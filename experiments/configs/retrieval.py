@@ -17,6 +17,10 @@ then at L=8192 until the held-out gate (every bucket >= 0.95) or the step / minu
 32 queries per row x 8 rows = 512 answer bytes per step; the filler text weighs 0.05 so that
 LM loss on the corpus is trained too without drowning the answers (~8K x 0.05 = 400 vs 64 per
 row).
+Session 3 (WORKSPACE.md): MQAR over filler sat at chance on the GPU and on CPU; the curriculum
+now starts with `pack`: rows of pairs and queries only (no filler, 24 answers a row of 64) over 8
+keys x 8 values, the setting where a plain 2-layer transformer left the chance plateau on CPU
+(the tiny MLA model did not within 1500 CPU steps; the GPU affords thousands).
 size=cpu: the same pipeline at L=256, k=32, a tiny model, a few steps per stage (the test).
 """
 
@@ -34,7 +38,7 @@ SIZES = {
     pairs=32,
     text_weight=0.05,
     # packed rows (no filler), 8 keys x 8 values: 24 answers a row of 64 (WORKSPACE.md, session 3)
-    pack=dict(seq_len=64, batch_size=256, pairs=8, keys=8, values=8, steps=4000),
+    pack=dict(seq_len=64, batch_size=256, pairs=8, n_keys=8, n_values=8, steps=4000),
     short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
     pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=6.0),
     steps=dict(warmup=60, sparse=240),
@@ -46,7 +50,7 @@ SIZES = {
     batch_size=2,
     pairs=8,
     text_weight=0.05,
-    pack=dict(seq_len=64, batch_size=2, pairs=4, keys=8, values=8, steps=2),
+    pack=dict(seq_len=64, batch_size=2, pairs=4, n_keys=8, n_values=8, steps=2),
     short=dict(seq_len=128, batch_size=2, pairs=4, steps=0),  # skipped: one compile less
     pretrain=dict(chunk=2, max_steps=4, gate=0.95, max_minutes=5.0),
     steps=dict(warmup=1, sparse=2),
@@ -80,7 +84,7 @@ def get_config(arg=None):
     dict(pairs=s["pairs"], min_distance=8, text_weight=s["text_weight"])
   )
   # the curriculum's first stage: dense on rows packed with pairs and queries (no filler), keys /
-  # values from the first `keys` / `values` symbols (steps=0 skips it)
+  # values from the first `n_keys` / `n_values` symbols (steps=0 skips it)
   c.pack = ml_collections.ConfigDict(s["pack"])
   # then dense at a short length over text filler (steps=0 skips it)
   c.short = ml_collections.ConfigDict(s["short"])

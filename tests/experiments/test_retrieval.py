@@ -191,6 +191,8 @@ def test_packed_rows_answer_every_query_from_its_pair():
   )
   b = data.batch(cfg, 0)
   np.testing.assert_array_equal(b["tokens"], data.batch(cfg, 0)["tokens"])
+  with pytest.raises(ValueError, match="retrieval_keys"):
+    data.DataConfig(source="retrieval_packed", retrieval_keys=-1)
   assert ((b["loss_mask"] == 1).sum(1) == 24).all()
   assert set(np.unique(b["tokens"][:, 0::2])) <= set(range(128, 136))
   assert set(np.unique(b["tokens"][:, 1::2])) <= set(retrieval_data.VALUES[:4].tolist())
@@ -233,7 +235,7 @@ def test_curriculum_chain(launcher, tmp_path):
   assert retrieval.plan(c, "pack")[2] is None and retrieval.plan(c, "short")[2] == "pack"
   assert retrieval.plan(c, "pretrain")[2] == "short"
   cfg = retrieval.stage_config(c, "pack", str(tmp_path))
-  assert cfg.data.source == "retrieval_packed" and cfg.data.retrieval_keys == c.pack.keys
+  assert cfg.data.source == "retrieval_packed" and cfg.data.retrieval_keys == c.pack.n_keys == 8
   assert cfg.data.seq_len == c.pack.seq_len and cfg.optim.lr == c.lr.pack
   assert retrieval.stage_config(c, "short", str(tmp_path)).ckpt.init_from == str(tmp_path / "pack")
   sc = retrieval.stage_config(c, "pretrain", str(tmp_path))
