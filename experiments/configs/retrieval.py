@@ -20,7 +20,7 @@ row).
 Session 3 (WORKSPACE.md): MQAR over filler sat at chance on the GPU and on CPU; the curriculum
 now starts with `pack`: rows of pairs and queries only (no filler, 24 answers a row of 64) over 8
 keys x 8 values, the setting where a plain 2-layer transformer left the chance plateau on CPU
-(the tiny MLA model did not within 1500 CPU steps; the GPU affords thousands).
+(the tiny MLA model only after ~3000 CPU steps; the GPU affords many thousands).
 size=cpu: the same pipeline at L=256, k=32, a tiny model, a few steps per stage (the test).
 """
 
@@ -38,7 +38,7 @@ SIZES = {
     pairs=32,
     text_weight=0.05,
     # packed rows (no filler), 8 keys x 8 values: 24 answers a row of 64 (WORKSPACE.md, session 3)
-    pack=dict(seq_len=64, batch_size=256, pairs=8, n_keys=8, n_values=8, steps=4000),
+    pack=dict(seq_len=64, batch_size=256, pairs=8, n_keys=8, n_values=8, steps=8000),
     short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
     pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=6.0),
     steps=dict(warmup=60, sparse=240),
