@@ -135,29 +135,18 @@ def _layer_fns(s, interp, bt, scale):
     )
     return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(kl)
 
-  return select, attn_loss, layer
+  return select, attend, attn_loss, layer
 
 
 def _parts(x, s, interp, bt, scale, iters):
-  select, attn_loss, _ = _layer_fns(s, interp, bt, scale)
+  select, attend, attn_loss, _ = _layer_fns(s, interp, bt, scale)
   sel = jax.jit(select)
   idx = sel(x["qi"], x["ki"], x["wi"])
   attn = jax.jit(jax.grad(attn_loss, (0, 1, 2, 3)))
   a = (x["q"], x["kv"], x["ckv"], x["sink"], idx, x["do"])
 
   def kl_loss(qi, ki, wi, q, ckv, sink, idx, kv):
-    lse = v4_ops.v4_attention(
-      q,
-      kv,
-      sink,
-      scale=scale,
-      window=s["window"],
-      ckv=ckv,
-      ratio=RATIO,
-      idx=idx,
-      impl="pallas",
-      interpret=interp,
-    )[1]
+    lse = attend(q, kv, ckv, sink, idx)[1]
     kl = v4_ops.indexer_kl(
       qi, ki, wi, q, ckv, lse, ratio=RATIO, scale=scale, idx=idx, impl="pallas", block_t=bt
     )
@@ -183,7 +172,7 @@ def _equal_work_row(l, s, small, scale, iters):
   n_vis = (np.arange(l) + 1) // RATIO
   ids = rng.integers(0, np.maximum(n_vis, 1)[:, None], (l, s["topk"]))
   idx = jnp.asarray(np.where(np.arange(s["topk"])[None] < n_vis[:, None], ids, -1)[None], jnp.int32)
-  _, attn_loss, _ = _layer_fns(s, interp, l, scale)
+  _, _, attn_loss, _ = _layer_fns(s, interp, l, scale)
   ours = jax.jit(jax.grad(attn_loss, (0, 1, 2, 3)))
   t = bc.time_fn(ours, x["q"], x["kv"], x["ckv"], x["sink"], idx, x["do"], warmup=1, iters=iters)
   w = min(s["window"], l)
@@ -257,7 +246,7 @@ def suite_e1_v4(small: bool):
     try:
       x = _inputs(l, s)
       bt = min(l, 2048)
-      _, _, layer = _layer_fns(s, interp, bt, scale)
+      _, _, _, layer = _layer_fns(s, interp, bt, scale)
       ours = jax.jit(jax.grad(layer, (0, 1, 2, 3, 4, 5, 6)))
       args = [x[n] for n in ("q", "kv", "ckv", "sink", "qi", "ki", "wi", "do")]
       t = bc.time_fn(ours, *args, warmup=1, iters=iters)

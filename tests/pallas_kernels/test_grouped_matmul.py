@@ -13,6 +13,7 @@ from flax import nnx
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import _testing
 from pallas_kernels._testing import export_cuda, rel_err
 from pallas_kernels.grouped_matmul import kernel_triton, ops, reference
 
@@ -199,18 +200,7 @@ def test_export_cuda_v32_shapes(monkeypatch):
   expert shapes: 6 Triton calls (2 gmm, 2 dlhs, 2 tgmm), each Triton module passes the MLIR
   verifier, and no tensor in the module is bigger than [M, D] (ragged_dot's GPU lowering holds
   [E, M, *])."""
-  # export serialises the Triton modules unverified; a type error (an scf.for bound of type i1
-  # from a weak-typed literal in jnp.where) surfaced only in Triton's own compiler. Private hook.
-  from jax._src.pallas.triton import pallas_call_registration as reg  # noqa: PLC0415
-
-  verified, lower = [], reg.lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*a, **kw):
-    out = lower(*a, **kw)
-    verified.append(out.module.operation.verify())
-    return out
-
-  monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  verified = _testing.verify_triton_modules(monkeypatch)
   e, m, k, n = V32["e"], V32["m"], V32["k"], V32["n"]
   sds = jax.ShapeDtypeStruct
   f32 = jnp.dtype(jnp.float32)

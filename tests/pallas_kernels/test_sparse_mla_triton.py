@@ -82,16 +82,7 @@ def _export_cuda(f, *avals):
 def test_export_cuda_v32_shapes(monkeypatch):
   """The probabilities lower for cuda at V3.2 dims (128 heads, 576 = 512 + 64, k = 2048) through
   the op (as on a GPU), the Triton module passing the MLIR verifier."""
-  from jax._src.pallas.triton import pallas_call_registration as reg  # noqa: PLC0415
-
-  verified, lower = [], reg.lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*a, **kw):
-    out = lower(*a, **kw)
-    verified.append(out.module.operation.verify())
-    return out
-
-  monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  verified = _testing.verify_triton_modules(monkeypatch)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   b, t, s, h, k = 2, 256, 4096, 128, 2048
   sds = jax.ShapeDtypeStruct
