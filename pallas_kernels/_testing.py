@@ -42,20 +42,3 @@ def export_cuda(f, *avals, device_kind: str = "NVIDIA H100"):
       platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
     )(*avals)
-
-
-def verify_triton_modules(monkeypatch) -> list:
-  """Makes every Pallas-Triton lowering from here on run the MLIR verifier on its module and
-  returns the list the results are appended to (export serialises the modules unverified, so a
-  malformed one would surface only in Triton's own compiler on the device)."""
-  from jax._src.pallas.triton import pallas_call_registration as reg  # noqa: PLC0415
-
-  verified, lower = [], reg.lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*a, **kw):
-    out = lower(*a, **kw)
-    verified.append(out.module.operation.verify())
-    return out
-
-  monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-  return verified

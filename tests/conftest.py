@@ -37,3 +37,21 @@ def _load_launcher(name: str):
 def load_launcher():
   """load_launcher("train") -> the experiments.train module, its flags defined afresh."""
   return _load_launcher
+
+
+@pytest.fixture
+def triton_verified(monkeypatch):
+  """A list that gets the MLIR verifier's result for every Pallas-Triton module lowered while the
+  test runs (export serialises the modules unverified, so a malformed one would surface only in
+  Triton's own compiler on a GPU). Private JAX hook: test code only."""
+  from jax._src.pallas.triton import pallas_call_registration as reg  # noqa: PLC0415
+
+  verified, lower = [], reg.lowering.lower_jaxpr_to_triton_module
+
+  def lower_and_verify(*a, **kw):
+    out = lower(*a, **kw)
+    verified.append(out.module.operation.verify())
+    return out
+
+  monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  return verified

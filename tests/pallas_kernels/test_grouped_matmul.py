@@ -13,7 +13,6 @@ from flax import nnx
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import _testing
 from pallas_kernels._testing import export_cuda, rel_err
 from pallas_kernels.grouped_matmul import kernel_triton, ops, reference
 
@@ -195,12 +194,12 @@ def _export_cuda(f, *avals):
 V32 = dict(e=8, m=131072, k=7168, n=2048)  # 8 local experts, 16K tokens x 8 copies, D, F
 
 
-def test_export_cuda_v32_shapes(monkeypatch):
+def test_export_cuda_v32_shapes(monkeypatch, triton_verified):
   """Value and gradient of D -> F -> D through two grouped matmuls lower for cuda at the V3.2
   expert shapes: 6 Triton calls (2 gmm, 2 dlhs, 2 tgmm), each Triton module passes the MLIR
   verifier, and no tensor in the module is bigger than [M, D] (ragged_dot's GPU lowering holds
   [E, M, *])."""
-  verified = _testing.verify_triton_modules(monkeypatch)
+  verified = triton_verified
   e, m, k, n = V32["e"], V32["m"], V32["k"], V32["n"]
   sds = jax.ShapeDtypeStruct
   f32 = jnp.dtype(jnp.float32)

@@ -79,10 +79,10 @@ def _export_cuda(f, *avals):
   return _testing.export_cuda(f, *avals)
 
 
-def test_export_cuda_v32_shapes(monkeypatch):
+def test_export_cuda_v32_shapes(monkeypatch, triton_verified):
   """The probabilities lower for cuda at V3.2 dims (128 heads, 576 = 512 + 64, k = 2048) through
   the op (as on a GPU), the Triton module passing the MLIR verifier."""
-  verified = _testing.verify_triton_modules(monkeypatch)
+  verified = triton_verified
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   b, t, s, h, k = 2, 256, 4096, 128, 2048
   sds = jax.ShapeDtypeStruct
