@@ -82,7 +82,7 @@ def main():
       hp = ops._round_up(h, bsz.block_h)
       lay = jax.jit(
         lambda q, kv, idx, lse, bsz=bsz, hp=hp: (
-          ops._triton_layout(q, kv, idx, d_v, bsz)[:5] + (ops._pad_heads(lse, hp, jnp.inf),)
+          ops._triton_layout(q, kv, idx, bsz)[:5] + (ops._pad_heads(lse, hp, jnp.inf),)
         )
       )
       qn, qr, kvn, kvr, gidx, lse_p = lay(q, kv, idx, lse)

@@ -2,9 +2,9 @@
 """Head-mean sparse-attention probabilities (the sparse KL target) as a Pallas-Triton GPU kernel.
 
 Layout the wrapper (ops.py) hands to the kernel (batch folded into rows, like the forward):
-  qn [N, Hp, Dv], qr [N, Hp, Dr]   q split into a leading part (the value dims, d_v) and the rest
-                                   (V3.2: 512 + 64), each zero-padded to a power of 2 (Triton
-                                   tiles); Dr = 0 when K = d_v (no second part).
+  qn [N, Hp, Dv], qr [N, Hp, Dr]   q split into its largest power-of-2 leading part and the
+                                   rest (V3.2: 576 = 512 + 64), each zero-padded to a power of 2
+                                   (Triton tiles); Dr = 0 when K is a power of 2 (no rest).
   kvn [R, Dv], kvr [R, Dr]         the latent rows split the same way, R = B*S
   lse [N, Hp] f32                  the forward's lse (+inf for padded heads and rows with no
                                    valid slot: their P is 0)
@@ -46,11 +46,12 @@ class BlockSizes:
         raise ValueError(f"{name}={v} must be a power of 2 >= 16")
 
 
-def split_dims(k_dim: int, d_v: int) -> tuple[int, int]:
-  """(Dv, Dr): padded widths of the value part and of the rest of a K-wide row (Dr 0 if none)."""
-  dv = max(16, pl.next_power_of_2(d_v))
-  dr = 0 if k_dim == d_v else max(16, pl.next_power_of_2(k_dim - d_v))
-  return dv, dr
+def split_dims(k_dim: int) -> tuple[int, int, int]:
+  """(lead, Dv, Dr) for K-wide rows: the largest power of 2 <= K (the leading part) and the padded
+  widths of that part and of the rest (Dr 0 if there is none)."""
+  lead = 1 << (k_dim.bit_length() - 1)
+  dr = 0 if k_dim == lead else max(16, pl.next_power_of_2(k_dim - lead))
+  return lead, max(16, lead), dr
 
 
 def _any(valid):

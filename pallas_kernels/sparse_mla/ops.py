@@ -102,15 +102,11 @@ def sparse_mla(
   return _sparse_mla_gpu(q, kv, idx, float(scale), int(d_v), interpret or False, config)
 
 
-def sparse_mla_probs(
-  q, kv, idx, lse, *, scale: float, impl: str = "reference", interpret=False, d_v: int | None = None
-):
+def sparse_mla_probs(q, kv, idx, lse, *, scale: float, impl: str = "reference", interpret=False):
   """Head-mean attention probabilities at the selected slots [B,T,k] (sparse KL target).
 
   impl="pallas" takes the Pallas-Triton kernel on a GPU when GPU_PROBS_KERNEL is on, or on CPU
-  with interpret=True (tests); otherwise the reference. d_v only sets how the kernel splits the
-  row (value part + rest, default the row's largest power-of-2 part); the result does not depend
-  on it."""
+  with interpret=True (tests); otherwise the reference."""
   _check(q, kv, idx, kv.shape[-1])
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
@@ -119,11 +115,9 @@ def sparse_mla_probs(
     return reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=scale)
   # The target is a constant: cut the inputs before the kernel (a pallas_call has no JVP rule).
   q, kv, lse = jax.lax.stop_gradient((q, kv, lse))
-  k_dim = q.shape[-1]
-  d_v = d_v or min(k_dim, 1 << (k_dim.bit_length() - 1))
   b, t = idx.shape[:2]
   bsz = PROBS_BLOCK_SIZES
-  qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, d_v, bsz)
+  qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, bsz)
   lse_p = _pad_heads(lse.astype(jnp.float32), hp, jnp.inf)
   p = kernel_triton.sparse_mla_probs(
     qn,
@@ -162,7 +156,7 @@ def _fold(q, kv, idx, hp, d, block_k):
   heads padded to hp, the feature dim to d and the slots to a multiple of block_k."""
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
-  qf = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, d - k_dim))).reshape(b * t, hp, d)
+  qf = jnp.pad(_pad_heads(q, hp), ((0, 0), (0, 0), (0, d - k_dim)))
   kvf = jnp.pad(kv, ((0, 0), (0, 0), (0, d - k_dim))).reshape(b * s, d)
   return qf, kvf, _global_idx(idx, s, block_k)
 
@@ -174,20 +168,20 @@ def _pad_heads(x, hp, value=0):
   return x.reshape((b * t, hp) + x.shape[3:])
 
 
-def _split_row(x, d_v, dv, dr):
-  """[..., K] -> value part [..., dv] and rest [..., dr] (None when dr == 0), zero-padded."""
+def _split_row(x, lead, dv, dr):
+  """[..., K] -> leading part [..., dv] and rest [..., dr] (None when dr == 0), zero-padded."""
   pad = lambda y, w: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, w - y.shape[-1]),))
-  return pad(x[..., :d_v], dv), (None if dr == 0 else pad(x[..., d_v:], dr))
+  return pad(x[..., :lead], dv), (None if dr == 0 else pad(x[..., lead:], dr))
 
 
-def _triton_layout(q, kv, idx, d_v, bsz):
+def _triton_layout(q, kv, idx, bsz):
   """kernel_triton.py's layout: qn, qr [B*T, Hp, *], kvn, kvr [B*S, *], global ids, Hp."""
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
-  dv, dr = kernel_triton.split_dims(k_dim, d_v)
+  split = kernel_triton.split_dims(k_dim)
   hp = _round_up(h, bsz.block_h)
-  qn, qr = _split_row(_pad_heads(q, hp), d_v, dv, dr)
-  kvn, kvr = _split_row(kv.reshape(b * s, k_dim), d_v, dv, dr)
+  qn, qr = _split_row(_pad_heads(q, hp), *split)
+  kvn, kvr = _split_row(kv.reshape(b * s, k_dim), *split)
   return qn, qr, kvn, kvr, _global_idx(idx, s, bsz.block_k), hp
 
 
