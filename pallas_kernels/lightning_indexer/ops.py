@@ -9,15 +9,18 @@ top-k selections match up to near-ties. Its kernels need J=64 heads and D=128.
 The KL ops' impl="pallas" is a custom_vjp with streamed hand-written backward passes (grad.py);
 dense_kl on a GPU backend (or with interpret=True) runs the Pallas-Triton kernels of
 kernel_kl_triton.py instead, and the XLA grad.py version where they cannot run (CPU without
-interpret, TPU) or do not take the shape (kernel_kl_triton.supported).
+interpret, TPU) or do not take the shape (kernel_kl_triton.supported); sparse_kl likewise runs the
+Pallas-Triton kernels of kernel_sparse_kl_triton.py behind SPARSE_KL_KERNELS_BY_DEFAULT.
 """
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.lightning_indexer import (
   grad,
   kernel_kl_triton,
   kernel_mosaic_gpu,
+  kernel_sparse_kl_triton,
   kernel_tpu,
   reference,
 )
@@ -184,14 +187,64 @@ def indexer_topk(
   )
 
 
-def sparse_kl(q, k, w, idx, p, *, impl: str = "reference", interpret=False, block_t=512):
-  """Sparse-phase indexer KL per query [B,T] (differentiable in q, k, w)."""
+# One GPU takes the Pallas-Triton sparse-KL kernels (kernel_sparse_kl_triton.py) by default once
+# they pass the GPU test (tests/pallas_kernels/test_sparse_kl_kernel.py -m gpu); until then False
+# keeps the streamed XLA path (grad.sparse_kl) and block_sizes= opts in.
+SPARSE_KL_KERNELS_BY_DEFAULT = False
+
+
+def sparse_kl_kernels_why(q, k, *, interpret=False, block_sizes=None) -> str | None:
+  """None when sparse_kl(impl="pallas") runs the kernels for these arguments, else why not."""
+  explicit = bool(interpret) or block_sizes is not None
+  why = kernel_sparse_kl_triton.supported(q, k)
+  if not interpret and jax.default_backend() != "gpu":
+    why = why or f"no GPU (jax.default_backend()={jax.default_backend()!r}); pass interpret=True"
+  elif not explicit and jax.device_count() > 1:
+    # A pallas_call is not auto-partitioned: under a sharded jit it would run replicated.
+    why = why or "several devices (the kernels need a shard_map over batch; not wired)"
+  elif not explicit and not SPARSE_KL_KERNELS_BY_DEFAULT:
+    why = why or "SPARSE_KL_KERNELS_BY_DEFAULT is off: opt in with block_sizes=BlockSizes()"
+  return why
+
+
+def sparse_kl(
+  q,
+  k,
+  w,
+  idx,
+  p,
+  *,
+  impl: str = "reference",
+  interpret=False,
+  block_t=512,
+  block_sizes: kernel_sparse_kl_triton.BlockSizes | None = None,
+):
+  """Sparse-phase indexer KL per query [B,T] (differentiable in q, k, w).
+
+  idx [B,T,k] int32 (-1 or >= S: an invalid slot; ids may repeat), p [B,T,k] the constant target.
+  impl="pallas": on one GPU with SPARSE_KL_KERNELS_BY_DEFAULT on, or when asked for (block_sizes,
+  or interpret=True to run them on CPU), the Pallas-Triton kernels of kernel_sparse_kl_triton.py;
+  elsewhere the streamed XLA custom_vjp of grad.py (block_t). Asking for the kernels with a
+  backend or shape they do not take raises.
+  """
   _check(q, k, w)
   if idx.shape != p.shape or idx.shape[:2] != q.shape[:2]:
     raise ValueError(f"idx {idx.shape} and p {p.shape} must both be [B,T,k] with B,T={q.shape[:2]}")
   if not _impl(impl):
     return reference.sparse_kl_reference(q, k, w, idx, p)
-  del interpret  # the streamed backward is plain XLA; nothing to interpret
+  why = sparse_kl_kernels_why(q, k, interpret=interpret, block_sizes=block_sizes)
+  if why is None:
+    return kernel_sparse_kl_triton.sparse_kl(
+      q,
+      k,
+      w,
+      idx.astype(jnp.int32),
+      p.astype(jnp.float32),
+      block_sizes or kernel_sparse_kl_triton.BlockSizes(),
+      bool(interpret),
+    )
+  if interpret or block_sizes is not None:
+    raise ValueError(f"sparse_kl kernels requested but not taken: {why}")
   return grad.sparse_kl(q, k, w, idx, p, block_t)
 
 

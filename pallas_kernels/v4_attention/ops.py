@@ -14,16 +14,19 @@ kernels (pallas_kernels/sparse_mla/ops.py, backend "gpu" or "tpu") and folds the
   the row buffer [raw rows ; compressed entries], so one kernel call serves both sets.
 
 `indexer_kl`'s warm-up (every visible entry) runs on the dense-KL Pallas-Triton kernels with the
-block-causal rule (ratio m); its sparse stage runs its reference with impl="pallas" until it has a
-kernel. `compressed_topk` and `compressed_indexer_logits` run on the V3.2 GPU indexer kernels
-(Mosaic GPU FP8 logits with a ratio-m causal bound, the Triton select with per-row lengths
-(t+1)//m) where they take the shape (J 64, D 128, backend "gpu"), else their references.
+block-causal rule (ratio m); its sparse stage builds the teacher at the selected entries in XLA
+and runs the V3.2 sparse-KL kernels (lightning_indexer/kernel_sparse_kl_triton.py) over the
+compressed keys, where they run. `compressed_topk` and `compressed_indexer_logits` run on the
+V3.2 GPU indexer kernels (Mosaic GPU FP8 logits with a ratio-m causal bound, the Triton select
+with per-row lengths (t+1)//m) where they take the shape (J 64, D 128, backend "gpu"), else their
+references.
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.lightning_indexer import kernel_kl_triton
+from pallas_kernels import _common
+from pallas_kernels.lightning_indexer import kernel_kl_triton, kernel_sparse_kl_triton
 from pallas_kernels.lightning_indexer import ops as lightning_indexer_ops
 from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 from pallas_kernels.v4_attention import reference
@@ -275,7 +278,11 @@ def indexer_kl(
   one GPU with lightning_indexer.ops.DENSE_KL_KERNELS_BY_DEFAULT on, or interpret=True (CPU
   tests); `block_sizes` tunes them. The teacher is the same: the layer's sink-inclusive lse makes
   Σ_h exp(scale·q_h·c_j − lse_h) its compressed mass, which the kernel L1-normalises over the
-  visible entries. Otherwise (and for the sparse stage, idx given) the reference."""
+  visible entries.
+  Sparse stage (idx given) with impl="pallas": the teacher at the selected entries in XLA
+  (`sparse_target`), then the sparse-KL Pallas-Triton kernels over the compressed keys
+  (kernel_sparse_kl_triton.sparse_kl, where lightning_indexer.ops.sparse_kl_kernels_why says they
+  run: one GPU with SPARSE_KL_KERNELS_BY_DEFAULT on, or interpret=True). Otherwise the reference."""
   _impl(impl)
   if iq.ndim != 4 or ik.ndim != 3 or iw.shape != iq.shape[:3] or ik.shape[-1] != iq.shape[-1]:
     raise ValueError(
@@ -297,8 +304,42 @@ def indexer_kl(
       bool(interpret),
       int(ratio),
     )
+  if (
+    impl == "pallas"
+    and idx is not None
+    and ckv.shape[1] > 0
+    and lightning_indexer_ops.sparse_kl_kernels_why(iq, ik, interpret=interpret) is None
+  ):
+    sel, p = sparse_target(q, ckv, lse, idx, ratio=ratio, scale=scale, block_t=block_t)
+    # the kernel directly: lightning_indexer.ops.sparse_kl's checks want T <= S raw keys
+    bsz = kernel_sparse_kl_triton.BlockSizes()
+    return kernel_sparse_kl_triton.sparse_kl(iq, ik, iw, sel, p, bsz, bool(interpret))
   return reference.v4_indexer_kl(
     iq, ik, iw, q, ckv, lse, ratio=ratio, scale=scale, idx=idx, block_t=block_t
+  )
+
+
+def sparse_target(q, ckv, lse, idx, *, ratio, scale, block_t=512):
+  """(idx with -1 off the support, p [B,T,k] f32): reference.v4_indexer_kl's sparse-stage
+  teacher Σ_h exp(scale·q_h·c_j − lse_h) at the valid selected entries j < (t+1)//m,
+  L1-normalised over them (0 on a row without mass); detached. Gathers [B,block_t,k,K] rows per
+  query block, as the reference does."""
+  q, ckv, lse, idx = jax.lax.stop_gradient((q, ckv, lse, idx))
+  b, t = q.shape[:2]
+  u = ckv.shape[1]
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+
+  def block(qb, lb, pb, ib):
+    ok = (ib >= 0) & (ib < jnp.minimum(reference.visible_entries(pb, ratio), u)[..., None])
+    safe = jnp.clip(ib, 0, u - 1)[..., None]
+    sel = jnp.take_along_axis(ckv[:, None], safe, axis=2)  # [B,t,k,K]
+    c = jnp.einsum("bthk,btjk->bthj", qb, sel, preferred_element_type=jnp.float32) * scale
+    pt = jnp.where(ok, jnp.sum(jnp.exp(c - lb[..., None]), axis=2), 0.0)
+    mass = jnp.sum(pt, axis=-1, keepdims=True)
+    return jnp.where(ok, ib, -1).astype(jnp.int32), pt / jnp.where(mass > 0, mass, 1.0)
+
+  return _common.map_query_blocks(
+    block, block_t, [q, lse.astype(jnp.float32), pos, idx], remat=False
   )
 
 

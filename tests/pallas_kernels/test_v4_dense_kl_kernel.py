@@ -77,8 +77,8 @@ def test_dispatch():
 
   assert "pallas_call" in jaxpr(impl="pallas", interpret=True, block_sizes=SMALL)
   assert "pallas_call" not in jaxpr(impl="pallas")  # CPU without interpret: the reference
-  idx = jnp.zeros((1, 24, 2), jnp.int32)  # the sparse stage has no kernel yet: the reference
-  assert "pallas_call" not in jaxpr(impl="pallas", interpret=True, idx=idx)
+  idx = jnp.zeros((1, 24, 2), jnp.int32)  # the sparse stage: the sparse-KL kernels
+  assert "pallas_call" in jaxpr(impl="pallas", interpret=True, idx=idx)  # (test_sparse_kl_kernel)
   # T < m: no entry exists; the kernels are not called and the KL is 0
   z = ops.indexer_kl(
     iq[:, :3],
