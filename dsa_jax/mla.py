@@ -157,7 +157,7 @@ class MLA(nnx.Module):
     check_modes(attention, indexer_loss)
     b, t, _ = x.shape
     h, v = cfg.n_heads, cfg.v_head_dim
-    scale = cfg.softmax_scale
+    scale = kl_scale = cfg.softmax_scale
     need_idx = attention == "sparse" or metrics
     pr = self.project(x, cos, sin, indexer=need_idx or indexer_loss != "none")
     q_abs, kv_lat, iq, ik, iw = pr.q_abs, pr.kv_lat, pr.iq, pr.ik, pr.iw
@@ -186,15 +186,21 @@ class MLA(nnx.Module):
         [k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1
       )
       q = jnp.concatenate([pr.q_nope, pr.q_pe], axis=-1)
-      o, lse = sparse_attention.dense_attention(
-        q,
-        k,
-        val,
-        scale=scale,
-        block_t=cfg.attn_block_q,
-        impl=cfg.impl,
-        with_lse=metrics,  # the warm-up KL computes its own f32 lse when this gives none
-      )
+      if indexer_loss == "dense" and not metrics:
+        # the KL target's query and scale: those the attention's lse belongs to
+        o, lse, q, kl_scale = sparse_attention.warmup_attention(
+          q, k, val, scale=scale, block_t=cfg.attn_block_q, impl=cfg.impl
+        )
+      else:
+        o, lse = sparse_attention.dense_attention(
+          q,
+          k,
+          val,
+          scale=scale,
+          block_t=cfg.attn_block_q,
+          impl=cfg.impl,
+          with_lse=metrics,  # the warm-up KL computes its own f32 lse when this gives none
+        )
       out = self.wo(o.reshape(b, t, h * v))
     else:
       if ctx is not None:
@@ -214,7 +220,7 @@ class MLA(nnx.Module):
       # work of the absorbed form (576).
       aq, akv = (q, k) if attention == "dense" else (q_abs, kv_lat)
       kl = indexer_lib.dense_kl(
-        iq, ik, iw, aq, akv, lse, attn_scale=scale, impl=cfg.impl, block_t=cfg.attn_block_q
+        iq, ik, iw, aq, akv, lse, attn_scale=kl_scale, impl=cfg.impl, block_t=cfg.attn_block_q
       )
       aux["indexer_kl"] = jnp.mean(kl)
     elif indexer_loss == "sparse" and ctx is not None:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _common
+from pallas_kernels.dense_attention import kernel_mgpu as dense_mgpu
 from pallas_kernels.dense_attention import kernel_tpu as dense_tpu
 from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 from pallas_kernels.v4_attention import ops as v4_attention_ops
@@ -31,6 +32,11 @@ sparse_probs = sparse_mla_ops.sparse_mla_probs
 # selection) in one softmax with the per-head sink; and the same over an explicit index buffer.
 v4_attention = v4_attention_ops.v4_attention
 v4_sink_attention = v4_attention_ops.sink_attention
+
+
+# The warm-up on one GPU takes its attention and f32 lse from the Mosaic GPU flash kernel
+# (warmup_attention); False: cuDNN, and the KL kernels rebuild the lse in a pass of their own.
+GPU_WARMUP_ATTENTION_KERNEL = True
 
 
 def _dense_block(q, k, v, t0, *, scale, s_offset):
@@ -128,3 +134,22 @@ def dense_topk_overlap(attn_q, attn_kv, attn_lse, idx, *, scale: float, block_t:
   return jax.lax.stop_gradient(
     _common.map_query_blocks(fn, block_t, [attn_q, attn_lse, idx, t_idx], remat=False)
   )
+
+
+def warmup_attention(q, k, v, *, scale: float, block_t: int, impl: str = "reference"):
+  """Dense causal attention for the warm-up, with what its KL target needs: (out, lse, q_t,
+  scale_t) such that exp(scale_t · q_t·kᵀ - lse) are the attention's probabilities per head.
+
+  On one GPU (impl="pallas", MHA bf16/f16, T = S, shapes kernel_mgpu.supported takes) the
+  Mosaic GPU flash kernel returns out and an f32 lse from one pass over q pre-scaled once
+  (q_t is that q, scale_t = 1), so the KL kernels skip their own lse pass. Elsewhere this is
+  dense_attention(with_lse=False): (out, lse or None, q, scale).
+  """
+  on_gpu = impl == "pallas" and jax.default_backend() == "gpu" and jax.device_count() == 1
+  if on_gpu and GPU_WARMUP_ATTENTION_KERNEL and k.ndim == 4 and q.shape[1] == k.shape[1]:
+    qs = dense_mgpu.scaled_query(q, float(scale))
+    if dense_mgpu.supported(qs, k, v) is None:
+      out, lse = dense_mgpu.causal_attention_lse(qs, k, v)
+      return out, lse, qs, 1.0
+  out, lse = dense_attention(q, k, v, scale=scale, block_t=block_t, impl=impl, with_lse=False)
+  return out, lse, q, scale

@@ -18,8 +18,12 @@ The dense target of the warm-up KL is not counted (a fused kernel would reuse th
 logits); so the warm-up MFU is a floor.
 M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shape.gmm`; default:
 the library's choice) for MoE presets such as `v32_attn_moe`.
-M1_DENSE_KL=xla,kernels runs the warm-up once per dense-KL path (the streamed XLA custom_vjp, the
-Pallas-Triton kernels; `shape.dense_kl` names it); unset, the library's default.
+M1_DENSE_KL=xla,kernels,kernels_unfused,kernels_cudnn runs the warm-up once per dense-KL path
+(`shape.dense_kl` names it); unset, the library's default (kernels): the streamed XLA custom_vjp;
+the Pallas-Triton kernels with dq from the forward's sweep and the attention's lse from the
+Mosaic GPU flash kernel (sparse_attention.warmup_attention); kernels_unfused: the same with a
+separate dq kernel (BlockSizes.fused_dq=False); kernels_cudnn: cuDNN attention, the KL kernels
+computing the lse in a pass of their own.
 With M1_PROFILE=<L>, one step per phase at that length is traced (jax.profiler, Perfetto JSON)
 and the top GPU ops by time go to `<out dir>/m1_profile_<preset>_<phase>_<L>.md`.
 """
@@ -35,10 +39,11 @@ import jax
 import numpy as np
 
 from dsa_jax import config as config_lib
-from dsa_jax import data, model, optim
+from dsa_jax import data, model, optim, sparse_attention
 from dsa_jax import train as train_lib
 from experiments import bench_common as bc
 from pallas_kernels.grouped_matmul import ops as gmm_ops
+from pallas_kernels.lightning_indexer import kernel_kl_triton
 from pallas_kernels.lightning_indexer import ops as indexer_ops
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # dense bf16 tensor-core peak (SXM)
@@ -186,8 +191,9 @@ def suite_m1(small: bool):
   if gmm_mode:
     gmm_ops.GMM_KERNELS_BY_DEFAULT = gmm_mode == "kernels"
   kl_modes = env("M1_DENSE_KL", "")
-  if set(kl_modes) - {"xla", "kernels"}:
-    raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of xla, kernels")
+  modes = {"xla", "kernels", "kernels_unfused", "kernels_cudnn"}
+  if set(kl_modes) - modes:
+    raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of {sorted(modes)}")
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -205,7 +211,11 @@ def suite_m1(small: bool):
           shape["gmm"] = gmm_mode
         if kl_mode is not None:
           shape["dense_kl"] = kl_mode
-          indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode == "kernels"
+          indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
+          indexer_ops.DENSE_KL_BLOCK_SIZES = kernel_kl_triton.BlockSizes(
+            fused_dq=kl_mode != "kernels_unfused"
+          )
+          sparse_attention.GPU_WARMUP_ATTENTION_KERNEL = kl_mode != "kernels_cudnn"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,

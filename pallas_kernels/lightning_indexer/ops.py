@@ -252,6 +252,9 @@ def sparse_kl(
 # tests/pallas_kernels/test_dense_kl_kernel.py -m gpu); False keeps the streamed XLA path.
 # M1 (experiments/bench_train.py, M1_DENSE_KL=xla,kernels) sets it to measure both.
 DENSE_KL_KERNELS_BY_DEFAULT = True
+# Their tiles and schedule when the caller passes no block_sizes (M1 sets fused_dq=False to
+# measure the separate dq kernel).
+DENSE_KL_BLOCK_SIZES = kernel_kl_triton.BlockSizes()
 
 
 def dense_kl(
@@ -320,7 +323,7 @@ def dense_kl(
       attn_kv,
       attn_lse,
       float(attn_scale),
-      block_sizes or kernel_kl_triton.BlockSizes(),
+      block_sizes or DENSE_KL_BLOCK_SIZES,
       bool(interpret),
     )
   if explicit:
