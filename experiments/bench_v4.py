@@ -10,8 +10,10 @@ E1_V4 rows (`variant` "layer"), one per length L (8K ... 128K):
   ours: compressed indexer top-k (v4_attention.ops.compressed_topk, impl="pallas": FP8 logits +
   select with lengths (t+1)//4, k 512) -> window 128 + the selected entries with the per-head sink
   (v4_attention impl="pallas": the sparse-attention kernel over one 640-slot index buffer, H 64,
-  K = V 512, bf16) -> the sparse indexer KL (`indexer_kl` with idx; its reference until it has a
-  kernel, `indexer_kl_impl` in the row), fwd+bwd (grads to q, rows, entries, sink, indexer q/k/w).
+  K = V 512, bf16) -> the sparse indexer KL (`indexer_kl` with idx: the sparse-KL Pallas-Triton
+  kernels where lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT lets them run, else its
+  reference; E1_V4_SPARSE_KL=kernels|reference overrides; `indexer_kl_impl` in the row), fwd+bwd
+  (grads to q, rows, entries, sink, indexer q/k/w).
   The compressor and projections are not timed (they are the same dense GEMMs either way).
   baseline: dense causal attention over the same L tokens, fwd+bwd, cuDNN
   (`jax.nn.dot_product_attention(implementation="cudnn")`) in V4's MQA form (64 query heads, one
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
+from pallas_kernels.lightning_indexer import ops as li_ops
 from pallas_kernels.sparse_mla import ops as mla
 from pallas_kernels.v4_attention import ops as v4_ops
 
@@ -240,12 +243,19 @@ def suite_e1_v4(small: bool):
   interp = _interp(small)
   iters = 1 if small else 3
   want_parts = small or bool(os.environ.get("E1_V4_PARTS"))
+  kl_mode = os.environ.get("E1_V4_SPARSE_KL", "")
+  if kl_mode not in ("", "kernels", "reference"):
+    raise ValueError(f"E1_V4_SPARSE_KL={kl_mode!r}; expected kernels or reference")
+  if kl_mode:
+    li_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode == "kernels"
   rows = []
   for l in ls:
     t_start = time.time()
     try:
       x = _inputs(l, s)
       bt = min(l, 2048)
+      why = li_ops.sparse_kl_kernels_why(x["qi"], x["ki"])
+      kl_impl = "reference" if why else "kernels (kernel_sparse_kl_triton)"
       _, _, _, layer = _layer_fns(s, interp, bt, scale)
       ours = jax.jit(jax.grad(layer, (0, 1, 2, 3, 4, 5, 6)))
       args = [x[n] for n in ("q", "kv", "ckv", "sink", "qi", "ki", "wi", "do")]
@@ -275,7 +285,7 @@ def suite_e1_v4(small: bool):
           variant="layer",
           topk_impl="pallas",
           attention_impl="pallas",
-          indexer_kl_impl="reference (sparse stage: no kernel yet)",
+          indexer_kl_impl=kl_impl,
           flops_convention="tflops counts the sparse attention fwd+bwd only",
           **({"parts_ms": parts} if parts else {}),
           baseline=base,

@@ -243,21 +243,24 @@ def test_gpu_matches_reference(dtype, tol):
   dl = _testing.normal(3, (b, t))
   f32 = lambda x: x.astype(jnp.float32)
 
-  def vg(fn):
-    return jax.jit(lambda q, k_, w: _vg(lambda q, k_, w: fn(q, k_, w, idx, p), q, k_, w, dl))
+  def vg(fn):  # idx, p as arguments: closed-over arrays would become compile-time constants
+    return jax.jit(
+      lambda q, k_, w, idx, p: _vg(lambda q, k_, w: fn(q, k_, w, idx, p), q, k_, w, dl)
+    )
 
   bsz = kernel_sparse_kl_triton.BlockSizes()
   kern = vg(lambda *a: ops.sparse_kl(*a, impl="pallas", block_sizes=bsz))
   xla = vg(lambda *a: grad.sparse_kl(*a, 512))
-  kl, grads = kern(q, kk, w)
+  kl, grads = kern(q, kk, w, idx, p)
   with jax.default_matmul_precision("highest"):
     ref = vg(lambda *a: reference.sparse_kl_reference(*a, block_t=256))
-    rkl, rgrads = ref(f32(q), f32(kk), f32(w))
+    rkl, rgrads = ref(f32(q), f32(kk), f32(w), idx, p)
   errs = [_testing.rel_err(kl, rkl)] + [_testing.rel_err(g, rg) for g, rg in zip(grads, rgrads)]
   print(f"\nsparse_kl {jnp.dtype(dtype).name} rel err kl/dq/dk/dw: {errs}")
+  fq, fk, fw = f32(q), f32(kk), f32(w)
   print(
-    f"fwd+bwd ms: kernels {_time(kern, q, kk, w):.2f}, XLA grad.sparse_kl "
-    f"{_time(xla, q, kk, w):.2f}, reference autodiff {_time(ref, f32(q), f32(kk), f32(w)):.2f}"
+    f"fwd+bwd ms: kernels {_time(kern, q, kk, w, idx, p):.2f}, XLA grad.sparse_kl "
+    f"{_time(xla, q, kk, w, idx, p):.2f}, reference autodiff {_time(ref, fq, fk, fw, idx, p):.2f}"
   )
   assert float(kl[0, 5]) == 0 and np.isfinite(np.asarray(kl)).all()
   for e in errs:
