@@ -18,6 +18,8 @@ The dense target of the warm-up KL is not counted (a fused kernel would reuse th
 logits); so the warm-up MFU is a floor.
 M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shape.gmm`; default:
 the library's choice) for MoE presets such as `v32_attn_moe`.
+M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (the streamed XLA
+custom_vjp, the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_unfused,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels): the streamed XLA custom_vjp;
 the Pallas-Triton kernels with dq from the forward's sweep and the attention's lse from the
@@ -194,6 +196,9 @@ def suite_m1(small: bool):
   modes = {"xla", "kernels", "kernels_unfused", "kernels_cudnn"}
   if set(kl_modes) - modes:
     raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of {sorted(modes)}")
+  sparse_modes = env("M1_SPARSE_KL", "")
+  if set(sparse_modes) - {"xla", "kernels"}:
+    raise ValueError(f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels")
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -203,13 +208,18 @@ def suite_m1(small: bool):
     mcfg = config_lib.preset(preset)
     for l in lengths:
       base = None
-      runs = [(ph, None) for ph in phases if ph != "warmup" or not kl_modes]
-      runs[1:1] = [("warmup", m) for m in kl_modes if "warmup" in phases]
+      runs = []
+      for ph in phases:
+        modes = {"warmup": kl_modes, "sparse": sparse_modes}.get(ph) or [None]
+        runs += [(ph, m) for m in modes]
       for ph, kl_mode in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
         if gmm_mode and mcfg.n_layers > mcfg.n_dense_layers:
           shape["gmm"] = gmm_mode
-        if kl_mode is not None:
+        if kl_mode is not None and ph == "sparse":
+          shape["sparse_kl"] = kl_mode
+          indexer_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode == "kernels"
+        elif kl_mode is not None:
           shape["dense_kl"] = kl_mode
           indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
           indexer_ops.DENSE_KL_BLOCK_SIZES = kernel_kl_triton.BlockSizes(
