@@ -20,11 +20,6 @@ kernels:
        per key block, a barrier between key blocks; no atomics, no other writer).
   dk   grid (key block, batch): over the query blocks that see the key block, the same g,
        dk += (g·w_j·1[z_j>0])ᵀ · q_j in a [bs,D] f32 register accumulator.
-  fwd_dq  (the default under differentiation, BlockSizes.fused_dq): fwd's sweep that also
-       accumulates dq, dw for dl = 1 (both are linear in a row's dl): two parts each, Σ e·x with
-       e = exp(I - m) rescaled as m moves, and Σ pt·x, combined at the row's end with lse_I and
-       ps. The backward scales them by dl and runs only dk: the target (the costly part, H
-       heads of C-wide dots per tile) is rebuilt in two kernels instead of three.
 Dots take the inputs' dtype (bf16 on the tensor cores, f32 -> IEEE) with f32 accumulation; the
 g-weighted operands are cast to the other operand's dtype (as flash attention casts P).
 The wrapper pads T, S to the tiles, D to a power of 2 (>= 16) and C to a multiple of the C chunk
@@ -59,9 +54,8 @@ def _cdiv(a, b):
 class BlockSizes:
   """block_t queries x block_s keys per tile, block_c: attention dim chunk per dot (all powers of
   2 >= 16). num_warps / num_stages: Triton's, for the lse and forward kernels; num_warps_bwd /
-  num_stages_bwd for the kernels that hold I, pt, g and z tiles at once (fused forward, dq, dk:
-  with 4 warps they spill at 64x64 tiles). fused_dq: under differentiation the forward kernel
-  also accumulates dq, dw (one target rebuild less than a separate dq kernel)."""
+  num_stages_bwd for the dq and dk kernels (they hold I, pt, g and z tiles at once: with 4 warps
+  they spill at 64x64 tiles)."""
 
   block_t: int = 64
   block_s: int = 128
@@ -70,7 +64,6 @@ class BlockSizes:
   num_warps_bwd: int = 8
   num_stages: int = 2
   num_stages_bwd: int = 2
-  fused_dq: bool = True  # dq, dw from the forward's sweep (dense_kl_fwd_dq) when differentiated
 
   def __post_init__(self):
     for name in ("block_t", "block_s", "block_c"):
@@ -261,111 +254,6 @@ def _fwd_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, kl_ref, lsei_ref,
   ps_ref[b, pl.ds(t0, bt)] = ps
 
 
-def _fwd_dq_kernel(
-  q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, kl_ref, lsei_ref, ps_ref, dq_ref, dw_ref, *, c
-):
-  """_fwd_kernel's row sweep that also accumulates dq, dw for dl = 1 (dq, dw are linear in a
-  row's dl, so the backward only scales them). g = P·[ps>0] - pt/ps needs the row's final
-  lse_I and ps, so the sweep keeps two parts per output: Σ e·x with e = exp(I - m), rescaled
-  when the running max m moves (dq_ref[0], dw_ref[0]), and Σ pt·x (dq_ref[1], dw_ref[1]); the
-  caller combines them with the returned lse_I and ps."""
-  bt, bs, nj = c["bt"], c["bs"], c["nj"]
-  i = pl.num_programs(0) - 1 - pl.program_id(0)
-  b = pl.program_id(1)
-  t0 = i * bt
-  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
-  zero = jnp.float32(0)
-  dp = q_ref.shape[-1]
-
-  def zero_rows(j, carry):
-    for part in (0, 1):
-      dq_ref[part, b, pl.ds(t0, bt), j, :] = jnp.zeros((bt, dp), jnp.float32)
-      dw_ref[part, b, j, pl.ds(t0, bt)] = jnp.zeros((bt,), jnp.float32)
-    return carry
-
-  jax.lax.fori_loop(0, nj, zero_rows, 0)
-
-  def body(kb, carry):
-    m, l, ps, a, cc = carry
-    s0 = kb * bs
-    vis = _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
-    kt = k_ref[b, pl.ds(s0, bs), :]
-    ind = _indexer_tile(q_ref, w_ref, kt, b, t0, bt=bt, nj=nj)
-    pt = _target_tile(
-      aq_ref,
-      kv_ref,
-      alse_ref,
-      b,
-      t0,
-      s0,
-      bt=bt,
-      bs=bs,
-      nh=c["nh"],
-      nc=c["nc"],
-      bc=c["bc"],
-      mha=c["mha"],
-      scale=c["scale"],
-    )
-    ind = jnp.where(vis, ind, _NEG)
-    pt = jnp.where(vis, pt, zero)
-    m_new = jnp.maximum(m, jnp.max(ind, axis=1))
-    alpha = jnp.exp(m - m_new)
-    e = jnp.where(vis, jnp.exp(ind - m_new[:, None]), zero)
-    l = l * alpha + jnp.sum(e, axis=1)
-    pos = pt > zero
-    cc = cc - (m_new - m) * ps + jnp.sum(jnp.where(pos, pt * (ind - m_new[:, None]), zero), axis=1)
-    a = a + jnp.sum(jnp.where(pos, pt * jnp.log(jnp.where(pos, pt, jnp.float32(1))), zero), axis=1)
-
-    def head(j, carry):
-      z = _dot(q_ref[b, pl.ds(t0, bt), j, :], kt, 1, 1)
-      wj = w_ref[b, j, pl.ds(t0, bt)].astype(jnp.float32)
-      rz = jnp.maximum(z, zero)
-      on = z > zero
-      dw_ref[0, b, j, pl.ds(t0, bt)] = dw_ref[0, b, j, pl.ds(t0, bt)] * alpha + jnp.sum(
-        e * rz, axis=1
-      )
-      dw_ref[1, b, j, pl.ds(t0, bt)] += jnp.sum(pt * rz, axis=1)
-      ge = jnp.where(on, e * wj[:, None], zero).astype(kt.dtype)
-      gt = jnp.where(on, pt * wj[:, None], zero).astype(kt.dtype)
-      dq_ref[0, b, pl.ds(t0, bt), j, :] = dq_ref[0, b, pl.ds(t0, bt), j, :] * alpha[:, None] + _dot(
-        ge, kt, 1, 0
-      )
-      dq_ref[1, b, pl.ds(t0, bt), j, :] += _dot(gt, kt, 1, 0)
-      return carry
-
-    jax.lax.fori_loop(0, nj, head, 0)
-    if c["barrier"]:  # the next key block re-reads these rows, maybe from other threads
-      pltriton.debug_barrier()
-    return m_new, l, ps + jnp.sum(pt, axis=1), a, cc
-
-  z0 = jnp.zeros((bt,), jnp.float32)
-  m, l, ps, a, cc = jax.lax.fori_loop(
-    0, nk, body, (jnp.full((bt,), _NEG, jnp.float32), z0, z0, z0, z0)
-  )
-  psn = jnp.maximum(ps, jnp.float32(1e-30))
-  kl = a / psn - jnp.log(psn) - cc / psn + jnp.log(l)
-  kl_ref[b, pl.ds(t0, bt)] = jnp.where(ps > zero, kl, zero)
-  lsei_ref[b, pl.ds(t0, bt)] = m + jnp.log(l)
-  ps_ref[b, pl.ds(t0, bt)] = ps
-  # g = P·[ps>0] - pt/ps with P = e / l: part 0 <- part 0 · [ps>0]/l - part 1 / ps
-  ce = jnp.where((ps > zero) & (l > zero), 1 / jnp.maximum(l, jnp.float32(1e-30)), zero)
-  ct = 1 / psn
-  if c["barrier"]:
-    pltriton.debug_barrier()
-
-  def combine(j, carry):
-    dq_ref[0, b, pl.ds(t0, bt), j, :] = (
-      dq_ref[0, b, pl.ds(t0, bt), j, :] * ce[:, None]
-      - dq_ref[1, b, pl.ds(t0, bt), j, :] * ct[:, None]
-    )
-    dw_ref[0, b, j, pl.ds(t0, bt)] = (
-      dw_ref[0, b, j, pl.ds(t0, bt)] * ce - dw_ref[1, b, j, pl.ds(t0, bt)] * ct
-    )
-    return carry
-
-  jax.lax.fori_loop(0, nj, combine, 0)
-
-
 def _row_stats(lsei_ref, ps_ref, dl_ref, b, t0, bt):
   lsei = lsei_ref[b, pl.ds(t0, bt)]
   ps = ps_ref[b, pl.ds(t0, bt)]
@@ -541,65 +429,10 @@ def dense_kl_fwd(
 
 
 @functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "ratio"))
-def dense_kl_fwd_dq(
-  q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False, ratio=1
-):
-  """dense_kl_fwd and, from the same sweep, dq, dw of Σ_t kl[t] (dl = 1): (kl, res, dq1, dw1)
-  with dq1 [B,T,J,D] and dw1 [B,T,J] in q's and w's dtypes. The gradient for a cotangent dl is
-  (dl·dq1, dk from dense_kl_bwd(..., with_dq=False), dl·dw1): the warm-up's backward then has
-  one kernel left (dk) instead of two, and the target is rebuilt twice instead of three times."""
-  if ratio != 1 and attn_lse is None:
-    raise ValueError(f"ratio={ratio} needs the layer's attn_lse (the lse kernel is causal only)")
-  bsz = block_sizes
-  qp, kp, wp, aq, kv, alse, cfg = _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz, ratio)
-  cfg["scale"] = float(attn_scale)
-  cfg["barrier"] = not interpret
-  if alse is None:
-    alse = _attn_lse_call(aq, kv, cfg, bsz, interpret)
-  b, tp, nj, dp = cfg["b"], qp.shape[1], cfg["nj"], qp.shape[-1]
-  row = jax.ShapeDtypeStruct((b, tp), jnp.float32)
-  kl, lsei, ps, dq, dw = _call(
-    functools.partial(_fwd_dq_kernel, c=cfg),
-    "dense_kl_fwd_dq",
-    (cfg["nq"], b),
-    (
-      row,
-      row,
-      row,
-      jax.ShapeDtypeStruct((2, b, tp, nj, dp), jnp.float32),
-      jax.ShapeDtypeStruct((2, b, nj, tp), jnp.float32),
-    ),
-    (qp, kp, wp, aq, kv, alse),
-    bsz,
-    interpret,
-    bwd=True,
-  )
-  t, d = q.shape[1], q.shape[-1]
-  dq1 = dq[0, :, :t, :, :d].astype(q.dtype)
-  dw1 = jnp.swapaxes(dw[0], 1, 2)[:, :t].astype(w.dtype)
-  return kl[:, :t], (lsei, ps, alse), dq1, dw1
-
-
-@functools.partial(
-  jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "ratio", "with_dq")
-)
 def dense_kl_bwd(
-  q,
-  k,
-  w,
-  attn_q,
-  attn_kv,
-  res,
-  dl,
-  *,
-  attn_scale,
-  block_sizes,
-  interpret=False,
-  ratio=1,
-  with_dq=True,
+  q, k, w, attn_q, attn_kv, res, dl, *, attn_scale, block_sizes, interpret=False, ratio=1
 ):
-  """(dq, dk, dw) of Σ_t dl[t]·kl[t], from dense_kl_fwd's residuals; in q's, k's, w's dtypes.
-  with_dq=False: only dk (dq, dw are None; dense_kl_fwd_dq made them)."""
+  """(dq, dk, dw) of Σ_t dl[t]·kl[t], from dense_kl_fwd's residuals; in q's, k's, w's dtypes."""
   bsz = block_sizes
   lsei, ps, alse = res
   qp, kp, wp, aq, kv, _, cfg = _prepare(q, k, w, attn_q, attn_kv, None, bsz, ratio)
@@ -608,21 +441,19 @@ def dense_kl_bwd(
   dlp = _common.pad_axis(dl.astype(jnp.float32), 1, cfg["bt"])
   args = (qp, kp, wp, aq, kv, alse, lsei, ps, dlp)
   b, tp, sp, dp = cfg["b"], qp.shape[1], kp.shape[1], qp.shape[-1]
-  dq = dw = None
-  if with_dq:
-    dq, dw = _call(
-      functools.partial(_dq_kernel, c=cfg),
-      "dense_kl_bwd_dq",
-      (cfg["nq"], b),
-      (
-        jax.ShapeDtypeStruct((b, tp, cfg["nj"], dp), jnp.float32),
-        jax.ShapeDtypeStruct((b, cfg["nj"], tp), jnp.float32),
-      ),
-      args,
-      bsz,
-      interpret,
-      bwd=True,
-    )
+  dq, dw = _call(
+    functools.partial(_dq_kernel, c=cfg),
+    "dense_kl_bwd_dq",
+    (cfg["nq"], b),
+    (
+      jax.ShapeDtypeStruct((b, tp, cfg["nj"], dp), jnp.float32),
+      jax.ShapeDtypeStruct((b, cfg["nj"], tp), jnp.float32),
+    ),
+    args,
+    bsz,
+    interpret,
+    bwd=True,
+  )
   dk = _call(
     functools.partial(_dk_kernel, c=cfg),
     "dense_kl_bwd_dk",
@@ -634,10 +465,8 @@ def dense_kl_bwd(
     bwd=True,
   )
   t, s, d = q.shape[1], k.shape[1], q.shape[-1]
-  dk = dk[:, :s, :d].astype(k.dtype)
-  if not with_dq:
-    return None, dk, None
   dq = dq[:, :t, :, :d].astype(q.dtype)
+  dk = dk[:, :s, :d].astype(k.dtype)
   dw = jnp.swapaxes(dw, 1, 2)[:, :t].astype(w.dtype)
   return dq, dk, dw
 
@@ -661,20 +490,6 @@ def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
 
 def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret, ratio):
   aq, akv, al = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
-  if block_sizes.fused_dq:
-    kl, res, dq1, dw1 = dense_kl_fwd_dq(
-      q,
-      k,
-      w,
-      aq,
-      akv,
-      al,
-      attn_scale=attn_scale,
-      block_sizes=block_sizes,
-      interpret=interpret,
-      ratio=ratio,
-    )
-    return kl, (q, k, w, aq, akv, res, dq1, dw1)
   kl, res = dense_kl_fwd(
     q,
     k,
@@ -687,12 +502,11 @@ def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
     interpret=interpret,
     ratio=ratio,
   )
-  return kl, (q, k, w, aq, akv, res, None, None)
+  return kl, (q, k, w, aq, akv, res)
 
 
 def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):
-  q, k, w, aq, akv, res, dq1, dw1 = saved
-  fused = dq1 is not None
+  q, k, w, aq, akv, res = saved
   dq, dk, dw = dense_kl_bwd(
     q,
     k,
@@ -705,12 +519,7 @@ def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):
     block_sizes=block_sizes,
     interpret=interpret,
     ratio=ratio,
-    with_dq=not fused,
   )
-  if fused:
-    dlf = dl.astype(jnp.float32)
-    dq = (dq1.astype(jnp.float32) * dlf[:, :, None, None]).astype(q.dtype)
-    dw = (dw1.astype(jnp.float32) * dlf[:, :, None]).astype(w.dtype)
   return dq, dk, dw, None, None, None
 
 

@@ -10,7 +10,7 @@ The KL ops' impl="pallas" is a custom_vjp with streamed hand-written backward pa
 dense_kl on a GPU backend (or with interpret=True) runs the Pallas-Triton kernels of
 kernel_kl_triton.py instead, and the XLA grad.py version where they cannot run (CPU without
 interpret, TPU) or do not take the shape (kernel_kl_triton.supported); sparse_kl likewise runs the
-Pallas-Triton kernels of kernel_sparse_kl_triton.py behind SPARSE_KL_KERNELS_BY_DEFAULT.
+Pallas-Triton kernels of kernel_sparse_kl_triton.py (SPARSE_KL_KERNELS_BY_DEFAULT).
 """
 
 import jax
@@ -187,10 +187,10 @@ def indexer_topk(
   )
 
 
-# One GPU takes the Pallas-Triton sparse-KL kernels (kernel_sparse_kl_triton.py) by default once
-# they pass the GPU test (tests/pallas_kernels/test_sparse_kl_kernel.py -m gpu); until then False
-# keeps the streamed XLA path (grad.sparse_kl) and block_sizes= opts in.
-SPARSE_KL_KERNELS_BY_DEFAULT = False
+# One GPU takes the Pallas-Triton sparse-KL kernels (kernel_sparse_kl_triton.py) by default (they
+# pass tests/pallas_kernels/test_sparse_kl_kernel.py -m gpu); False keeps the streamed XLA path
+# (grad.sparse_kl), and block_sizes= then opts in. M1_SPARSE_KL=xla,kernels measures both.
+SPARSE_KL_KERNELS_BY_DEFAULT = True
 
 
 def sparse_kl_kernels_why(q, k, *, interpret=False, block_sizes=None) -> str | None:
@@ -252,9 +252,6 @@ def sparse_kl(
 # tests/pallas_kernels/test_dense_kl_kernel.py -m gpu); False keeps the streamed XLA path.
 # M1 (experiments/bench_train.py, M1_DENSE_KL=xla,kernels) sets it to measure both.
 DENSE_KL_KERNELS_BY_DEFAULT = True
-# Their tiles and schedule when the caller passes no block_sizes (M1 sets fused_dq=False to
-# measure the separate dq kernel).
-DENSE_KL_BLOCK_SIZES = kernel_kl_triton.BlockSizes()
 
 
 def dense_kl(
@@ -323,7 +320,7 @@ def dense_kl(
       attn_kv,
       attn_lse,
       float(attn_scale),
-      block_sizes or DENSE_KL_BLOCK_SIZES,
+      block_sizes or kernel_kl_triton.BlockSizes(),
       bool(interpret),
     )
   if explicit:

@@ -300,7 +300,7 @@ def indexer_kl(
       iw,
       *jax.lax.stop_gradient((q, ckv, lse.astype(jnp.float32))),
       float(scale),
-      block_sizes or lightning_indexer_ops.DENSE_KL_BLOCK_SIZES,
+      block_sizes or kernel_kl_triton.BlockSizes(),
       bool(interpret),
       int(ratio),
     )

@@ -82,14 +82,6 @@ def test_interpret_matches_reference(name):
   _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
 
 
-@pytest.mark.parametrize("name", ["mha_lse_offset", "absorbed_own_lse"])
-def test_interpret_unfused_dq_matches_reference(name):
-  """fused_dq=False: dq, dw from the separate backward kernel (the default takes them from the
-  forward's sweep, dense_kl_fwd_dq, which the cases above check)."""
-  case, bsz = CASES[name]
-  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz, fused_dq=False))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
 def test_interpret_matches_reference_more_shapes(name):
@@ -137,8 +129,7 @@ def _export_cuda(f, *avals):
 )
 def test_export_cuda_v32_shapes(form, with_lse, dtype):
   """Value and gradient lower for cuda at V3.2's shapes (J=64, D=128, H=128, C=192 per head or
-  576 absorbed), L=4096: the lse kernel (when attn_lse is None), the forward with dq/dw (fused_dq,
-  the default) and the dk kernel."""
+  576 absorbed), L=4096: the lse kernel (when attn_lse is None), forward, dq/dw and dk kernels."""
   n, h = 4096, 128
   sds = jax.ShapeDtypeStruct
   c = 192 if form == "mha" else 576
@@ -159,20 +150,13 @@ def test_export_cuda_v32_shapes(form, with_lse, dtype):
   )
   exp = _export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
   assert [a.shape for a in exp.out_avals] == [(), (1, n, 64, 128), (1, n, 128), (1, n, 64)]
-  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 2 + (not with_lse)
+  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3 + (not with_lse)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-  "dtype,tol,block_s,fused",
-  [  # block_s 128: the default (sweep_dense_kl, lab log); fused: BlockSizes.fused_dq
-    (jnp.float32, 1e-4, 128, True),
-    (jnp.bfloat16, 3e-2, 128, True),
-    (jnp.float32, 1e-4, 128, False),
-    (jnp.float32, 1e-4, 64, True),
-  ],
-)
-def test_gpu_matches_xla_path(dtype, tol, block_s, fused):
+@pytest.mark.parametrize("block_s", [64, 128])  # 128: the default (sweep_dense_kl, lab log)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+def test_gpu_matches_xla_path(dtype, tol, block_s):
   """Mid shape on the GPU: the kernels against the streamed XLA custom_vjp (grad.py, f32)."""
   q, k, w, aq, akv, _, ct = _case(7, 1, 1024, 2048, 64, 128, 16, 192, True, False, dtype)
   f32 = lambda x: x.astype(jnp.float32)
@@ -180,7 +164,7 @@ def test_gpu_matches_xla_path(dtype, tol, block_s, fused):
   def loss(fn):
     return lambda q, k, w: jnp.sum(ct * fn(q, k, w))
 
-  bsz = kernel_kl_triton.BlockSizes(block_s=block_s, fused_dq=fused)
+  bsz = kernel_kl_triton.BlockSizes(block_s=block_s)
   kern = lambda q, k, w: ops.dense_kl(
     q, k, w, aq, akv, None, attn_scale=SCALE, impl="pallas", block_sizes=bsz
   )
