@@ -20,11 +20,12 @@ M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shap
 the library's choice) for MoE presets such as `v32_attn_moe`.
 M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (the streamed XLA
 custom_vjp, the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
-M1_DENSE_KL=xla,kernels,kernels_cudnn runs the warm-up once per dense-KL path (`shape.dense_kl`
-names it); unset, the library's default (kernels): the streamed XLA custom_vjp; the Pallas-Triton
-kernels with the attention's lse from the Mosaic GPU flash kernel
+M1_DENSE_KL=xla,kernels,kernels_cudnn,kernels_grad_fwd runs the warm-up once per dense-KL path
+(`shape.dense_kl` names it); unset, the library's default (kernels): the streamed XLA
+custom_vjp; the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash kernel
 (sparse_attention.warmup_attention); kernels_cudnn: cuDNN attention, the KL kernels computing the
-lse in a pass of their own.
+lse in a pass of their own; kernels_grad_fwd: kernels with kernel_kl_triton.GRAD_IN_FORWARD (the
+KL value, dq and dw from one sweep after an indexer-only lse pass).
 With M1_PROFILE=<L>, one step per phase at that length is traced (jax.profiler, Perfetto JSON)
 and the top GPU ops by time go to `<out dir>/m1_profile_<preset>_<phase>_<L>.md`.
 """
@@ -44,6 +45,7 @@ from dsa_jax import data, model, optim, sparse_attention
 from dsa_jax import train as train_lib
 from experiments import bench_common as bc
 from pallas_kernels.grouped_matmul import ops as gmm_ops
+from pallas_kernels.lightning_indexer import kernel_kl_triton
 from pallas_kernels.lightning_indexer import ops as indexer_ops
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # dense bf16 tensor-core peak (SXM)
@@ -191,7 +193,7 @@ def suite_m1(small: bool):
   if gmm_mode:
     gmm_ops.GMM_KERNELS_BY_DEFAULT = gmm_mode == "kernels"
   kl_modes = env("M1_DENSE_KL", "")
-  modes = {"xla", "kernels", "kernels_cudnn"}
+  modes = {"xla", "kernels", "kernels_cudnn", "kernels_grad_fwd"}
   if set(kl_modes) - modes:
     raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of {sorted(modes)}")
   sparse_modes = env("M1_SPARSE_KL", "")
@@ -221,6 +223,7 @@ def suite_m1(small: bool):
           shape["dense_kl"] = kl_mode
           indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
           sparse_attention.GPU_WARMUP_ATTENTION_KERNEL = kl_mode != "kernels_cudnn"
+          kernel_kl_triton.GRAD_IN_FORWARD = kl_mode == "kernels_grad_fwd"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,

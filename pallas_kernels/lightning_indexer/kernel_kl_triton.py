@@ -20,6 +20,11 @@ kernels:
        per key block, a barrier between key blocks; no atomics, no other writer).
   dk   grid (key block, batch): over the query blocks that see the key block, the same g,
        dk += (g·w_j·1[z_j>0])ᵀ · q_j in a [bs,D] f32 register accumulator.
+With GRAD_IN_FORWARD, under differentiation with causal keys (ratio 1): every head's
+probabilities sum to 1 over the row's keys, so ps = H is known before any sweep; an indexer-only
+lse kernel (no target) gives lse_I, and the dq kernel with dl = 1 also sums the KL value
+(dense_kl_fwd_grad); the backward scales dq, dw by dl and runs dk. The target is rebuilt twice
+per step instead of three times.
 Dots take the inputs' dtype (bf16 on the tensor cores, f32 -> IEEE) with f32 accumulation; the
 g-weighted operands are cast to the other operand's dtype (as flash attention casts P).
 The wrapper pads T, S to the tiles, D to a power of 2 (>= 16) and C to a multiple of the C chunk
@@ -39,6 +44,10 @@ from pallas_kernels import _common
 
 MAX_DIM = 256  # largest (padded) indexer head dim the register tiles take
 MAX_UNROLL = 4  # attention-dim chunks unrolled per head (more: a loop)
+# Causal differentiation through dense_kl_fwd_grad (2 target sweeps) instead of dense_kl_fwd +
+# the dq kernel (3): off until a GPU has run it (its -m gpu test and M1_DENSE_KL=kernels_grad_fwd
+# in the lab log); tested both ways on CPU.
+GRAD_IN_FORWARD = False
 _NEG = -1e30
 
 
@@ -151,6 +160,13 @@ def _n_key_blocks(t0, *, bt, bs, off, s, m=1):
 
 def _grad_tile(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt, b, t0, s0, c):
   """g [bt, bs] = (P·[ps>0] - pt/ps)·dl over the visible keys, 0 elsewhere."""
+  return _grad_tiles(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt, b, t0, s0, c)[
+    0
+  ]
+
+
+def _grad_tiles(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt, b, t0, s0, c):
+  """(g, I, pt, visible): _grad_tile's g and the tiles it came from."""
   bt, bs = c["bt"], c["bs"]
   vis = _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
   i = _indexer_tile(q_ref, w_ref, kt, b, t0, bt=bt, nj=c["nj"])
@@ -171,7 +187,7 @@ def _grad_tile(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt, 
   )
   p = jnp.exp(i - lsei[:, None])
   g = (p * psum[:, None] - pt / psn[:, None]) * dl[:, None]
-  return jnp.where(vis, g, jnp.float32(0))
+  return jnp.where(vis, g, jnp.float32(0)), i, pt, vis
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +220,30 @@ def _lse_kernel(aq_ref, kv_ref, o_ref, *, c):
   init = (jnp.full((bt,), _NEG, jnp.float32), jnp.zeros((bt,), jnp.float32))
   m, l = jax.lax.fori_loop(0, nk, body, init)
   o_ref[b, h, pl.ds(t0, bt)] = m + jnp.log(l)
+
+
+def _lsei_kernel(q_ref, k_ref, w_ref, o_ref, *, c):
+  """The indexer logits' lse per row [B,Tp] over the visible keys (no target: a quarter of the
+  forward's work at V3.2's shapes)."""
+  bt, bs = c["bt"], c["bs"]
+  i = pl.num_programs(0) - 1 - pl.program_id(0)
+  b = pl.program_id(1)
+  t0 = i * bt
+  nk = _n_key_blocks(t0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
+
+  def body(kb, carry):
+    m, l = carry
+    s0 = kb * bs
+    vis = _vis(t0, s0, bt=bt, bs=bs, off=c["off"], s=c["s"], m=c["m"])
+    ind = _indexer_tile(q_ref, w_ref, k_ref[b, pl.ds(s0, bs), :], b, t0, bt=bt, nj=c["nj"])
+    ind = jnp.where(vis, ind, _NEG)
+    m_new = jnp.maximum(m, jnp.max(ind, axis=1))
+    e = jnp.where(vis, jnp.exp(ind - m_new[:, None]), jnp.float32(0))
+    return m_new, l * jnp.exp(m - m_new) + jnp.sum(e, axis=1)
+
+  init = (jnp.full((bt,), _NEG, jnp.float32), jnp.zeros((bt,), jnp.float32))
+  m, l = jax.lax.fori_loop(0, nk, body, init)
+  o_ref[b, pl.ds(t0, bt)] = m + jnp.log(l)
 
 
 def _fwd_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, kl_ref, lsei_ref, ps_ref, *, c):
@@ -262,7 +302,7 @@ def _row_stats(lsei_ref, ps_ref, dl_ref, b, t0, bt):
 
 
 def _dq_kernel(
-  q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei_ref, ps_ref, dl_ref, dq_ref, dw_ref, *, c
+  q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei_ref, ps_ref, dl_ref, dq_ref, dw_ref, *kl, c
 ):
   bt, bs, nj = c["bt"], c["bs"], c["nj"]
   i = pl.num_programs(0) - 1 - pl.program_id(0)
@@ -282,7 +322,16 @@ def _dq_kernel(
   def body(kb, carry):
     s0 = kb * bs
     kt = k_ref[b, pl.ds(s0, bs), :]
-    g = _grad_tile(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt, b, t0, s0, c)
+    g, ind, pt, vis = _grad_tiles(
+      q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt, b, t0, s0, c
+    )
+    if kl:  # Σ pt log pt and Σ pt (I - lse_I) over the visible keys (KL = a/ps - log ps - cc/ps)
+      a, cc = carry
+      pos = vis & (pt > jnp.float32(0))
+      lpt = jnp.log(jnp.where(pos, pt, jnp.float32(1)))
+      a = a + jnp.sum(jnp.where(pos, pt * lpt, jnp.float32(0)), axis=1)
+      cc = cc + jnp.sum(jnp.where(pos, pt * (ind - lsei[:, None]), jnp.float32(0)), axis=1)
+      carry = (a, cc)
 
     def head(j, carry):
       z = _dot(q_ref[b, pl.ds(t0, bt), j, :], kt, 1, 1)
@@ -297,7 +346,12 @@ def _dq_kernel(
       pltriton.debug_barrier()
     return carry
 
-  jax.lax.fori_loop(0, nk, body, 0)
+  z = jnp.zeros((bt,), jnp.float32)
+  a, cc = jax.lax.fori_loop(0, nk, body, (z, z))
+  if kl:
+    ps = ps_ref[b, pl.ds(t0, bt)]
+    val = a / psn - jnp.log(psn) - cc / psn
+    kl[0][b, pl.ds(t0, bt)] = jnp.where(ps > jnp.float32(0), val, jnp.float32(0))
 
 
 def _dk_kernel(
@@ -428,11 +482,77 @@ def dense_kl_fwd(
   return kl[:, : q.shape[1]], (lsei, ps, alse)
 
 
-@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "ratio"))
-def dense_kl_bwd(
-  q, k, w, attn_q, attn_kv, res, dl, *, attn_scale, block_sizes, interpret=False, ratio=1
+@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret"))
+def dense_kl_fwd_grad(
+  q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False
 ):
-  """(dq, dk, dw) of Σ_t dl[t]·kl[t], from dense_kl_fwd's residuals; in q's, k's, w's dtypes."""
+  """Causal (ratio 1) forward for differentiation: (kl, res, dq1, dw1) with dq1 [B,T,J,D], dw1
+  [B,T,J] the gradients of Σ_t kl[t] (in q's, w's dtypes); for a cotangent dl they scale by
+  dl[t] (both are per row), and dense_kl_bwd(with_dq=False) adds dk.
+
+  Causal rows see every key their heads attend to, so each head's probabilities sum to 1 and
+  the target's row sum is ps = H (given the attention's lse, or the lse kernel's). The indexer's
+  lse then comes from a pass without the target, and one row sweep (the dq kernel) yields the
+  KL value with dq and dw: two target rebuilds (this sweep, dk) instead of three (fwd, dq, dk)."""
+  bsz = block_sizes
+  qp, kp, wp, aq, kv, alse, cfg = _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz)
+  cfg["scale"] = float(attn_scale)
+  cfg["barrier"] = not interpret
+  if alse is None:
+    alse = _attn_lse_call(aq, kv, cfg, bsz, interpret)
+  b, tp, nj, dp = cfg["b"], qp.shape[1], cfg["nj"], qp.shape[-1]
+  row = jax.ShapeDtypeStruct((b, tp), jnp.float32)
+  lsei = _call(
+    functools.partial(_lsei_kernel, c=cfg),
+    "dense_kl_indexer_lse",
+    (cfg["nq"], b),
+    row,
+    (qp, kp, wp),
+    bsz,
+    interpret,
+  )
+  ps = jnp.full((b, tp), float(cfg["nh"]), jnp.float32)
+  ones = jnp.ones((b, tp), jnp.float32)
+  dq, dw, kl = _call(
+    functools.partial(_dq_kernel, c=cfg),
+    "dense_kl_fwd_dq",
+    (cfg["nq"], b),
+    (
+      jax.ShapeDtypeStruct((b, tp, nj, dp), jnp.float32),
+      jax.ShapeDtypeStruct((b, nj, tp), jnp.float32),
+      row,
+    ),
+    (qp, kp, wp, aq, kv, alse, lsei, ps, ones),
+    bsz,
+    interpret,
+    bwd=True,
+  )
+  t, d = q.shape[1], q.shape[-1]
+  dq1 = dq[:, :t, :, :d].astype(q.dtype)
+  dw1 = jnp.swapaxes(dw, 1, 2)[:, :t].astype(w.dtype)
+  return kl[:, :t], (lsei, ps, alse), dq1, dw1
+
+
+@functools.partial(
+  jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "ratio", "with_dq")
+)
+def dense_kl_bwd(
+  q,
+  k,
+  w,
+  attn_q,
+  attn_kv,
+  res,
+  dl,
+  *,
+  attn_scale,
+  block_sizes,
+  interpret=False,
+  ratio=1,
+  with_dq=True,
+):
+  """(dq, dk, dw) of Σ_t dl[t]·kl[t], from dense_kl_fwd's residuals; in q's, k's, w's dtypes.
+  with_dq=False: dk only (dq, dw None; dense_kl_fwd_grad made them)."""
   bsz = block_sizes
   lsei, ps, alse = res
   qp, kp, wp, aq, kv, _, cfg = _prepare(q, k, w, attn_q, attn_kv, None, bsz, ratio)
@@ -441,19 +561,21 @@ def dense_kl_bwd(
   dlp = _common.pad_axis(dl.astype(jnp.float32), 1, cfg["bt"])
   args = (qp, kp, wp, aq, kv, alse, lsei, ps, dlp)
   b, tp, sp, dp = cfg["b"], qp.shape[1], kp.shape[1], qp.shape[-1]
-  dq, dw = _call(
-    functools.partial(_dq_kernel, c=cfg),
-    "dense_kl_bwd_dq",
-    (cfg["nq"], b),
-    (
-      jax.ShapeDtypeStruct((b, tp, cfg["nj"], dp), jnp.float32),
-      jax.ShapeDtypeStruct((b, cfg["nj"], tp), jnp.float32),
-    ),
-    args,
-    bsz,
-    interpret,
-    bwd=True,
-  )
+  dq = dw = None
+  if with_dq:
+    dq, dw = _call(
+      functools.partial(_dq_kernel, c=cfg),
+      "dense_kl_bwd_dq",
+      (cfg["nq"], b),
+      (
+        jax.ShapeDtypeStruct((b, tp, cfg["nj"], dp), jnp.float32),
+        jax.ShapeDtypeStruct((b, cfg["nj"], tp), jnp.float32),
+      ),
+      args,
+      bsz,
+      interpret,
+      bwd=True,
+    )
   dk = _call(
     functools.partial(_dk_kernel, c=cfg),
     "dense_kl_bwd_dk",
@@ -465,8 +587,10 @@ def dense_kl_bwd(
     bwd=True,
   )
   t, s, d = q.shape[1], k.shape[1], q.shape[-1]
-  dq = dq[:, :t, :, :d].astype(q.dtype)
   dk = dk[:, :s, :d].astype(k.dtype)
+  if not with_dq:
+    return None, dk, None
+  dq = dq[:, :t, :, :d].astype(q.dtype)
   dw = jnp.swapaxes(dw, 1, 2)[:, :t].astype(w.dtype)
   return dq, dk, dw
 
@@ -490,6 +614,11 @@ def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
 
 def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret, ratio):
   aq, akv, al = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
+  if ratio == 1 and GRAD_IN_FORWARD:
+    kl, res, dq1, dw1 = dense_kl_fwd_grad(
+      q, k, w, aq, akv, al, attn_scale=attn_scale, block_sizes=block_sizes, interpret=interpret
+    )
+    return kl, (q, k, w, aq, akv, res, dq1, dw1)
   kl, res = dense_kl_fwd(
     q,
     k,
@@ -502,11 +631,11 @@ def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
     interpret=interpret,
     ratio=ratio,
   )
-  return kl, (q, k, w, aq, akv, res)
+  return kl, (q, k, w, aq, akv, res, None, None)
 
 
 def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):
-  q, k, w, aq, akv, res = saved
+  q, k, w, aq, akv, res, dq1, dw1 = saved
   dq, dk, dw = dense_kl_bwd(
     q,
     k,
@@ -519,7 +648,12 @@ def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):
     block_sizes=block_sizes,
     interpret=interpret,
     ratio=ratio,
+    with_dq=dq1 is None,
   )
+  if dq1 is not None:  # per-row gradients of Σ_t kl[t], scaled by the row's cotangent
+    dlf = dl.astype(jnp.float32)
+    dq = (dq1.astype(jnp.float32) * dlf[:, :, None, None]).astype(q.dtype)
+    dw = (dw1.astype(jnp.float32) * dlf[:, :, None]).astype(w.dtype)
   return dq, dk, dw, None, None, None
 
 

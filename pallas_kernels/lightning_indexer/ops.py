@@ -272,12 +272,16 @@ def dense_kl(
 ):
   """Dense warm-up indexer KL per query [B,T] (differentiable in q, k, w).
 
+  attn_lse [B,T,H]: the lse of exactly these logits (attn_scale · attn_q·attn_kvᵀ over each row's
+  causal keys), as the attention that ran returns it, or None to compute it. The reference
+  L1-normalises the target anyway; the kernels with kernel_kl_triton.GRAD_IN_FORWARD take each
+  head's probabilities to sum to 1.
   impl="pallas": on one GPU the Pallas-Triton kernels (kernel_kl_triton.py; `block_sizes` tunes
   them, interpret=True runs them on CPU); elsewhere the streamed XLA custom_vjp of grad.py
-  (block_t / block_s). Shapes the kernels do
-  not take: kernel_kl_triton.supported. With several devices the kernels run only when asked for (a pallas_call is
-  not auto-partitioned; call it inside a shard_map over batch). Asking for the kernels explicitly
-  (interpret=True or block_sizes) with a backend or shape they do not take raises.
+  (block_t / block_s). Shapes the kernels do not take: kernel_kl_triton.supported. With several
+  devices the kernels run only when asked for (a pallas_call is not auto-partitioned; call it
+  inside a shard_map over batch). Asking for the kernels explicitly (interpret=True or
+  block_sizes) with a backend or shape they do not take raises.
   """
   _check(q, k, w)
   if attn_q.ndim != 4 or attn_kv.ndim not in (3, 4):

@@ -42,8 +42,8 @@ def _check(args, bsz, tol=1e-5):
     f = lambda q, k, w: ops.dense_kl(
       q, k, w, aq, akv, lse, attn_scale=SCALE, impl="pallas", interpret=True, block_sizes=bsz
     )
-    kl, vjp = jax.vjp(f, q, k, w)
-    return kl, vjp(ct)
+    kl, vjp = jax.vjp(f, q, k, w)  # causal: dense_kl_fwd_grad's sweeps
+    return kl, vjp(ct), f(q, k, w)  # undifferentiated: dense_kl_fwd
 
   @jax.jit
   def ref(q, k, w):
@@ -51,9 +51,10 @@ def _check(args, bsz, tol=1e-5):
     kl, vjp = jax.vjp(f, q, k, w)
     return kl, vjp(ct)
 
-  got, got_g = kern(q, k, w)
+  got, got_g, got_primal = kern(q, k, w)
   want, want_g = ref(*(x.astype(jnp.float32) for x in (q, k, w)))
   assert rel_err(got, want) < tol
+  assert rel_err(got_primal, want) < tol
   for name, g_, w_ in zip("qkw", got_g, want_g):
     assert g_.dtype == q.dtype
     assert rel_err(g_, w_) < tol, name
@@ -76,8 +77,15 @@ SLOW_CASES = {
 }
 
 
+@pytest.fixture(params=[False, True], ids=["fwd_dq_dk", "grad_in_forward"])
+def grad_in_forward(request, monkeypatch):
+  """Both causal differentiation paths: dense_kl_fwd + dq + dk, and dense_kl_fwd_grad + dk."""
+  monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", request.param)
+  return request.param
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_interpret_matches_reference(name):
+def test_interpret_matches_reference(name, grad_in_forward):
   case, bsz = CASES[name]
   _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
 
@@ -90,7 +98,7 @@ def test_interpret_matches_reference_more_shapes(name):
 
 
 @pytest.mark.slow
-def test_interpret_bf16_inputs():
+def test_interpret_bf16_inputs(grad_in_forward):
   """bf16 operands: bf16 dots with f32 accumulation; g is cast to bf16 for dq / dk."""
   case = (5, 1, 48, 64, 4, 32, 2, 24, True, False)
   _check(_case(*case, dtype=jnp.bfloat16), kernel_kl_triton.BlockSizes(16, 16, 16), tol=2e-2)
@@ -127,9 +135,11 @@ def _export_cuda(f, *avals):
   "form,with_lse,dtype",
   [("mha", False, jnp.bfloat16), ("mha", True, jnp.float32), ("absorbed", True, jnp.bfloat16)],
 )
-def test_export_cuda_v32_shapes(form, with_lse, dtype):
+def test_export_cuda_v32_shapes(form, with_lse, dtype, grad_in_forward):
   """Value and gradient lower for cuda at V3.2's shapes (J=64, D=128, H=128, C=192 per head or
-  576 absorbed), L=4096: the lse kernel (when attn_lse is None), forward, dq/dw and dk kernels."""
+  576 absorbed), L=4096: the lse kernel (when attn_lse is None), forward, dq/dw and dk kernels;
+  or with GRAD_IN_FORWARD the indexer-lse kernel, the dq sweep that also sums the KL value, and
+  dk (dense_kl_fwd_grad): as many kernels."""
   n, h = 4096, 128
   sds = jax.ShapeDtypeStruct
   c = 192 if form == "mha" else 576
@@ -154,9 +164,9 @@ def test_export_cuda_v32_shapes(form, with_lse, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_s", [64, 128])  # 128: the default (sweep_dense_kl, lab log)
+@pytest.mark.parametrize("block_s", [128])  # the default (sweep_dense_kl, lab log)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
-def test_gpu_matches_xla_path(dtype, tol, block_s):
+def test_gpu_matches_xla_path(dtype, tol, block_s, grad_in_forward):
   """Mid shape on the GPU: the kernels against the streamed XLA custom_vjp (grad.py, f32)."""
   q, k, w, aq, akv, _, ct = _case(7, 1, 1024, 2048, 64, 128, 16, 192, True, False, dtype)
   f32 = lambda x: x.astype(jnp.float32)
