@@ -38,7 +38,16 @@ SIZES = {
     pairs=32,
     text_weight=0.05,
     # packed rows (no filler), 8 keys x 8 values: 24 answers a row of 64 (WORKSPACE.md, session 3)
-    pack=dict(seq_len=64, batch_size=256, pairs=8, n_keys=8, n_values=8, steps=8000),
+    pack=dict(
+      seq_len=64,
+      batch_size=256,
+      pairs=8,
+      n_keys=8,
+      n_values=8,
+      steps=8000,
+      chunk=500,
+      stop_loss=0.01,
+    ),
     short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
     pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=6.0),
     steps=dict(warmup=60, sparse=240),
@@ -50,7 +59,9 @@ SIZES = {
     batch_size=2,
     pairs=8,
     text_weight=0.05,
-    pack=dict(seq_len=64, batch_size=2, pairs=4, n_keys=8, n_values=8, steps=2),
+    pack=dict(
+      seq_len=64, batch_size=2, pairs=4, n_keys=8, n_values=8, steps=2, chunk=1, stop_loss=0.0
+    ),
     short=dict(seq_len=128, batch_size=2, pairs=4, steps=0),  # skipped: one compile less
     pretrain=dict(chunk=2, max_steps=4, gate=0.95, max_minutes=5.0),
     steps=dict(warmup=1, sparse=2),
@@ -84,7 +95,8 @@ def get_config(arg=None):
     dict(pairs=s["pairs"], min_distance=8, text_weight=s["text_weight"])
   )
   # the curriculum's first stage: dense on rows packed with pairs and queries (no filler), keys /
-  # values from the first `n_keys` / `n_values` symbols (steps=0 skips it)
+  # values from the first `n_keys` / `n_values` symbols (steps=0 skips it); with stop_loss > 0 it
+  # runs in chunks of `chunk` steps and stops once the training loss is below stop_loss
   c.pack = ml_collections.ConfigDict(s["pack"])
   # then dense at a short length over text filler (steps=0 skips it)
   c.short = ml_collections.ConfigDict(s["short"])

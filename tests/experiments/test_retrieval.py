@@ -246,6 +246,20 @@ def test_curriculum_chain(launcher, tmp_path):
   assert retrieval.plan(c, "pretrain")[2] is None
 
 
+def test_pack_stops_early_once_solved(launcher, tmp_path):
+  """pack with stop_loss: trains in chunks, stops after the first chunk whose training loss is
+  below stop_loss, records why, and a rerun keeps that record; below no stop_loss, all steps."""
+  retrieval, c = launcher
+  c = c.copy_and_resolve_references()
+  c.pack.steps, c.pack.chunk, c.pack.stop_loss = 4, 2, 1e9
+  done = retrieval.run_stage(c, "pack", str(tmp_path))
+  assert done["steps"] == 2 and done["stopped"].startswith("lm_loss")
+  assert retrieval.run_stage(c, "pack", str(tmp_path))["steps"] == 2  # kept, not retrained
+  c.pack.stop_loss = 1e-30
+  full = retrieval.run_stage(c, "pack", str(tmp_path / "full"))
+  assert full["steps"] == 4 and "stopped" not in full
+
+
 def test_criterion_reads_the_buckets(launcher):
   retrieval, _ = launcher
   edges = [8, 16, 32, 64, 128, 250]
