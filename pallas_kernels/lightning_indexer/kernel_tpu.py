@@ -88,10 +88,16 @@ def prepare(q, k, w, numerics: str):
   raise ValueError(f"numerics={numerics!r}; expected one of {NUMERICS}")
 
 
-def _logits_kernel(q_ref, k_ref, w_ref, ks_ref, o_ref, *, j, bq, bk, off, causal):
+def _last_key(qpos, m):
+  """The last key a query at position qpos sees: qpos (causal, m = 1), or the last whole block
+  of ratio m before it (entry j visible iff j < (qpos + 1) // m; DeepSeek-V4's compressed keys)."""
+  return qpos if m == 1 else jax.lax.div(qpos + 1, m) - 1  # qpos + 1 >= 1: div is floor
+
+
+def _logits_kernel(q_ref, k_ref, w_ref, ks_ref, o_ref, *, j, bq, bk, off, causal, m):
   qi, ki = pl.program_id(1), pl.program_id(2)
   q0 = qi * bq
-  live = (ki * bk <= off + q0 + bq - 1) if causal else True
+  live = (ki * bk <= _last_key(off + q0 + bq - 1, m)) if causal else True
 
   @pl.when(live)
   def _():
@@ -103,7 +109,7 @@ def _logits_kernel(q_ref, k_ref, w_ref, ks_ref, o_ref, *, j, bq, bk, off, causal
     if causal:
       kpos = ki * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
       qpos = off + q0 + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-      v = jnp.where(kpos <= qpos, v, -jnp.inf)
+      v = jnp.where(kpos <= _last_key(qpos, m), v, -jnp.inf)
     o_ref[0] = v
 
   if causal:
@@ -114,10 +120,10 @@ def _logits_kernel(q_ref, k_ref, w_ref, ks_ref, o_ref, *, j, bq, bk, off, causal
 
 
 def logits_call(
-  qx, kx, wq, ks, *, block_sizes: BlockSizes, causal=True, q_offset=None, interpret=False
+  qx, kx, wq, ks, *, block_sizes: BlockSizes, causal=True, q_offset=None, interpret=False, ratio=1
 ):
-  """Prepared operands (see `prepare`) -> logits [B,T,S] f32. Query t sits at key position
-  q_offset + t (default S - T)."""
+  """Prepared operands (see `prepare`) -> logits [B,T,S] f32. Query t sits at position
+  q_offset + t (default S - T; 0 with ratio > 1) and sees keys up to `_last_key` of it."""
   b, t, j, d = qx.shape
   s = kx.shape[1]
   bq, bk = block_sizes.block_q, block_sizes.block_k
@@ -125,17 +131,16 @@ def logits_call(
     raise ValueError(f"T={t} % block_q={bq} and S={s} % block_k={bk} must be 0")
   if j % 8:
     raise ValueError(f"J={j} indexer heads must be a multiple of 8")
-  off = s - t if q_offset is None else q_offset
+  off = (s - t if ratio == 1 else 0) if q_offset is None else q_offset
 
   def live_k(qi, ki):  # dead blocks re-use the last live block's index: no new DMA
-    return (
-      jnp.minimum(ki, jax.lax.div(jnp.maximum(off + qi * bq + bq - 1, 0), bk)) if causal else ki
-    )
+    last = jnp.maximum(_last_key(off + qi * bq + bq - 1, ratio), 0)
+    return jnp.minimum(ki, jax.lax.div(last, bk)) if causal else ki
 
   k_map = lambda bi, qi, ki: (bi, live_k(qi, ki), 0)
   ks_map = lambda bi, qi, ki: (bi, 0, live_k(qi, ki))
 
-  kern = functools.partial(_logits_kernel, j=j, bq=bq, bk=bk, off=off, causal=causal)
+  kern = functools.partial(_logits_kernel, j=j, bq=bq, bk=bk, off=off, causal=causal, m=ratio)
   flops = 2 * b * t * j * d * s // (2 if causal else 1)
   return pl.pallas_call(
     kern,
@@ -204,29 +209,48 @@ def indexer_topk_tpu(
   recall_target=None,
   block_sizes=None,
   interpret=False,
+  ratio=1,
 ):
   """Causal indexer top-k [B,T,topk] int32 (-1 = no key): per block of block_t queries, the logits
   kernel over the keys up to the block's causal bound, then the TPU top-k (topk/kernel_tpu.py:
-  exact lax.top_k, or approx_max_k with `recall_target`). [T,S] is never held at once."""
+  exact lax.top_k, or approx_max_k with `recall_target`). [T,S] is never held at once.
+  ratio m > 1: k holds compressed entries and query t (tokens 0..T-1) sees entries
+  j < (t+1)//m (DeepSeek-V4); T and S are then padded to the blocks inside (padding is never
+  visible), while ratio 1 keeps its callers' tile-aligned shapes."""
   from pallas_kernels.topk import kernel_tpu as topk_tpu  # noqa: PLC0415
 
   t, s = q.shape[1], k.shape[1]
   qx, kx, wq, ks = prepare(q, k, w, numerics)
-  off = s - t
+  off = s - t if ratio == 1 else 0
   outs = []
   for t0 in range(0, t, block_t):
     n = min(block_t, t - t0)
     bs = block_sizes or BlockSizes.default_for(n, s)
-    s_blk = min(s, -(-(off + t0 + n) // bs.block_k) * bs.block_k)
+    bq, bk = bs.block_q, bs.block_k
+    seen = off + t0 + n if ratio == 1 else max((t0 + n) // ratio, 1)  # keys the block's rows see
+    s_blk = -(-seen // bk) * bk
+    q_blk, w_blk = qx[:, t0 : t0 + n], wq[:, t0 : t0 + n]
+    k_blk, ks_blk = kx[:, :s_blk], ks[:, :s_blk]
+    if ratio == 1:
+      s_blk = min(s, s_blk)
+      k_blk, ks_blk = kx[:, :s_blk], ks[:, :s_blk]
+    else:  # zero rows past T and U: padded queries are sliced off, padded keys never visible
+      pad = lambda x, axis, to: jnp.pad(
+        x, [(0, to - x.shape[a]) if a == axis else (0, 0) for a in range(x.ndim)]
+      )
+      np_ = -(-n // bq) * bq
+      q_blk, w_blk = pad(q_blk, 1, np_), pad(w_blk, 1, np_)
+      k_blk, ks_blk = pad(k_blk, 1, s_blk), pad(ks_blk, 1, s_blk)
     logits = logits_call(
-      qx[:, t0 : t0 + n],
-      kx[:, :s_blk],
-      wq[:, t0 : t0 + n],
-      ks[:, :s_blk],
+      q_blk,
+      k_blk,
+      w_blk,
+      ks_blk,
       block_sizes=bs,
       causal=True,
       q_offset=off + t0,
       interpret=interpret,
+      ratio=ratio,
     )
-    outs.append(topk_tpu.topk_tpu(logits, topk, recall_target=recall_target))
+    outs.append(topk_tpu.topk_tpu(logits[:, :n], topk, recall_target=recall_target))
   return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]

@@ -184,8 +184,9 @@ def v4_attention(
   return _kernel_sink_attention(q, rows, buf, sink, scale, interpret, backend, config)
 
 
-def _indexer_kernels(q, k, w, ratio, backend, interpret, what) -> bool:
-  """Whether the V3.2 GPU indexer kernels take a compressed-key call (see compressed_topk)."""
+def _indexer_kernels(q, k, w, ratio, backend, interpret, what, tpu=False) -> bool:
+  """Whether the V3.2 GPU indexer kernels (or, with tpu=True on a TPU backend, the TPU ones)
+  take a compressed-key call (see compressed_topk)."""
   if q.ndim != 4 or k.ndim != 3 or w.shape != q.shape[:3] or k.shape[-1] != q.shape[-1]:
     raise ValueError(
       f"expected q [B,T,J,D], k [B,U,D], w [B,T,J]; got {q.shape}, {k.shape}, {w.shape}"
@@ -196,8 +197,11 @@ def _indexer_kernels(q, k, w, ratio, backend, interpret, what) -> bool:
 
   backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
   why = None
-  if backend != "gpu":
-    why = f"backend={backend!r} (the V4 indexer kernels are the GPU ones)"
+  if backend == "tpu" and tpu:
+    if q.shape[2] % 8:
+      why = f"J={q.shape[2]} (the TPU logits kernel takes a multiple of 8 indexer heads)"
+  elif backend != "gpu":
+    why = f"backend={backend!r} (the V4 indexer kernels here are the GPU ones)"
   elif q.shape[2:] != (kernel_mosaic_gpu.HEADS, kernel_mosaic_gpu.DIM):
     why = f"J, D = {q.shape[2:]}; the FP8 kernel takes ({kernel_mosaic_gpu.HEADS}, {kernel_mosaic_gpu.DIM})"
   if why is not None and interpret:
@@ -224,19 +228,37 @@ def compressed_topk(
   1x128 e4m3 inside, exact for FP8 fake-quantised inputs (docs/dsa.md §Indexer). Any T and U
   (padded to the kernels' tiles inside); block_t is rounded up to a multiple of 16.
   interpret=True runs the kernels on CPU. Shapes the FP8 kernel does not take (J != 64 or
-  D != 128) and backend="tpu" run the reference, unless interpret asks for the kernels (raises).
+  D != 128) run the reference, unless interpret asks for the kernels (raises).
+  backend="tpu" (or a TPU default backend): the TPU logits kernel with the same block-causal
+  bound per query block, then the TPU top-k (lightning_indexer.kernel_tpu.indexer_topk_tpu with
+  ratio=m; the TPU generation's matmul numerics, FP8 in the interpreter): slots in descending
+  score order, as the reference.
   """
   _impl(impl)
   if topk <= 0:
     raise ValueError(f"topk={topk} must be positive")
   b, t = q.shape[:2]
   if impl == "reference" or not _indexer_kernels(
-    q, k, w, ratio, backend, interpret, "compressed_topk"
+    q, k, w, ratio, backend, interpret, "compressed_topk", tpu=True
   ):
     return reference.compressed_indexer_topk(q, k, w, ratio=ratio, topk=topk, block_t=block_t)
   u = k.shape[1]
   if u == 0 or t < ratio:  # nothing is visible yet
     return jnp.full((b, t, topk), -1, jnp.int32)
+  if (backend or jax.default_backend()) == "tpu":
+    from pallas_kernels.lightning_indexer import kernel_tpu  # noqa: PLC0415
+
+    q, k, w = jax.lax.stop_gradient((q, k, w))
+    return kernel_tpu.indexer_topk_tpu(
+      q,
+      k,
+      w,
+      topk=topk,
+      block_t=_round_up(min(block_t, t), 8),
+      numerics=kernel_tpu.default_numerics() if not interpret else "fp8",
+      interpret=bool(interpret),
+      ratio=ratio,
+    )
   from pallas_kernels.lightning_indexer import kernel_mosaic_gpu  # noqa: PLC0415
   from pallas_kernels.topk import kernel_triton as topk_kernel  # noqa: PLC0415
 

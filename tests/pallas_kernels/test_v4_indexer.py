@@ -131,6 +131,62 @@ def test_t_below_ratio_and_fallbacks():
     ops.compressed_topk(q, k, w, ratio=4, topk=2, impl="triton")
 
 
+@pytest.mark.parametrize(
+  "b,t,u,topk,block_t,j",
+  [
+    (2, 22, 5, 3, 16, 64),  # T % m != 0, batch 2, a partial last query block, topk < visible
+    (1, 40, 10, 16, 16, 8),  # topk >= every row's visible entries; J 8 (the TPU kernel's minimum)
+    (1, 6, 1, 2, 512, 8),  # one entry, rows 0..2 see none; block_t > T
+  ],
+)
+def test_topk_tpu_interpret_matches_reference(b, t, u, topk, block_t, j):
+  """backend="tpu": the TPU logits kernel with the block-causal bound (TPU interpreter, FP8
+  numerics: exact on FP8 fake-quantised inputs) and the TPU top-k give the reference's slots,
+  in its order (descending score; ties to the lower id)."""
+  q, k, w = _inputs(6, b, t, u, j=j)
+  got = ops.compressed_topk(
+    q, k, w, ratio=4, topk=topk, block_t=block_t, impl="pallas", interpret=True, backend="tpu"
+  )
+  want = ops.compressed_topk(q, k, w, ratio=4, topk=topk, block_t=block_t)
+  assert got.shape == want.shape == (b, t, topk) and got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, want)
+
+
+def test_topk_tpu_ratio_blocks():
+  """The TPU kernel's dead-block skip and mask at ratio 16 > block_q: whole query blocks see no
+  entry, later ones see a growing prefix; the logits equal the reference's visible scores."""
+  from pallas_kernels.lightning_indexer import kernel_tpu  # noqa: PLC0415
+
+  q, k, w = _inputs(7, 1, 64, 4, j=8)
+  qx, kx, wq, ks = kernel_tpu.prepare(q, k, w, "fp8")
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 128 - 4)) + ((0, 0),) * (x.ndim - 2))
+  got = kernel_tpu.logits_call(
+    qx, pad(kx), wq, pad(ks), block_sizes=kernel_tpu.BlockSizes(8, 128), ratio=16, interpret=True
+  )[..., :4]
+  want = reference.compressed_indexer_logits(q, k, w, 16)
+  vis = np.isfinite(np.asarray(want))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(got)), vis)
+  np.testing.assert_allclose(np.asarray(got)[vis], np.asarray(want)[vis], rtol=1e-5, atol=1e-5)
+
+
+def test_export_tpu_v4_flash_shapes():
+  """compressed_topk(backend="tpu") lowers for TPU at V4-Flash shapes (T 8192, U = T/4, J 64,
+  D 128, k 512, 512-query blocks)."""
+  from jax import export  # noqa: PLC0415
+
+  f32, t = jnp.float32, 8192
+  f = lambda q, k, w: ops.compressed_topk(
+    q, k, w, ratio=4, topk=512, block_t=512, impl="pallas", backend="tpu"
+  )
+  args = (
+    jax.ShapeDtypeStruct((1, t, 64, 128), f32),
+    jax.ShapeDtypeStruct((1, t // 4, 128), f32),
+    jax.ShapeDtypeStruct((1, t, 64), f32),
+  )
+  exp = export.export(jax.jit(f), platforms=["tpu"])(*args)
+  assert exp.out_avals[0].shape == (1, t, 512) and "indexer_logits_tpu" in exp.mlir_module()
+
+
 def test_export_cuda_v4_flash_shapes():
   """compressed_topk(impl="pallas") lowers for cuda at V4-Flash shapes: T 8192, U = T/4,
   J 64, D 128, k 512, the model's 512-query blocks; both kernels are in the module."""
