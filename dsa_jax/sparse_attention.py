@@ -140,12 +140,13 @@ def warmup_attention(q, k, v, *, scale: float, block_t: int, impl: str = "refere
   """Dense causal attention for the warm-up, with what its KL target needs: (out, lse, q_t,
   scale_t) such that exp(scale_t · q_t·kᵀ - lse) are the attention's probabilities per head.
 
-  On one GPU (impl="pallas", MHA bf16/f16, T = S, shapes kernel_mgpu.supported takes) the
+  On one GPU, or per device inside a shard_map over the whole mesh (impl="pallas", MHA bf16/f16,
+  T = S, shapes kernel_mgpu.supported takes), the
   Mosaic GPU flash kernel returns out and an f32 lse from one pass over q pre-scaled once
   (q_t is that q, scale_t = 1), so the KL kernels skip their own lse pass. Elsewhere this is
   dense_attention(with_lse=False): (out, lse or None, q, scale).
   """
-  on_gpu = impl == "pallas" and jax.default_backend() == "gpu" and jax.device_count() == 1
+  on_gpu = impl == "pallas" and jax.default_backend() == "gpu" and _common.per_device()
   if on_gpu and GPU_WARMUP_ATTENTION_KERNEL and k.ndim == 4 and q.shape[1] == k.shape[1]:
     qs = dense_mgpu.scaled_query(q, float(scale))
     if dense_mgpu.supported(qs, k, v) is None:

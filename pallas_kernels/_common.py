@@ -5,6 +5,14 @@ import jax
 import jax.numpy as jnp
 
 
+def per_device() -> bool:
+  """True where a pallas_call runs as written: one device, or inside a shard_map over every axis
+  of the mesh (each device runs its part). Elsewhere a sharded jit would run it replicated, since
+  a pallas_call is not auto-partitioned."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.device_count() == 1 or (not mesh.empty and mesh.are_all_axes_manual)
+
+
 def pad_axis(x, axis: int, multiple: int, value=0):
   """Pads `axis` of x up to a multiple of `multiple` with `value`."""
   n = x.shape[axis]

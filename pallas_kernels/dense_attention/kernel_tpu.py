@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+from pallas_kernels import _common
+
 BLOCK = 512  # query / key tile of every splash kernel (capped at T)
 
 
@@ -37,8 +39,7 @@ def supported(q, k, v, interpret: bool = False, block: int = BLOCK) -> str | Non
   b = min(block, t)
   if t % b or b % 128:
     return f"T={t} is not a multiple of the block {b} (itself a multiple of 128)"
-  mesh = jax.sharding.get_abstract_mesh()
-  if not interpret and jax.device_count() > 1 and (mesh.empty or not mesh.are_all_axes_manual):
+  if not interpret and not _common.per_device():
     return "several devices outside a shard_map (a pallas_call is not auto-partitioned)"
   return None
 

@@ -14,6 +14,7 @@ wanted, else ragged_dot:
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _common
 from pallas_kernels.grouped_matmul import kernel_triton, reference
 
 IMPLS = ("reference", "pallas")
@@ -38,18 +39,12 @@ def _check(lhs, rhs, group_sizes):
     raise ValueError(f"group_sizes dtype {group_sizes.dtype} must be an integer type")
 
 
-def _whole_mesh_manual() -> bool:
-  """True inside a shard_map over every axis of the current mesh (each device runs its part)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and mesh.are_all_axes_manual
-
-
 def _why_not(lhs, rhs, interpret, explicit) -> str | None:
   """None when the kernels run, else why not."""
   why = kernel_triton.supported(lhs, rhs)
   if why is None and not interpret and jax.default_backend() != "gpu":
     why = f"no GPU (jax.default_backend()={jax.default_backend()!r}); pass interpret=True"
-  elif why is None and not explicit and jax.device_count() > 1 and not _whole_mesh_manual():
+  elif why is None and not explicit and not _common.per_device():
     why = "several devices outside a shard_map (a pallas_call is not auto-partitioned)"
   elif why is None and not explicit and not GMM_KERNELS_BY_DEFAULT:
     why = "GMM_KERNELS_BY_DEFAULT is off: opt in with block_sizes=BlockSizes()"

@@ -16,6 +16,7 @@ Pallas-Triton kernels of kernel_sparse_kl_triton.py (SPARSE_KL_KERNELS_BY_DEFAUL
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _common
 from pallas_kernels.lightning_indexer import (
   grad,
   kernel_kl_triton,
@@ -199,9 +200,8 @@ def sparse_kl_kernels_why(q, k, *, interpret=False, block_sizes=None) -> str | N
   why = kernel_sparse_kl_triton.supported(q, k)
   if not interpret and jax.default_backend() != "gpu":
     why = why or f"no GPU (jax.default_backend()={jax.default_backend()!r}); pass interpret=True"
-  elif not explicit and jax.device_count() > 1:
-    # A pallas_call is not auto-partitioned: under a sharded jit it would run replicated.
-    why = why or "several devices (the kernels need a shard_map over batch; not wired)"
+  elif not explicit and not _common.per_device():
+    why = why or "several devices outside a shard_map (a pallas_call is not auto-partitioned)"
   elif not explicit and not SPARSE_KL_KERNELS_BY_DEFAULT:
     why = why or "SPARSE_KL_KERNELS_BY_DEFAULT is off: opt in with block_sizes=BlockSizes()"
   return why
@@ -279,8 +279,8 @@ def dense_kl(
   impl="pallas": on one GPU the Pallas-Triton kernels (kernel_kl_triton.py; `block_sizes` tunes
   them, interpret=True runs them on CPU); elsewhere the streamed XLA custom_vjp of grad.py
   (block_t / block_s). Shapes the kernels do not take: kernel_kl_triton.supported. With several
-  devices the kernels run only when asked for (a pallas_call is not auto-partitioned; call it
-  inside a shard_map over batch). Asking for the kernels explicitly (interpret=True or
+  devices the kernels run inside a shard_map over the whole mesh (each device its part), or when
+  asked for (a pallas_call is not auto-partitioned). Asking for the kernels explicitly (interpret=True or
   block_sizes) with a backend or shape they do not take raises.
   """
   _check(q, k, w)
@@ -310,9 +310,8 @@ def dense_kl(
     why = f"backend={_backend(backend)!r} (the kernels are Pallas-Triton, GPU only)"
   elif not interpret and jax.default_backend() != "gpu":
     why = why or f"no GPU (jax.default_backend()={jax.default_backend()!r}); pass interpret=True"
-  elif not explicit and jax.device_count() > 1:
-    # A pallas_call is not auto-partitioned: under a sharded jit it would run replicated.
-    why = why or "several devices (the kernels need a shard_map over batch; not wired)"
+  elif not explicit and not _common.per_device():
+    why = why or "several devices outside a shard_map (a pallas_call is not auto-partitioned)"
   elif not explicit and not DENSE_KL_KERNELS_BY_DEFAULT:
     why = why or "DENSE_KL_KERNELS_BY_DEFAULT is off: opt in with block_sizes=BlockSizes()"
   if why is None:

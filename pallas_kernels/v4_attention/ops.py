@@ -373,7 +373,7 @@ def _dense_kl_kernels(iq, q, interpret) -> bool:
     return True
   return (
     jax.default_backend() == "gpu"
-    and jax.device_count() == 1
+    and _common.per_device()
     and lightning_indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT
   )
 
