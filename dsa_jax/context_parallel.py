@@ -114,3 +114,42 @@ def sparse_attention_cp(ctx: sharding.Context, q_abs, kv_lat, iq, ik, iw, cfg, *
   )
   o, lse, kl = fn(q_abs, kv_lat, iq, ik, iw)
   return o, lse, (kl if with_kl else None)
+
+
+def warmup_batch_parallel(ctx: sharding.Context, q, k, v, iq, ik, iw, cfg):
+  """The warm-up's dense attention and dense indexer KL of one layer on a mesh that splits these
+  activations over batch only, inside one `jax.shard_map`, so each device runs the kernels on its
+  rows (`sparse_attention.warmup_attention`: the flash attention with its lse on a GPU, splash on
+  a TPU; then the dense-KL kernels). Returns None where the sequence or the heads are split (the
+  target needs every key and every head of a row; those meshes keep the auto-partitioned XLA
+  path).
+
+  Args:
+    q [B,T,H,K], k [B,T,H,K], v [B,T,H,V] the MHA-form attention; iq [B,T,J,Dᵢ], ik [B,T,Dᵢ],
+    iw [B,T,J] the indexer outputs (global shapes).
+  Returns:
+    (out [B,T,H,V], kl [B,T]) or None.
+  """
+  spec = ctx.spec(("batch", "seq", "act_heads", None), q.shape)
+  if spec[1] is not None or spec[2] is not None or spec[0] is None:
+    return None
+  b = spec[0]
+  row4, row3, row2 = P(b, None, None, None), P(b, None, None), P(b, None)
+
+  def body(q, k, v, iq, ik, iw):
+    o, lse, qt, st = sparse_attention.warmup_attention(
+      q, k, v, scale=cfg.softmax_scale, block_t=cfg.attn_block_q, impl=cfg.impl
+    )
+    kl = indexer_lib.dense_kl(
+      iq, ik, iw, qt, k, lse, attn_scale=st, impl=cfg.impl, block_t=cfg.attn_block_q
+    )
+    return o, kl
+
+  fn = jax.shard_map(
+    body,
+    mesh=ctx.mesh,
+    in_specs=(row4, row4, row4, row4, row3, row3),
+    out_specs=(row4, row2),
+    check_vma=False,
+  )
+  return fn(q, k, v, iq, ik, iw)

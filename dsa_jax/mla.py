@@ -158,6 +158,7 @@ class MLA(nnx.Module):
     b, t, _ = x.shape
     h, v = cfg.n_heads, cfg.v_head_dim
     scale = kl_scale = cfg.softmax_scale
+    warm = None  # (out, kl) of the warm-up's batch-parallel path on a mesh
     need_idx = attention == "sparse" or metrics
     pr = self.project(x, cos, sin, indexer=need_idx or indexer_loss != "none")
     q_abs, kv_lat, iq, ik, iw = pr.q_abs, pr.kv_lat, pr.iq, pr.ik, pr.iw
@@ -186,7 +187,13 @@ class MLA(nnx.Module):
         [k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1
       )
       q = jnp.concatenate([pr.q_nope, pr.q_pe], axis=-1)
-      if indexer_loss == "dense" and not metrics:
+      mesh_ctx = sharding.current()
+      if indexer_loss == "dense" and not metrics and mesh_ctx is not None and cfg.impl == "pallas":
+        # per device inside a shard_map over batch, where only batch is split (else None)
+        warm = context_parallel.warmup_batch_parallel(mesh_ctx, q, k, val, iq, ik, iw, cfg)
+      if warm is not None:
+        o, warm_kl = warm
+      elif indexer_loss == "dense" and not metrics:
         # the KL target's query and scale: those the attention's lse belongs to
         o, lse, q, kl_scale = sparse_attention.warmup_attention(
           q, k, val, scale=scale, block_t=cfg.attn_block_q, impl=cfg.impl
@@ -215,7 +222,9 @@ class MLA(nnx.Module):
         )
       out = self.out_from_latent(o_lat)
 
-    if indexer_loss == "dense":
+    if indexer_loss == "dense" and warm is not None:
+      aux["indexer_kl"] = jnp.mean(warm_kl)
+    elif indexer_loss == "dense":
       # The target's logits in the form the attention ran: MHA (192 per head) is a third of the
       # work of the absorbed form (576).
       aq, akv = (q, k) if attention == "dense" else (q_abs, kv_lat)

@@ -14,16 +14,16 @@ import pytest
 from flax import nnx
 
 import dsa_jax
-from dsa_jax import data, model, optim, sharding, train, train_checkpoint
+from dsa_jax import context_parallel, data, model, optim, sharding, train, train_checkpoint
 
 SEQ = 64
 MC = dsa_jax.preset("test", attn_block_q=SEQ // 2, n_layers=1, n_dense_layers=0, n_mtp_layers=0)
 
 
-def _cfg(mesh, model_cfg=MC, **kw):
+def _cfg(mesh, model_cfg=MC, phase="sparse", **kw):
   return train.TrainConfig(
     model=model_cfg,
-    phase=train.phase("sparse"),
+    phase=train.phase(phase),
     optim=optim.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=4),
     data=data.DataConfig(source="text", seq_len=SEQ, batch_size=8),
     ckpt=train.CkptConfig(async_save=False),
@@ -40,10 +40,11 @@ def _model(model_cfg=MC):
 
 
 @functools.lru_cache(maxsize=None)
-def _loss_and_grads(mesh_items, model_cfg=MC, rules=None):
+def _loss_and_grads(mesh_items, model_cfg=MC, rules=None, phase="sparse"):
   mesh = dict(mesh_items)
   devices = jax.devices()[:1] if mesh == {"data": 1} else None
-  tr = train.Trainer(_cfg(mesh, model_cfg, rules=rules), mesh=sharding.make_mesh(mesh, devices))
+  cfg = _cfg(mesh, model_cfg, phase=phase, rules=rules)
+  tr = train.Trainer(cfg, mesh=sharding.make_mesh(mesh, devices))
   st = tr.init_state(_model(model_cfg))
   batch = tr.put_batch(data.batch(tr.cfg.data, 0))
   fn = jax.jit(
@@ -54,9 +55,9 @@ def _loss_and_grads(mesh_items, model_cfg=MC, rules=None):
   return jax.device_get((metrics, loads, nnx.to_pure_dict(grads)))
 
 
-def _assert_equivalent(mesh, model_cfg=MC, rules=None):
-  ref_m, ref_l, ref_g = _loss_and_grads((("data", 1),), model_cfg)
-  m, l, g = _loss_and_grads(tuple(mesh.items()), model_cfg, rules)
+def _assert_equivalent(mesh, model_cfg=MC, rules=None, phase="sparse"):
+  ref_m, ref_l, ref_g = _loss_and_grads((("data", 1),), model_cfg, phase=phase)
+  m, l, g = _loss_and_grads(tuple(mesh.items()), model_cfg, rules, phase)
   for k in ref_m:
     np.testing.assert_allclose(m[k], ref_m[k], rtol=1e-5, atol=1e-7, err_msg=k)
   np.testing.assert_array_equal(l["moe_load"], ref_l["moe_load"])
@@ -96,6 +97,26 @@ def test_mesh_equivalence(mesh):
 )
 def test_mesh_equivalence_more_layouts(mesh):
   _assert_equivalent(mesh)
+
+
+@pytest.mark.parametrize(
+  "mesh", [{"data": 8}, {"tensor": 4, "data": 2}], ids=["data8", "tensor4xdata2"]
+)
+def test_warmup_mesh_equivalence(mesh, monkeypatch):
+  """The warm-up with impl="pallas": on a batch-only mesh the attention and dense KL run per
+  device in one shard_map (context_parallel.warmup_batch_parallel, where the GPU / TPU kernels
+  run), with heads split the auto-partitioned path; both equal the single-device run."""
+  taken = []
+  orig = context_parallel.warmup_batch_parallel
+
+  def spy(*a, **kw):
+    out = orig(*a, **kw)
+    taken.append(out is not None)
+    return out
+
+  monkeypatch.setattr(context_parallel, "warmup_batch_parallel", spy)
+  _assert_equivalent(mesh, MC.replace(impl="pallas"), phase="warmup")
+  assert taken == [mesh == {"data": 8}]  # traced once for the mesh run (the reference has none)
 
 
 @pytest.mark.slow
