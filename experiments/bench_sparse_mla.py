@@ -5,9 +5,13 @@ run.
 
 FlashMLA comes from `sgl-flash-mla==1.0.0` (use_legacy=True, torch via dlpack); if it does not
 import, the XLA reference is the only baseline and the row says why.
+
+S3_BWD=kernel|xla (default xla) picks the backward of impl="pallas": the Mosaic GPU backward
+kernel (ops.GPU_BWD_KERNEL on) or the blocked XLA backward; the row's `bwd` field says which.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +168,10 @@ def _backward(suite, small):
   d_v = shp["d_v"]
   do = jax.random.normal(jax.random.key(7), q.shape[:-1] + (d_v,), jnp.bfloat16)
   flops = _bwd_flops(shp)
+  bwd_impl = os.environ.get("S3_BWD", "xla")
+  if bwd_impl not in ("kernel", "xla"):
+    raise ValueError(f"S3_BWD={bwd_impl!r}; expected kernel or xla")
+  ops.GPU_BWD_KERNEL = bwd_impl == "kernel"  # read when the custom VJP's backward is traced
   res = {}
   for name in ("pallas", "reference"):
     f = lambda q, kv, impl=name: ops.sparse_mla(
@@ -204,6 +212,7 @@ def _backward(suite, small):
         "rel_err_vs_fp32_reference": vs32((rq, rkv)),
       },
       flops_convention="2*s_q*h*topk*(3*d_qk+2*d_v), backward only (vjp of saved residuals)",
+      bwd=bwd_impl,
       note="impl=pallas (default GpuConfig); backward from the saved lse"
       + (" [small, CPU]" if small else ""),
     )

@@ -4,7 +4,9 @@
 impl="pallas" runs one kernel set per backend under a custom VJP that honours both cotangents
 (out and lse):
   gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`) and the
-       blocked XLA backward from the saved lse (`_bwd_blocked`);
+       blocked XLA backward from the saved lse (`_bwd_blocked`), or, with GPU_BWD_KERNEL on,
+       the Mosaic GPU backward kernel (kernel_mosaic_gpu_bwd.py) on one GPU or in the
+       interpreter (interpret=...);
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
 `sparse_mla_probs` (the sparse KL target) takes the Pallas-Triton kernel of kernel_triton.py on a
 GPU when GPU_PROBS_KERNEL is on, else the reference.
@@ -16,7 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _common
-from pallas_kernels.sparse_mla import kernel_mosaic_gpu, kernel_tpu, kernel_triton, reference
+from pallas_kernels.sparse_mla import (
+  kernel_mosaic_gpu,
+  kernel_mosaic_gpu_bwd,
+  kernel_tpu,
+  kernel_triton,
+  reference,
+)
 
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
@@ -26,6 +34,11 @@ GpuConfig = kernel_mosaic_gpu.GpuConfig
 # passes tests/pallas_kernels/test_sparse_mla_triton.py -m gpu); False: the reference.
 GPU_PROBS_KERNEL = True
 PROBS_BLOCK_SIZES = kernel_triton.BlockSizes()
+# The backward of impl="pallas" on a GPU: True runs the Mosaic GPU backward kernel
+# (kernel_mosaic_gpu_bwd.py) where it can (one GPU, bf16/f16, or interpret=... on CPU), False
+# the blocked XLA backward (`_bwd_blocked`). Off until a GPU run has passed
+# tests/pallas_kernels/test_sparse_mla_bwd_mosaic.py -m gpu and beaten the XLA time.
+GPU_BWD_KERNEL = False
 
 
 def _check(q, kv, idx, d_v):
@@ -265,6 +278,44 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config):
   )
 
 
+def bwd_kernel_why(interpret=False) -> str | None:
+  """None when the GPU custom VJP runs the Mosaic GPU backward kernel, else why not."""
+  if not GPU_BWD_KERNEL:
+    return "GPU_BWD_KERNEL is off"
+  if not interpret and jax.default_backend() != "gpu":
+    return f"no GPU (jax.default_backend()={jax.default_backend()!r}); pass interpret=..."
+  if not interpret and not _common.per_device():
+    # A Mosaic GPU call is not auto-partitioned: under a sharded jit it would run replicated.
+    return "several devices outside a shard_map over the whole mesh"
+  return None
+
+
+def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret):
+  """The Mosaic GPU backward on the forward's folded layout; Δ - dlse computed here (XLA)."""
+  b, t, h, k_dim = q.shape
+  s = kv.shape[1]
+  f32 = jnp.float32
+  kp_dim, d_outp, _ = kernel_mosaic_gpu.padded_dims(k_dim, d_v, idx.shape[-1])
+  hp = _round_up(h, kernel_mosaic_gpu.HEAD_BLOCK)
+  qf, kvf, gidx = _fold(q, kv, idx, hp, kp_dim, kernel_mosaic_gpu.BLOCK_K)
+  delta = jnp.einsum("bthv,bthv->bth", out.astype(f32), d_out.astype(f32))
+  delta = delta - jnp.where(jnp.isfinite(lse), d_lse.astype(f32), 0.0)
+  dof = _pad_heads(d_out.astype(q.dtype), hp)
+  dof = jnp.pad(dof, ((0, 0), (0, 0), (0, d_outp - d_v)))
+  dq, dkv = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
+    qf,
+    kvf,
+    gidx,
+    dof,
+    _pad_heads(lse.astype(f32), hp, jnp.inf),
+    _pad_heads(delta, hp),
+    scale=scale,
+    interpret=interpret,
+  )
+  dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
+  return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _sparse_mla_gpu(q, kv, idx, scale, d_v, interpret, config):
   return _gpu_fwd_call(q, kv, idx, scale, d_v, interpret, config)
@@ -276,8 +327,10 @@ def _sparse_mla_gpu_fwd(q, kv, idx, scale, d_v, interpret, config):
 
 
 def _sparse_mla_gpu_bwd(scale, d_v, interpret, config, res, cts):
-  del interpret
-  dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config)
+  if bwd_kernel_why(interpret) is None:
+    dq, dkv = _gpu_bwd_kernel_call(*res, *cts, scale, d_v, interpret or False)
+  else:
+    dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config)
   return dq, dkv, None
 
 

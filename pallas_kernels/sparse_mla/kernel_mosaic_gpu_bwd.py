@@ -1,0 +1,384 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Mosaic GPU (Hopper) sparse MLA backward: dq and dkv from the saved lse, one kernel.
+
+Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosaic_gpu.py):
+  q   [N, Hp, Kp]     N = B*T tokens, heads padded to 64s, row dim padded to 64s
+  kv  [R, Kp]         R = B*S latent rows
+  idx [N, kp]         int32 global row ids (b*S + s), -1 invalid, kp % 64 == 0
+  do  [N, Hp, d_out]  dO, value columns zero-padded to d_out (a multiple of 128)
+  lse, delta [N, Hp]  f32: the forward's lse (+inf on empty rows and padded heads) and
+                      Δ - dlse with Δ = rowsum(O ∘ dO) (dlse zeroed where lse is not finite)
+  -> dq [N, Hp, Kp] (q's dtype) and dkv [R, Kp] f32.
+
+Per token t, head h, slot s with row r = kv[idx[t, s]] (invalid slots give P = 0):
+  P = exp(scale·q·rᵀ - lse), dP = dO·r[:d_out]ᵀ, dS = scale·P∘(dP - delta),
+  dq = Σ_s dS·r, dkv[idx_s] += Σ_h dS·q_h + P·dO_h (the latter on the first d_out columns).
+
+One CTA = one token x 64 heads (grid: heads fastest, as the forward), three warpgroups (WG):
+  WG0 and WG1 ("compute"), WG2 ("copy": gathers the rows and owns a third of dq).
+q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64-slot chunk:
+  1. WG2 gathers the chunk's rows into ONE swizzled wgmma operand R [64, Kp] with the forward's
+     direct 16-byte cp.async pieces (kernel_mosaic_gpu._direct_ops; the interpreter uses Pallas
+     row copies instead). The slot ids it needs are staged per chunk in SMEM (one TMA; the next
+     chunk's ids are fetched while the current chunk is multiplied).
+  2. WG0: S = q·Rᵀ -> P (bf16) into SMEM. WG1: dP = dO·R[:, :d_out]ᵀ, then with P from SMEM
+     dS = scale·P∘(dP - delta) (bf16) into SMEM. The logits work is split, not duplicated.
+  3. dq[:, tiles of WG w] += dS·R[:, tiles]: each of the three WGs keeps 1/3 of the dq column
+     tiles in registers across chunks (at Kp = 576: 3 tiles = 96 f32 registers per thread).
+     Three WGs = 384 threads, so ptxas gives each thread at most 168 registers (lab log,
+     2026-11-29 fourth session): a 2-WG split of the 9 tiles (5 + 4 = 160 registers) cannot fit
+     next to the 64 x 64 logits, hence the copy WG's share. Then R is free for the next chunk.
+  4. dR tile c = dSᵀ·q[:, c] (+ Pᵀ·dO[:, c] for c < d_out/64), [64 slots, 64 columns] f32, one
+     column tile at a time (32 registers) on WG0 / WG1 (alternating tiles), added into dkv.
+
+dkv reduction: an f32 [R, Kp] buffer, zeroed by the wrapper and passed as a mutable Ref (the
+kernel's aliased operand), receives every dR tile straight from registers with relaxed
+`red.global.add.v2.f32` (inline Mosaic GPU): each thread owns two rows x 32 columns of a tile in
+the WGMMA layout, i.e. 16 pairs of adjacent floats, and reads the two row ids of its rows from
+the idx row (GMEM, L2 hits). Invalid slots are sent to row 0: their dR rows are exact zeros.
+Why atomics: many tokens select the same row (and a row may repeat inside one token's list), so
+the adds collide in unknown places; the alternatives cost more here:
+  - TMA reduce-add (`copy_smem_to_gmem(..., reduction_op="add")`) needs an untiled f32 staging
+    buffer ([64, 64] f32 = 16 KiB per WG) that does not fit next to q, dO and R (225 of 227 KiB
+    are in use), and one TMA issue per row and column tile (576 per chunk at V3.2: the forward
+    measured ~260 cycles per Pallas copy issue);
+  - per-CTA partial rows + a second reduction pass writes B*T*k*Kp f32 (19 GB at S3);
+  - an index inversion (sort the B*T*k ids, segment-sum) needs a second gather pass.
+Atomics are not deterministic in the order of f32 adds (the XLA scatter is not either).
+The interpreter has neither inline Mosaic GPU nor TMA reductions, so there the dR tiles go
+through an f32 SMEM stage and are added row by row with plain loads/stores of the dkv Ref (the
+interpreter runs the grid one CTA at a time and the two WGs own different column tiles).
+
+SMEM at V3.2 (Kp 576, d_out 512, bf16): q 72 KiB + dO 64 + R 72 + P 8 + dS 8 + the chunk's ids
+and the raw mbarriers 1 = 225 KiB (+ Pallas barriers) of 227. The dq output reuses q's tiles.
+No double buffering of R (no room): the next chunk's copies overlap only with step 4.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.sparse_mla import kernel_mosaic_gpu as fwd
+
+_LOG2E = math.log2(math.e)
+HEAD_BLOCK = fwd.HEAD_BLOCK
+BLOCK_K = fwd.BLOCK_K
+_SMEM_BYTES = fwd._SMEM_BYTES
+
+
+def _kib(x):
+  return -(-x // 1024) * 1024
+
+
+def smem_bytes(kp_dim: int, d_out: int, itemsize: int) -> int:
+  """SMEM the backward asks for (Mosaic GPU rounds every buffer up to whole KiB): q, dO and R
+  tiles, P and dS tiles, the chunk's ids + raw mbarriers, and the Pallas barriers."""
+  tile = HEAD_BLOCK * 64 * itemsize
+  tiles = (2 * kp_dim // 64 + d_out // 64 + 2) * tile
+  return _kib(tiles) + _kib(2 * BLOCK_K * 4) + 256
+
+
+def tile_owners(n_tiles: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """dq column tiles of WG0, WG1, WG2: contiguous thirds (WG0 takes the remainder first)."""
+  per = [n_tiles // 3 + (1 if w < n_tiles % 3 else 0) for w in range(3)]
+  starts = np.cumsum([0] + per)
+  return tuple(tuple(range(starts[w], starts[w + 1])) for w in range(3))
+
+
+def _red_add_op(kp_dim: int, col0: int):
+  """Inline Mosaic GPU: dkv[ids[row], col0 + col] += acc[row, col] for a [64, 64] f32 WGMMA-layout
+  tile, with relaxed `red.global.add.v2.f32` (pairs of adjacent columns). Ids < 0 go to row 0
+  (their rows are zeros). All id loads are emitted before the first red (the asm has side
+  effects, so LLVM would not hoist loads past it)."""
+  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+  from jaxlib.mlir import ir  # noqa: PLC0415
+  from jaxlib.mlir.dialects import arith, llvm, memref, vector  # noqa: PLC0415
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.Layout.WGMMA))
+  def red_add(ctx, dkv, ids, acc):
+    del ctx
+    i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
+    base = mu.memref_ptr(dkv)
+    addrs = []
+    for (row, col), reg_idx in zip(
+      acc.layout.thread_idxs(acc.shape), np.ndindex(acc.registers.shape), strict=True
+    ):
+      rid = arith.maxsi(memref.load(ids, [row]), mu.c(0, i32))
+      elem = arith.addi(
+        arith.muli(arith.extsi(i64, rid), mu.c(kp_dim, i64)),
+        arith.addi(arith.index_cast(i64, col), mu.c(col0, i64)),
+      )
+      addrs.append((mu.getelementptr(base, [arith.muli(elem, mu.c(4, i64))], i8), reg_idx))
+    for ptr, reg_idx in addrs:
+      reg = acc.registers[reg_idx]
+      if ir.VectorType(reg.type).shape != [2]:  # WGMMA layout: 2 adjacent f32 per register
+        raise NotImplementedError(f"expected vector<2xf32> registers, got {reg.type}")
+      vals = [
+        vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+        for i in range(2)
+      ]
+      llvm.inline_asm(
+        ir.Type.parse("!llvm.void"),
+        [ptr, *vals],
+        "red.relaxed.gpu.global.add.v2.f32 [$0], {$1, $2};",
+        "l,f,f",
+        has_side_effects=True,
+      )
+
+  return red_add
+
+
+def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False):
+  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp]
+  (q.dtype), dkv [R,Kp] f32. See the module docstring; the shape rules are the forward's."""
+  n, hp, kp_dim = q.shape
+  kp = idx.shape[1]
+  d_out = do.shape[-1]
+  bk = BLOCK_K
+  if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
+    raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, do {do.shape}")
+  if do.shape[:2] != (n, hp) or lse.shape != (n, hp) or delta.shape != (n, hp):
+    raise ValueError(f"bad shapes: q {q.shape}, do {do.shape}, lse {lse.shape}, {delta.shape}")
+  need = smem_bytes(kp_dim, d_out, q.dtype.itemsize)
+  if need > _SMEM_BYTES and not interpret:
+    raise ValueError(f"the backward needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
+  n_chunks = kp // bk
+  n_tiles = kp_dim // 64
+  do_tiles = d_out // 64
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E
+  owners = tile_owners(n_tiles)
+  dr_tiles = (tuple(range(0, n_tiles, 2)), tuple(range(1, n_tiles, 2)))  # WG0 / WG1
+  idx3 = idx.reshape(n, n_chunks, bk)
+  lse2 = lse * _LOG2E
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
+  if not interpret:
+    direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
+    red_ops = {c: _red_add_op(kp_dim, c * 64) for c in range(n_tiles)}
+
+  def mma_add(acc, a, b):
+    """acc + a @ b (a, b SMEM refs)."""
+    if not interpret:
+      return fwd._mma_acc(acc, a, b)
+
+    def scope(acc_ref):  # the interpreter cannot discharge run_state(ACC.init(...))
+      plgpu.wgmma(acc_ref, a, b)
+      return acc_ref[...]
+
+    return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
+
+  def zeros_wgmma(cols=64):
+    return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, cols), jnp.float32), plgpu.Layout.WGMMA)
+
+  def body(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dkv_ref, dq_ref, bufs, bars):
+    q_smem, do_smem, r_smem, p_smem, ds_smem, misc, stage = bufs
+    bar_q, bar_idx, bar_full, bar_p, bar_ds, bar_rfree, bar_pfree, bar_dsfree, bar_end = bars
+    # misc (int32): row 0 the chunk's slot ids (the copy WG's), row 1 [:4] the raw mbarriers.
+    ids_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 4)]
+    t = lax.axis_index("t")
+    hb = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+    operand = r_smem
+
+    def wait_rows(j):
+      """The chunk's rows have landed in R (each waiting WG tracks the phases itself)."""
+      if interpret:
+        plgpu.barrier_wait(bar_full)
+      else:
+        mbarrier_wait(raw_bars.at[pl.ds(0, 2)], j % 2)
+        plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+
+    def dq_step(accs, tiles):
+      return tuple(
+        mma_add(acc, ds_smem, operand.at[:, pl.ds(c * 64, 64)]) for acc, c in zip(accs, tiles)
+      )
+
+    def finish(accs, tiles):
+      """All WGs past their last read of q_smem: write this WG's dq tiles through it."""
+      plgpu.barrier_arrive(bar_end)
+      plgpu.barrier_wait(bar_end)
+      for acc, c in zip(accs, tiles):
+        q_smem.at[c][...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      for c in tiles:
+        plgpu.copy_smem_to_gmem(q_smem.at[c], dq_ref.at[t, heads, pl.ds(c * 64, 64)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _copy_wg():
+      if not interpret:  # before the q copies: their barrier orders the init for every WG
+        direct_init(raw_bars)
+      for c in range(n_tiles):
+        plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
+      for c in range(do_tiles):
+        plgpu.copy_gmem_to_smem(do_ref.at[t, heads, pl.ds(c * 64, 64)], do_smem.at[c], bar_q)
+      plgpu.copy_gmem_to_smem(idx_ref.at[t, 0], ids_smem, bar_idx, oob_mode=oob)
+
+      def issue(j):
+        plgpu.barrier_wait(bar_idx)
+        if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
+          rows = [jnp.maximum(ids_smem[i], 0) for i in range(bk)]
+          for i, row in enumerate(rows):
+            dst = r_smem.at[pl.ds(i, 1)]
+            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full)
+        else:
+          direct_issue(kv_ref, r_smem, ids_smem, raw_bars, 0)
+
+      def step(j, accs):
+        @pl.when(j > 0)
+        def _():
+          plgpu.barrier_wait(bar_rfree)  # WG0/WG1 are done with chunk j-1's rows
+
+        issue(j)
+        plgpu.barrier_wait(bar_ds)
+        wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
+
+        @pl.when(j + 1 < n_chunks)
+        def _():  # the ids were read at issue: fetch the next chunk's
+          nxt = jnp.minimum(j + 1, n_chunks - 1)
+          plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
+
+        accs = dq_step(accs, owners[2])
+        plgpu.barrier_arrive(bar_dsfree)
+        return accs
+
+      accs = tuple(zeros_wgmma() for _ in owners[2])
+      accs = lax.fori_loop(0, n_chunks, step, accs)
+      plgpu.barrier_wait(bar_rfree)  # observe every phase (the interpreter checks)
+      finish(accs, owners[2])
+
+    @pl.when(wg < 2)
+    def _compute_wg():
+      plgpu.barrier_wait(bar_q)
+      lse_h = plgpu.load(lse_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+      delta_h = plgpu.load(
+        delta_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False
+      )
+
+      def logits(src, k_tiles):
+        def scope(acc_ref):
+          for c in range(k_tiles):
+            plgpu.wgmma(acc_ref, src.at[c], operand.at[:, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        return pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+
+      def drows(j, tiles):
+        """dR tiles of this WG -> dkv (see the module docstring)."""
+        for c in tiles:
+
+          def scope(acc_ref, c=c):
+            plgpu.wgmma(acc_ref, ds_smem.T, q_smem.at[c])
+            if c < do_tiles:
+              plgpu.wgmma(acc_ref, p_smem.T, do_smem.at[c])
+            return acc_ref[...]
+
+          acc = pl.run_scoped(scope, plgpu.ACC((bk, 64), jnp.float32))
+          if interpret:
+            st = stage.at[wg]
+            st[...] = acc
+
+            @pl.loop(0, bk)
+            def _(i):
+              row = jnp.maximum(idx_ref[t, j, i], 0)
+              dst = dkv_ref.at[pl.ds(row, 1), pl.ds(c * 64, 64)]
+              dst[...] = dst[...] + st.at[pl.ds(i, 1)][...]
+          else:
+            red_ops[c](dkv_ref, idx_ref.at[t, j], acc)
+
+      def step(j, accs, w):
+        wait_rows(j)
+        ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        valid = lax.broadcast_in_dim(ids >= 0, (HEAD_BLOCK, bk), [1])
+        if w == 0:
+          s = logits(q_smem, n_tiles)
+          p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_h, s.shape, [0]))
+          p = jnp.where(valid, p, 0.0)
+
+          @pl.when(j > 0)
+          def _():
+            plgpu.barrier_wait(bar_pfree)  # both WGs' chunk j-1 dR tiles read p_smem
+
+          p_smem[...] = p.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(bar_p)
+          plgpu.barrier_wait(bar_ds)
+        else:
+          dp = logits(do_smem, do_tiles)
+          plgpu.barrier_wait(bar_p)
+          p = p_smem[...].astype(jnp.float32)
+          ds = scale * p * (dp - lax.broadcast_in_dim(delta_h, dp.shape, [0]))
+          ds = jnp.where(valid, ds, 0.0)
+
+          @pl.when(j > 0)
+          def _():
+            plgpu.barrier_wait(bar_dsfree)  # chunk j-1's dS read by all three WGs
+
+          ds_smem[...] = ds.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(bar_ds)
+        accs = dq_step(accs, owners[w])
+        plgpu.barrier_arrive(bar_rfree)
+        drows(j, dr_tiles[w])
+        plgpu.barrier_arrive(bar_dsfree)
+        plgpu.barrier_arrive(bar_pfree)
+        return accs
+
+      for w in range(2):
+
+        @pl.when(wg == w)
+        def _(w=w):
+          accs = tuple(zeros_wgmma() for _ in owners[w])
+          accs = lax.fori_loop(0, n_chunks, functools.partial(step, w=w), accs)
+          plgpu.barrier_wait(bar_pfree if w == 0 else bar_dsfree)  # observe the last phase
+          finish(accs, owners[w])
+
+  def sparse_mla_bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dkv_ref, dq_ref):
+    sw = fwd._swizzled
+    bufs = (
+      sw((n_tiles, HEAD_BLOCK, 64), dtype),  # q, then the dq output tiles
+      sw((do_tiles, HEAD_BLOCK, 64), dtype),  # dO
+      sw((bk, kp_dim), dtype),  # R: the chunk's rows (one operand slot)
+      sw((HEAD_BLOCK, bk), dtype),  # P
+      sw((HEAD_BLOCK, bk), dtype),  # dS
+      plgpu.SMEM((2, bk), jnp.int32),  # the chunk's ids, raw mbarriers
+      plgpu.SMEM((2, bk, 64), jnp.float32) if interpret else None,  # dR stage (interpreter)
+    )
+    bars = (
+      plgpu.Barrier(num_arrivals=n_tiles + do_tiles),  # q and dO tiles
+      plgpu.Barrier(num_arrivals=1),  # the chunk's ids
+      plgpu.Barrier(num_arrivals=bk) if interpret else None,  # rows (interpreter's copies)
+      plgpu.Barrier(num_arrivals=1),  # P in SMEM (WG0)
+      plgpu.Barrier(num_arrivals=1),  # dS in SMEM (WG1)
+      plgpu.Barrier(num_arrivals=2),  # R read by WG0 and WG1 (logits and dq)
+      plgpu.Barrier(num_arrivals=2),  # P read (dR tiles of WG0, WG1)
+      plgpu.Barrier(num_arrivals=3),  # dS read (dq of all, dR of WG0, WG1)
+      plgpu.Barrier(num_arrivals=3),  # every WG past its last q read: dq may reuse q_smem
+    )
+    pl.run_scoped(
+      lambda b, r: body(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dkv_ref, dq_ref, b, r),
+      bufs,
+      bars,
+      collective_axes="wg",
+    )
+
+  kern = plgpu.kernel(
+    sparse_mla_bwd_kernel,
+    out_type=jax.ShapeDtypeStruct((n, hp, kp_dim), dtype),
+    grid=(hp // HEAD_BLOCK, n),
+    grid_names=("h", "t"),
+    num_threads=3,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+    interpret=interpret,
+  )
+  dkv = jax.new_ref(jnp.zeros((kv.shape[0], kp_dim), jnp.float32))
+  dq = kern(q, kv, idx3, do, lse2, delta, dkv)
+  return dq, jax.freeze(dkv)
