@@ -70,6 +70,7 @@ _LOG2E = math.log2(math.e)
 HEAD_BLOCK = fwd.HEAD_BLOCK
 BLOCK_K = fwd.BLOCK_K
 _SMEM_BYTES = fwd._SMEM_BYTES
+PROBES = (None, "no_dkv_adds")
 
 
 def _kib(x):
@@ -100,16 +101,27 @@ def _red_add_op(kp_dim: int, col0: int):
   from jaxlib.mlir import ir  # noqa: PLC0415
   from jaxlib.mlir.dialects import arith, llvm, memref, vector  # noqa: PLC0415
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.Layout.WGMMA))
-  def red_add(ctx, dkv, ids, acc):
+  @plgpu.inline_mgpu(
+    arg_types=(
+      plgpu.RefType(),
+      plgpu.RefType(),
+      plgpu.Layout.WGMMA,
+      plgpu.Layout.WG_SPLAT,
+      plgpu.Layout.WG_SPLAT,
+    )
+  )
+  def red_add(ctx, dkv, ids, acc, t, j):
+    # ids is the whole [N, kp / 64, 64] GMEM array, indexed here (no sliced GMEM ref).
     del ctx
     i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
+    index = ir.IndexType.get()
+    t, j = (arith.index_cast(index, fwd._scalar(x)) for x in (t, j))
     base = mu.memref_ptr(dkv)
     addrs = []
     for (row, col), reg_idx in zip(
       acc.layout.thread_idxs(acc.shape), np.ndindex(acc.registers.shape), strict=True
     ):
-      rid = arith.maxsi(memref.load(ids, [row]), mu.c(0, i32))
+      rid = arith.maxsi(memref.load(ids, [t, j, row]), mu.c(0, i32))
       elem = arith.addi(
         arith.muli(arith.extsi(i64, rid), mu.c(kp_dim, i64)),
         arith.addi(arith.index_cast(i64, col), mu.c(col0, i64)),
@@ -134,9 +146,17 @@ def _red_add_op(kp_dim: int, col0: int):
   return red_add
 
 
-def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False):
+def sparse_mla_bwd(
+  q, kv, idx, do, lse, delta, *, scale: float, interpret=False, probe: str | None = None
+):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp]
-  (q.dtype), dkv [R,Kp] f32. See the module docstring; the shape rules are the forward's."""
+  (q.dtype), dkv [R,Kp] f32. See the module docstring; the shape rules are the forward's.
+
+  probe (timing only, wrong by design): "no_dkv_adds" computes the dR tiles but skips the
+  red.global adds (dkv stays 0), to measure what the atomics cost on a GPU.
+  """
+  if probe not in PROBES:
+    raise ValueError(f"probe={probe!r}; expected one of {PROBES}")
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
   d_out = do.shape[-1]
@@ -291,7 +311,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
               dst = dkv_ref.at[pl.ds(row, 1), pl.ds(c * 64, 64)]
               dst[...] = dst[...] + st.at[pl.ds(i, 1)][...]
           else:
-            red_ops[c](dkv_ref, idx_ref.at[t, j], acc)
+            if probe != "no_dkv_adds":
+              red_ops[c](dkv_ref, idx_ref, acc, t, j)
 
       def step(j, accs, w):
         wait_rows(j)

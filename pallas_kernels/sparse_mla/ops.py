@@ -290,8 +290,9 @@ def bwd_kernel_why(interpret=False) -> str | None:
   return None
 
 
-def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret):
-  """The Mosaic GPU backward on the forward's folded layout; Δ - dlse computed here (XLA)."""
+def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret, probe=None):
+  """The Mosaic GPU backward on the forward's folded layout; Δ - dlse computed here (XLA).
+  probe: kernel_mosaic_gpu_bwd.PROBES (timing probes, wrong by design)."""
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
   f32 = jnp.float32
@@ -311,6 +312,7 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
     _pad_heads(delta, hp),
     scale=scale,
     interpret=interpret,
+    probe=probe,
   )
   dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
