@@ -231,15 +231,21 @@ def sparse_mla_bwd(
         plgpu.copy_smem_to_gmem(q_smem.at[c], dq_ref.at[t, heads, pl.ds(c * 64, 64)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
-    def _copy_wg():
-      if not interpret:  # before the q copies: their barrier orders the init for every WG
+    @pl.when(wg == 0)
+    def _():
+      # The raw mbarriers' init runs on the block's first thread (WG0, as in the forward),
+      # before the q/dO copies: waiting for their barrier orders the init for every WG.
+      if not interpret:
         direct_init(raw_bars)
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
       for c in range(do_tiles):
         plgpu.copy_gmem_to_smem(do_ref.at[t, heads, pl.ds(c * 64, 64)], do_smem.at[c], bar_q)
+
+    @pl.when(wg == 2)
+    def _copy_wg():
       plgpu.copy_gmem_to_smem(idx_ref.at[t, 0], ids_smem, bar_idx, oob_mode=oob)
+      plgpu.barrier_wait(bar_q)  # the raw mbarriers are set up (WG2 reads no q)
 
       def issue(j):
         plgpu.barrier_wait(bar_idx)
