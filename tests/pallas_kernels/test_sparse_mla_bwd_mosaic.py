@@ -147,6 +147,7 @@ def test_gpu_small_shapes(bwd_kernel):
   """Awkward shapes on the GPU vs autodiff of the fp32 reference: H 20, k 72, d_v 80, B 2, a
   masked row, repeats, ids < 0 and >= S."""
   _on_gpu()
+  assert ops.bwd_kernel_why() is None  # the custom VJP takes the kernel here
   q, kv, idx = _inputs(2, 7, 20, 96, 50, 72, jnp.bfloat16, lo=-10)
   f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=80, impl="pallas")
   (o, l), vjp = jax.vjp(f, q, kv)
