@@ -39,6 +39,8 @@ PROBS_BLOCK_SIZES = kernel_triton.BlockSizes()
 # the blocked XLA backward (`_bwd_blocked`). Off until a GPU run has passed
 # tests/pallas_kernels/test_sparse_mla_bwd_mosaic.py -m gpu and beaten the XLA time.
 GPU_BWD_KERNEL = False
+# Floats per red.global.add of the kernel's dkv adds (2 or 4; kernel_mosaic_gpu_bwd.RED_WIDTHS).
+BWD_RED_WIDTH = 2
 
 
 def _check(q, kv, idx, d_v):
@@ -290,9 +292,12 @@ def bwd_kernel_why(interpret=False) -> str | None:
   return None
 
 
-def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret, probe=None):
+def _gpu_bwd_kernel_call(
+  q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret, probe=None, red_width=None
+):
   """The Mosaic GPU backward on the forward's folded layout; Δ - dlse computed here (XLA).
-  probe: kernel_mosaic_gpu_bwd.PROBES (timing probes, wrong by design)."""
+  probe: kernel_mosaic_gpu_bwd.PROBES (timing probes, wrong by design); red_width: default
+  BWD_RED_WIDTH."""
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
   f32 = jnp.float32
@@ -313,6 +318,7 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
     scale=scale,
     interpret=interpret,
     probe=probe,
+    red_width=red_width or BWD_RED_WIDTH,
   )
   dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
