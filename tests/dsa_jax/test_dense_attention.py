@@ -75,6 +75,8 @@ def test_warmup_with_cudnn_attention_matches_reference(monkeypatch):
   want, want_g = run("reference")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  # the cuDNN dispatch, not the Mosaic GPU warm-up attention (which has no CPU interpreter path)
+  monkeypatch.setattr(sparse_attention, "GPU_WARMUP_ATTENTION_KERNEL", False)
   got, got_g = run("pallas")
   assert calls and set(calls) == {"cudnn"}
   np.testing.assert_allclose(got, want, rtol=2e-2)

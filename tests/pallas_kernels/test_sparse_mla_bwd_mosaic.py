@@ -72,6 +72,7 @@ def test_interpret_bf16(bwd_kernel):
   _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16)
 
 
+@pytest.mark.slow  # ~25 s in the GPU interpreter; test_interpret_bf16 covers the path in CI
 def test_interpret_f16_two_head_blocks(bwd_kernel):
   # 2 head blocks (grid over heads), k a multiple of 64, d_out = Kp (no rope-only tile).
   _check(b=1, t=3, h=128, k_dim=128, d_v=128, s=20, k=128, dtype=jnp.float16, seed=3)
