@@ -100,7 +100,9 @@ def test_mesh_equivalence_more_layouts(mesh):
 
 
 @pytest.mark.parametrize(
-  "mesh", [{"data": 8}, {"tensor": 4, "data": 2}], ids=["data8", "tensor4xdata2"]
+  "mesh",
+  [{"data": 8}, pytest.param({"tensor": 4, "data": 2}, marks=pytest.mark.slow)],
+  ids=["data8", "tensor4xdata2"],
 )
 def test_warmup_mesh_equivalence(mesh, monkeypatch):
   """The warm-up with impl="pallas": on a batch-only mesh the attention and dense KL run per

@@ -246,18 +246,29 @@ def test_curriculum_chain(launcher, tmp_path):
   assert retrieval.plan(c, "pretrain")[2] is None
 
 
-def test_pack_stops_early_once_solved(launcher, tmp_path):
-  """pack with stop_loss: trains in chunks, stops after the first chunk whose training loss is
-  below stop_loss, records why, and a rerun keeps that record; below no stop_loss, all steps."""
+def test_pack_stops_early_once_solved(launcher, tmp_path, monkeypatch):
+  """pack with stop_loss: trains in chunks of pack.chunk steps (each call continues the run to a
+  higher step), stops after the first chunk whose training loss is below stop_loss, records why,
+  and a rerun keeps that record; a loss never below stop_loss runs every step. Training itself is
+  stood in for (the chain test runs it): losses 1.0, 0.1, 0.001, ... per chunk."""
   retrieval, c = launcher
   c = c.copy_and_resolve_references()
-  c.pack.steps, c.pack.chunk, c.pack.stop_loss = 4, 2, 1e9
+  c.pack.steps, c.pack.chunk, c.pack.stop_loss = 10, 3, 0.05
+  calls = []
+
+  def fake_train(cfg, wd, key):
+    calls.append(cfg.steps)
+    return {"step": cfg.steps, "train": {"lm_loss": 10.0 ** -len(calls)}}
+
+  monkeypatch.setattr(retrieval, "_train", fake_train)
   done = retrieval.run_stage(c, "pack", str(tmp_path))
-  assert done["steps"] == 2 and done["stopped"].startswith("lm_loss")
-  assert retrieval.run_stage(c, "pack", str(tmp_path))["steps"] == 2  # kept, not retrained
+  assert calls == [3, 6] and done["steps"] == 6 and done["stopped"].startswith("lm_loss")
+  assert retrieval.run_stage(c, "pack", str(tmp_path))["steps"] == 6 and calls == [3, 6]
+  calls.clear()
   c.pack.stop_loss = 1e-30
+  (tmp_path / "full").mkdir()
   full = retrieval.run_stage(c, "pack", str(tmp_path / "full"))
-  assert full["steps"] == 4 and "stopped" not in full
+  assert calls == [3, 6, 9, 10] and full["steps"] == 10 and "stopped" not in full
 
 
 def test_criterion_reads_the_buckets(launcher):

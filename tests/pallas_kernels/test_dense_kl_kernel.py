@@ -85,7 +85,16 @@ def grad_in_forward(request, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_interpret_matches_reference(name, grad_in_forward):
+def test_interpret_matches_reference(name):
+  case, bsz = CASES[name]
+  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
+
+
+@pytest.mark.parametrize("name", ["mha_lse_offset", "absorbed_own_lse"])
+def test_interpret_grad_in_forward_matches_reference(name, monkeypatch):
+  """GRAD_IN_FORWARD: the indexer-lse kernel and the dq sweep with the KL value (given lse with
+  T < S, and the lse kernel's own)."""
+  monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", True)
   case, bsz = CASES[name]
   _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
 
@@ -132,14 +141,20 @@ def _export_cuda(f, *avals):
 
 
 @pytest.mark.parametrize(
-  "form,with_lse,dtype",
-  [("mha", False, jnp.bfloat16), ("mha", True, jnp.float32), ("absorbed", True, jnp.bfloat16)],
+  "form,with_lse,dtype,grad_fwd",
+  [
+    ("mha", False, jnp.bfloat16, False),
+    ("mha", True, jnp.float32, False),
+    ("absorbed", True, jnp.bfloat16, False),
+    ("mha", False, jnp.bfloat16, True),
+  ],
 )
-def test_export_cuda_v32_shapes(form, with_lse, dtype, grad_in_forward):
+def test_export_cuda_v32_shapes(form, with_lse, dtype, grad_fwd, monkeypatch):
   """Value and gradient lower for cuda at V3.2's shapes (J=64, D=128, H=128, C=192 per head or
   576 absorbed), L=4096: the lse kernel (when attn_lse is None), forward, dq/dw and dk kernels;
   or with GRAD_IN_FORWARD the indexer-lse kernel, the dq sweep that also sums the KL value, and
   dk (dense_kl_fwd_grad): as many kernels."""
+  monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", grad_fwd)
   n, h = 4096, 128
   sds = jax.ShapeDtypeStruct
   c = 192 if form == "mha" else 576
