@@ -47,7 +47,18 @@ def test_reproduce_config_sizes_are_valid(size):
     reproduce.get_config("sise=cpu")
 
 
-@pytest.mark.parametrize("name,arg", [(n, a) for n in sorted(ARGS) for a in ARGS[n]])
+# dsa's warm-up runs in the slow set (CI time): the train tests and the demo run that phase
+_SLOW_ARGS = {("dsa", "phase=warmup,size=test")}
+
+
+@pytest.mark.parametrize(
+  "name,arg",
+  [
+    pytest.param(n, a, marks=pytest.mark.slow) if (n, a) in _SLOW_ARGS else (n, a)
+    for n in sorted(ARGS)
+    for a in ARGS[n]
+  ],
+)
 def test_config_runs_one_step(name, arg, tmp_path):
   mod = importlib.import_module(f"experiments.configs.{name}")
   c = mod.get_config(arg)
