@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _common
 from pallas_kernels.lightning_indexer import kernel_mosaic_gpu as gpu_kernel
 
 NUMERICS = ("fp8", "int8", "bf16")
@@ -229,18 +230,13 @@ def indexer_topk_tpu(
     bq, bk = bs.block_q, bs.block_k
     seen = off + t0 + n if ratio == 1 else max((t0 + n) // ratio, 1)  # keys the block's rows see
     s_blk = -(-seen // bk) * bk
-    q_blk, w_blk = qx[:, t0 : t0 + n], wq[:, t0 : t0 + n]
-    k_blk, ks_blk = kx[:, :s_blk], ks[:, :s_blk]
     if ratio == 1:
       s_blk = min(s, s_blk)
-      k_blk, ks_blk = kx[:, :s_blk], ks[:, :s_blk]
-    else:  # zero rows past T and U: padded queries are sliced off, padded keys never visible
-      pad = lambda x, axis, to: jnp.pad(
-        x, [(0, to - x.shape[a]) if a == axis else (0, 0) for a in range(x.ndim)]
-      )
-      np_ = -(-n // bq) * bq
-      q_blk, w_blk = pad(q_blk, 1, np_), pad(w_blk, 1, np_)
-      k_blk, ks_blk = pad(k_blk, 1, s_blk), pad(ks_blk, 1, s_blk)
+    q_blk, w_blk = qx[:, t0 : t0 + n], wq[:, t0 : t0 + n]
+    k_blk, ks_blk = kx[:, :s_blk], ks[:, :s_blk]
+    if ratio != 1:  # zero rows past T and U: padded queries are sliced off, padded keys unseen
+      q_blk, w_blk = (_common.pad_axis(x, 1, bq) for x in (q_blk, w_blk))
+      k_blk, ks_blk = (_common.pad_axis(x, 1, bk) for x in (k_blk, ks_blk))
     logits = logits_call(
       q_blk,
       k_blk,

@@ -12,14 +12,13 @@ add the GPU runs is checked only by the -m gpu test (which has repeats and -1 id
 There is no query tile (one program per token), so any T is "ragged"; k is padded to block_k.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import triton as pltriton
 
+from experiments import bench_common
 from pallas_kernels import _testing
 from pallas_kernels.lightning_indexer import grad, kernel_sparse_kl_triton, ops, reference
 from pallas_kernels.v4_attention import ops as v4_ops
@@ -210,15 +209,6 @@ def test_export_cuda(t, s, k, triton_verified):
   assert triton_verified == [True, True]
 
 
-def _time(f, *args, n=5):
-  jax.block_until_ready(f(*args))
-  t0 = time.perf_counter()
-  for _ in range(n):
-    out = f(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / n * 1e3
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
 def test_gpu_matches_reference(dtype, tol):
@@ -259,8 +249,8 @@ def test_gpu_matches_reference(dtype, tol):
   print(f"\nsparse_kl {jnp.dtype(dtype).name} rel err kl/dq/dk/dw: {errs}")
   fq, fk, fw = f32(q), f32(kk), f32(w)
   print(
-    f"fwd+bwd ms: kernels {_time(kern, q, kk, w, idx, p):.2f}, XLA grad.sparse_kl "
-    f"{_time(xla, q, kk, w, idx, p):.2f}, reference autodiff {_time(ref, fq, fk, fw, idx, p):.2f}"
+    f"fwd+bwd ms: kernels {bench_common.time_fn(kern, q, kk, w, idx, p):.2f}, XLA grad.sparse_kl "
+    f"{bench_common.time_fn(xla, q, kk, w, idx, p):.2f}, reference autodiff {bench_common.time_fn(ref, fq, fk, fw, idx, p):.2f}"
   )
   assert float(kl[0, 5]) == 0 and np.isfinite(np.asarray(kl)).all()
   for e in errs:

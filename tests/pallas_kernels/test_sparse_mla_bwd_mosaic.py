@@ -6,13 +6,13 @@ the real Mosaic GPU lowering at the V3.2 shapes (SMEM budget, layouts, the inlin
 and `-m gpu` runs on a Hopper GPU (errors and times vs the XLA backward)."""
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import bench_common
 from pallas_kernels import _testing
 from pallas_kernels.sparse_mla import kernel_mosaic_gpu, kernel_mosaic_gpu_bwd, ops, reference
 
@@ -135,16 +135,6 @@ def _on_gpu():
     pytest.skip("needs an NVIDIA GPU")
 
 
-def _time_ms(fn, *args, iters=10):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return float(np.median(times))
-
-
 @pytest.mark.gpu
 def test_gpu_small_shapes(bwd_kernel):
   """Awkward shapes on the GPU vs autodiff of the fp32 reference: H 20, k 72, d_v 80, B 2, a
@@ -195,7 +185,9 @@ def test_gpu_s3_vs_xla(bwd_kernel):
   kern4 = jax.jit(lambda *a: ops._gpu_bwd_kernel_call(*a, SCALE, d_v, False, red_width=4))
   errs["kernel_v4"] = [_testing.rel_err(x, r) for x, r in zip(kern4(*args), ref)]
   no_adds = jax.jit(lambda *a: ops._gpu_bwd_kernel_call(*a, SCALE, d_v, False, "no_dkv_adds"))
-  t_kern, t_kern4, t_xla, t_probe = (_time_ms(f, *args) for f in (kern, kern4, xla, no_adds))
+  t_kern, t_kern4, t_xla, t_probe = (
+    bench_common.time_fn(f, *args) for f in (kern, kern4, xla, no_adds)
+  )
   print(
     f"S3 backward: kernel {t_kern:.2f} ms (red.v2), {t_kern4:.2f} ms (red.v4), XLA "
     f"{t_xla:.2f} ms, kernel without the dkv adds {t_probe:.2f} ms (probe); rel err vs fp32 "

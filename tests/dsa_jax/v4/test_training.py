@@ -129,18 +129,23 @@ def test_modes_are_checked():
     no_csa(tok, indexer_loss="dense", attention="dense")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase", ["dense", "warmup", "sparse"])
-def test_phases_run_in_the_trainer(phase):
-  """One step of each stage: finite loss; the warm-up updates only indexer parameters."""
-  cfg = train_lib.TrainConfig(
+def _one_step_cfg(phase, **kw):
+  return train_lib.TrainConfig(
     model=_small(),
     phase=train_lib.phase(phase),
     optim=optim.OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10),
     data=data.DataConfig(source="text", seq_len=64, batch_size=8),
     steps=1,
     progress=False,
+    **kw,
   )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["dense", "warmup", "sparse"])
+def test_phases_run_in_the_trainer(phase):
+  """One step of each stage: finite loss; the warm-up updates only indexer parameters."""
+  cfg = _one_step_cfg(phase)
   tr = train_lib.Trainer(cfg)
   st = tr.init_state()
   before = {n: np.asarray(x) for n, x in jax.tree_util.tree_leaves_with_path(st.params)}
@@ -161,15 +166,7 @@ def test_phases_run_in_the_trainer(phase):
 def _mesh_loss_and_grads(mesh_axes, phase):
   from dsa_jax import sharding  # noqa: PLC0415
 
-  cfg = train_lib.TrainConfig(
-    model=_small(),
-    phase=train_lib.phase(phase),
-    optim=optim.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=4),
-    data=data.DataConfig(source="text", seq_len=64, batch_size=8),
-    steps=1,
-    progress=False,
-    mesh=tuple(mesh_axes.items()),
-  )
+  cfg = _one_step_cfg(phase, mesh=tuple(mesh_axes.items()))
   devices = jax.devices()[:1] if mesh_axes == {"data": 1} else None
   tr = train_lib.Trainer(cfg, mesh=sharding.make_mesh(mesh_axes, devices))
   st = tr.init_state(model.build(_small(), seed=0))  # the same weights on every mesh
