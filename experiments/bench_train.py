@@ -20,6 +20,8 @@ M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shap
 the library's choice) for MoE presets such as `v32_attn_moe`.
 M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (the streamed XLA
 custom_vjp, the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
+M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
+backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_cudnn,kernels_grad_fwd runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels): the streamed XLA
 custom_vjp; the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash kernel
@@ -47,6 +49,7 @@ from experiments import bench_common as bc
 from pallas_kernels.grouped_matmul import ops as gmm_ops
 from pallas_kernels.lightning_indexer import kernel_kl_triton
 from pallas_kernels.lightning_indexer import ops as indexer_ops
+from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # dense bf16 tensor-core peak (SXM)
 
@@ -199,6 +202,9 @@ def suite_m1(small: bool):
   sparse_modes = env("M1_SPARSE_KL", "")
   if set(sparse_modes) - {"xla", "kernels"}:
     raise ValueError(f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels")
+  bwd_modes = env("M1_SPARSE_BWD", "")
+  if set(bwd_modes) - {"xla", "kernel"}:
+    raise ValueError(f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel")
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -211,8 +217,9 @@ def suite_m1(small: bool):
       runs = []
       for ph in phases:
         modes = {"warmup": kl_modes, "sparse": sparse_modes}.get(ph) or [None]
-        runs += [(ph, m) for m in modes]
-      for ph, kl_mode in runs:
+        bwds = (bwd_modes if ph == "sparse" else []) or [None]
+        runs += [(ph, m, b) for m in modes for b in bwds]
+      for ph, kl_mode, bwd_mode in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
         if gmm_mode and mcfg.n_layers > mcfg.n_dense_layers:
           shape["gmm"] = gmm_mode
@@ -224,6 +231,9 @@ def suite_m1(small: bool):
           indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
           sparse_attention.GPU_WARMUP_ATTENTION_KERNEL = kl_mode != "kernels_cudnn"
           kernel_kl_triton.GRAD_IN_FORWARD = kl_mode == "kernels_grad_fwd"
+        if bwd_mode is not None:
+          shape["sparse_bwd"] = bwd_mode
+          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode == "kernel"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,
@@ -232,7 +242,7 @@ def suite_m1(small: bool):
             iters,
             prof_dir if l == prof_len else None,
             impl,
-            f"_{kl_mode}" if kl_mode else "",
+            "".join(f"_{m}" for m in (kl_mode, bwd_mode) if m),
           )
         except Exception as e:  # noqa: BLE001 - record what did not fit, go on
           rows.append(
