@@ -48,6 +48,9 @@ MAX_UNROLL = 4  # attention-dim chunks unrolled per head (more: a loop)
 # the dq kernel (3): off until a GPU has run it (its -m gpu test and M1_DENSE_KL=kernels_grad_fwd
 # in the lab log); tested both ways on CPU.
 GRAD_IN_FORWARD = False
+# With GRAD_IN_FORWARD: the forward's row sweep also builds dk (atomic adds per key block), used
+# when the cotangent is the same for every row (a mean loss); one target rebuild per step.
+FUSED_DK = True
 _NEG = -1e30
 
 
@@ -301,9 +304,14 @@ def _row_stats(lsei_ref, ps_ref, dl_ref, b, t0, bt):
   return lsei, psn, ps / psn, dl_ref[b, pl.ds(t0, bt)]
 
 
-def _dq_kernel(
-  q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei_ref, ps_ref, dl_ref, dq_ref, dw_ref, *kl, c
-):
+def _dq_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei_ref, ps_ref, dl_ref, *refs, c):
+  """dq, dw (and, with c["fused_dk"], the dk tile of each key block, atomically added to the
+  zeroed dk buffer aliased in: no second rebuild by the dk kernel); with the KL output, the value."""
+  if c.get("fused_dk"):
+    _, dq_ref, dw_ref, dk_ref, *kl = refs
+  else:
+    dq_ref, dw_ref, *kl = refs
+    dk_ref = None
   bt, bs, nj = c["bt"], c["bs"], c["nj"]
   i = pl.num_programs(0) - 1 - pl.program_id(0)
   b = pl.program_id(1)
@@ -333,15 +341,21 @@ def _dq_kernel(
       cc = cc + jnp.sum(jnp.where(pos, pt * (ind - lsei[:, None]), jnp.float32(0)), axis=1)
       carry = (a, cc)
 
-    def head(j, carry):
-      z = _dot(q_ref[b, pl.ds(t0, bt), j, :], kt, 1, 1)
+    def head(j, dk):
+      qj = q_ref[b, pl.ds(t0, bt), j, :]
+      z = _dot(qj, kt, 1, 1)
       wj = w_ref[b, j, pl.ds(t0, bt)].astype(jnp.float32)
       dw_ref[b, j, pl.ds(t0, bt)] += jnp.sum(g * jnp.maximum(z, jnp.float32(0)), axis=1)
       gz = jnp.where(z > jnp.float32(0), g * wj[:, None], jnp.float32(0))
       dq_ref[b, pl.ds(t0, bt), j, :] += _dot(gz.astype(kt.dtype), kt, 1, 0)
-      return carry
+      if dk_ref is None:
+        return dk
+      return dk + _dot(gz.astype(qj.dtype), qj, 0, 0)
 
-    jax.lax.fori_loop(0, nj, head, 0)
+    dk0 = jnp.zeros((bs, dp), jnp.float32) if dk_ref is not None else 0
+    dk = jax.lax.fori_loop(0, nj, head, dk0)
+    if dk_ref is not None:  # other query blocks add to the same rows: atomics
+      pltriton.atomic_add(dk_ref, (b, pl.ds(s0, bs), slice(None)), dk)
     if c["barrier"]:  # the next key block re-reads these rows, maybe from other threads
       pltriton.debug_barrier()
     return carry
@@ -425,7 +439,7 @@ def _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz: BlockSizes, ratio: int = 1
   return qp, kp, wp, aq, kv, alse, cfg
 
 
-def _call(kernel, name, grid, out_shape, args, bsz, interpret, bwd=False):
+def _call(kernel, name, grid, out_shape, args, bsz, interpret, bwd=False, aliases=None):
   warps = bsz.num_warps_bwd if bwd else bsz.num_warps
   stages = bsz.num_stages_bwd if bwd else bsz.num_stages
   return pl.pallas_call(
@@ -435,6 +449,7 @@ def _call(kernel, name, grid, out_shape, args, bsz, interpret, bwd=False):
     compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages),
     interpret=interpret,
     name=name,
+    input_output_aliases=aliases or {},
   )(*args)
 
 
@@ -482,13 +497,15 @@ def dense_kl_fwd(
   return kl[:, : q.shape[1]], (lsei, ps, alse)
 
 
-@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "with_dk"))
 def dense_kl_fwd_grad(
-  q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False
+  q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False, with_dk=False
 ):
-  """Causal (ratio 1) forward for differentiation: (kl, res, dq1, dw1) with dq1 [B,T,J,D], dw1
-  [B,T,J] the gradients of Σ_t kl[t] (in q's, w's dtypes); for a cotangent dl they scale by
-  dl[t] (both are per row), and dense_kl_bwd(with_dq=False) adds dk.
+  """Causal (ratio 1) forward for differentiation: (kl, res, dq1, dw1, dk1) with dq1 [B,T,J,D],
+  dw1 [B,T,J] the gradients of Σ_t kl[t] (in q's, w's dtypes); for a cotangent dl they scale by
+  dl[t] (both are per row). dk1 [B,S,D] f32 (with_dk, else None): dk of Σ_t kl[t], which is dk
+  for any cotangent equal on every row, times that value; otherwise dense_kl_bwd(with_dq=False)
+  computes dk.
 
   Causal rows see every key their heads attend to, so each head's probabilities sum to 1 and
   the target's row sum is ps = H (given the attention's lse, or the lse kernel's). The indexer's
@@ -513,24 +530,32 @@ def dense_kl_fwd_grad(
   )
   ps = jnp.full((b, tp), float(cfg["nh"]), jnp.float32)
   ones = jnp.ones((b, tp), jnp.float32)
-  dq, dw, kl = _call(
+  args = (qp, kp, wp, aq, kv, alse, lsei, ps, ones)
+  outs = [
+    jax.ShapeDtypeStruct((b, tp, nj, dp), jnp.float32),
+    jax.ShapeDtypeStruct((b, nj, tp), jnp.float32),
+  ]
+  cfg["fused_dk"] = bool(with_dk)
+  if with_dk:
+    dk0 = jnp.zeros((b, kp.shape[1], dp), jnp.float32)
+    args, outs = args + (dk0,), outs + [jax.ShapeDtypeStruct(dk0.shape, jnp.float32)]
+  outs.append(row)
+  dq, dw, *dk, kl = _call(
     functools.partial(_dq_kernel, c=cfg),
     "dense_kl_fwd_dq",
     (cfg["nq"], b),
-    (
-      jax.ShapeDtypeStruct((b, tp, nj, dp), jnp.float32),
-      jax.ShapeDtypeStruct((b, nj, tp), jnp.float32),
-      row,
-    ),
-    (qp, kp, wp, aq, kv, alse, lsei, ps, ones),
+    tuple(outs),
+    args,
     bsz,
     interpret,
     bwd=True,
+    aliases={len(args) - 1: 2} if with_dk else None,
   )
-  t, d = q.shape[1], q.shape[-1]
+  t, s, d = q.shape[1], k.shape[1], q.shape[-1]
   dq1 = dq[:, :t, :, :d].astype(q.dtype)
   dw1 = jnp.swapaxes(dw, 1, 2)[:, :t].astype(w.dtype)
-  return kl[:, :t], (lsei, ps, alse), dq1, dw1
+  dk1 = dk[0][:, :s, :d] if with_dk else None
+  return kl[:, :t], (lsei, ps, alse), dq1, dw1, dk1
 
 
 @functools.partial(
@@ -615,10 +640,19 @@ def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
 def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret, ratio):
   aq, akv, al = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
   if ratio == 1 and GRAD_IN_FORWARD:
-    kl, res, dq1, dw1 = dense_kl_fwd_grad(
-      q, k, w, aq, akv, al, attn_scale=attn_scale, block_sizes=block_sizes, interpret=interpret
+    kl, res, dq1, dw1, dk1 = dense_kl_fwd_grad(
+      q,
+      k,
+      w,
+      aq,
+      akv,
+      al,
+      attn_scale=attn_scale,
+      block_sizes=block_sizes,
+      interpret=interpret,
+      with_dk=FUSED_DK,
     )
-    return kl, (q, k, w, aq, akv, res, dq1, dw1)
+    return kl, (q, k, w, aq, akv, res, dq1, dw1, dk1)
   kl, res = dense_kl_fwd(
     q,
     k,
@@ -631,12 +665,12 @@ def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
     interpret=interpret,
     ratio=ratio,
   )
-  return kl, (q, k, w, aq, akv, res, None, None)
+  return kl, (q, k, w, aq, akv, res, None, None, None)
 
 
 def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):
-  q, k, w, aq, akv, res, dq1, dw1 = saved
-  dq, dk, dw = dense_kl_bwd(
+  q, k, w, aq, akv, res, dq1, dw1, dk1 = saved
+  bwd = lambda: dense_kl_bwd(
     q,
     k,
     w,
@@ -650,6 +684,15 @@ def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):
     ratio=ratio,
     with_dq=dq1 is None,
   )
+  if dk1 is None:
+    dq, dk, dw = bwd()
+  else:  # the forward's dk holds for a cotangent equal on every row; else the dk kernel
+    dl0 = dl.reshape(-1)[0].astype(jnp.float32)
+    dk = jax.lax.cond(
+      jnp.all(dl == dl.reshape(-1)[0]),
+      lambda: (dk1 * dl0).astype(k.dtype),
+      lambda: bwd()[1],
+    )
   if dq1 is not None:  # per-row gradients of Σ_t kl[t], scaled by the row's cotangent
     dlf = dl.astype(jnp.float32)
     dq = (dq1.astype(jnp.float32) * dlf[:, :, None, None]).astype(q.dtype)

@@ -33,9 +33,11 @@ def _case(seed, b, t, s, j, d, h, c, mha, with_lse, dtype=jnp.float32):
   return cast(q), cast(k), cast(w), cast(aq), cast(akv), lse, jnp.asarray(ct)
 
 
-def _check(args, bsz, tol=1e-5):
-  """Per-query KL and the vjp with a random cotangent, kernels (interpret) vs the reference."""
+def _check(args, bsz, tol=1e-5, uniform_ct=False):
+  """Per-query KL and the vjp with a random cotangent (and, with uniform_ct, one equal on every
+  row, as a mean loss gives), kernels (interpret) vs the reference."""
   q, k, w, aq, akv, lse, ct = args
+  cts = (ct, jnp.full_like(ct, 0.37)) if uniform_ct else (ct,)
 
   @jax.jit
   def kern(q, k, w):
@@ -43,21 +45,22 @@ def _check(args, bsz, tol=1e-5):
       q, k, w, aq, akv, lse, attn_scale=SCALE, impl="pallas", interpret=True, block_sizes=bsz
     )
     kl, vjp = jax.vjp(f, q, k, w)  # causal: dense_kl_fwd_grad's sweeps
-    return kl, vjp(ct), f(q, k, w)  # undifferentiated: dense_kl_fwd
+    return kl, [vjp(c) for c in cts], f(q, k, w)  # undifferentiated: dense_kl_fwd
 
   @jax.jit
   def ref(q, k, w):
     f = lambda q, k, w: reference.dense_kl_reference(q, k, w, aq, akv, lse, attn_scale=SCALE)
     kl, vjp = jax.vjp(f, q, k, w)
-    return kl, vjp(ct)
+    return kl, [vjp(c) for c in cts]
 
-  got, got_g, got_primal = kern(q, k, w)
-  want, want_g = ref(*(x.astype(jnp.float32) for x in (q, k, w)))
+  got, got_gs, got_primal = kern(q, k, w)
+  want, want_gs = ref(*(x.astype(jnp.float32) for x in (q, k, w)))
   assert rel_err(got, want) < tol
   assert rel_err(got_primal, want) < tol
-  for name, g_, w_ in zip("qkw", got_g, want_g):
-    assert g_.dtype == q.dtype
-    assert rel_err(g_, w_) < tol, name
+  for i, (got_g, want_g) in enumerate(zip(got_gs, want_gs)):
+    for name, g_, w_ in zip("qkw", got_g, want_g):
+      assert g_.dtype == q.dtype
+      assert rel_err(g_, w_) < tol, (i, name)
 
 
 # (seed, B, T, S, J, D, H, C, mha, attn_lse given), BlockSizes(block_t, block_s, block_c)
@@ -93,10 +96,11 @@ def test_interpret_matches_reference(name):
 @pytest.mark.parametrize("name", ["mha_lse_offset", "absorbed_own_lse"])
 def test_interpret_grad_in_forward_matches_reference(name, monkeypatch):
   """GRAD_IN_FORWARD: the indexer-lse kernel and the dq sweep with the KL value (given lse with
-  T < S, and the lse kernel's own)."""
+  T < S, and the lse kernel's own); with FUSED_DK the sweep's dk serves the uniform cotangent and
+  the dk kernel the random one."""
   monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", True)
   case, bsz = CASES[name]
-  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
+  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz), uniform_ct=True)
 
 
 @pytest.mark.slow
@@ -182,8 +186,14 @@ def test_export_cuda_v32_shapes(form, with_lse, dtype, grad_fwd, monkeypatch):
 @pytest.mark.parametrize("block_s", [128])  # the default (sweep_dense_kl, lab log)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
 def test_gpu_matches_xla_path(dtype, tol, block_s, grad_in_forward):
-  """Mid shape on the GPU: the kernels against the streamed XLA custom_vjp (grad.py, f32)."""
+  """Mid shape on the GPU: the kernels against the streamed XLA custom_vjp (grad.py, f32), with a
+  random per-row cotangent and (a mean loss) a uniform one."""
   q, k, w, aq, akv, _, ct = _case(7, 1, 1024, 2048, 64, 128, 16, 192, True, False, dtype)
+  for c in (ct, jnp.full_like(ct, 1.0 / ct.size)):
+    _gpu_vs_xla(q, k, w, aq, akv, c, tol, block_s)
+
+
+def _gpu_vs_xla(q, k, w, aq, akv, ct, tol, block_s):
   f32 = lambda x: x.astype(jnp.float32)
 
   def loss(fn):
