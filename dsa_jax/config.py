@@ -21,6 +21,7 @@ _DTYPES = ("float32", "bfloat16")
 REMOVED_FIELDS = ("score_func", "dtype", "max_batch_size")
 _INDEXER_DTYPES = ("fp8", "bfloat16", "float32")
 _IMPLS = ("reference", "pallas")
+_REMAT_POLICIES = ("full", "save_attention")
 
 
 def _err(field: str, value: Any, rule: str) -> ValueError:
@@ -92,6 +93,10 @@ class ModelConfig:
   impl: str = "reference"  # kernel dispatch: "reference" (pure JAX) | "pallas"
   attn_block_q: int = 512  # query block of the chunked reference attention / indexer
   remat: bool = False  # jax.checkpoint each scanned block
+  # What a remat block keeps for its backward: "full" nothing (the backward reruns the whole
+  # block); "save_attention" the attention kernels' outputs and residuals, the top-k ids and the
+  # KL target (the _common.SAVED names), so the backward reruns only projections and FFN.
+  remat_policy: str = "full"
   # Expert parallelism (expert_parallel.py): 0 = dropless; f > 0 = f·n·k/ep slots per shard pair.
   moe_capacity_factor: float = 0.0
   init_std: float = 0.006  # DeepSeek-V3 init std
@@ -177,6 +182,7 @@ class ModelConfig:
       ("compute_dtype", _DTYPES),
       ("indexer_dtype", _INDEXER_DTYPES),
       ("impl", _IMPLS),
+      ("remat_policy", _REMAT_POLICIES),
     ):
       if getattr(self, f) not in allowed:
         raise _err(f, getattr(self, f), f"must be one of {allowed}")

@@ -19,6 +19,7 @@ from dsa_jax import layers, mla, moe
 from dsa_jax.config import ModelConfig
 from dsa_jax.v4 import model as v4_model
 from dsa_jax.v4.config import V4Config
+from pallas_kernels import _common
 
 
 class Block(nnx.Module):
@@ -55,7 +56,14 @@ def _stack(n: int, make, rngs: nnx.Rngs):
   return create(rngs)
 
 
-def _run_stack(stack, h, cos, sin, remat: bool, **attn_kw):
+# ModelConfig.remat_policy -> the jax.checkpoint policy of a remat block (None: save nothing).
+REMAT_POLICIES = {
+  "full": None,
+  "save_attention": jax.checkpoint_policies.save_only_these_names(_common.SAVED),
+}
+
+
+def _run_stack(stack, h, cos, sin, remat: bool, policy: str = "full", **attn_kw):
   graphdef, state = nnx.split(stack)
 
   def body(carry, st):
@@ -63,7 +71,7 @@ def _run_stack(stack, h, cos, sin, remat: bool, **attn_kw):
     return blk(carry, cos, sin, **attn_kw)
 
   if remat:
-    body = jax.checkpoint(body)
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
   return jax.lax.scan(body, h, state)
 
 
@@ -136,7 +144,7 @@ class Transformer(nnx.Module):
     auxes = []
     for stack in (self.dense_layers, self.moe_layers):
       if stack is not None:
-        h, aux = _run_stack(stack, h, cos, sin, cfg.remat, **kw)
+        h, aux = _run_stack(stack, h, cos, sin, cfg.remat, cfg.remat_policy, **kw)
         auxes.append(aux)
     out = {}
     for key in ("indexer_kl", "indexer_recall", "topk_overlap"):

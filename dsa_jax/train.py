@@ -143,7 +143,13 @@ def finished_step(workdir: str) -> int | None:
 
 # Free to change on resume: model fields that do not change the parameters or the math, and
 # the fields removed from ModelConfig (which older records hold).
-_RESUME_FREE_MODEL_FIELDS = ("impl", "attn_block_q", "remat", "init_std") + REMOVED_FIELDS
+_RESUME_FREE_MODEL_FIELDS = (
+  "impl",
+  "attn_block_q",
+  "remat",
+  "remat_policy",
+  "init_std",
+) + REMOVED_FIELDS
 
 
 def config_record(cfg: TrainConfig) -> dict:

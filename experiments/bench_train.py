@@ -20,6 +20,8 @@ M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shap
 the library's choice) for MoE presets such as `v32_attn_moe`.
 M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (the streamed XLA
 custom_vjp, the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
+M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_policy
+(`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
 backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_cudnn,kernels_grad_fwd,kernels_grad_fwd_dk runs the warm-up once per dense-KL path
@@ -96,8 +98,9 @@ def flops_per_token(cfg: config_lib.ModelConfig, phase: str, seq_len: int) -> tu
   )
 
 
-def _trainer(preset: str, phase: str, seq_len: int, impl: str):
-  mcfg = config_lib.preset(preset, impl=impl, max_seq_len=max(seq_len, 4096))
+def _trainer(preset: str, phase: str, seq_len: int, impl: str, remat_policy: str | None = None):
+  kw = {"remat_policy": remat_policy} if remat_policy else {}
+  mcfg = config_lib.preset(preset, impl=impl, max_seq_len=max(seq_len, 4096), **kw)
   cfg = train_lib.TrainConfig(
     model=mcfg,
     phase=train_lib.phase(phase),
@@ -139,8 +142,8 @@ def _profile_table(trace_dir: str, steps: int, top: int = 15) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _one(preset, phase, seq_len, iters, profile_dir, impl, tag=""):
-  trainer, cfg = _trainer(preset, phase, seq_len, impl)
+def _one(preset, phase, seq_len, iters, profile_dir, impl, tag="", remat_policy=None):
+  trainer, cfg = _trainer(preset, phase, seq_len, impl, remat_policy)
   state = trainer.init_state()
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.model.vocab_size, (1, seq_len), dtype=np.int32)
@@ -203,6 +206,7 @@ def suite_m1(small: bool):
   sparse_modes = env("M1_SPARSE_KL", "")
   if set(sparse_modes) - {"xla", "kernels"}:
     raise ValueError(f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels")
+  policies = env("M1_REMAT_POLICY", "") or [None]
   bwd_modes = env("M1_SPARSE_BWD", "")
   if set(bwd_modes) - {"xla", "kernel"}:
     raise ValueError(f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel")
@@ -219,9 +223,11 @@ def suite_m1(small: bool):
       for ph in phases:
         modes = {"warmup": kl_modes, "sparse": sparse_modes}.get(ph) or [None]
         bwds = (bwd_modes if ph == "sparse" else []) or [None]
-        runs += [(ph, m, b) for m in modes for b in bwds]
-      for ph, kl_mode, bwd_mode in runs:
+        runs += [(ph, m, b, r) for m in modes for b in bwds for r in policies]
+      for ph, kl_mode, bwd_mode, policy in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
+        if policy is not None:
+          shape["remat_policy"] = policy
         if gmm_mode and mcfg.n_layers > mcfg.n_dense_layers:
           shape["gmm"] = gmm_mode
         if kl_mode is not None and ph == "sparse":
@@ -244,7 +250,8 @@ def suite_m1(small: bool):
             iters,
             prof_dir if l == prof_len else None,
             impl,
-            "".join(f"_{m}" for m in (kl_mode, bwd_mode) if m),
+            "".join(f"_{m}" for m in (kl_mode, bwd_mode, policy) if m),
+            policy,
           )
         except Exception as e:  # noqa: BLE001 - record what did not fit, go on
           rows.append(
@@ -264,8 +271,10 @@ def suite_m1(small: bool):
           compile_s=comp_s,
           loss=loss,
         )
-        if ph == "dense":
+        if ph == "dense" and base is None:  # the first dense row (its policy) is the baseline
           base = {"name": f"dense phase, {preset}, L={l}", "time_ms": ms, "tokens_per_s": tps}
+          if policy is not None:
+            base["remat_policy"] = policy
         elif base is not None:
           extra["baseline"] = base
         rows.append(bc.row("M1", shape, ms, fpt * l, **extra))

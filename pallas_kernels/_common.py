@@ -3,6 +3,17 @@
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# The jax.checkpoint name of what a custom VJP's forward computes for its backward (outputs, lse,
+# row statistics; not its inputs). Under remat_policy="save_attention" (dsa_jax/model.py) a block
+# keeps these, so the backward does not run the kernel's forward a second time.
+SAVED = "attention_saved"
+
+
+def saved(tree):
+  """tree with every array leaf named SAVED for jax.checkpoint policies (None leaves stay None)."""
+  return jax.tree_util.tree_map(lambda x: checkpoint_name(x, SAVED), tree)
 
 
 def per_device() -> bool:

@@ -130,6 +130,7 @@ def _dense_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_t, block_s)
 
   xs = [q, w, aq, t_idx] + ([] if al is None else [al])
   kl, lse, ps, al = _common.map_query_blocks(fn, block_t, xs)
+  al, lse, ps = _common.saved((al, lse, ps))
   return kl, (q, k, w, aq, akv, al, lse, ps)
 
 

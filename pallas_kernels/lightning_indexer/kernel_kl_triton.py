@@ -652,6 +652,7 @@ def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
       interpret=interpret,
       with_dk=FUSED_DK,
     )
+    res, dq1, dw1, dk1 = _common.saved((res, dq1, dw1, dk1))
     return kl, (q, k, w, aq, akv, res, dq1, dw1, dk1)
   kl, res = dense_kl_fwd(
     q,
@@ -665,7 +666,7 @@ def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
     interpret=interpret,
     ratio=ratio,
   )
-  return kl, (q, k, w, aq, akv, res, None, None, None)
+  return kl, (q, k, w, aq, akv, _common.saved(res), None, None, None)
 
 
 def _vjp_bwd(attn_scale, block_sizes, interpret, ratio, saved, dl):

@@ -288,7 +288,7 @@ def sparse_kl(q, k, w, idx, p, block_sizes, interpret=False):
 def _vjp_fwd(q, k, w, idx, p, block_sizes, interpret):
   idx, p = jax.lax.stop_gradient((idx, p))
   kl, res = sparse_kl_fwd(q, k, w, idx, p, block_sizes=block_sizes, interpret=interpret)
-  return kl, (q, k, w, idx, p, res)
+  return kl, (q, k, w, idx, p, _common.saved(res))
 
 
 def _vjp_bwd(block_sizes, interpret, saved, dl):

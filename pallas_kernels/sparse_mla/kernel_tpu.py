@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _common
+
 LANES = 128
 
 
@@ -416,7 +418,7 @@ def sparse_mla_tpu(q, kv, idx, scale, d_v, bs, interpret):
 
 
 def _vjp_fwd(q, kv, idx, scale, d_v, bs, interpret):
-  out, lse = _fwd(q, kv, idx, scale, d_v, bs, interpret)
+  out, lse = _common.saved(_fwd(q, kv, idx, scale, d_v, bs, interpret))
   return (out, lse), (q, kv, idx, out, lse)
 
 

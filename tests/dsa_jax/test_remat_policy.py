@@ -1,0 +1,87 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""ModelConfig.remat_policy: "save_attention" keeps the kernels' forward outputs (_common.SAVED),
+so a remat block's backward does not run them again; gradients are those of "full"."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsa_jax
+from dsa_jax import model
+from pallas_kernels.lightning_indexer import kernel_kl_triton
+
+
+def _pallas_calls(jaxpr, acc):
+  """Names of every pallas_call in jaxpr and its sub-jaxprs, in order."""
+  for e in jaxpr.eqns:
+    if e.primitive.name == "pallas_call":
+      acc.append(e.params["name"])
+    for v in e.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _pallas_calls(inner, acc)
+  return acc
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["fwd_dq_dk", "grad_in_forward"])
+def test_saved_kernel_forward_runs_once(grad_in_forward, monkeypatch):
+  """Dense-KL kernels in a remat'd scan (traced only): with "full" the backward runs the forward
+  kernels again; with "save_attention" each forward kernel appears once."""
+  monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", grad_in_forward)
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, k, w, aq, akv = f(2, 1, 32, 2, 16), f(1, 32, 16), f(2, 1, 32, 2), f(1, 32, 2, 16), f(1, 32, 16)
+  bsz = kernel_kl_triton.BlockSizes(16, 16, 16)
+
+  def body(c, xs):
+    kl = kernel_kl_triton.dense_kl(xs[0] * c, k, xs[1], aq, akv, None, 0.3, bsz, True)
+    return c, jnp.mean(kl)
+
+  def names(policy):
+    def loss(c):
+      blk = jax.checkpoint(body, policy=model.REMAT_POLICIES[policy])
+      return jax.lax.scan(blk, c, (q, w))[1].sum()
+
+    return _pallas_calls(jax.make_jaxpr(jax.grad(loss))(1.0).jaxpr, [])
+
+  full, saved = names("full"), names("save_attention")
+  fwd = ("dense_kl_indexer_lse", "dense_kl_fwd_dq") if grad_in_forward else ("dense_kl_fwd",)
+  for n in fwd + ("dense_kl_attn_lse",):
+    assert full.count(n) == 2 and saved.count(n) == 1, (n, full, saved)
+  assert saved.count("dense_kl_bwd_dk") == full.count("dense_kl_bwd_dk") == 1
+
+
+def _grads(policy, indexer_loss, attention, trainable, impl):
+  cfg = dsa_jax.preset("test", remat=True, remat_policy=policy, impl=impl)
+  graphdef, state = nnx.split(model.build(cfg, seed=0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, cfg.vocab_size)
+
+  def loss(state):
+    logits, aux = nnx.merge(graphdef, state)(tokens, attention=attention, indexer_loss=indexer_loss)
+    kl = jnp.mean(aux["indexer_kl"])
+    return kl if trainable == "indexer" else kl - jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  return jax.jit(jax.grad(loss))(state)
+
+
+# warm-up: impl="pallas" on CPU is the streamed XLA dense KL (grad.py), whose residuals are named;
+# sparse: the test preset's indexer is too small for the Pallas top-k, so the named values are the
+# top-k ids and the KL target probabilities (mla.py)
+@pytest.mark.parametrize(
+  "indexer_loss,attention,trainable,impl",
+  [("dense", "dense", "indexer", "pallas"), ("sparse", "sparse", "all", "reference")],
+  ids=["warmup", "sparse"],
+)
+def test_model_gradients_do_not_depend_on_policy(indexer_loss, attention, trainable, impl):
+  full = _grads("full", indexer_loss, attention, trainable, impl)
+  saved = _grads("save_attention", indexer_loss, attention, trainable, impl)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(saved)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_policy_is_one_clear_error():
+  with pytest.raises(ValueError, match="remat_policy.*save_attention"):
+    dsa_jax.preset("test", remat_policy="dots")
