@@ -16,6 +16,23 @@ def saved(tree):
   return jax.tree_util.tree_map(lambda x: checkpoint_name(x, SAVED), tree)
 
 
+# Pallas-Triton lowers jnp.exp / jnp.log on f32 to libdevice's accurate expf / logf (a dozen
+# instructions each); exp2 / log2 lower to the hardware's ex2.approx / lg2.approx (2 ulp). The
+# kernels' per-head softmax terms use these, with log2(e) folded into their scales where they can.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def exp(x):
+  """e**x as 2**(x·log2 e)."""
+  return jnp.exp2(x * jnp.float32(LOG2E))
+
+
+def log(x):
+  """ln x as log2(x)·ln 2."""
+  return jnp.log2(x) * jnp.float32(LN2)
+
+
 def per_device() -> bool:
   """True where a pallas_call runs as written: one device, or inside a shard_map over every axis
   of the mesh (each device runs its part). Elsewhere a sharded jit would run it replicated, since

@@ -150,8 +150,8 @@ def _target_tile(aq_ref, kv_ref, lse_ref, b, t0, s0, *, bt, bs, nh, nc, bc, mha,
 
   def body(h, acc):
     lg = _attn_logits(aq_ref, kv_ref, b, h, t0, s0, bt=bt, bs=bs, nc=nc, bc=bc, mha=mha)
-    lse = lse_ref[b, h, pl.ds(t0, bt)]
-    return acc + jnp.exp(lg * jnp.float32(scale) - lse[:, None])
+    lse2 = lse_ref[b, h, pl.ds(t0, bt)] * jnp.float32(_common.LOG2E)
+    return acc + jnp.exp2(lg * jnp.float32(scale * _common.LOG2E) - lse2[:, None])
 
   return jax.lax.fori_loop(0, nh, body, jnp.zeros((bt, bs), jnp.float32))
 
@@ -188,7 +188,7 @@ def _grad_tiles(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt,
     mha=c["mha"],
     scale=c["scale"],
   )
-  p = jnp.exp(i - lsei[:, None])
+  p = jnp.exp2(i * jnp.float32(_common.LOG2E) - (lsei * jnp.float32(_common.LOG2E))[:, None])
   g = (p * psum[:, None] - pt / psn[:, None]) * dl[:, None]
   return jnp.where(vis, g, jnp.float32(0)), i, pt, vis
 
@@ -217,12 +217,12 @@ def _lse_kernel(aq_ref, kv_ref, o_ref, *, c):
       _NEG,
     )
     m_new = jnp.maximum(m, jnp.max(lg, axis=1))
-    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(lg - m_new[:, None]), axis=1)
+    l = l * _common.exp(m - m_new) + jnp.sum(_common.exp(lg - m_new[:, None]), axis=1)
     return m_new, l
 
   init = (jnp.full((bt,), _NEG, jnp.float32), jnp.zeros((bt,), jnp.float32))
   m, l = jax.lax.fori_loop(0, nk, body, init)
-  o_ref[b, h, pl.ds(t0, bt)] = m + jnp.log(l)
+  o_ref[b, h, pl.ds(t0, bt)] = m + _common.log(l)
 
 
 def _lsei_kernel(q_ref, k_ref, w_ref, o_ref, *, c):
@@ -241,12 +241,12 @@ def _lsei_kernel(q_ref, k_ref, w_ref, o_ref, *, c):
     ind = _indexer_tile(q_ref, w_ref, k_ref[b, pl.ds(s0, bs), :], b, t0, bt=bt, nj=c["nj"])
     ind = jnp.where(vis, ind, _NEG)
     m_new = jnp.maximum(m, jnp.max(ind, axis=1))
-    e = jnp.where(vis, jnp.exp(ind - m_new[:, None]), jnp.float32(0))
-    return m_new, l * jnp.exp(m - m_new) + jnp.sum(e, axis=1)
+    e = jnp.where(vis, _common.exp(ind - m_new[:, None]), jnp.float32(0))
+    return m_new, l * _common.exp(m - m_new) + jnp.sum(e, axis=1)
 
   init = (jnp.full((bt,), _NEG, jnp.float32), jnp.zeros((bt,), jnp.float32))
   m, l = jax.lax.fori_loop(0, nk, body, init)
-  o_ref[b, pl.ds(t0, bt)] = m + jnp.log(l)
+  o_ref[b, pl.ds(t0, bt)] = m + _common.log(l)
 
 
 def _fwd_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, kl_ref, lsei_ref, ps_ref, *, c):
@@ -281,19 +281,21 @@ def _fwd_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, kl_ref, lsei_ref,
     ind = jnp.where(vis, ind, _NEG)
     pt = jnp.where(vis, pt, zero)
     m_new = jnp.maximum(m, jnp.max(ind, axis=1))
-    e = jnp.where(vis, jnp.exp(ind - m_new[:, None]), zero)
-    l = l * jnp.exp(m - m_new) + jnp.sum(e, axis=1)
+    e = jnp.where(vis, _common.exp(ind - m_new[:, None]), zero)
+    l = l * _common.exp(m - m_new) + jnp.sum(e, axis=1)
     pos = pt > zero
     cc = cc - (m_new - m) * ps + jnp.sum(jnp.where(pos, pt * (ind - m_new[:, None]), zero), axis=1)
-    a = a + jnp.sum(jnp.where(pos, pt * jnp.log(jnp.where(pos, pt, jnp.float32(1))), zero), axis=1)
+    a = a + jnp.sum(
+      jnp.where(pos, pt * _common.log(jnp.where(pos, pt, jnp.float32(1))), zero), axis=1
+    )
     return m_new, l, ps + jnp.sum(pt, axis=1), a, cc
 
   z = jnp.zeros((bt,), jnp.float32)
   m, l, ps, a, cc = jax.lax.fori_loop(0, nk, body, (jnp.full((bt,), _NEG, jnp.float32), z, z, z, z))
   psn = jnp.maximum(ps, jnp.float32(1e-30))
-  kl = a / psn - jnp.log(psn) - cc / psn + jnp.log(l)
+  kl = a / psn - _common.log(psn) - cc / psn + _common.log(l)
   kl_ref[b, pl.ds(t0, bt)] = jnp.where(ps > zero, kl, zero)
-  lsei_ref[b, pl.ds(t0, bt)] = m + jnp.log(l)
+  lsei_ref[b, pl.ds(t0, bt)] = m + _common.log(l)
   ps_ref[b, pl.ds(t0, bt)] = ps
 
 
@@ -336,7 +338,7 @@ def _dq_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei_ref, ps_ref, 
     if kl:  # Σ pt log pt and Σ pt (I - lse_I) over the visible keys (KL = a/ps - log ps - cc/ps)
       a, cc = carry
       pos = vis & (pt > jnp.float32(0))
-      lpt = jnp.log(jnp.where(pos, pt, jnp.float32(1)))
+      lpt = _common.log(jnp.where(pos, pt, jnp.float32(1)))
       a = a + jnp.sum(jnp.where(pos, pt * lpt, jnp.float32(0)), axis=1)
       cc = cc + jnp.sum(jnp.where(pos, pt * (ind - lsei[:, None]), jnp.float32(0)), axis=1)
       carry = (a, cc)
@@ -364,7 +366,7 @@ def _dq_kernel(q_ref, k_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei_ref, ps_ref, 
   a, cc = jax.lax.fori_loop(0, nk, body, (z, z))
   if kl:
     ps = ps_ref[b, pl.ds(t0, bt)]
-    val = a / psn - jnp.log(psn) - cc / psn
+    val = a / psn - _common.log(psn) - cc / psn
     kl[0][b, pl.ds(t0, bt)] = jnp.where(ps > jnp.float32(0), val, jnp.float32(0))
 
 

@@ -132,10 +132,10 @@ def _fwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, kl_ref, lse_ref, ps_ref, *,
       valid, _, _, pc, _, i = _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk)
       i = jnp.where(valid, i, _NEG)
       m_new = jnp.maximum(m, jnp.max(i))
-      l = l * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(i - m_new), zero))
+      l = l * _common.exp(m - m_new) + jnp.sum(jnp.where(valid, _common.exp(i - m_new), zero))
       pos = pc > zero
       cc = cc - (m_new - m) * ps + jnp.sum(jnp.where(pos, pc * (i - m_new), zero))
-      a = a + jnp.sum(jnp.where(pos, pc * jnp.log(jnp.where(pos, pc, jnp.float32(1))), zero))
+      a = a + jnp.sum(jnp.where(pos, pc * _common.log(jnp.where(pos, pc, jnp.float32(1))), zero))
       return m_new, l, ps + jnp.sum(pc), a, cc
 
     ids = idx_ref[n, pl.ds(ci * bk, bk)]
@@ -144,7 +144,7 @@ def _fwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, kl_ref, lse_ref, ps_ref, *,
   init = (jnp.float32(_NEG), zero, zero, zero, zero)
   m, l, ps, a, cc = jax.lax.fori_loop(0, c["nk"], body, init)
   live = l > zero
-  logl = jnp.log(jnp.where(live, l, jnp.float32(1)))
+  logl = _common.log(jnp.where(live, l, jnp.float32(1)))
   kl_ref[n] = jnp.where(ps > zero, a - cc + ps * logl, zero)
   lse_ref[n] = jnp.where(live, m + logl, zero)
   ps_ref[n] = ps
@@ -162,7 +162,7 @@ def _bwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, _,
     def run(carry):
       dq, dw = carry
       valid, safe, rows, pc, z, i = _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk)
-      prob = jnp.exp(jnp.where(valid, i - lse, _NEG))
+      prob = _common.exp(jnp.where(valid, i - lse, _NEG))
       g = jnp.where(valid, (prob * ps - pc) * dl, zero)  # [bk]
       dw = dw + jnp.sum(g[None, :] * jnp.maximum(z, zero), axis=1)
       gz = jnp.where(z > zero, wt[:, None] * g[None, :], zero)  # [Jp, bk]

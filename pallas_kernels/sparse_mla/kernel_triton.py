@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import _common
+
 
 def _pow2(n: int) -> bool:
   return n > 0 and not n & (n - 1)
@@ -80,7 +82,8 @@ def _probs_tile(qn, qr, lse, rn, rr, valid, scale):
   s = _dot(qn, rn, 1, 1)
   if rr is not None:
     s = s + _dot(qr, rr, 1, 1)
-  p = jnp.exp(s * jnp.float32(scale) - lse[:, None])
+  lse2 = lse * jnp.float32(_common.LOG2E)
+  p = jnp.exp2(s * jnp.float32(scale * _common.LOG2E) - lse2[:, None])
   return jnp.where(valid[None, :], p, jnp.float32(0))
 
 
