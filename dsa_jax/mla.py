@@ -27,7 +27,6 @@ from flax import nnx
 from dsa_jax import context_parallel, layers, selection, sharding, sparse_attention
 from dsa_jax import indexer as indexer_lib
 from dsa_jax.config import ModelConfig
-from pallas_kernels import _common
 
 # The registry of attention modes and indexer losses (docs/extending.md): the model, the training
 # phases (train.PhaseConfig) and decoding (generate.py, DECODE_MODES) validate against these.
@@ -178,7 +177,7 @@ class MLA(nnx.Module):
       idx = indexer_lib.select_topk(
         iq, ik, iw, topk=cfg.index_topk, impl=cfg.impl, block_t=cfg.attn_block_q
       )
-      idx = _common.saved(idx)  # remat_policy="save_attention": no second top-k
+      idx = sparse_attention.saved(idx)  # remat_policy="save_attention": no second top-k
 
     if attention == "dense":
       w_uk, w_uv = self._wkv_b()
@@ -237,7 +236,7 @@ class MLA(nnx.Module):
     elif indexer_loss == "sparse" and ctx is not None:
       aux["indexer_kl"] = jnp.mean(cp_kl)
     elif indexer_loss == "sparse":
-      p = _common.saved(
+      p = sparse_attention.saved(
         sparse_attention.sparse_probs(q_abs, kv_lat, idx, lse, scale=scale, impl=cfg.impl)
       )
       aux["indexer_kl"] = jnp.mean(indexer_lib.sparse_kl(iq, ik, iw, idx, p, impl=cfg.impl))

@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsa_jax import layers, mla, moe
+from dsa_jax import layers, mla, moe, sparse_attention
 from dsa_jax.config import ModelConfig
 from dsa_jax.v4 import model as v4_model
 from dsa_jax.v4.config import V4Config
-from pallas_kernels import _common
 
 
 class Block(nnx.Module):
@@ -59,7 +58,7 @@ def _stack(n: int, make, rngs: nnx.Rngs):
 # ModelConfig.remat_policy -> the jax.checkpoint policy of a remat block (None: save nothing).
 REMAT_POLICIES = {
   "full": None,
-  "save_attention": jax.checkpoint_policies.save_only_these_names(_common.SAVED),
+  "save_attention": jax.checkpoint_policies.save_only_these_names(sparse_attention.SAVED),
 }
 
 

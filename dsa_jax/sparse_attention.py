@@ -61,6 +61,12 @@ def _dense_block(q, k, v, t0, *, scale, s_offset):
   return out.astype(q.dtype), jnp.moveaxis(lse, 1, 2)
 
 
+# The remat name of what the attention and KL kernels' forwards keep for their backwards
+# (ModelConfig.remat_policy="save_attention"); `saved` names more values (top-k ids, KL target).
+SAVED = _common.SAVED
+saved = _common.saved
+
+
 def _cudnn_ok(q, k, impl: str, with_lse: bool) -> bool:
   return (
     impl == "pallas"
