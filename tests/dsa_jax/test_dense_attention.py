@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import dsa_jax
-from dsa_jax import sparse_attention
+from dsa_jax import model, sparse_attention
 
 
 def _qkv(seed, b=2, t=64, h=4, dk=48, dv=32, dtype=jnp.bfloat16):
@@ -44,6 +45,26 @@ def test_dispatch_pads_v_and_skips_lse(monkeypatch):
   )
   assert len(calls) == 1 and lse2.dtype == jnp.float32
   np.testing.assert_array_equal(np.float32(lse2), np.float32(ref_lse))
+
+  # gradients through the custom_vjp that names the call's residuals, in a remat'd scan with
+  # either policy, equal the chunked path's
+  def grads(impl, policy):
+    def body(c, x):
+      o, _ = sparse_attention.dense_attention(
+        x * c, k, v, scale=0.2, block_t=16, impl=impl, with_lse=False
+      )
+      return c, jnp.sum(o.astype(jnp.float32) ** 2)
+
+    def loss(c, xs):
+      blk = jax.checkpoint(body, policy=model.REMAT_POLICIES[policy])
+      return jax.lax.scan(blk, c, xs)[1].sum()
+
+    return jax.grad(loss, (0, 1))(jnp.bfloat16(1.0), jnp.stack([q, q]))
+
+  want = grads("reference", "full")
+  for policy in ("full", "save_attention"):
+    for g, w in zip(grads("pallas", policy), want):
+      np.testing.assert_allclose(np.float32(g), np.float32(w), atol=5e-2, rtol=5e-2)
 
 
 def test_warmup_with_cudnn_attention_matches_reference(monkeypatch):
@@ -99,3 +120,22 @@ def test_dense_phase_cudnn_matches_reference_on_gpu():
     outs[impl] = np.float32(logits)
   err = np.linalg.norm(outs["pallas"] - outs["reference"]) / np.linalg.norm(outs["reference"])
   assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+def test_dense_phase_cudnn_gradients_under_both_remat_policies():
+  """The cuDNN custom_vjp (residuals named for remat_policy="save_attention"): the dense-phase
+  gradients under remat with either policy equal each other and match the reference impl's."""
+  cfg = dsa_jax.preset("1b", n_layers=2, vocab_size=1024, dim=256, n_heads=8, n_mtp_layers=0)
+  tokens = jax.random.randint(jax.random.key(1), (1, 1024), 0, cfg.vocab_size)
+  grads = {}
+  for impl, policy in (("reference", "full"), ("pallas", "full"), ("pallas", "save_attention")):
+    m = dsa_jax.build(cfg.replace(impl=impl, remat=True, remat_policy=policy), seed=0)
+    graphdef, state = nnx.split(m)
+    loss = lambda st: jnp.mean(nnx.merge(graphdef, st)(tokens, attention="dense")[0] ** 2)
+    grads[impl, policy] = [np.float32(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(state))]
+  flat = {k: np.concatenate([g.ravel() for g in v]) for k, v in grads.items()}
+  rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+  # cuDNN's backward may sum in a different order from run to run: not bitwise
+  assert rel(flat["pallas", "save_attention"], flat["pallas", "full"]) < 1e-3
+  assert rel(flat["pallas", "full"], flat["reference", "full"]) < 3e-2
