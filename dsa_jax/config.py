@@ -494,6 +494,8 @@ _V32_ATTN = dict(
   compute_dtype="bfloat16",
   attn_block_q=256,
   remat=True,
+  # the attention and KL kernels' forwards run once per step, not again in the remat replay
+  remat_policy="save_attention",
 )
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -24,13 +24,13 @@ M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
 backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
-M1_DENSE_KL=xla,kernels,kernels_cudnn,kernels_grad_fwd,kernels_grad_fwd_dk runs the warm-up once per dense-KL path
-(`shape.dense_kl` names it); unset, the library's default (kernels): the streamed XLA
-custom_vjp; the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash kernel
-(sparse_attention.warmup_attention); kernels_cudnn: cuDNN attention, the KL kernels computing the
-lse in a pass of their own; kernels_grad_fwd: kernels with kernel_kl_triton.GRAD_IN_FORWARD (the
-KL value, dq and dw from one sweep after an indexer-only lse pass); kernels_grad_fwd_dk: the same
-with FUSED_DK (that sweep also adds dk).
+M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
+(`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
+custom_vjp; kernels: the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash
+kernel (sparse_attention.warmup_attention) and kernel_kl_triton.GRAD_IN_FORWARD (one sweep gives
+the KL value, dq, dw and dk after an indexer-only lse pass); kernels_3sweep: the same without
+GRAD_IN_FORWARD (forward, dq and dk sweeps); kernels_cudnn: cuDNN attention, the KL kernels
+computing the lse in a pass of their own.
 With M1_PROFILE=<L>, one step per phase at that length is traced (jax.profiler, Perfetto JSON)
 and the top GPU ops by time go to `<out dir>/m1_profile_<preset>_<phase>_<L>.md`.
 """
@@ -200,7 +200,7 @@ def suite_m1(small: bool):
   if gmm_mode:
     gmm_ops.GMM_KERNELS_BY_DEFAULT = gmm_mode == "kernels"
   kl_modes = env("M1_DENSE_KL", "")
-  modes = {"xla", "kernels", "kernels_cudnn", "kernels_grad_fwd", "kernels_grad_fwd_dk"}
+  modes = {"xla", "kernels", "kernels_3sweep", "kernels_cudnn"}
   if set(kl_modes) - modes:
     raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of {sorted(modes)}")
   sparse_modes = env("M1_SPARSE_KL", "")
@@ -237,8 +237,7 @@ def suite_m1(small: bool):
           shape["dense_kl"] = kl_mode
           indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
           sparse_attention.GPU_WARMUP_ATTENTION_KERNEL = kl_mode != "kernels_cudnn"
-          kernel_kl_triton.GRAD_IN_FORWARD = kl_mode.startswith("kernels_grad_fwd")
-          kernel_kl_triton.FUSED_DK = kl_mode == "kernels_grad_fwd_dk"
+          kernel_kl_triton.GRAD_IN_FORWARD = kl_mode != "kernels_3sweep"
         if bwd_mode is not None:
           shape["sparse_bwd"] = bwd_mode
           sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode == "kernel"

@@ -22,9 +22,10 @@ kernels:
        dk += (g·w_j·1[z_j>0])ᵀ · q_j in a [bs,D] f32 register accumulator.
 With GRAD_IN_FORWARD, under differentiation with causal keys (ratio 1): every head's
 probabilities sum to 1 over the row's keys, so ps = H is known before any sweep; an indexer-only
-lse kernel (no target) gives lse_I, and the dq kernel with dl = 1 also sums the KL value
-(dense_kl_fwd_grad); the backward scales dq, dw by dl and runs dk. The target is rebuilt twice
-per step instead of three times.
+lse kernel (no target) gives lse_I, and the dq kernel with dl = 1 also sums the KL value and
+adds each key block's dk tile to an f32 buffer by atomic adds (dense_kl_fwd_grad). The backward
+scales dq, dw by each row's dl; dk holds as is for a dl equal on every row (a mean loss), else
+the dk kernel runs. The target is rebuilt once per step instead of three times.
 Dots take the inputs' dtype (bf16 on the tensor cores, f32 -> IEEE) with f32 accumulation; the
 g-weighted operands are cast to the other operand's dtype (as flash attention casts P).
 The wrapper pads T, S to the tiles, D to a power of 2 (>= 16) and C to a multiple of the C chunk
@@ -44,13 +45,9 @@ from pallas_kernels import _common
 
 MAX_DIM = 256  # largest (padded) indexer head dim the register tiles take
 MAX_UNROLL = 4  # attention-dim chunks unrolled per head (more: a loop)
-# Causal differentiation through dense_kl_fwd_grad (2 target sweeps) instead of dense_kl_fwd +
-# the dq kernel (3): off until a GPU has run it (its -m gpu test and M1_DENSE_KL=kernels_grad_fwd
-# in the lab log); tested both ways on CPU.
-GRAD_IN_FORWARD = False
-# With GRAD_IN_FORWARD: the forward's row sweep also builds dk (atomic adds per key block), used
-# when the cotangent is the same for every row (a mean loss); one target rebuild per step.
-FUSED_DK = True
+# Causal differentiation through dense_kl_fwd_grad (one target sweep with dq, dw and dk) instead
+# of dense_kl_fwd + the dq and dk kernels (three); off: the three-sweep path (M1_DENSE_KL).
+GRAD_IN_FORWARD = True
 _NEG = -1e30
 
 
@@ -499,20 +496,19 @@ def dense_kl_fwd(
   return kl[:, : q.shape[1]], (lsei, ps, alse)
 
 
-@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret", "with_dk"))
+@functools.partial(jax.jit, static_argnames=("attn_scale", "block_sizes", "interpret"))
 def dense_kl_fwd_grad(
-  q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False, with_dk=False
+  q, k, w, attn_q, attn_kv, attn_lse, *, attn_scale, block_sizes, interpret=False
 ):
   """Causal (ratio 1) forward for differentiation: (kl, res, dq1, dw1, dk1) with dq1 [B,T,J,D],
   dw1 [B,T,J] the gradients of Σ_t kl[t] (in q's, w's dtypes); for a cotangent dl they scale by
-  dl[t] (both are per row). dk1 [B,S,D] f32 (with_dk, else None): dk of Σ_t kl[t], which is dk
-  for any cotangent equal on every row, times that value; otherwise dense_kl_bwd(with_dq=False)
-  computes dk.
+  dl[t] (both are per row). dk1 [B,S,D] f32: dk of Σ_t kl[t], which is dk for any cotangent
+  equal on every row, times that value; otherwise dense_kl_bwd(with_dq=False) computes dk.
 
   Causal rows see every key their heads attend to, so each head's probabilities sum to 1 and
   the target's row sum is ps = H (given the attention's lse, or the lse kernel's). The indexer's
   lse then comes from a pass without the target, and one row sweep (the dq kernel) yields the
-  KL value with dq and dw: two target rebuilds (this sweep, dk) instead of three (fwd, dq, dk)."""
+  KL value with dq, dw and dk: one target rebuild instead of three (fwd, dq, dk)."""
   bsz = block_sizes
   qp, kp, wp, aq, kv, alse, cfg = _prepare(q, k, w, attn_q, attn_kv, attn_lse, bsz)
   cfg["scale"] = float(attn_scale)
@@ -537,12 +533,10 @@ def dense_kl_fwd_grad(
     jax.ShapeDtypeStruct((b, tp, nj, dp), jnp.float32),
     jax.ShapeDtypeStruct((b, nj, tp), jnp.float32),
   ]
-  cfg["fused_dk"] = bool(with_dk)
-  if with_dk:
-    dk0 = jnp.zeros((b, kp.shape[1], dp), jnp.float32)
-    args, outs = args + (dk0,), outs + [jax.ShapeDtypeStruct(dk0.shape, jnp.float32)]
-  outs.append(row)
-  dq, dw, *dk, kl = _call(
+  cfg["fused_dk"] = True
+  dk0 = jnp.zeros((b, kp.shape[1], dp), jnp.float32)
+  args, outs = args + (dk0,), outs + [jax.ShapeDtypeStruct(dk0.shape, jnp.float32), row]
+  dq, dw, dk, kl = _call(
     functools.partial(_dq_kernel, c=cfg),
     "dense_kl_fwd_dq",
     (cfg["nq"], b),
@@ -551,12 +545,12 @@ def dense_kl_fwd_grad(
     bsz,
     interpret,
     bwd=True,
-    aliases={len(args) - 1: 2} if with_dk else None,
+    aliases={len(args) - 1: 2},
   )
   t, s, d = q.shape[1], k.shape[1], q.shape[-1]
   dq1 = dq[:, :t, :, :d].astype(q.dtype)
   dw1 = jnp.swapaxes(dw, 1, 2)[:, :t].astype(w.dtype)
-  dk1 = dk[0][:, :s, :d] if with_dk else None
+  dk1 = dk[:, :s, :d]
   return kl[:, :t], (lsei, ps, alse), dq1, dw1, dk1
 
 
@@ -652,7 +646,6 @@ def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
       attn_scale=attn_scale,
       block_sizes=block_sizes,
       interpret=interpret,
-      with_dk=FUSED_DK,
     )
     res, dq1, dw1, dk1 = _common.saved((res, dq1, dw1, dk1))
     return kl, (q, k, w, aq, akv, res, dq1, dw1, dk1)

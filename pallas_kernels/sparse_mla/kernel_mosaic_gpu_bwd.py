@@ -33,10 +33,9 @@ q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64
 
 dkv reduction: an f32 [R, Kp] buffer, zeroed by the wrapper and passed as a mutable Ref (the
 kernel's aliased operand), receives every dR tile straight from registers with relaxed
-`red.global.add.v2.f32` (inline Mosaic GPU): each thread owns two rows x 16 columns of a tile
-in the WGMMA layout, i.e. 16 pairs of adjacent floats, and reads the ids of its two rows from the
-idx array (GMEM, L2 hits). red_width=4 adds 4 floats per red after a lane shuffle (half the
-reds; `_red_add_op`). Invalid slots are sent to row 0: their dR rows are exact zeros.
+`red.global.add.v4.f32` (inline Mosaic GPU): each thread owns two rows x 16 columns of a tile
+in the WGMMA layout, i.e. 16 pairs of adjacent floats, reads the ids of its two rows from the
+idx array (GMEM, L2 hits) and, after a lane shuffle, adds 4 floats per red (`_red_add_op`). Invalid slots are sent to row 0: their dR rows are exact zeros.
 Why atomics: many tokens select the same row (and a row may repeat inside one token's list), so
 the adds collide in unknown places; the alternatives cost more here:
   - TMA reduce-add (`copy_smem_to_gmem(..., reduction_op="add")`) needs an untiled f32 staging
@@ -71,8 +70,6 @@ _LOG2E = math.log2(math.e)
 HEAD_BLOCK = fwd.HEAD_BLOCK
 BLOCK_K = fwd.BLOCK_K
 _SMEM_BYTES = fwd._SMEM_BYTES
-PROBES = (None, "no_dkv_adds")
-RED_WIDTHS = (2, 4)  # floats per red.global.add (see _red_add_op)
 
 
 def _kib(x):
@@ -94,24 +91,20 @@ def tile_owners(n_tiles: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[i
   return tuple(tuple(range(starts[w], starts[w + 1])) for w in range(3))
 
 
-def _red_add_op(kp_dim: int, col0: int, width: int):
+def _red_add_op(kp_dim: int, col0: int):
   """Inline Mosaic GPU: dkv[ids[t, j, row], col0 + col] += acc[row, col] for a [64, 64] f32
-  WGMMA-layout tile with relaxed `red.global.add.v{width}.f32`. Ids < 0 go to row 0 (their rows
+  WGMMA-layout tile with relaxed `red.global.add.v4.f32`. Ids < 0 go to row 0 (their rows
   are zeros). All id loads are emitted before the first red (the asm has side effects, so LLVM
   would not hoist loads past it).
 
   In the WGMMA layout a thread holds rows r and r + 8 of its warp's 16, at columns
-  8i + 2(lane % 4) + {0, 1} (i < 8): 16 pairs. width 2: one red per pair. width 4: lanes l and
-  l ^ 1 hold columns 4k..4k+3 of the same two rows between them, so after one butterfly shuffle
-  per column group the even lane adds row r and the odd lane row r + 8, 4 columns each: 8 reds
-  per thread instead of 16.
+  8i + 2(lane % 4) + {0, 1} (i < 8): 16 pairs. Lanes l and l ^ 1 hold columns 4k..4k+3 of the
+  same two rows between them, so after one butterfly shuffle per column group the even lane adds
+  row r and the odd lane row r + 8, 4 columns each: 8 reds per thread (one per pair: 16).
   """
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
   from jaxlib.mlir import ir  # noqa: PLC0415
   from jaxlib.mlir.dialects import arith, gpu, llvm, memref, vector  # noqa: PLC0415
-
-  if width not in RED_WIDTHS:
-    raise ValueError(f"red width {width}; expected one of {RED_WIDTHS}")
 
   @plgpu.inline_mgpu(
     arg_types=(
@@ -148,36 +141,32 @@ def _red_add_op(kp_dim: int, col0: int, width: int):
     if any(ir.VectorType(r.type).shape != [2] for r in regs.flat):
       raise NotImplementedError(f"expected vector<2xf32> registers, got {regs.flat[0].type}")
     idxs = dict(zip(np.ndindex(regs.shape), acc.layout.thread_idxs(acc.shape), strict=True))
-    if width == 2:
-      adds = [(addr(*idxs[r]), floats(regs[r])) for r in np.ndindex(regs.shape)]
-    else:
-      # registers [.., column group (8), .., row half (2), ..]: the two non-unit dims
-      dims = [d for d, n in enumerate(regs.shape) if n > 1]
-      if [regs.shape[d] for d in dims] != [8, 2]:
-        raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
-      d_col, d_row = dims
-      lane = arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(32, index))
-      odd_idx = arith.andi(lane, mu.c(1, index))
-      odd = arith.cmpi(arith.CmpIPredicate.ne, odd_idx, mu.c(0, index))
-      adds = []
-      for g in range(8):
-        r0, r1 = (
-          tuple(g if d == d_col else (h if d == d_row else 0) for d in range(regs.ndim))
-          for h in (0, 1)
-        )
-        (row0, col), (row1, _) = idxs[r0], idxs[r1]
-        keep = arith.select(odd, regs[r1], regs[r0])
-        recv = mu.shfl_bfly(arith.select(odd, regs[r0], regs[r1]), 1)
-        lo, hi = arith.select(odd, recv, keep), arith.select(odd, keep, recv)
-        col4 = arith.subi(col, arith.muli(odd_idx, mu.c(2, index)))
-        adds.append((addr(arith.select(odd, row1, row0), col4), floats(lo) + floats(hi)))
+    # registers [.., column group (8), .., row half (2), ..]: the two non-unit dims
+    dims = [d for d, n in enumerate(regs.shape) if n > 1]
+    if [regs.shape[d] for d in dims] != [8, 2]:
+      raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
+    d_col, d_row = dims
+    lane = arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(32, index))
+    odd_idx = arith.andi(lane, mu.c(1, index))
+    odd = arith.cmpi(arith.CmpIPredicate.ne, odd_idx, mu.c(0, index))
+    adds = []
+    for g in range(8):
+      r0, r1 = (
+        tuple(g if d == d_col else (h if d == d_row else 0) for d in range(regs.ndim))
+        for h in (0, 1)
+      )
+      (row0, col), (row1, _) = idxs[r0], idxs[r1]
+      keep = arith.select(odd, regs[r1], regs[r0])
+      recv = mu.shfl_bfly(arith.select(odd, regs[r0], regs[r1]), 1)
+      lo, hi = arith.select(odd, recv, keep), arith.select(odd, keep, recv)
+      col4 = arith.subi(col, arith.muli(odd_idx, mu.c(2, index)))
+      adds.append((addr(arith.select(odd, row1, row0), col4), floats(lo) + floats(hi)))
     for ptr, vals in adds:
-      operands = ", ".join(f"${i + 1}" for i in range(width))
       llvm.inline_asm(
         ir.Type.parse("!llvm.void"),
         [ptr, *vals],
-        f"red.relaxed.gpu.global.add.v{width}.f32 [$0], {{{operands}}};",
-        ",".join(["l"] + ["f"] * width),
+        "red.relaxed.gpu.global.add.v4.f32 [$0], {$1, $2, $3, $4};",
+        ",".join(["l"] + ["f"] * 4),
         has_side_effects=True,
       )
 
@@ -194,21 +183,11 @@ def sparse_mla_bwd(
   *,
   scale: float,
   interpret=False,
-  probe: str | None = None,
-  red_width: int = 2,
 ):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp]
   (q.dtype), dkv [R,Kp] f32. See the module docstring; the shape rules are the forward's.
-
-  probe (timing only, wrong by design): "no_dkv_adds" computes the dR tiles but skips the
-  red.global adds (dkv stays 0), to measure what the atomics cost on a GPU.
-  red_width: 2 or 4 floats per red.global.add (4: half the reds after a lane shuffle;
-  `_red_add_op`); the interpreter has no reds, so only a GPU checks either.
+  The interpreter has no reds (it adds rows one at a time), so only a GPU checks them.
   """
-  if probe not in PROBES:
-    raise ValueError(f"probe={probe!r}; expected one of {PROBES}")
-  if red_width not in RED_WIDTHS:
-    raise ValueError(f"red_width={red_width}; expected one of {RED_WIDTHS}")
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
   d_out = do.shape[-1]
@@ -232,7 +211,7 @@ def sparse_mla_bwd(
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
-    red_ops = {c: _red_add_op(kp_dim, c * 64, red_width) for c in range(n_tiles)}
+    red_ops = {c: _red_add_op(kp_dim, c * 64) for c in range(n_tiles)}
 
   def mma_add(acc, a, b):
     """acc + a @ b (a, b SMEM refs)."""
@@ -369,8 +348,7 @@ def sparse_mla_bwd(
               dst = dkv_ref.at[pl.ds(row, 1), pl.ds(c * 64, 64)]
               dst[...] = dst[...] + st.at[pl.ds(i, 1)][...]
           else:
-            if probe != "no_dkv_adds":
-              red_ops[c](dkv_ref, idx_ref, acc, t, j)
+            red_ops[c](dkv_ref, idx_ref, acc, t, j)
 
       def step(j, accs, w):
         wait_rows(j)

@@ -36,11 +36,9 @@ GPU_PROBS_KERNEL = True
 PROBS_BLOCK_SIZES = kernel_triton.BlockSizes()
 # The backward of impl="pallas" on a GPU: True runs the Mosaic GPU backward kernel
 # (kernel_mosaic_gpu_bwd.py) where it can (one GPU, bf16/f16, or interpret=... on CPU), False
-# the blocked XLA backward (`_bwd_blocked`). Off until a GPU run has passed
-# tests/pallas_kernels/test_sparse_mla_bwd_mosaic.py -m gpu and beaten the XLA time.
+# the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
+# backward at S3 shapes (its dkv atomic adds dominate; S3_BWD=kernel in the S3 benchmark).
 GPU_BWD_KERNEL = False
-# Floats per red.global.add of the kernel's dkv adds (2 or 4; kernel_mosaic_gpu_bwd.RED_WIDTHS).
-BWD_RED_WIDTH = 2
 
 
 def _check(q, kv, idx, d_v):
@@ -292,12 +290,8 @@ def bwd_kernel_why(interpret=False) -> str | None:
   return None
 
 
-def _gpu_bwd_kernel_call(
-  q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret, probe=None, red_width=None
-):
-  """The Mosaic GPU backward on the forward's folded layout; Δ - dlse computed here (XLA).
-  probe: kernel_mosaic_gpu_bwd.PROBES (timing probes, wrong by design); red_width: default
-  BWD_RED_WIDTH."""
+def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret):
+  """The Mosaic GPU backward on the forward's folded layout; Δ - dlse computed here (XLA)."""
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
   f32 = jnp.float32
@@ -317,8 +311,6 @@ def _gpu_bwd_kernel_call(
     _pad_heads(delta, hp),
     scale=scale,
     interpret=interpret,
-    probe=probe,
-    red_width=red_width or BWD_RED_WIDTH,
   )
   dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)

@@ -26,7 +26,7 @@ def _pallas_calls(jaxpr, acc):
   return acc
 
 
-@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["fwd_dq_dk", "grad_in_forward"])
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["three_sweeps", "grad_in_forward"])
 def test_saved_kernel_forward_runs_once(grad_in_forward, monkeypatch):
   """Dense-KL kernels in a remat'd scan (traced only): with "full" the backward runs the forward
   kernels again; with "save_attention" each forward kernel appears once."""

@@ -80,7 +80,7 @@ SLOW_CASES = {
 }
 
 
-@pytest.fixture(params=[False, True], ids=["fwd_dq_dk", "grad_in_forward"])
+@pytest.fixture(params=[False, True], ids=["three_sweeps", "grad_in_forward"])
 def grad_in_forward(request, monkeypatch):
   """Both causal differentiation paths: dense_kl_fwd + dq + dk, and dense_kl_fwd_grad + dk."""
   monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", request.param)
@@ -89,18 +89,19 @@ def grad_in_forward(request, monkeypatch):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpret_matches_reference(name):
+  """GRAD_IN_FORWARD (the default): the indexer-lse kernel and the dq sweep with the KL value and
+  dk; its dk serves the uniform cotangent, the dk kernel the random one."""
   case, bsz = CASES[name]
-  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
+  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz), uniform_ct=True)
 
 
 @pytest.mark.parametrize("name", ["mha_lse_offset", "absorbed_own_lse"])
-def test_interpret_grad_in_forward_matches_reference(name, monkeypatch):
-  """GRAD_IN_FORWARD: the indexer-lse kernel and the dq sweep with the KL value (given lse with
-  T < S, and the lse kernel's own); with FUSED_DK the sweep's dk serves the uniform cotangent and
-  the dk kernel the random one."""
-  monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", True)
+def test_interpret_three_sweeps_match_reference(name, monkeypatch):
+  """GRAD_IN_FORWARD off: forward, dq and dk kernels (given lse with T < S, and the lse kernel's
+  own)."""
+  monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", False)
   case, bsz = CASES[name]
-  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz), uniform_ct=True)
+  _check(_case(*case), kernel_kl_triton.BlockSizes(*bsz))
 
 
 @pytest.mark.slow
@@ -156,8 +157,9 @@ def _export_cuda(f, *avals):
 def test_export_cuda_v32_shapes(form, with_lse, dtype, grad_fwd, monkeypatch):
   """Value and gradient lower for cuda at V3.2's shapes (J=64, D=128, H=128, C=192 per head or
   576 absorbed), L=4096: the lse kernel (when attn_lse is None), forward, dq/dw and dk kernels;
-  or with GRAD_IN_FORWARD the indexer-lse kernel, the dq sweep that also sums the KL value, and
-  dk (dense_kl_fwd_grad): as many kernels."""
+  or with GRAD_IN_FORWARD the indexer-lse kernel, the dq sweep that also sums the KL value and
+  adds dk (dense_kl_fwd_grad), and the dk kernel for a cotangent not equal on every row: as many
+  kernels."""
   monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", grad_fwd)
   n, h = 4096, 128
   sds = jax.ShapeDtypeStruct
