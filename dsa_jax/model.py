@@ -55,11 +55,7 @@ def _stack(n: int, make, rngs: nnx.Rngs):
   return create(rngs)
 
 
-# ModelConfig.remat_policy -> the jax.checkpoint policy of a remat block (None: save nothing).
-REMAT_POLICIES = {
-  "full": None,
-  "save_attention": jax.checkpoint_policies.save_only_these_names(sparse_attention.SAVED),
-}
+REMAT_POLICIES = sparse_attention.REMAT_POLICIES
 
 
 def _run_stack(stack, h, cos, sin, remat: bool, policy: str = "full", **attn_kw):

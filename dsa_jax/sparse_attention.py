@@ -65,6 +65,12 @@ def _dense_block(q, k, v, t0, *, scale, s_offset):
 # (ModelConfig.remat_policy="save_attention"); `saved` names more values (top-k ids, KL target).
 SAVED = _common.SAVED
 saved = _common.saved
+# ModelConfig / V4Config.remat_policy -> the jax.checkpoint policy of a remat block (None: save
+# nothing, the backward replays the whole block).
+REMAT_POLICIES = {
+  "full": None,
+  "save_attention": jax.checkpoint_policies.save_only_these_names(SAVED),
+}
 
 
 def _cudnn_ok(q, k, impl: str, with_lse: bool) -> bool:

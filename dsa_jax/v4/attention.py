@@ -98,9 +98,10 @@ class V4Attention(nnx.Module):
   def select(self, iq, ik, iw):
     """The indexer's top-k compressed entries [B,T,k] int32 (-1 = none) of a CSA layer."""
     cfg = self.cfg
-    return indexer_lib.v4_select_topk(
+    idx = indexer_lib.v4_select_topk(
       iq, ik, iw, ratio=4, topk=cfg.index_topk, block_t=cfg.attn_block_q, impl=cfg.impl
     )
+    return sparse_attention.saved(idx)  # remat_policy="save_attention": no second top-k
 
   def output(self, o, cos, sin):
     """o [B,T,H,K] -> inverse rope at the query position, grouped low-rank projection [B,T,D]."""

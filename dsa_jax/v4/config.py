@@ -99,6 +99,8 @@ class V4Config:
   impl: str = "reference"
   attn_block_q: int = 512
   init_std: float = 0.006
+  remat: bool = False  # jax.checkpoint each block (as ModelConfig.remat)
+  remat_policy: str = "full"  # what a remat block keeps: ModelConfig.remat_policy
 
   def __post_init__(self):
     pos_int = (
@@ -168,6 +170,7 @@ class V4Config:
       ("indexer_quant", _INDEXER_QUANTS),
       ("kv_quant", _KV_QUANTS),
       ("impl", _IMPLS),
+      ("remat_policy", model_config._REMAT_POLICIES),
     ):
       if getattr(self, f) not in allowed:
         raise _err(f, getattr(self, f), f"must be one of {allowed}")

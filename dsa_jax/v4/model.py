@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsa_jax import layers
+from dsa_jax import layers, sparse_attention
 from dsa_jax.v4 import attention as attention_lib
 from dsa_jax.v4 import hyper
 from dsa_jax.v4 import moe as moe_lib
@@ -116,8 +116,15 @@ class V4Transformer(nnx.Module):
     e = self.embed_tokens(tokens)
     h = jnp.broadcast_to(e[:, :, None], e.shape[:2] + (self.cfg.hc_mult,) + e.shape[2:])
     loads, topk, per_layer = [], {}, {}
+    kw = dict(attention=attention, indexer_loss=indexer_loss, metrics=metrics)
+    policy = sparse_attention.REMAT_POLICIES[self.cfg.remat_policy]
     for blk in self.layers:
-      h, aux = blk(h, tokens, attention=attention, indexer_loss=indexer_loss, metrics=metrics)
+      if self.cfg.remat:  # the block's state goes in as an argument: nothing is written back
+        graphdef, state = nnx.split(blk)
+        run = lambda st, h, g=graphdef: nnx.merge(g, st)(h, tokens, **kw)
+        h, aux = jax.checkpoint(run, policy=policy)(state, h)
+      else:
+        h, aux = blk(h, tokens, **kw)
       loads.append(aux["moe_load"])
       if "topk_idx" in aux:
         topk[blk.layer] = aux["topk_idx"]
