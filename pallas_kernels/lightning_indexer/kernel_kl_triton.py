@@ -635,32 +635,13 @@ def dense_kl(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interp
 
 def _vjp_fwd(q, k, w, attn_q, attn_kv, attn_lse, attn_scale, block_sizes, interpret, ratio):
   aq, akv, al = jax.lax.stop_gradient((attn_q, attn_kv, attn_lse))
+  args = (q, k, w, aq, akv, al)
+  kw = dict(attn_scale=attn_scale, block_sizes=block_sizes, interpret=interpret)
   if ratio == 1 and GRAD_IN_FORWARD:
-    kl, res, dq1, dw1, dk1 = dense_kl_fwd_grad(
-      q,
-      k,
-      w,
-      aq,
-      akv,
-      al,
-      attn_scale=attn_scale,
-      block_sizes=block_sizes,
-      interpret=interpret,
-    )
+    kl, res, dq1, dw1, dk1 = dense_kl_fwd_grad(*args, **kw)
     res, dq1, dw1, dk1 = _common.saved((res, dq1, dw1, dk1))
     return kl, (q, k, w, aq, akv, res, dq1, dw1, dk1)
-  kl, res = dense_kl_fwd(
-    q,
-    k,
-    w,
-    aq,
-    akv,
-    al,
-    attn_scale=attn_scale,
-    block_sizes=block_sizes,
-    interpret=interpret,
-    ratio=ratio,
-  )
+  kl, res = dense_kl_fwd(*args, **kw, ratio=ratio)
   return kl, (q, k, w, aq, akv, _common.saved(res), None, None, None)
 
 

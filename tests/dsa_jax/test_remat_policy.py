@@ -72,7 +72,10 @@ def _grads(policy, indexer_loss, attention, trainable, impl):
 # top-k ids and the KL target probabilities (mla.py)
 @pytest.mark.parametrize(
   "indexer_loss,attention,trainable,impl",
-  [("dense", "dense", "indexer", "pallas"), ("sparse", "sparse", "all", "reference")],
+  [
+    ("dense", "dense", "indexer", "pallas"),
+    pytest.param("sparse", "sparse", "all", "reference", marks=pytest.mark.slow),
+  ],
   ids=["warmup", "sparse"],
 )
 def test_model_gradients_do_not_depend_on_policy(indexer_loss, attention, trainable, impl):
