@@ -95,7 +95,7 @@ class ModelConfig:
   remat: bool = False  # jax.checkpoint each scanned block
   # What a remat block keeps for its backward: "full" nothing (the backward reruns the whole
   # block); "save_attention" the attention kernels' outputs and residuals, the top-k ids and the
-  # KL target (the _common.SAVED names), so the backward reruns only projections and FFN.
+  # KL target (the sparse_attention.SAVED names), so the backward reruns only projections and FFN.
   remat_policy: str = "full"
   # Expert parallelism (expert_parallel.py): 0 = dropless; f > 0 = f·n·k/ep slots per shard pair.
   moe_capacity_factor: float = 0.0

@@ -55,9 +55,6 @@ def _stack(n: int, make, rngs: nnx.Rngs):
   return create(rngs)
 
 
-REMAT_POLICIES = sparse_attention.REMAT_POLICIES
-
-
 def _run_stack(stack, h, cos, sin, remat: bool, policy: str = "full", **attn_kw):
   graphdef, state = nnx.split(stack)
 
@@ -66,7 +63,7 @@ def _run_stack(stack, h, cos, sin, remat: bool, policy: str = "full", **attn_kw)
     return blk(carry, cos, sin, **attn_kw)
 
   if remat:
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
+    body = jax.checkpoint(body, policy=sparse_attention.REMAT_POLICIES[policy])
   return jax.lax.scan(body, h, state)
 
 

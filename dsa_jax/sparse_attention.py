@@ -13,8 +13,6 @@ Letters: B batch, T queries, S keys, H heads, K qk dim, V value dim, C latent (M
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -84,7 +82,7 @@ def _cudnn_ok(q, k, impl: str, with_lse: bool) -> bool:
   )
 
 
-def _cudnn_call(q, k, v, scale):
+def _cudnn_attention(q, k, v, scale):
   """cuDNN flash attention (causal, T = S); V is zero-padded to K's head dim, which cuDNN needs,
   and the padding is sliced off the output."""
   dv = v.shape[-1]
@@ -94,30 +92,6 @@ def _cudnn_call(q, k, v, scale):
     q, k, v.astype(q.dtype), scale=scale, is_causal=True, implementation="cudnn"
   )
   return out[..., :dv]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cudnn_attention(q, k, v, scale):
-  """_cudnn_call whose backward residuals (cuDNN's output and softmax statistics) carry the
-  _common.SAVED name, so remat_policy="save_attention" keeps them instead of running the
-  forward again in the backward."""
-  return _cudnn_call(q, k, v, scale)
-
-
-def _cudnn_fwd(q, k, v, scale):
-  out, vjp = jax.vjp(lambda q, k, v: _cudnn_call(q, k, v, scale), q, k, v)
-  ins = (q, k, v)
-  leaves, tree = jax.tree_util.tree_flatten(vjp)
-  # the inputs among the residuals are cheap to recompute: only the kernel's own outputs are named
-  leaves = [x if any(x is y for y in ins) else _common.saved(x) for x in leaves]
-  return out, jax.tree_util.tree_unflatten(tree, leaves)
-
-
-def _cudnn_bwd(scale, vjp, g):
-  return vjp(g)
-
-
-_cudnn_attention.defvjp(_cudnn_fwd, _cudnn_bwd)
 
 
 def dense_attention(

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 # The jax.checkpoint name of what a custom VJP's forward computes for its backward (outputs, lse,
-# row statistics; not its inputs). Under remat_policy="save_attention" (dsa_jax/model.py) a block
-# keeps these, so the backward does not run the kernel's forward a second time.
+# row statistics; not its inputs). Under remat_policy="save_attention" (dsa_jax.sparse_attention.
+# REMAT_POLICIES) a block keeps these, so the backward does not run the kernel's forward a second time.
 SAVED = "attention_saved"
 
 
@@ -31,6 +31,12 @@ def exp(x):
 def log(x):
   """ln x as log2(x)·ln 2."""
   return jnp.log2(x) * jnp.float32(LN2)
+
+
+def exp_rows(x, scale: float, shift):
+  """e**(scale·x - shift[:, None]) for x [n, m], shift [n] (a softmax term given its row's lse),
+  with log2(e) folded into the scale: one FMA and one ex2 per element."""
+  return jnp.exp2(x * jnp.float32(scale * LOG2E) - (shift * jnp.float32(LOG2E))[:, None])
 
 
 def per_device() -> bool:

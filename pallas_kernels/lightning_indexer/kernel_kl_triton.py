@@ -147,8 +147,7 @@ def _target_tile(aq_ref, kv_ref, lse_ref, b, t0, s0, *, bt, bs, nh, nc, bc, mha,
 
   def body(h, acc):
     lg = _attn_logits(aq_ref, kv_ref, b, h, t0, s0, bt=bt, bs=bs, nc=nc, bc=bc, mha=mha)
-    lse2 = lse_ref[b, h, pl.ds(t0, bt)] * jnp.float32(_common.LOG2E)
-    return acc + jnp.exp2(lg * jnp.float32(scale * _common.LOG2E) - lse2[:, None])
+    return acc + _common.exp_rows(lg, scale, lse_ref[b, h, pl.ds(t0, bt)])
 
   return jax.lax.fori_loop(0, nh, body, jnp.zeros((bt, bs), jnp.float32))
 
@@ -185,7 +184,7 @@ def _grad_tiles(q_ref, w_ref, aq_ref, kv_ref, alse_ref, lsei, psn, psum, dl, kt,
     mha=c["mha"],
     scale=c["scale"],
   )
-  p = jnp.exp2(i * jnp.float32(_common.LOG2E) - (lsei * jnp.float32(_common.LOG2E))[:, None])
+  p = _common.exp_rows(i, 1.0, lsei)
   g = (p * psum[:, None] - pt / psn[:, None]) * dl[:, None]
   return jnp.where(vis, g, jnp.float32(0)), i, pt, vis
 

@@ -82,8 +82,7 @@ def _probs_tile(qn, qr, lse, rn, rr, valid, scale):
   s = _dot(qn, rn, 1, 1)
   if rr is not None:
     s = s + _dot(qr, rr, 1, 1)
-  lse2 = lse * jnp.float32(_common.LOG2E)
-  p = jnp.exp2(s * jnp.float32(scale * _common.LOG2E) - lse2[:, None])
+  p = _common.exp_rows(s, scale, lse)
   return jnp.where(valid[None, :], p, jnp.float32(0))
 
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import dsa_jax
-from dsa_jax import model, sparse_attention
+from dsa_jax import sparse_attention
 
 
 def _qkv(seed, b=2, t=64, h=4, dk=48, dv=32, dtype=jnp.bfloat16):
@@ -46,8 +46,7 @@ def test_dispatch_pads_v_and_skips_lse(monkeypatch):
   assert len(calls) == 1 and lse2.dtype == jnp.float32
   np.testing.assert_array_equal(np.float32(lse2), np.float32(ref_lse))
 
-  # gradients through the custom_vjp that names the call's residuals, in a remat'd scan with
-  # either policy, equal the chunked path's
+  # gradients of the cuDNN path in a remat'd scan, with either policy, equal the chunked path's
   def grads(impl, policy):
     def body(c, x):
       o, _ = sparse_attention.dense_attention(
@@ -56,7 +55,7 @@ def test_dispatch_pads_v_and_skips_lse(monkeypatch):
       return c, jnp.sum(o.astype(jnp.float32) ** 2)
 
     def loss(c, xs):
-      blk = jax.checkpoint(body, policy=model.REMAT_POLICIES[policy])
+      blk = jax.checkpoint(body, policy=sparse_attention.REMAT_POLICIES[policy])
       return jax.lax.scan(blk, c, xs)[1].sum()
 
     return jax.grad(loss, (0, 1))(jnp.bfloat16(1.0), jnp.stack([q, q]))
@@ -124,8 +123,8 @@ def test_dense_phase_cudnn_matches_reference_on_gpu():
 
 @pytest.mark.gpu
 def test_dense_phase_cudnn_gradients_under_both_remat_policies():
-  """The cuDNN custom_vjp (residuals named for remat_policy="save_attention"): the dense-phase
-  gradients under remat with either policy equal each other and match the reference impl's."""
+  """cuDNN in the dense phase: the gradients under remat with either policy equal each other and
+  match the reference impl's."""
   cfg = dsa_jax.preset("1b", n_layers=2, vocab_size=1024, dim=256, n_heads=8, n_mtp_layers=0)
   tokens = jax.random.randint(jax.random.key(1), (1, 1024), 0, cfg.vocab_size)
   grads = {}

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import dsa_jax
-from dsa_jax import model
+from dsa_jax import model, sparse_attention
 from pallas_kernels.lightning_indexer import kernel_kl_triton
 
 
@@ -42,7 +42,7 @@ def test_saved_kernel_forward_runs_once(grad_in_forward, monkeypatch):
 
   def names(policy):
     def loss(c):
-      blk = jax.checkpoint(body, policy=model.REMAT_POLICIES[policy])
+      blk = jax.checkpoint(body, policy=sparse_attention.REMAT_POLICIES[policy])
       return jax.lax.scan(blk, c, (q, w))[1].sum()
 
     return _pallas_calls(jax.make_jaxpr(jax.grad(loss))(1.0).jaxpr, [])
