@@ -1,5 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Sweep of the sparse-MLA GPU backward's scan steps (ops.GpuConfig.bwd_block_t) at S1 shapes.
+"""Sweep of the sparse-MLA GPU backward at S1 shapes: the blocked XLA backward's scan steps
+(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (ops.GPU_BWD_KERNEL) with each
+dkv red schedule (kernel_mosaic_gpu_bwd.RED_ROWS: rows per warp instruction).
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -22,9 +24,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments import bench_common
-from pallas_kernels.sparse_mla import ops
+from pallas_kernels.sparse_mla import kernel_mosaic_gpu_bwd, ops
 
 SCALE = 576**-0.5
 _S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
@@ -34,6 +37,23 @@ BASE = ops.GpuConfig()
 CASES = [("default", BASE)] + [
   (f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (128, 256, 1024, 2048)
 ]
+KERNEL_ROWS = {f"kernel_red{r}": r for r in (16, 8, 4)}  # the Mosaic GPU backward's cases
+
+
+def _kernel_rule(rows, d_v, interp):
+  """The custom VJP's backward with the kernel on and RED_ROWS = rows while it is traced."""
+
+  interp = plgpu.InterpretGPUParams() if interp else False
+
+  def rule(res, cts):
+    saved = ops.GPU_BWD_KERNEL, kernel_mosaic_gpu_bwd.RED_ROWS
+    ops.GPU_BWD_KERNEL, kernel_mosaic_gpu_bwd.RED_ROWS = True, rows
+    try:
+      return ops._sparse_mla_gpu_bwd(SCALE, d_v, interp, BASE, res, cts)[:2]
+    finally:
+      ops.GPU_BWD_KERNEL, kernel_mosaic_gpu_bwd.RED_ROWS = saved
+
+  return rule
 
 
 def _bwd_flops(s):
@@ -78,6 +98,9 @@ def main():
         :2
       ]
       jobs.append((name, cfg, jax.jit(rule), (res, cts)))
+  for name, rows in KERNEL_ROWS.items():
+    if not only or name in only:
+      jobs.append((name, BASE, jax.jit(_kernel_rule(rows, d_v, interp)), (res, cts)))
   vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: op(q, kv, idx), q, kv)[1])(q, kv, idx)
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 

@@ -103,6 +103,41 @@ def test_dispatch_and_errors(monkeypatch):
   assert kernel_mosaic_gpu_bwd.smem_bytes(640, 512, 2) > kernel_mosaic_gpu._SMEM_BYTES
 
 
+@pytest.mark.parametrize("rows", [16, 8, 4])
+def test_red_schedule_lanes(rows):
+  """red_schedule simulated on 32 numpy lanes: every float of the warp's 16 x 64 slab is added
+  once, at its own row and column, 4 adjacent floats per red, `rows` rows per instruction with
+  each row's columns one contiguous run (aligned, so one line at rows=4)."""
+  lane = np.arange(32)
+  m, x = lane // 4, lane % 4
+  # v[h][g]: the lane's pair at row m + 8h, columns 8g + 2x + {0, 1}; value = row * 64 + col
+  v = [[np.stack([(m + 8 * h) * 64 + 8 * g + 2 * x + e for e in (0, 1)], 1) for g in range(8)]
+       for h in range(2)]  # fmt: skip
+  sched = kernel_mosaic_gpu_bwd.red_schedule(
+    v,
+    m,
+    x,
+    sel=lambda c, a, b: np.where(c[:, None], a, b),
+    shfl=lambda a, k: a[lane ^ k],
+    cond=lambda i: i != 0,
+    rows=rows,
+  )
+  assert len(sched) == 8
+  seen = np.zeros((16, 64), int)
+  for row, col, pairs in sched:
+    vals = np.concatenate(pairs, axis=1)  # [32 lanes, 4]
+    row, col = np.broadcast_to(row, (32,)), np.broadcast_to(col, (32,))
+    np.testing.assert_array_equal(vals, (row * 64 + col)[:, None] + np.arange(4))
+    for r, c in zip(row, col):
+      seen[r, c : c + 4] += 1
+    assert len(set(row)) == rows
+    for r in set(row):
+      cols = np.sort(col[row == r])
+      np.testing.assert_array_equal(np.diff(cols), 4)
+      assert cols[0] % (4 * len(cols)) == 0
+  np.testing.assert_array_equal(seen, 1)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cross_lowering_cuda_full_shape(bwd_kernel, batch):
   """The real Mosaic GPU lowering of forward + kernel backward at V3.2 shapes (SMEM budget,
