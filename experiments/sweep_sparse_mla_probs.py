@@ -1,6 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Head-mean sparse-attention probabilities on one GPU: the Pallas-Triton kernel
-(kernel_triton.BlockSizes variants) against the reference, at the S3 shape.
+(kernel_triton.BlockSizes variants) and the Mosaic GPU kernel (variant "mosaic",
+kernel_mosaic_gpu_probs.py; timed through the op only) against the reference, at the S3 shape.
 
   python -m experiments.sweep_sparse_mla_probs --out=experiments/results/sweep_sparse_mla_probs.json
   python -m experiments.sweep_sparse_mla_probs --small --out=/tmp/s.json  # CPU, interpret
@@ -34,6 +35,7 @@ VARIANTS = {
   "h32_k64_s3": BS(num_stages=3),
   "h16_k64": BS(block_h=16),
   "h32_k128": BS(block_k=128),
+  "mosaic": None,
 }
 
 
@@ -74,9 +76,48 @@ def main():
   names = [n for n in args.variants.split(",") if n] or list(VARIANTS)
   for name in names[:2] if args.small else names:
     bsz = VARIANTS[name]
-    extra = dict(variant=name, block_sizes=dataclasses.asdict(bsz), command=cmd)
+    extra = dict(variant=name, command=cmd)
+    if bsz is not None:
+      extra["block_sizes"] = dataclasses.asdict(bsz)
     if time.time() - t_start > args.budget_s:
       rows.append(bc.row("PROBS", shape, float("nan"), None, skipped="budget", **extra))
+      continue
+    if bsz is None:  # the Mosaic GPU kernel, through the op (its layout is the forward's)
+      try:
+        ops.GPU_PROBS_MOSAIC = True
+        op = jax.jit(
+          lambda q, kv, idx, lse: ops.sparse_mla_probs(
+            q, kv, idx, lse, scale=SCALE, impl="pallas", interpret=interp
+          )
+        )
+        t0 = time.time()
+        p = jax.block_until_ready(op(q, kv, idx, lse))
+        compile_s = time.time() - t0
+        t = bc.time_fn(op, q, kv, idx, lse, warmup=1, iters=iters)
+        err = float(jnp.max(jnp.abs(p - want)))
+        rows.append(
+          bc.row(
+            "PROBS",
+            shape,
+            t,
+            None,
+            op_ms=t,
+            compile_s=compile_s,
+            max_abs_err=err,
+            baseline=base,
+            **extra,
+          )  # fmt: skip
+        )
+      except Exception as e:  # noqa: BLE001 - record the failure, go on
+        rows.append(
+          bc.row(
+            "PROBS", shape, float("nan"), None, error=f"{type(e).__name__}: {e}"[:400], **extra
+          )
+        )
+      finally:
+        ops.GPU_PROBS_MOSAIC = False
+      print(json.dumps(rows[-1]), flush=True)
+      dump()
       continue
     try:
       hp = ops._round_up(h, bsz.block_h)

@@ -9,10 +9,12 @@ impl="pallas" runs one kernel set per backend under a custom VJP that honours bo
        interpreter (interpret=...);
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
 `sparse_mla_probs` (the sparse KL target) takes the Pallas-Triton kernel of kernel_triton.py on a
-GPU when GPU_PROBS_KERNEL is on, else the reference.
+GPU when GPU_PROBS_KERNEL is on (the Mosaic GPU kernel of kernel_mosaic_gpu_probs.py with
+GPU_PROBS_MOSAIC also on, for bf16/f16 inputs whose slot ids fit its SMEM), else the reference.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,13 @@ from pallas_kernels import _common
 from pallas_kernels.sparse_mla import (
   kernel_mosaic_gpu,
   kernel_mosaic_gpu_bwd,
+  kernel_mosaic_gpu_probs,
   kernel_tpu,
   kernel_triton,
   reference,
 )
 
+_LOG2E = math.log2(math.e)
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
 GpuConfig = kernel_mosaic_gpu.GpuConfig
@@ -34,6 +38,8 @@ GpuConfig = kernel_mosaic_gpu.GpuConfig
 # passes tests/pallas_kernels/test_sparse_mla_triton.py -m gpu); False: the reference.
 GPU_PROBS_KERNEL = True
 PROBS_BLOCK_SIZES = kernel_triton.BlockSizes()
+# The Mosaic GPU probabilities kernel instead of the Triton one (not yet timed on a GPU).
+GPU_PROBS_MOSAIC = False
 # The backward of impl="pallas" on a GPU: True runs the Mosaic GPU backward kernel
 # (kernel_mosaic_gpu_bwd.py) where it can (one GPU, bf16/f16, or interpret=... on CPU), False
 # the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
@@ -129,6 +135,8 @@ def sparse_mla_probs(q, kv, idx, lse, *, scale: float, impl: str = "reference", 
   # The target is a constant: cut the inputs before the kernel (a pallas_call has no JVP rule).
   q, kv, lse = jax.lax.stop_gradient((q, kv, lse))
   b, t = idx.shape[:2]
+  if GPU_PROBS_MOSAIC and _mosaic_probs_fit(q, kv, idx):
+    return _mosaic_probs(q, kv, idx.astype(jnp.int32), lse, scale, interpret)
   bsz = PROBS_BLOCK_SIZES
   qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, bsz)
   lse_p = _pad_heads(lse.astype(jnp.float32), hp, jnp.inf)
@@ -145,6 +153,30 @@ def sparse_mla_probs(q, kv, idx, lse, *, scale: float, impl: str = "reference", 
     interpret=bool(interpret),
   )
   return p[:, : idx.shape[-1]].reshape(b, t, -1)
+
+
+def _mosaic_probs_fit(q, kv, idx):
+  kp_dim, _, kp = kernel_mosaic_gpu.padded_dims(q.shape[-1], 0, idx.shape[-1])
+  dtype_ok = q.dtype == kv.dtype and q.dtype in (jnp.bfloat16, jnp.float16)
+  return dtype_ok and kernel_mosaic_gpu.direct_fits(kp_dim, kp, q.dtype.itemsize)
+
+
+def _mosaic_probs(q, kv, idx, lse, scale, interpret):
+  """kernel_mosaic_gpu_probs on the forward's folded layout; head blocks summed, / H."""
+  b, t, h, k_dim = q.shape
+  kp_dim, _, _ = kernel_mosaic_gpu.padded_dims(k_dim, 0, idx.shape[-1])
+  hp = _round_up(h, kernel_mosaic_gpu.HEAD_BLOCK)
+  qf, kvf, gidx = _fold(q, kv, idx, hp, kp_dim, kernel_mosaic_gpu.BLOCK_K)
+  lse2 = _pad_heads(lse.astype(jnp.float32), hp, jnp.inf) * _LOG2E
+  if interpret is True:
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    interpret = plgpu.InterpretGPUParams()
+  sums = kernel_mosaic_gpu_probs.sparse_mla_probs(
+    qf, kvf, gidx, lse2, qk_scale=float(scale) * _LOG2E, interpret=interpret or False
+  )
+  p = sums.sum(axis=1)[:, : idx.shape[-1]] / h
+  return p.reshape(b, t, -1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from convert_testing import convert_cli, flat, leftovers, same_dirs
 
 from dsa_jax import checkpoint, v4
-from dsa_jax.convert import common, safetensors_io
+from dsa_jax.convert import common, orbax_io, safetensors_io
 from dsa_jax.convert import deepseek_v4_hf as cv
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "goldens", "deepseek_v4_tiny")
@@ -404,6 +404,182 @@ def test_fp4_quantize_recovers_codes():
     np.testing.assert_array_equal(s2, s.astype(np.float32))
   p3, s3 = cv.quantize_fp4(w)  # fresh scales: the smallest power of two covering each block
   np.testing.assert_array_equal(cv.dequantize_fp4(p3, s3), w)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers' quantised save layout: `model.` names, block scales as `X.weight_scale_inv`
+
+
+def _tf_name(hub):
+  """A hub name as transformers saves it (written out here, independent of cv.to_layout)."""
+  if hub == "head.weight":
+    return hub
+  if hub == "embed.weight":
+    return "model.embed_tokens.weight"
+  if hub.startswith("hc_head_"):
+    return "model.hc_head.hc_" + hub[len("hc_head_") :]
+  return "model." + hub.replace(".attn.kv_norm.", ".attn.norm.")
+
+
+def _tf_release(tensors):
+  """The hub release's tensors under transformers' quantised save names; MTP dropped."""
+  out = {}
+  for n, a in tensors.items():
+    if n.startswith("mtp."):
+      continue
+    if n.endswith(".scale"):
+      out[_tf_name(n[: -len(".scale")] + ".weight")[: -len(".weight")] + ".weight_scale_inv"] = a
+    else:
+      out[_tf_name(n)] = a
+  return out
+
+
+@pytest.fixture(scope="module")
+def tf_release(release, tmp_path_factory):
+  """The same FP8 + FP4 codes and e8m0 scales as `release`, saved the way transformers does."""
+  root = tmp_path_factory.mktemp("tf_release")
+  with open(os.path.join(release, "config.json")) as f:
+    c = json.load(f)
+  return _write_hf(str(root / "hf8"), _tf_release(_read_all(release)), c)
+
+
+def test_transformers_fp8_roundtrip_and_values(release, tf_release, tmp_path):
+  """transformers-layout FP8 + FP4 -> Orbax -> the same directory byte for byte; the values are
+  the hub-layout import's of the same codes and scales."""
+  t = _read_all(tf_release)
+  n = "model.layers.1.attn.wq_b.weight_scale_inv"
+  assert t[n].dtype == E8M0 and t["model.layers.1.attn.wq_b.weight"].dtype == E4M3
+  assert t["model.layers.1.ffn.experts.0.w1.weight"].dtype == np.int8
+  assert not any(k.endswith(".scale") for k in t)
+  cfg_tf = cv.hf_to_orbax(tf_release, str(tmp_path / "o_tf"), progress=False)
+  cfg_hub = cv.hf_to_orbax(release, str(tmp_path / "o_hub"), progress=False)
+  assert cfg_tf.n_mtp_layers == 0 and cfg_hub.n_mtp_layers == 1
+  cv.orbax_to_hf(str(tmp_path / "o_tf"), str(tmp_path / "back"), quantized=True, progress=False)
+  same_dirs(tf_release, str(tmp_path / "back"))
+  m_tf, m_hub = v4.build(cfg_tf, seed=7), v4.build(cfg_hub, seed=8)
+  checkpoint.load_params(str(tmp_path / "o_tf"), m_tf)
+  checkpoint.load_params(str(tmp_path / "o_hub"), m_hub)
+  a, b = flat(m_tf), flat(m_hub)
+  assert set(a) == {k for k in b if k[0] != "mtp"}
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=".".join(k))
+  # The hub layout from the transformers import: `.scale` names, the release's codes and scales.
+  cv.orbax_to_hf(
+    str(tmp_path / "o_tf"), str(tmp_path / "hub"), layout="hub", quantized=True, progress=False
+  )
+  h, r = _read_all(str(tmp_path / "hub")), _read_all(release)
+  assert {k for k in r if not k.startswith("mtp.")} == set(h)
+  for k in h:
+    assert h[k].dtype == r[k].dtype and h[k].tobytes() == r[k].tobytes(), k
+
+
+def test_transformers_fp8_fresh_export(golden_orbax, tmp_path):
+  """transformers' unquantised golden exported with quantized=True: transformers' names and
+  config keys, `X.weight_scale_inv` e8m0 scales and a quantization_config; stable on re-import."""
+  _, path = golden_orbax
+  cv.orbax_to_hf(path, str(tmp_path / "q"), quantized=True, progress=False)
+  t = _read_all(str(tmp_path / "q"))
+  assert t["model.layers.1.attn.wq_a.weight"].dtype == E4M3
+  assert t["model.layers.1.attn.wq_a.weight_scale_inv"].dtype == E8M0
+  assert t["model.layers.1.ffn.experts.0.w1.weight"].dtype == np.int8  # in = 32: FP4
+  assert t["model.layers.1.ffn.experts.0.w2.weight"].dtype == E4M3  # in = 16: FP8
+  assert t["model.layers.1.attn.norm.weight"].dtype == np.float32  # the golden's dtype
+  assert not any(k.endswith(".scale") for k in t)
+  with open(tmp_path / "q" / "config.json") as f:
+    c = json.load(f)
+  assert "layer_types" in c and "compress_ratios" not in c
+  q = c["quantization_config"]
+  assert (q["quant_method"], q["fmt"], q["weight_block_size"]) == ("fp8", "e4m3", [128, 128])
+  cv.hf_to_orbax(str(tmp_path / "q"), str(tmp_path / "o"), progress=False)
+  cv.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "q2"), quantized=True, progress=False)
+  same_dirs(str(tmp_path / "q"), str(tmp_path / "q2"))
+
+
+def test_transformers_fp8_with_hub_scale_names(tf_release, tmp_path):
+  """transformers' names with the hub's `X.scale` block scales (a save that reverts transformers'
+  load-time rename) import to the same values and come back with those names, byte for byte."""
+
+  def edit(t):
+    for n in [n for n in t if n.endswith(".weight_scale_inv")]:
+      t[n[: -len(".weight_scale_inv")] + ".scale"] = t.pop(n)
+
+  hf = _edit_hf(tf_release, str(tmp_path / "h"), edit)
+  cv.hf_to_orbax(hf, str(tmp_path / "o"), progress=False)
+  cv.hf_to_orbax(tf_release, str(tmp_path / "o_inv"), progress=False)
+  a, b = (orbax_io.Reader(str(tmp_path / d)) for d in ("o", "o_inv"))
+  assert a.names and set(a.names) == set(b.names)
+  for n in a.names:
+    assert a.read(n, ()).tobytes() == b.read(n, ()).tobytes(), n
+  cv.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "back"), quantized=True, progress=False)
+  same_dirs(hf, str(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_transformers_fp8_f32_scales_roundtrip(tf_release, tmp_path, dtype):
+  """fp32 block scales that are not powers of two (transformers' own FP8 quantiser writes
+  amax / 448) come back byte for byte, still F32."""
+  rng = np.random.default_rng(3)
+
+  def edit(t):
+    for n in [n for n in t if n.endswith(".weight_scale_inv")]:
+      if t[n.removesuffix("_scale_inv")].dtype == E4M3:
+        s = t[n].astype(np.float32) * rng.uniform(1.01, 1.99, t[n].shape).astype(np.float32)
+        t[n] = s
+
+  hf = _edit_hf(tf_release, str(tmp_path / "h"), edit)
+  n = "model.layers.1.attn.wo_b.weight_scale_inv"
+  s = _read_all(hf)[n]
+  assert s.dtype == np.float32 and (np.log2(s) % 1 != 0).all()
+  cv.hf_to_orbax(hf, str(tmp_path / "o"), dtype=dtype, progress=False)
+  cv.orbax_to_hf(str(tmp_path / "o"), str(tmp_path / "back"), quantized=True, progress=False)
+  same_dirs(hf, str(tmp_path / "back"))
+
+
+def _bad_line(hf_dir, tmp_path, match):
+  """One ValueError line matching `match`; nothing left at the output path."""
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=match) as err:
+    cv.hf_to_orbax(hf_dir, str(out), progress=False)
+  assert "\n" not in str(err.value)
+  assert not out.exists() and not leftovers(tmp_path)
+
+
+_BAD_TF_FP8 = [
+  (
+    "missing_scale",
+    r"wrong dtypes \(1\): \['model\.layers\.1\.attn\.wq_a\.weight: F8_E4M3 without "
+    r"model\.layers\.1\.attn\.wq_a\.weight_scale_inv'\]",
+  ),
+  (
+    "scale_for_64_blocks",  # wq_b [128, 32]: one 128x128 block, two 64x64 ones
+    r"model\.layers\.1\.attn\.wq_b\.weight_scale_inv: F8_E8M0\[2, 1\] != expected one of "
+    r"\('F8_E8M0', 'F32'\)\[1, 1\]",
+  ),
+  ("block_size_64", r"quantization_config\.weight_block_size=\[64, 64\]: expected \[128, 128\]"),
+  ("fmt_e5m2", r"quantization_config\.fmt='e5m2': expected 'e4m3'"),
+  ("both_suffixes", r"names block scales both ways: 'model\.layers\.1\.attn\.wo_b\.scale'"),
+]
+
+
+@pytest.mark.parametrize("case, match", _BAD_TF_FP8, ids=[c for c, _ in _BAD_TF_FP8])
+def test_bad_transformers_fp8(tf_release, tmp_path, case, match):
+  w = "model.layers.1.attn."
+
+  def edit(t):
+    if case == "missing_scale":
+      del t[w + "wq_a.weight_scale_inv"]
+    elif case == "scale_for_64_blocks":
+      t[w + "wq_b.weight_scale_inv"] = np.repeat(t[w + "wq_b.weight_scale_inv"], 2, axis=0)
+    elif case == "both_suffixes":
+      t[w + "wo_b.scale"] = t.pop(w + "wo_b.weight_scale_inv")
+
+  def cfg_edit(c):
+    if case == "block_size_64":
+      c["quantization_config"]["weight_block_size"] = [64, 64]
+    elif case == "fmt_e5m2":
+      c["quantization_config"]["fmt"] = "e5m2"
+
+  _bad_line(_edit_hf(tf_release, str(tmp_path / "h"), edit, cfg_edit), tmp_path, match)
 
 
 # ------------------------------------------------------------------------------------------------
