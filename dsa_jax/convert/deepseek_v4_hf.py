@@ -13,7 +13,11 @@ Two directory layouts are read and written:
   `model.` prefix, except `model.embed_tokens.weight`, `model.hc_head.hc_{fn,base,scale}`, the
   attention's `attn.norm.weight` (the hub's `attn.kv_norm.weight`) and an unprefixed `head.weight`;
   no MTP tensors; a config.json with `layer_types` / `compress_rates` / `rope_parameters` instead of
-  the hub's `compress_ratios` / `rope_scaling`.
+  the hub's `compress_ratios` / `rope_scaling`. Quantised, each FP8 / FP4 weight's block scale is
+  `X.weight_scale_inv` (the name of the scale parameter in transformers' fine-grained FP8 modules)
+  instead of the hub's `X.scale`, and config.json carries a `quantization_config` (`quant_method`
+  "fp8", `fmt` "e4m3", `weight_block_size` [128, 128], `scale_fmt` "ue8m0"); both suffixes are
+  read in either layout (one per checkpoint) and an export keeps the source's.
 
 `plan(cfg, layout)` lists every HF tensor with our leaf path, a hook that maps the tensor onto our
 array and back, and its dtype class. Both directions stream one tensor at a time through the
@@ -153,7 +157,9 @@ HOOKS = {
   "table": Hook(lambda x, c: x.astype(np.int32), lambda x, c: x, tuple),
 }
 
-SCALE_SUFFIX = ".scale"
+SCALE_SUFFIX = ".scale"  # the hub's block-scale name: X.weight -> X.scale
+TF_SCALE_SUFFIX = ".weight_scale_inv"  # transformers' FP8 modules: X.weight -> X.weight_scale_inv
+SCALE_SUFFIXES = {"hub": SCALE_SUFFIX, "transformers": TF_SCALE_SUFFIX}
 _FLOAT = ("F32", "BF16", "F16")
 _INT = ("I64", "I32")
 _QUANT = ("F8_E4M3", "I8")
@@ -170,11 +176,17 @@ class Entry:
   index: tuple[int, ...]
   hook: str
   cls: str
+  scale_suffix: str = SCALE_SUFFIX
 
   @property
   def scale(self) -> str:
-    """The name of this weight's block scale (`X.weight` -> `X.scale`)."""
-    return self.hf.removesuffix(".weight") + SCALE_SUFFIX
+    """The name of this weight's block scale (`X.weight` -> `X.scale` or `X.weight_scale_inv`)."""
+    return scale_name(self.hf, self.scale_suffix)
+
+
+def scale_name(weight: str, suffix: str) -> str:
+  """`X.weight` -> `X` + suffix (`.scale` or `.weight_scale_inv`)."""
+  return weight.removesuffix(".weight") + suffix
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,6 +214,51 @@ def detect_layout(names) -> str:
   return "transformers" if any(n.startswith("model.") for n in names) else "hub"
 
 
+def detect_scale_suffix(names, layout: str, where: str = "HF checkpoint") -> str:
+  """The block-scale suffix a checkpoint uses: `.scale` (the hub's) or `.weight_scale_inv`
+  (transformers'), found from the scales that sit beside an `X.weight`; the layout's own without
+  any. Raises if both occur."""
+  names = set(names)
+  found = {
+    suf: sorted(n for n in names if n.endswith(suf) and n[: -len(suf)] + ".weight" in names)
+    for suf in (SCALE_SUFFIX, TF_SCALE_SUFFIX)
+  }
+  if found[SCALE_SUFFIX] and found[TF_SCALE_SUFFIX]:
+    raise ValueError(
+      f"{where} names block scales both ways: {found[SCALE_SUFFIX][0]!r} and "
+      f"{found[TF_SCALE_SUFFIX][0]!r}; expected one suffix, {SCALE_SUFFIX!r} or "
+      f"{TF_SCALE_SUFFIX!r}"
+    )
+  for suf in (SCALE_SUFFIX, TF_SCALE_SUFFIX):
+    if found[suf]:
+      return suf
+  return SCALE_SUFFIXES[layout]
+
+
+QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+_SCALE_FMTS = ("ue8m0", None)
+
+
+def check_quantization_config(hf: dict, where: str = "HF config") -> None:
+  """Raises unless config.json's `quantization_config` (if any) describes the formats read here:
+  FP8 e4m3 with 128x128 block scales (`scale_fmt` ue8m0 or unset)."""
+  q = hf.get("quantization_config")
+  if q is None:
+    return
+  if not isinstance(q, dict):
+    raise ValueError(f"{where} quantization_config={q!r}: expected a dict")
+  for k, want in QUANT_CONFIG.items():
+    got = q.get(k, want if k == "fmt" else None)
+    if isinstance(got, tuple):
+      got = list(got)
+    if got != want:
+      raise ValueError(f"{where} quantization_config.{k}={got!r}: expected {want!r}")
+  if q.get("scale_fmt") not in _SCALE_FMTS:
+    raise ValueError(
+      f"{where} quantization_config.scale_fmt={q['scale_fmt']!r}: expected one of {_SCALE_FMTS}"
+    )
+
+
 def raw_config(hf: dict, has_mtp: bool | None = None) -> dict:
   """An HF config dict in the hub's raw form (`compress_ratios`, `num_hash_layers`,
   `rope_scaling`, `qk_rope_head_dim`), converting transformers' saved form if needed.
@@ -214,6 +271,11 @@ def raw_config(hf: dict, has_mtp: bool | None = None) -> dict:
     raise ValueError(f"HF config model_type={out.get('model_type')!r} is not {ARCH!r}")
   if has_mtp is False:
     out["num_nextn_predict_layers"] = 0
+    # A hub-form config beside transformers' names (e.g. our export of a hub import in that
+    # layout) still lists the MTP block's ratio after the main layers'.
+    n = out.get("num_hidden_layers")
+    if isinstance(out.get("compress_ratios"), list) and isinstance(n, int):
+      out["compress_ratios"] = out["compress_ratios"][:n]
   if "compress_ratios" not in out and "layer_types" in out:
     rates = {
       "sliding_attention": 0,
@@ -307,16 +369,22 @@ def leaf_specs(cfg: v4.V4Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   return common.leaf_specs(v4.abstract(cfg))
 
 
-def plan(cfg: v4.V4Config, layout: str = "hub", leaves=None) -> list[Entry]:
-  """Every HF tensor of a checkpoint for `cfg` in `layout`, in the hub's order."""
+def plan(
+  cfg: v4.V4Config, layout: str = "hub", leaves=None, scale_suffix: str | None = None
+) -> list[Entry]:
+  """Every HF tensor of a checkpoint for `cfg` in `layout`, in the hub's order.
+
+  scale_suffix: how quantised weights name their block scales; default: the layout's (`.scale` in
+  the hub's, `.weight_scale_inv` in transformers')."""
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
   leaves = leaf_specs(cfg) if leaves is None else leaves
+  suffix = scale_suffix or SCALE_SUFFIXES[layout]
   out: list[Entry] = []
 
   def add(hub, leaf, hook, cls, index=()):
     if leaf in leaves:
-      out.append(Entry(to_layout(hub, layout), hub, leaf, index, hook, cls))
+      out.append(Entry(to_layout(hub, layout), hub, leaf, index, hook, cls, suffix))
 
   for hub, (leaf, hook, cls) in TOP.items():
     add(hub, leaf, hook, cls)
@@ -507,8 +575,9 @@ def hf_to_orbax(
   expect: v4.V4Config | None = None,
   progress: bool = True,
 ) -> v4.V4Config:
-  """Converts an HF DeepSeek-V4 checkpoint (hub or transformers layout) to an Orbax params
-  checkpoint for `dsa_jax.checkpoint.load_params` into `v4.build(cfg)`.
+  """Converts an HF DeepSeek-V4 checkpoint (hub or transformers layout, detected from the names;
+  block scales as `X.scale` or `X.weight_scale_inv`) to an Orbax params checkpoint for
+  `dsa_jax.checkpoint.load_params` into `v4.build(cfg)`.
 
   Args:
     hf_dir: config.json + model.safetensors.index.json + shards (or one model.safetensors).
@@ -522,19 +591,22 @@ def hf_to_orbax(
     The V4Config of the checkpoint (param_dtype=dtype); also saved in hf_source/convert.json.
   Raises:
     ValueError listing missing / unexpected / mis-shaped / wrong-dtype / non-finite tensors,
-    out-of-range hash tables, a config mismatch, or truncated / corrupt shards. Nothing is left at
+    out-of-range hash tables, a config mismatch, a `quantization_config` other than FP8 e4m3 with
+    128x128 blocks, block scales named both ways, or truncated / corrupt shards. Nothing is left at
     orbax_dir on failure.
   """
   dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
   common.check_out(orbax_dir)
   hf_cfg, cbytes, infos, readers, index_meta = common.open_hf_dir(hf_dir)
   layout = detect_layout(infos)
+  suffix = detect_scale_suffix(infos, layout, f"HF checkpoint {hf_dir}")
+  check_quantization_config(hf_cfg, f"HF config {hf_dir}/config.json:")
   has_mtp = any(n.startswith("mtp.") for n in infos) if layout == "transformers" else None
   cfg = config_from_hf(hf_cfg, has_mtp, **{"param_dtype": dtype, **(overrides or {})})
   if expect is not None:
     check_same_architecture(cfg, expect, f"HF config {hf_dir}/config.json")
   leaves = leaf_specs(cfg)
-  entries = plan(cfg, layout, leaves)
+  entries = plan(cfg, layout, leaves, suffix)
   quant = _validate(entries, infos, leaves)
   with common.staged_dir(orbax_dir, "orbax-checkpoint-tmp") as tmp:
     writer = common.orbax_writer(tmp, leaves, entries)
@@ -649,7 +721,9 @@ def orbax_to_hf(
       had FP8 experts or cfg.expert_dtype == "fp8"). Source scales are reused where recorded, so an
       unchanged import comes back byte for byte; elsewhere scales are fresh powers of two.
       Without it, quantised source tensors are written dequantised (bf16 unless `dtype`).
-    layout: "hub" | "transformers"; default: the source's, else "hub".
+    layout: "hub" | "transformers"; default: the source's, else "hub". Block scales are named as
+      the source named them when the layout is the source's, else the layout's way (`X.scale` in
+      the hub's, `X.weight_scale_inv` in transformers').
     max_shard_bytes: shard size when the source's shard layout cannot be reused.
   """
   common.check_out(hf_dir)
@@ -666,18 +740,21 @@ def orbax_to_hf(
   force = common.export_dtype(dtype)
   leaves = leaf_specs(cfg)
   common.check_leaves(reader, leaves, orbax_dir)
-  entries = plan(cfg, layout, leaves)
+  same_layout = layout == src_layout
+  src_tensors = (record or {}).get("tensors", {})
+  # How the source named its block scales; an export in its layout keeps that, else the layout's.
+  src_suffix = detect_scale_suffix(src_tensors, src_layout, orbax_dir) if src_layout else None
+  entries = plan(cfg, layout, leaves, src_suffix if same_layout else None)
   # The source's tensors by hub name (the layout may change on export).
   src_entries = {e.hf: e.hub for e in plan(cfg, src_layout, leaves)} if src_layout else {}
-  src = {src_entries.get(n, n): v for n, v in (record or {}).get("tensors", {}).items()}
-  src_scale = {src_entries.get(n[: -len(SCALE_SUFFIX)] + ".weight"): v for n, v in src.items()
-               if n.endswith(SCALE_SUFFIX)}  # fmt: skip
+  src = {src_entries.get(n, n): v for n, v in src_tensors.items()}
+  src_scale = {src_entries.get(n[: -len(src_suffix)] + ".weight"): v for n, v in src.items()
+               if src_suffix and n.endswith(src_suffix)}  # fmt: skip
 
   specs = _specs(cfg, entries, leaves, src, src_scale, quantized, force)
   by_name = {e.hf: e for e in entries}
   scale_names = {e.scale: e for e in entries if e.scale in specs}
   has_quant = bool(scale_names)
-  same_layout = layout == src_layout
   src_files = (record or {}).get("tensors", {}) if same_layout else {}
   files = common.assign_shards(specs, src_files, max_shard_bytes)
   hf_cfg = _export_config(record, cfg, has_quant, same_layout)
@@ -688,21 +765,25 @@ def orbax_to_hf(
   if "total_parameters" in meta and set(src_files) != set(specs):
     del meta["total_parameters"]  # transformers' count; no longer known
 
+  src_scales = (scales_reader, src_names, src_suffix)
+
   def tensor(n):
     if n in scale_names:  # quantised again when its weight comes (deterministic)
       e = scale_names[n]
-      _, s = _export_tensor(reader, e, specs[e.hf][0], scales_reader, src_names, cfg)
+      _, s = _export_tensor(reader, e, specs[e.hf][0], src_scales, cfg)
       return _scale_out(s, specs[n][0])
-    return _export_tensor(reader, by_name[n], specs[n][0], scales_reader, src_names, cfg)[0]
+    return _export_tensor(reader, by_name[n], specs[n][0], src_scales, cfg)[0]
 
   common.write_hf_dir(hf_dir, files, specs, tensor, file_meta, meta, hf_cfg, orbax_dir, progress)
 
 
-def _export_tensor(reader, e: Entry, dt: str, scales_reader, src_names, cfg):
-  """Our slice -> (HF tensor in dtype dt, its fp32 block scale or None)."""
+def _export_tensor(reader, e: Entry, dt: str, src_scales, cfg):
+  """Our slice -> (HF tensor in dtype dt, its fp32 block scale or None). src_scales: the import's
+  scales (a Reader or None), {hub name: source name} and the source's scale suffix."""
+  scales_reader, src_names, src_suffix = src_scales
   x = HOOKS[e.hook].to_hf(reader.read(e.leaf, e.index), cfg)
   if dt in _QUANT:
-    sname = src_names.get(e.hub, e.hf).removesuffix(".weight") + SCALE_SUFFIX
+    sname = scale_name(src_names.get(e.hub, e.hf), src_suffix or SCALE_SUFFIX)
     old = None
     if scales_reader is not None and sname in scales_reader.infos:
       old = scales_reader.read(sname).astype(np.float32)
