@@ -24,8 +24,6 @@ M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
 backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
-M1_SPARSE_PROBS=triton,mosaic runs the sparse phase once per head-mean probabilities kernel (the
-sparse KL target; `shape.sparse_probs`); unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
 custom_vjp; kernels: the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash
@@ -212,9 +210,6 @@ def suite_m1(small: bool):
   bwd_modes = env("M1_SPARSE_BWD", "")
   if set(bwd_modes) - {"xla", "kernel"}:
     raise ValueError(f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel")
-  probs_modes = env("M1_SPARSE_PROBS", "")
-  if set(probs_modes) - {"triton", "mosaic"}:
-    raise ValueError(f"M1_SPARSE_PROBS={probs_modes}; expected a comma list of triton, mosaic")
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -228,9 +223,8 @@ def suite_m1(small: bool):
       for ph in phases:
         modes = {"warmup": kl_modes, "sparse": sparse_modes}.get(ph) or [None]
         bwds = (bwd_modes if ph == "sparse" else []) or [None]
-        probs = (probs_modes if ph == "sparse" else []) or [None]
-        runs += [(ph, m, b, pr, r) for m in modes for b in bwds for pr in probs for r in policies]
-      for ph, kl_mode, bwd_mode, probs_mode, policy in runs:
+        runs += [(ph, m, b, r) for m in modes for b in bwds for r in policies]
+      for ph, kl_mode, bwd_mode, policy in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
         if policy is not None:
           shape["remat_policy"] = policy
@@ -247,9 +241,6 @@ def suite_m1(small: bool):
         if bwd_mode is not None:
           shape["sparse_bwd"] = bwd_mode
           sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode == "kernel"
-        if probs_mode is not None:
-          shape["sparse_probs"] = probs_mode
-          sparse_mla_ops.GPU_PROBS_MOSAIC = probs_mode == "mosaic"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,
@@ -258,7 +249,7 @@ def suite_m1(small: bool):
             iters,
             prof_dir if l == prof_len else None,
             impl,
-            "".join(f"_{m}" for m in (kl_mode, bwd_mode, probs_mode, policy) if m),
+            "".join(f"_{m}" for m in (kl_mode, bwd_mode, policy) if m),
             policy,
           )
         except Exception as e:  # noqa: BLE001 - record what did not fit, go on

@@ -1,7 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sparse-MLA GPU backward at S1 shapes: the blocked XLA backward's scan steps
-(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (ops.GPU_BWD_KERNEL) with each
-dkv red schedule (kernel_mosaic_gpu_bwd.RED_ROWS: rows per warp instruction).
+(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (case "kernel", ops.GPU_BWD_KERNEL).
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments import bench_common
-from pallas_kernels.sparse_mla import kernel_mosaic_gpu_bwd, ops
+from pallas_kernels.sparse_mla import ops
 
 SCALE = 576**-0.5
 _S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
@@ -37,21 +36,19 @@ BASE = ops.GpuConfig()
 CASES = [("default", BASE)] + [
   (f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (128, 256, 1024, 2048)
 ]
-KERNEL_ROWS = {f"kernel_red{r}": r for r in (16, 8, 4)}  # the Mosaic GPU backward's cases
 
 
-def _kernel_rule(rows, d_v, interp):
-  """The custom VJP's backward with the kernel on and RED_ROWS = rows while it is traced."""
+def _kernel_rule(d_v, interp):
+  """The custom VJP's backward with the kernel on while it is traced."""
 
   interp = plgpu.InterpretGPUParams() if interp else False
 
   def rule(res, cts):
-    saved = ops.GPU_BWD_KERNEL, kernel_mosaic_gpu_bwd.RED_ROWS
-    ops.GPU_BWD_KERNEL, kernel_mosaic_gpu_bwd.RED_ROWS = True, rows
+    saved, ops.GPU_BWD_KERNEL = ops.GPU_BWD_KERNEL, True
     try:
       return ops._sparse_mla_gpu_bwd(SCALE, d_v, interp, BASE, res, cts)[:2]
     finally:
-      ops.GPU_BWD_KERNEL, kernel_mosaic_gpu_bwd.RED_ROWS = saved
+      ops.GPU_BWD_KERNEL = saved
 
   return rule
 
@@ -98,9 +95,8 @@ def main():
         :2
       ]
       jobs.append((name, cfg, jax.jit(rule), (res, cts)))
-  for name, rows in KERNEL_ROWS.items():
-    if not only or name in only:
-      jobs.append((name, BASE, jax.jit(_kernel_rule(rows, d_v, interp)), (res, cts)))
+  if not only or "kernel" in only:
+    jobs.append(("kernel", BASE, jax.jit(_kernel_rule(d_v, interp)), (res, cts)))
   vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: op(q, kv, idx), q, kv)[1])(q, kv, idx)
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 

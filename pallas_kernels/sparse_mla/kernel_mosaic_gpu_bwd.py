@@ -34,10 +34,9 @@ q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64
 dkv reduction: an f32 [R, Kp] buffer, zeroed by the wrapper and passed as a mutable Ref (the
 kernel's aliased operand), receives every dR tile straight from registers with relaxed
 `red.global.add.v4.f32` (inline Mosaic GPU): each thread owns two rows x 16 columns of a tile
-in the WGMMA layout, i.e. 16 pairs of adjacent floats; butterfly shuffles regroup them so that
-every red adds 4 adjacent floats and one warp instruction covers RED_ROWS rows (`red_schedule`;
-at 4 rows each row's part is one whole 128-byte line); the ids of those rows come from the idx
-array (GMEM, L2 hits) (`_red_add_op`). Invalid slots are sent to row 0: their dR rows are exact
+in the WGMMA layout, i.e. 16 pairs of adjacent floats; one butterfly shuffle per column group
+regroups them so that every red adds 4 adjacent floats (`red_schedule`); the ids of the rows
+come from the idx array (GMEM, L2 hits) (`_red_add_op`). Invalid slots are sent to row 0: their dR rows are exact
 zeros.
 Why atomics: many tokens select the same row (and a row may repeat inside one token's list), so
 the adds collide in unknown places; the alternatives cost more here:
@@ -94,58 +93,25 @@ def tile_owners(n_tiles: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[i
   return tuple(tuple(range(starts[w], starts[w + 1])) for w in range(3))
 
 
-# Distinct rows one warp's red instruction touches (16, 8 or 4; see red_schedule).
-RED_ROWS = 4
-
-
-def red_schedule(v, row0, x, sel, shfl, cond, rows):
+def red_schedule(v, row0, x, sel, shfl, cond):
   """Which 4 adjacent floats of a warp's 16 x 64 accumulator slab each red.v4 adds, and where.
 
   WGMMA layout, lane = 4·m + x: the lane holds v[h][g], the pair of floats at row row0 + 8h
-  (row0 = the warp's first row + m), columns 8g + 2x + {0, 1}. The schedule moves pairs between
-  lanes with butterfly shuffles so that each red.v4 gets 4 adjacent floats, and returns the 8
-  reds of the lane as (row, column, (pair, pair)). One warp instruction then covers `rows`
-  rows: 16 rows x 32 bytes (one exchange with lane ^ 1), 8 rows x 64 bytes (the same exchange,
-  choosing which column group to swap), or 4 rows x 128 bytes, a whole line each (a second
-  exchange with lane ^ 4, the neighbouring row of the quad). Fewer lines per instruction,
-  fewer L2 transactions for the same adds.
+  (row0 = the warp's first row + m), columns 8g + 2x + {0, 1}. Lanes x and x ^ 1 hold columns
+  8g + 4(x >> 1) .. +3 of the same two rows between them; one butterfly shuffle per column group
+  gives the even lane those 4 floats of row row0 and the odd lane those of row row0 + 8. Returns
+  the lane's 8 reds as (row, column, (pair, pair)); a warp instruction covers 16 rows x 32 bytes.
+  (Regrouping further so that an instruction covers 8 rows x 64 or 4 rows x 128 bytes measured
+  the same at S3: lab log 2026-12-06.)
   sel(c, a, b): a where c else b; shfl(a, k): a from lane ^ k; cond(i): i != 0. row0, x are
-  index-like (support +, -, *, &, >>) and are the same kind as the returned rows / columns.
+  index-like (support +, *, &, >>) and are the same kind as the returned rows / columns.
   """
   xo, xh = x & 1, x >> 1
   odd = cond(xo)
-  if rows == 16:  # even lanes add row row0, odd lanes row0 + 8
-    out = []
-    for g in range(8):
-      keep, recv = sel(odd, v[1][g], v[0][g]), shfl(sel(odd, v[0][g], v[1][g]), 1)
-      out.append((row0 + xo * 8, xh * 4 + 8 * g, (sel(odd, recv, keep), sel(odd, keep, recv))))
-    return out
-  if rows not in (8, 4):
-    raise ValueError(f"rows={rows}; expected 16, 8 or 4")
-  # Quads: lane x keeps its pair of group 2p + xo and gets its partner's pair of the same
-  # group: columns 16p + 8·xo + 4·xh .. +3 of row row0 + 8hh (lanes x & 2 then x | 1).
-  cx = xo * 8 + xh * 4
-  quads = {}
-  for p in range(4):
-    for hh in range(2):
-      own = sel(odd, v[hh][2 * p + 1], v[hh][2 * p])
-      recv = shfl(sel(odd, v[hh][2 * p], v[hh][2 * p + 1]), 1)
-      quads[p, hh] = (sel(odd, recv, own), sel(odd, own, recv))
-  if rows == 8:
-    return [(row0 + 8 * hh, cx + 16 * p, quads[p, hh]) for p in range(4) for hh in range(2)]
-  # Quads m and m ^ 1 (lanes ^ 4) swap halves: both then add row (m & ~1) + r, 32 columns.
-  mo = row0 & 1
-  upper = cond(mo)
   out = []
-  for p2 in range(2):
-    for hh in range(2):
-      lo, hi = quads[2 * p2, hh], quads[2 * p2 + 1, hh]
-      own = tuple(sel(upper, b, a) for a, b in zip(lo, hi))
-      recv = tuple(shfl(sel(upper, a, b), 4) for a, b in zip(lo, hi))
-      col = cx + mo * 16 + 32 * p2
-      for r in range(2):
-        vals = tuple(sel(upper, o, q) if r else sel(upper, q, o) for o, q in zip(own, recv))
-        out.append((row0 - mo + r + 8 * hh, col, vals))
+  for g in range(8):
+    keep, recv = sel(odd, v[1][g], v[0][g]), shfl(sel(odd, v[0][g], v[1][g]), 1)
+    out.append((row0 + xo * 8, xh * 4 + 8 * g, (sel(odd, recv, keep), sel(odd, keep, recv))))
   return out
 
 
@@ -171,9 +137,6 @@ class _Index:
     return self._op("addi", o)
 
   __radd__ = __add__
-
-  def __sub__(self, o):
-    return self._op("subi", o)
 
   def __mul__(self, o):
     return self._op("muli", o)
@@ -238,7 +201,6 @@ def _red_add_op(kp_dim: int, col0: int):
       sel=arith.select,
       shfl=mu.shfl_bfly,
       cond=lambda i: arith.cmpi(arith.CmpIPredicate.ne, i.v, zero),
-      rows=RED_ROWS,
     )
     adds = []
     for row, c, pairs in sched:

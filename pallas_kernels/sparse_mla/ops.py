@@ -8,9 +8,9 @@ impl="pallas" runs one kernel set per backend under a custom VJP that honours bo
        the Mosaic GPU backward kernel (kernel_mosaic_gpu_bwd.py) on one GPU or in the
        interpreter (interpret=...);
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
-`sparse_mla_probs` (the sparse KL target) takes the Pallas-Triton kernel of kernel_triton.py on a
-GPU when GPU_PROBS_KERNEL is on (the Mosaic GPU kernel of kernel_mosaic_gpu_probs.py with
-GPU_PROBS_MOSAIC also on, for bf16/f16 inputs whose slot ids fit its SMEM), else the reference.
+`sparse_mla_probs` (the sparse KL target) takes the Mosaic GPU kernel of
+kernel_mosaic_gpu_probs.py on a GPU when GPU_PROBS_KERNEL is on and the inputs suit it (bf16 or
+f16, the token's slot ids within the forward's SMEM budget), else the reference.
 """
 
 import functools
@@ -25,7 +25,6 @@ from pallas_kernels.sparse_mla import (
   kernel_mosaic_gpu_bwd,
   kernel_mosaic_gpu_probs,
   kernel_tpu,
-  kernel_triton,
   reference,
 )
 
@@ -34,12 +33,10 @@ IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
 GpuConfig = kernel_mosaic_gpu.GpuConfig
 
-# On a GPU the head-mean probabilities come from the Pallas-Triton kernel (kernel_triton.py; it
-# passes tests/pallas_kernels/test_sparse_mla_triton.py -m gpu); False: the reference.
+# On a GPU the head-mean probabilities come from the Mosaic GPU kernel
+# (kernel_mosaic_gpu_probs.py; tests/pallas_kernels/test_sparse_mla_probs_mosaic.py -m gpu);
+# False: the reference.
 GPU_PROBS_KERNEL = True
-PROBS_BLOCK_SIZES = kernel_triton.BlockSizes()
-# The Mosaic GPU probabilities kernel instead of the Triton one (not yet timed on a GPU).
-GPU_PROBS_MOSAIC = False
 # The backward of impl="pallas" on a GPU: True runs the Mosaic GPU backward kernel
 # (kernel_mosaic_gpu_bwd.py) where it can (one GPU, bf16/f16, or interpret=... on CPU), False
 # the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
@@ -124,35 +121,18 @@ def sparse_mla(
 def sparse_mla_probs(q, kv, idx, lse, *, scale: float, impl: str = "reference", interpret=False):
   """Head-mean attention probabilities at the selected slots [B,T,k] (sparse KL target).
 
-  impl="pallas" takes the Pallas-Triton kernel on a GPU when GPU_PROBS_KERNEL is on, or on CPU
-  with interpret=True (tests); otherwise the reference."""
+  impl="pallas" takes the Mosaic GPU kernel on a GPU when GPU_PROBS_KERNEL is on, or on CPU with
+  interpret=True (tests), for bf16/f16 inputs whose slot ids fit its SMEM; otherwise the
+  reference."""
   _check(q, kv, idx, kv.shape[-1])
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
   on_gpu = jax.default_backend() == "gpu" and GPU_PROBS_KERNEL
-  if impl == "reference" or not (interpret or on_gpu):
+  if impl == "reference" or not (interpret or on_gpu) or not _mosaic_probs_fit(q, kv, idx):
     return reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=scale)
-  # The target is a constant: cut the inputs before the kernel (a pallas_call has no JVP rule).
+  # The target is a constant: cut the inputs before the kernel (a Pallas call has no JVP rule).
   q, kv, lse = jax.lax.stop_gradient((q, kv, lse))
-  b, t = idx.shape[:2]
-  if GPU_PROBS_MOSAIC and _mosaic_probs_fit(q, kv, idx):
-    return _mosaic_probs(q, kv, idx.astype(jnp.int32), lse, scale, interpret)
-  bsz = PROBS_BLOCK_SIZES
-  qn, qr, kvn, kvr, gidx, hp = _triton_layout(q, kv, idx, bsz)
-  lse_p = _pad_heads(lse.astype(jnp.float32), hp, jnp.inf)
-  p = kernel_triton.sparse_mla_probs(
-    qn,
-    qr,
-    lse_p,
-    kvn,
-    kvr,
-    gidx,
-    scale=float(scale),
-    h=q.shape[2],
-    block_sizes=bsz,
-    interpret=bool(interpret),
-  )
-  return p[:, : idx.shape[-1]].reshape(b, t, -1)
+  return _mosaic_probs(q, kv, idx.astype(jnp.int32), lse, scale, interpret)
 
 
 def _mosaic_probs_fit(q, kv, idx):
@@ -211,23 +191,6 @@ def _pad_heads(x, hp, value=0):
   b, t, h = x.shape[:3]
   x = jnp.pad(x, ((0, 0), (0, 0), (0, hp - h)) + ((0, 0),) * (x.ndim - 3), constant_values=value)
   return x.reshape((b * t, hp) + x.shape[3:])
-
-
-def _split_row(x, lead, dv, dr):
-  """[..., K] -> leading part [..., dv] and rest [..., dr] (None when dr == 0), zero-padded."""
-  pad = lambda y, w: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, w - y.shape[-1]),))
-  return pad(x[..., :lead], dv), (None if dr == 0 else pad(x[..., lead:], dr))
-
-
-def _triton_layout(q, kv, idx, bsz):
-  """kernel_triton.py's layout: qn, qr [B*T, Hp, *], kvn, kvr [B*S, *], global ids, Hp."""
-  b, t, h, k_dim = q.shape
-  s = kv.shape[1]
-  split = kernel_triton.split_dims(k_dim)
-  hp = _round_up(h, bsz.block_h)
-  qn, qr = _split_row(_pad_heads(q, hp), *split)
-  kvn, kvr = _split_row(kv.reshape(b * s, k_dim), *split)
-  return qn, qr, kvn, kvr, _global_idx(idx, s, bsz.block_k), hp
 
 
 def _gpu_fwd_call(q, kv, idx, scale, d_v, interpret, config):

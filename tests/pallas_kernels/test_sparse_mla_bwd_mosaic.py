@@ -103,11 +103,10 @@ def test_dispatch_and_errors(monkeypatch):
   assert kernel_mosaic_gpu_bwd.smem_bytes(640, 512, 2) > kernel_mosaic_gpu._SMEM_BYTES
 
 
-@pytest.mark.parametrize("rows", [16, 8, 4])
-def test_red_schedule_lanes(rows):
+def test_red_schedule_lanes():
   """red_schedule simulated on 32 numpy lanes: every float of the warp's 16 x 64 slab is added
-  once, at its own row and column, 4 adjacent floats per red, `rows` rows per instruction with
-  each row's columns one contiguous run (aligned, so one line at rows=4)."""
+  once, at its own row and column, 4 adjacent floats per red, 16 rows per instruction with each
+  row's columns one contiguous aligned run."""
   lane = np.arange(32)
   m, x = lane // 4, lane % 4
   # v[h][g]: the lane's pair at row m + 8h, columns 8g + 2x + {0, 1}; value = row * 64 + col
@@ -120,7 +119,6 @@ def test_red_schedule_lanes(rows):
     sel=lambda c, a, b: np.where(c[:, None], a, b),
     shfl=lambda a, k: a[lane ^ k],
     cond=lambda i: i != 0,
-    rows=rows,
   )
   assert len(sched) == 8
   seen = np.zeros((16, 64), int)
@@ -130,7 +128,7 @@ def test_red_schedule_lanes(rows):
     np.testing.assert_array_equal(vals, (row * 64 + col)[:, None] + np.arange(4))
     for r, c in zip(row, col):
       seen[r, c : c + 4] += 1
-    assert len(set(row)) == rows
+    assert len(set(row)) == 16
     for r in set(row):
       cols = np.sort(col[row == r])
       np.testing.assert_array_equal(np.diff(cols), 4)
