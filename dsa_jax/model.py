@@ -119,12 +119,15 @@ class Transformer(nnx.Module):
     metrics: bool = False,
     mtp: bool = False,
     positions=None,
+    hidden: bool = False,
   ):
     """tokens [B,T] int -> (logits [B,T,V] f32, aux).
 
     aux holds per-layer arrays (layer axis first, dense layers then MoE layers): `indexer_kl`,
     `indexer_recall`, `topk_overlap` when requested; `moe_load` [L_moe, E]; `mtp_logits`
     [B,T,V] (position t predicts token t+2; the last two positions are meaningless) when mtp.
+    hidden: return the head's input [B,T,D] (normed) instead of the logits, and `mtp_hidden`
+    instead of `mtp_logits` (losses.*_from_hidden apply `self.head` a chunk at a time).
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -145,11 +148,15 @@ class Transformer(nnx.Module):
         out[key] = jnp.concatenate(vals)
     if self.moe_layers is not None:
       out["moe_load"] = auxes[-1]["moe_load"]
-    logits = self.head(self.norm(h)).astype(jnp.float32)
+    final = self.norm(h)
+    logits = final if hidden else self.head(final).astype(jnp.float32)
     if mtp and self.mtp is not None:
       emb_next = self.embed_tokens(jnp.roll(tokens, -1, axis=1))
       hm, maux = self.mtp(h, emb_next, cos, sin, **kw)
-      out["mtp_logits"] = self.head(hm).astype(jnp.float32)
+      if hidden:
+        out["mtp_hidden"] = hm
+      else:
+        out["mtp_logits"] = self.head(hm).astype(jnp.float32)
       for key in ("indexer_kl", "indexer_recall", "topk_overlap"):
         if key in maux:
           out["mtp_" + key] = maux[key]

@@ -123,6 +123,9 @@ class TrainConfig:
   # it; "skip": such a step's update is skipped (params and optimizer unchanged), counted as
   # metrics["skipped"] and in the checkpoint's meta.
   nan_policy: str = "stop"
+  # Tokens per chunk of the LM / MTP cross-entropy (losses.head_xent): the [B,T,V] logits are
+  # never built, each chunk's are rebuilt in the backward. 0: the whole logits at once.
+  loss_chunk: int = 0
   # "host": numpy init of the full model on every host, then device_put (fast for small models);
   # "sharded": jitted jax.random init with out_shardings, each device makes only its shards (no
   # full copy anywhere); "auto": sharded when the mesh has more than one device or process.
@@ -133,6 +136,7 @@ class TrainConfig:
     optim.check_int("TrainConfig", "log_every", self.log_every, 1)
     optim.check_int("TrainConfig", "eval_every", self.eval_every, 0)
     optim.check_int("TrainConfig", "eval_batches", self.eval_batches, 1)
+    optim.check_int("TrainConfig", "loss_chunk", self.loss_chunk, 0)
     if self.nan_policy not in ("stop", "skip"):
       raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r}; expected stop|skip")
     if self.data.seq_len > self.model.max_seq_len:

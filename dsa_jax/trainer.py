@@ -184,20 +184,28 @@ class Trainer:
   def _loss(self, params, rest, batch):
     ph = self.cfg.phase
     m = self.merge(params, rest)
+    chunk = self.cfg.loss_chunk
     with sharding.use_mesh_rules(self.mesh, self.rules):
       logits, aux = m(
         batch["tokens"],
         attention=ph.attention,
         indexer_loss=ph.indexer_loss,
         mtp=ph.mtp_weight > 0,
+        hidden=chunk > 0,
       )
-    metrics = {"lm_loss": losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])}
+      metrics = {"lm_loss": self._lm_loss(m, logits, batch)}
     loss = ph.lm_weight * metrics["lm_loss"]
     if ph.indexer_loss != "none":
       metrics["indexer_kl"] = losses.indexer_kl(aux)
       metrics["indexer_kl_nonfinite"] = _first_false(jnp.isfinite(aux["indexer_kl"]))
       loss = loss + ph.indexer_kl_weight * metrics["indexer_kl"]
-    if ph.mtp_weight > 0 and "mtp_logits" in aux:
+    if ph.mtp_weight > 0 and "mtp_hidden" in aux:
+      with sharding.use_mesh_rules(self.mesh, self.rules):
+        metrics["mtp_loss"] = losses.mtp_loss_from_hidden(
+          aux["mtp_hidden"], m.head, batch["tokens"], batch["loss_mask"], chunk
+        )
+      loss = loss + ph.mtp_weight * metrics["mtp_loss"]
+    elif ph.mtp_weight > 0 and "mtp_logits" in aux:
       metrics["mtp_loss"] = losses.mtp_loss(aux["mtp_logits"], batch["tokens"], batch["loss_mask"])
       loss = loss + ph.mtp_weight * metrics["mtp_loss"]
     metrics["loss"] = loss
@@ -259,12 +267,25 @@ class Trainer:
       b.set_value(moe.update_router_bias(b.get_value(), loads["mtp_moe_load"], rate))
     return self.split(m)[1]
 
+  def _lm_loss(self, m, out, batch):
+    """LM loss from the model's output: logits, or with loss_chunk the head's input."""
+    if self.cfg.loss_chunk:
+      return losses.lm_loss_from_hidden(
+        out, m.head, batch["tokens"], batch["loss_mask"], self.cfg.loss_chunk
+      )
+    return losses.lm_loss(out, batch["tokens"], batch["loss_mask"])
+
   def _eval_step(self, state: TrainState, batch):
     ph = self.cfg.phase
     m = self.merge(state.params, state.rest)
     with sharding.use_mesh_rules(self.mesh, self.rules):
-      logits, aux = m(batch["tokens"], attention=ph.attention, metrics=self.cfg.eval_metrics)
-    out = {"eval_loss": losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])}
+      logits, aux = m(
+        batch["tokens"],
+        attention=ph.attention,
+        metrics=self.cfg.eval_metrics,
+        hidden=self.cfg.loss_chunk > 0,
+      )
+      out = {"eval_loss": self._lm_loss(m, logits, batch)}
     if self.cfg.eval_metrics:
       out["indexer_recall"] = jnp.mean(aux["indexer_recall"])
       out["topk_overlap"] = jnp.mean(aux["topk_overlap"])

@@ -22,6 +22,8 @@ M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (
 custom_vjp, the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
 M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_policy
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
+M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
+no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
 M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
 backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
@@ -109,8 +111,13 @@ def _trainer(preset: str, phase: str, seq_len: int, impl: str, remat_policy: str
     steps=100,
     progress=False,
     init="sharded",
+    loss_chunk=_loss_chunk(),
   )
   return train_lib.Trainer(cfg), cfg
+
+
+def _loss_chunk() -> int:
+  return int(os.environ.get("M1_LOSS_CHUNK", "0") or 0)
 
 
 def _profile_table(trace_dir: str, steps: int, top: int = 15) -> str:
@@ -226,6 +233,8 @@ def suite_m1(small: bool):
         runs += [(ph, m, b, r) for m in modes for b in bwds for r in policies]
       for ph, kl_mode, bwd_mode, policy in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
+        if _loss_chunk():
+          shape["loss_chunk"] = _loss_chunk()
         if policy is not None:
           shape["remat_policy"] = policy
         if gmm_mode and mcfg.n_layers > mcfg.n_dense_layers:

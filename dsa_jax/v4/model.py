@@ -97,6 +97,7 @@ class V4Transformer(nnx.Module):
     indexer_loss: str = "none",
     mtp: bool = False,
     metrics: bool = False,
+    hidden: bool = False,
   ):
     """tokens [B,T] int (positions 0..T-1) -> (logits [B,T,V] f32, aux).
 
@@ -105,6 +106,8 @@ class V4Transformer(nnx.Module):
     averages the layers as for V3.2); with metrics, `indexer_recall` / `topk_overlap` [n_CSA];
     with mtp, `mtp_logits` [B,T,V] (position t predicts token t+2; the last two are
     meaningless), `mtp_moe_load`, and `mtp_indexer_kl` when the MTP layer is CSA.
+    hidden: return the head's input [B,T,D] instead of the logits, and `mtp_hidden` instead of
+    `mtp_logits` (losses.*_from_hidden apply `self.head` a chunk at a time).
     """
     attention_lib.check_mode(attention, indexer_loss)
     n = self.cfg.n_layers
@@ -131,7 +134,8 @@ class V4Transformer(nnx.Module):
       for name in ("indexer_kl", "indexer_recall", "topk_overlap"):
         if name in aux:
           per_layer.setdefault(name, []).append(aux[name])
-    logits = self.head(self.norm(self.hc_head(h))).astype(jnp.float32)
+    final = self.norm(self.hc_head(h))
+    logits = final if hidden else self.head(final).astype(jnp.float32)
     out = {"moe_load": jnp.stack(loads), **{k: jnp.stack(v) for k, v in per_layer.items()}}
     if topk:
       out["topk_idx"] = topk
@@ -140,7 +144,10 @@ class V4Transformer(nnx.Module):
       x, maux = self.mtp(
         h, self.embed_tokens(nxt), nxt, attention=attention, indexer_loss=indexer_loss
       )
-      out["mtp_logits"] = self.head(x).astype(jnp.float32)
+      if hidden:
+        out["mtp_hidden"] = x
+      else:
+        out["mtp_logits"] = self.head(x).astype(jnp.float32)
       out["mtp_moe_load"] = maux["moe_load"]
       if "indexer_kl" in maux:
         out["mtp_indexer_kl"] = maux["indexer_kl"]

@@ -89,7 +89,9 @@ def make_config(
   run = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
   for f in ("model", "phase", "optim", "data", "ckpt", "mesh", "rules"):
     del run[f]
-  c.update(run)  # steps, seed, log_every, eval_*, progress, nan_policy (stop|skip), init
+  c.update(
+    run
+  )  # steps, seed, log_every, eval_*, progress, nan_policy (stop|skip), loss_chunk, init
   c.steps = steps
   c.log_every = 10 if steps >= 10 else 1
   # every mesh axis present so that --config.mesh.fsdp=4 works on the locked config

@@ -208,3 +208,54 @@ def test_user_text_directory(tmp_path):
   data.dir_corpus.cache_clear()
   with pytest.raises(ValueError, match="bad.jsonl:1"):
     data.batch(dc, 0)
+
+
+@pytest.mark.parametrize("t, chunk", [(37, 8), (16, 16), (5, 64)])
+def test_head_xent_equals_the_full_logits(t, chunk):
+  """Chunked cross-entropy = xent of the whole logits, value and gradients (x and the head),
+  with a ragged last chunk, zero weights, and a chunk longer than the sequence."""
+  kx, kw, kt, km = jax.random.split(jax.random.key(0), 4)
+  b, d, v = 2, 16, 50
+  x = jax.random.normal(kx, (b, t, d), jnp.float32)
+  w = jax.random.normal(kw, (d, v), jnp.float32) * 0.3
+  tgt = jax.random.randint(kt, (b, t), 0, v)
+  wts = (jax.random.uniform(km, (b, t)) > 0.3).astype(jnp.float32)
+
+  def full(x, w):
+    return losses.xent(jnp.einsum("btd,dv->btv", x, w), tgt, wts)
+
+  def chunked(x, w):
+    return losses.head_xent(x, w, jnp.float32, tgt, wts, chunk)
+
+  with jax.default_matmul_precision("highest"):
+    (lf, gf), (lc, gc) = [jax.value_and_grad(f, (0, 1))(x, w) for f in (full, chunked)]
+  np.testing.assert_allclose(lc, lf, rtol=1e-6)
+  for a, e in zip(gc, gf):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+    losses.head_xent(x, w, jnp.float32, tgt, wts, 0)
+
+
+def test_loss_chunk_gives_the_same_step():
+  """TrainConfig.loss_chunk (LM and MTP cross-entropy a chunk at a time) gives the same losses,
+  update and eval loss as the whole logits."""
+  out = []
+  for chunk in (0, 24):
+    cfg = dataclasses.replace(
+      _cfg("dense"), loss_chunk=chunk, phase=train.phase("dense", mtp_weight=0.3)
+    )
+    tr = train.Trainer(cfg)
+    state = tr.init_state()
+    b = tr.put_batch(data.batch(cfg.data, 0))
+    with jax.default_matmul_precision("highest"):
+      new, m = tr.train_step(state, b)
+      ev = tr.eval_step(new, b)
+    out.append((m, new.params, ev))
+  (m0, p0, e0), (m1, p1, e1) = out
+  for k in ("lm_loss", "mtp_loss", "loss", "grad_norm"):
+    np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, err_msg=k)
+  for a, e in zip(_leaves(p1), _leaves(p0)):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(e1["eval_loss"], e0["eval_loss"], rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_chunk"):
+    dataclasses.replace(_cfg("dense"), loss_chunk=-1)

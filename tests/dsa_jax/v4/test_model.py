@@ -71,3 +71,16 @@ def test_unknown_mode_is_an_error(runs):
   _, m, _, tokens = runs
   with pytest.raises(ValueError, match="attention"):
     m(tokens, attention="dense_mqa")
+
+
+def test_hidden_is_the_heads_input(runs):
+  """hidden=True returns what the output head reads (and mtp_hidden for MTP): head(x) is the
+  logits (the chunked loss, losses.*_from_hidden, relies on it)."""
+  cfg, m, fwd, tokens = runs
+  logits, aux = fwd["sparse"](m, tokens)
+  x, haux = nnx.jit(lambda m, t: m(t, attention="sparse", mtp=True, hidden=True))(m, tokens)
+  assert x.shape == (2, T, cfg.dim) and "mtp_logits" not in haux
+  np.testing.assert_allclose(m.head(x).astype(jnp.float32), logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    m.head(haux["mtp_hidden"]).astype(jnp.float32), aux["mtp_logits"], rtol=1e-5, atol=1e-5
+  )
