@@ -259,6 +259,49 @@ def _direct_ops(n_rows: int, row_bytes: int):
   return init, issue, wait
 
 
+def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
+  """plgpu.kernel over the (head block, token) grid of the sparse MLA kernels: heads fastest,
+  so a token's CTAs share its rows in L2; one thread per warpgroup ("wg"); the row
+  reductions stay inside a warp (WGMMA layout), so no reduction scratch."""
+  return plgpu.kernel(
+    entry,
+    out_type=out_type,
+    grid=(hp // HEAD_BLOCK, n),
+    grid_names=("h", "t"),
+    num_threads=num_threads,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+    interpret=interpret,
+  )
+
+
+def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_bars, issue_op):
+  """The copy warpgroup's loop for direct copies: chunk j's rows (ids [n_chunks, bk] in SMEM)
+  into operand slot j % 2 of kv_smem, once the slot's chunk j - 2 is released on
+  bar_free[slot]. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline
+  Mosaic GPU: one Pallas row copy per row, arriving on bar_full[slot]."""
+  bk = ids.shape[1]
+
+  def issue(j):
+    slot = j % 2
+    if issue_op is None:
+      for i in range(bk):
+        row = jnp.maximum(ids[j, i], 0)  # invalid slots fetch row 0 (masked by the readers)
+        dst = kv_smem.at[slot, pl.ds(i, 1)]
+        plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
+    else:
+      issue_op(kv_ref, kv_smem, ids.at[j], raw_bars, slot)
+
+  issue(0)
+  if n_chunks > 1:
+    issue(1)
+
+  @pl.loop(2, n_chunks)
+  def _(j):
+    plgpu.barrier_wait(bar_free.at[j % 2])  # chunk j - 2 is done with the slot
+    issue(j)
+
+
 def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
 
@@ -324,28 +367,12 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def _copy_wg():
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
-      if direct:
+      if direct:  # bar_free: both compute WGs are done with a slot
         plgpu.barrier_wait(bar_idx)
-
-        def issue_direct(j):
-          slot = j % 2
-          if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
-            for i in range(bk):
-              row = jnp.maximum(ids_ref[j, i], 0)
-              dst = kv_smem.at[slot, pl.ds(i, 1)]
-              plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
-          else:
-            direct_issue(kv_ref, kv_smem, ids_ref.at[j], raw_bars, slot)
-
-        issue_direct(0)
-        if n_chunks > 1:
-          issue_direct(1)
-
-        @pl.loop(2, n_chunks)
-        def _(j):
-          plgpu.barrier_wait(bar_free.at[j % 2])  # both compute WGs are done with chunk j-2
-          issue_direct(j)
-
+        issue_op = None if interpret else direct_issue
+        copy_chunks_direct(
+          kv_ref, kv_smem, ids_ref, n_chunks, bar_free, bar_full, raw_bars, issue_op
+        )
         return
 
       first = (wg - 2) * per_copy
@@ -504,17 +531,5 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     jax.ShapeDtypeStruct((n, hp, d_out), dtype),
     jax.ShapeDtypeStruct((n, hp), jnp.float32),
   )
-  kern = plgpu.kernel(
-    entry,
-    out_type=out_type,
-    grid=(hp // HEAD_BLOCK, n),  # heads fastest: a token's CTAs share its rows in L2
-    grid_names=("h", "t"),
-    num_threads=2 + config.copy_wgs,
-    thread_name="wg",
-    compiler_params=plgpu.CompilerParams(
-      approx_math=True,
-      reduction_scratch_bytes=0,  # the row reductions stay inside a warp (WGMMA layout)
-    ),
-    interpret=interpret,
-  )
+  kern = token_kernel(entry, out_type, hp, n, 2 + config.copy_wgs, interpret)
   return kern(q, kv, idx3)

@@ -480,16 +480,8 @@ def sparse_mla_bwd(
       collective_axes="wg",
     )
 
-  kern = plgpu.kernel(
-    sparse_mla_bwd_kernel,
-    out_type=jax.ShapeDtypeStruct((n, hp, kp_dim), dtype),
-    grid=(hp // HEAD_BLOCK, n),
-    grid_names=("h", "t"),
-    num_threads=3,
-    thread_name="wg",
-    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-    interpret=interpret,
-  )
+  out_type = jax.ShapeDtypeStruct((n, hp, kp_dim), dtype)
+  kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret)
   dkv = jax.new_ref(jnp.zeros((kv.shape[0], kp_dim), jnp.float32))
   dq = kern(q, kv, idx3, do, lse2, delta, dkv)
   return dq, jax.freeze(dkv)

@@ -79,26 +79,10 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
     @pl.when(wg == 2)
     def _copy_wg():
       plgpu.barrier_wait(bar_idx)
-
-      def issue(j):
-        slot = j % 2
-        if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
-          for i in range(bk):
-            row = jnp.maximum(idx_smem[j, i], 0)
-            dst = kv_smem.at[slot, pl.ds(i, 1)]
-            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
-        else:
-          direct_issue(kv_ref, kv_smem, idx_smem.at[j], raw_bars, slot)
-
-      issue(0)
-      if n_chunks > 1:
-        issue(1)
-
-      @pl.loop(2, n_chunks)
-      def _(j):
-        plgpu.barrier_wait(bar_free.at[j % 2])  # chunk j-2 is done with the slot
-        issue(j)
-
+      issue_op = None if interpret else direct_issue
+      fwd.copy_chunks_direct(
+        kv_ref, kv_smem, idx_smem, n_chunks, bar_free, bar_full, raw_bars, issue_op
+      )
       for slot in range(min(2, n_chunks)):  # observe each slot's last phase (the interpreter
         plgpu.barrier_wait(bar_free.at[slot])  # checks), so the kernel ends after the reads
 
@@ -165,14 +149,6 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
       collective_axes="wg",
     )
 
-  kern = plgpu.kernel(
-    entry,
-    out_type=jax.ShapeDtypeStruct((n, hp // HEAD_BLOCK, kp), jnp.float32),
-    grid=(hp // HEAD_BLOCK, n),
-    grid_names=("h", "t"),
-    num_threads=3,
-    thread_name="wg",
-    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-    interpret=interpret,
-  )
+  out_type = jax.ShapeDtypeStruct((n, hp // HEAD_BLOCK, kp), jnp.float32)
+  kern = fwd.token_kernel(entry, out_type, hp, n, 3, interpret)
   return kern(q, kv, idx3, lse2)

@@ -136,6 +136,50 @@ def v4_index_buffer(t: int, window: int, *, u: int = 0, ratio: int = 0, idx=None
   return jnp.concatenate([win, comp.astype(jnp.int32)], axis=-1)
 
 
+# An all-visible index buffer (idx None) over this many int32 slots or more (CSA's dense stage:
+# T·(W + T/4), 4.3 GB at T = 64K) is built one query block at a time instead (_visible_blocks).
+VISIBLE_BUFFER_LIMIT = 1 << 26
+
+
+def _visible_block(pos, t: int, window: int, u: int, ratio: int):
+  """v4_index_buffer's slots with idx None for query positions pos [n] (>= t: padding, all -1)."""
+  live = (pos < t)[:, None]
+  win = pos[:, None] - (window - 1) + jnp.arange(window, dtype=jnp.int32)[None, :]
+  win = jnp.where((win >= 0) & live, win, -1)
+  j = jnp.arange(u, dtype=jnp.int32)[None, :]
+  comp = jnp.where((j < reference.visible_entries(pos, ratio)[:, None]) & live, t + j, -1)
+  return jnp.concatenate([win, comp], axis=-1).astype(jnp.int32)
+
+
+def _visible_blocks(q, rows, sink, scale, window, u, ratio, block_t, interpret, backend, config):
+  """The all-visible attention one block of block_t queries at a time (lax.map). Each block's
+  index buffer [B, block_t, W' + U] is made inside a jax.checkpoint that keeps the kernel's
+  outputs (named SAVED), so the backward rebuilds the buffer (iota arithmetic) rather than
+  keeping all of them: never a [T, W' + U] array. The interpreter's callbacks are effects,
+  which AD of jax.checkpoint does not take: there the blocks run without it (same values)."""
+  b, t, h, k = q.shape
+  w = min(window, t)
+  bt = min(block_t, t)
+  n = -(-t // bt)
+  qs = jnp.moveaxis(_common.pad_axis(q, 1, bt).reshape(b, n, bt, h, k), 1, 0)
+  # Every block adds to the rows' gradient: an f32 operand keeps that sum in f32 (bf16 partial
+  # sums would round once per block).
+  rows32 = rows.astype(jnp.float32)
+
+  def one(qb, t0):
+    buf = _visible_block(t0 + jnp.arange(bt, dtype=jnp.int32), t, w, u, ratio)
+    buf = jnp.broadcast_to(buf[None], (b,) + buf.shape)
+    r = rows32.astype(rows.dtype)
+    return _kernel_sink_attention(qb, r, buf, sink, scale, interpret, backend, config)
+
+  if not interpret:
+    policy = jax.checkpoint_policies.save_only_these_names(_common.SAVED)
+    one = jax.checkpoint(one, policy=policy)
+  out, lse = jax.lax.map(lambda a: one(*a), (qs, jnp.arange(n, dtype=jnp.int32) * bt))
+  out = jnp.moveaxis(out, 0, 1).reshape((b, n * bt) + out.shape[3:])[:, :t]
+  return out, jnp.moveaxis(lse, 0, 1).reshape(b, n * bt, h)[:, :t]
+
+
 def v4_attention(
   q,
   kv,
@@ -156,7 +200,9 @@ def v4_attention(
 
   impl="pallas": one kernel call over [kv ; ckv] with the slots of `v4_index_buffer` (window,
   then the selected entries, or every visible entry when idx is None), then `fold_sink`.
-  The all-visible case (HCA, CSA's dense stage) gives every query W + U slots.
+  The all-visible case (HCA, CSA's dense stage) gives every query W + U slots; when that
+  buffer would reach VISIBLE_BUFFER_LIMIT slots it is built and attended per query block of
+  block_t (`_visible_blocks`), so CSA's dense stage holds no [T, T/4] array.
   """
   _impl(impl)
   if q.ndim != 4 or kv.ndim != 3 or q.shape[-1] != kv.shape[-1]:
@@ -179,8 +225,11 @@ def v4_attention(
   if ckv is not None and ratio <= 0:
     raise ValueError(f"compressed rows need a ratio > 0, got {ratio}")
   u = 0 if ckv is None else ckv.shape[1]
-  buf = v4_index_buffer(t, window, u=u, ratio=ratio, idx=idx, batch=b)
   rows = kv if u == 0 else jnp.concatenate([kv, ckv.astype(kv.dtype)], axis=1)
+  if idx is None and u > 0 and b * t * (min(window, t) + u) >= VISIBLE_BUFFER_LIMIT:
+    args = (sink, scale, window, u, ratio, block_t, interpret, backend, config)
+    return _visible_blocks(q, rows, *args)
+  buf = v4_index_buffer(t, window, u=u, ratio=ratio, idx=idx, batch=b)
   return _kernel_sink_attention(q, rows, buf, sink, scale, interpret, backend, config)
 
 

@@ -212,6 +212,88 @@ def test_v4_attention_pallas_gpu_interpret(mode):
   print(f"v4_attention[{mode}] gpu interpret bf16 rel errs", errs)
 
 
+def test_all_visible_blocks_equal_one_buffer(monkeypatch):
+  """CSA's dense stage per query block (VISIBLE_BUFFER_LIMIT reached): the same out, lse and
+  gradients as one whole index buffer, in the GPU interpreter; T = 9 in blocks of 4 (a ragged
+  last block)."""
+  b, t, h, k_dim, w, m = 1, 9, 8, 128, 3, 4
+  u = t // m
+  q = _testing.normal(20, (b, t, h, k_dim), jnp.bfloat16)
+  kv = _testing.normal(21, (b, t, k_dim), jnp.bfloat16)
+  ckv = _testing.normal(22, (b, u, k_dim), jnp.bfloat16)
+  sink = jnp.asarray(SINKS, jnp.float32)
+
+  def f(q, kv, ckv, a):
+    return ops.v4_attention(
+      q, kv, a, scale=SCALE, window=w, ratio=m, ckv=ckv, block_t=4, impl="pallas", interpret=True
+    )
+
+  def run(limit):
+    monkeypatch.setattr(ops, "VISIBLE_BUFFER_LIMIT", limit)
+    (o, l), g, _ = _vjp_both(f, (q, kv, ckv, sink), jnp.bfloat16, seed=23)
+    return (o, l, *g)
+
+  blocks, whole = run(0), run(1 << 40)
+  for x, y in zip(blocks[:2], whole[:2]):  # per query: the same kernel calls
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-6)
+  # Gradients: each block's kernel backward rounds its part to bf16 and the blocks add up in f32,
+  # so they differ from the one-call gradients by rounding; both stay within the bf16 bound of
+  # the f32 reference.
+  tol = _testing.tolerances(jnp.bfloat16)
+  fr = lambda q, kv, ckv, a: ops.v4_attention(q, kv, a, scale=SCALE, window=w, ratio=m, ckv=ckv)
+  with jax.default_matmul_precision("highest"):
+    _, rvjp = jax.vjp(fr, f32(q), f32(kv), f32(ckv), sink)
+    ref = rvjp(tuple(f32(c) for c in _vjp_both(f, (q, kv, ckv, sink), jnp.bfloat16, seed=23)[2]))
+  for name, x, y, r in zip(("dq", "dkv", "dckv", "dsink"), blocks[2:], whole[2:], ref):
+    assert x.dtype == y.dtype
+    _assert_close(x, y, tol, name)
+    _assert_close(x, r, 2 * tol, name)
+
+
+def test_all_visible_blocks_keep_no_whole_buffer(monkeypatch):
+  """The GPU path traced (no interpreter: the blocks under jax.checkpoint): the gradient's
+  program holds one block's buffer [B, 4, W + U], never the whole [B, T, W + U] nor a stack of
+  the blocks' buffers, and runs the forward kernel no more often than the one-buffer path
+  (the backward does not replay it)."""
+  b, t, h, k_dim, w, m = 1, 9, 8, 128, 3, 4
+  sds = jax.ShapeDtypeStruct
+  args = (
+    sds((b, t, h, k_dim), jnp.bfloat16),
+    sds((b, t, k_dim), jnp.bfloat16),
+    sds((b, t // m, k_dim), jnp.bfloat16),
+    sds((h,), jnp.float32),
+  )
+
+  def loss(q, kv, ckv, a):
+    o, l = ops.v4_attention(
+      q, kv, a, scale=SCALE, window=w, ratio=m, ckv=ckv, block_t=4, impl="pallas", backend="gpu"
+    )
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(l), l, 0.0))
+
+  def kernels(j):
+    """plgpu.kernel calls (primitive mpmd_map: the forward kernel) in j and its sub-jaxprs."""
+    n = 0
+    for e in j.eqns:
+      n += e.primitive.name == "mpmd_map"
+      for v in e.params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+          sub = getattr(x, "jaxpr", x)
+          n += kernels(sub) if hasattr(sub, "eqns") else 0
+    return n
+
+  def grad_jaxpr(limit):
+    monkeypatch.setattr(ops, "VISIBLE_BUFFER_LIMIT", limit)
+    return jax.make_jaxpr(jax.grad(loss, (0, 1, 2, 3)))(*args).jaxpr
+
+  whole, blocks = grad_jaxpr(1 << 40), grad_jaxpr(0)
+  assert "i32[1,9,5]" in str(whole)  # the whole buffer [B, T, W + U]
+  for shape in ("i32[1,9,5]", "i32[1,12,5]", "i32[3,1,4,5]"):
+    assert shape not in str(blocks), shape
+  assert "i32[1,4,5]" in str(blocks)
+  # one forward kernel in the map's body; a backward replaying it would add a second
+  assert kernels(blocks) == kernels(whole) == 1
+
+
 def test_pallas_errors():
   q = jnp.zeros((1, 2, 8, 64), jnp.bfloat16)
   kv = jnp.zeros((1, 4, 64), jnp.bfloat16)
