@@ -318,10 +318,12 @@ def _export(fn, *args):
   return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
 
 
-def test_cross_lowering_cuda_v4_flash_shapes():
-  """The real Mosaic GPU lowering of a CSA layer's attention (window 128 + top-512 of T/4
-  entries: 640 slots), forward and forward + backward with d sink."""
-  t, h, k_dim, w, m, topk = 4096, 64, 512, 128, 4, 512
+@pytest.mark.parametrize("h, topk", [(64, 512), (128, 1024)], ids=["flash", "pro"])
+def test_cross_lowering_cuda_v4_flash_shapes(h, topk):
+  """The real Mosaic GPU lowering of a CSA layer's attention (window 128 + top-k of T/4
+  entries: 640 slots for Flash, 1152 for Pro's 128 heads and top-1024), forward and forward +
+  backward with d sink."""
+  t, k_dim, w, m = 4096, 512, 128, 4
   sds = jax.ShapeDtypeStruct
   q, kv = sds((1, t, h, k_dim), jnp.bfloat16), sds((1, t, k_dim), jnp.bfloat16)
   ckv, idx = sds((1, t // m, k_dim), jnp.bfloat16), sds((1, t, topk), jnp.int32)

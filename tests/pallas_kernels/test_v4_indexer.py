@@ -187,17 +187,18 @@ def test_export_tpu_v4_flash_shapes():
   assert exp.out_avals[0].shape == (1, t, 512) and "indexer_logits_tpu" in exp.mlir_module()
 
 
-def test_export_cuda_v4_flash_shapes():
-  """compressed_topk(impl="pallas") lowers for cuda at V4-Flash shapes: T 8192, U = T/4,
-  J 64, D 128, k 512, the model's 512-query blocks; both kernels are in the module."""
+@pytest.mark.parametrize("topk", [512, 1024], ids=["flash", "pro"])
+def test_export_cuda_v4_flash_shapes(topk):
+  """compressed_topk(impl="pallas") lowers for cuda at V4 shapes: T 8192, U = T/4, J 64, D 128,
+  k 512 (Flash) or 1024 (Pro), the model's 512-query blocks; both kernels are in the module."""
   f32, t = jnp.float32, 8192
   exp = export_cuda(
-    lambda q, k, w: ops.compressed_topk(q, k, w, ratio=4, topk=512, block_t=512, impl="pallas"),
+    lambda q, k, w: ops.compressed_topk(q, k, w, ratio=4, topk=topk, block_t=512, impl="pallas"),
     jax.ShapeDtypeStruct((1, t, 64, 128), f32),
     jax.ShapeDtypeStruct((1, t // 4, 128), f32),
     jax.ShapeDtypeStruct((1, t, 64), f32),
   )
-  assert exp.out_avals[0].shape == (1, t, 512)
+  assert exp.out_avals[0].shape == (1, t, topk)
   text = exp.mlir_module()
   assert "mosaic_gpu" in text and "sample_select_topk" in text
 
