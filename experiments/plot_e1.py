@@ -2,8 +2,10 @@
 """Plot of E1 (one DSA layer fwd+bwd vs cuDNN dense MHA) from a bench result file.
 
   python -m experiments.plot_e1 [--json=experiments/results/e1.json] [--out=...e1.png]
+      [--device=H200]
 
-Per length, the last row of the file wins (a later run at the same length supersedes).
+One card per plot: rows whose device contains --device (default: the last row's device). Per
+length, the last such row wins (a later run at the same length supersedes).
 """
 
 import json
@@ -12,20 +14,26 @@ from absl import app, flags
 
 _JSON = flags.DEFINE_string("json", "experiments/results/e1.json", "bench result file with E1 rows")
 _OUT = flags.DEFINE_string("out", "experiments/results/e1.png", "PNG to write")
+_DEVICE = flags.DEFINE_string(
+  "device", "", "plot the rows of this device (substring; default: the last row's)"
+)
 
 
-def e1_points(results: list[dict]) -> dict[int, tuple[float, float]]:
-  """{seq_len: (ours_ms, dense_ms)} from E1 rows that have both times; later rows win."""
+def e1_points(results: list[dict], device: str = "") -> dict[int, tuple[float, float]]:
+  """{seq_len: (ours_ms, dense_ms)} from the E1 rows of `device` (a substring of the row's;
+  "" = any) that have both times; later rows win."""
   pts = {}
   for r in results:
     if r.get("suite") != "E1" or "baseline" not in r:
+      continue
+    if device not in str(r.get("device", "")):
       continue
     t, td = r.get("time_ms"), r["baseline"].get("time_ms")
     if t is None or td is None or t != t:  # NaN = a length that did not fit
       continue
     pts[int(r["shape"]["seq_len"])] = (float(t), float(td))
   if not pts:
-    raise ValueError("no E1 rows with both times in the result file")
+    raise ValueError(f"no E1 rows with both times in the result file (device filter {device!r})")
   return dict(sorted(pts.items()))
 
 
@@ -33,7 +41,10 @@ def main(argv):
   del argv
   with open(_JSON.value) as f:
     data = json.load(f)
-  pts = e1_points(data["results"])
+  e1_rows = [r for r in data["results"] if r.get("suite") == "E1"]
+  device = _DEVICE.value or (e1_rows[-1].get("device", "") if e1_rows else "")
+  pts = e1_points(data["results"], device)
+  rows = [r for r in e1_rows if device in str(r.get("device", ""))]
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -48,14 +59,18 @@ def main(argv):
   a.set_xlabel("sequence length L")
   a.set_ylabel("fwd+bwd time (ms)")
   a.set_xticks(ls, [f"{x // 1024}K" for x in ls])
+  a.set_xticks([], minor=True)  # only the measured lengths are labelled
   a.legend(fontsize=7)
   b.semilogx(ls, [d / o for o, d in zip(ours, dense)], "o-")
   b.axhline(1.0, color="gray", lw=0.8)
   b.set_xticks(ls, [f"{x // 1024}K" for x in ls])
+  b.set_xticks([], minor=True)
   b.set_xlabel("sequence length L")
   b.set_ylabel("speed-up vs dense (dense / DSA)")
-  r0 = data["results"][-1]
-  fig.suptitle(f"E1 one DSA layer vs dense, {r0.get('device')} {r0.get('date')}", fontsize=9)
+  dates = sorted({r.get("date", "") for r in rows})
+  fig.suptitle(
+    f"E1 one DSA layer vs dense, {rows[-1].get('device')}, {', '.join(dates)}", fontsize=9
+  )
   fig.tight_layout()
   fig.savefig(_OUT.value, dpi=120)
   for x in ls:

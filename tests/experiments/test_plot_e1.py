@@ -1,5 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""plot_e1 reads E1 rows: later rows win per length, failed lengths are skipped, none is an error."""
+"""plot_e1 reads E1 rows: one device's, later rows win per length, failed lengths are skipped,
+none is an error."""
 
 import json
 import pathlib
@@ -26,11 +27,23 @@ def test_points_later_rows_win_and_failures_skipped():
   assert plot_e1.e1_points(rows) == {8192: (150.0, 31.0), 16384: (290.0, 129.0)}
 
 
+def test_points_of_one_device():
+  h100 = dict(_row(16384, 300.0, 130.0), device="NVIDIA H100 80GB HBM3")
+  h200 = dict(_row(16384, 250.0, 120.0), device="NVIDIA H200")
+  rows = [h100, h200, dict(_row(8192, 99.0, 30.0), device="NVIDIA H200")]
+  assert plot_e1.e1_points(rows, "H100") == {16384: (300.0, 130.0)}
+  assert plot_e1.e1_points(rows, "H200") == {8192: (99.0, 30.0), 16384: (250.0, 120.0)}
+  with pytest.raises(ValueError, match="device filter 'B200'"):
+    plot_e1.e1_points(rows, "B200")
+
+
 def test_no_rows_is_an_error():
   with pytest.raises(ValueError, match="no E1 rows"):
     plot_e1.e1_points([_row(4096, 1.0, 2.0, suite="T1")])
 
 
 def test_committed_results_parse():
-  pts = plot_e1.e1_points(json.loads(RESULTS.read_text())["results"])
+  rows = json.loads(RESULTS.read_text())["results"]
+  pts = plot_e1.e1_points(rows, "H200")
   assert 131072 in pts and all(t > 0 and td > 0 for t, td in pts.values())
+  assert 65536 in plot_e1.e1_points(rows, "H100")
