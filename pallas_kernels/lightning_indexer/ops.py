@@ -28,6 +28,23 @@ from pallas_kernels.lightning_indexer import (
 
 IMPLS = ("reference", "pallas")
 BACKENDS = ("gpu", "tpu")
+# The GPU top-k scores each query block into a [B, block, keys] f32 buffer with a grid of
+# block / block_q CTAs (16 queries each) per batch row, one block after another: a block of a few
+# hundred queries occupies a fraction of a GPU's SMs. So the blocks are at least GPU_TOPK_BLOCK_T
+# queries (4096 -> 256 CTAs), as long as the logits buffer stays within GPU_TOPK_LOGITS_BYTES.
+GPU_TOPK_BLOCK_T = 4096
+GPU_TOPK_LOGITS_BYTES = 1 << 31
+
+
+def gpu_topk_block(t: int, keys: int, batch: int, block_t: int, multiple: int = 16) -> int:
+  """Queries per block of the GPU top-k for T = t queries over `keys` keys: at least block_t
+  (the caller's) and, where T allows, GPU_TOPK_BLOCK_T, with the [batch, block, keys] f32 logits
+  within GPU_TOPK_LOGITS_BYTES (never below block_t); a multiple of `multiple`, at most T
+  rounded up to it."""
+  cap = GPU_TOPK_LOGITS_BYTES // (4 * max(batch, 1) * max(keys, 1))
+  want = max(block_t, min(GPU_TOPK_BLOCK_T, cap))
+  up = lambda x: -(-x // multiple) * multiple
+  return min(up(want), up(t))
 
 
 def _check(q, k, w):
@@ -170,7 +187,7 @@ def indexer_topk(
     )
   from pallas_kernels.topk import kernel_triton as topk_kernel  # noqa: PLC0415
 
-  bt = min(block_t, q.shape[1])
+  bt = min(gpu_topk_block(q.shape[1], k.shape[1], q.shape[0], block_t), q.shape[1])
   lbs = kernel_mosaic_gpu.BlockSizes.default_for(bt, k.shape[1])
   _check_fp8_kernel(q, k, lbs.block_q, lbs.block_k)
   if bt % lbs.block_q:

@@ -311,7 +311,7 @@ def compressed_topk(
   from pallas_kernels.lightning_indexer import kernel_mosaic_gpu  # noqa: PLC0415
   from pallas_kernels.topk import kernel_triton as topk_kernel  # noqa: PLC0415
 
-  bt = min(_round_up(block_t, 16), _round_up(t, 16))
+  bt = lightning_indexer_ops.gpu_topk_block(t, _round_up(u, 128), b, block_t)
   lbs = kernel_mosaic_gpu.BlockSizes.default_for(bt, _round_up(u, 128))
   q, k, w = jax.lax.stop_gradient((q, k, w))  # indices carry no gradient; kernels have no VJP
   return topk_kernel.indexer_topk_blocked(

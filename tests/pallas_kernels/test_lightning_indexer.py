@@ -122,13 +122,28 @@ def test_pallas_logits_keys_m_race_free_and_matches_heads_m():
   np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
 
 
-def test_pallas_topk_interpret_matches_reference():
-  """Fused (per query block) FP8 logits + threshold select; early rows have fewer keys than topk."""
+@pytest.mark.parametrize("min_block", [16, 4096], ids=["two_blocks", "one_block"])
+def test_pallas_topk_interpret_matches_reference(monkeypatch, min_block):
+  """Fused (per query block) FP8 logits + threshold select; early rows have fewer keys than topk.
+  The GPU block (gpu_topk_block) is 16 queries (two blocks) or all 32 (one)."""
+  monkeypatch.setattr(ops, "GPU_TOPK_BLOCK_T", min_block)
   q, k, w = _inputs(5, 2, 32, 128, 64, 128, fake_quant=True)
   got = ops.indexer_topk(q, k, w, topk=112, impl="pallas", interpret=True, block_t=16)
   want = ops.indexer_topk(q, k, w, topk=112, block_t=16)
   assert got.shape == want.shape == (2, 32, 112)
   assert _sets(got) == _sets(want)
+
+
+def test_gpu_topk_block():
+  """At least the caller's block and, where T allows, GPU_TOPK_BLOCK_T queries (a grid that fills
+  the GPU), the [B, block, keys] f32 logits within GPU_TOPK_LOGITS_BYTES, multiples of 16."""
+  assert ops.GPU_TOPK_BLOCK_T == 4096 and ops.GPU_TOPK_LOGITS_BYTES == 2**31
+  assert ops.gpu_topk_block(32768, 32768, 1, 256) == 4096
+  assert ops.gpu_topk_block(2048, 2048, 1, 256) == 2048  # T bounds it
+  assert ops.gpu_topk_block(1000, 1024, 1, 512) == 1008  # rounded up to 16
+  assert ops.gpu_topk_block(131072, 262144, 1, 256) == 2048  # 2 GiB of logits
+  assert ops.gpu_topk_block(131072, 262144, 4, 256) == 512
+  assert ops.gpu_topk_block(131072, 1 << 22, 4, 256) == 256  # never below the caller's block
 
 
 def test_validation():
