@@ -123,16 +123,14 @@ def v4_index_buffer(t: int, window: int, *, u: int = 0, ratio: int = 0, idx=None
   than T only adds slots that are always −1, hence W' = min(window, T).
   """
   w = min(window, t)
+  if u and idx is None:
+    return jnp.broadcast_to(_visible_block(jnp.arange(t), t, w, u, ratio)[None], (batch, t, w + u))
   win = jnp.broadcast_to(reference.window_indices(t, w)[None], (batch, t, w))
   if u == 0:
     return win
   n_vis = reference.visible_entries(jnp.arange(t, dtype=jnp.int32), ratio)[None, :, None]
-  if idx is None:
-    j = jnp.arange(u, dtype=jnp.int32)[None, None, :]
-    comp = jnp.broadcast_to(jnp.where(j < n_vis, t + j, -1), (batch, t, u))
-  else:
-    idx = idx.astype(jnp.int32)
-    comp = jnp.where((idx >= 0) & (idx < jnp.minimum(n_vis, u)), t + idx, -1)
+  idx = idx.astype(jnp.int32)
+  comp = jnp.where((idx >= 0) & (idx < jnp.minimum(n_vis, u)), t + idx, -1)
   return jnp.concatenate([win, comp.astype(jnp.int32)], axis=-1)
 
 

@@ -171,17 +171,22 @@ def test_sink_attention_pallas_gpu_interpret():
   np.testing.assert_allclose(l[0, 0], sink)
 
 
+def _v4_inputs(seed, b, t, u, h=8, k_dim=128):
+  """bf16 q [B,T,H,K], raw rows kv [B,T,K], entries ckv [B,U,K] and the SINKS (H = 8)."""
+  q = _testing.normal(seed, (b, t, h, k_dim), jnp.bfloat16)
+  kv = _testing.normal(seed + 1, (b, t, k_dim), jnp.bfloat16)
+  ckv = _testing.normal(seed + 2, (b, u, k_dim), jnp.bfloat16)
+  return q, kv, ckv, jnp.asarray(SINKS, jnp.float32)
+
+
 @pytest.mark.parametrize("mode", ["selected", "all_visible", "window_only"])
 def test_v4_attention_pallas_gpu_interpret(mode):
   """window ∪ compressed through one index buffer (CSA sparse / HCA or CSA dense / window-only):
   T = 9 with m = 4 (a partial last block, queries 0-2 see no entry), selections with -1, ids not
   yet visible, duplicates, and k = 4 >= the 2 entries."""
-  b, t, h, k_dim, w, m = 1, 9, 8, 128, 3, 4
+  b, t, w, m = 1, 9, 3, 4
   u = t // m
-  q = _testing.normal(10, (b, t, h, k_dim), jnp.bfloat16)
-  kv = _testing.normal(11, (b, t, k_dim), jnp.bfloat16)
-  ckv = _testing.normal(12, (b, u, k_dim), jnp.bfloat16)
-  sink = jnp.asarray(SINKS, jnp.float32)
+  q, kv, ckv, sink = _v4_inputs(10, b, t, u)
   idx = jnp.asarray(np.random.default_rng(0).integers(-1, u + 1, (b, t, 4)), jnp.int32)
   idx = idx.at[:, -1].set(jnp.asarray([1, 1, 0, -1]))
   kw = dict(scale=SCALE, window=w, ratio=m if mode != "window_only" else 0)
@@ -216,12 +221,8 @@ def test_all_visible_blocks_equal_one_buffer(monkeypatch):
   """CSA's dense stage per query block (VISIBLE_BUFFER_LIMIT reached): the same out, lse and
   gradients as one whole index buffer, in the GPU interpreter; T = 9 in blocks of 4 (a ragged
   last block)."""
-  b, t, h, k_dim, w, m = 1, 9, 8, 128, 3, 4
-  u = t // m
-  q = _testing.normal(20, (b, t, h, k_dim), jnp.bfloat16)
-  kv = _testing.normal(21, (b, t, k_dim), jnp.bfloat16)
-  ckv = _testing.normal(22, (b, u, k_dim), jnp.bfloat16)
-  sink = jnp.asarray(SINKS, jnp.float32)
+  b, t, w, m = 1, 9, 3, 4
+  q, kv, ckv, sink = _v4_inputs(20, b, t, t // m)
 
   def f(q, kv, ckv, a):
     return ops.v4_attention(
