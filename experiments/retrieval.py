@@ -4,6 +4,7 @@ finds, where a window of the same budget cannot?
 
   CFG=experiments/configs/retrieval.py:size=gpu; WD=/tmp/retrieval
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=pack      # dense, packed
+  python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=widen     # packed, all symbols
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=short     # dense, short L
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=pretrain  # dense, gated
   python -m experiments.retrieval --config=$CFG --workdir=$WD --stage=dense     # W+S dense
@@ -17,7 +18,9 @@ finds, where a window of the same budget cannot?
 
 `pack` (the curriculum's first stage, dense): rows of pairs and queries only, no filler, keys and
 values from a small alphabet (retrieval_data.packed_row): many answers a row and few symbols, the
-cheapest start for the induction circuit; `pack.steps=0` skips it.
+cheapest start for the induction circuit; `pack.steps=0` skips it. `widen` (dense, from `pack`):
+packed rows again, over the whole alphabet, so the circuit learns every symbol before the filler
+arrives; `widen.steps=0` skips it.
 `--stage=all` runs them in order. Every training stage resumes from its own checkpoints; the
 pretrain stage trains in chunks and after each one measures held-out accuracy by distance bucket
 (the gate): it stops when every bucket reaches `pretrain.gate` (or at max_steps / max_minutes),
@@ -53,8 +56,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (all stages)", required=True)
 BRANCHES = ("dense", "dsa", "window", "random", "frozen_indexer")
+PACKED = ("pack", "widen")  # stages on retrieval_packed rows, each with its own c.<stage> block
 TRAIN_STAGES = (
   "pack",
+  "widen",
   "short",
   "pretrain",
   "dense",
@@ -75,10 +80,12 @@ NO_INDEXER = r"^(?!.*indexer)"
 
 def plan(c, stage: str):
   """stage -> (phase name, phase overrides, parent stage, attention at eval)."""
-  parent_of_short = "pack" if c.pack.steps > 0 else None
+  parent_of_widen = "pack" if c.pack.steps > 0 else None
+  parent_of_short = "widen" if c.widen.steps > 0 else parent_of_widen
   parent_of_pretrain = "short" if c.short.steps > 0 else parent_of_short
   return {
     "pack": ("dense", {}, None, "dense"),
+    "widen": ("dense", {}, parent_of_widen, "dense"),
     "short": ("dense", {}, parent_of_short, "dense"),
     "pretrain": ("dense", {}, parent_of_pretrain, "dense"),
     "dense": ("dense", {}, "pretrain", "dense"),
@@ -97,10 +104,8 @@ def plan(c, stage: str):
 
 def stage_steps(c, stage: str) -> int:
   s = c.steps
-  if stage == "pack":
-    return c.pack.steps
-  if stage == "short":
-    return c.short.steps
+  if stage in PACKED or stage == "short":
+    return c[stage].steps
   if stage == "pretrain":
     return c.pretrain.max_steps
   return {"warmup": s.warmup, "dsa": s.sparse}.get(stage, s.warmup + s.sparse)
@@ -118,21 +123,22 @@ def stage_config(c, stage: str, workdir: str, steps: int | None = None) -> train
   phase_name, over, parent, _ = plan(c, stage)
   total = stage_steps(c, stage)
   # branches: the same data
-  seed = c.seed + {"short": 0, "pretrain": 1, "dsa": 3, "pack": 4}.get(stage, 2)
-  sub = {"short": c.short, "pack": c.pack}.get(stage)
+  seed = c.seed + {"short": 0, "pretrain": 1, "dsa": 3, "pack": 4, "widen": 5}.get(stage, 2)
+  sub = c[stage] if stage in PACKED or stage == "short" else None
   d = data.DataConfig(
-    source="retrieval_packed" if stage == "pack" else "retrieval",
+    source="retrieval_packed" if stage in PACKED else "retrieval",
     seq_len=sub.seq_len if sub else c.seq_len,
     batch_size=sub.batch_size if sub else c.batch_size,
     seed=seed,
     mqar_pairs=sub.pairs if sub else c.data.pairs,
     retrieval_min_distance=c.data.min_distance,
     retrieval_text_weight=c.data.text_weight,
-    retrieval_keys=c.pack.n_keys if stage == "pack" else 0,
-    retrieval_values=c.pack.n_values if stage == "pack" else 0,
+    retrieval_keys=sub.n_keys if stage in PACKED else 0,
+    retrieval_values=sub.n_values if stage in PACKED else 0,
   )
   lr = {
     "pack": c.lr.pack,
+    "widen": c.lr.widen,
     "short": c.lr.short,
     "pretrain": c.lr.pretrain,
     "warmup": c.lr.warmup,
@@ -200,7 +206,7 @@ def _record(c, stage: str, workdir: str, r: dict, wall: float, extra: dict | Non
 def run_stage(c, stage: str, workdir: str):
   if stage == "pretrain":
     return run_pretrain(c, workdir)
-  if stage in ("short", "pack") and stage_steps(c, stage) <= 0:
+  if (stage in PACKED or stage == "short") and stage_steps(c, stage) <= 0:
     print(f"[{stage}] steps=0: skipped")
     return None
   path = os.path.join(workdir, f"stage_{stage}.json")
@@ -209,29 +215,29 @@ def run_stage(c, stage: str, workdir: str):
     if done["steps"] >= stage_steps(c, stage) or done.get("stopped"):
       print(f"[{stage}] done at step {done['steps']}")
       return done
-  if stage == "pack" and c.pack.get("stop_loss", 0) > 0:
-    return run_pack(c, workdir)
+  if stage in PACKED and c[stage].get("stop_loss", 0) > 0:
+    return run_packed(c, stage, workdir)
   t0 = time.perf_counter()
   r = _train(stage_config(c, stage, workdir), os.path.join(workdir, stage), stage)
   return _record(c, stage, workdir, r, time.perf_counter() - t0)
 
 
-def run_pack(c, workdir: str):
-  """The pack stage in chunks of pack.chunk steps, stopped once the training loss (answers
-  only: packed rows have no filler) is below pack.stop_loss: the task is then solved and the
-  rest of the stage's steps would be spent on a loss near 0 (on the H100 it reached 1.6e-10 by
-  step 5685 of 8000)."""
-  p = c.pack
+def run_packed(c, stage: str, workdir: str):
+  """A packed stage (`pack`, `widen`) in chunks of c.<stage>.chunk steps, stopped once the
+  training loss (answers only: packed rows have no filler) is below c.<stage>.stop_loss: the
+  task is then solved and the rest of the stage's steps would be spent on a loss near 0 (on the
+  H100 `pack` reached 1.6e-10 by step 5685 of 8000)."""
+  p = c[stage]
   t0, step = time.perf_counter(), 0
   while True:
-    cfg = stage_config(c, "pack", workdir, steps=min(step + p.chunk, p.steps))
-    r = _train(cfg, os.path.join(workdir, "pack"), "pack")
+    cfg = stage_config(c, stage, workdir, steps=min(step + p.chunk, p.steps))
+    r = _train(cfg, os.path.join(workdir, stage), stage)
     step, loss = r["step"], r["train"].get("lm_loss", float("inf"))
-    print(f"[pack] step {step} lm_loss {loss:.4g}", flush=True)
+    print(f"[{stage}] step {step} lm_loss {loss:.4g}", flush=True)
     if loss < p.stop_loss or step >= p.steps:
       break
   extra = {"stopped": f"lm_loss {loss:.4g} < {p.stop_loss}"} if loss < p.stop_loss else {}
-  return _record(c, "pack", workdir, r, time.perf_counter() - t0, extra)
+  return _record(c, stage, workdir, r, time.perf_counter() - t0, extra)
 
 
 def run_pretrain(c, workdir: str):
@@ -501,6 +507,7 @@ def report(c, workdir: str, results_dir: str) -> dict:
       "pairs": c.data.pairs,
       "text_weight": c.data.text_weight,
       "pack": dict(c.pack),
+      "widen": dict(c.widen),
       "short": dict(c.short),
       "pretrain": dict(c.pretrain),
       "steps": dict(c.steps),

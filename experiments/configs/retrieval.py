@@ -20,7 +20,9 @@ row).
 Session 3 (WORKSPACE.md): MQAR over filler sat at chance on the GPU and on CPU; the curriculum
 now starts with `pack`: rows of pairs and queries only (no filler, 24 answers a row of 64) over 8
 keys x 8 values, the setting where a plain 2-layer transformer left the chance plateau on CPU
-(the tiny MLA model only after ~3000 CPU steps; the GPU affords many thousands).
+(the tiny MLA model only after ~3000 CPU steps; the GPU affords many thousands). Session 7: on
+the GPU `pack` is solved in 500 steps, but `short` (the full alphabet over filler) lost the
+circuit; `widen` now teaches the full alphabet on packed rows first, at lr 1e-3.
 size=cpu: the same pipeline at L=256, k=32, a tiny model, a few steps per stage (the test).
 """
 
@@ -48,8 +50,20 @@ SIZES = {
       chunk=500,
       stop_loss=0.01,
     ),
+    # packed rows over all 128 keys x 62 values, from the solved 8 x 8 model (session 7: going
+    # from 8 x 8 straight to the full alphabet over filler lost the circuit)
+    widen=dict(
+      seq_len=64,
+      batch_size=256,
+      pairs=8,
+      n_keys=0,
+      n_values=0,
+      steps=4000,
+      chunk=500,
+      stop_loss=0.01,
+    ),
     short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
-    pretrain=dict(chunk=100, max_steps=1500, gate=0.95, max_minutes=6.0),
+    pretrain=dict(chunk=100, max_steps=3000, gate=0.95, max_minutes=6.0),
     steps=dict(warmup=60, sparse=240),
     eval=dict(rows=32, batch=4, gate_rows=8, text_rows=4, probes=64),
   ),
@@ -61,6 +75,9 @@ SIZES = {
     text_weight=0.05,
     pack=dict(
       seq_len=64, batch_size=2, pairs=4, n_keys=8, n_values=8, steps=2, chunk=1, stop_loss=0.0
+    ),
+    widen=dict(
+      seq_len=64, batch_size=2, pairs=4, n_keys=0, n_values=0, steps=2, chunk=1, stop_loss=0.0
     ),
     short=dict(seq_len=128, batch_size=2, pairs=4, steps=0),  # skipped: one compile less
     pretrain=dict(chunk=2, max_steps=4, gate=0.95, max_minutes=5.0),
@@ -98,6 +115,8 @@ def get_config(arg=None):
   # values from the first `n_keys` / `n_values` symbols (steps=0 skips it); with stop_loss > 0 it
   # runs in chunks of `chunk` steps and stops once the training loss is below stop_loss
   c.pack = ml_collections.ConfigDict(s["pack"])
+  # then packed rows again over the whole alphabet (n_keys / n_values 0), from pack's model
+  c.widen = ml_collections.ConfigDict(s["widen"])
   # then dense at a short length over text filler (steps=0 skips it)
   c.short = ml_collections.ConfigDict(s["short"])
   # dense pretraining at seq_len in chunks; stops when the held-out accuracy of every bucket
@@ -107,7 +126,9 @@ def get_config(arg=None):
   # run warmup + sparse steps; DSA runs `warmup` (indexer only) then `sparse`
   c.steps = ml_collections.ConfigDict(s["steps"])
   c.lr = ml_collections.ConfigDict(
-    dict(pack=3e-3, short=3e-3, pretrain=2e-3, branch=1e-3, warmup=3e-3, sparse=1e-3)
+    # after pack, 1e-3: on packed rows over the whole alphabet 3e-3 stayed on the plateau where
+    # 1e-3 left it (WORKSPACE.md, session 7)
+    dict(pack=3e-3, widen=1e-3, short=1e-3, pretrain=1e-3, branch=1e-3, warmup=3e-3, sparse=1e-3)
   )
   c.random_mode = "random"  # or "random_local": half the budget the last keys
   # distance buckets: topk·lo_frac, doubling, up to the row (retrieval_data.bucket_edges)

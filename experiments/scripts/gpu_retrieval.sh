@@ -8,7 +8,7 @@
 set -u
 RUN=${RUN:-/tmp/retrieval_run}
 CFG=experiments/configs/retrieval.py:size=gpu
-STAGES="pack short pretrain dense warmup dsa window random frozen_indexer eval report"
+STAGES="pack widen short pretrain dense warmup dsa window random frozen_indexer eval report"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DSA_COMMIT=${DSA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 case ${1:-start} in

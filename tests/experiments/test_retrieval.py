@@ -227,47 +227,57 @@ def test_analyse_hits_of_window_and_indexer(launcher):
 
 
 def test_curriculum_chain(launcher, tmp_path):
-  """pack -> short -> pretrain: each stage starts from the one before; a stage with 0 steps is
-  skipped and the next starts from the one before it."""
+  """pack -> widen -> short -> pretrain: each stage starts from the one before; a stage with 0
+  steps is skipped and the next starts from the one before it."""
   retrieval, c = launcher
   c = c.copy_and_resolve_references()
   c.short.steps = 3
-  assert retrieval.plan(c, "pack")[2] is None and retrieval.plan(c, "short")[2] == "pack"
-  assert retrieval.plan(c, "pretrain")[2] == "short"
+  assert retrieval.plan(c, "pack")[2] is None and retrieval.plan(c, "widen")[2] == "pack"
+  assert retrieval.plan(c, "short")[2] == "widen" and retrieval.plan(c, "pretrain")[2] == "short"
   cfg = retrieval.stage_config(c, "pack", str(tmp_path))
   assert cfg.data.source == "retrieval_packed" and cfg.data.retrieval_keys == c.pack.n_keys == 8
   assert cfg.data.seq_len == c.pack.seq_len and cfg.optim.lr == c.lr.pack
-  assert retrieval.stage_config(c, "short", str(tmp_path)).ckpt.init_from == str(tmp_path / "pack")
+  wc = retrieval.stage_config(c, "widen", str(tmp_path))
+  assert wc.data.source == "retrieval_packed" and wc.ckpt.init_from == str(tmp_path / "pack")
+  # the whole alphabet: 0 keys / values means all of them
+  assert wc.data.retrieval_keys == wc.data.retrieval_values == 0 and wc.optim.lr == c.lr.widen
+  assert wc.data.seed != cfg.data.seed
+  assert retrieval.stage_config(c, "short", str(tmp_path)).ckpt.init_from == str(tmp_path / "widen")
   sc = retrieval.stage_config(c, "pretrain", str(tmp_path))
   assert sc.data.source == "retrieval" and sc.data.retrieval_keys == 0
   c.short.steps = 0
-  assert retrieval.plan(c, "pretrain")[2] == "pack"
+  assert retrieval.plan(c, "pretrain")[2] == "widen"
+  c.widen.steps = 0
+  assert retrieval.plan(c, "pretrain")[2] == "pack" and retrieval.plan(c, "short")[2] == "pack"
+  assert retrieval.run_stage(c, "widen", str(tmp_path)) is None  # skipped, nothing trained
   c.pack.steps = 0
   assert retrieval.plan(c, "pretrain")[2] is None
 
 
-def test_pack_stops_early_once_solved(launcher, tmp_path, monkeypatch):
-  """pack with stop_loss: trains in chunks of pack.chunk steps (each call continues the run to a
+@pytest.mark.parametrize("stage", ["pack", "widen"])
+def test_packed_stage_stops_early_once_solved(launcher, tmp_path, monkeypatch, stage):
+  """pack / widen with stop_loss: trains in chunks of pack.chunk steps (each call continues the run to a
   higher step), stops after the first chunk whose training loss is below stop_loss, records why,
   and a rerun keeps that record; a loss never below stop_loss runs every step. Training itself is
   stood in for (the chain test runs it): losses 1.0, 0.1, 0.001, ... per chunk."""
   retrieval, c = launcher
   c = c.copy_and_resolve_references()
-  c.pack.steps, c.pack.chunk, c.pack.stop_loss = 10, 3, 0.05
+  c[stage].steps, c[stage].chunk, c[stage].stop_loss = 10, 3, 0.05
   calls = []
 
   def fake_train(cfg, wd, key):
+    assert key == stage and wd.endswith(stage) and cfg.data.source == "retrieval_packed"
     calls.append(cfg.steps)
     return {"step": cfg.steps, "train": {"lm_loss": 10.0 ** -len(calls)}}
 
   monkeypatch.setattr(retrieval, "_train", fake_train)
-  done = retrieval.run_stage(c, "pack", str(tmp_path))
+  done = retrieval.run_stage(c, stage, str(tmp_path))
   assert calls == [3, 6] and done["steps"] == 6 and done["stopped"].startswith("lm_loss")
-  assert retrieval.run_stage(c, "pack", str(tmp_path))["steps"] == 6 and calls == [3, 6]
+  assert retrieval.run_stage(c, stage, str(tmp_path))["steps"] == 6 and calls == [3, 6]
   calls.clear()
-  c.pack.stop_loss = 1e-30
+  c[stage].stop_loss = 1e-30
   (tmp_path / "full").mkdir()
-  full = retrieval.run_stage(c, "pack", str(tmp_path / "full"))
+  full = retrieval.run_stage(c, stage, str(tmp_path / "full"))
   assert calls == [3, 6, 9, 10] and full["steps"] == 10 and "stopped" not in full
 
 
@@ -338,6 +348,7 @@ def test_retrieval_all_stages_cpu(tmp_path):
   assert hv == [1.0 if hi <= 32 else 0.0 for hi in rep["buckets"][1:]]
   assert rep["pretrain_gate"]["done"] and set(rep["criterion"]) >= {"dense_ok", "dsa_ok"}
   assert (res / "retrieval_cpu.png").exists()
+  assert json.loads((wd / "stage_widen.json").read_text())["steps"] == 2  # the curriculum ran it
   # finished stages re-run without training more (the pretrain gate log, the checkpoints)
   again = _run(wd, res, stage="pretrain")
   assert again.returncode == 0 and "done at step 4" in again.stdout, again.stderr[-3000:]
