@@ -15,11 +15,22 @@ import ml_collections
 from dsa_jax import config as model_config
 from dsa_jax import data, optim, train, v4
 
+# The long-context sizes compute the cross-entropy 8192 tokens at a time (TrainConfig.loss_chunk):
+# whole [T, V] f32 logits and their gradient are 2 x 8.6 GB at 64K tokens and a 32K vocabulary,
+# and with them v32_attn's sparse step does not fit one 141 GB GPU under "save_attention".
 SIZES = {
-  # size: (preset, model overrides, data overrides, steps)
-  "test": ("test", {}, dict(seq_len=64, batch_size=2), 1),
-  "debug": ("debug", {}, dict(seq_len=1024, batch_size=4), 200),
-  "1b": ("1b", {"impl": "pallas"}, dict(seq_len=32768, batch_size=1), 1000),
+  # size: (preset, model overrides, data overrides, steps, run overrides)
+  "test": ("test", {}, dict(seq_len=64, batch_size=2), 1, {}),
+  "debug": ("debug", {}, dict(seq_len=1024, batch_size=4), 200, {}),
+  "1b": ("1b", {"impl": "pallas"}, dict(seq_len=32768, batch_size=1), 1000, dict(loss_chunk=8192)),
+  # V3.2's attention (128 heads, its MLA and indexer) in 2 layers: the M1 benchmark's preset
+  "v32_attn": (
+    "v32_attn",
+    {"impl": "pallas"},
+    dict(seq_len=65536, batch_size=1),
+    1000,
+    dict(loss_chunk=8192),
+  ),
 }
 
 
@@ -106,8 +117,10 @@ def base_config(phase: str, size: str) -> ml_collections.ConfigDict:
   """`make_config` at one of the launcher's `SIZES`."""
   if size not in SIZES:
     raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
-  preset, model_over, data_over, steps = SIZES[size]
-  return make_config(phase, preset, steps, model=model_over, data_=data_over)
+  preset, model_over, data_over, steps, run_over = SIZES[size]
+  c = make_config(phase, preset, steps, model=model_over, data_=data_over)
+  c.update(run_over)
+  return c
 
 
 def to_train_config(c: ml_collections.ConfigDict) -> train.TrainConfig:

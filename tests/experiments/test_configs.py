@@ -201,3 +201,15 @@ def test_every_model_field_is_overridable_from_the_command_line():
   # the phase and the other sections are the library dataclasses' fields as well
   assert set(c.phase) == {f.name for f in dataclasses.fields(train.PhaseConfig)}
   assert "mtp_weight" in c.phase and "moe_capacity_factor" in c.model
+
+
+@pytest.mark.parametrize("size", sorted(common.SIZES))
+def test_launcher_sizes_convert(size):
+  """Every launcher size converts to a TrainConfig (the run fields included: the long-context
+  sizes chunk the cross-entropy) with its sequence within the model's max_seq_len."""
+  for phase in ("dense", "warmup", "sparse"):
+    cfg = common.to_train_config(common.base_config(phase, size))
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
+    assert cfg.loss_chunk == (8192 if cfg.data.seq_len > 8192 else 0)
+  with pytest.raises(ValueError, match="size"):
+    common.base_config("dense", "huge")
