@@ -78,16 +78,6 @@ def _kernel(q, k, idx3, a3, tok, w, *, interpret):
     direct_init, direct_issue, mbarrier_wait = mla_fwd._direct_ops(bk, dp * dtype.itemsize)
     red_ops = {c: mla_bwd._red_add_op(dp, c * 64) for c in range(n_tiles)}
 
-  def mma_add(acc, a, b):
-    if not interpret:
-      return mla_fwd._mma_acc(acc, a, b)
-
-    def scope(acc_ref):  # the interpreter cannot discharge run_state(ACC.init(...))
-      plgpu.wgmma(acc_ref, a, b)
-      return acc_ref[...]
-
-    return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
-
   def body(q_ref, k_ref, idx_ref, a_ref, tok_ref, w_ref, dk_ref, d_ref, bufs, bars):
     q_smem, k_smem, idx_smem, g1_all, gz_all, d_stage, misc, stage = bufs
     bar_q, bar_idx, bar_full, bar_free = bars
@@ -107,13 +97,10 @@ def _kernel(q, k, idx3, a3, tok, w, *, interpret):
 
     @pl.when(wg == 2)
     def _copy_wg():
-      plgpu.barrier_wait(bar_idx)
       issue_op = None if interpret else direct_issue
-      mla_fwd.copy_chunks_direct(
-        k_ref, k_smem, idx_smem, n_chunks, bar_free, bar_full, raw_bars, issue_op
+      mla_fwd.copy_wg_direct(
+        k_ref, k_smem, idx_smem, bar_idx, bar_free, bar_full, raw_bars, issue_op
       )
-      for slot in range(min(2, n_chunks)):  # observe each slot's last phase (the interpreter
-        plgpu.barrier_wait(bar_free.at[slot])  # checks), so the kernel ends after the reads
 
     def add_rows(w, j, c, acc):
       """dk[ids[t, j, s], c-th 64 columns] += acc[s] for the chunk's 64 slots."""
@@ -164,7 +151,8 @@ def _kernel(q, k, idx3, a3, tok, w, *, interpret):
         gz_smem[...] = (g1 * wb).astype(dtype)
         plgpu.commit_smem()
         accs = tuple(
-          mma_add(acc, g1_smem.T, rows.at[:, pl.ds(c * 64, 64)]) for c, acc in enumerate(accs)
+          mla_fwd.mma_add(acc, g1_smem.T, rows.at[:, pl.ds(c * 64, 64)], interpret)
+          for c, acc in enumerate(accs)
         )
         plgpu.barrier_arrive(bar_free.at[w])  # the slot's rows are read
         for c in range(n_tiles):

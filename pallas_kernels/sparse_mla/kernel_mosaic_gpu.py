@@ -136,6 +136,19 @@ def _mma_acc(acc, a, b):
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def mma_add(acc, a, b, interpret):
+  """acc + a @ b (a, b SMEM refs): in place on hardware; the interpreter cannot discharge
+  run_state(ACC.init(...)), so there a scoped accumulator is added."""
+  if not interpret:
+    return _mma_acc(acc, a, b)
+
+  def scope(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+
+  return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
+
+
 def _online_softmax(s, ids, m_i, l_i, qk_scale):
   """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
   (m_new, alpha = rescale of the old accumulator, p = exp2(s - m_new), l_new)."""
@@ -300,6 +313,17 @@ def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_b
   def _(j):
     plgpu.barrier_wait(bar_free.at[j % 2])  # chunk j - 2 is done with the slot
     issue(j)
+
+
+def copy_wg_direct(kv_ref, kv_smem, ids, bar_ids, bar_free, bar_full, raw_bars, issue_op):
+  """A whole copy warpgroup of the single-pass kernels (probabilities, sparse-KL backward): once
+  the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct, then
+  observe each slot's last release (the interpreter checks), so the kernel ends after the reads."""
+  plgpu.barrier_wait(bar_ids)
+  n_chunks = ids.shape[0]
+  copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_bars, issue_op)
+  for slot in range(min(2, n_chunks)):
+    plgpu.barrier_wait(bar_free.at[slot])
 
 
 def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, interpret=False):

@@ -267,17 +267,6 @@ def sparse_mla_bwd(
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
     red_ops = {c: _red_add_op(kp_dim, c * 64) for c in range(n_tiles)}
 
-  def mma_add(acc, a, b):
-    """acc + a @ b (a, b SMEM refs)."""
-    if not interpret:
-      return fwd._mma_acc(acc, a, b)
-
-    def scope(acc_ref):  # the interpreter cannot discharge run_state(ACC.init(...))
-      plgpu.wgmma(acc_ref, a, b)
-      return acc_ref[...]
-
-    return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
-
   def zeros_wgmma(cols=64):
     return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, cols), jnp.float32), plgpu.Layout.WGMMA)
 
@@ -302,7 +291,8 @@ def sparse_mla_bwd(
 
     def dq_step(accs, tiles):
       return tuple(
-        mma_add(acc, ds_smem, operand.at[:, pl.ds(c * 64, 64)]) for acc, c in zip(accs, tiles)
+        fwd.mma_add(acc, ds_smem, operand.at[:, pl.ds(c * 64, 64)], interpret)
+        for acc, c in zip(accs, tiles)
       )
 
     def finish(accs, tiles):

@@ -78,13 +78,8 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
 
     @pl.when(wg == 2)
     def _copy_wg():
-      plgpu.barrier_wait(bar_idx)
       issue_op = None if interpret else direct_issue
-      fwd.copy_chunks_direct(
-        kv_ref, kv_smem, idx_smem, n_chunks, bar_free, bar_full, raw_bars, issue_op
-      )
-      for slot in range(min(2, n_chunks)):  # observe each slot's last phase (the interpreter
-        plgpu.barrier_wait(bar_free.at[slot])  # checks), so the kernel ends after the reads
+      fwd.copy_wg_direct(kv_ref, kv_smem, idx_smem, bar_idx, bar_free, bar_full, raw_bars, issue_op)
 
     @pl.when(wg < 2)
     def _compute_wg():
