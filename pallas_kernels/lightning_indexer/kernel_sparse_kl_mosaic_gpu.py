@@ -128,19 +128,9 @@ def _kernel(q, k, idx3, a3, tok, w, *, interpret):
 
       def chunk(i, accs):
         j = 2 * i + w
-        if interpret:
-          plgpu.barrier_wait(bar_full.at[w])
-        else:
-          mbarrier_wait(raw_bars.at[pl.ds(w * 2, 2)], i % 2)
-          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
         rows = k_smem.at[j % 2]
-
-        def logits(acc_ref):
-          for c in range(n_tiles):
-            plgpu.wgmma(acc_ref, rows.at[:, pl.ds(c * 64, 64)], q_smem.at[c].T)
-          return acc_ref[...]
-
-        z = pl.run_scoped(logits, plgpu.ACC((bk, HEADS), jnp.float32))
+        wait = None if interpret else mbarrier_wait
+        z = mla_fwd.chunk_logits_t(rows, q_smem, wait, w, i, bar_full, raw_bars, interpret)
         ids = plgpu.load(idx_smem.at[j], layout=row_vec, optimized=False)
         a = plgpu.load(a_ref.at[t, j], layout=row_vec, optimized=False)
         wb = lax.broadcast_in_dim(w_h, z.shape, [1])

@@ -326,6 +326,26 @@ def copy_wg_direct(kv_ref, kv_smem, ids, bar_ids, bar_free, bar_full, raw_bars, 
     plgpu.barrier_wait(bar_free.at[slot])
 
 
+def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret):
+  """For a compute warpgroup w of the single-pass kernels that takes every second chunk: wait
+  for its i-th chunk's rows (operand slot `rows`, filled by copy_wg_direct) and return the
+  transposed logits R·qᵀ [slots, 64 heads] f32 (q_tiles [Kp/64, 64, 64]: q's column tiles), so
+  that per-slot sums over heads stay inside a warp. wait: `_direct_ops`' wait (None in the
+  interpreter)."""
+  if interpret:
+    plgpu.barrier_wait(bar_full.at[w])
+  else:
+    wait(raw_bars.at[pl.ds(w * 2, 2)], i % 2)
+    plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+
+  def scope(acc_ref):
+    for c in range(q_tiles.shape[0]):
+      plgpu.wgmma(acc_ref, rows.at[:, pl.ds(c * 64, 64)], q_tiles.at[c].T)
+    return acc_ref[...]
+
+  return pl.run_scoped(scope, plgpu.ACC((rows.shape[0], HEAD_BLOCK), jnp.float32))
+
+
 def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
 

@@ -90,19 +90,8 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
 
       def chunk(w, i):
         j = 2 * i + w
-        if interpret:
-          plgpu.barrier_wait(bar_full.at[w])
-        else:
-          mbarrier_wait(raw_bars.at[pl.ds(w * 2, 2)], i % 2)
-          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-        operand = kv_smem.at[w]
-
-        def scope(acc_ref):
-          for c in range(n_tiles):
-            plgpu.wgmma(acc_ref, operand.at[:, pl.ds(c * 64, 64)], q_smem.at[c].T)
-          return acc_ref[...]
-
-        st = pl.run_scoped(scope, plgpu.ACC((bk, HEAD_BLOCK), jnp.float32))
+        wait = None if interpret else mbarrier_wait
+        st = fwd.chunk_logits_t(kv_smem.at[w], q_smem, wait, w, i, bar_full, raw_bars, interpret)
         plgpu.barrier_arrive(bar_free.at[w])  # the slot's rows are read
         ids = plgpu.load(idx_smem.at[j], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
         p = jnp.exp2(st * qk_scale - lax.broadcast_in_dim(lse_h, st.shape, [1]))
