@@ -203,9 +203,28 @@ def _record(c, stage: str, workdir: str, r: dict, wall: float, extra: dict | Non
   return out
 
 
+def check_pretrained(c, stage: str, workdir: str):
+  """A branch starts only from a dense model that learned the task: the pretrain gate log's last
+  held-out accuracy is >= pretrain.require in every bucket (criterion (0)); else one clear error
+  (the branches would test nothing and their device time would be lost)."""
+  need = c.pretrain.get("require", 0.0)
+  path = os.path.join(workdir, "pretrain_gate.json")
+  if need <= 0 or not os.path.exists(path):
+    return
+  acc = json.load(open(path))["chunks"][-1]["accuracy"]
+  if min(acc) < need:
+    raise SystemExit(
+      f"[{stage}] the pretrained dense model's worst held-out bucket is {min(acc):.3f} < "
+      f"pretrain.require={need} (accuracy by bucket {[round(a, 3) for a in acc]}): the branches "
+      "would test nothing; --config.pretrain.require=0 runs them anyway"
+    )
+
+
 def run_stage(c, stage: str, workdir: str):
   if stage == "pretrain":
     return run_pretrain(c, workdir)
+  if stage in BRANCHES + ("warmup",):
+    check_pretrained(c, stage, workdir)
   if (stage in PACKED or stage == "short") and stage_steps(c, stage) <= 0:
     print(f"[{stage}] steps=0: skipped")
     return None

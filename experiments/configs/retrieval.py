@@ -63,7 +63,8 @@ SIZES = {
       stop_loss=0.01,
     ),
     short=dict(seq_len=1024, batch_size=32, pairs=16, steps=600),
-    pretrain=dict(chunk=100, max_steps=3000, gate=0.95, max_minutes=6.0),
+    # require: the branches start only if every held-out bucket reached it (criterion (0))
+    pretrain=dict(chunk=100, max_steps=3000, gate=0.95, max_minutes=6.0, require=0.9),
     steps=dict(warmup=60, sparse=240),
     eval=dict(rows=32, batch=4, gate_rows=8, text_rows=4, probes=64),
   ),
@@ -80,7 +81,7 @@ SIZES = {
       seq_len=64, batch_size=2, pairs=4, n_keys=0, n_values=0, steps=2, chunk=1, stop_loss=0.0
     ),
     short=dict(seq_len=128, batch_size=2, pairs=4, steps=0),  # skipped: one compile less
-    pretrain=dict(chunk=2, max_steps=4, gate=0.95, max_minutes=5.0),
+    pretrain=dict(chunk=2, max_steps=4, gate=0.95, max_minutes=5.0, require=0.0),
     steps=dict(warmup=1, sparse=2),
     eval=dict(rows=2, batch=2, gate_rows=2, text_rows=1, probes=8),
   ),

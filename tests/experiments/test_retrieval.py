@@ -355,3 +355,24 @@ def test_retrieval_all_stages_cpu(tmp_path):
   again = _run(wd, res, stage="window")
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads((wd / "stage_window.json").read_text())["steps"] == 3
+
+
+def test_branches_refuse_a_dense_model_that_did_not_learn(launcher, tmp_path, monkeypatch):
+  """With pretrain.require > 0 a branch stage stops with one clear line when the gate log's last
+  held-out accuracy misses it in some bucket, and trains once every bucket reaches it."""
+  retrieval, c = launcher
+  c = c.copy_and_resolve_references()
+  c.pretrain.require = 0.9
+  log = {"chunks": [{"step": 4, "accuracy": [1.0, 0.95, 0.4]}], "done": "max_steps 4"}
+  (tmp_path / "pretrain_gate.json").write_text(json.dumps(log))
+  trained = []
+  monkeypatch.setattr(retrieval, "_train", lambda cfg, wd, key: trained.append(key) or {})
+  monkeypatch.setattr(retrieval, "_record", lambda *a, **k: {})
+  for stage in ("dense", "warmup", "window", "frozen_indexer"):
+    with pytest.raises(SystemExit, match=r"worst held-out bucket is 0\.400 < pretrain.require"):
+      retrieval.run_stage(c, stage, str(tmp_path))
+  assert trained == []
+  log["chunks"][-1]["accuracy"] = [1.0, 0.95, 0.9]
+  (tmp_path / "pretrain_gate.json").write_text(json.dumps(log))
+  retrieval.run_stage(c, "dense", str(tmp_path))
+  assert trained == ["dense"]
