@@ -168,7 +168,7 @@ def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret, ratio=1
   nk = s // bk
   q2 = q8.reshape(b, t * j, d)
 
-  def body(
+  def indexer_logits_heads_m_kernel(  # the name in profiles
     q_ref,
     k_ref,
     w_ref,
@@ -251,7 +251,7 @@ def _logits_heads_m(q8, k8, wq, ks, block_sizes, causal, off, interpret, ratio=1
 
   fp8_t = _transforms(1, d)
   kern = plgpu.kernel(
-    body,
+    indexer_logits_heads_m_kernel,
     out_type=jax.ShapeDtypeStruct((b, t, s), jnp.float32),
     scratch_types=[
       plgpu.SMEM((bq * j, d), FP8, transforms=fp8_t),
@@ -288,7 +288,9 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret, ratio=1)
   w2 = wq.astype(jnp.float32).reshape(b, t // nq, n)  # one row per query group (TMA box <= 256)
   row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (= key)
 
-  def body(q_ref, k_ref, w_ref, ks_ref, o_ref, q_smem, k_smem, w_smem, ks_smem, o_smem, bars):
+  def indexer_logits_kernel(
+    q_ref, k_ref, w_ref, ks_ref, o_ref, q_smem, k_smem, w_smem, ks_smem, o_smem, bars
+  ):
     q_bar, k_bar, k_free = bars
     bi = jax.lax.axis_index("b")
     qi = nqb - 1 - jax.lax.axis_index("q")  # longest causal rows first: less tail imbalance
@@ -390,7 +392,7 @@ def _logits_keys_m(q8, k8, wq, ks, block_sizes, causal, off, interpret, ratio=1)
 
   fp8_t = _transforms(1, d)
   kern = plgpu.kernel(
-    body,
+    indexer_logits_kernel,
     out_type=jax.ShapeDtypeStruct((b, t, s), jnp.float32),
     scratch_types=[
       plgpu.SMEM((bq * j, d), FP8, transforms=fp8_t),
