@@ -29,7 +29,7 @@ The interpreter has no inline Mosaic GPU: there the rows are Pallas copies and d
 row at a time into one dk copy per warpgroup (plain read-modify-writes, which two warpgroups
 would race on), so the CPU tests check the math (repeated ids included) but not the reds.
 SMEM at V3.2 (Dp 128, k 2048, bf16): q 16 KiB + two operand slots 32 + the token's ids 8 + g1/gz
-of both warpgroups 32 + the D stage 64 = 152 KiB.
+of both warpgroups 32 + the D stages 32 = 120 KiB (`smem_bytes`; 168 KiB at Dp 256).
 """
 
 import functools
@@ -49,6 +49,20 @@ BLOCK_K = mla_fwd.BLOCK_K  # 64 slots per chunk
 MAX_DIM = 256
 
 
+def smem_bytes(dp: int, n_slots: int, itemsize: int = 2) -> int:
+  """SMEM the kernel asks for (module docstring), each buffer rounded up to whole KiB."""
+  kib = lambda x: -(-x // 1024) * 1024
+  chunks = -(-n_slots // BLOCK_K)
+  return (
+    kib(HEADS * dp * itemsize)  # q
+    + kib(2 * BLOCK_K * dp * itemsize)  # two operand slots
+    + kib(4 * chunks * BLOCK_K)  # the token's ids
+    + 2 * kib(2 * BLOCK_K * HEADS * itemsize)  # g1, gz
+    + kib(2 * HEADS * 64 * 4)  # D stages
+    + kib(4 * BLOCK_K)  # raw mbarriers
+  )
+
+
 def supported(q, k, n_slots: int) -> str | None:
   """None when this backward takes these shapes (q [B,T,J,D], k [B,S,D], n_slots = k), else
   why not."""
@@ -64,6 +78,9 @@ def supported(q, k, n_slots: int) -> str | None:
     return f"q {q.dtype} and k {k.dtype} differ"
   if -(-n_slots // BLOCK_K) > mla_fwd._MAX_IDX_CHUNKS:
     return f"k={n_slots} slots: the token's ids exceed one TMA box"
+  need = smem_bytes(-(-d // 64) * 64, n_slots, q.dtype.itemsize)
+  if need > mla_fwd._SMEM_BYTES:
+    return f"needs {need} bytes of SMEM at D={d}, k={n_slots} (of {mla_fwd._SMEM_BYTES})"
   return None
 
 
@@ -156,11 +173,11 @@ def _kernel(q, k, idx3, a3, tok, w, *, interpret):
 
       zeros = plgpu.layout_cast(jnp.zeros((HEADS, 64), jnp.float32), plgpu.Layout.WGMMA)
       accs = lax.fori_loop(0, (n_chunks - w + 1) // 2, chunk, (zeros,) * n_tiles)
-      for c, acc in enumerate(accs):
-        d_stage.at[w, c][...] = acc
-      plgpu.commit_smem()
-      for c in range(n_tiles):
-        plgpu.copy_smem_to_gmem(d_stage.at[w, c], d_ref.at[t, w, :, pl.ds(c * 64, 64)])
+      for c, acc in enumerate(accs):  # one 16 KiB stage per warpgroup, tile after tile
+        plgpu.wait_smem_to_gmem(0)
+        d_stage.at[w][...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(d_stage.at[w], d_ref.at[t, w, :, pl.ds(c * 64, 64)])
       plgpu.wait_smem_to_gmem(0)
 
     for w_ in range(2):
@@ -174,7 +191,7 @@ def _kernel(q, k, idx3, a3, tok, w, *, interpret):
       plgpu.SMEM((n_chunks, bk), jnp.int32),  # the token's slot ids
       sw((2, bk, HEADS), dtype),  # g1 of each compute warpgroup
       sw((2, bk, HEADS), dtype),  # gz of each compute warpgroup
-      plgpu.SMEM((2, n_tiles, HEADS, 64), jnp.float32),  # D tiles on their way out
+      plgpu.SMEM((2, HEADS, 64), jnp.float32),  # a D tile on its way out, per warpgroup
       plgpu.SMEM((bk,), jnp.int32),  # raw mbarriers
       plgpu.SMEM((2, bk, 64), jnp.float32) if interpret else None,  # dR rows (interpreter)
     )
