@@ -6,13 +6,13 @@
 # 1. the -m gpu tests of both backwards (correctness at V3.2 size; prints both times);
 # 2. E1 at 16K with each backward (one process each: the layer and its parts);
 # 3. M1 v32_attn sparse step at 32K with each (one process: same compile cache, same card).
-# Results: $OUT/{e1_kl_triton,e1_kl_mosaic,m1_kl}.json and the profile-free logs on stdout.
+# Results: $OUT/{e1_kl_kernels,e1_kl_kernels_mosaic_bwd,m1_kl}.json; test lines on stdout.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 timeout 300 python3 -m pytest -m gpu -s -q tests/pallas_kernels/test_sparse_kl_kernel.py 2>&1 \
-  | grep -E "rel err|ms:|passed|failed|Error" | tail -12 || exit 1
+  | grep -E "rel err|ms:|passed|failed|Error" | tail -12
 for mode in kernels kernels_mosaic_bwd; do
   E1_PARTS=1 E1_LENGTHS=16384 E1_SPARSE_KL=$mode timeout 150 python3 -m experiments.bench \
     --suite=E1 --out="$OUT/e1_kl_${mode}.json" 2>&1 | grep -v "^[IW]1" | tail -2
