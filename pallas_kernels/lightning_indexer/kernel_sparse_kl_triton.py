@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _common
+from pallas_kernels.lightning_indexer import kernel_sparse_kl_mosaic_gpu as mosaic
 
 MAX_DIM = 256  # largest (padded) indexer head dim the register tiles take
 MAX_HEADS = 128  # largest (padded) head count (dq [Jp, Dp] f32 lives in registers)
@@ -297,8 +298,6 @@ def _vjp_fwd(q, k, w, idx, p, block_sizes, interpret):
 
 def _vjp_bwd(block_sizes, interpret, saved, dl):
   q, k, w, idx, p, res = saved
-  from pallas_kernels.lightning_indexer import kernel_sparse_kl_mosaic_gpu as mosaic  # noqa: PLC0415
-
   if block_sizes.bwd == "mosaic" and mosaic.supported(q, k, idx.shape[-1]) is None:
     dq, dk, dw = mosaic.sparse_kl_bwd(q, k, w, idx, p, res, dl, interpret=interpret)
   else:
