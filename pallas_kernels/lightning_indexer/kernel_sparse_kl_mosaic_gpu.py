@@ -195,12 +195,7 @@ def _kernel(q, k, idx3, a3, tok, w, *, interpret):
       plgpu.SMEM((bk,), jnp.int32),  # raw mbarriers
       plgpu.SMEM((2, bk, 64), jnp.float32) if interpret else None,  # dR rows (interpreter)
     )
-    bars = (
-      plgpu.Barrier(num_arrivals=n_tiles),  # q tiles
-      plgpu.Barrier(num_arrivals=1),  # the token's ids
-      plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,  # rows (interp.)
-      plgpu.Barrier(num_arrivals=1, num_barriers=2),  # a slot's rows read
-    )
+    bars = mla_fwd.single_pass_barriers(n_tiles, bk, interpret)
     pl.run_scoped(
       lambda b, r: body(q_ref, k_ref, idx_ref, a_ref, tok_ref, w_ref, dk_ref, d_ref, b, r),
       bufs,

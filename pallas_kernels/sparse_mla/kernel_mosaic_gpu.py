@@ -315,6 +315,19 @@ def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_b
     issue(j)
 
 
+def single_pass_barriers(n_tiles: int, bk: int, interpret):
+  """The barriers of the single-pass kernels (probabilities, sparse-KL backward), in the order
+  their bodies unpack them: q's n_tiles tiles landed (WG0's copies), the token's ids landed, a
+  slot's rows landed (the interpreter's row copies; direct copies use raw mbarriers), a slot's
+  rows read (what copy_wg_direct waits for)."""
+  return (
+    plgpu.Barrier(num_arrivals=n_tiles),
+    plgpu.Barrier(num_arrivals=1),
+    plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,
+    plgpu.Barrier(num_arrivals=1, num_barriers=2),
+  )
+
+
 def copy_wg_direct(kv_ref, kv_smem, ids, bar_ids, bar_free, bar_full, raw_bars, issue_op):
   """A whole copy warpgroup of the single-pass kernels (probabilities, sparse-KL backward): once
   the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct, then

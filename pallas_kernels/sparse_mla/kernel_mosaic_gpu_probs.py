@@ -120,12 +120,7 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
       plgpu.SMEM((n_chunks, bk), jnp.int32),  # the token's slot ids
       plgpu.SMEM((3, bk), jnp.float32),  # the two WGs' sums, raw mbarriers
     )
-    bars = (
-      plgpu.Barrier(num_arrivals=n_tiles),  # q tiles
-      plgpu.Barrier(num_arrivals=1),  # the token's ids
-      plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,  # rows (interp.)
-      plgpu.Barrier(num_arrivals=1, num_barriers=2),  # a slot's rows read
-    )
+    bars = fwd.single_pass_barriers(n_tiles, bk, interpret)
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, lse_ref, o_ref, b, r),
       bufs,
