@@ -16,8 +16,9 @@ from dsa_jax import config as model_config
 from dsa_jax import data, optim, train, v4
 
 # The long-context sizes compute the cross-entropy 8192 tokens at a time (TrainConfig.loss_chunk):
-# whole [T, V] f32 logits and their gradient are 2 x 8.6 GB at 64K tokens and a 32K vocabulary,
-# and with them v32_attn's sparse step does not fit one 141 GB GPU under "save_attention".
+# whole [T, V] f32 logits and their gradient are 2 x 8.6 GB at 64K tokens and a 32K vocabulary;
+# with them v32_attn's 64K sparse step under "save_attention" did not fit an 80 GB H100, and with
+# chunks it ran on an H200 at 78.4 GiB (WORKSPACE.md, 2026-12-06).
 SIZES = {
   # size: (preset, model overrides, data overrides, steps, run overrides)
   "test": ("test", {}, dict(seq_len=64, batch_size=2), 1, {}),
