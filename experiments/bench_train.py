@@ -25,8 +25,10 @@ M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
 no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
-M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
-backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
+M1_SPARSE_BWD=xla,kernel,xla_slab24 runs the sparse phase once per sparse-MLA backward (the blocked
+XLA backward, the Mosaic GPU kernel, the XLA backward with its dkv scatter in column slabs of at
+most 24 MiB (any xla_slab<MiB>: sparse_mla ops.GPU_BWD_SCATTER_SLAB_BYTES); `shape.sparse_bwd`);
+unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
 custom_vjp; kernels: the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash
@@ -218,8 +220,10 @@ def suite_m1(small: bool):
     )
   policies = env("M1_REMAT_POLICY", "") or [None]
   bwd_modes = env("M1_SPARSE_BWD", "")
-  if set(bwd_modes) - {"xla", "kernel"}:
-    raise ValueError(f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel")
+  if any(m not in ("xla", "kernel") and not re.fullmatch(r"xla_slab\d+", m) for m in bwd_modes):
+    raise ValueError(
+      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel, xla_slab<MiB>"
+    )
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -254,6 +258,8 @@ def suite_m1(small: bool):
         if bwd_mode is not None:
           shape["sparse_bwd"] = bwd_mode
           sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode == "kernel"
+          slab = re.fullmatch(r"xla_slab(\d+)", bwd_mode)
+          sparse_mla_ops.GPU_BWD_SCATTER_SLAB_BYTES = int(slab.group(1)) << 20 if slab else 0
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,

@@ -1,6 +1,8 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sparse-MLA GPU backward at S1 shapes: the blocked XLA backward's scan steps
-(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (case "kernel", ops.GPU_BWD_KERNEL).
+(ops.GpuConfig.bwd_block_t), its dkv scatter in column slabs (cases "slab<MiB>",
+ops.GPU_BWD_SCATTER_SLAB_BYTES) and the Mosaic GPU kernel backward (case "kernel",
+ops.GPU_BWD_KERNEL).
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -38,17 +40,21 @@ CASES = [("default", BASE)] + [
 ]
 
 
-def _kernel_rule(d_v, interp):
-  """The custom VJP's backward with the kernel on while it is traced."""
+SLABS_MIB = (36, 24, 12)
+
+
+def _switched_rule(d_v, interp, name, value):
+  """The custom VJP's backward with the ops switch `name` set to `value` while it is traced."""
 
   interp = plgpu.InterpretGPUParams() if interp else False
 
   def rule(res, cts):
-    saved, ops.GPU_BWD_KERNEL = ops.GPU_BWD_KERNEL, True
+    saved = getattr(ops, name)
+    setattr(ops, name, value)
     try:
       return ops._sparse_mla_gpu_bwd(SCALE, d_v, interp, BASE, res, cts)[:2]
     finally:
-      ops.GPU_BWD_KERNEL = saved
+      setattr(ops, name, saved)
 
   return rule
 
@@ -95,8 +101,13 @@ def main():
         :2
       ]
       jobs.append((name, cfg, jax.jit(rule), (res, cts)))
-  if not only or "kernel" in only:
-    jobs.append(("kernel", BASE, jax.jit(_kernel_rule(d_v, interp)), (res, cts)))
+  switched = [(f"slab{m}", "GPU_BWD_SCATTER_SLAB_BYTES", m << 20) for m in SLABS_MIB]
+  if a.small:  # the small shapes' dkv is 48 KiB: 16 KiB slabs split it in three
+    switched = [("slab16k", "GPU_BWD_SCATTER_SLAB_BYTES", 16 << 10)]
+  for name, switch, value in switched + [("kernel", "GPU_BWD_KERNEL", True)]:
+    if not only or name in only:
+      rule = _switched_rule(d_v, interp, switch, value)
+      jobs.append((name, BASE, jax.jit(rule), (res, cts)))
   vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: op(q, kv, idx), q, kv)[1])(q, kv, idx)
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 
