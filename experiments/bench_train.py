@@ -26,8 +26,8 @@ M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
 no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
 M1_SPARSE_BWD=xla,kernel,xla_slab24 runs the sparse phase once per sparse-MLA backward (the blocked
-XLA backward, the Mosaic GPU kernel, the XLA backward with its dkv scatter in column slabs of at
-most 24 MiB (any xla_slab<MiB>: sparse_mla ops.GPU_BWD_SCATTER_SLAB_BYTES); `shape.sparse_bwd`);
+XLA backward, the Mosaic GPU kernel, either with its dkv adds in column slabs of at most n MiB:
+xla_slab<n>, kernel_slab<n>, sparse_mla ops.GPU_BWD_SCATTER_SLAB_BYTES; `shape.sparse_bwd`);
 unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
@@ -220,9 +220,11 @@ def suite_m1(small: bool):
     )
   policies = env("M1_REMAT_POLICY", "") or [None]
   bwd_modes = env("M1_SPARSE_BWD", "")
-  if any(m not in ("xla", "kernel") and not re.fullmatch(r"xla_slab\d+", m) for m in bwd_modes):
+  bwd_re = r"(xla|kernel)(?:_slab(\d+))?"
+  if not all(re.fullmatch(bwd_re, m) for m in bwd_modes):
     raise ValueError(
-      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel, xla_slab<MiB>"
+      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel, xla_slab<MiB>, "
+      "kernel_slab<MiB>"
     )
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
@@ -257,9 +259,9 @@ def suite_m1(small: bool):
           kernel_kl_triton.GRAD_IN_FORWARD = kl_mode != "kernels_3sweep"
         if bwd_mode is not None:
           shape["sparse_bwd"] = bwd_mode
-          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode == "kernel"
-          slab = re.fullmatch(r"xla_slab(\d+)", bwd_mode)
-          sparse_mla_ops.GPU_BWD_SCATTER_SLAB_BYTES = int(slab.group(1)) << 20 if slab else 0
+          which, slab_mib = re.fullmatch(bwd_re, bwd_mode).groups()
+          sparse_mla_ops.GPU_BWD_KERNEL = which == "kernel"
+          sparse_mla_ops.GPU_BWD_SCATTER_SLAB_BYTES = int(slab_mib or 0) << 20
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,

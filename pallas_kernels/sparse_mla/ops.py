@@ -42,10 +42,11 @@ GPU_PROBS_KERNEL = True
 # the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
 # backward at S3 shapes (its dkv atomic adds dominate; S3_BWD=kernel in the S3 benchmark).
 GPU_BWD_KERNEL = False
-# The blocked XLA backward adds each step's dK rows into the f32 dkv in column slabs whose
-# share of dkv (rows x slab columns x 4 bytes) is at most this many bytes, one scatter per slab,
-# so that the scatter's read-modify-writes can stay in L2 (50 MB on an H100 / H200) instead of
-# DRAM when dkv is larger; 0: one scatter over whole rows.
+# The GPU backward adds dK rows into the f32 dkv in column slabs whose share of dkv (rows x
+# slab columns x 4 bytes) is at most this many bytes, so that the adds' read-modify-writes can
+# stay in L2 (50 MB on an H100 / H200) instead of DRAM when dkv is larger: the blocked XLA
+# backward with one scatter per slab, the kernel with one call per slab of 64-column tiles
+# (each call recomputes P and dS); 0: whole rows at once.
 GPU_BWD_SCATTER_SLAB_BYTES = 0
 
 
@@ -322,16 +323,15 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
   delta = delta - jnp.where(jnp.isfinite(lse), d_lse.astype(f32), 0.0)
   dof = _pad_heads(d_out.astype(q.dtype), hp)
   dof = jnp.pad(dof, ((0, 0), (0, 0), (0, d_outp - d_v)))
-  dq, dkv = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
-    qf,
-    kvf,
-    gidx,
-    dof,
-    _pad_heads(lse.astype(f32), hp, jnp.inf),
-    _pad_heads(delta, hp),
-    scale=scale,
-    interpret=interpret,
-  )
+  lsef, deltaf = _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp)
+  groups = kernel_mosaic_gpu_bwd.tile_groups(kvf.shape[0], kp_dim // 64, GPU_BWD_SCATTER_SLAB_BYTES)
+  parts = [
+    kernel_mosaic_gpu_bwd.sparse_mla_bwd(
+      qf, kvf, gidx, dof, lsef, deltaf, scale=scale, col_tiles=g, interpret=interpret
+    )
+    for g in groups
+  ]
+  dq, dkv = (jnp.concatenate(x, axis=-1) if len(parts) > 1 else x[0] for x in zip(*parts))
   dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
 
