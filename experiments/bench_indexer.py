@@ -18,9 +18,6 @@ E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if
     E1_SPARSE_KL=kernels|xla|kernels_mosaic_bwd: the sparse indexer KL on the Pallas-Triton
     kernels, the streamed XLA path, or the Triton forward with the Mosaic GPU backward (default:
     lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT / SPARSE_KL_BWD; `sparse_kl` in the row).
-    E1_BWD_SLAB_MIB=<n>: the blocked XLA sparse-MLA backward adds dkv in column slabs of at most
-    n MiB (sparse_mla ops.GPU_BWD_SCATTER_SLAB_BYTES; `bwd_slab_mib` in the row; default the
-    library's).
 """
 
 import json
@@ -226,9 +223,6 @@ def suite_e1(small: bool):
   if kl_mode:
     li_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
     li_ops.SPARSE_KL_BWD = "mosaic" if kl_mode == "kernels_mosaic_bwd" else "triton"
-  slab_mib = os.environ.get("E1_BWD_SLAB_MIB", "")
-  if slab_mib:
-    mla.GPU_BWD_SCATTER_SLAB_BYTES = int(slab_mib) << 20
   impl = _mla_impl(small)
   interp = _interp(small)
   want_parts = small or bool(os.environ.get("E1_PARTS"))  # E1_PARTS=1: per-part times too
@@ -291,7 +285,6 @@ def suite_e1(small: bool):
           sparse_kl="xla"
           if li_ops.sparse_kl_kernels_why(qi, ki)
           else {"triton": "kernels", "mosaic": "kernels_mosaic_bwd"}[li_ops.SPARSE_KL_BWD],
-          bwd_slab_mib=mla.GPU_BWD_SCATTER_SLAB_BYTES / 2**20,
           **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},
         )

@@ -25,10 +25,8 @@ M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
 no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
-M1_SPARSE_BWD=xla,kernel,xla_slab24 runs the sparse phase once per sparse-MLA backward (the blocked
-XLA backward, the Mosaic GPU kernel, either with its dkv adds in column slabs of at most n MiB:
-xla_slab<n>, kernel_slab<n>, sparse_mla ops.GPU_BWD_SCATTER_SLAB_BYTES; `shape.sparse_bwd`);
-unset, the library's default.
+M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
+backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
 custom_vjp; kernels: the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash
@@ -220,12 +218,8 @@ def suite_m1(small: bool):
     )
   policies = env("M1_REMAT_POLICY", "") or [None]
   bwd_modes = env("M1_SPARSE_BWD", "")
-  bwd_re = r"(xla|kernel)(?:_slab(\d+))?"
-  if not all(re.fullmatch(bwd_re, m) for m in bwd_modes):
-    raise ValueError(
-      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel, xla_slab<MiB>, "
-      "kernel_slab<MiB>"
-    )
+  if set(bwd_modes) - {"xla", "kernel"}:
+    raise ValueError(f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel")
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -259,9 +253,7 @@ def suite_m1(small: bool):
           kernel_kl_triton.GRAD_IN_FORWARD = kl_mode != "kernels_3sweep"
         if bwd_mode is not None:
           shape["sparse_bwd"] = bwd_mode
-          which, slab_mib = re.fullmatch(bwd_re, bwd_mode).groups()
-          sparse_mla_ops.GPU_BWD_KERNEL = which == "kernel"
-          sparse_mla_ops.GPU_BWD_SCATTER_SLAB_BYTES = int(slab_mib or 0) << 20
+          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode == "kernel"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,

@@ -1,8 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sparse-MLA GPU backward at S1 shapes: the blocked XLA backward's scan steps
-(ops.GpuConfig.bwd_block_t), its dkv scatter in column slabs (cases "slab<MiB>",
-ops.GPU_BWD_SCATTER_SLAB_BYTES) and the Mosaic GPU kernel backward (case "kernel",
-ops.GPU_BWD_KERNEL; "kernel_slab<MiB>": one kernel call per slab of column tiles).
+(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (case "kernel", ops.GPU_BWD_KERNEL).
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -40,23 +38,17 @@ CASES = [("default", BASE)] + [
 ]
 
 
-SLABS_MIB = (36, 24, 16, 12)
-
-
-def _switched_rule(d_v, interp, switches):
-  """The custom VJP's backward with the ops switches {name: value} set while it is traced."""
+def _kernel_rule(d_v, interp):
+  """The custom VJP's backward with the kernel on while it is traced."""
 
   interp = plgpu.InterpretGPUParams() if interp else False
 
   def rule(res, cts):
-    saved = {k: getattr(ops, k) for k in switches}
-    for k, v in switches.items():
-      setattr(ops, k, v)
+    saved, ops.GPU_BWD_KERNEL = ops.GPU_BWD_KERNEL, True
     try:
       return ops._sparse_mla_gpu_bwd(SCALE, d_v, interp, BASE, res, cts)[:2]
     finally:
-      for k, v in saved.items():
-        setattr(ops, k, v)
+      ops.GPU_BWD_KERNEL = saved
 
   return rule
 
@@ -103,15 +95,8 @@ def main():
         :2
       ]
       jobs.append((name, cfg, jax.jit(rule), (res, cts)))
-  slab, kern = "GPU_BWD_SCATTER_SLAB_BYTES", "GPU_BWD_KERNEL"
-  # the small shapes' dkv is 48 KiB: 16 KiB slabs split it in three (two kernel calls)
-  slabs = [("16k", 16 << 10)] if a.small else [(str(m), m << 20) for m in SLABS_MIB]
-  switched = [(f"slab{m}", {slab: b}) for m, b in slabs] + [("kernel", {kern: True})]
-  switched += [(f"kernel_slab{m}", {kern: True, slab: b}) for m, b in slabs]
-  for name, switches in switched:
-    if not only or name in only:
-      rule = _switched_rule(d_v, interp, switches)
-      jobs.append((name, BASE, jax.jit(rule), (res, cts)))
+  if not only or "kernel" in only:
+    jobs.append(("kernel", BASE, jax.jit(_kernel_rule(d_v, interp)), (res, cts)))
   vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: op(q, kv, idx), q, kv)[1])(q, kv, idx)
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 

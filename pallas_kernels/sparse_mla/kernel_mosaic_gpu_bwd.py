@@ -93,17 +93,6 @@ def tile_owners(n_tiles: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[i
   return tuple(tuple(range(starts[w], starts[w + 1])) for w in range(3))
 
 
-def tile_groups(rows: int, n_tiles: int, slab_bytes: int) -> tuple[tuple[int, int], ...]:
-  """The fewest near-equal ranges of 64-column tiles whose f32 dkv share (rows x 64 x tiles x 4
-  bytes) is at most slab_bytes (at least one tile each); one range when slab_bytes is 0."""
-  if slab_bytes <= 0:
-    return ((0, n_tiles),)
-  per = max(1, slab_bytes // (rows * 64 * 4))
-  n = -(-n_tiles // per)
-  w = -(-n_tiles // n)
-  return tuple((c, min(c + w, n_tiles)) for c in range(0, n_tiles, w))
-
-
 def red_schedule(v, row0, x, sel, shfl, cond):
   """Which 4 adjacent floats of a warp's 16 x 64 accumulator slab each red.v4 adds, and where.
 
@@ -161,10 +150,10 @@ class _Index:
     return self._op("shrui", o)
 
 
-def _red_add_op(row_stride: int, col0: int):
-  """Inline Mosaic GPU: dkv[ids[t, j, row], col0 + col] += acc[row, col] (dkv rows of
-  row_stride floats) for a [64, 64] f32 WGMMA-layout tile with relaxed
-  `red.global.add.v4.f32`, 8 per thread in red_schedule's order. Ids < 0 go to row 0 (their rows are zeros). All id loads are emitted before the first
+def _red_add_op(kp_dim: int, col0: int):
+  """Inline Mosaic GPU: dkv[ids[t, j, row], col0 + col] += acc[row, col] for a [64, 64] f32
+  WGMMA-layout tile with relaxed `red.global.add.v4.f32`, 8 per thread in red_schedule's
+  order. Ids < 0 go to row 0 (their rows are zeros). All id loads are emitted before the first
   red (the asm has side effects, so LLVM would not hoist loads past it).
   """
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
@@ -217,7 +206,7 @@ def _red_add_op(row_stride: int, col0: int):
     for row, c, pairs in sched:
       rid = arith.maxsi(memref.load(ids, [t, j, row.v]), mu.c(0, i32))
       elem = arith.addi(
-        arith.muli(arith.extsi(i64, rid), mu.c(row_stride, i64)),
+        arith.muli(arith.extsi(i64, rid), mu.c(kp_dim, i64)),
         arith.addi(arith.index_cast(i64, c.v), mu.c(col0, i64)),
       )
       vals = [
@@ -247,16 +236,11 @@ def sparse_mla_bwd(
   delta,
   *,
   scale: float,
-  col_tiles: tuple[int, int] | None = None,
   interpret=False,
 ):
-  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kc]
-  (q.dtype), dkv [R,Kc] f32: the columns of the 64-wide tiles [lo, hi) = col_tiles (default
-  all, Kc = Kp). A call for part of the columns still computes P and dS in full (they need
-  every column of q and R) but multiplies and adds only its own dq and dR tiles, so its dkv
-  (R x Kc x 4 bytes) can be small enough to stay in L2 while the reds land (`tile_groups`).
-  See the module docstring; the shape rules are the forward's. The interpreter has no reds
-  (it adds rows one at a time), so only a GPU checks them.
+  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp]
+  (q.dtype), dkv [R,Kp] f32. See the module docstring; the shape rules are the forward's.
+  The interpreter has no reds (it adds rows one at a time), so only a GPU checks them.
   """
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
@@ -271,21 +255,17 @@ def sparse_mla_bwd(
     raise ValueError(f"the backward needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
   n_chunks = kp // bk
   n_tiles = kp_dim // 64
-  lo, hi = col_tiles or (0, n_tiles)
-  if not 0 <= lo < hi <= n_tiles:
-    raise ValueError(f"col_tiles={col_tiles}; expected 0 <= lo < hi <= {n_tiles}")
-  kc = (hi - lo) * 64
   do_tiles = d_out // 64
   dtype = q.dtype
   qk_scale = scale * _LOG2E
-  owners = tuple(tuple(lo + c for c in w) for w in tile_owners(hi - lo))
-  dr_tiles = (tuple(range(lo, hi, 2)), tuple(range(lo + 1, hi, 2)))  # WG0 / WG1
+  owners = tile_owners(n_tiles)
+  dr_tiles = (tuple(range(0, n_tiles, 2)), tuple(range(1, n_tiles, 2)))  # WG0 / WG1
   idx3 = idx.reshape(n, n_chunks, bk)
   lse2 = lse * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
-    red_ops = {c: _red_add_op(kc, (c - lo) * 64) for c in range(lo, hi)}
+    red_ops = {c: _red_add_op(kp_dim, c * 64) for c in range(n_tiles)}
 
   def zeros_wgmma(cols=64):
     return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, cols), jnp.float32), plgpu.Layout.WGMMA)
@@ -323,7 +303,7 @@ def sparse_mla_bwd(
         q_smem.at[c][...] = acc.astype(dtype)
       plgpu.commit_smem()
       for c in tiles:
-        plgpu.copy_smem_to_gmem(q_smem.at[c], dq_ref.at[t, heads, pl.ds((c - lo) * 64, 64)])
+        plgpu.copy_smem_to_gmem(q_smem.at[c], dq_ref.at[t, heads, pl.ds(c * 64, 64)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 0)
@@ -409,7 +389,7 @@ def sparse_mla_bwd(
             @pl.loop(0, bk)
             def _(i):
               row = jnp.maximum(idx_ref[t, j, i], 0)
-              dst = dkv_ref.at[pl.ds(row, 1), pl.ds((c - lo) * 64, 64)]
+              dst = dkv_ref.at[pl.ds(row, 1), pl.ds(c * 64, 64)]
               dst[...] = dst[...] + st.at[pl.ds(i, 1)][...]
           else:
             red_ops[c](dkv_ref, idx_ref, acc, t, j)
@@ -490,8 +470,8 @@ def sparse_mla_bwd(
       collective_axes="wg",
     )
 
-  out_type = jax.ShapeDtypeStruct((n, hp, kc), dtype)
+  out_type = jax.ShapeDtypeStruct((n, hp, kp_dim), dtype)
   kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret)
-  dkv = jax.new_ref(jnp.zeros((kv.shape[0], kc), jnp.float32))
+  dkv = jax.new_ref(jnp.zeros((kv.shape[0], kp_dim), jnp.float32))
   dq = kern(q, kv, idx3, do, lse2, delta, dkv)
   return dq, jax.freeze(dkv)

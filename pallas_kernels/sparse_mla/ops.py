@@ -42,12 +42,6 @@ GPU_PROBS_KERNEL = True
 # the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
 # backward at S3 shapes (its dkv atomic adds dominate; S3_BWD=kernel in the S3 benchmark).
 GPU_BWD_KERNEL = False
-# The GPU backward adds dK rows into the f32 dkv in column slabs whose share of dkv (rows x
-# slab columns x 4 bytes) is at most this many bytes, so that the adds' read-modify-writes can
-# stay in L2 (50 MB on an H100 / H200) instead of DRAM when dkv is larger: the blocked XLA
-# backward with one scatter per slab, the kernel with one call per slab of 64-column tiles
-# (each call recomputes P and dS); 0: whole rows at once.
-GPU_BWD_SCATTER_SLAB_BYTES = 0
 
 
 def _check(q, kv, idx, d_v):
@@ -211,21 +205,7 @@ def _gpu_fwd_call(q, kv, idx, scale, d_v, interpret, config):
   return out[:, :h, :d_v].reshape(b, t, h, d_v), lse[:, :h].reshape(b, t, h)
 
 
-def scatter_slabs(rows: int, k_dim: int, slab_bytes: int) -> tuple[tuple[int, int], ...]:
-  """Column ranges [c0, c1) splitting a [rows, k_dim] f32 buffer into the fewest near-equal
-  slabs of at most `slab_bytes` each (widths multiples of 8 columns, at least 8); one slab when
-  slab_bytes is 0 or the buffer fits."""
-  if slab_bytes <= 0:
-    return ((0, k_dim),)
-  cols = max(8, slab_bytes // (rows * 4) // 8 * 8)
-  n = -(-k_dim // cols)
-  w = -(-k_dim // n // 8) * 8 if n > 1 else k_dim
-  return tuple((c, min(c + w, k_dim)) for c in range(0, k_dim, w))
-
-
-def _bwd_blocked(
-  q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, update_dtype=None, slabs=None
-):
+def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, update_dtype=None):
   """dq, dkv from the saved lse (no softmax renormalisation), query blocks scanned in XLA.
 
   With P = exp(scale·q·kᵀ - lse): dS = P ⊙ (dO·Vᵀ - Δ + dlse), Δ = rowsum(O ⊙ dO);
@@ -234,9 +214,7 @@ def _bwd_blocked(
   [q; dO] are stacked on the head axis, so the logits and dP are one matmul over the gathered
   rows ([2h, K] x [K, k]) and the dK_rows one more ([dS; P]ᵀ x [q; dO], contraction 2h).
   block_t: query tokens per scan step (per batch row); update_dtype: dK_rows rounded to it
-  before the f32 scatter-add (less scatter traffic; default f32); slabs: column ranges of dkv
-  added by separate scatters (`scatter_slabs`; default one over whole rows). The adds per
-  element are the same in either case.
+  before the f32 scatter-add (less scatter traffic; default f32).
   """
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
@@ -267,12 +245,9 @@ def _bwd_blocked(
     a = jnp.concatenate([(ds * scale).astype(q.dtype), p.astype(q.dtype)], axis=2)
     drows = jnp.einsum("bths,bthc->btsc", a, qd, preferred_element_type=update_dtype or f32)
     scatter_idx = jnp.where(valid, ib, s)  # out of range -> dropped
-    for c0, c1 in slabs or ((0, k_dim),):
-      dkv = jax.vmap(
-        lambda a, i, u, c0=c0, c1=c1: a.at[i.reshape(-1), c0:c1].add(
-          u[..., c0:c1].reshape(-1, c1 - c0).astype(f32), mode="drop"
-        )
-      )(dkv, scatter_idx, drows)
+    dkv = jax.vmap(
+      lambda a, i, u: a.at[i.reshape(-1)].add(u.reshape(-1, k_dim).astype(f32), mode="drop")
+    )(dkv, scatter_idx, drows)
     return dkv, dq.astype(q.dtype)
 
   dkv, dq = jax.lax.scan(body, jnp.zeros(kv.shape, f32), xs)
@@ -295,7 +270,6 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config):
     d_v=d_v,
     block_t=max(1, config.bwd_block_t // q.shape[0]),
     update_dtype=jnp.bfloat16,
-    slabs=scatter_slabs(kv.shape[0] * kv.shape[1], kv.shape[2], GPU_BWD_SCATTER_SLAB_BYTES),
   )
 
 
@@ -323,15 +297,16 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
   delta = delta - jnp.where(jnp.isfinite(lse), d_lse.astype(f32), 0.0)
   dof = _pad_heads(d_out.astype(q.dtype), hp)
   dof = jnp.pad(dof, ((0, 0), (0, 0), (0, d_outp - d_v)))
-  lsef, deltaf = _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp)
-  groups = kernel_mosaic_gpu_bwd.tile_groups(kvf.shape[0], kp_dim // 64, GPU_BWD_SCATTER_SLAB_BYTES)
-  parts = [
-    kernel_mosaic_gpu_bwd.sparse_mla_bwd(
-      qf, kvf, gidx, dof, lsef, deltaf, scale=scale, col_tiles=g, interpret=interpret
-    )
-    for g in groups
-  ]
-  dq, dkv = (jnp.concatenate(x, axis=-1) if len(parts) > 1 else x[0] for x in zip(*parts))
+  dq, dkv = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
+    qf,
+    kvf,
+    gidx,
+    dof,
+    _pad_heads(lse.astype(f32), hp, jnp.inf),
+    _pad_heads(delta, hp),
+    scale=scale,
+    interpret=interpret,
+  )
   dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
 

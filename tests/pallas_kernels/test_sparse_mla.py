@@ -187,40 +187,6 @@ def test_pallas_bwd_random_shapes(t, s, k, seed):
   np.testing.assert_allclose(dkv, rkv, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("slab_bytes", [0, 2048, 7 * 1024, 1])
-def test_scatter_slabs_cover_the_row(slab_bytes):
-  """Slabs are contiguous, start at 0, end at k_dim, each within the budget when it can be."""
-  rows, k_dim = 24, 40
-  slabs = ops.scatter_slabs(rows, k_dim, slab_bytes)
-  assert slabs[0][0] == 0 and slabs[-1][1] == k_dim
-  assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))
-  assert all(c1 > c0 and c0 % 8 == 0 for c0, c1 in slabs)
-  if slab_bytes == 0:
-    assert slabs == ((0, k_dim),)
-  elif slab_bytes >= 8 * rows * 4:  # a slab of 8 columns fits: every slab must
-    assert all((c1 - c0) * rows * 4 <= slab_bytes for c0, c1 in slabs)
-  else:
-    assert len(slabs) == k_dim // 8
-
-
-def test_bwd_blocked_slabs_same_adds():
-  """The dkv scatter in column slabs adds the same updates per element as one scatter over
-  whole rows (duplicate, invalid and out-of-range ids included): identical gradients."""
-  b, t, h, k_dim, d_v, s, k = 2, 5, 4, 24, 8, 9, 12
-  q, kv, idx = _inputs(b, t, h, k_dim, s, k, jnp.bfloat16, seed=3)
-  idx = idx.at[:, :, 0].set(idx[:, :, 1]).at[:, 1, 2].set(-1).at[:, 2, 3].set(s + 4)
-  out, lse = reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=d_v)
-  do = _testing.normal(5, out.shape).astype(jnp.bfloat16)
-  dl = jnp.where(jnp.isfinite(lse), _testing.normal(6, lse.shape), 0.0)
-  kw = dict(scale=SCALE, d_v=d_v, block_t=2, update_dtype=jnp.bfloat16)
-  slabs = ops.scatter_slabs(b * s, k_dim, b * s * 8 * 4)
-  assert len(slabs) == 3
-  whole = ops._bwd_blocked(q, kv, idx, out, lse, do, dl, **kw)
-  split = ops._bwd_blocked(q, kv, idx, out, lse, do, dl, slabs=slabs, **kw)
-  for x, y in zip(whole, split):
-    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
-
-
 def _export(fn, *args):
   return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
 

@@ -71,16 +71,6 @@ def test_interpret_bf16(bwd_kernel):
   _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16)
 
 
-def test_interpret_bf16_column_groups(bwd_kernel):
-  """GPU_BWD_SCATTER_SLAB_BYTES of one tile's dkv share: three kernel calls of one 64-column
-  tile each (dq and dkv concatenated; the XLA backward it is compared with scatters in slabs)."""
-  b, s = 2, 40
-  slab = b * s * 64 * 4
-  assert kernel_mosaic_gpu_bwd.tile_groups(b * s, 3, slab) == ((0, 1), (1, 2), (2, 3))
-  bwd_kernel.setattr(ops, "GPU_BWD_SCATTER_SLAB_BYTES", slab)
-  _check(b=b, t=2, h=48, k_dim=192, d_v=80, s=s, k=72, dtype=jnp.bfloat16, seed=2)
-
-
 @pytest.mark.slow  # ~25 s in the GPU interpreter; test_interpret_bf16 covers the path in CI
 def test_interpret_f16_two_head_blocks(bwd_kernel):
   # 2 head blocks (grid over heads), k a multiple of 64, d_out = Kp (no rope-only tile).
@@ -102,20 +92,12 @@ def test_dispatch_and_errors(monkeypatch):
     assert "no GPU" in ops.bwd_kernel_why()
   assert kernel_mosaic_gpu_bwd.tile_owners(9) == ((0, 1, 2), (3, 4, 5), (6, 7, 8))
   assert kernel_mosaic_gpu_bwd.tile_owners(2) == ((0,), (1,), ())
-  groups = kernel_mosaic_gpu_bwd.tile_groups
-  assert groups(32768, 9, 0) == ((0, 9),)
-  assert groups(32768, 9, 24 << 20) == ((0, 3), (3, 6), (6, 9))  # V3.2 at 32K: 3 x 25 MB
-  assert groups(65536, 9, 36 << 20) == ((0, 2), (2, 4), (4, 6), (6, 8), (8, 9))
-  assert groups(10, 4, 1) == ((0, 1), (1, 2), (2, 3), (3, 4))
   x = jnp.zeros((2, 64, 128), jnp.bfloat16)
   lse = jnp.zeros((2, 64), jnp.float32)
   with pytest.raises(ValueError, match="bad kernel layout"):
     kernel_mosaic_gpu_bwd.sparse_mla_bwd(
       x, x[0], jnp.zeros((2, 64), jnp.int32), x[..., :64], lse, lse, scale=1.0
     )
-  ids = jnp.zeros((2, 64), jnp.int32)
-  with pytest.raises(ValueError, match="col_tiles"):  # Kp 128 has 2 tiles
-    kernel_mosaic_gpu_bwd.sparse_mla_bwd(x, x[0], ids, x, lse, lse, scale=1.0, col_tiles=(1, 3))
   # V3.2: q, dO and R tiles + P, dS + ids/mbarriers fit the 227 KiB opt-in maximum.
   assert kernel_mosaic_gpu_bwd.smem_bytes(576, 512, 2) <= kernel_mosaic_gpu._SMEM_BYTES
   assert kernel_mosaic_gpu_bwd.smem_bytes(640, 512, 2) > kernel_mosaic_gpu._SMEM_BYTES
@@ -154,13 +136,11 @@ def test_red_schedule_lanes():
   np.testing.assert_array_equal(seen, 1)
 
 
-@pytest.mark.parametrize("batch,slab", [(1, 0), (2, 0), (1, 24 << 20)])
-def test_cross_lowering_cuda_full_shape(bwd_kernel, batch, slab):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cross_lowering_cuda_full_shape(bwd_kernel, batch):
   """The real Mosaic GPU lowering of forward + kernel backward at V3.2 shapes (SMEM budget,
-  layout inference, the inline cp.async / red.global builders); the interpreter misses these.
-  slab: GPU_BWD_SCATTER_SLAB_BYTES (24 MiB: three calls of three column tiles each)."""
+  layout inference, the inline cp.async / red.global builders); the interpreter misses these."""
   bwd_kernel.setattr(ops, "bwd_kernel_why", lambda interpret=False: None)
-  bwd_kernel.setattr(ops, "GPU_BWD_SCATTER_SLAB_BYTES", slab)
   t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
   sds = jax.ShapeDtypeStruct
   q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
