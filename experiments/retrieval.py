@@ -108,7 +108,7 @@ def stage_steps(c, stage: str) -> int:
     return c[stage].steps
   if stage == "pretrain":
     return c.pretrain.max_steps
-  return {"warmup": s.warmup, "dsa": s.sparse}.get(stage, s.warmup + s.sparse)
+  return {"warmup": s.warmup, "dsa": s.sparse}.get(stage, s.get("branch", s.warmup + s.sparse))
 
 
 def model_cfg(c) -> model_config.ModelConfig:

@@ -5,6 +5,9 @@
 #   bash experiments/scripts/gpu_retrieval.sh start   # returns at once
 #   bash experiments/scripts/gpu_retrieval.sh poll    # waits up to POLL_S, packs the results
 # A stage that fails stops the chain; `start` again resumes (stages resume from checkpoints).
+# The chain runs from its own copy of the checkout ($RUN/src): a later device call replaces the
+# checkout it was started from, and a process whose working directory is gone cannot start
+# Python (session 8 lost its `eval` stage that way).
 set -u
 RUN=${RUN:-/tmp/retrieval_run}
 CFG=experiments/configs/retrieval.py:size=gpu
@@ -13,9 +16,11 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DSA_COMMIT=${DSA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 case ${1:-start} in
   start)
-    mkdir -p $RUN
+    mkdir -p $RUN/src
     rm -f $RUN/DONE
+    tar --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C $RUN/src
     setsid nohup bash -c "
+      cd $RUN/src
       for s in $STAGES; do
         t0=\$SECONDS
         python3 -m experiments.retrieval --config=$CFG --workdir=$RUN/wd --stage=\$s \
@@ -32,5 +37,6 @@ case ${1:-start} in
     grep -E '^\[|rc=|Error' $RUN/retrieval.log | tail -30
     [ -f $RUN/DONE ] && echo ALL_DONE
     mkdir -p ${OUT:-/tmp/out}
-    tar czf ${OUT:-/tmp/out}/retrieval_run.tgz -C $RUN --exclude=checkpoints --exclude=jax_cache . ;;
+    tar czf ${OUT:-/tmp/out}/retrieval_run.tgz -C $RUN --exclude=checkpoints --exclude=jax_cache \
+      --exclude=./src . ;;
 esac

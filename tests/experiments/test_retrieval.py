@@ -254,6 +254,20 @@ def test_curriculum_chain(launcher, tmp_path):
   assert retrieval.plan(c, "pretrain")[2] is None
 
 
+def test_branch_steps(launcher, tmp_path):
+  """The controls train `steps.branch` steps, DSA `warmup` (indexer only) then `sparse`; a config
+  without `branch` gives the controls warmup + sparse."""
+  retrieval, c = launcher
+  c = c.copy_and_resolve_references()
+  c.steps.warmup, c.steps.sparse, c.steps.branch = 5, 7, 9
+  for stage in ("dense", "window", "random", "frozen_indexer"):
+    assert retrieval.stage_steps(c, stage) == 9
+    assert retrieval.stage_config(c, stage, str(tmp_path)).optim.total_steps == 9
+  assert retrieval.stage_steps(c, "warmup") == 5 and retrieval.stage_steps(c, "dsa") == 7
+  del c.steps["branch"]
+  assert retrieval.stage_steps(c, "window") == 12
+
+
 @pytest.mark.parametrize("stage", ["pack", "widen"])
 def test_packed_stage_stops_early_once_solved(launcher, tmp_path, monkeypatch, stage):
   """pack / widen with stop_loss: trains in chunks of pack.chunk steps (each call continues the run to a
