@@ -15,9 +15,8 @@ E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if
     the reference; the row says which) + sparse indexer KL, vs cuDNN causal MHA (h=128,
     d_qk=192, V padded to 192) fwd+bwd. E1_LENGTHS=32768,65536 picks lengths; E1_PARTS=1 adds
     each part's time alone (`parts_ms`: indexer+top-k, sparse MLA fwd and fwd+bwd, probs, KL).
-    E1_SPARSE_KL=kernels|xla|kernels_mosaic_bwd: the sparse indexer KL on the Pallas-Triton
-    kernels, the streamed XLA path, or the Triton forward with the Mosaic GPU backward (default:
-    lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT / SPARSE_KL_BWD; `sparse_kl` in the row).
+    E1_SPARSE_KL=kernels|xla: the sparse indexer KL on the Pallas-Triton kernels or the streamed
+    XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl` in the row).
 """
 
 import json
@@ -218,11 +217,10 @@ def suite_e1(small: bool):
   if mode:
     mla.GPU_PROBS_KERNEL = mode == "kernel"
   kl_mode = os.environ.get("E1_SPARSE_KL", "")
-  if kl_mode not in ("", "kernels", "xla", "kernels_mosaic_bwd"):
-    raise ValueError(f"E1_SPARSE_KL={kl_mode!r}; expected kernels, xla or kernels_mosaic_bwd")
+  if kl_mode not in ("", "kernels", "xla"):
+    raise ValueError(f"E1_SPARSE_KL={kl_mode!r}; expected kernels or xla")
   if kl_mode:
     li_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
-    li_ops.SPARSE_KL_BWD = "mosaic" if kl_mode == "kernels_mosaic_bwd" else "triton"
   impl = _mla_impl(small)
   interp = _interp(small)
   want_parts = small or bool(os.environ.get("E1_PARTS"))  # E1_PARTS=1: per-part times too
@@ -282,9 +280,7 @@ def suite_e1(small: bool):
           None,
           sparse_mla_impl=impl,
           probs="kernel" if mla.GPU_PROBS_KERNEL else "reference",
-          sparse_kl="xla"
-          if li_ops.sparse_kl_kernels_why(qi, ki)
-          else {"triton": "kernels", "mosaic": "kernels_mosaic_bwd"}[li_ops.SPARSE_KL_BWD],
+          sparse_kl="xla" if li_ops.sparse_kl_kernels_why(qi, ki) else "kernels",
           **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},
         )

@@ -42,7 +42,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _common
-from pallas_kernels.lightning_indexer import kernel_sparse_kl_mosaic_gpu as mosaic
 
 MAX_DIM = 256  # largest (padded) indexer head dim the register tiles take
 MAX_HEADS = 128  # largest (padded) head count (dq [Jp, Dp] f32 lives in registers)
@@ -61,21 +60,17 @@ def _pad_pow2(n: int) -> int:
 class BlockSizes:
   """block_k slots per chunk (a power of 2 >= 16); num_warps / num_stages: Triton's, for the
   forward; num_warps_bwd / num_stages_bwd for the backward (it holds dq [Jp, Dp] f32, z, the
-  g-weighted tile and drows [bk, Dp] f32 at once). bwd: "triton" (this module's backward) or
-  "mosaic" (kernel_sparse_kl_mosaic_gpu.py, where it takes the shapes; else this one)."""
+  g-weighted tile and drows [bk, Dp] f32 at once)."""
 
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
-  bwd: str = "triton"
 
   def __post_init__(self):
     if not _pow2(self.block_k) or self.block_k < 16:
       raise ValueError(f"block_k={self.block_k} must be a power of 2 >= 16")
-    if self.bwd not in ("triton", "mosaic"):
-      raise ValueError(f"bwd={self.bwd!r}; expected 'triton' or 'mosaic'")
 
 
 def supported(q, k) -> str | None:
@@ -298,12 +293,7 @@ def _vjp_fwd(q, k, w, idx, p, block_sizes, interpret):
 
 def _vjp_bwd(block_sizes, interpret, saved, dl):
   q, k, w, idx, p, res = saved
-  if block_sizes.bwd == "mosaic" and mosaic.supported(q, k, idx.shape[-1]) is None:
-    dq, dk, dw = mosaic.sparse_kl_bwd(q, k, w, idx, p, res, dl, interpret=interpret)
-  else:
-    dq, dk, dw = sparse_kl_bwd(
-      q, k, w, idx, p, res, dl, block_sizes=block_sizes, interpret=interpret
-    )
+  dq, dk, dw = sparse_kl_bwd(q, k, w, idx, p, res, dl, block_sizes=block_sizes, interpret=interpret)
   return dq, dk, dw, None, None
 
 

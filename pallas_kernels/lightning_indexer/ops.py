@@ -209,10 +209,6 @@ def indexer_topk(
 # pass tests/pallas_kernels/test_sparse_kl_kernel.py -m gpu); False keeps the streamed XLA path
 # (grad.sparse_kl), and block_sizes= then opts in. M1_SPARSE_KL=xla,kernels measures both.
 SPARSE_KL_KERNELS_BY_DEFAULT = True
-# Their backward by default: "triton", or "mosaic" (kernel_sparse_kl_mosaic_gpu.py: relaxed
-# red.global adds instead of Triton's acq_rel atomics; CPU-tested, not yet timed on a GPU:
-# M1_SPARSE_KL=kernels,kernels_mosaic_bwd measures both).
-SPARSE_KL_BWD = "triton"
 
 
 def sparse_kl_kernels_why(q, k, *, interpret=False, block_sizes=None) -> str | None:
@@ -261,7 +257,7 @@ def sparse_kl(
       w,
       idx.astype(jnp.int32),
       p.astype(jnp.float32),
-      block_sizes or kernel_sparse_kl_triton.BlockSizes(bwd=SPARSE_KL_BWD),
+      block_sizes or kernel_sparse_kl_triton.BlockSizes(),
       bool(interpret),
     )
   if interpret or block_sizes is not None:

@@ -316,8 +316,8 @@ def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_b
 
 
 def single_pass_barriers(n_tiles: int, bk: int, interpret):
-  """The barriers of the single-pass kernels (probabilities, sparse-KL backward), in the order
-  their bodies unpack them: q's n_tiles tiles landed (WG0's copies), the token's ids landed, a
+  """The barriers of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py), in the
+  order its body unpacks them: q's n_tiles tiles landed (WG0's copies), the token's ids landed, a
   slot's rows landed (the interpreter's row copies; direct copies use raw mbarriers), a slot's
   rows read (what copy_wg_direct waits for)."""
   return (
@@ -329,8 +329,8 @@ def single_pass_barriers(n_tiles: int, bk: int, interpret):
 
 
 def copy_wg_direct(kv_ref, kv_smem, ids, bar_ids, bar_free, bar_full, raw_bars, issue_op):
-  """A whole copy warpgroup of the single-pass kernels (probabilities, sparse-KL backward): once
-  the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct, then
+  """A whole copy warpgroup of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py):
+  once the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct, then
   observe each slot's last release (the interpreter checks), so the kernel ends after the reads."""
   plgpu.barrier_wait(bar_ids)
   n_chunks = ids.shape[0]
@@ -340,11 +340,11 @@ def copy_wg_direct(kv_ref, kv_smem, ids, bar_ids, bar_free, bar_full, raw_bars, 
 
 
 def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret):
-  """For a compute warpgroup w of the single-pass kernels that takes every second chunk: wait
-  for its i-th chunk's rows (operand slot `rows`, filled by copy_wg_direct) and return the
-  transposed logits R·qᵀ [slots, 64 heads] f32 (q_tiles [Kp/64, 64, 64]: q's column tiles), so
-  that per-slot sums over heads stay inside a warp. wait: `_direct_ops`' wait (None in the
-  interpreter)."""
+  """For a compute warpgroup w of the single-pass probabilities kernel (it takes every second
+  chunk): wait for its i-th chunk's rows (operand slot `rows`, filled by copy_wg_direct) and
+  return the transposed logits R·qᵀ [slots, 64 heads] f32 (q_tiles [Kp/64, 64, 64]: q's column
+  tiles), so that per-slot sums over heads stay inside a warp. wait: `_direct_ops`' wait (None in
+  the interpreter)."""
   if interpret:
     plgpu.barrier_wait(bar_full.at[w])
   else:

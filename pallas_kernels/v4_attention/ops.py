@@ -381,7 +381,7 @@ def indexer_kl(
   ):
     sel, p = sparse_target(q, ckv, lse, idx, ratio=ratio, scale=scale, block_t=block_t)
     # the kernel directly: lightning_indexer.ops.sparse_kl's checks want T <= S raw keys
-    bsz = kernel_sparse_kl_triton.BlockSizes(bwd=lightning_indexer_ops.SPARSE_KL_BWD)
+    bsz = kernel_sparse_kl_triton.BlockSizes()
     return kernel_sparse_kl_triton.sparse_kl(iq, ik, iw, sel, p, bsz, bool(interpret))
   return reference.v4_indexer_kl(
     iq, ik, iw, q, ckv, lse, ratio=ratio, scale=scale, idx=idx, block_t=block_t

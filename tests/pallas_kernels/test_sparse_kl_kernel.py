@@ -4,9 +4,6 @@ reference.sparse_kl_reference (value and autodiff gradients of Σ dl·kl at tiny
 >= S ids, repeated ids, rows with no valid slot or no target mass, k > S, a slot chunk with no
 valid slot, padded J / D / k), the V4 sparse stage (v4_attention.ops.indexer_kl with idx), the
 dispatch of ops.sparse_kl, cuda lowering at V3.2 and V4 shapes, and a -m gpu check at full size.
-The Mosaic GPU backward (kernel_sparse_kl_mosaic_gpu.py, BlockSizes.bwd="mosaic") gets the same
-checks in bf16 / f16 against the reference and the Triton backward (last section); its relaxed
-red.global adds, like the Triton atomics, run only in the -m gpu test.
 
 Repeated ids: on CPU the kernel adds dk one row at a time (the interpreter's vector atomic add
 sets instead of adding where an id repeats within one call, and takes no mask), so the CPU tests
@@ -14,8 +11,6 @@ check the sums over repeated ids and over the tokens that share a key; the maske
 add the GPU runs is checked only by the -m gpu test (which has repeats and -1 ids).
 There is no query tile (one program per token), so any T is "ragged"; k is padded to block_k.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +20,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from experiments import bench_common
 from pallas_kernels import _testing
-from pallas_kernels.lightning_indexer import (
-  grad,
-  kernel_sparse_kl_triton,
-  ops,
-  reference,
-)
-from pallas_kernels.lightning_indexer import (
-  kernel_sparse_kl_mosaic_gpu as mosaic,
-)
+from pallas_kernels.lightning_indexer import grad, kernel_sparse_kl_triton, ops, reference
 from pallas_kernels.v4_attention import ops as v4_ops
 
 SMALL = kernel_sparse_kl_triton.BlockSizes(block_k=16)
@@ -268,177 +255,3 @@ def test_gpu_matches_reference(dtype, tol):
   assert float(kl[0, 5]) == 0 and np.isfinite(np.asarray(kl)).all()
   for e in errs:
     assert e < tol, errs
-
-
-# ---------------------------------------------------------------------------------------------
-# the Mosaic GPU backward (GPU interpreter on CPU)
-
-BF16_TOL = 1e-2  # bf16 operands and bf16 g-weighted tiles, as the Triton backward
-F16_TOL = 2e-3
-
-
-def _mosaic_grads(args, bwd, dtype=None):
-  q, k, w, idx, p, dl = args
-  bsz = kernel_sparse_kl_triton.BlockSizes(block_k=16, bwd=bwd)
-  f = lambda q, k, w: ops.sparse_kl(q, k, w, idx, p, impl="pallas", interpret=True, block_sizes=bsz)
-  return jax.jit(lambda q, k, w: _vg(f, q, k, w, dl))(q, k, w)
-
-
-def _mosaic_ref(args):
-  q, k, w, idx, p, dl = args
-  f = lambda q, k, w: reference.sparse_kl_reference(q, k, w, idx, p)
-  return jax.jit(lambda q, k, w: _vg(f, q, k, w, dl))(*(x.astype(jnp.float32) for x in (q, k, w)))
-
-
-# (seed, B, T, S, J, D, k): k > S with J / D padded (4 -> 64, 24 -> 64) and one chunk (WG1 idle);
-# V3.2's J = 64 with k = 130 (3 chunks, the last one mostly padding)
-MOSAIC_CASES = {
-  "k_over_s": (0, 2, 5, 20, 4, 24, 32),
-  "j64_three_chunks": (2, 1, 3, 30, 64, 32, 130),
-}
-
-
-@pytest.mark.parametrize("name", list(MOSAIC_CASES))
-def test_mosaic_interpret_matches_reference_and_triton(name):
-  args = _case(*MOSAIC_CASES[name], dtype=jnp.bfloat16)
-  kl, grads = _mosaic_grads(args, "mosaic")
-  tkl, tgrads = _mosaic_grads(args, "triton")
-  rkl, rgrads = _mosaic_ref(args)
-  np.testing.assert_array_equal(np.asarray(kl), np.asarray(tkl))  # the same forward
-  for name_, g, tg, rg, x in zip("qkw", grads, tgrads, rgrads, args[:3]):
-    assert g.dtype == x.dtype and g.shape == x.shape, name_
-    assert _testing.rel_err(g, rg) < BF16_TOL, (name_, _testing.rel_err(g, rg))
-    assert _testing.rel_err(g, tg) < BF16_TOL, (name_, _testing.rel_err(g, tg))
-  # row (0, 1) has no valid slot, row (0, 2) no target mass: no gradient from them
-  for row in (1, 2):
-    assert (np.asarray(grads[0][0, row], np.float32) == 0).all()
-    assert (np.asarray(grads[2][0, row], np.float32) == 0).all()
-
-
-def test_mosaic_interpret_f16_repeated_ids_add_up():
-  """Every slot picks one of two keys: their dk is the sum over all tokens and slots (repeats
-  within a token and across the two warpgroups' chunks included); every other key gets 0."""
-  q, k, w, _, _, dl = _case(4, 1, 4, 12, 4, 16, 128, dtype=jnp.float16)
-  idx = jnp.where(jnp.arange(128) % 2 == 0, 3, 7)[None, None, :].repeat(4, axis=1)
-  idx = idx.astype(jnp.int32)
-  p = jnp.full(idx.shape, 1 / 128, jnp.float32)
-  args = (q, k, w, idx, p, dl)
-  _, (dq, dk, dw) = _mosaic_grads(args, "mosaic")
-  _, (rdq, rdk, rdw) = _mosaic_ref(args)
-  for g, rg in ((dq, rdq), (dk, rdk), (dw, rdw)):
-    assert _testing.rel_err(g, rg) < F16_TOL
-  others = np.delete(np.asarray(dk[0], np.float32), [3, 7], axis=0)
-  assert (others == 0).all() and np.abs(np.asarray(dk[0, [3, 7]], np.float32)).min() > 0
-
-
-def _bwd_kernel_names(args, bwd):
-  """The kernels' names in the traced gradient: pallas_call (Triton) and mpmd_map (a Mosaic GPU
-  plgpu.kernel, named after its entry function)."""
-  q, k, w, idx, p, dl = args
-  bsz = kernel_sparse_kl_triton.BlockSizes(block_k=16, bwd=bwd)
-  f = lambda q, k, w: jnp.sum(
-    ops.sparse_kl(q, k, w, idx, p, impl="pallas", interpret=True, block_sizes=bsz) * dl
-  )
-  jaxpr = jax.make_jaxpr(jax.grad(f, (0, 1, 2)))(q, k, w).jaxpr
-  names = []
-
-  def walk(jp):
-    for e in jp.eqns:
-      if e.primitive.name in ("pallas_call", "mpmd_map"):
-        names.append(str(e.params["name"]))
-      for v in e.params.values():
-        for sub in v if isinstance(v, (tuple, list)) else (v,):
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-
-  walk(jaxpr)
-  return names
-
-
-def test_mosaic_falls_back_to_triton_where_it_does_not_apply():
-  f32 = _case(0, 1, 4, 8, 2, 16, 16)
-  assert _bwd_kernel_names(f32, "mosaic") == ["sparse_kl_fwd", "sparse_kl_bwd"]  # f32: Triton
-  why = mosaic.supported(f32[0], f32[1], 16)
-  assert why == "q dtype float32 (the wgmma operands need bf16 or f16)"
-  bf = _case(0, 1, 4, 8, 2, 16, 16, dtype=jnp.bfloat16)
-  assert _bwd_kernel_names(bf, "mosaic") == ["sparse_kl_fwd", "sparse_kl_bwd_mosaic"]
-  assert _bwd_kernel_names(bf, "triton") == ["sparse_kl_fwd", "sparse_kl_bwd"]
-  wide = jnp.zeros((1, 2, 96, 16), jnp.bfloat16)
-  assert "J=96 > 64" in mosaic.supported(wide, bf[1], 16)
-  assert "k=20000" in mosaic.supported(bf[0], bf[1], 20000)
-  with pytest.raises(ValueError, match="bwd='cuda'"):
-    kernel_sparse_kl_triton.BlockSizes(bwd="cuda")
-  with pytest.raises(ValueError, match="J=96"):
-    mosaic.sparse_kl_bwd(wide, *bf[1:3], *bf[3:5], (None, None), bf[5])
-
-
-@pytest.mark.parametrize("t,s,k", [(4096, 4096, 2048), (8192, 2048, 512)])
-def test_mosaic_export_cuda(t, s, k):
-  """The real Mosaic GPU lowering (layout inference, the SMEM buffers, the inline cp.async and
-  red.global builders) at V3.2's shapes (T = S = 4096, k 2048) and V4-Flash's sparse stage
-  (T 8192 over U = T/4 compressed keys, k 512); J 64, D 128, bf16."""
-  sds = jax.ShapeDtypeStruct
-  f32 = jnp.float32
-  args = (
-    sds((1, t, 64, 128), jnp.bfloat16),
-    sds((1, s, 128), jnp.bfloat16),
-    sds((1, t, 64), f32),
-    sds((1, t, k), jnp.int32),
-    sds((1, t, k), f32),
-    sds((t,), f32),
-    sds((t,), f32),
-    sds((1, t), f32),
-  )
-
-  def bwd(q, k_, w, idx, p, lse, ps, dl):
-    return mosaic.sparse_kl_bwd(q, k_, w, idx, p, (lse, ps), dl)
-
-  exp = jax.export.export(jax.jit(bwd), platforms=["cuda"])(*args)
-  assert [a.shape for a in exp.out_avals] == [(1, t, 64, 128), (1, s, 128), (1, t, 64)]
-  mlir = exp.mlir_module()
-  assert "red.relaxed.gpu.global.add.v4.f32" in mlir and "cp.async.cg.shared.global" in mlir
-
-
-@pytest.mark.gpu
-def test_mosaic_gpu_matches_triton_and_reference():
-  """V3.2 size on the GPU, bf16 (T = S = 4096, k 2048, J 64, D 128; ~30% -1 ids, repeats, a row
-  with no valid slot): the Mosaic backward's gradients against the f32 reference and the Triton
-  backward; prints both backwards' fwd+bwd times (no assertion on them)."""
-  if jax.default_backend() != "gpu":
-    pytest.skip("needs an NVIDIA GPU")
-  b, t, s, j, d, k = 1, 4096, 4096, 64, 128, 2048
-  rng = np.random.default_rng(11)
-  q = _testing.normal(0, (b, t, j, d), jnp.bfloat16)
-  kk = _testing.normal(1, (b, s, d), jnp.bfloat16)
-  w = _testing.normal(2, (b, t, j), jnp.bfloat16, scale=3.0 / j**0.5)
-  idx = rng.integers(0, s, (b, t, k)).astype(np.int32)
-  idx[..., 1::3] = idx[..., 0::3][..., : idx[..., 1::3].shape[-1]]
-  idx[rng.random(idx.shape) < 0.3] = -1
-  idx[0, 5] = -1
-  p = np.where((idx >= 0) & (rng.random(idx.shape) < 0.7), rng.random(idx.shape), 0)
-  p = jnp.asarray((p / np.maximum(p.sum(-1, keepdims=True), 1e-30)).astype(np.float32))
-  idx = jnp.asarray(idx)
-  dl = _testing.normal(3, (b, t))
-
-  def vg(bwd):
-    bsz = kernel_sparse_kl_triton.BlockSizes(bwd=bwd)
-    fn = functools.partial(ops.sparse_kl, impl="pallas", block_sizes=bsz)
-    return jax.jit(lambda q, k_, w, idx, p: _vg(lambda *a: fn(*a, idx, p), q, k_, w, dl))
-
-  mos, tri = vg("mosaic"), vg("triton")
-  _, grads = mos(q, kk, w, idx, p)
-  _, tgrads = tri(q, kk, w, idx, p)
-  with jax.default_matmul_precision("highest"):
-    ref = lambda *a: reference.sparse_kl_reference(*a, idx, p, block_t=256)
-    _, rgrads = jax.jit(lambda *a: _vg(ref, *a, dl))(*(x.astype(jnp.float32) for x in (q, kk, w)))
-  errs = [_testing.rel_err(g, rg) for g, rg in zip(grads, rgrads)]
-  terrs = [_testing.rel_err(g, tg) for g, tg in zip(grads, tgrads)]
-  print(f"\nmosaic bwd rel err dq/dk/dw vs reference {errs}, vs triton {terrs}")
-  print(
-    f"fwd+bwd ms: mosaic bwd {bench_common.time_fn(mos, q, kk, w, idx, p):.2f}, "
-    f"triton bwd {bench_common.time_fn(tri, q, kk, w, idx, p):.2f}"
-  )
-  assert (np.asarray(grads[0][0, 5], np.float32) == 0).all()
-  for e in errs + terrs:
-    assert e < 3e-2, (errs, terrs)
