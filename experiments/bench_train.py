@@ -24,8 +24,9 @@ M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
 no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
-M1_SPARSE_BWD=xla,kernel runs the sparse phase once per sparse-MLA backward (the blocked XLA
-backward, the Mosaic GPU kernel; `shape.sparse_bwd`); unset, the library's default.
+M1_SPARSE_BWD=xla,kernel,kernel_sorted runs the sparse phase once per sparse-MLA backward (the
+blocked XLA backward, the Mosaic GPU kernel with its dkv reds or with the sorted segment sum,
+sparse_mla ops.GPU_BWD_DKV; `shape.sparse_bwd`); unset, the library's default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
 custom_vjp; kernels: the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash
@@ -215,8 +216,10 @@ def suite_m1(small: bool):
     raise ValueError(f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels")
   policies = env("M1_REMAT_POLICY", "") or [None]
   bwd_modes = env("M1_SPARSE_BWD", "")
-  if set(bwd_modes) - {"xla", "kernel"}:
-    raise ValueError(f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel")
+  if set(bwd_modes) - {"xla", "kernel", "kernel_sorted"}:
+    raise ValueError(
+      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel, kernel_sorted"
+    )
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -249,7 +252,8 @@ def suite_m1(small: bool):
           kernel_kl_triton.GRAD_IN_FORWARD = kl_mode != "kernels_3sweep"
         if bwd_mode is not None:
           shape["sparse_bwd"] = bwd_mode
-          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode == "kernel"
+          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode != "xla"
+          sparse_mla_ops.GPU_BWD_DKV = "sorted" if bwd_mode == "kernel_sorted" else "red"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,

@@ -1,6 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sparse-MLA GPU backward at S1 shapes: the blocked XLA backward's scan steps
-(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (case "kernel", ops.GPU_BWD_KERNEL).
+(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (case "kernel", ops.GPU_BWD_KERNEL;
+"kernel_sorted": with ops.GPU_BWD_DKV="sorted", the stored dR tiles and the sorted segment sum).
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -38,17 +39,18 @@ CASES = [("default", BASE)] + [
 ]
 
 
-def _kernel_rule(d_v, interp):
-  """The custom VJP's backward with the kernel on while it is traced."""
+def _kernel_rule(d_v, interp, dkv="red"):
+  """The custom VJP's backward with the kernel on (dkv: ops.GPU_BWD_DKV) while it is traced."""
 
   interp = plgpu.InterpretGPUParams() if interp else False
 
   def rule(res, cts):
-    saved, ops.GPU_BWD_KERNEL = ops.GPU_BWD_KERNEL, True
+    saved = ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV
+    ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV = True, dkv
     try:
       return ops._sparse_mla_gpu_bwd(SCALE, d_v, interp, BASE, res, cts)[:2]
     finally:
-      ops.GPU_BWD_KERNEL = saved
+      ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV = saved
 
   return rule
 
@@ -95,8 +97,9 @@ def main():
         :2
       ]
       jobs.append((name, cfg, jax.jit(rule), (res, cts)))
-  if not only or "kernel" in only:
-    jobs.append(("kernel", BASE, jax.jit(_kernel_rule(d_v, interp)), (res, cts)))
+  for name, dkv in (("kernel", "red"), ("kernel_sorted", "sorted")):
+    if not only or name in only:
+      jobs.append((name, BASE, jax.jit(_kernel_rule(d_v, interp, dkv)), (res, cts)))
   vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: op(q, kv, idx), q, kv)[1])(q, kv, idx)
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 

@@ -47,6 +47,13 @@ the adds collide in unknown places; the alternatives cost more here:
   - per-CTA partial rows + a second reduction pass writes B*T*k*Kp f32 (19 GB at S3);
   - an index inversion (sort the B*T*k ids, segment-sum) needs a second gather pass.
 Atomics are not deterministic in the order of f32 adds (the XLA scatter is not either).
+The second scheme is dkv="store": each dR tile is rounded to q's dtype and stored from
+registers with `st.global.v2.b32` at its own rows (one row per head block, token and slot,
+`_store_op`); ops.py sorts the slot ids by row and kernel_segment_sum_triton.py adds each row's
+tiles once, without atomics, token block by token block (ops.GPU_BWD_DKV="sorted"). Its
+traffic is one write and one read of the bf16 tiles (19.3 GB each way at S3, ~4-6 ms each at
+HBM rates) where the reds read-modify-write f32 dkv rows in DRAM (about 50 of the kernel's
+62 ms at S3 on the H100, lab log).
 The interpreter has neither inline Mosaic GPU nor TMA reductions, so there the dR tiles go
 through an f32 SMEM stage and are added row by row with plain loads/stores of the dkv Ref (the
 interpreter runs the grid one CTA at a time and the two WGs own different column tiles).
@@ -227,6 +234,81 @@ def _red_add_op(kp_dim: int, col0: int):
   return red_add
 
 
+def _store_op(kp_dim: int, col0: int, kp: int, n: int, dtype):
+  """Inline Mosaic GPU: dr[((hb * n + t) * kp + j * 64 + row), col0 + col] = acc[row, col]
+  for a [64, 64] f32 WGMMA-layout tile, rounded to `dtype` (bf16 / f16): red_schedule's order,
+  each 4 adjacent floats as two packed 16-bit pairs in one `st.global.v2.b32` (8 bytes, aligned:
+  columns in steps of 4, rows of kp_dim 16-bit values)."""
+  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+  from jaxlib.mlir import ir  # noqa: PLC0415
+  from jaxlib.mlir.dialects import arith, llvm, vector  # noqa: PLC0415
+
+  @plgpu.inline_mgpu(
+    arg_types=(
+      plgpu.RefType(),
+      plgpu.Layout.WGMMA,
+      plgpu.Layout.WG_SPLAT,
+      plgpu.Layout.WG_SPLAT,
+      plgpu.Layout.WG_SPLAT,
+    )
+  )
+  def store(ctx, dr, acc, t, hb, j):
+    del ctx
+    i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
+    half = ir.BF16Type.get() if dtype == jnp.bfloat16 else ir.F16Type.get()
+    index = ir.IndexType.get()
+    t, hb, j = (arith.extsi(i64, fwd._scalar(x)) for x in (t, hb, j))
+    base = mu.memref_ptr(dr)
+    regs = acc.registers
+    idxs = dict(zip(np.ndindex(regs.shape), acc.layout.thread_idxs(acc.shape), strict=True))
+    dims = [d for d, n in enumerate(regs.shape) if n > 1]
+    if [regs.shape[d] for d in dims] != [8, 2]:
+      raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
+    d_col, d_row = dims
+
+    def reg(h, g):
+      return regs[tuple(g if d == d_col else (h if d == d_row else 0) for d in range(regs.ndim))]
+
+    v = [[reg(h, g) for g in range(8)] for h in range(2)]
+    row0, col = idxs[tuple(0 for _ in range(regs.ndim))]
+    zero = mu.c(0, index)
+    sched = red_schedule(
+      v,
+      _Index(row0),
+      _Index(arith.shrui(col, mu.c(1, index))),
+      sel=arith.select,
+      shfl=mu.shfl_bfly,
+      cond=lambda i: arith.cmpi(arith.CmpIPredicate.ne, i.v, zero),
+    )
+    # first row of this (head block, token, chunk) in dr
+    r0 = arith.muli(arith.addi(arith.muli(hb, mu.c(n, i64)), t), mu.c(kp, i64))
+    r0 = arith.addi(r0, arith.muli(j, mu.c(64, i64)))
+    pair_t, packed_t = ir.VectorType.get([2], half), ir.VectorType.get([1], i32)
+    for row, c, pairs in sched:
+      r = arith.addi(r0, arith.index_cast(i64, row.v))
+      elem = arith.addi(
+        arith.muli(r, mu.c(kp_dim, i64)), arith.addi(arith.index_cast(i64, c.v), mu.c(col0, i64))
+      )
+      words = [
+        vector.extract(
+          vector.bitcast(packed_t, arith.truncf(pair_t, p)),
+          dynamic_position=[],
+          static_position=ir.DenseI64ArrayAttr.get([0]),
+        )
+        for p in pairs
+      ]
+      ptr = mu.getelementptr(base, [arith.muli(elem, mu.c(2, i64))], i8)
+      llvm.inline_asm(
+        ir.Type.parse("!llvm.void"),
+        [ptr, *words],
+        "st.global.v2.b32 [$0], {$1, $2};",
+        "l,r,r",
+        has_side_effects=True,
+      )
+
+  return store
+
+
 def sparse_mla_bwd(
   q,
   kv,
@@ -236,11 +318,16 @@ def sparse_mla_bwd(
   delta,
   *,
   scale: float,
+  dkv: str = "red",
   interpret=False,
 ):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp]
-  (q.dtype), dkv [R,Kp] f32. See the module docstring; the shape rules are the forward's.
-  The interpreter has no reds (it adds rows one at a time), so only a GPU checks them.
+  (q.dtype) and, with dkv="red", dkv [R,Kp] f32 (the dR tiles added with reds); with
+  dkv="store", dr [Hp/64 * N * kp, Kp] (q.dtype): every dR tile stored at its own rows
+  ((head block * N + t) * kp + slot: one group of N * kp rows per head block), for a sorted
+  segment sum to add up (kernel_segment_sum_triton.py); rows of invalid slots are zeros. See the module docstring;
+  the shape rules are the forward's. The interpreter has neither reds nor the inline stores (it
+  adds / writes the tiles with plain Pallas stores), so only a GPU checks them.
   """
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
@@ -253,7 +340,10 @@ def sparse_mla_bwd(
   need = smem_bytes(kp_dim, d_out, q.dtype.itemsize)
   if need > _SMEM_BYTES and not interpret:
     raise ValueError(f"the backward needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
+  if dkv not in ("red", "store"):
+    raise ValueError(f"dkv={dkv!r}; expected 'red' or 'store'")
   n_chunks = kp // bk
+  n_hb = hp // HEAD_BLOCK
   n_tiles = kp_dim // 64
   do_tiles = d_out // 64
   dtype = q.dtype
@@ -265,7 +355,10 @@ def sparse_mla_bwd(
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
-    red_ops = {c: _red_add_op(kp_dim, c * 64) for c in range(n_tiles)}
+    if dkv == "red":
+      red_ops = {c: _red_add_op(kp_dim, c * 64) for c in range(n_tiles)}
+    else:
+      store_ops = {c: _store_op(kp_dim, c * 64, kp, n, q.dtype) for c in range(n_tiles)}
 
   def zeros_wgmma(cols=64):
     return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, cols), jnp.float32), plgpu.Layout.WGMMA)
@@ -382,7 +475,13 @@ def sparse_mla_bwd(
             return acc_ref[...]
 
           acc = pl.run_scoped(scope, plgpu.ACC((bk, 64), jnp.float32))
-          if interpret:
+          if dkv == "store":
+            if interpret:
+              rows = pl.ds((hb * n + t) * kp + j * bk, bk)
+              dkv_ref.at[rows, pl.ds(c * 64, 64)][...] = acc.astype(dtype)
+            else:
+              store_ops[c](dkv_ref, acc, t, hb, j)
+          elif interpret:
             st = stage.at[wg]
             st[...] = acc
 
@@ -471,7 +570,15 @@ def sparse_mla_bwd(
     )
 
   out_type = jax.ShapeDtypeStruct((n, hp, kp_dim), dtype)
+  if dkv == "store":  # dr is a second output (no zero fill: every row is written)
+    dr_type = jax.ShapeDtypeStruct((n_hb * n * kp, kp_dim), dtype)
+
+    def store_entry(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, dr_ref):
+      sparse_mla_bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dr_ref, dq_ref)
+
+    kern = fwd.token_kernel(store_entry, (out_type, dr_type), hp, n, 3, interpret)
+    return kern(q, kv, idx3, do, lse2, delta)
   kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret)
-  dkv = jax.new_ref(jnp.zeros((kv.shape[0], kp_dim), jnp.float32))
-  dq = kern(q, kv, idx3, do, lse2, delta, dkv)
-  return dq, jax.freeze(dkv)
+  dkv_ref = jax.new_ref(jnp.zeros((kv.shape[0], kp_dim), jnp.float32))
+  dq = kern(q, kv, idx3, do, lse2, delta, dkv_ref)
+  return dq, jax.freeze(dkv_ref)

@@ -24,6 +24,7 @@ from pallas_kernels.sparse_mla import (
   kernel_mosaic_gpu,
   kernel_mosaic_gpu_bwd,
   kernel_mosaic_gpu_probs,
+  kernel_segment_sum_triton,
   kernel_tpu,
   reference,
 )
@@ -42,6 +43,10 @@ GPU_PROBS_KERNEL = True
 # the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
 # backward at S3 shapes (its dkv atomic adds dominate; S3_BWD=kernel in the S3 benchmark).
 GPU_BWD_KERNEL = False
+# How the kernel backward sums dkv: "red" (every dR tile added into an f32 dkv with relaxed
+# atomic reds) or "sorted" (the kernel stores the dR tiles, token block by token block; the
+# slot ids are sorted by row and a Pallas-Triton segment sum adds each row's tiles once).
+GPU_BWD_DKV = "red"
 
 
 def _check(q, kv, idx, d_v):
@@ -297,18 +302,55 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
   delta = delta - jnp.where(jnp.isfinite(lse), d_lse.astype(f32), 0.0)
   dof = _pad_heads(d_out.astype(q.dtype), hp)
   dof = jnp.pad(dof, ((0, 0), (0, 0), (0, d_outp - d_v)))
-  dq, dkv = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
-    qf,
-    kvf,
-    gidx,
-    dof,
-    _pad_heads(lse.astype(f32), hp, jnp.inf),
-    _pad_heads(delta, hp),
-    scale=scale,
-    interpret=interpret,
-  )
+  args = (qf, kvf, gidx, dof, _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp))
+  if GPU_BWD_DKV == "sorted":
+    dq, dkv = _bwd_kernel_sorted(*args, scale=scale, interpret=interpret)
+  else:
+    dq, dkv = kernel_mosaic_gpu_bwd.sparse_mla_bwd(*args, scale=scale, interpret=interpret)
   dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
+
+
+def sorted_block_tokens(n: int, n_hb: int, kp: int, kp_dim: int) -> int:
+  """Tokens per block of the sorted dkv reduction: the largest power of two (at most n) whose
+  stored dR tiles (n_hb * tokens * kp rows of kp_dim) stay below 2**31 elements, the index
+  range of the segment sum's int32 offsets."""
+  per_token = n_hb * kp * kp_dim
+  nb = 1
+  while nb * 2 <= n and nb * 2 * per_token < 2**31:
+    nb *= 2
+  if nb * per_token >= 2**31:
+    raise ValueError(f"one token's dR tiles ({per_token} elements) exceed the int32 range")
+  return nb
+
+
+def _bwd_kernel_sorted(qf, kvf, gidx, dof, lsef, deltaf, *, scale, interpret):
+  """GPU_BWD_DKV="sorted": token blocks (scan); per block the kernel stores its dR tiles, the
+  block's slot ids are sorted by row, and the segment sum adds each row's tiles into dkv."""
+  n, hp, kp_dim = qf.shape
+  rows, kp = kvf.shape[0], gidx.shape[1]
+  n_hb = hp // kernel_mosaic_gpu.HEAD_BLOCK
+  nb = sorted_block_tokens(n, n_hb, kp, kp_dim)
+  n_blocks = -(-n // nb)
+
+  def split(x, fill=0):
+    x = _common.pad_axis(x, 0, nb, value=fill)
+    return x.reshape((n_blocks, nb) + x.shape[1:])
+
+  def body(dkv, blk):
+    qb, ib, db, lb, eb = blk
+    dq, dr = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
+      qb, kvf, ib, db, lb, eb, scale=scale, dkv="store", interpret=interpret
+    )
+    order, starts = kernel_segment_sum_triton.sort_segments(ib.reshape(-1), rows)
+    dkv = kernel_segment_sum_triton.segment_sum_rows(
+      dr, order, starts, dkv, groups=n_hb, interpret=bool(interpret)
+    )
+    return dkv, dq
+
+  xs = (split(qf), split(gidx, -1), split(dof), split(lsef, jnp.inf), split(deltaf))
+  dkv, dq = jax.lax.scan(body, jnp.zeros((rows, kp_dim), jnp.float32), xs)
+  return dq.reshape((n_blocks * nb,) + dq.shape[2:])[:n], dkv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

@@ -71,6 +71,24 @@ def test_interpret_bf16(bwd_kernel):
   _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16)
 
 
+def test_interpret_bf16_sorted_dkv(bwd_kernel, monkeypatch):
+  """GPU_BWD_DKV="sorted": the kernel stores its dR tiles, the slot ids are sorted and the
+  Pallas-Triton segment sum adds them (token blocks of 2, so the scan runs two blocks and pads
+  the last one). Same checks as the reds."""
+  bwd_kernel.setattr(ops, "GPU_BWD_DKV", "sorted")
+  monkeypatch.setattr(ops, "sorted_block_tokens", lambda n, *a: 2)
+  _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16, seed=4)
+
+
+def test_sorted_block_tokens():
+  # V3.2: 2 head blocks x 2048 slots x 576 columns = 2.36M elements a token -> 512 tokens
+  assert ops.sorted_block_tokens(4096, 2, 2048, 576) == 512
+  assert ops.sorted_block_tokens(100, 2, 2048, 576) == 64  # at most n, a power of two
+  assert ops.sorted_block_tokens(3, 1, 64, 64) == 2
+  with pytest.raises(ValueError, match="int32"):
+    ops.sorted_block_tokens(8, 2**16, 2**10, 64)
+
+
 @pytest.mark.slow  # ~25 s in the GPU interpreter; test_interpret_bf16 covers the path in CI
 def test_interpret_f16_two_head_blocks(bwd_kernel):
   # 2 head blocks (grid over heads), k a multiple of 64, d_out = Kp (no rope-only tile).
@@ -136,11 +154,13 @@ def test_red_schedule_lanes():
   np.testing.assert_array_equal(seen, 1)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_cross_lowering_cuda_full_shape(bwd_kernel, batch):
+@pytest.mark.parametrize("batch,dkv", [(1, "red"), (2, "red"), (1, "sorted")])
+def test_cross_lowering_cuda_full_shape(bwd_kernel, batch, dkv):
   """The real Mosaic GPU lowering of forward + kernel backward at V3.2 shapes (SMEM budget,
-  layout inference, the inline cp.async / red.global builders); the interpreter misses these."""
+  layout inference, the inline cp.async / red.global / st.global builders, the segment sum's
+  Triton lowering); the interpreter misses these."""
   bwd_kernel.setattr(ops, "bwd_kernel_why", lambda interpret=False: None)
+  bwd_kernel.setattr(ops, "GPU_BWD_DKV", dkv)
   t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
   sds = jax.ShapeDtypeStruct
   q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
@@ -152,9 +172,12 @@ def test_cross_lowering_cuda_full_shape(bwd_kernel, batch):
     return vjp((do, dl))
 
   args = (q, kv, idx, sds((batch, t, h, d_v), jnp.bfloat16), sds((batch, t, h), jnp.float32))
-  mlir = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"])(*args).mlir_module()
-  assert "sparse_mla_bwd_kernel" in mlir
-  assert "red.relaxed.gpu.global.add.v4.f32" in mlir
+  mlir = _testing.export_cuda(fwd_bwd, *args).mlir_module()
+  if dkv == "red":
+    assert "sparse_mla_bwd_kernel" in mlir
+    assert "red.relaxed.gpu.global.add.v4.f32" in mlir
+  else:
+    assert "st.global.v2.b32" in mlir and "segment_sum_rows" in mlir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,10 +190,12 @@ def _on_gpu():
 
 
 @pytest.mark.gpu
-def test_gpu_small_shapes(bwd_kernel):
+@pytest.mark.parametrize("dkv", ["red", "sorted"])
+def test_gpu_small_shapes(bwd_kernel, dkv):
   """Awkward shapes on the GPU vs autodiff of the fp32 reference: H 20, k 72, d_v 80, B 2, a
-  masked row, repeats, ids < 0 and >= S."""
+  masked row, repeats, ids < 0 and >= S; dkv: ops.GPU_BWD_DKV."""
   _on_gpu()
+  bwd_kernel.setattr(ops, "GPU_BWD_DKV", dkv)
   assert ops.bwd_kernel_why() is None  # the custom VJP takes the kernel here
   q, kv, idx = _inputs(2, 7, 20, 96, 50, 72, jnp.bfloat16, lo=-10)
   f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=80, impl="pallas")
@@ -206,10 +231,13 @@ def test_gpu_s3_vs_xla(bwd_kernel):
     ref = jax.jit(lambda *a: ops._bwd_blocked(*map(f32, a), scale=SCALE, d_v=d_v, block_t=256))(
       *args
     )
-  g_kern, g_xla = kern(*args), xla(*args)
+  g_kern, g_xla = kern(*args), xla(*args)  # traced with GPU_BWD_DKV="red"
+  bwd_kernel.setattr(ops, "GPU_BWD_DKV", "sorted")
+  kern_sorted = jax.jit(lambda *a: ops._gpu_bwd_kernel_call(*a, SCALE, d_v, False))
+  g_sorted = kern_sorted(*args)
   errs = {
     name: [_testing.rel_err(x, r) for x, r in zip(g, ref)]
-    for name, g in (("kernel", g_kern), ("xla", g_xla))
+    for name, g in (("kernel", g_kern), ("xla", g_xla), ("kernel_sorted", g_sorted))
   }
   print(f"S3 backward rel err vs fp32 (dq, dkv): {errs}")
-  assert max(errs["kernel"]) <= 5e-3, errs
+  assert max(errs["kernel"]) <= 5e-3 and max(errs["kernel_sorted"]) <= 5e-3, errs

@@ -1,0 +1,83 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Pallas-Triton segment sum of gathered rows: the second pass of the sparse-MLA backward's
+sorted dkv reduction (kernel_mosaic_gpu_bwd.py, dkv="sorted").
+
+  out[r, :] = init[r, :] + sum over i in [starts[r], starts[r + 1]) and g < G of
+              rows[g * M + order[i], :]
+
+rows [G*M, C] (bf16/f16/f32; G row groups of M positions: the backward's head blocks), order [P]
+int32 positions in [0, M) sorted by the row they add to, starts [R + 1] int32 (CSR offsets into
+order), init [R, C] f32 -> out [R, C] f32 (init's buffer, aliased).
+
+One program per output row r and block of `block_c` columns: it walks its segment
+`block_r` positions at a time, gathers those positions' rows (one masked 2-D load per group),
+sums them in f32 registers and writes the row once: no atomics, so the adds are deterministic
+(in the order of `order`) and each output element is read and written once. Rows with an empty
+segment keep init.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+BLOCK_R = 32
+BLOCK_C = 64
+
+
+def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, groups, m, block_r, block_c):
+  del init_ref  # aliased with out_ref: read through out_ref
+  r, cb = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(cb * block_c, block_c)
+  lo, hi = starts_ref[r], starts_ref[r + 1]
+  n_it = (hi - lo + block_r - 1) // block_r
+  lane = jax.lax.broadcasted_iota(jnp.int32, (block_r,), 0)
+
+  def body(i, acc):
+    at = lo + i * block_r + lane
+    ok = at < hi
+    pos = order_ref[jnp.where(ok, at, 0)]  # past the segment: position order[0], zeroed below
+    for g in range(groups):
+      x = rows_ref[g * m + pos, cols].astype(jnp.float32)
+      acc = acc + jnp.sum(jnp.where(ok[:, None], x, 0.0), axis=0)
+    return acc
+
+  acc = jax.lax.fori_loop(0, n_it, body, jnp.zeros((block_c,), jnp.float32))
+  out_ref[r, cols] = out_ref[r, cols] + acc
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "block_r", "block_c", "interpret"))
+def segment_sum_rows(
+  rows, order, starts, init, *, groups, block_r=BLOCK_R, block_c=BLOCK_C, interpret=False
+):
+  """See the module docstring. C must be a multiple of block_c."""
+  gm, c = rows.shape
+  r = starts.shape[0] - 1
+  if gm % groups or c % block_c or init.shape != (r, c) or order.ndim != 1:
+    raise ValueError(
+      f"segment_sum_rows: rows {rows.shape} (groups {groups}, columns a multiple of {block_c}), "
+      f"order {order.shape}, starts {starts.shape}, init {init.shape}; expected init [R, C] with "
+      "R = len(starts) - 1"
+    )
+  kern = functools.partial(_kernel, groups=groups, m=gm // groups, block_r=block_r, block_c=block_c)
+  return pl.pallas_call(
+    kern,
+    out_shape=jax.ShapeDtypeStruct((r, c), jnp.float32),
+    grid=(r, c // block_c),
+    input_output_aliases={3: 0},
+    compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+    interpret=interpret,
+    name="segment_sum_rows",
+  )(rows, order.astype(jnp.int32), starts.astype(jnp.int32), init.astype(jnp.float32))
+
+
+def sort_segments(ids, n_rows: int):
+  """ids [P] int32 row ids (< 0 or >= n_rows: dropped) -> (order [P] positions sorted by id,
+  starts [n_rows + 1]): the positions adding to row r are order[starts[r]:starts[r + 1]]."""
+  key = jnp.where((ids >= 0) & (ids < n_rows), ids, n_rows).astype(jnp.int32)
+  pos = jnp.arange(ids.shape[0], dtype=jnp.int32)
+  key, order = jax.lax.sort((key, pos), num_keys=1)
+  starts = jnp.searchsorted(key, jnp.arange(n_rows + 1, dtype=jnp.int32), side="left")
+  return order, starts.astype(jnp.int32)
