@@ -157,6 +157,40 @@ class _Index:
     return self._op("shrui", o)
 
 
+def _tile_schedule(acc):
+  """red_schedule on a [64, 64] f32 WGMMA-layout tile inside inline Mosaic GPU: this thread's
+  (row, column, (pair, pair)) for each 4 adjacent floats, rows / columns as `_Index` values."""
+  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+  from jaxlib.mlir import ir  # noqa: PLC0415
+  from jaxlib.mlir.dialects import arith  # noqa: PLC0415
+
+  index = ir.IndexType.get()
+  regs = acc.registers
+  if any(ir.VectorType(r.type).shape != [2] for r in regs.flat):
+    raise NotImplementedError(f"expected vector<2xf32> registers, got {regs.flat[0].type}")
+  idxs = dict(zip(np.ndindex(regs.shape), acc.layout.thread_idxs(acc.shape), strict=True))
+  # registers [.., column group (8), .., row half (2), ..]: the two non-unit dims
+  dims = [d for d, n in enumerate(regs.shape) if n > 1]
+  if [regs.shape[d] for d in dims] != [8, 2]:
+    raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
+  d_col, d_row = dims
+
+  def reg(h, g):
+    return regs[tuple(g if d == d_col else (h if d == d_row else 0) for d in range(regs.ndim))]
+
+  v = [[reg(h, g) for g in range(8)] for h in range(2)]
+  row0, col = idxs[tuple(0 for _ in range(regs.ndim))]  # row0 = warp row + m, col = 2x
+  zero = mu.c(0, index)
+  return red_schedule(
+    v,
+    _Index(row0),
+    _Index(arith.shrui(col, mu.c(1, index))),
+    sel=arith.select,
+    shfl=mu.shfl_bfly,
+    cond=lambda i: arith.cmpi(arith.CmpIPredicate.ne, i.v, zero),
+  )
+
+
 def _red_add_op(kp_dim: int, col0: int):
   """Inline Mosaic GPU: dkv[ids[t, j, row], col0 + col] += acc[row, col] for a [64, 64] f32
   WGMMA-layout tile with relaxed `red.global.add.v4.f32`, 8 per thread in red_schedule's
@@ -183,34 +217,8 @@ def _red_add_op(kp_dim: int, col0: int):
     index = ir.IndexType.get()
     t, j = (arith.index_cast(index, fwd._scalar(x)) for x in (t, j))
     base = mu.memref_ptr(dkv)
-
-    regs = acc.registers
-    if any(ir.VectorType(r.type).shape != [2] for r in regs.flat):
-      raise NotImplementedError(f"expected vector<2xf32> registers, got {regs.flat[0].type}")
-    idxs = dict(zip(np.ndindex(regs.shape), acc.layout.thread_idxs(acc.shape), strict=True))
-    # registers [.., column group (8), .., row half (2), ..]: the two non-unit dims
-    dims = [d for d, n in enumerate(regs.shape) if n > 1]
-    if [regs.shape[d] for d in dims] != [8, 2]:
-      raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
-    d_col, d_row = dims
-
-    def reg(h, g):
-      return regs[tuple(g if d == d_col else (h if d == d_row else 0) for d in range(regs.ndim))]
-
-    v = [[reg(h, g) for g in range(8)] for h in range(2)]
-    row0, col = idxs[tuple(0 for _ in range(regs.ndim))]  # row0 = warp row + m, col = 2x
-    x = _Index(arith.shrui(col, mu.c(1, index)))
-    zero = mu.c(0, index)
-    sched = red_schedule(
-      v,
-      _Index(row0),
-      x,
-      sel=arith.select,
-      shfl=mu.shfl_bfly,
-      cond=lambda i: arith.cmpi(arith.CmpIPredicate.ne, i.v, zero),
-    )
     adds = []
-    for row, c, pairs in sched:
+    for row, c, pairs in _tile_schedule(acc):
       rid = arith.maxsi(memref.load(ids, [t, j, row.v]), mu.c(0, i32))
       elem = arith.addi(
         arith.muli(arith.extsi(i64, rid), mu.c(kp_dim, i64)),
@@ -256,35 +264,13 @@ def _store_op(kp_dim: int, col0: int, kp: int, n: int, dtype):
     del ctx
     i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
     half = ir.BF16Type.get() if dtype == jnp.bfloat16 else ir.F16Type.get()
-    index = ir.IndexType.get()
     t, hb, j = (arith.extsi(i64, fwd._scalar(x)) for x in (t, hb, j))
     base = mu.memref_ptr(dr)
-    regs = acc.registers
-    idxs = dict(zip(np.ndindex(regs.shape), acc.layout.thread_idxs(acc.shape), strict=True))
-    dims = [d for d, n in enumerate(regs.shape) if n > 1]
-    if [regs.shape[d] for d in dims] != [8, 2]:
-      raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
-    d_col, d_row = dims
-
-    def reg(h, g):
-      return regs[tuple(g if d == d_col else (h if d == d_row else 0) for d in range(regs.ndim))]
-
-    v = [[reg(h, g) for g in range(8)] for h in range(2)]
-    row0, col = idxs[tuple(0 for _ in range(regs.ndim))]
-    zero = mu.c(0, index)
-    sched = red_schedule(
-      v,
-      _Index(row0),
-      _Index(arith.shrui(col, mu.c(1, index))),
-      sel=arith.select,
-      shfl=mu.shfl_bfly,
-      cond=lambda i: arith.cmpi(arith.CmpIPredicate.ne, i.v, zero),
-    )
     # first row of this (head block, token, chunk) in dr
     r0 = arith.muli(arith.addi(arith.muli(hb, mu.c(n, i64)), t), mu.c(kp, i64))
     r0 = arith.addi(r0, arith.muli(j, mu.c(64, i64)))
     pair_t, packed_t = ir.VectorType.get([2], half), ir.VectorType.get([1], i32)
-    for row, c, pairs in sched:
+    for row, c, pairs in _tile_schedule(acc):
       r = arith.addi(r0, arith.index_cast(i64, row.v))
       elem = arith.addi(
         arith.muli(r, mu.c(kp_dim, i64)), arith.addi(arith.index_cast(i64, c.v), mu.c(col0, i64))
