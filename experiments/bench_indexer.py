@@ -17,6 +17,9 @@ E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if
     each part's time alone (`parts_ms`: indexer+top-k, sparse MLA fwd and fwd+bwd, probs, KL).
     E1_SPARSE_KL=kernels|xla: the sparse indexer KL on the Pallas-Triton kernels or the streamed
     XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl` in the row).
+    E1_SPARSE_BWD=xla|kernel|kernel_sorted: the sparse-MLA backward (the blocked XLA one, the
+    Mosaic GPU kernel with dkv reds or with the sorted segment sum; default the library's:
+    sparse_mla ops.GPU_BWD_KERNEL / GPU_BWD_DKV; `sparse_bwd` in the row).
 """
 
 import json
@@ -138,6 +141,16 @@ def suite_t1(small: bool):
   ]
 
 
+def _sparse_bwd_name(mla, impl):
+  """Which sparse-MLA backward the E1 layer ran: autodiff of the reference, the blocked XLA
+  backward, or the kernel with its dkv scheme."""
+  if impl != "pallas":
+    return "reference"
+  if mla.bwd_kernel_why():
+    return "xla"
+  return {"red": "kernel", "sorted": "kernel_sorted"}[mla.GPU_BWD_DKV]
+
+
 def _mla_impl(small):
   """'pallas' if the sparse-MLA kernel runs fwd+bwd here, else 'reference'."""
   from pallas_kernels.sparse_mla import ops as mla  # noqa: PLC0415
@@ -221,6 +234,12 @@ def suite_e1(small: bool):
     raise ValueError(f"E1_SPARSE_KL={kl_mode!r}; expected kernels or xla")
   if kl_mode:
     li_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
+  bwd_mode = os.environ.get("E1_SPARSE_BWD", "")
+  if bwd_mode not in ("", "xla", "kernel", "kernel_sorted"):
+    raise ValueError(f"E1_SPARSE_BWD={bwd_mode!r}; expected xla, kernel or kernel_sorted")
+  if bwd_mode:
+    mla.GPU_BWD_KERNEL = bwd_mode != "xla"
+    mla.GPU_BWD_DKV = "sorted" if bwd_mode == "kernel_sorted" else "red"
   impl = _mla_impl(small)
   interp = _interp(small)
   want_parts = small or bool(os.environ.get("E1_PARTS"))  # E1_PARTS=1: per-part times too
@@ -281,6 +300,7 @@ def suite_e1(small: bool):
           sparse_mla_impl=impl,
           probs="kernel" if mla.GPU_PROBS_KERNEL else "reference",
           sparse_kl="xla" if li_ops.sparse_kl_kernels_why(qi, ki) else "kernels",
+          sparse_bwd=_sparse_bwd_name(mla, impl),
           **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},
         )
