@@ -9,11 +9,11 @@ rows [G*M, C] (bf16/f16/f32; G row groups of M positions: the backward's head bl
 int32 positions in [0, M) sorted by the row they add to, starts [R + 1] int32 (CSR offsets into
 order), init [R, C] f32 -> out [R, C] f32 (init's buffer, aliased).
 
-One program per output row r and block of `block_c` columns: it walks its segment
-`block_r` positions at a time, gathers those positions' rows (one masked 2-D load per group),
-sums them in f32 registers and writes the row once: no atomics, so the adds are deterministic
-(in the order of `order`) and each output element is read and written once. Rows with an empty
-segment keep init.
+One program per output row r: it walks its segment `block_r` positions at a time (the
+positions read once for every column), gathers those positions' rows in `block_c`-column pieces
+(one 2-D load per group and piece), sums them in f32 registers and writes the row once: no
+atomics, so the adds are deterministic (in the order of `order`) and each output element is
+read and written once. Rows with an empty segment keep init.
 """
 
 import functools
@@ -29,23 +29,28 @@ BLOCK_C = 64
 
 def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, groups, m, block_r, block_c):
   del init_ref  # aliased with out_ref: read through out_ref
-  r, cb = pl.program_id(0), pl.program_id(1)
-  cols = pl.ds(cb * block_c, block_c)
+  r = pl.program_id(0)
+  pieces = [pl.ds(c, block_c) for c in range(0, out_ref.shape[1], block_c)]
   lo, hi = starts_ref[r], starts_ref[r + 1]
   n_it = (hi - lo + block_r - 1) // block_r
   lane = jax.lax.broadcasted_iota(jnp.int32, (block_r,), 0)
 
-  def body(i, acc):
+  def body(i, accs):
     at = lo + i * block_r + lane
     ok = at < hi
     pos = order_ref[jnp.where(ok, at, 0)]  # past the segment: position order[0], zeroed below
-    for g in range(groups):
-      x = rows_ref[g * m + pos, cols].astype(jnp.float32)
-      acc = acc + jnp.sum(jnp.where(ok[:, None], x, 0.0), axis=0)
-    return acc
+    out = []
+    for acc, cols in zip(accs, pieces):
+      for g in range(groups):
+        x = rows_ref[g * m + pos, cols].astype(jnp.float32)
+        acc = acc + jnp.sum(jnp.where(ok[:, None], x, 0.0), axis=0)
+      out.append(acc)
+    return tuple(out)
 
-  acc = jax.lax.fori_loop(0, n_it, body, jnp.zeros((block_c,), jnp.float32))
-  out_ref[r, cols] = out_ref[r, cols] + acc
+  zeros = tuple(jnp.zeros((block_c,), jnp.float32) for _ in pieces)
+  accs = jax.lax.fori_loop(0, n_it, body, zeros)
+  for acc, cols in zip(accs, pieces):
+    out_ref[r, cols] = out_ref[r, cols] + acc
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "block_r", "block_c", "interpret"))
@@ -65,7 +70,7 @@ def segment_sum_rows(
   return pl.pallas_call(
     kern,
     out_shape=jax.ShapeDtypeStruct((r, c), jnp.float32),
-    grid=(r, c // block_c),
+    grid=(r,),
     input_output_aliases={3: 0},
     compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
     interpret=interpret,
