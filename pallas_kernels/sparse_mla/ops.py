@@ -303,6 +303,8 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
   dof = _pad_heads(d_out.astype(q.dtype), hp)
   dof = jnp.pad(dof, ((0, 0), (0, 0), (0, d_outp - d_v)))
   args = (qf, kvf, gidx, dof, _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp))
+  if GPU_BWD_DKV not in ("red", "sorted"):
+    raise ValueError(f"ops.GPU_BWD_DKV={GPU_BWD_DKV!r}; expected 'red' or 'sorted'")
   if GPU_BWD_DKV == "sorted":
     dq, dkv = _bwd_kernel_sorted(*args, scale=scale, interpret=interpret)
   else:

@@ -80,6 +80,15 @@ def test_interpret_bf16_sorted_dkv(bwd_kernel, monkeypatch):
   _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16, seed=4)
 
 
+def test_sorted_dkv_switch_checked(bwd_kernel):
+  bwd_kernel.setattr(ops, "GPU_BWD_DKV", "atomic")
+  q, kv, idx = _inputs(1, 2, 8, 64, 10, 8, jnp.bfloat16)
+  f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="pallas", interpret=True)
+  _, vjp = jax.vjp(f, q, kv)
+  with pytest.raises(ValueError, match="GPU_BWD_DKV='atomic'"):
+    vjp((jnp.zeros((1, 2, 8, 32), jnp.bfloat16), jnp.zeros((1, 2, 8))))
+
+
 def test_sorted_block_tokens():
   # V3.2: 2 head blocks x 2048 slots x 576 columns = 2.36M elements a token -> 512 tokens
   assert ops.sorted_block_tokens(4096, 2, 2048, 576) == 512
