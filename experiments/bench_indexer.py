@@ -15,8 +15,10 @@ E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if
     the reference; the row says which) + sparse indexer KL, vs cuDNN causal MHA (h=128,
     d_qk=192, V padded to 192) fwd+bwd. E1_LENGTHS=32768,65536 picks lengths; E1_PARTS=1 adds
     each part's time alone (`parts_ms`: indexer+top-k, sparse MLA fwd and fwd+bwd, probs, KL).
-    E1_SPARSE_KL=kernels|xla: the sparse indexer KL on the Pallas-Triton kernels or the streamed
-    XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl` in the row).
+    E1_SPARSE_KL=kernels|kernels_sorted|xla: the sparse indexer KL on the Pallas-Triton kernels
+    (dk by atomics, or by the sorted segment sum: lightning_indexer.ops.SPARSE_KL_DK) or the
+    streamed XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl`
+    in the row).
     E1_SPARSE_BWD=xla|kernel|kernel_sorted: the sparse-MLA backward (the blocked XLA one, the
     Mosaic GPU kernel with dkv reds or with the sorted segment sum; default the library's:
     sparse_mla ops.GPU_BWD_KERNEL / GPU_BWD_DKV; `sparse_bwd` in the row).
@@ -230,10 +232,11 @@ def suite_e1(small: bool):
   if mode:
     mla.GPU_PROBS_KERNEL = mode == "kernel"
   kl_mode = os.environ.get("E1_SPARSE_KL", "")
-  if kl_mode not in ("", "kernels", "xla"):
-    raise ValueError(f"E1_SPARSE_KL={kl_mode!r}; expected kernels or xla")
+  if kl_mode not in ("", "kernels", "kernels_sorted", "xla"):
+    raise ValueError(f"E1_SPARSE_KL={kl_mode!r}; expected kernels, kernels_sorted or xla")
   if kl_mode:
     li_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
+    li_ops.SPARSE_KL_DK = "sorted" if kl_mode == "kernels_sorted" else "atomic"
   bwd_mode = os.environ.get("E1_SPARSE_BWD", "")
   if bwd_mode not in ("", "xla", "kernel", "kernel_sorted"):
     raise ValueError(f"E1_SPARSE_BWD={bwd_mode!r}; expected xla, kernel or kernel_sorted")
@@ -299,7 +302,9 @@ def suite_e1(small: bool):
           None,
           sparse_mla_impl=impl,
           probs="kernel" if mla.GPU_PROBS_KERNEL else "reference",
-          sparse_kl="xla" if li_ops.sparse_kl_kernels_why(qi, ki) else "kernels",
+          sparse_kl="xla"
+          if li_ops.sparse_kl_kernels_why(qi, ki)
+          else {"atomic": "kernels", "sorted": "kernels_sorted"}[li_ops.SPARSE_KL_DK],
           sparse_bwd=_sparse_bwd_name(mla, impl),
           **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},

@@ -18,8 +18,9 @@ The dense target of the warm-up KL is not counted (a fused kernel would reuse th
 logits); so the warm-up MFU is a floor.
 M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shape.gmm`; default:
 the library's choice) for MoE presets such as `v32_attn_moe`.
-M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (the streamed XLA
-custom_vjp, the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
+M1_SPARSE_KL=xla,kernels,kernels_sorted runs the sparse phase once per sparse indexer-KL path (the
+streamed XLA custom_vjp, the Pallas-Triton kernels with dk by atomics or by the sorted segment
+sum, lightning_indexer.ops.SPARSE_KL_DK; `shape.sparse_kl`); unset, the library's default.
 M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_policy
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
@@ -212,8 +213,10 @@ def suite_m1(small: bool):
   if set(kl_modes) - modes:
     raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of {sorted(modes)}")
   sparse_modes = env("M1_SPARSE_KL", "")
-  if set(sparse_modes) - {"xla", "kernels"}:
-    raise ValueError(f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels")
+  if set(sparse_modes) - {"xla", "kernels", "kernels_sorted"}:
+    raise ValueError(
+      f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels, kernels_sorted"
+    )
   policies = env("M1_REMAT_POLICY", "") or [None]
   bwd_modes = env("M1_SPARSE_BWD", "")
   if set(bwd_modes) - {"xla", "kernel", "kernel_sorted"}:
@@ -245,6 +248,7 @@ def suite_m1(small: bool):
         if kl_mode is not None and ph == "sparse":
           shape["sparse_kl"] = kl_mode
           indexer_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
+          indexer_ops.SPARSE_KL_DK = "sorted" if kl_mode == "kernels_sorted" else "atomic"
         elif kl_mode is not None:
           shape["dense_kl"] = kl_mode
           indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"

@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _common
+from pallas_kernels.sparse_mla import kernel_segment_sum_triton as seg
 
 MAX_DIM = 256  # largest (padded) indexer head dim the register tiles take
 MAX_HEADS = 128  # largest (padded) head count (dq [Jp, Dp] f32 lives in registers)
@@ -60,17 +61,23 @@ def _pad_pow2(n: int) -> int:
 class BlockSizes:
   """block_k slots per chunk (a power of 2 >= 16); num_warps / num_stages: Triton's, for the
   forward; num_warps_bwd / num_stages_bwd for the backward (it holds dq [Jp, Dp] f32, z, the
-  g-weighted tile and drows [bk, Dp] f32 at once)."""
+  g-weighted tile and drows [bk, Dp] f32 at once). dk: how the backward sums the key rows'
+  gradients, "atomic" (f32 atomic adds into dk) or "sorted" (drows stored per slot in k's
+  dtype, then sorted by key and added by sparse_mla/kernel_segment_sum_triton.py, token block
+  by token block: no atomics, no contention on keys that many tokens select)."""
 
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
+  dk: str = "atomic"
 
   def __post_init__(self):
     if not _pow2(self.block_k) or self.block_k < 16:
       raise ValueError(f"block_k={self.block_k} must be a power of 2 >= 16")
+    if self.dk not in ("atomic", "sorted"):
+      raise ValueError(f"dk={self.dk!r}; expected 'atomic' or 'sorted'")
 
 
 def supported(q, k) -> str | None:
@@ -150,8 +157,11 @@ def _fwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, kl_ref, lse_ref, ps_ref, *,
   ps_ref[n] = ps
 
 
-def _bwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, _, *outs, c):
-  dq_ref, dw_ref, dk_ref = outs  # dk_ref: the zero-filled f32 buffer (aliased input 8)
+def _bwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, *refs, c):
+  # "atomic": refs = (dk0, dq, dw, dk), dk the zero-filled f32 buffer (aliased input 8);
+  # "sorted": refs = (dq, dw, dr), dr [N * kp, Dp] the per-slot rows (skipped chunks unwritten:
+  # their ids are -1, which the segment sum never reads)
+  dq_ref, dw_ref, dk_ref = refs[-3:]
   n, bk = pl.program_id(0), c["bk"]
   qt = q_ref[n, :, :]
   wt = w_ref[n, :].astype(jnp.float32)
@@ -168,7 +178,9 @@ def _bwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, _,
       gz = jnp.where(z > zero, wt[:, None] * g[None, :], zero)  # [Jp, bk]
       dq = dq + _dot(gz.astype(rows.dtype), rows, 1, 0)
       drows = _dot(gz.astype(qt.dtype), qt, 0, 0)  # [bk, Dp]
-      if c["interpret"]:
+      if c["dk"] == "sorted":
+        dk_ref[pl.ds((n * c["nk"] + ci) * bk, bk), :] = drows.astype(dk_ref.dtype)
+      elif c["interpret"]:
         # no masked or repeated-id vector atomics in the interpreter: one row at a time
         def add_row(r, carry):
           row = jax.lax.dynamic_index_in_dim(safe, r, keepdims=False)
@@ -254,27 +266,82 @@ def sparse_kl_bwd(q, k, w, idx, p, res, dl, *, block_sizes, interpret=False):
   lse, ps = res
   qp, kp, wp, gid, pp, cfg = _prepare(q, k, w, idx, p, block_sizes)
   cfg["interpret"] = bool(interpret)
-  dk0 = jnp.zeros(kp.shape, jnp.float32)
-  args = (qp, kp, wp, gid, pp, lse, ps, dl.astype(jnp.float32).reshape(b * t), dk0)
-  dq, dw, dk = _call(
-    functools.partial(_bwd_kernel, c=cfg),
-    "sparse_kl_bwd",
-    (
-      jax.ShapeDtypeStruct(qp.shape, q.dtype),
-      jax.ShapeDtypeStruct(wp.shape, jnp.float32),
-      jax.ShapeDtypeStruct(kp.shape, jnp.float32),
-    ),
-    args,
-    b * t,
-    block_sizes,
-    interpret,
-    bwd=True,
-    aliases={8: 2},
-  )
+  cfg["dk"] = block_sizes.dk
+  dl = dl.astype(jnp.float32).reshape(b * t)
+  if block_sizes.dk == "sorted":
+    dq, dw, dk = _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, block_sizes, interpret)
+  else:
+    dk0 = jnp.zeros(kp.shape, jnp.float32)
+    dq, dw, dk = _call(
+      functools.partial(_bwd_kernel, c=cfg),
+      "sparse_kl_bwd",
+      (
+        jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        jax.ShapeDtypeStruct(wp.shape, jnp.float32),
+        jax.ShapeDtypeStruct(kp.shape, jnp.float32),
+      ),
+      (qp, kp, wp, gid, pp, lse, ps, dl, dk0),
+      b * t,
+      block_sizes,
+      interpret,
+      bwd=True,
+      aliases={8: 2},
+    )
   dq = dq.reshape(b, t, *qp.shape[1:])[:, :, :nj, :d]
   dk = dk.reshape(b, s, -1)[..., :d].astype(k.dtype)
   dw = dw.reshape(b, t, -1)[..., :nj].astype(w.dtype)
   return dq, dk, dw
+
+
+def sorted_block_tokens(n: int, kp: int, dp: int) -> int:
+  """Tokens per block of dk="sorted": the largest power of two (at most n) whose per-slot rows
+  (tokens * kp rows of dp) stay below 2**31 elements, the segment sum's int32 index range."""
+  nb = 1
+  while nb * 2 <= n and nb * 2 * kp * dp < 2**31:
+    nb *= 2
+  if nb * kp * dp >= 2**31:
+    raise ValueError(f"one token's rows ({kp} x {dp}) exceed the int32 range")
+  return nb
+
+
+def _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, bsz, interpret):
+  """dk="sorted": token blocks (scan); per block the kernel writes dq, dw and the per-slot rows,
+  the block's ids are sorted by key and the segment sum adds each key's rows into dk (f32)."""
+  n, kk = gid.shape
+  nb = sorted_block_tokens(n, kk, kp.shape[1])
+  n_blocks = -(-n // nb)
+
+  def split(x, fill=0):
+    x = _common.pad_axis(x, 0, nb, value=fill)
+    return x.reshape((n_blocks, nb) + x.shape[1:])
+
+  def body(dk, blk):
+    qb, wb, ib, pb, lb, sb, db = blk
+    dq, dw, dr = _call(
+      functools.partial(_bwd_kernel, c=cfg),
+      "sparse_kl_bwd",
+      (
+        jax.ShapeDtypeStruct(qb.shape, qb.dtype),
+        jax.ShapeDtypeStruct(wb.shape, jnp.float32),
+        jax.ShapeDtypeStruct((nb * kk, kp.shape[1]), kp.dtype),
+      ),
+      (qb, kp, wb, ib, pb, lb, sb, db),
+      nb,
+      bsz,
+      interpret,
+      bwd=True,
+    )
+    order, starts = seg.sort_segments(ib.reshape(-1), kp.shape[0])
+    dk = seg.segment_sum_rows(
+      dr, order, starts, dk, groups=1, block_c=min(64, kp.shape[1]), interpret=bool(interpret)
+    )
+    return dk, (dq, dw)
+
+  xs = (split(qp), split(wp), split(gid, -1), split(pp), split(lse), split(ps), split(dl))
+  dk, (dq, dw) = jax.lax.scan(body, jnp.zeros(kp.shape, jnp.float32), xs)
+  dq = dq.reshape((n_blocks * nb,) + dq.shape[2:])[:n]
+  dw = dw.reshape((n_blocks * nb,) + dw.shape[2:])[:n]
+  return dq, dw, dk
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

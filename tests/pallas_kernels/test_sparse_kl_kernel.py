@@ -100,20 +100,38 @@ def test_interpret_matches_reference(name):
   _check(_case(*case), kernel_sparse_kl_triton.BlockSizes(block_k=bk), 1e-5)
 
 
+@pytest.mark.parametrize("name", ["k_over_s", "padded_k"])
+def test_interpret_sorted_dk(name, monkeypatch):
+  """dk="sorted" (per-slot rows, sort, segment sum) in token blocks of 2 (T 5 and 7: a padded
+  last block) against the same reference and tolerance as the atomics."""
+  monkeypatch.setattr(kernel_sparse_kl_triton, "sorted_block_tokens", lambda *a: 2)
+  case, bk = CASES[name]
+  _check(_case(*case), kernel_sparse_kl_triton.BlockSizes(block_k=bk, dk="sorted"), 1e-5)
+
+
+def test_sorted_block_tokens():
+  assert kernel_sparse_kl_triton.sorted_block_tokens(32768, 2048, 128) == 4096
+  assert kernel_sparse_kl_triton.sorted_block_tokens(100, 2048, 128) == 64
+  with pytest.raises(ValueError, match="int32"):
+    kernel_sparse_kl_triton.sorted_block_tokens(4, 2**24, 256)
+  with pytest.raises(ValueError, match="dk="):
+    kernel_sparse_kl_triton.BlockSizes(dk="scatter")
+
+
 def test_interpret_bf16():
   """bf16 operands: bf16 dots with f32 accumulation; the g-weighted tiles are cast to bf16."""
   _check(_case(3, 2, 5, 20, 4, 32, 32, jnp.bfloat16), SMALL, 2e-2)
 
 
-def test_interpret_repeated_ids_add_up():
+@pytest.mark.parametrize("dk", ["atomic", "sorted"])
+def test_interpret_repeated_ids_add_up(dk):
   """Every slot of every row picks one of two keys: dk of those keys is the sum over all tokens
   and slots (the repeats within a token included), and every other key gets exactly 0."""
   q, k, w, idx, p, dl = _case(4, 1, 4, 12, 4, 16, 32)
   idx = jnp.where(jnp.arange(32) % 2 == 0, 3, 7)[None, None, :].repeat(4, axis=1).astype(jnp.int32)
   p = jnp.full(idx.shape, 1 / 32, jnp.float32)
-  f = lambda q, k, w: ops.sparse_kl(
-    q, k, w, idx, p, impl="pallas", interpret=True, block_sizes=SMALL
-  )
+  bsz = kernel_sparse_kl_triton.BlockSizes(block_k=16, dk=dk)
+  f = lambda q, k, w: ops.sparse_kl(q, k, w, idx, p, impl="pallas", interpret=True, block_sizes=bsz)
   _, (dq, dk, dw) = jax.jit(lambda q, k, w: _vg(f, q, k, w, dl))(q, k, w)
   r = lambda q, k, w: reference.sparse_kl_reference(q, k, w, idx, p)
   _, (rdq, rdk, rdw) = jax.jit(lambda q, k, w: _vg(r, q, k, w, dl))(q, k, w)
@@ -184,6 +202,29 @@ def test_dispatch_and_errors():
     kernel_sparse_kl_triton.BlockSizes(block_k=48)
 
 
+def test_export_cuda_sorted_dk():
+  """dk="sorted" lowers for cuda at V3.2's shapes: the forward, the backward (per-slot rows) and
+  the segment sum, three Triton custom calls."""
+  sds = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  bsz = kernel_sparse_kl_triton.BlockSizes(dk="sorted")
+
+  def loss(q, k_, w, idx, p):
+    return jnp.mean(kernel_sparse_kl_triton.sparse_kl(q, k_, w, idx, p, bsz, False))
+
+  t, s, k = 4096, 4096, 2048
+  args = (
+    sds((1, t, 64, 128), bf),
+    sds((1, s, 128), bf),
+    sds((1, t, 64), bf),
+    sds((1, t, k), jnp.int32),
+    sds((1, t, k), jnp.float32),
+  )
+  exp = _testing.export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
+  assert [a.shape for a in exp.out_avals] == [(), (1, t, 64, 128), (1, s, 128), (1, t, 64)]
+  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3
+
+
 @pytest.mark.parametrize("t,s,k", [(4096, 4096, 2048), (8192, 2048, 512)])
 def test_export_cuda(t, s, k, triton_verified):
   """Value and gradient lower for cuda (forward and backward kernels, verified Triton modules) at
@@ -240,16 +281,21 @@ def test_gpu_matches_reference(dtype, tol):
 
   bsz = kernel_sparse_kl_triton.BlockSizes()
   kern = vg(lambda *a: ops.sparse_kl(*a, impl="pallas", block_sizes=bsz))
+  bsz_sorted = kernel_sparse_kl_triton.BlockSizes(dk="sorted")
+  kern_sorted = vg(lambda *a: ops.sparse_kl(*a, impl="pallas", block_sizes=bsz_sorted))
   xla = vg(lambda *a: grad.sparse_kl(*a, 512))
   kl, grads = kern(q, kk, w, idx, p)
+  _, grads_sorted = kern_sorted(q, kk, w, idx, p)
   with jax.default_matmul_precision("highest"):
     ref = vg(lambda *a: reference.sparse_kl_reference(*a, block_t=256))
     rkl, rgrads = ref(f32(q), f32(kk), f32(w), idx, p)
   errs = [_testing.rel_err(kl, rkl)] + [_testing.rel_err(g, rg) for g, rg in zip(grads, rgrads)]
-  print(f"\nsparse_kl {jnp.dtype(dtype).name} rel err kl/dq/dk/dw: {errs}")
+  errs += [_testing.rel_err(g, rg) for g, rg in zip(grads_sorted, rgrads)]
+  print(f"\nsparse_kl {jnp.dtype(dtype).name} rel err kl/dq/dk/dw, then dk=sorted dq/dk/dw: {errs}")
   fq, fk, fw = f32(q), f32(kk), f32(w)
   print(
-    f"fwd+bwd ms: kernels {bench_common.time_fn(kern, q, kk, w, idx, p):.2f}, XLA grad.sparse_kl "
+    f"fwd+bwd ms: kernels {bench_common.time_fn(kern, q, kk, w, idx, p):.2f}, dk=sorted "
+    f"{bench_common.time_fn(kern_sorted, q, kk, w, idx, p):.2f}, XLA grad.sparse_kl "
     f"{bench_common.time_fn(xla, q, kk, w, idx, p):.2f}, reference autodiff {bench_common.time_fn(ref, fq, fk, fw, idx, p):.2f}"
   )
   assert float(kl[0, 5]) == 0 and np.isfinite(np.asarray(kl)).all()
