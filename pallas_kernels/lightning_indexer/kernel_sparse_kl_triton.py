@@ -20,10 +20,11 @@ the chunk's rows, z = q_t·rowsᵀ [Jp, bk] on the tensor cores, I = Σ_j w_j·R
        dw[j] += Σ_s g·ReLU(z), dq += (g·w·1[z>0])·rows (dq [Jp, Dp] f32 in registers: the token
        is the program's own) and drows = (g·w·1[z>0])ᵀ·q_t [bk, Dp], which is added to an f32 dk
        buffer with one masked f32 atomic add per element: the rows a key gets from every token
-       (and repeated ids within a token) add up in any order. Atomics rather than an index
-       inversion (per-key lists of (token, slot)) because the lists need a sort of B·T·k ids and
-       a second gather-heavy pass; with one add per element the cost is B·T·k·D atomics (1.1e9
-       at T 4096, k 2048) against the XLA scatter of the same count.
+       (and repeated ids within a token) add up in any order; B·T·k·D atomics (1.1e9 at T 4096,
+       k 2048), the XLA scatter's count. BlockSizes(dk="sorted") inverts the index instead: the
+       kernel stores drows per slot, the ids are sorted by key and a segment sum adds each key's
+       rows once (no atomics, so no serialisation on keys that many tokens select), at the cost
+       of writing and reading the rows once.
 Chunks with no valid slot are skipped (rows early in the sequence, V4's few visible entries).
 Dots take the inputs' dtype (bf16 on the tensor cores) with f32 accumulation; the g-weighted
 operands are cast to the other operand's dtype (as kernel_kl_triton.py does).
