@@ -5,6 +5,8 @@
 #   bash experiments/scripts/gpu_retrieval.sh start   # returns at once
 #   bash experiments/scripts/gpu_retrieval.sh poll    # waits up to POLL_S, packs the results
 # A stage that fails stops the chain; `start` again resumes (stages resume from checkpoints).
+# RETRIEVAL_FLAGS is added to every stage's command (e.g. "--config.seed=1" for another seed;
+# use a fresh RUN directory for it).
 # The chain runs from its own copy of the checkout ($RUN/src): a later device call replaces the
 # checkout it was started from, and a process whose working directory is gone cannot start
 # Python (session 8 lost its `eval` stage that way).
@@ -24,7 +26,7 @@ case ${1:-start} in
       for s in $STAGES; do
         t0=\$SECONDS
         python3 -m experiments.retrieval --config=$CFG --workdir=$RUN/wd --stage=\$s \
-          --results=$RUN/results 2>&1 | grep -v '^[IW]1' >> $RUN/retrieval.log
+          --results=$RUN/results ${RETRIEVAL_FLAGS:-} 2>&1 | grep -v '^[IW]1' >> $RUN/retrieval.log
         rc=\${PIPESTATUS[0]}
         echo \"stage=\$s rc=\$rc s=\$((SECONDS - t0))\" >> $RUN/retrieval.log
         [ \$rc -eq 0 ] || break
