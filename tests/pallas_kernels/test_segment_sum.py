@@ -50,8 +50,9 @@ def test_segment_sum_no_valid_id_and_errors():
     ss.segment_sum_rows(rows[:, :48], order, starts, init[:, :48], groups=1, interpret=True)
 
 
-def test_segment_sum_cuda_lowering():
-  """V3.2 sizes of one token block: 512 tokens x 2048 slots, two head blocks, 32K rows."""
+def test_segment_sum_cuda_lowering(triton_verified):
+  """V3.2 sizes of one token block: 512 tokens x 2048 slots, two head blocks, 32K rows; the
+  Triton module passes the MLIR verifier."""
   sds = jax.ShapeDtypeStruct
   p, r = 512 * 2048, 32768
 
@@ -62,3 +63,4 @@ def test_segment_sum_cuda_lowering():
     f, sds((2 * p, 576), jnp.bfloat16), sds((p,), jnp.int32), sds((r, 576), jnp.float32)
   ).mlir_module()
   assert "segment_sum_rows" in mlir
+  assert triton_verified == [True]

@@ -202,9 +202,9 @@ def test_dispatch_and_errors():
     kernel_sparse_kl_triton.BlockSizes(block_k=48)
 
 
-def test_export_cuda_sorted_dk():
+def test_export_cuda_sorted_dk(triton_verified):
   """dk="sorted" lowers for cuda at V3.2's shapes: the forward, the backward (per-slot rows) and
-  the segment sum, three Triton custom calls."""
+  the segment sum, three verified Triton modules."""
   sds = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
   bsz = kernel_sparse_kl_triton.BlockSizes(dk="sorted")
@@ -223,6 +223,7 @@ def test_export_cuda_sorted_dk():
   exp = _testing.export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
   assert [a.shape for a in exp.out_avals] == [(), (1, t, 64, 128), (1, s, 128), (1, t, 64)]
   assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3
+  assert triton_verified == [True, True, True]
 
 
 @pytest.mark.parametrize("t,s,k", [(4096, 4096, 2048), (8192, 2048, 512)])

@@ -164,7 +164,7 @@ def test_red_schedule_lanes():
 
 
 @pytest.mark.parametrize("batch,dkv", [(1, "red"), (2, "red"), (1, "sorted")])
-def test_cross_lowering_cuda_full_shape(bwd_kernel, batch, dkv):
+def test_cross_lowering_cuda_full_shape(bwd_kernel, batch, dkv, triton_verified):
   """The real Mosaic GPU lowering of forward + kernel backward at V3.2 shapes (SMEM budget,
   layout inference, the inline cp.async / red.global / st.global builders, the segment sum's
   Triton lowering); the interpreter misses these."""
@@ -187,6 +187,7 @@ def test_cross_lowering_cuda_full_shape(bwd_kernel, batch, dkv):
     assert "red.relaxed.gpu.global.add.v4.f32" in mlir
   else:
     assert "st.global.v2.b32" in mlir and "segment_sum_rows" in mlir
+  assert triton_verified == ([True] if dkv == "sorted" else [])  # the segment sum's module
 
 
 # ---------------------------------------------------------------------------------------------
