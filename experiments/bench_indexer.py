@@ -19,9 +19,9 @@ E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if
     (dk by atomics, or by the sorted segment sum: lightning_indexer.ops.SPARSE_KL_DK) or the
     streamed XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl`
     in the row).
-    E1_SPARSE_BWD=xla|kernel|kernel_sorted: the sparse-MLA backward (the blocked XLA one, the
-    Mosaic GPU kernel with dkv reds or with the sorted segment sum; default the library's:
-    sparse_mla ops.GPU_BWD_KERNEL / GPU_BWD_DKV; `sparse_bwd` in the row).
+    E1_SPARSE_BWD=xla|xla_sorted|kernel|kernel_sorted: the sparse-MLA backward (the blocked XLA
+    one or the Mosaic GPU kernel, dkv by their atomic adds or by the sorted segment sum; default
+    the library's: sparse_mla ops.GPU_BWD_KERNEL / GPU_BWD_DKV; `sparse_bwd` in the row).
 """
 
 import json
@@ -148,9 +148,8 @@ def _sparse_bwd_name(mla, impl):
   backward, or the kernel with its dkv scheme."""
   if impl != "pallas":
     return "reference"
-  if mla.bwd_kernel_why():
-    return "xla"
-  return {"red": "kernel", "sorted": "kernel_sorted"}[mla.GPU_BWD_DKV]
+  name = "xla" if mla.bwd_kernel_why() else "kernel"
+  return name + ("_sorted" if mla.GPU_BWD_DKV == "sorted" else "")
 
 
 def _mla_impl(small):
@@ -238,11 +237,13 @@ def suite_e1(small: bool):
     li_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
     li_ops.SPARSE_KL_DK = "sorted" if kl_mode == "kernels_sorted" else "atomic"
   bwd_mode = os.environ.get("E1_SPARSE_BWD", "")
-  if bwd_mode not in ("", "xla", "kernel", "kernel_sorted"):
-    raise ValueError(f"E1_SPARSE_BWD={bwd_mode!r}; expected xla, kernel or kernel_sorted")
+  if bwd_mode not in ("", "xla", "xla_sorted", "kernel", "kernel_sorted"):
+    raise ValueError(
+      f"E1_SPARSE_BWD={bwd_mode!r}; expected xla, xla_sorted, kernel or kernel_sorted"
+    )
   if bwd_mode:
-    mla.GPU_BWD_KERNEL = bwd_mode != "xla"
-    mla.GPU_BWD_DKV = "sorted" if bwd_mode == "kernel_sorted" else "red"
+    mla.GPU_BWD_KERNEL = bwd_mode.startswith("kernel")
+    mla.GPU_BWD_DKV = "sorted" if bwd_mode.endswith("_sorted") else "atomic"
   impl = _mla_impl(small)
   interp = _interp(small)
   want_parts = small or bool(os.environ.get("E1_PARTS"))  # E1_PARTS=1: per-part times too

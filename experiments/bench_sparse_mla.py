@@ -6,9 +6,10 @@ run.
 FlashMLA comes from `sgl-flash-mla==1.0.0` (use_legacy=True, torch via dlpack); if it does not
 import, the XLA reference is the only baseline and the row says why.
 
-S3_BWD=kernel|kernel_sorted|xla (default xla) picks the backward of impl="pallas": the Mosaic
-GPU backward kernel (ops.GPU_BWD_KERNEL on) with its dkv reds or with the sorted segment sum
-(ops.GPU_BWD_DKV="sorted"), or the blocked XLA backward; the row's `bwd` field says which.
+S3_BWD=xla|xla_sorted|kernel|kernel_sorted (default xla) picks the backward of impl="pallas":
+the blocked XLA backward or the Mosaic GPU backward kernel (ops.GPU_BWD_KERNEL on), each with dkv
+by its atomic adds or by the sorted segment sum (ops.GPU_BWD_DKV="sorted"); the row's `bwd`
+field says which.
 """
 
 import functools
@@ -170,10 +171,11 @@ def _backward(suite, small):
   do = jax.random.normal(jax.random.key(7), q.shape[:-1] + (d_v,), jnp.bfloat16)
   flops = _bwd_flops(shp)
   bwd_impl = os.environ.get("S3_BWD", "xla")
-  if bwd_impl not in ("kernel", "kernel_sorted", "xla"):
-    raise ValueError(f"S3_BWD={bwd_impl!r}; expected kernel, kernel_sorted or xla")
-  ops.GPU_BWD_KERNEL = bwd_impl != "xla"  # read when the custom VJP's backward is traced
-  ops.GPU_BWD_DKV = "sorted" if bwd_impl == "kernel_sorted" else "red"
+  if bwd_impl not in ("xla", "xla_sorted", "kernel", "kernel_sorted"):
+    raise ValueError(f"S3_BWD={bwd_impl!r}; expected xla, xla_sorted, kernel or kernel_sorted")
+  # read when the custom VJP's backward is traced
+  ops.GPU_BWD_KERNEL = bwd_impl.startswith("kernel")
+  ops.GPU_BWD_DKV = "sorted" if bwd_impl.endswith("_sorted") else "atomic"
   res = {}
   for name in ("pallas", "reference"):
     f = lambda q, kv, impl=name: ops.sparse_mla(

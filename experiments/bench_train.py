@@ -25,9 +25,10 @@ M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
 no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
-M1_SPARSE_BWD=xla,kernel,kernel_sorted runs the sparse phase once per sparse-MLA backward (the
-blocked XLA backward, the Mosaic GPU kernel with its dkv reds or with the sorted segment sum,
-sparse_mla ops.GPU_BWD_DKV; `shape.sparse_bwd`); unset, the library's default.
+M1_SPARSE_BWD=xla,xla_sorted,kernel,kernel_sorted runs the sparse phase once per sparse-MLA
+backward (the blocked XLA backward or the Mosaic GPU kernel, with dkv by their atomic adds or by
+the sorted segment sum, sparse_mla ops.GPU_BWD_DKV; `shape.sparse_bwd`); unset, the library's
+default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
 custom_vjp; kernels: the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash
@@ -219,9 +220,9 @@ def suite_m1(small: bool):
     )
   policies = env("M1_REMAT_POLICY", "") or [None]
   bwd_modes = env("M1_SPARSE_BWD", "")
-  if set(bwd_modes) - {"xla", "kernel", "kernel_sorted"}:
+  if set(bwd_modes) - {"xla", "xla_sorted", "kernel", "kernel_sorted"}:
     raise ValueError(
-      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, kernel, kernel_sorted"
+      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, xla_sorted, kernel, kernel_sorted"
     )
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
@@ -256,8 +257,8 @@ def suite_m1(small: bool):
           kernel_kl_triton.GRAD_IN_FORWARD = kl_mode != "kernels_3sweep"
         if bwd_mode is not None:
           shape["sparse_bwd"] = bwd_mode
-          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode != "xla"
-          sparse_mla_ops.GPU_BWD_DKV = "sorted" if bwd_mode == "kernel_sorted" else "red"
+          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode.startswith("kernel")
+          sparse_mla_ops.GPU_BWD_DKV = "sorted" if bwd_mode.endswith("_sorted") else "atomic"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,

@@ -1,7 +1,8 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sparse-MLA GPU backward at S1 shapes: the blocked XLA backward's scan steps
 (ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (case "kernel", ops.GPU_BWD_KERNEL;
-"kernel_sorted": with ops.GPU_BWD_DKV="sorted", the stored dR tiles and the sorted segment sum).
+"kernel_sorted": with ops.GPU_BWD_DKV="sorted", the stored dR tiles and the sorted segment sum;
+"xla_sorted": the XLA backward with the sorted segment sum instead of its scatter).
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -39,14 +40,15 @@ CASES = [("default", BASE)] + [
 ]
 
 
-def _kernel_rule(d_v, interp, dkv="red"):
-  """The custom VJP's backward with the kernel on (dkv: ops.GPU_BWD_DKV) while it is traced."""
+def _switched_rule(d_v, interp, kernel, dkv):
+  """The custom VJP's backward with ops.GPU_BWD_KERNEL = kernel and ops.GPU_BWD_DKV = dkv while
+  it is traced."""
 
   interp = plgpu.InterpretGPUParams() if interp else False
 
   def rule(res, cts):
     saved = ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV
-    ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV = True, dkv
+    ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV = kernel, dkv
     try:
       return ops._sparse_mla_gpu_bwd(SCALE, d_v, interp, BASE, res, cts)[:2]
     finally:
@@ -97,9 +99,14 @@ def main():
         :2
       ]
       jobs.append((name, cfg, jax.jit(rule), (res, cts)))
-  for name, dkv in (("kernel", "red"), ("kernel_sorted", "sorted")):
+  switched = (
+    ("xla_sorted", False, "sorted"),
+    ("kernel", True, "atomic"),
+    ("kernel_sorted", True, "sorted"),
+  )
+  for name, kernel, dkv in switched:
     if not only or name in only:
-      jobs.append((name, BASE, jax.jit(_kernel_rule(d_v, interp, dkv)), (res, cts)))
+      jobs.append((name, BASE, jax.jit(_switched_rule(d_v, interp, kernel, dkv)), (res, cts)))
   vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: op(q, kv, idx), q, kv)[1])(q, kv, idx)
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 

@@ -43,10 +43,11 @@ GPU_PROBS_KERNEL = True
 # the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
 # backward at S3 shapes (its dkv atomic adds dominate; S3_BWD=kernel in the S3 benchmark).
 GPU_BWD_KERNEL = False
-# How the kernel backward sums dkv: "red" (every dR tile added into an f32 dkv with relaxed
-# atomic reds) or "sorted" (the kernel stores the dR tiles, token block by token block; the
-# slot ids are sorted by row and a Pallas-Triton segment sum adds each row's tiles once).
-GPU_BWD_DKV = "red"
+# How the GPU backward sums dkv: "atomic" (the kernel's relaxed reds into an f32 dkv, the XLA
+# backward's scatter-add) or "sorted" (the dK rows are kept per slot, the slot ids sorted by row
+# and a Pallas-Triton segment sum adds each row's contributions once, token block by token
+# block: kernel_segment_sum_triton.py).
+GPU_BWD_DKV = "atomic"
 
 
 def _check(q, kv, idx, d_v):
@@ -210,7 +211,22 @@ def _gpu_fwd_call(q, kv, idx, scale, d_v, interpret, config):
   return out[:, :h, :d_v].reshape(b, t, h, d_v), lse[:, :h].reshape(b, t, h)
 
 
-def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, update_dtype=None):
+def _bwd_blocked(
+  q,
+  kv,
+  idx,
+  out,
+  lse,
+  d_out,
+  d_lse,
+  *,
+  scale,
+  d_v,
+  block_t,
+  update_dtype=None,
+  dkv_sum="scatter",
+  interpret=False,
+):
   """dq, dkv from the saved lse (no softmax renormalisation), query blocks scanned in XLA.
 
   With P = exp(scale·q·kᵀ - lse): dS = P ⊙ (dO·Vᵀ - Δ + dlse), Δ = rowsum(O ⊙ dO);
@@ -219,8 +235,12 @@ def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, upd
   [q; dO] are stacked on the head axis, so the logits and dP are one matmul over the gathered
   rows ([2h, K] x [K, k]) and the dK_rows one more ([dS; P]ᵀ x [q; dO], contraction 2h).
   block_t: query tokens per scan step (per batch row); update_dtype: dK_rows rounded to it
-  before the f32 scatter-add (less scatter traffic; default f32).
+  before the f32 scatter-add (less scatter traffic; default f32). dkv_sum: "scatter" (an XLA
+  scatter-add per step) or "sorted" (per step the slot ids are sorted by row and the Pallas-Triton
+  segment sum adds each row's dK_rows once; interpret runs it in the Triton interpreter).
   """
+  if dkv_sum not in ("scatter", "sorted"):
+    raise ValueError(f"dkv_sum={dkv_sum!r}; expected 'scatter' or 'sorted'")
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
   f32 = jnp.float32
@@ -249,20 +269,33 @@ def _bwd_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, upd
     )
     a = jnp.concatenate([(ds * scale).astype(q.dtype), p.astype(q.dtype)], axis=2)
     drows = jnp.einsum("bths,bthc->btsc", a, qd, preferred_element_type=update_dtype or f32)
-    scatter_idx = jnp.where(valid, ib, s)  # out of range -> dropped
-    dkv = jax.vmap(
-      lambda a, i, u: a.at[i.reshape(-1)].add(u.reshape(-1, k_dim).astype(f32), mode="drop")
-    )(dkv, scatter_idx, drows)
+    if dkv_sum == "sorted":  # dkv [b*S, cols]: rows b*s + id, columns padded to 64s
+      gid = jnp.where(valid, ib + (jnp.arange(b, dtype=ib.dtype) * s)[:, None, None], -1)
+      order, starts = kernel_segment_sum_triton.sort_segments(gid.reshape(-1), b * s)
+      rows_d = _common.pad_axis(drows.reshape(-1, k_dim), 1, 64)
+      dkv = kernel_segment_sum_triton.segment_sum_rows(
+        rows_d, order, starts, dkv, groups=1, interpret=bool(interpret)
+      )
+    else:
+      scatter_idx = jnp.where(valid, ib, s)  # out of range -> dropped
+      dkv = jax.vmap(
+        lambda a, i, u: a.at[i.reshape(-1)].add(u.reshape(-1, k_dim).astype(f32), mode="drop")
+      )(dkv, scatter_idx, drows)
     return dkv, dq.astype(q.dtype)
 
-  dkv, dq = jax.lax.scan(body, jnp.zeros(kv.shape, f32), xs)
+  if dkv_sum == "sorted":
+    dkv0 = jnp.zeros((b * s, -(-k_dim // 64) * 64), f32)
+  else:
+    dkv0 = jnp.zeros(kv.shape, f32)
+  dkv, dq = jax.lax.scan(body, dkv0, xs)
   dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * block_t, h, k_dim)[:, :t]
-  return dq, dkv.astype(kv.dtype)
+  return dq, dkv[..., :k_dim].reshape(kv.shape).astype(kv.dtype)
 
 
-def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config):
+def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interpret=False):
   # Scan steps cover config.bwd_block_t tokens summed over the batch (the gathered rows of one
   # step scale with b * block_t), so a larger batch takes shorter steps, not more memory.
+  _check_bwd_dkv()
   return _bwd_blocked(
     q,
     kv,
@@ -275,7 +308,14 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config):
     d_v=d_v,
     block_t=max(1, config.bwd_block_t // q.shape[0]),
     update_dtype=jnp.bfloat16,
+    dkv_sum="sorted" if GPU_BWD_DKV == "sorted" else "scatter",
+    interpret=interpret,
   )
+
+
+def _check_bwd_dkv():
+  if GPU_BWD_DKV not in ("atomic", "sorted"):
+    raise ValueError(f"ops.GPU_BWD_DKV={GPU_BWD_DKV!r}; expected 'atomic' or 'sorted'")
 
 
 def bwd_kernel_why(interpret=False) -> str | None:
@@ -303,8 +343,7 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
   dof = _pad_heads(d_out.astype(q.dtype), hp)
   dof = jnp.pad(dof, ((0, 0), (0, 0), (0, d_outp - d_v)))
   args = (qf, kvf, gidx, dof, _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp))
-  if GPU_BWD_DKV not in ("red", "sorted"):
-    raise ValueError(f"ops.GPU_BWD_DKV={GPU_BWD_DKV!r}; expected 'red' or 'sorted'")
+  _check_bwd_dkv()
   if GPU_BWD_DKV == "sorted":
     dq, dkv = _bwd_kernel_sorted(*args, scale=scale, interpret=interpret)
   else:
@@ -370,7 +409,7 @@ def _sparse_mla_gpu_bwd(scale, d_v, interpret, config, res, cts):
   if bwd_kernel_why(interpret) is None:
     dq, dkv = _gpu_bwd_kernel_call(*res, *cts, scale, d_v, interpret or False)
   else:
-    dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config)
+    dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config, bool(interpret))
   return dq, dkv, None
 
 
