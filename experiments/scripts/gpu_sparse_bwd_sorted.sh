@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 case ${1:-parts} in
   parts)
-    timeout 200 python3 -m pytest -m gpu -s -q tests/pallas_kernels/test_sparse_mla_bwd_mosaic.py \
+    timeout 240 python3 -m pytest -m gpu -s -q tests/pallas_kernels/test_sparse_mla_bwd_mosaic.py \
       tests/pallas_kernels/test_sparse_kl_kernel.py 2>&1 \
       | grep -E "rel err|ms:|passed|failed|Error" | tail -12
     timeout 150 python3 -m experiments.sweep_sparse_mla --only=xla_sorted,kernel,kernel_sorted \
