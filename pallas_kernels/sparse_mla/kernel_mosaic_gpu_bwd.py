@@ -51,9 +51,8 @@ The second scheme is dkv="store": each dR tile is rounded to q's dtype and store
 registers with `st.global.v2.b32` at its own rows (one row per head block, token and slot,
 `_store_op`); ops.py sorts the slot ids by row and kernel_segment_sum_triton.py adds each row's
 tiles once, without atomics, token block by token block (ops.GPU_BWD_DKV="sorted"). Its
-traffic is one write and one read of the bf16 tiles (19.3 GB each way at S3, ~4-6 ms each at
-HBM rates) where the reds read-modify-write f32 dkv rows in DRAM (about 50 of the kernel's
-62 ms at S3 on the H100, lab log).
+traffic is one write and one read of the bf16 tiles (19.3 GB each way at S3) where the reds
+read-modify-write f32 dkv rows in DRAM, which is most of the red kernel's time.
 The interpreter has neither inline Mosaic GPU nor TMA reductions, so there the dR tiles go
 through an f32 SMEM stage and are added row by row with plain loads/stores of the dkv Ref (the
 interpreter runs the grid one CTA at a time and the two WGs own different column tiles).
