@@ -294,22 +294,11 @@ def sparse_kl_bwd(q, k, w, idx, p, res, dl, *, block_sizes, interpret=False):
   return dq, dk, dw
 
 
-def sorted_block_tokens(n: int, kp: int, dp: int) -> int:
-  """Tokens per block of dk="sorted": the largest power of two (at most n) whose per-slot rows
-  (tokens * kp rows of dp) stay below 2**31 elements, the segment sum's int32 index range."""
-  nb = 1
-  while nb * 2 <= n and nb * 2 * kp * dp < 2**31:
-    nb *= 2
-  if nb * kp * dp >= 2**31:
-    raise ValueError(f"one token's rows ({kp} x {dp}) exceed the int32 range")
-  return nb
-
-
 def _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, bsz, interpret):
   """dk="sorted": token blocks (scan); per block the kernel writes dq, dw and the per-slot rows,
   the block's ids are sorted by key and the segment sum adds each key's rows into dk (f32)."""
   n, kk = gid.shape
-  nb = sorted_block_tokens(n, kk, kp.shape[1])
+  nb = seg.block_tokens(n, kk * kp.shape[1])
   n_blocks = -(-n // nb)
 
   def split(x, fill=0):

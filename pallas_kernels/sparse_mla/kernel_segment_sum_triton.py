@@ -78,6 +78,18 @@ def segment_sum_rows(
   )(rows, order.astype(jnp.int32), starts.astype(jnp.int32), init.astype(jnp.float32))
 
 
+def block_tokens(n: int, per_token: int) -> int:
+  """Tokens per block for a caller that stores `per_token` row elements a token: the largest
+  power of two (at most n) whose rows stay below 2**31 elements, the int32 index range of
+  segment_sum_rows' offsets."""
+  if per_token >= 2**31:
+    raise ValueError(f"one token's rows ({per_token} elements) exceed the int32 range")
+  nb = 1
+  while nb * 2 <= n and nb * 2 * per_token < 2**31:
+    nb *= 2
+  return nb
+
+
 def sort_segments(ids, n_rows: int):
   """ids [P] int32 row ids (< 0 or >= n_rows: dropped) -> (order [P] positions sorted by id,
   starts [n_rows + 1]): the positions adding to row r are order[starts[r]:starts[r + 1]]."""

@@ -270,7 +270,7 @@ def _bwd_blocked(
     a = jnp.concatenate([(ds * scale).astype(q.dtype), p.astype(q.dtype)], axis=2)
     drows = jnp.einsum("bths,bthc->btsc", a, qd, preferred_element_type=update_dtype or f32)
     if dkv_sum == "sorted":  # dkv [b*S, cols]: rows b*s + id, columns padded to 64s
-      gid = jnp.where(valid, ib + (jnp.arange(b, dtype=ib.dtype) * s)[:, None, None], -1)
+      gid = _global_idx(ib, s, 1)
       order, starts = kernel_segment_sum_triton.sort_segments(gid.reshape(-1), b * s)
       rows_d = _common.pad_axis(drows.reshape(-1, k_dim), 1, 64)
       dkv = kernel_segment_sum_triton.segment_sum_rows(
@@ -352,26 +352,13 @@ def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpr
   return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
 
 
-def sorted_block_tokens(n: int, n_hb: int, kp: int, kp_dim: int) -> int:
-  """Tokens per block of the sorted dkv reduction: the largest power of two (at most n) whose
-  stored dR tiles (n_hb * tokens * kp rows of kp_dim) stay below 2**31 elements, the index
-  range of the segment sum's int32 offsets."""
-  per_token = n_hb * kp * kp_dim
-  nb = 1
-  while nb * 2 <= n and nb * 2 * per_token < 2**31:
-    nb *= 2
-  if nb * per_token >= 2**31:
-    raise ValueError(f"one token's dR tiles ({per_token} elements) exceed the int32 range")
-  return nb
-
-
 def _bwd_kernel_sorted(qf, kvf, gidx, dof, lsef, deltaf, *, scale, interpret):
   """GPU_BWD_DKV="sorted": token blocks (scan); per block the kernel stores its dR tiles, the
   block's slot ids are sorted by row, and the segment sum adds each row's tiles into dkv."""
   n, hp, kp_dim = qf.shape
   rows, kp = kvf.shape[0], gidx.shape[1]
   n_hb = hp // kernel_mosaic_gpu.HEAD_BLOCK
-  nb = sorted_block_tokens(n, n_hb, kp, kp_dim)
+  nb = kernel_segment_sum_triton.block_tokens(n, n_hb * kp * kp_dim)
   n_blocks = -(-n // nb)
 
   def split(x, fill=0):

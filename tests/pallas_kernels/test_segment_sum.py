@@ -50,6 +50,17 @@ def test_segment_sum_no_valid_id_and_errors():
     ss.segment_sum_rows(rows[:, :48], order, starts, init[:, :48], groups=1, interpret=True)
 
 
+def test_block_tokens():
+  # V3.2 sparse-MLA backward: 2 head blocks x 2048 slots x 576 columns a token -> 512 tokens;
+  # the sparse KL: 2048 slots x 128 -> 4096 tokens
+  assert ss.block_tokens(4096, 2 * 2048 * 576) == 512
+  assert ss.block_tokens(32768, 2048 * 128) == 4096
+  assert ss.block_tokens(100, 2 * 2048 * 576) == 64  # at most n, a power of two
+  assert ss.block_tokens(3, 64 * 64) == 2
+  with pytest.raises(ValueError, match="int32"):
+    ss.block_tokens(8, 2**31)
+
+
 def test_segment_sum_cuda_lowering(triton_verified):
   """V3.2 sizes of one token block: 512 tokens x 2048 slots, two head blocks, 32K rows; the
   Triton module passes the MLIR verifier."""

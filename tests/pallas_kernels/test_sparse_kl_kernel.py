@@ -21,6 +21,7 @@ from jax.experimental.pallas import triton as pltriton
 from experiments import bench_common
 from pallas_kernels import _testing
 from pallas_kernels.lightning_indexer import grad, kernel_sparse_kl_triton, ops, reference
+from pallas_kernels.sparse_mla import kernel_segment_sum_triton as seg
 from pallas_kernels.v4_attention import ops as v4_ops
 
 SMALL = kernel_sparse_kl_triton.BlockSizes(block_k=16)
@@ -104,16 +105,12 @@ def test_interpret_matches_reference(name):
 def test_interpret_sorted_dk(name, monkeypatch):
   """dk="sorted" (per-slot rows, sort, segment sum) in token blocks of 2 (T 5 and 7: a padded
   last block) against the same reference and tolerance as the atomics."""
-  monkeypatch.setattr(kernel_sparse_kl_triton, "sorted_block_tokens", lambda *a: 2)
+  monkeypatch.setattr(seg, "block_tokens", lambda *a: 2)
   case, bk = CASES[name]
   _check(_case(*case), kernel_sparse_kl_triton.BlockSizes(block_k=bk, dk="sorted"), 1e-5)
 
 
-def test_sorted_block_tokens():
-  assert kernel_sparse_kl_triton.sorted_block_tokens(32768, 2048, 128) == 4096
-  assert kernel_sparse_kl_triton.sorted_block_tokens(100, 2048, 128) == 64
-  with pytest.raises(ValueError, match="int32"):
-    kernel_sparse_kl_triton.sorted_block_tokens(4, 2**24, 256)
+def test_dk_choice_checked():
   with pytest.raises(ValueError, match="dk="):
     kernel_sparse_kl_triton.BlockSizes(dk="scatter")
 
@@ -202,40 +199,19 @@ def test_dispatch_and_errors():
     kernel_sparse_kl_triton.BlockSizes(block_k=48)
 
 
-def test_export_cuda_sorted_dk(triton_verified):
-  """dk="sorted" lowers for cuda at V3.2's shapes: the forward, the backward (per-slot rows) and
-  the segment sum, three verified Triton modules."""
-  sds = jax.ShapeDtypeStruct
-  bf = jnp.bfloat16
-  bsz = kernel_sparse_kl_triton.BlockSizes(dk="sorted")
-
-  def loss(q, k_, w, idx, p):
-    return jnp.mean(kernel_sparse_kl_triton.sparse_kl(q, k_, w, idx, p, bsz, False))
-
-  t, s, k = 4096, 4096, 2048
-  args = (
-    sds((1, t, 64, 128), bf),
-    sds((1, s, 128), bf),
-    sds((1, t, 64), bf),
-    sds((1, t, k), jnp.int32),
-    sds((1, t, k), jnp.float32),
-  )
-  exp = _testing.export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
-  assert [a.shape for a in exp.out_avals] == [(), (1, t, 64, 128), (1, s, 128), (1, t, 64)]
-  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3
-  assert triton_verified == [True, True, True]
-
-
-@pytest.mark.parametrize("t,s,k", [(4096, 4096, 2048), (8192, 2048, 512)])
-def test_export_cuda(t, s, k, triton_verified):
+@pytest.mark.parametrize(
+  "t,s,k,dk",
+  [(4096, 4096, 2048, "atomic"), (8192, 2048, 512, "atomic"), (4096, 4096, 2048, "sorted")],
+)
+def test_export_cuda(t, s, k, dk, triton_verified):
   """Value and gradient lower for cuda (forward and backward kernels, verified Triton modules) at
   V3.2's shapes (T = S = 4096, k 2048) and V4-Flash's sparse stage (T 8192 over U = T/4
-  compressed keys, k 512); J 64, D 128, bf16."""
+  compressed keys, k 512); J 64, D 128, bf16. dk="sorted" adds the segment sum's module."""
   sds = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
+  bsz = kernel_sparse_kl_triton.BlockSizes(dk=dk)
 
   def loss(q, k_, w, idx, p):
-    bsz = kernel_sparse_kl_triton.BlockSizes()
     return jnp.mean(kernel_sparse_kl_triton.sparse_kl(q, k_, w, idx, p, bsz, False))
 
   args = (
@@ -247,8 +223,9 @@ def test_export_cuda(t, s, k, triton_verified):
   )
   exp = _testing.export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
   assert [a.shape for a in exp.out_avals] == [(), (1, t, 64, 128), (1, s, 128), (1, t, 64)]
-  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 2
-  assert triton_verified == [True, True]
+  n_modules = 3 if dk == "sorted" else 2
+  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == n_modules
+  assert triton_verified == [True] * n_modules
 
 
 @pytest.mark.gpu

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _testing
-from pallas_kernels.sparse_mla import kernel_mosaic_gpu, kernel_mosaic_gpu_bwd, ops, reference
+from pallas_kernels.sparse_mla import (
+  kernel_mosaic_gpu,
+  kernel_mosaic_gpu_bwd,
+  kernel_segment_sum_triton,
+  ops,
+  reference,
+)
 
 SCALE = 0.13
 
@@ -76,7 +82,7 @@ def test_interpret_bf16_sorted_dkv(bwd_kernel, monkeypatch):
   Pallas-Triton segment sum adds them (token blocks of 2, so the scan runs two blocks and pads
   the last one). Same checks as the reds."""
   bwd_kernel.setattr(ops, "GPU_BWD_DKV", "sorted")
-  monkeypatch.setattr(ops, "sorted_block_tokens", lambda n, *a: 2)
+  monkeypatch.setattr(kernel_segment_sum_triton, "block_tokens", lambda *a: 2)
   _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16, seed=4)
 
 
@@ -87,15 +93,6 @@ def test_sorted_dkv_switch_checked(bwd_kernel):
   _, vjp = jax.vjp(f, q, kv)
   with pytest.raises(ValueError, match="GPU_BWD_DKV='red'"):
     vjp((jnp.zeros((1, 2, 8, 32), jnp.bfloat16), jnp.zeros((1, 2, 8))))
-
-
-def test_sorted_block_tokens():
-  # V3.2: 2 head blocks x 2048 slots x 576 columns = 2.36M elements a token -> 512 tokens
-  assert ops.sorted_block_tokens(4096, 2, 2048, 576) == 512
-  assert ops.sorted_block_tokens(100, 2, 2048, 576) == 64  # at most n, a power of two
-  assert ops.sorted_block_tokens(3, 1, 64, 64) == 2
-  with pytest.raises(ValueError, match="int32"):
-    ops.sorted_block_tokens(8, 2**16, 2**10, 64)
 
 
 @pytest.mark.slow  # ~25 s in the GPU interpreter; test_interpret_bf16 covers the path in CI
