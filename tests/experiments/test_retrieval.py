@@ -316,6 +316,9 @@ def test_criterion_reads_the_buckets(launcher):
   # beyond k = 16: the buckets from 16 on; out of a 2-layer window's reach: from 32 on
   assert len(cr["dsa_over_dense_beyond_k"]) == 4 and cr["window_beyond_reach"] == [0.04, 0.03, 0.01]
   assert cr["dsa_ok"]  # 0.85 / 0.9 = 0.944 >= 0.9
+  assert cr["warmup_recall_per_layer"] is None  # an eval.json written before the warmup row
+  ev["warmup"] = {"recall_probe_per_layer": [0.97, 0.99]}
+  assert retrieval.criterion(ev, topk=16, n_layers=2)["warmup_recall_per_layer"] == [0.97, 0.99]
 
 
 def _run(wd, res, stage="all"):
@@ -361,6 +364,8 @@ def test_retrieval_all_stages_cpu(tmp_path):
   hv = rep["branches"]["window"]["hit_value_any_layer_by_bucket"]
   assert hv == [1.0 if hi <= 32 else 0.0 for hi in rep["buckets"][1:]]
   assert rep["pretrain_gate"]["done"] and set(rep["criterion"]) >= {"dense_ok", "dsa_ok"}
+  assert rep["warmup"]["attention"] == "dense" and rep["warmup"]["selection"] == "indexer"
+  assert len(rep["criterion"]["warmup_recall_per_layer"]) == 2
   assert (res / "retrieval_cpu.png").exists()
   assert json.loads((wd / "stage_widen.json").read_text())["steps"] == 2  # the curriculum ran it
   # finished stages re-run without training more (the pretrain gate log, the checkpoints)
