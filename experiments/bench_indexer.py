@@ -15,13 +15,9 @@ E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if
     the reference; the row says which) + sparse indexer KL, vs cuDNN causal MHA (h=128,
     d_qk=192, V padded to 192) fwd+bwd. E1_LENGTHS=32768,65536 picks lengths; E1_PARTS=1 adds
     each part's time alone (`parts_ms`: indexer+top-k, sparse MLA fwd and fwd+bwd, probs, KL).
-    E1_SPARSE_KL=kernels|kernels_sorted|xla: the sparse indexer KL on the Pallas-Triton kernels
-    (dk by atomics, or by the sorted segment sum: lightning_indexer.ops.SPARSE_KL_DK) or the
-    streamed XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl`
-    in the row).
-    E1_SPARSE_BWD=xla|xla_sorted|kernel|kernel_sorted: the sparse-MLA backward (the blocked XLA
-    one or the Mosaic GPU kernel, dkv by their atomic adds or by the sorted segment sum; default
-    the library's: sparse_mla ops.GPU_BWD_KERNEL / GPU_BWD_DKV; `sparse_bwd` in the row).
+    E1_SPARSE_KL=kernels|xla: the sparse indexer KL on the Pallas-Triton kernels or the streamed
+    XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl` in the
+    row).
 """
 
 import json
@@ -143,15 +139,6 @@ def suite_t1(small: bool):
   ]
 
 
-def _sparse_bwd_name(mla, impl):
-  """Which sparse-MLA backward the E1 layer ran: autodiff of the reference, the blocked XLA
-  backward, or the kernel with its dkv scheme."""
-  if impl != "pallas":
-    return "reference"
-  name = "xla" if mla.bwd_kernel_why() else "kernel"
-  return name + ("_sorted" if mla.GPU_BWD_DKV == "sorted" else "")
-
-
 def _mla_impl(small):
   """'pallas' if the sparse-MLA kernel runs fwd+bwd here, else 'reference'."""
   from pallas_kernels.sparse_mla import ops as mla  # noqa: PLC0415
@@ -231,19 +218,10 @@ def suite_e1(small: bool):
   if mode:
     mla.GPU_PROBS_KERNEL = mode == "kernel"
   kl_mode = os.environ.get("E1_SPARSE_KL", "")
-  if kl_mode not in ("", "kernels", "kernels_sorted", "xla"):
-    raise ValueError(f"E1_SPARSE_KL={kl_mode!r}; expected kernels, kernels_sorted or xla")
+  if kl_mode not in ("", "kernels", "xla"):
+    raise ValueError(f"E1_SPARSE_KL={kl_mode!r}; expected kernels or xla")
   if kl_mode:
     li_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
-    li_ops.SPARSE_KL_DK = "sorted" if kl_mode == "kernels_sorted" else "atomic"
-  bwd_mode = os.environ.get("E1_SPARSE_BWD", "")
-  if bwd_mode not in ("", "xla", "xla_sorted", "kernel", "kernel_sorted"):
-    raise ValueError(
-      f"E1_SPARSE_BWD={bwd_mode!r}; expected xla, xla_sorted, kernel or kernel_sorted"
-    )
-  if bwd_mode:
-    mla.GPU_BWD_KERNEL = bwd_mode.startswith("kernel")
-    mla.GPU_BWD_DKV = "sorted" if bwd_mode.endswith("_sorted") else "atomic"
   impl = _mla_impl(small)
   interp = _interp(small)
   want_parts = small or bool(os.environ.get("E1_PARTS"))  # E1_PARTS=1: per-part times too
@@ -303,10 +281,7 @@ def suite_e1(small: bool):
           None,
           sparse_mla_impl=impl,
           probs="kernel" if mla.GPU_PROBS_KERNEL else "reference",
-          sparse_kl="xla"
-          if li_ops.sparse_kl_kernels_why(qi, ki)
-          else {"atomic": "kernels", "sorted": "kernels_sorted"}[li_ops.SPARSE_KL_DK],
-          sparse_bwd=_sparse_bwd_name(mla, impl),
+          sparse_kl="xla" if li_ops.sparse_kl_kernels_why(qi, ki) else "kernels",
           **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},
         )

@@ -5,15 +5,9 @@ run.
 
 FlashMLA comes from `sgl-flash-mla==1.0.0` (use_legacy=True, torch via dlpack); if it does not
 import, the XLA reference is the only baseline and the row says why.
-
-S3_BWD=xla|xla_sorted|kernel|kernel_sorted (default xla) picks the backward of impl="pallas":
-the blocked XLA backward or the Mosaic GPU backward kernel (ops.GPU_BWD_KERNEL on), each with dkv
-by its atomic adds or by the sorted segment sum (ops.GPU_BWD_DKV="sorted"); the row's `bwd`
-field says which.
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -170,12 +164,6 @@ def _backward(suite, small):
   d_v = shp["d_v"]
   do = jax.random.normal(jax.random.key(7), q.shape[:-1] + (d_v,), jnp.bfloat16)
   flops = _bwd_flops(shp)
-  bwd_impl = os.environ.get("S3_BWD", "xla")
-  if bwd_impl not in ("xla", "xla_sorted", "kernel", "kernel_sorted"):
-    raise ValueError(f"S3_BWD={bwd_impl!r}; expected xla, xla_sorted, kernel or kernel_sorted")
-  # read when the custom VJP's backward is traced
-  ops.GPU_BWD_KERNEL = bwd_impl.startswith("kernel")
-  ops.GPU_BWD_DKV = "sorted" if bwd_impl.endswith("_sorted") else "atomic"
   res = {}
   for name in ("pallas", "reference"):
     f = lambda q, kv, impl=name: ops.sparse_mla(
@@ -216,7 +204,6 @@ def _backward(suite, small):
         "rel_err_vs_fp32_reference": vs32((rq, rkv)),
       },
       flops_convention="2*s_q*h*topk*(3*d_qk+2*d_v), backward only (vjp of saved residuals)",
-      bwd=bwd_impl,
       note="impl=pallas (default GpuConfig); backward from the saved lse"
       + (" [small, CPU]" if small else ""),
     )

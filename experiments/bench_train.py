@@ -18,17 +18,12 @@ The dense target of the warm-up KL is not counted (a fused kernel would reuse th
 logits); so the warm-up MFU is a floor.
 M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shape.gmm`; default:
 the library's choice) for MoE presets such as `v32_attn_moe`.
-M1_SPARSE_KL=xla,kernels,kernels_sorted runs the sparse phase once per sparse indexer-KL path (the
-streamed XLA custom_vjp, the Pallas-Triton kernels with dk by atomics or by the sorted segment
-sum, lightning_indexer.ops.SPARSE_KL_DK; `shape.sparse_kl`); unset, the library's default.
+M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (the streamed XLA
+custom_vjp or the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
 M1_REMAT_POLICY=full,save_attention runs every phase once per ModelConfig.remat_policy
 (`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
 no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
-M1_SPARSE_BWD=xla,xla_sorted,kernel,kernel_sorted runs the sparse phase once per sparse-MLA
-backward (the blocked XLA backward or the Mosaic GPU kernel, with dkv by their atomic adds or by
-the sorted segment sum, sparse_mla ops.GPU_BWD_DKV; `shape.sparse_bwd`); unset, the library's
-default.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
 (`shape.dense_kl` names it); unset, the library's default (kernels). xla: the streamed XLA
 custom_vjp; kernels: the Pallas-Triton kernels with the attention's lse from the Mosaic GPU flash
@@ -57,7 +52,6 @@ from experiments import bench_common as bc
 from pallas_kernels.grouped_matmul import ops as gmm_ops
 from pallas_kernels.lightning_indexer import kernel_kl_triton
 from pallas_kernels.lightning_indexer import ops as indexer_ops
-from pallas_kernels.sparse_mla import ops as sparse_mla_ops
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # dense bf16 tensor-core peak (SXM)
 
@@ -214,16 +208,9 @@ def suite_m1(small: bool):
   if set(kl_modes) - modes:
     raise ValueError(f"M1_DENSE_KL={kl_modes}; expected a comma list of {sorted(modes)}")
   sparse_modes = env("M1_SPARSE_KL", "")
-  if set(sparse_modes) - {"xla", "kernels", "kernels_sorted"}:
-    raise ValueError(
-      f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels, kernels_sorted"
-    )
+  if set(sparse_modes) - {"xla", "kernels"}:
+    raise ValueError(f"M1_SPARSE_KL={sparse_modes}; expected a comma list of xla, kernels")
   policies = env("M1_REMAT_POLICY", "") or [None]
-  bwd_modes = env("M1_SPARSE_BWD", "")
-  if set(bwd_modes) - {"xla", "xla_sorted", "kernel", "kernel_sorted"}:
-    raise ValueError(
-      f"M1_SPARSE_BWD={bwd_modes}; expected a comma list of xla, xla_sorted, kernel, kernel_sorted"
-    )
   prof_len = int(os.environ.get("M1_PROFILE", "0") or 0)
   prof_dir = os.environ.get("M1_PROFILE_DIR", "experiments/results")
   kind = jax.devices()[0].device_kind
@@ -236,9 +223,8 @@ def suite_m1(small: bool):
       runs = []
       for ph in phases:
         modes = {"warmup": kl_modes, "sparse": sparse_modes}.get(ph) or [None]
-        bwds = (bwd_modes if ph == "sparse" else []) or [None]
-        runs += [(ph, m, b, r) for m in modes for b in bwds for r in policies]
-      for ph, kl_mode, bwd_mode, policy in runs:
+        runs += [(ph, m, r) for m in modes for r in policies]
+      for ph, kl_mode, policy in runs:
         shape = {"preset": preset, "heads": mcfg.n_heads, "seq_len": l, "phase": ph}
         if _loss_chunk():
           shape["loss_chunk"] = _loss_chunk()
@@ -249,16 +235,11 @@ def suite_m1(small: bool):
         if kl_mode is not None and ph == "sparse":
           shape["sparse_kl"] = kl_mode
           indexer_ops.SPARSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
-          indexer_ops.SPARSE_KL_DK = "sorted" if kl_mode == "kernels_sorted" else "atomic"
         elif kl_mode is not None:
           shape["dense_kl"] = kl_mode
           indexer_ops.DENSE_KL_KERNELS_BY_DEFAULT = kl_mode != "xla"
           sparse_attention.GPU_WARMUP_ATTENTION_KERNEL = kl_mode != "kernels_cudnn"
           kernel_kl_triton.GRAD_IN_FORWARD = kl_mode != "kernels_3sweep"
-        if bwd_mode is not None:
-          shape["sparse_bwd"] = bwd_mode
-          sparse_mla_ops.GPU_BWD_KERNEL = bwd_mode.startswith("kernel")
-          sparse_mla_ops.GPU_BWD_DKV = "sorted" if bwd_mode.endswith("_sorted") else "atomic"
         try:
           ms, comp_s, mem_gib, loss = _one(
             preset,
@@ -267,7 +248,7 @@ def suite_m1(small: bool):
             iters,
             prof_dir if l == prof_len else None,
             impl,
-            "".join(f"_{m}" for m in (kl_mode, bwd_mode, policy) if m),
+            "".join(f"_{m}" for m in (kl_mode, policy) if m),
             policy,
           )
         except Exception as e:  # noqa: BLE001 - record what did not fit, go on

@@ -1,8 +1,5 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Sweep of the sparse-MLA GPU backward at S1 shapes: the blocked XLA backward's scan steps
-(ops.GpuConfig.bwd_block_t) and the Mosaic GPU kernel backward (case "kernel", ops.GPU_BWD_KERNEL;
-"kernel_sorted": with ops.GPU_BWD_DKV="sorted", the stored dR tiles and the sorted segment sum;
-"xla_sorted": the XLA backward with the sorted segment sum instead of its scatter).
+"""Sweep of the sparse-MLA GPU backward's scan steps (ops.GpuConfig.bwd_block_t) at S1 shapes.
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -25,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments import bench_common
 from pallas_kernels.sparse_mla import ops
@@ -38,23 +34,6 @@ BASE = ops.GpuConfig()
 CASES = [("default", BASE)] + [
   (f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (128, 256, 1024, 2048)
 ]
-
-
-def _switched_rule(d_v, interp, kernel, dkv):
-  """The custom VJP's backward with ops.GPU_BWD_KERNEL = kernel and ops.GPU_BWD_DKV = dkv while
-  it is traced."""
-
-  interp = plgpu.InterpretGPUParams() if interp else False
-
-  def rule(res, cts):
-    saved = ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV
-    ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV = kernel, dkv
-    try:
-      return ops._sparse_mla_gpu_bwd(SCALE, d_v, interp, BASE, res, cts)[:2]
-    finally:
-      ops.GPU_BWD_KERNEL, ops.GPU_BWD_DKV = saved
-
-  return rule
 
 
 def _bwd_flops(s):
@@ -99,14 +78,6 @@ def main():
         :2
       ]
       jobs.append((name, cfg, jax.jit(rule), (res, cts)))
-  switched = (
-    ("xla_sorted", False, "sorted"),
-    ("kernel", True, "atomic"),
-    ("kernel_sorted", True, "sorted"),
-  )
-  for name, kernel, dkv in switched:
-    if not only or name in only:
-      jobs.append((name, BASE, jax.jit(_switched_rule(d_v, interp, kernel, dkv)), (res, cts)))
   vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: op(q, kv, idx), q, kv)[1])(q, kv, idx)
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 

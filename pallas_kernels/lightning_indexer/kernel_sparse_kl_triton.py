@@ -3,7 +3,8 @@
 
 The XLA version (grad.sparse_kl) gathers [block_t, k, D] key rows per query block in HBM and
 scatter-adds [block_t, k, D] dk rows; here each token's selected rows are gathered straight into
-registers chunk by chunk and nothing [T, k, D]-sized exists.
+registers chunk by chunk, and the backward stores its per-slot dk rows one token block at a
+time.
 Layout the wrapper hands to the kernels (batch folded into rows, as in sparse_mla/kernel_triton.py):
   q [N, Jp, Dp], w [N, Jp]  N = B·T tokens; J and D zero-padded to powers of 2 >= 16 (Triton
                             tiles; a zero head has w = 0 and adds nothing)
@@ -18,20 +19,17 @@ the chunk's rows, z = q_t·rowsᵀ [Jp, bk] on the tensor cores, I = Σ_j w_j·R
        ps = 0). Saves lse_I and ps per token.
   bwd  recomputes z and I per chunk, g = (exp(I - lse_I)·ps - p)·dl at valid slots, then
        dw[j] += Σ_s g·ReLU(z), dq += (g·w·1[z>0])·rows (dq [Jp, Dp] f32 in registers: the token
-       is the program's own) and drows = (g·w·1[z>0])ᵀ·q_t [bk, Dp], which is added to an f32 dk
-       buffer with one masked f32 atomic add per element: the rows a key gets from every token
-       (and repeated ids within a token) add up in any order; B·T·k·D atomics (1.1e9 at T 4096,
-       k 2048), the XLA scatter's count. BlockSizes(dk="sorted") inverts the index instead: the
-       kernel stores drows per slot, the ids are sorted by key and a segment sum adds each key's
-       rows once (no atomics, so no serialisation on keys that many tokens select), at the cost
-       of writing and reading the rows once.
-Chunks with no valid slot are skipped (rows early in the sequence, V4's few visible entries).
+       is the program's own) and drows = (g·w·1[z>0])ᵀ·q_t [bk, Dp], stored in k's dtype at the
+       slots' own rows of a per-slot buffer [N·kp, Dp].
+dk: the rows a key gets from every token (and from repeated ids within a token) are summed
+without atomics. The backward runs in token blocks (a scan, `_bwd_sorted`); per block the kernel
+stores the per-slot rows, the block's ids are sorted by key and the Pallas-Triton segment sum
+(sparse_mla/kernel_segment_sum_triton.py) adds each key's rows once into an f32 dk.
+Chunks with no valid slot are skipped (rows early in the sequence, V4's few visible entries);
+their per-slot rows stay unwritten, and their ids (-1) are never read by the segment sum.
 Dots take the inputs' dtype (bf16 on the tensor cores) with f32 accumulation; the g-weighted
 operands are cast to the other operand's dtype (as kernel_kl_triton.py does).
-On CPU the same kernels run under interpret=True, with one difference: the interpreter's atomic
-add takes no mask and, given a vector of row ids, sets instead of adding where an id repeats, so
-there dk is added one row at a time (invalid slots add exact zeros to row 0). The CPU tests thus
-check the math including repeated ids; only the GPU runs the masked vector atomic.
+On CPU the same kernels run under interpret=True (the Triton interpreter).
 """
 
 import dataclasses
@@ -62,23 +60,17 @@ def _pad_pow2(n: int) -> int:
 class BlockSizes:
   """block_k slots per chunk (a power of 2 >= 16); num_warps / num_stages: Triton's, for the
   forward; num_warps_bwd / num_stages_bwd for the backward (it holds dq [Jp, Dp] f32, z, the
-  g-weighted tile and drows [bk, Dp] f32 at once). dk: how the backward sums the key rows'
-  gradients, "atomic" (f32 atomic adds into dk) or "sorted" (drows stored per slot in k's
-  dtype, then sorted by key and added by sparse_mla/kernel_segment_sum_triton.py, token block
-  by token block: no atomics, no contention on keys that many tokens select)."""
+  g-weighted tile and drows [bk, Dp] f32 at once)."""
 
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
-  dk: str = "atomic"
 
   def __post_init__(self):
     if not _pow2(self.block_k) or self.block_k < 16:
       raise ValueError(f"block_k={self.block_k} must be a power of 2 >= 16")
-    if self.dk not in ("atomic", "sorted"):
-      raise ValueError(f"dk={self.dk!r}; expected 'atomic' or 'sorted'")
 
 
 def supported(q, k) -> str | None:
@@ -110,8 +102,8 @@ def _any(valid):
 
 
 def _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk):
-  """The chunk's validity [bk], clamped ids [bk], gathered rows [bk, Dp], target [bk] (0 where
-  it does not count), z [Jp, bk] f32 and I [bk] f32 (unmasked)."""
+  """The chunk's validity [bk], gathered rows [bk, Dp], target [bk] (0 where it does not
+  count), z [Jp, bk] f32 and I [bk] f32 (unmasked)."""
   ids = idx_ref[n, pl.ds(ci * bk, bk)]
   valid = ids >= 0
   safe = jnp.where(valid, ids, 0)
@@ -120,7 +112,7 @@ def _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk):
   pc = jnp.where(valid & (pc > jnp.float32(0)), pc, jnp.float32(0))
   z = _dot(qt, rows, 1, 1)
   i = jnp.sum(wt[:, None] * jnp.maximum(z, jnp.float32(0)), axis=0)
-  return valid, safe, rows, pc, z, i
+  return valid, rows, pc, z, i
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +129,7 @@ def _fwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, kl_ref, lse_ref, ps_ref, *,
   def body(ci, carry):
     def run(carry):
       m, l, ps, a, cc = carry
-      valid, _, _, pc, _, i = _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk)
+      valid, _, pc, _, i = _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk)
       i = jnp.where(valid, i, _NEG)
       m_new = jnp.maximum(m, jnp.max(i))
       l = l * _common.exp(m - m_new) + jnp.sum(jnp.where(valid, _common.exp(i - m_new), zero))
@@ -158,11 +150,11 @@ def _fwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, kl_ref, lse_ref, ps_ref, *,
   ps_ref[n] = ps
 
 
-def _bwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, *refs, c):
-  # "atomic": refs = (dk0, dq, dw, dk), dk the zero-filled f32 buffer (aliased input 8);
-  # "sorted": refs = (dq, dw, dr), dr [N * kp, Dp] the per-slot rows (skipped chunks unwritten:
-  # their ids are -1, which the segment sum never reads)
-  dq_ref, dw_ref, dk_ref = refs[-3:]
+def _bwd_kernel(
+  q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, dq_ref, dw_ref, dr_ref, *, c
+):
+  # dr [N * kp, Dp]: the per-slot rows (skipped chunks unwritten: their ids are -1, which the
+  # segment sum never reads)
   n, bk = pl.program_id(0), c["bk"]
   qt = q_ref[n, :, :]
   wt = w_ref[n, :].astype(jnp.float32)
@@ -172,27 +164,14 @@ def _bwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, *r
   def body(ci, carry):
     def run(carry):
       dq, dw = carry
-      valid, safe, rows, pc, z, i = _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk)
+      valid, rows, pc, z, i = _chunk(idx_ref, k_ref, p_ref, qt, wt, n, ci, bk)
       prob = _common.exp(jnp.where(valid, i - lse, _NEG))
       g = jnp.where(valid, (prob * ps - pc) * dl, zero)  # [bk]
       dw = dw + jnp.sum(g[None, :] * jnp.maximum(z, zero), axis=1)
       gz = jnp.where(z > zero, wt[:, None] * g[None, :], zero)  # [Jp, bk]
       dq = dq + _dot(gz.astype(rows.dtype), rows, 1, 0)
       drows = _dot(gz.astype(qt.dtype), qt, 0, 0)  # [bk, Dp]
-      if c["dk"] == "sorted":
-        dk_ref[pl.ds((n * c["nk"] + ci) * bk, bk), :] = drows.astype(dk_ref.dtype)
-      elif c["interpret"]:
-        # no masked or repeated-id vector atomics in the interpreter: one row at a time
-        def add_row(r, carry):
-          row = jax.lax.dynamic_index_in_dim(safe, r, keepdims=False)
-          val = jax.lax.dynamic_index_in_dim(drows, r, keepdims=False)
-          pltriton.atomic_add(dk_ref, (row, pl.ds(0, drows.shape[1])), val)
-          return carry
-
-        jax.lax.fori_loop(0, bk, add_row, 0)
-      else:
-        mask = jnp.broadcast_to(valid[:, None], drows.shape)
-        pltriton.atomic_add(dk_ref, (safe, slice(None)), drows, mask=mask)
+      dr_ref[pl.ds((n * c["nk"] + ci) * bk, bk), :] = drows.astype(dr_ref.dtype)
       return dq, dw
 
     ids = idx_ref[n, pl.ds(ci * bk, bk)]
@@ -226,14 +205,13 @@ def _prepare(q, k, w, idx, p, bsz: BlockSizes):
   return qp, kp, wp, gid.reshape(b * t, kk), pp.reshape(b * t, kk), cfg
 
 
-def _call(kernel, name, out_shape, args, n, bsz, interpret, bwd=False, aliases=None):
+def _call(kernel, name, out_shape, args, n, bsz, interpret, bwd=False):
   warps = bsz.num_warps_bwd if bwd else bsz.num_warps
   stages = bsz.num_stages_bwd if bwd else bsz.num_stages
   return pl.pallas_call(
     kernel,
     out_shape=out_shape,
     grid=(n,),
-    input_output_aliases=aliases or {},
     compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages),
     interpret=interpret,
     name=name,
@@ -266,28 +244,8 @@ def sparse_kl_bwd(q, k, w, idx, p, res, dl, *, block_sizes, interpret=False):
   s = k.shape[1]
   lse, ps = res
   qp, kp, wp, gid, pp, cfg = _prepare(q, k, w, idx, p, block_sizes)
-  cfg["interpret"] = bool(interpret)
-  cfg["dk"] = block_sizes.dk
   dl = dl.astype(jnp.float32).reshape(b * t)
-  if block_sizes.dk == "sorted":
-    dq, dw, dk = _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, block_sizes, interpret)
-  else:
-    dk0 = jnp.zeros(kp.shape, jnp.float32)
-    dq, dw, dk = _call(
-      functools.partial(_bwd_kernel, c=cfg),
-      "sparse_kl_bwd",
-      (
-        jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        jax.ShapeDtypeStruct(wp.shape, jnp.float32),
-        jax.ShapeDtypeStruct(kp.shape, jnp.float32),
-      ),
-      (qp, kp, wp, gid, pp, lse, ps, dl, dk0),
-      b * t,
-      block_sizes,
-      interpret,
-      bwd=True,
-      aliases={8: 2},
-    )
+  dq, dw, dk = _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, block_sizes, interpret)
   dq = dq.reshape(b, t, *qp.shape[1:])[:, :, :nj, :d]
   dk = dk.reshape(b, s, -1)[..., :d].astype(k.dtype)
   dw = dw.reshape(b, t, -1)[..., :nj].astype(w.dtype)
@@ -295,8 +253,8 @@ def sparse_kl_bwd(q, k, w, idx, p, res, dl, *, block_sizes, interpret=False):
 
 
 def _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, bsz, interpret):
-  """dk="sorted": token blocks (scan); per block the kernel writes dq, dw and the per-slot rows,
-  the block's ids are sorted by key and the segment sum adds each key's rows into dk (f32)."""
+  """Token blocks (scan); per block the kernel writes dq, dw and the per-slot rows, the block's
+  ids are sorted by key and the segment sum adds each key's rows into dk (f32)."""
   n, kk = gid.shape
   nb = seg.block_tokens(n, kk * kp.shape[1])
   n_blocks = -(-n // nb)
@@ -323,7 +281,7 @@ def _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, bsz, interpret):
     )
     order, starts = seg.sort_segments(ib.reshape(-1), kp.shape[0])
     dk = seg.segment_sum_rows(
-      dr, order, starts, dk, groups=1, block_c=min(64, kp.shape[1]), interpret=bool(interpret)
+      dr, order, starts, dk, block_c=min(64, kp.shape[1]), interpret=bool(interpret)
     )
     return dk, (dq, dw)
 

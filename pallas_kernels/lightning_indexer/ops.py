@@ -209,9 +209,6 @@ def indexer_topk(
 # pass tests/pallas_kernels/test_sparse_kl_kernel.py -m gpu); False keeps the streamed XLA path
 # (grad.sparse_kl), and block_sizes= then opts in. M1_SPARSE_KL=xla,kernels measures both.
 SPARSE_KL_KERNELS_BY_DEFAULT = True
-# How the kernels' backward sums dk (kernel_sparse_kl_triton.BlockSizes.dk) when block_sizes is
-# not given: "atomic" (f32 atomic adds) or "sorted" (per-slot rows, a sort, a segment sum).
-SPARSE_KL_DK = "atomic"
 
 
 def sparse_kl_kernels_why(q, k, *, interpret=False, block_sizes=None) -> str | None:
@@ -260,7 +257,7 @@ def sparse_kl(
       w,
       idx.astype(jnp.int32),
       p.astype(jnp.float32),
-      block_sizes or kernel_sparse_kl_triton.BlockSizes(dk=SPARSE_KL_DK),
+      block_sizes or kernel_sparse_kl_triton.BlockSizes(),
       bool(interpret),
     )
   if interpret or block_sizes is not None:

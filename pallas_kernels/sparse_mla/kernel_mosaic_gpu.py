@@ -82,7 +82,8 @@ class GpuConfig:
   copy_wgs: copy warpgroups (1 for "direct"; 1, 2 or 4 for "staged", each copying
     64 / copy_wgs rows per chunk).
   bwd_block_t: query tokens per scan step of the XLA backward (ops._bwd_blocked), counted over
-    the batch: a batch of b takes bwd_block_t // b tokens per step.
+    the batch: a batch of b takes bwd_block_t // b tokens per step (fewer where a step's dK
+    rows would reach 2**31 elements, the segment sum's int32 offsets).
   """
 
   copies: str = "direct"
@@ -134,19 +135,6 @@ def _mma_acc(acc, a, b):
     plgpu.wgmma(acc_ref, a, b)
 
   return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def mma_add(acc, a, b, interpret):
-  """acc + a @ b (a, b SMEM refs): in place on hardware; the interpreter cannot discharge
-  run_state(ACC.init(...)), so there a scoped accumulator is added."""
-  if not interpret:
-    return _mma_acc(acc, a, b)
-
-  def scope(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
-
-  return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
 
 
 def _online_softmax(s, ids, m_i, l_i, qk_scale):

@@ -1,17 +1,17 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Pallas-Triton segment sum of gathered rows: the second pass of the sparse-MLA backward's
-sorted dkv reduction (kernel_mosaic_gpu_bwd.py, dkv="sorted").
+"""Pallas-Triton segment sum of gathered rows: the second pass of the sorted key-row gradient
+reductions (dkv of the sparse-MLA backward, ops._bwd_blocked; dk of the sparse indexer KL
+backward, lightning_indexer/kernel_sparse_kl_triton.py).
 
-  out[r, :] = init[r, :] + sum over i in [starts[r], starts[r + 1]) and g < G of
-              rows[g * M + order[i], :]
+  out[r, :] = init[r, :] + sum over i in [starts[r], starts[r + 1]) of rows[order[i], :]
 
-rows [G*M, C] (bf16/f16/f32; G row groups of M positions: the backward's head blocks), order [P]
-int32 positions in [0, M) sorted by the row they add to, starts [R + 1] int32 (CSR offsets into
-order), init [R, C] f32 -> out [R, C] f32 (init's buffer, aliased).
+rows [M, C] (bf16/f16/f32), order [P] int32 positions in [0, M) sorted by the row they add to,
+starts [R + 1] int32 (CSR offsets into order), init [R, C] f32 -> out [R, C] f32 (init's
+buffer, aliased).
 
 One program per output row r: it walks its segment `block_r` positions at a time (the
 positions read once for every column), gathers those positions' rows in `block_c`-column pieces
-(one 2-D load per group and piece), sums them in f32 registers and writes the row once: no
+(one 2-D load per piece), sums them in f32 registers and writes the row once: no
 atomics, so the adds are deterministic (in the order of `order`) and each output element is
 read and written once. Rows with an empty segment keep init.
 """
@@ -27,7 +27,7 @@ BLOCK_R = 32
 BLOCK_C = 64
 
 
-def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, groups, m, block_r, block_c):
+def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, block_r, block_c):
   del init_ref  # aliased with out_ref: read through out_ref
   r = pl.program_id(0)
   pieces = [pl.ds(c, block_c) for c in range(0, out_ref.shape[1], block_c)]
@@ -41,10 +41,8 @@ def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, groups, m, bl
     pos = order_ref[jnp.where(ok, at, 0)]  # past the segment: position order[0], zeroed below
     out = []
     for acc, cols in zip(accs, pieces):
-      for g in range(groups):
-        x = rows_ref[g * m + pos, cols].astype(jnp.float32)
-        acc = acc + jnp.sum(jnp.where(ok[:, None], x, 0.0), axis=0)
-      out.append(acc)
+      x = rows_ref[pos, cols].astype(jnp.float32)
+      out.append(acc + jnp.sum(jnp.where(ok[:, None], x, 0.0), axis=0))
     return tuple(out)
 
   zeros = tuple(jnp.zeros((block_c,), jnp.float32) for _ in pieces)
@@ -53,20 +51,20 @@ def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, groups, m, bl
     out_ref[r, cols] = out_ref[r, cols] + acc
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "block_r", "block_c", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_r", "block_c", "interpret"))
 def segment_sum_rows(
-  rows, order, starts, init, *, groups, block_r=BLOCK_R, block_c=BLOCK_C, interpret=False
+  rows, order, starts, init, *, block_r=BLOCK_R, block_c=BLOCK_C, interpret=False
 ):
   """See the module docstring. C must be a multiple of block_c."""
-  gm, c = rows.shape
+  c = rows.shape[1]
   r = starts.shape[0] - 1
-  if gm % groups or c % block_c or init.shape != (r, c) or order.ndim != 1:
+  if c % block_c or init.shape != (r, c) or order.ndim != 1:
     raise ValueError(
-      f"segment_sum_rows: rows {rows.shape} (groups {groups}, columns a multiple of {block_c}), "
+      f"segment_sum_rows: rows {rows.shape} (columns a multiple of {block_c}), "
       f"order {order.shape}, starts {starts.shape}, init {init.shape}; expected init [R, C] with "
       "R = len(starts) - 1"
     )
-  kern = functools.partial(_kernel, groups=groups, m=gm // groups, block_r=block_r, block_c=block_c)
+  kern = functools.partial(_kernel, block_r=block_r, block_c=block_c)
   return pl.pallas_call(
     kern,
     out_shape=jax.ShapeDtypeStruct((r, c), jnp.float32),

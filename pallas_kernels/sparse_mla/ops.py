@@ -4,9 +4,8 @@
 impl="pallas" runs one kernel set per backend under a custom VJP that honours both cotangents
 (out and lse):
   gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`) and the
-       blocked XLA backward from the saved lse (`_bwd_blocked`), or, with GPU_BWD_KERNEL on,
-       the Mosaic GPU backward kernel (kernel_mosaic_gpu_bwd.py) on one GPU or in the
-       interpreter (interpret=...);
+       blocked XLA backward from the saved lse (`_bwd_blocked`), whose dkv is summed per row by
+       the Pallas-Triton segment sum (kernel_segment_sum_triton.py) after a sort of the slot ids;
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
 `sparse_mla_probs` (the sparse KL target) takes the Mosaic GPU kernel of
 kernel_mosaic_gpu_probs.py on a GPU when GPU_PROBS_KERNEL is on and the inputs suit it (bf16 or
@@ -22,7 +21,6 @@ import jax.numpy as jnp
 from pallas_kernels import _common
 from pallas_kernels.sparse_mla import (
   kernel_mosaic_gpu,
-  kernel_mosaic_gpu_bwd,
   kernel_mosaic_gpu_probs,
   kernel_segment_sum_triton,
   kernel_tpu,
@@ -38,16 +36,6 @@ GpuConfig = kernel_mosaic_gpu.GpuConfig
 # (kernel_mosaic_gpu_probs.py; tests/pallas_kernels/test_sparse_mla_probs_mosaic.py -m gpu);
 # False: the reference.
 GPU_PROBS_KERNEL = True
-# The backward of impl="pallas" on a GPU: True runs the Mosaic GPU backward kernel
-# (kernel_mosaic_gpu_bwd.py) where it can (one GPU, bf16/f16, or interpret=... on CPU), False
-# the blocked XLA backward (`_bwd_blocked`). Off: correct on the GPU, but slower than the XLA
-# backward at S3 shapes (its dkv atomic adds dominate; S3_BWD=kernel in the S3 benchmark).
-GPU_BWD_KERNEL = False
-# How the GPU backward sums dkv: "atomic" (the kernel's relaxed reds into an f32 dkv, the XLA
-# backward's scatter-add) or "sorted" (the dK rows are kept per slot, the slot ids sorted by row
-# and a Pallas-Triton segment sum adds each row's contributions once, token block by token
-# block: kernel_segment_sum_triton.py).
-GPU_BWD_DKV = "atomic"
 
 
 def _check(q, kv, idx, d_v):
@@ -224,23 +212,21 @@ def _bwd_blocked(
   d_v,
   block_t,
   update_dtype=None,
-  dkv_sum="scatter",
   interpret=False,
 ):
   """dq, dkv from the saved lse (no softmax renormalisation), query blocks scanned in XLA.
 
   With P = exp(scale·q·kᵀ - lse): dS = P ⊙ (dO·Vᵀ - Δ + dlse), Δ = rowsum(O ⊙ dO);
-  dq = scale·dS·K; dK_rows = scale·dSᵀ·q (+ Pᵀ·dO on the value dims), scatter-added into dkv
+  dq = scale·dS·K; dK_rows = scale·dSᵀ·q (+ Pᵀ·dO on the value dims), summed into dkv per row
   (duplicates across queries add up; invalid slots are dropped).
   [q; dO] are stacked on the head axis, so the logits and dP are one matmul over the gathered
   rows ([2h, K] x [K, k]) and the dK_rows one more ([dS; P]ᵀ x [q; dO], contraction 2h).
+  Per scan step the slot ids are sorted by row (batch folded: row b*S + id) and the
+  Pallas-Triton segment sum (kernel_segment_sum_triton.py) adds each row's dK_rows once into an
+  f32 dkv (columns padded to 64s); interpret runs it in the Triton interpreter.
   block_t: query tokens per scan step (per batch row); update_dtype: dK_rows rounded to it
-  before the f32 scatter-add (less scatter traffic; default f32). dkv_sum: "scatter" (an XLA
-  scatter-add per step) or "sorted" (per step the slot ids are sorted by row and the Pallas-Triton
-  segment sum adds each row's dK_rows once; interpret runs it in the Triton interpreter).
+  before the f32 sum (less traffic; default f32).
   """
-  if dkv_sum not in ("scatter", "sorted"):
-    raise ValueError(f"dkv_sum={dkv_sum!r}; expected 'scatter' or 'sorted'")
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
   f32 = jnp.float32
@@ -269,33 +255,29 @@ def _bwd_blocked(
     )
     a = jnp.concatenate([(ds * scale).astype(q.dtype), p.astype(q.dtype)], axis=2)
     drows = jnp.einsum("bths,bthc->btsc", a, qd, preferred_element_type=update_dtype or f32)
-    if dkv_sum == "sorted":  # dkv [b*S, cols]: rows b*s + id, columns padded to 64s
-      gid = _global_idx(ib, s, 1)
-      order, starts = kernel_segment_sum_triton.sort_segments(gid.reshape(-1), b * s)
-      rows_d = _common.pad_axis(drows.reshape(-1, k_dim), 1, 64)
-      dkv = kernel_segment_sum_triton.segment_sum_rows(
-        rows_d, order, starts, dkv, groups=1, interpret=bool(interpret)
-      )
-    else:
-      scatter_idx = jnp.where(valid, ib, s)  # out of range -> dropped
-      dkv = jax.vmap(
-        lambda a, i, u: a.at[i.reshape(-1)].add(u.reshape(-1, k_dim).astype(f32), mode="drop")
-      )(dkv, scatter_idx, drows)
+    order, starts = kernel_segment_sum_triton.sort_segments(
+      _global_idx(ib, s, 1).reshape(-1), b * s
+    )
+    rows_d = _common.pad_axis(drows.reshape(-1, k_dim), 1, 64)
+    dkv = kernel_segment_sum_triton.segment_sum_rows(
+      rows_d, order, starts, dkv, interpret=bool(interpret)
+    )
     return dkv, dq.astype(q.dtype)
 
-  if dkv_sum == "sorted":
-    dkv0 = jnp.zeros((b * s, -(-k_dim // 64) * 64), f32)
-  else:
-    dkv0 = jnp.zeros(kv.shape, f32)
+  dkv0 = jnp.zeros((b * s, -(-k_dim // 64) * 64), f32)
   dkv, dq = jax.lax.scan(body, dkv0, xs)
   dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * block_t, h, k_dim)[:, :t]
-  return dq, dkv[..., :k_dim].reshape(kv.shape).astype(kv.dtype)
+  return dq, dkv[:, :k_dim].reshape(kv.shape).astype(kv.dtype)
 
 
 def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interpret=False):
   # Scan steps cover config.bwd_block_t tokens summed over the batch (the gathered rows of one
-  # step scale with b * block_t), so a larger batch takes shorter steps, not more memory.
-  _check_bwd_dkv()
+  # step scale with b * block_t), so a larger batch takes shorter steps, not more memory; and
+  # a step's dK rows (b * block_t * k rows of 64-padded columns) stay below 2**31 elements, the
+  # int32 offsets of the segment sum.
+  b = q.shape[0]
+  per_token = b * idx.shape[-1] * _round_up(q.shape[-1], 64)
+  block_t = max(1, min(config.bwd_block_t // b, (2**31 - 1) // per_token))
   return _bwd_blocked(
     q,
     kv,
@@ -306,79 +288,10 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
     d_lse,
     scale=scale,
     d_v=d_v,
-    block_t=max(1, config.bwd_block_t // q.shape[0]),
+    block_t=block_t,
     update_dtype=jnp.bfloat16,
-    dkv_sum="sorted" if GPU_BWD_DKV == "sorted" else "scatter",
     interpret=interpret,
   )
-
-
-def _check_bwd_dkv():
-  if GPU_BWD_DKV not in ("atomic", "sorted"):
-    raise ValueError(f"ops.GPU_BWD_DKV={GPU_BWD_DKV!r}; expected 'atomic' or 'sorted'")
-
-
-def bwd_kernel_why(interpret=False) -> str | None:
-  """None when the GPU custom VJP runs the Mosaic GPU backward kernel, else why not."""
-  if not GPU_BWD_KERNEL:
-    return "GPU_BWD_KERNEL is off"
-  if not interpret and jax.default_backend() != "gpu":
-    return f"no GPU (jax.default_backend()={jax.default_backend()!r}); pass interpret=..."
-  if not interpret and not _common.per_device():
-    # A Mosaic GPU call is not auto-partitioned: under a sharded jit it would run replicated.
-    return "several devices outside a shard_map over the whole mesh"
-  return None
-
-
-def _gpu_bwd_kernel_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, interpret):
-  """The Mosaic GPU backward on the forward's folded layout; Δ - dlse computed here (XLA)."""
-  b, t, h, k_dim = q.shape
-  s = kv.shape[1]
-  f32 = jnp.float32
-  kp_dim, d_outp, _ = kernel_mosaic_gpu.padded_dims(k_dim, d_v, idx.shape[-1])
-  hp = _round_up(h, kernel_mosaic_gpu.HEAD_BLOCK)
-  qf, kvf, gidx = _fold(q, kv, idx, hp, kp_dim, kernel_mosaic_gpu.BLOCK_K)
-  delta = jnp.einsum("bthv,bthv->bth", out.astype(f32), d_out.astype(f32))
-  delta = delta - jnp.where(jnp.isfinite(lse), d_lse.astype(f32), 0.0)
-  dof = _pad_heads(d_out.astype(q.dtype), hp)
-  dof = jnp.pad(dof, ((0, 0), (0, 0), (0, d_outp - d_v)))
-  args = (qf, kvf, gidx, dof, _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp))
-  _check_bwd_dkv()
-  if GPU_BWD_DKV == "sorted":
-    dq, dkv = _bwd_kernel_sorted(*args, scale=scale, interpret=interpret)
-  else:
-    dq, dkv = kernel_mosaic_gpu_bwd.sparse_mla_bwd(*args, scale=scale, interpret=interpret)
-  dq = dq[:, :h, :k_dim].reshape(b, t, h, k_dim)
-  return dq, dkv[:, :k_dim].reshape(b, s, k_dim).astype(kv.dtype)
-
-
-def _bwd_kernel_sorted(qf, kvf, gidx, dof, lsef, deltaf, *, scale, interpret):
-  """GPU_BWD_DKV="sorted": token blocks (scan); per block the kernel stores its dR tiles, the
-  block's slot ids are sorted by row, and the segment sum adds each row's tiles into dkv."""
-  n, hp, kp_dim = qf.shape
-  rows, kp = kvf.shape[0], gidx.shape[1]
-  n_hb = hp // kernel_mosaic_gpu.HEAD_BLOCK
-  nb = kernel_segment_sum_triton.block_tokens(n, n_hb * kp * kp_dim)
-  n_blocks = -(-n // nb)
-
-  def split(x, fill=0):
-    x = _common.pad_axis(x, 0, nb, value=fill)
-    return x.reshape((n_blocks, nb) + x.shape[1:])
-
-  def body(dkv, blk):
-    qb, ib, db, lb, eb = blk
-    dq, dr = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
-      qb, kvf, ib, db, lb, eb, scale=scale, dkv="store", interpret=interpret
-    )
-    order, starts = kernel_segment_sum_triton.sort_segments(ib.reshape(-1), rows)
-    dkv = kernel_segment_sum_triton.segment_sum_rows(
-      dr, order, starts, dkv, groups=n_hb, interpret=bool(interpret)
-    )
-    return dkv, dq
-
-  xs = (split(qf), split(gidx, -1), split(dof), split(lsef, jnp.inf), split(deltaf))
-  dkv, dq = jax.lax.scan(body, jnp.zeros((rows, kp_dim), jnp.float32), xs)
-  return dq.reshape((n_blocks * nb,) + dq.shape[2:])[:n], dkv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -393,10 +306,7 @@ def _sparse_mla_gpu_fwd(q, kv, idx, scale, d_v, interpret, config):
 
 
 def _sparse_mla_gpu_bwd(scale, d_v, interpret, config, res, cts):
-  if bwd_kernel_why(interpret) is None:
-    dq, dkv = _gpu_bwd_kernel_call(*res, *cts, scale, d_v, interpret or False)
-  else:
-    dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config, bool(interpret))
+  dq, dkv = _gpu_bwd_call(*res, *cts, scale, d_v, config, bool(interpret))
   return dq, dkv, None
 
 

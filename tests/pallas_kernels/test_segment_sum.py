@@ -1,7 +1,8 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""The sorted segment sum of the sparse-MLA kernel backward (kernel_segment_sum_triton.py) in the
-Triton interpreter vs a numpy loop: ids < 0 and >= R dropped, rows with no position keep init, a
-row with more positions than one block, two row groups; and its CUDA lowering."""
+"""The sorted segment sum of the sparse-MLA and sparse indexer-KL backwards
+(kernel_segment_sum_triton.py) in the Triton interpreter vs a numpy loop: ids < 0 and >= R
+dropped, rows with no position keep init, a row with more positions than one block; and its CUDA
+lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -12,29 +13,29 @@ from pallas_kernels import _testing
 from pallas_kernels.sparse_mla import kernel_segment_sum_triton as ss
 
 
-def _numpy(rows, ids, init, groups):
+def _numpy(rows, ids, init):
   out = np.asarray(init, np.float64).copy()
   r = out.shape[0]
-  rf = np.asarray(rows, np.float64).reshape(groups, -1, rows.shape[-1])
+  rf = np.asarray(rows, np.float64)
   for p, i in enumerate(np.asarray(ids)):
     if 0 <= i < r:
-      out[i] += rf[:, p].sum(0)
+      out[i] += rf[p]
   return out
 
 
-@pytest.mark.parametrize("groups,dtype", [(1, jnp.float32), (2, jnp.bfloat16)])
-def test_segment_sum_matches_numpy(groups, dtype):
+@pytest.mark.parametrize("seed,dtype", [(1, jnp.float32), (2, jnp.bfloat16)])
+def test_segment_sum_matches_numpy(seed, dtype):
   m, c, r = 90, 128, 11
-  rng = np.random.default_rng(groups)
+  rng = np.random.default_rng(seed)
   ids = rng.integers(-3, r + 3, size=m)
   ids[:40] = 4  # one row gets more positions than a block of 32
   ids[ids == 7] = 8  # row 7 gets none: keeps init
-  rows = _testing.normal(1, (groups * m, c), dtype)
+  rows = _testing.normal(1, (m, c), dtype)
   init = _testing.normal(2, (r, c))
   order, starts = ss.sort_segments(jnp.asarray(ids, jnp.int32), r)
   assert int(starts[-1]) == int(((ids >= 0) & (ids < r)).sum())
-  out = ss.segment_sum_rows(rows, order, starts, init, groups=groups, interpret=True)
-  np.testing.assert_allclose(out, _numpy(rows, ids, init, groups), rtol=1e-5, atol=1e-5)
+  out = ss.segment_sum_rows(rows, order, starts, init, interpret=True)
+  np.testing.assert_allclose(out, _numpy(rows, ids, init), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out[7], init[7])
 
 
@@ -42,19 +43,18 @@ def test_segment_sum_no_valid_id_and_errors():
   rows = jnp.ones((16, 64), jnp.float32)
   init = _testing.normal(0, (5, 64))
   order, starts = ss.sort_segments(jnp.full((16,), -1, jnp.int32), 5)
-  out = ss.segment_sum_rows(rows, order, starts, init, groups=1, interpret=True)
+  out = ss.segment_sum_rows(rows, order, starts, init, interpret=True)
   np.testing.assert_array_equal(out, init)
   with pytest.raises(ValueError, match="init"):
-    ss.segment_sum_rows(rows, order, starts, init[:4], groups=1, interpret=True)
+    ss.segment_sum_rows(rows, order, starts, init[:4], interpret=True)
   with pytest.raises(ValueError, match="columns"):
-    ss.segment_sum_rows(rows[:, :48], order, starts, init[:, :48], groups=1, interpret=True)
+    ss.segment_sum_rows(rows[:, :48], order, starts, init[:, :48], interpret=True)
 
 
 def test_block_tokens():
-  # V3.2 sparse-MLA backward: 2 head blocks x 2048 slots x 576 columns a token -> 512 tokens;
-  # the sparse KL: 2048 slots x 128 -> 4096 tokens
-  assert ss.block_tokens(4096, 2 * 2048 * 576) == 512
+  # V3.2's sparse KL: 2048 slots x 128 columns a token -> 4096 tokens
   assert ss.block_tokens(32768, 2048 * 128) == 4096
+  assert ss.block_tokens(4096, 2 * 2048 * 576) == 512
   assert ss.block_tokens(100, 2 * 2048 * 576) == 64  # at most n, a power of two
   assert ss.block_tokens(3, 64 * 64) == 2
   with pytest.raises(ValueError, match="int32"):
@@ -62,16 +62,16 @@ def test_block_tokens():
 
 
 def test_segment_sum_cuda_lowering(triton_verified):
-  """V3.2 sizes of one token block: 512 tokens x 2048 slots, two head blocks, 32K rows; the
-  Triton module passes the MLIR verifier."""
+  """V3.2 sizes of one sparse-MLA backward scan step: 512 tokens x 2048 slots, 32K rows of 576
+  columns; the Triton module passes the MLIR verifier."""
   sds = jax.ShapeDtypeStruct
   p, r = 512 * 2048, 32768
 
   def f(rows, ids, init):
-    return ss.segment_sum_rows(rows, *ss.sort_segments(ids, r), init, groups=2)
+    return ss.segment_sum_rows(rows, *ss.sort_segments(ids, r), init)
 
   mlir = _testing.export_cuda(
-    f, sds((2 * p, 576), jnp.bfloat16), sds((p,), jnp.int32), sds((r, 576), jnp.float32)
+    f, sds((p, 576), jnp.bfloat16), sds((p,), jnp.int32), sds((r, 576), jnp.float32)
   ).mlir_module()
   assert "segment_sum_rows" in mlir
   assert triton_verified == [True]

@@ -5,10 +5,9 @@ reference.sparse_kl_reference (value and autodiff gradients of Σ dl·kl at tiny
 valid slot, padded J / D / k), the V4 sparse stage (v4_attention.ops.indexer_kl with idx), the
 dispatch of ops.sparse_kl, cuda lowering at V3.2 and V4 shapes, and a -m gpu check at full size.
 
-Repeated ids: on CPU the kernel adds dk one row at a time (the interpreter's vector atomic add
-sets instead of adding where an id repeats within one call, and takes no mask), so the CPU tests
-check the sums over repeated ids and over the tokens that share a key; the masked vector atomic
-add the GPU runs is checked only by the -m gpu test (which has repeats and -1 ids).
+dk is summed from per-slot rows by a sort and the segment sum, token block by token block: the
+CPU tests check the sums over repeated ids and over the tokens that share a key, also across
+token blocks (block_tokens forced to 2, a padded last block).
 There is no query tile (one program per token), so any T is "ragged"; k is padded to block_k.
 """
 
@@ -102,17 +101,12 @@ def test_interpret_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["k_over_s", "padded_k"])
-def test_interpret_sorted_dk(name, monkeypatch):
-  """dk="sorted" (per-slot rows, sort, segment sum) in token blocks of 2 (T 5 and 7: a padded
-  last block) against the same reference and tolerance as the atomics."""
+def test_interpret_token_blocks_of_2(name, monkeypatch):
+  """The backward's scan in token blocks of 2 (B·T 10 and 7, the latter with a padded last
+  block; keys get rows from several blocks), against the same reference and tolerance."""
   monkeypatch.setattr(seg, "block_tokens", lambda *a: 2)
   case, bk = CASES[name]
-  _check(_case(*case), kernel_sparse_kl_triton.BlockSizes(block_k=bk, dk="sorted"), 1e-5)
-
-
-def test_dk_choice_checked():
-  with pytest.raises(ValueError, match="dk="):
-    kernel_sparse_kl_triton.BlockSizes(dk="scatter")
+  _check(_case(*case), kernel_sparse_kl_triton.BlockSizes(block_k=bk), 1e-5)
 
 
 def test_interpret_bf16():
@@ -120,14 +114,13 @@ def test_interpret_bf16():
   _check(_case(3, 2, 5, 20, 4, 32, 32, jnp.bfloat16), SMALL, 2e-2)
 
 
-@pytest.mark.parametrize("dk", ["atomic", "sorted"])
-def test_interpret_repeated_ids_add_up(dk):
+def test_interpret_repeated_ids_add_up():
   """Every slot of every row picks one of two keys: dk of those keys is the sum over all tokens
   and slots (the repeats within a token included), and every other key gets exactly 0."""
   q, k, w, idx, p, dl = _case(4, 1, 4, 12, 4, 16, 32)
   idx = jnp.where(jnp.arange(32) % 2 == 0, 3, 7)[None, None, :].repeat(4, axis=1).astype(jnp.int32)
   p = jnp.full(idx.shape, 1 / 32, jnp.float32)
-  bsz = kernel_sparse_kl_triton.BlockSizes(block_k=16, dk=dk)
+  bsz = kernel_sparse_kl_triton.BlockSizes(block_k=16)
   f = lambda q, k, w: ops.sparse_kl(q, k, w, idx, p, impl="pallas", interpret=True, block_sizes=bsz)
   _, (dq, dk, dw) = jax.jit(lambda q, k, w: _vg(f, q, k, w, dl))(q, k, w)
   r = lambda q, k, w: reference.sparse_kl_reference(q, k, w, idx, p)
@@ -199,17 +192,14 @@ def test_dispatch_and_errors():
     kernel_sparse_kl_triton.BlockSizes(block_k=48)
 
 
-@pytest.mark.parametrize(
-  "t,s,k,dk",
-  [(4096, 4096, 2048, "atomic"), (8192, 2048, 512, "atomic"), (4096, 4096, 2048, "sorted")],
-)
-def test_export_cuda(t, s, k, dk, triton_verified):
-  """Value and gradient lower for cuda (forward and backward kernels, verified Triton modules) at
-  V3.2's shapes (T = S = 4096, k 2048) and V4-Flash's sparse stage (T 8192 over U = T/4
-  compressed keys, k 512); J 64, D 128, bf16. dk="sorted" adds the segment sum's module."""
+@pytest.mark.parametrize("t,s,k", [(4096, 4096, 2048), (8192, 2048, 512)])
+def test_export_cuda(t, s, k, triton_verified):
+  """Value and gradient lower for cuda (forward and backward kernels and the segment sum,
+  verified Triton modules) at V3.2's shapes (T = S = 4096, k 2048) and V4-Flash's sparse stage
+  (T 8192 over U = T/4 compressed keys, k 512); J 64, D 128, bf16."""
   sds = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
-  bsz = kernel_sparse_kl_triton.BlockSizes(dk=dk)
+  bsz = kernel_sparse_kl_triton.BlockSizes()
 
   def loss(q, k_, w, idx, p):
     return jnp.mean(kernel_sparse_kl_triton.sparse_kl(q, k_, w, idx, p, bsz, False))
@@ -223,9 +213,10 @@ def test_export_cuda(t, s, k, dk, triton_verified):
   )
   exp = _testing.export_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
   assert [a.shape for a in exp.out_avals] == [(), (1, t, 64, 128), (1, s, 128), (1, t, 64)]
-  n_modules = 3 if dk == "sorted" else 2
-  assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == n_modules
-  assert triton_verified == [True] * n_modules
+  mlir = exp.mlir_module()
+  assert mlir.count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3
+  assert "segment_sum_rows" in mlir
+  assert triton_verified == [True] * 3
 
 
 @pytest.mark.gpu
@@ -259,22 +250,18 @@ def test_gpu_matches_reference(dtype, tol):
 
   bsz = kernel_sparse_kl_triton.BlockSizes()
   kern = vg(lambda *a: ops.sparse_kl(*a, impl="pallas", block_sizes=bsz))
-  bsz_sorted = kernel_sparse_kl_triton.BlockSizes(dk="sorted")
-  kern_sorted = vg(lambda *a: ops.sparse_kl(*a, impl="pallas", block_sizes=bsz_sorted))
   xla = vg(lambda *a: grad.sparse_kl(*a, 512))
   kl, grads = kern(q, kk, w, idx, p)
-  _, grads_sorted = kern_sorted(q, kk, w, idx, p)
   with jax.default_matmul_precision("highest"):
     ref = vg(lambda *a: reference.sparse_kl_reference(*a, block_t=256))
     rkl, rgrads = ref(f32(q), f32(kk), f32(w), idx, p)
   errs = [_testing.rel_err(kl, rkl)] + [_testing.rel_err(g, rg) for g, rg in zip(grads, rgrads)]
-  errs += [_testing.rel_err(g, rg) for g, rg in zip(grads_sorted, rgrads)]
-  print(f"\nsparse_kl {jnp.dtype(dtype).name} rel err kl/dq/dk/dw, then dk=sorted dq/dk/dw: {errs}")
+  print(f"\nsparse_kl {jnp.dtype(dtype).name} rel err kl/dq/dk/dw: {errs}")
   fq, fk, fw = f32(q), f32(kk), f32(w)
   print(
-    f"fwd+bwd ms: kernels {bench_common.time_fn(kern, q, kk, w, idx, p):.2f}, dk=sorted "
-    f"{bench_common.time_fn(kern_sorted, q, kk, w, idx, p):.2f}, XLA grad.sparse_kl "
-    f"{bench_common.time_fn(xla, q, kk, w, idx, p):.2f}, reference autodiff {bench_common.time_fn(ref, fq, fk, fw, idx, p):.2f}"
+    f"fwd+bwd ms: kernels {bench_common.time_fn(kern, q, kk, w, idx, p):.2f}, XLA grad.sparse_kl "
+    f"{bench_common.time_fn(xla, q, kk, w, idx, p):.2f}, reference autodiff "
+    f"{bench_common.time_fn(ref, fq, fk, fw, idx, p):.2f}"
   )
   assert float(kl[0, 5]) == 0 and np.isfinite(np.asarray(kl)).all()
   for e in errs:

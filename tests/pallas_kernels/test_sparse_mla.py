@@ -1,8 +1,9 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sparse MLA: reference vs a naive dense masked softmax; the GPU kernel set (Mosaic GPU forward
-with "direct" copies and its long top-k "staged" fallback, blocked XLA backward) vs the reference
-in the GPU interpreter (forward and jax.vjp gradients with both cotangents), cross-lowering for
-CUDA at the V3.2 shapes, and `-m gpu` runs on an NVIDIA Hopper GPU."""
+with "direct" copies and its long top-k "staged" fallback, blocked XLA backward whose dkv is
+summed by the sort + Pallas-Triton segment sum) vs the reference in the GPU and Triton
+interpreters (forward and jax.vjp gradients with both cotangents), cross-lowering for CUDA at the
+V3.2 shapes, and `-m gpu` runs on an NVIDIA Hopper GPU."""
 
 import functools
 
@@ -141,9 +142,17 @@ def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, config=None):
   if grads:
     do = _testing.normal(seed + 5, o.shape, jnp.bfloat16)
     dl = jnp.where(fin, _testing.normal(seed + 6, l.shape), 0.0)  # lse cotangent honoured too
-    for g, rg in zip(vjp((do, dl)), rvjp((do, dl))):
+    grads = vjp((do, dl))
+    for g, rg in zip(grads, rvjp((do, dl))):
       assert g.shape == rg.shape and g.dtype == rg.dtype
       assert _testing.rel_err(g, rg) < 2 * tol, _testing.rel_err(g, rg)
+    # Keys that no valid slot selects get exactly zero; the all-invalid row's dq is zero.
+    hit = np.zeros((b, s), bool)
+    for bi in range(b):
+      ids = np.asarray(idx[bi]).reshape(-1)
+      hit[bi, ids[(ids >= 0) & (ids < s)]] = True
+    assert (np.asarray(grads[1], np.float32)[~hit] == 0).all()
+    assert (np.asarray(grads[0][0, 0], np.float32) == 0).all()
 
 
 @pytest.mark.parametrize("config", PRODUCT, ids=["direct", "staged"])
@@ -153,12 +162,12 @@ def test_pallas_interpret_fwd_bwd(config):
   _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, config=config)
 
 
-def test_pallas_interpret_fwd_bwd_sorted_dkv(monkeypatch):
-  """ops.GPU_BWD_DKV="sorted" with the XLA backward (the kernel off): through the custom VJP,
-  the same checks against the reference."""
-  monkeypatch.setattr(ops, "GPU_BWD_KERNEL", False)
-  monkeypatch.setattr(ops, "GPU_BWD_DKV", "sorted")
-  _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, seed=7)
+def test_pallas_interpret_fwd_bwd_scan_steps():
+  """The custom VJP's backward in scan steps of one token per batch row (bwd_block_t 2, B 2,
+  T 3: dkv summed over three steps), the same checks against the reference."""
+  _check_fwd_bwd(
+    b=2, t=3, h=48, k_dim=192, d_v=80, s=40, k=72, seed=7, config=GpuConfig(bwd_block_t=2)
+  )
 
 
 @pytest.mark.slow
@@ -181,12 +190,15 @@ def test_pallas_interpret_random_shapes(b, t, h, k_dim, s, k, seed):
   t=st.integers(1, 4), s=st.integers(1, 30), k=st.integers(1, 40), seed=st.integers(0, 100)
 )
 def test_pallas_bwd_random_shapes(t, s, k, seed):
-  """The backward (XLA, from the saved lse) vs autodiff of the reference, via the reference fwd."""
+  """The backward (from the saved lse; the segment sum in the Triton interpreter) vs autodiff of
+  the reference, via the reference fwd."""
   q, kv, idx = _inputs(1, t, 4, 16, s, k, jnp.float32, seed=seed)
   out, lse = reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=8)
   do = _testing.normal(seed + 3, out.shape)
   dl = jnp.where(jnp.isfinite(lse), _testing.normal(seed + 4, lse.shape), 0.0)
-  dq, dkv = ops._bwd_blocked(q, kv, idx, out, lse, do, dl, scale=SCALE, d_v=8, block_t=2)
+  dq, dkv = ops._bwd_blocked(
+    q, kv, idx, out, lse, do, dl, scale=SCALE, d_v=8, block_t=2, interpret=True
+  )
   _, rvjp = jax.vjp(
     lambda q, kv: reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=8), q, kv
   )
@@ -195,27 +207,40 @@ def test_pallas_bwd_random_shapes(t, s, k, seed):
   np.testing.assert_allclose(dkv, rkv, atol=1e-4, rtol=1e-4)
 
 
-def test_bwd_blocked_sorted_matches_scatter():
-  """dkv_sum="sorted" (the slot ids sorted by row, the Pallas-Triton segment sum in the
-  interpreter) vs the scatter-add: B 2 (rows offset by b*S), K 24 (columns padded to 64),
-  duplicates, ids < 0 and >= S; the same f32 sums in another order."""
+def test_bwd_blocked_bf16_rows():
+  """bf16 inputs with the GPU path's bf16 dK rows (update_dtype) vs autodiff of the f32
+  reference: B 2 (rows b*S + id), K 24 (columns padded to 64), T 5 in steps of 2 (a padded last
+  step), duplicates, ids < 0 and >= S."""
   b, t, h, k_dim, d_v, s, k = 2, 5, 4, 24, 8, 9, 12
   q, kv, idx = _inputs(b, t, h, k_dim, s, k, jnp.bfloat16, seed=3)
   idx = idx.at[:, :, 0].set(idx[:, :, 1]).at[:, 1, 2].set(-1).at[:, 2, 3].set(s + 4)
-  out, lse = reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=d_v)
+  f32 = lambda x: x.astype(jnp.float32)
+  (out, lse), rvjp = jax.vjp(
+    lambda q, kv: reference.sparse_mla_reference(q, kv, idx, scale=SCALE, d_v=d_v),
+    f32(q),
+    f32(kv),
+  )
   do = _testing.normal(5, out.shape).astype(jnp.bfloat16)
   dl = jnp.where(jnp.isfinite(lse), _testing.normal(6, lse.shape), 0.0)
-  kw = dict(scale=SCALE, d_v=d_v, block_t=2, update_dtype=jnp.bfloat16)
-  dq, dkv = ops._bwd_blocked(q, kv, idx, out, lse, do, dl, **kw)
-  dq_s, dkv_s = ops._bwd_blocked(
-    q, kv, idx, out, lse, do, dl, dkv_sum="sorted", interpret=True, **kw
+  rq, rkv = rvjp((f32(do), dl))
+  dq, dkv = ops._bwd_blocked(
+    q,
+    kv,
+    idx,
+    out.astype(jnp.bfloat16),
+    lse,
+    do,
+    dl,
+    scale=SCALE,
+    d_v=d_v,
+    block_t=2,
+    update_dtype=jnp.bfloat16,
+    interpret=True,
   )
-  np.testing.assert_array_equal(np.asarray(dq, np.float32), np.asarray(dq_s, np.float32))
-  assert dkv_s.shape == dkv.shape and dkv_s.dtype == dkv.dtype
-  np.testing.assert_allclose(np.asarray(dkv_s, np.float32), np.asarray(dkv, np.float32), atol=1e-2)
-  assert _testing.rel_err(dkv_s, dkv) < 5e-3
-  with pytest.raises(ValueError, match="dkv_sum"):
-    ops._bwd_blocked(q, kv, idx, out, lse, do, dl, dkv_sum="atomic", **kw)
+  assert dq.dtype == dkv.dtype == jnp.bfloat16 and dkv.shape == kv.shape
+  tol = 2 * _testing.tolerances(jnp.bfloat16)
+  assert _testing.rel_err(dq, rq) < tol, _testing.rel_err(dq, rq)
+  assert _testing.rel_err(dkv, rkv) < tol, _testing.rel_err(dkv, rkv)
 
 
 def _export(fn, *args):
@@ -223,9 +248,10 @@ def _export(fn, *args):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cross_lowering_cuda_full_shape(batch):
+def test_cross_lowering_cuda_full_shape(batch, triton_verified):
   """The default path's real Mosaic GPU lowering (layouts, SMEM budget: three 72 KiB tiles + the
-  idx row, tiled-TMA rules) at V3.2 shapes, forward and forward + backward."""
+  idx row, tiled-TMA rules) at V3.2 shapes, forward and forward + backward (with the segment
+  sum's Triton module, which passes the MLIR verifier)."""
   t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
   sds = jax.ShapeDtypeStruct
   q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
@@ -238,8 +264,10 @@ def test_cross_lowering_cuda_full_shape(batch):
     (_, _), vjp = jax.vjp(lambda q, kv: fwd(q, kv, idx), q, kv)
     return vjp((do, jnp.zeros((batch, t, h), jnp.float32)))
 
-  exp = _export(fwd_bwd, q, kv, idx, sds((batch, t, h, d_v), jnp.bfloat16))
-  assert "mosaic_gpu" in exp.mlir_module()
+  exp = _testing.export_cuda(fwd_bwd, q, kv, idx, sds((batch, t, h, d_v), jnp.bfloat16))
+  mlir = exp.mlir_module()
+  assert "mosaic_gpu" in mlir and "segment_sum_rows" in mlir
+  assert triton_verified == [True]
 
 
 @pytest.mark.parametrize(
@@ -306,17 +334,22 @@ def test_pallas_gpu(t, s, h, k_dim, d_v, k):
 
 
 @pytest.mark.gpu
-def test_pallas_gpu_grads():
-  """jax.vjp of the default path (Mosaic GPU forward, XLA backward) with both cotangents vs
-  autodiff of the fp32 reference, at V3.2 dims."""
+@pytest.mark.parametrize(
+  "t,s,h,k_dim,d_v,k", [(64, 4096, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)]
+)
+def test_pallas_gpu_grads(t, s, h, k_dim, d_v, k):
+  """jax.vjp of the default path (Mosaic GPU forward, XLA backward with the segment sum) with
+  both cotangents vs autodiff of the fp32 reference, at V3.2 dims and at awkward ones (H 20,
+  k 72 > S, d_v 80, K 96); a fully masked row, duplicates, ids < 0 and >= S."""
   _on_gpu()
-  q, kv, idx = _inputs(2, 64, 128, 576, 4096, 2048, jnp.bfloat16, lo=-100, hi_extra=3)
+  q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
-  f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas")
+  idx = idx.at[1, -1, :5].set(1)  # duplicates
+  f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas")
   (o, l), vjp = jax.vjp(f, q, kv)
   f32 = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
-    rf = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512)
+    rf = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v)
     (ro, rl), rvjp = jax.vjp(rf, f32(q), f32(kv))
     do = _testing.normal(5, o.shape, jnp.bfloat16)
     dl = jnp.where(jnp.isfinite(rl), _testing.normal(6, l.shape), 0.0)

@@ -323,7 +323,7 @@ def _export(fn, *args):
 def test_cross_lowering_cuda_v4_flash_shapes(h, topk):
   """The real Mosaic GPU lowering of a CSA layer's attention (window 128 + top-k of T/4
   entries: 640 slots for Flash, 1152 for Pro's 128 heads and top-1024), forward and forward +
-  backward with d sink."""
+  backward with d sink (the backward's dkv by the Pallas-Triton segment sum)."""
   t, k_dim, w, m = 4096, 512, 128, 4
   sds = jax.ShapeDtypeStruct
   q, kv = sds((1, t, h, k_dim), jnp.bfloat16), sds((1, t, k_dim), jnp.bfloat16)
@@ -337,7 +337,8 @@ def test_cross_lowering_cuda_v4_flash_shapes(h, topk):
     (o, l), vjp = jax.vjp(lambda q, kv, ckv, a: f(q, kv, ckv, idx, a), q, kv, ckv, a)
     return vjp((o, jnp.ones_like(l)))
 
-  assert "mosaic_gpu" in _export(fwd_bwd, q, kv, ckv, idx, sink)
+  mlir = _testing.export_cuda(fwd_bwd, q, kv, ckv, idx, sink).mlir_module()
+  assert "mosaic_gpu" in mlir and "segment_sum_rows" in mlir
 
 
 def test_v4_layer_impl_pallas_lowers_to_the_kernel():
