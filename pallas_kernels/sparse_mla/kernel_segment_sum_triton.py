@@ -76,14 +76,20 @@ def segment_sum_rows(
   )(rows, order.astype(jnp.int32), starts.astype(jnp.int32), init.astype(jnp.float32))
 
 
-def block_tokens(n: int, per_token: int) -> int:
-  """Tokens per block for a caller that stores `per_token` row elements a token: the largest
-  power of two (at most n) whose rows stay below 2**31 elements, the int32 index range of
-  segment_sum_rows' offsets."""
+def max_tokens(per_token: int) -> int:
+  """The most tokens whose rows (`per_token` elements a token) stay below 2**31 elements, the
+  int32 index range of segment_sum_rows' offsets."""
   if per_token >= 2**31:
     raise ValueError(f"one token's rows ({per_token} elements) exceed the int32 range")
+  return (2**31 - 1) // per_token
+
+
+def block_tokens(n: int, per_token: int) -> int:
+  """Tokens per block for a caller that stores `per_token` row elements a token: the largest
+  power of two, at most n and at most max_tokens(per_token)."""
+  limit = max_tokens(per_token)
   nb = 1
-  while nb * 2 <= n and nb * 2 * per_token < 2**31:
+  while nb * 2 <= min(n, limit):
     nb *= 2
   return nb
 

@@ -264,7 +264,7 @@ def _bwd_blocked(
     )
     return dkv, dq.astype(q.dtype)
 
-  dkv0 = jnp.zeros((b * s, -(-k_dim // 64) * 64), f32)
+  dkv0 = jnp.zeros((b * s, _round_up(k_dim, 64)), f32)
   dkv, dq = jax.lax.scan(body, dkv0, xs)
   dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * block_t, h, k_dim)[:, :t]
   return dq, dkv[:, :k_dim].reshape(kv.shape).astype(kv.dtype)
@@ -277,7 +277,7 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
   # int32 offsets of the segment sum.
   b = q.shape[0]
   per_token = b * idx.shape[-1] * _round_up(q.shape[-1], 64)
-  block_t = max(1, min(config.bwd_block_t // b, (2**31 - 1) // per_token))
+  block_t = max(1, min(config.bwd_block_t // b, kernel_segment_sum_triton.max_tokens(per_token)))
   return _bwd_blocked(
     q,
     kv,

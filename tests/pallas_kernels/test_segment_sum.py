@@ -57,6 +57,8 @@ def test_block_tokens():
   assert ss.block_tokens(4096, 2 * 2048 * 576) == 512
   assert ss.block_tokens(100, 2 * 2048 * 576) == 64  # at most n, a power of two
   assert ss.block_tokens(3, 64 * 64) == 2
+  m = ss.max_tokens(2048 * 576)  # the largest count below the int32 range, not a power of two
+  assert m * 2048 * 576 < 2**31 <= (m + 1) * 2048 * 576 and m == 1820
   with pytest.raises(ValueError, match="int32"):
     ss.block_tokens(8, 2**31)
 
