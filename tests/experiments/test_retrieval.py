@@ -224,6 +224,13 @@ def test_analyse_hits_of_window_and_indexer(launcher):
   assert res["correct"].shape == rows["distance"].shape and np.isfinite(res["nll"]).all()
   sp = retrieval.analyse_rows(m, "sparse", rows, batch=2)
   assert ((sp["recall_probe"] > 0) & (sp["recall_probe"] <= 1 + 1e-5)).all()
+  # the ceiling holds every selection's recall and is reached exactly when k covers the prefix
+  for r in (res, sp):
+    assert (r["best_recall_probe"] >= r["recall_probe"] - 1e-5).all()
+  near = dict(rows, probe_pos=np.broadcast_to([5, 15, 100, c.seq_len - 1], (2, 4)).copy())
+  best = retrieval.analyse_rows(m, "sparse", near, batch=2)["best_recall_probe"]  # [R,layers,4]
+  np.testing.assert_allclose(best[..., :2], 1, atol=1e-5)  # k = 16 keys cover positions 0..15
+  assert (best[..., 2:] < 1 - 1e-4).all()  # farther on, 16 keys miss some of the mass
 
 
 def test_curriculum_chain(launcher, tmp_path):
@@ -317,8 +324,15 @@ def test_criterion_reads_the_buckets(launcher):
   assert len(cr["dsa_over_dense_beyond_k"]) == 4 and cr["window_beyond_reach"] == [0.04, 0.03, 0.01]
   assert cr["dsa_ok"]  # 0.85 / 0.9 = 0.944 >= 0.9
   assert cr["warmup_recall_per_layer"] is None  # an eval.json written before the warmup row
-  ev["warmup"] = {"recall_probe_per_layer": [0.97, 0.99]}
-  assert retrieval.criterion(ev, topk=16, n_layers=2)["warmup_recall_per_layer"] == [0.97, 0.99]
+  assert cr["dsa_best_recall_per_layer"] is None  # an eval.json written before the ceiling
+  ev["warmup"] = {"recall_probe_per_layer": [0.97, 0.99], "best_recall_probe_per_layer": [1, 1]}
+  ev["dsa"]["best_recall_probe_per_layer"] = [0.96, 0.93]
+  cr = retrieval.criterion(ev, topk=16, n_layers=2)
+  assert cr["warmup_recall_per_layer"] == [0.97, 0.99] and cr["warmup_best_recall_per_layer"] == [
+    1,
+    1,
+  ]
+  assert cr["dsa_best_recall_per_layer"] == [0.96, 0.93]
 
 
 def _run(wd, res, stage="all"):
@@ -359,6 +373,9 @@ def test_retrieval_all_stages_cpu(tmp_path):
   assert len(set(tok.values())) == 1  # equal tokens for every branch
   for b, v in rep["branches"].items():
     assert len(v["recall_probe_per_layer"]) == 2 and np.isfinite(v["text_loss"])
+    assert all(
+      b >= r - 1e-5 for b, r in zip(v["best_recall_probe_per_layer"], v["recall_probe_per_layer"])
+    )
     assert len(v["hit_value_any_layer_by_bucket"]) == nb
   # the window's S_t holds the needed key exactly below k
   hv = rep["branches"]["window"]["hit_value_any_layer_by_bucket"]
