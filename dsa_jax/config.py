@@ -21,7 +21,7 @@ _DTYPES = ("float32", "bfloat16")
 REMOVED_FIELDS = ("score_func", "dtype", "max_batch_size")
 _INDEXER_DTYPES = ("fp8", "bfloat16", "float32")
 _IMPLS = ("reference", "pallas")
-_REMAT_POLICIES = ("full", "save_attention")
+_REMAT_POLICIES = ("full", "save_attention", "save_selection")
 
 
 def _err(field: str, value: Any, rule: str) -> ValueError:
@@ -95,7 +95,10 @@ class ModelConfig:
   remat: bool = False  # jax.checkpoint each scanned block
   # What a remat block keeps for its backward: "full" nothing (the backward reruns the whole
   # block); "save_attention" the attention kernels' outputs and residuals, the top-k ids and the
-  # KL target (the sparse_attention.SAVED names), so the backward reruns only projections and FFN.
+  # KL target (the sparse_attention.SAVED and SAVED_OUT names), so the backward reruns only
+  # projections and FFN; "save_selection" all of these but the sparse attention outputs (the
+  # largest), so the backward reruns the sparse attention forward but not the indexer, top-k,
+  # KL target or KL forward: for lengths where "save_attention" does not fit.
   remat_policy: str = "full"
   # Expert parallelism (expert_parallel.py): 0 = dropless; f > 0 = f·n·k/ep slots per shard pair.
   moe_capacity_factor: float = 0.0

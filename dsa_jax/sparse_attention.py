@@ -59,15 +59,18 @@ def _dense_block(q, k, v, t0, *, scale, s_offset):
   return out.astype(q.dtype), jnp.moveaxis(lse, 1, 2)
 
 
-# The remat name of what the attention and KL kernels' forwards keep for their backwards
-# (ModelConfig.remat_policy="save_attention"); `saved` names more values (top-k ids, KL target).
+# The remat names of what the attention and KL kernels' forwards keep for their backwards: SAVED
+# (row statistics, KL residuals; `saved` names more values: top-k ids, KL target) and SAVED_OUT
+# (the sparse attention outputs, the large ones).
 SAVED = _common.SAVED
+SAVED_OUT = _common.SAVED_OUT
 saved = _common.saved
 # ModelConfig / V4Config.remat_policy -> the jax.checkpoint policy of a remat block (None: save
 # nothing, the backward replays the whole block).
 REMAT_POLICIES = {
   "full": None,
-  "save_attention": jax.checkpoint_policies.save_only_these_names(SAVED),
+  "save_attention": jax.checkpoint_policies.save_only_these_names(SAVED, SAVED_OUT),
+  "save_selection": jax.checkpoint_policies.save_only_these_names(SAVED),
 }
 
 

@@ -9,11 +9,15 @@ from jax.ad_checkpoint import checkpoint_name
 # row statistics; not its inputs). Under remat_policy="save_attention" (dsa_jax.sparse_attention.
 # REMAT_POLICIES) a block keeps these, so the backward does not run the kernel's forward a second time.
 SAVED = "attention_saved"
+# The sparse attention kernels' outputs [T, H, V] among those residuals: by far the largest (8 GiB a
+# layer at V3.2's shape and 64K tokens), so a policy may keep SAVED without them
+# (remat_policy="save_selection": the backward reruns the attention forward, not the top-k).
+SAVED_OUT = "attention_out"
 
 
-def saved(tree):
-  """tree with every array leaf named SAVED for jax.checkpoint policies (None leaves stay None)."""
-  return jax.tree_util.tree_map(lambda x: checkpoint_name(x, SAVED), tree)
+def saved(tree, name=SAVED):
+  """tree with every array leaf named `name` for jax.checkpoint policies (None leaves stay None)."""
+  return jax.tree_util.tree_map(lambda x: checkpoint_name(x, name), tree)
 
 
 # Pallas-Triton lowers jnp.exp / jnp.log on f32 to libdevice's accurate expf / logf (a dozen

@@ -418,7 +418,8 @@ def sparse_mla_tpu(q, kv, idx, scale, d_v, bs, interpret):
 
 
 def _vjp_fwd(q, kv, idx, scale, d_v, bs, interpret):
-  out, lse = _common.saved(_fwd(q, kv, idx, scale, d_v, bs, interpret))
+  out, lse = _fwd(q, kv, idx, scale, d_v, bs, interpret)
+  out, lse = _common.saved(out, _common.SAVED_OUT), _common.saved(lse)
   return (out, lse), (q, kv, idx, out, lse)
 
 

@@ -301,7 +301,7 @@ def _sparse_mla_gpu(q, kv, idx, scale, d_v, interpret, config):
 
 def _sparse_mla_gpu_fwd(q, kv, idx, scale, d_v, interpret, config):
   out, lse = _gpu_fwd_call(q, kv, idx, scale, d_v, interpret, config)
-  out, lse = _common.saved((out, lse))
+  out, lse = _common.saved(out, _common.SAVED_OUT), _common.saved(lse)
   return (out, lse), (q, kv, idx, out, lse)
 
 

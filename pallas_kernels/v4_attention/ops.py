@@ -152,7 +152,7 @@ def _visible_block(pos, t: int, window: int, u: int, ratio: int):
 def _visible_blocks(q, rows, sink, scale, window, u, ratio, block_t, interpret, backend, config):
   """The all-visible attention one block of block_t queries at a time (lax.map). Each block's
   index buffer [B, block_t, W' + U] is made inside a jax.checkpoint that keeps the kernel's
-  outputs (named SAVED), so the backward rebuilds the buffer (iota arithmetic) rather than
+  outputs (named SAVED, SAVED_OUT), so the backward rebuilds the buffer (iota arithmetic) rather than
   keeping all of them: never a [T, W' + U] array. The interpreter's callbacks are effects,
   which AD of jax.checkpoint does not take: there the blocks run without it (same values)."""
   b, t, h, k = q.shape
@@ -171,7 +171,7 @@ def _visible_blocks(q, rows, sink, scale, window, u, ratio, block_t, interpret, 
     return _kernel_sink_attention(qb, r, buf, sink, scale, interpret, backend, config)
 
   if not interpret:
-    policy = jax.checkpoint_policies.save_only_these_names(_common.SAVED)
+    policy = jax.checkpoint_policies.save_only_these_names(_common.SAVED, _common.SAVED_OUT)
     one = jax.checkpoint(one, policy=policy)
   out, lse = jax.lax.map(lambda a: one(*a), (qs, jnp.arange(n, dtype=jnp.int32) * bt))
   out = jnp.moveaxis(out, 0, 1).reshape((b, n * bt) + out.shape[3:])[:, :t]

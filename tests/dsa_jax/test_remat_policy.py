@@ -1,6 +1,8 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""ModelConfig.remat_policy: "save_attention" keeps the kernels' forward outputs (_common.SAVED),
-so a remat block's backward does not run them again; gradients are those of "full"."""
+"""ModelConfig.remat_policy: "save_attention" keeps the kernels' forward outputs (_common.SAVED,
+SAVED_OUT), so a remat block's backward does not run them again; "save_selection" keeps all but
+the sparse attention outputs (the backward reruns that forward, not the top-k); gradients are
+those of "full"."""
 
 import jax
 import jax.numpy as jnp
@@ -11,25 +13,41 @@ from flax import nnx
 import dsa_jax
 from dsa_jax import model, sparse_attention
 from pallas_kernels.lightning_indexer import kernel_kl_triton
+from pallas_kernels.sparse_mla import ops
 
 
-def _pallas_calls(jaxpr, acc):
-  """Names of every pallas_call in jaxpr and its sub-jaxprs, in order."""
+def _eqns(jaxpr):
+  """Every equation of jaxpr and of its sub-jaxprs, in order."""
   for e in jaxpr.eqns:
-    if e.primitive.name == "pallas_call":
-      acc.append(e.params["name"])
+    yield e
     for v in e.params.values():
       for sub in v if isinstance(v, (tuple, list)) else (v,):
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
-          _pallas_calls(inner, acc)
+          yield from _eqns(inner)
+
+
+def _pallas_calls(jaxpr, acc):
+  """Names of every kernel call (pallas_call; mpmd_map: a Mosaic GPU kernel) in jaxpr and its
+  sub-jaxprs, in order."""
+  acc += [e.params["name"] for e in _eqns(jaxpr) if e.primitive.name in ("pallas_call", "mpmd_map")]
   return acc
+
+
+def _grad_jaxpr(body, policy, *args):
+  """jaxpr of the gradient of a scan over body (c, x) -> (c, y) under jax.checkpoint(policy)."""
+
+  def loss(c):
+    blk = jax.checkpoint(body, policy=sparse_attention.REMAT_POLICIES[policy])
+    return jax.lax.scan(blk, c, args)[1].sum()
+
+  return jax.make_jaxpr(jax.grad(loss))(1.0).jaxpr
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True], ids=["three_sweeps", "grad_in_forward"])
 def test_saved_kernel_forward_runs_once(grad_in_forward, monkeypatch):
   """Dense-KL kernels in a remat'd scan (traced only): with "full" the backward runs the forward
-  kernels again; with "save_attention" each forward kernel appears once."""
+  kernels again; with "save_attention" or "save_selection" each forward kernel appears once."""
   monkeypatch.setattr(kernel_kl_triton, "GRAD_IN_FORWARD", grad_in_forward)
   rng = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -40,18 +58,51 @@ def test_saved_kernel_forward_runs_once(grad_in_forward, monkeypatch):
     kl = kernel_kl_triton.dense_kl(xs[0] * c, k, xs[1], aq, akv, None, 0.3, bsz, True)
     return c, jnp.mean(kl)
 
-  def names(policy):
-    def loss(c):
-      blk = jax.checkpoint(body, policy=sparse_attention.REMAT_POLICIES[policy])
-      return jax.lax.scan(blk, c, (q, w))[1].sum()
-
-    return _pallas_calls(jax.make_jaxpr(jax.grad(loss))(1.0).jaxpr, [])
-
-  full, saved = names("full"), names("save_attention")
+  names = lambda policy: _pallas_calls(_grad_jaxpr(body, policy, q, w), [])
+  full, saved, sel = names("full"), names("save_attention"), names("save_selection")
   fwd = ("dense_kl_indexer_lse", "dense_kl_fwd_dq") if grad_in_forward else ("dense_kl_fwd",)
   for n in fwd + ("dense_kl_attn_lse",):
-    assert full.count(n) == 2 and saved.count(n) == 1, (n, full, saved)
+    assert full.count(n) == 2 and saved.count(n) == sel.count(n) == 1, (n, full, saved, sel)
   assert saved.count("dense_kl_bwd_dk") == full.count("dense_kl_bwd_dk") == 1
+
+
+def test_save_selection_reruns_the_attention_forward_only():
+  """The GPU sparse attention (traced only, nothing runs): "save_attention" runs its forward
+  kernel once, "full" and "save_selection" again in the backward (the output is not kept)."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, 1, 64, 64, 576)), jnp.bfloat16)
+  kv = jnp.asarray(rng.standard_normal((1, 256, 576)), jnp.bfloat16)
+  idx = jnp.asarray(rng.integers(0, 256, (2, 1, 64, 64)), jnp.int32)
+
+  def body(c, xs):
+    qb, ib = xs
+    out, lse = ops.sparse_mla((qb * c).astype(qb.dtype), kv, ib, impl="pallas", scale=0.04, d_v=512)
+    return c, jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+  runs = {
+    p: _pallas_calls(_grad_jaxpr(body, p, q, idx), []).count("sparse_mla_fwd_kernel")
+    for p in ("full", "save_attention", "save_selection")
+  }
+  assert runs == {"full": 2, "save_attention": 1, "save_selection": 2}, runs
+
+
+def test_save_selection_keeps_the_top_k():
+  """The sparse phase of a remat'd model (traced only): the selection's top-k runs again in the
+  backward under "full", not under "save_attention" nor "save_selection" (the ids are kept)."""
+  counts = {}
+  for policy in ("full", "save_attention", "save_selection"):
+    cfg = dsa_jax.preset("test", remat=True, remat_policy=policy)
+    graphdef, state = nnx.split(model.build(cfg, seed=0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, cfg.vocab_size)
+
+    def loss(state):
+      logits, aux = nnx.merge(graphdef, state)(tokens, attention="sparse", indexer_loss="sparse")
+      return jnp.mean(aux["indexer_kl"]) - jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(state).jaxpr
+    counts[policy] = sum(e.primitive.name == "top_k" for e in _eqns(jaxpr))
+  # one selection per scanned stack (dense and MoE layers) replayed under "full"
+  assert counts["save_selection"] == counts["save_attention"] == counts["full"] - 2, counts
 
 
 def _grads(policy, indexer_loss, attention, trainable, impl):
@@ -80,9 +131,10 @@ def _grads(policy, indexer_loss, attention, trainable, impl):
 )
 def test_model_gradients_do_not_depend_on_policy(indexer_loss, attention, trainable, impl):
   full = _grads("full", indexer_loss, attention, trainable, impl)
-  saved = _grads("save_attention", indexer_loss, attention, trainable, impl)
-  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(saved)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  for policy in ("save_attention", "save_selection"):
+    saved = _grads(policy, indexer_loss, attention, trainable, impl)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(saved)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_policy_is_one_clear_error():
