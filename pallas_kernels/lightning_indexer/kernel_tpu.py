@@ -199,6 +199,20 @@ def emulate_logits(q, k, w, numerics: str, *, causal=True):
   return i
 
 
+# Under jit so that a remat replay which does not need the ids (they are kept) drops the whole
+# selection: a bare pallas_call is never removed from a jaxpr.
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "topk",
+    "block_t",
+    "numerics",
+    "recall_target",
+    "block_sizes",
+    "interpret",
+    "ratio",
+  ),
+)
 def indexer_topk_tpu(
   q,
   k,

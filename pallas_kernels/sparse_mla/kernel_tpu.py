@@ -364,6 +364,10 @@ def _map_calls(fn, n_calls, xs):
   return jax.lax.map(lambda a: fn(*a), tuple(xs))
 
 
+# Under jit so that a remat replay which does not need the forward's outputs drops the whole call
+# (a bare pallas_call is never removed from a jaxpr: remat_policy="save_attention" would keep a
+# dead second forward in the backward).
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _fwd(q, kv, idx, scale, d_v, bs, interpret):
   b, t, h, _ = q.shape
   qf, kvf, _, idx_dma, validf, pp = _prep(q, kv, idx, d_v, bs)

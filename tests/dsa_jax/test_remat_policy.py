@@ -13,6 +13,7 @@ from flax import nnx
 import dsa_jax
 from dsa_jax import model, sparse_attention
 from pallas_kernels.lightning_indexer import kernel_kl_triton
+from pallas_kernels.lightning_indexer import ops as indexer_ops
 from pallas_kernels.sparse_mla import ops
 
 
@@ -66,24 +67,53 @@ def test_saved_kernel_forward_runs_once(grad_in_forward, monkeypatch):
   assert saved.count("dense_kl_bwd_dk") == full.count("dense_kl_bwd_dk") == 1
 
 
-def test_save_selection_reruns_the_attention_forward_only():
-  """The GPU sparse attention (traced only, nothing runs): "save_attention" runs its forward
+@pytest.mark.parametrize(
+  "backend,kernel", [("gpu", "sparse_mla_fwd_kernel"), ("tpu", "sparse_mla_fwd_tpu")]
+)
+def test_save_selection_reruns_the_attention_forward_only(backend, kernel):
+  """The sparse attention kernels (traced only, nothing runs): "save_attention" runs the forward
   kernel once, "full" and "save_selection" again in the backward (the output is not kept)."""
   rng = np.random.default_rng(0)
-  q = jnp.asarray(rng.standard_normal((2, 1, 64, 64, 576)), jnp.bfloat16)
+  # 32 tokens: one TPU kernel call (a bare pallas_call, which jaxpr DCE never removes)
+  q = jnp.asarray(rng.standard_normal((2, 1, 32, 64, 576)), jnp.bfloat16)
   kv = jnp.asarray(rng.standard_normal((1, 256, 576)), jnp.bfloat16)
-  idx = jnp.asarray(rng.integers(0, 256, (2, 1, 64, 64)), jnp.int32)
+  idx = jnp.asarray(rng.integers(0, 256, (2, 1, 32, 64)), jnp.int32)
 
   def body(c, xs):
     qb, ib = xs
-    out, lse = ops.sparse_mla((qb * c).astype(qb.dtype), kv, ib, impl="pallas", scale=0.04, d_v=512)
+    qb = (qb * c).astype(qb.dtype)
+    out, lse = ops.sparse_mla(qb, kv, ib, impl="pallas", scale=0.04, d_v=512, backend=backend)
     return c, jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
   runs = {
-    p: _pallas_calls(_grad_jaxpr(body, p, q, idx), []).count("sparse_mla_fwd_kernel")
+    p: _pallas_calls(_grad_jaxpr(body, p, q, idx), []).count(kernel)
     for p in ("full", "save_attention", "save_selection")
   }
   assert runs == {"full": 2, "save_attention": 1, "save_selection": 2}, runs
+
+
+@pytest.mark.parametrize(
+  "backend,kernel", [("gpu", "indexer_logits_kernel"), ("tpu", "indexer_logits_tpu_float8_e4m3fn")]
+)
+def test_kept_ids_are_not_selected_again(backend, kernel):
+  """The fused indexer top-k (traced only): its ids are named SAVED, so under "save_attention" and
+  "save_selection" the backward does not run the logits kernel again; under "full" it does."""
+  rng = np.random.default_rng(0)
+  iq = jnp.asarray(rng.standard_normal((2, 1, 256, 64, 128)), jnp.bfloat16)
+  ik = jnp.asarray(rng.standard_normal((1, 256, 128)), jnp.bfloat16)
+  iw = jnp.asarray(rng.standard_normal((1, 256, 64)), jnp.float32)
+
+  def body(c, xs):
+    q = (xs[0] * c).astype(xs[0].dtype)
+    idx = indexer_ops.indexer_topk(q, ik, iw, topk=64, impl="pallas", backend=backend)
+    idx = sparse_attention.saved(idx)
+    return c, jnp.sum(jnp.take_along_axis(q[..., 0, 0], idx[..., 0], axis=1).astype(jnp.float32))
+
+  runs = {
+    p: _pallas_calls(_grad_jaxpr(body, p, iq), []).count(kernel)
+    for p in ("full", "save_attention", "save_selection")
+  }
+  assert runs == {"full": 2, "save_attention": 1, "save_selection": 1}, runs
 
 
 def test_save_selection_keeps_the_top_k():
