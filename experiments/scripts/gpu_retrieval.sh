@@ -4,35 +4,68 @@
 # from the calling shell so it survives a 10-minute command limit; poll to follow and collect.
 #   bash experiments/scripts/gpu_retrieval.sh start   # returns at once
 #   bash experiments/scripts/gpu_retrieval.sh poll    # waits up to POLL_S, packs the results
-# A stage that fails stops the chain; `start` again resumes (stages resume from checkpoints).
+# pack, widen, short and pretrain run one after the other; then the five branches, which all
+# start from the pretrained model, run side by side on the one GPU (warm-up then DSA in one
+# line; RETRIEVAL_PARALLEL=0 runs them one after the other), then eval and report. Each stage
+# trains its own fixed number of steps from its own seed, so side by side changes wall times,
+# not results. A stage that fails stops the chain; `start` again resumes (stages resume from
+# checkpoints).
 # RETRIEVAL_FLAGS is added to every stage's command (e.g. "--config.seed=1" for another seed;
-# use a fresh RUN directory for it).
+# use a fresh RUN directory for it); RETRIEVAL_SIZE picks the config size (default gpu; cpu runs
+# the whole chain on a laptop in minutes, to try the script).
 # The chain runs from its own copy of the checkout ($RUN/src): a later device call replaces the
 # checkout it was started from, and a process whose working directory is gone cannot start
 # Python (session 8 lost its `eval` stage that way).
 set -u
 RUN=${RUN:-/tmp/retrieval_run}
-CFG=experiments/configs/retrieval.py:size=gpu
-STAGES="pack widen short pretrain dense warmup dsa window random frozen_indexer eval report"
+CFG=experiments/configs/retrieval.py:size=${RETRIEVAL_SIZE:-gpu}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DSA_COMMIT=${DSA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+
+stage() {  # one stage; its output lines and a "stage=... rc=..." line go to the log
+  local t0=$SECONDS
+  python3 -m experiments.retrieval --config=$CFG --workdir=$RUN/wd --stage=$1 \
+    --results=$RUN/results ${RETRIEVAL_FLAGS:-} 2>&1 | grep --line-buffered -v '^[IW]1' \
+    >> $RUN/retrieval.log
+  local rc=${PIPESTATUS[0]}
+  echo "stage=$1 rc=$rc s=$((SECONDS - t0))" >> $RUN/retrieval.log
+  return $rc
+}
+
+branches() {  # the five branches; 0 when all of them succeeded
+  if [ "${RETRIEVAL_PARALLEL:-1}" = 0 ]; then
+    for s in dense warmup dsa window random frozen_indexer; do stage $s || return 1; done
+    return 0
+  fi
+  # several processes share the GPU: each allocates what it uses instead of 75% of the card
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  local pids=()
+  (stage warmup && stage dsa) &
+  pids+=($!)
+  for s in dense window random frozen_indexer; do
+    stage $s &
+    pids+=($!)
+  done
+  local rc=0
+  for p in "${pids[@]}"; do wait $p || rc=1; done
+  unset XLA_PYTHON_CLIENT_PREALLOCATE
+  return $rc
+}
+
 case ${1:-start} in
   start)
     mkdir -p $RUN/src
     rm -f $RUN/DONE
     tar --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C $RUN/src
-    setsid nohup bash -c "
-      cd $RUN/src
-      for s in $STAGES; do
-        t0=\$SECONDS
-        python3 -m experiments.retrieval --config=$CFG --workdir=$RUN/wd --stage=\$s \
-          --results=$RUN/results ${RETRIEVAL_FLAGS:-} 2>&1 | grep -v '^[IW]1' >> $RUN/retrieval.log
-        rc=\${PIPESTATUS[0]}
-        echo \"stage=\$s rc=\$rc s=\$((SECONDS - t0))\" >> $RUN/retrieval.log
-        [ \$rc -eq 0 ] || break
-      done
-      touch $RUN/DONE" > /dev/null 2>&1 < /dev/null &
+    setsid nohup bash $RUN/src/experiments/scripts/gpu_retrieval.sh chain > /dev/null 2>&1 \
+      < /dev/null &
     echo started ;;
+  chain)
+    cd $RUN/src
+    for s in pack widen short pretrain; do stage $s || { touch $RUN/DONE; exit 1; }; done
+    branches || { touch $RUN/DONE; exit 1; }
+    stage eval && stage report
+    touch $RUN/DONE ;;
   poll)
     end=$((SECONDS + ${POLL_S:-540}))
     while [ ! -f $RUN/DONE ] && [ $SECONDS -lt $end ]; do sleep 10; done
