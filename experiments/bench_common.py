@@ -1,6 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Benchmark plumbing shared by the suites: timing, result rows, files (docs/benchmarks.md)."""
 
+import argparse
 import datetime
 import json
 import os
@@ -72,3 +73,32 @@ def write_results(path: str, rows: list[dict]):
   with open(path + ".tmp", "w") as f:
     json.dump({"results": old + rows}, f, indent=1)
   os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------- sweep scripts
+def sweep_args(budget_s: float) -> argparse.Namespace:
+  """The sweep scripts' command line: --out, --small (tiny shapes, CPU interpret), --only,
+  --budget_s (cases after it are skipped)."""
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--small", action="store_true", help="tiny shapes in CPU interpret mode")
+  ap.add_argument("--only", default="", help="comma-separated case names (all if empty)")
+  ap.add_argument("--budget_s", type=float, default=budget_s, help="stop starting cases after this")
+  return ap.parse_args()
+
+
+def write_sweep(module: str, args: argparse.Namespace, t_start: float, meta: dict, rows: dict):
+  """{"meta": date, device, jax, commit, command, total_s and `meta`; **rows} to args.out."""
+  head = {
+    "date": datetime.date.today().isoformat(),
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "commit": commit(),
+    "command": f"python -m experiments.{module} "
+    + " ".join(f"--{k}={v}" for k, v in vars(args).items() if v not in ("", False, None)),
+  }
+  head.update(meta, total_s=time.perf_counter() - t_start)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"meta": head, **rows}, f, indent=1)
+  print(f"wrote {args.out} in {head['total_s']:.0f} s")

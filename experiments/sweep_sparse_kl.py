@@ -11,12 +11,8 @@ over the valid slots. Rel errs are vs the default case; --only=a,b re-runs chose
 default); cases after --budget_s seconds are skipped.
 """
 
-import argparse
 import dataclasses
-import datetime
 import functools
-import json
-import os
 import time
 
 import jax
@@ -62,12 +58,7 @@ def inputs(shp, seed=0):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--small", action="store_true", help="tiny shapes in CPU interpret mode")
-  ap.add_argument("--only", default="", help="comma-separated case names (all if empty)")
-  ap.add_argument("--budget_s", type=float, default=150.0, help="stop starting cases after this")
-  a = ap.parse_args()
+  a = bench_common.sweep_args(budget_s=150.0)
   t_start = time.perf_counter()
   shp = _SMALL if a.small else _E1
   interp = a.small and jax.default_backend() == "cpu"
@@ -104,20 +95,7 @@ def main():
     rows.append(row)
     print(name, {k_: v for k_, v in row.items() if k_ != "block_sizes"}, flush=True)
 
-  meta = {
-    "date": datetime.date.today().isoformat(),
-    "device": jax.devices()[0].device_kind,
-    "jax": jax.__version__,
-    "commit": bench_common.commit(),
-    "command": "python -m experiments.sweep_sparse_kl "
-    + " ".join(f"--{k_}={v}" for k_, v in vars(a).items() if v not in ("", False, None)),
-    "shape": shp,
-    "total_s": time.perf_counter() - t_start,
-  }
-  os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump({"meta": meta, "fwd_bwd": rows}, f, indent=1)
-  print(f"wrote {a.out} in {meta['total_s']:.0f} s")
+  bench_common.write_sweep("sweep_sparse_kl", a, t_start, {"shape": shp}, {"fwd_bwd": rows})
 
 
 if __name__ == "__main__":

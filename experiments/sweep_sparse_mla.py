@@ -12,12 +12,8 @@ are vs the default. Forward configs: experiments/sweep_ws.py. --only=a,b re-runs
 (plus the default); cases after --budget_s seconds are skipped.
 """
 
-import argparse
 import dataclasses
-import datetime
 import functools
-import json
-import os
 import time
 
 import jax
@@ -45,12 +41,7 @@ def _err(e):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--small", action="store_true", help="tiny shapes in CPU interpret mode")
-  ap.add_argument("--only", default="", help="comma-separated case names (all if empty)")
-  ap.add_argument("--budget_s", type=float, default=200.0, help="stop starting cases after this")
-  a = ap.parse_args()
+  a = bench_common.sweep_args(budget_s=200.0)
   t_start = time.perf_counter()
   shp = _SMALL if a.small else _S1
   interp = a.small and jax.default_backend() == "cpu"
@@ -104,21 +95,8 @@ def main():
     rows.append(row)
     print(name, {k: v for k, v in row.items() if k != "config"}, flush=True)
 
-  meta = {
-    "date": datetime.date.today().isoformat(),
-    "device": jax.devices()[0].device_kind,
-    "jax": jax.__version__,
-    "commit": bench_common.commit(),
-    "command": "python -m experiments.sweep_sparse_mla "
-    + " ".join(f"--{k}={v}" for k, v in vars(a).items() if v not in ("", False, None)),
-    "shape": shp,
-    "flops": "2*s_q*h*topk*(3*d_qk+2*d_v)",
-    "total_s": time.perf_counter() - t_start,
-  }
-  os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump({"meta": meta, "backward": rows}, f, indent=1)
-  print(f"wrote {a.out} in {meta['total_s']:.0f} s")
+  meta = {"shape": shp, "flops": "2*s_q*h*topk*(3*d_qk+2*d_v)"}
+  bench_common.write_sweep("sweep_sparse_mla", a, t_start, meta, {"backward": rows})
 
 
 if __name__ == "__main__":
