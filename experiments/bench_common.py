@@ -76,15 +76,22 @@ def write_results(path: str, rows: list[dict]):
 
 
 # ------------------------------------------------------------------------------- sweep scripts
-def sweep_args(budget_s: float) -> argparse.Namespace:
-  """The sweep scripts' command line: --out, --small (tiny shapes, CPU interpret), --only,
-  --budget_s (cases after it are skipped)."""
+def sweep_args(budget_s: float) -> tuple[argparse.Namespace, dict]:
+  """The sweep scripts' command line (--out, --small: tiny shapes, CPU interpret; --only: case
+  names; --budget_s: cases after it are skipped) and the run's start, interpret and case set."""
+  t_start = time.perf_counter()
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
   ap.add_argument("--small", action="store_true", help="tiny shapes in CPU interpret mode")
   ap.add_argument("--only", default="", help="comma-separated case names (all if empty)")
   ap.add_argument("--budget_s", type=float, default=budget_s, help="stop starting cases after this")
-  return ap.parse_args()
+  a = ap.parse_args()
+  run = dict(
+    t_start=t_start,
+    interpret=a.small and jax.default_backend() == "cpu",
+    only=set(filter(None, a.only.split(","))),
+  )
+  return a, run
 
 
 def write_sweep(module: str, args: argparse.Namespace, t_start: float, meta: dict, rows: dict):

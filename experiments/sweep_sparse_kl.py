@@ -58,11 +58,9 @@ def inputs(shp, seed=0):
 
 
 def main():
-  a = bench_common.sweep_args(budget_s=150.0)
-  t_start = time.perf_counter()
+  a, run = bench_common.sweep_args(budget_s=150.0)
+  t_start, interp, only = run["t_start"], run["interpret"], run["only"]
   shp = _SMALL if a.small else _E1
-  interp = a.small and jax.default_backend() == "cpu"
-  only = set(filter(None, a.only.split(",")))
   iters = 2 if a.small else 5
   q, k, w, ids, p, dl = inputs(shp)
 

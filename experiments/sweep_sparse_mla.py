@@ -41,11 +41,9 @@ def _err(e):
 
 
 def main():
-  a = bench_common.sweep_args(budget_s=200.0)
-  t_start = time.perf_counter()
+  a, run = bench_common.sweep_args(budget_s=200.0)
+  t_start, interp, only = run["t_start"], run["interpret"], run["only"]
   shp = _SMALL if a.small else _S1
-  interp = a.small and jax.default_backend() == "cpu"
-  only = set(filter(None, a.only.split(",")))
   d_v, iters = shp["d_v"], (2 if a.small else 5)
 
   k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
