@@ -32,8 +32,9 @@ the share of the dense attention mass inside the branch's S_t (recall; the index
 DSA and frozen_indexer, the positional selection's for window / random) and whether the needed
 key (the pair's value byte) and either byte of the pair are in S_t (hit rates, by bucket); recall at
 evenly spaced positions as well, beside its ceiling (the top-k mass of the head-mean attention:
-the most one set of k keys shared by the heads can hold); next-token loss on held-out text of the
-embedded corpus.
+the most one set of k keys shared by the heads can hold) and, for the indexer branches, the
+warm-up's loss there (KL of the head-mean attention to the indexer's softmax over the visible keys);
+next-token loss on held-out text of the embedded corpus.
 """
 
 import dataclasses
@@ -346,11 +347,15 @@ def _analyse_fn(m, attention: str):
       p = jnp.mean(jax.nn.softmax(lg, axis=-1), axis=2)  # [B,P,S] head-mean dense attention
       if attention in selection.MODES:
         idx = selection.at_positions(attention, rows, k)
+        kl = jnp.full(rows.shape, jnp.nan)  # no indexer distribution
       else:
         il = indexer_lib.indexer_logits(take(pr.iq), pr.ik, take(pr.iw), causal=False)
         il = jnp.where(visible, il, -jnp.inf)
         val, idx = jax.lax.top_k(il, min(k, t))
         idx = jnp.where(val == -jnp.inf, -1, idx).astype(jnp.int32)
+        # KL(dense attention || indexer softmax) over the visible keys: the warm-up's loss
+        lq = jax.nn.log_softmax(il, axis=-1)
+        kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - lq), 0.0), -1)
       ok = idx >= 0
       recall = jnp.sum(jnp.where(ok, jnp.take_along_axis(p, jnp.maximum(idx, 0), -1), 0), -1)
       # the most any one set of k keys shared by the heads can hold: the ceiling of `recall`
@@ -362,6 +367,7 @@ def _analyse_fn(m, attention: str):
           recall_query=recall[:, :n],
           recall_probe=recall[:, n:],
           best_recall_probe=best[:, n:],
+          indexer_kl_probe=kl[:, n:],
           hit_value=jnp.any(qi == vpos[..., None], -1),
           hit_pair=jnp.any((qi == ppos[..., None]) | (qi == vpos[..., None]), -1),
         )
@@ -458,6 +464,9 @@ def evaluate(c, workdir: str) -> dict:
       "recall_query_per_layer": res["recall_query"].mean((0, 2)).tolist(),
       "recall_probe_per_layer": res["recall_probe"].mean((0, 2)).tolist(),
       "best_recall_probe_per_layer": res["best_recall_probe"].mean((0, 2)).tolist(),
+      "indexer_kl_probe_per_layer": None  # the positional selections have no indexer
+      if attention in selection.MODES
+      else res["indexer_kl_probe"].mean((0, 2)).tolist(),
       "text_loss": float(txt["nll"].mean()),
       "eval_s": time.perf_counter() - t0,
     }
@@ -504,6 +513,7 @@ def criterion(ev: dict, topk: int, n_layers: int) -> dict:
     # shared selection of k keys could reach (a recall target above it cannot be met)
     "dsa_best_recall_per_layer": ev["dsa"].get("best_recall_probe_per_layer"),
     "warmup_best_recall_per_layer": ev.get("warmup", {}).get("best_recall_probe_per_layer"),
+    "warmup_indexer_kl_per_layer": ev.get("warmup", {}).get("indexer_kl_probe_per_layer"),
     "dsa_hit_value_beyond_k": hits,
     "hit_ok": bool(hits) and min(hits) >= 0.9,
   }

@@ -227,6 +227,9 @@ def test_analyse_hits_of_window_and_indexer(launcher):
   # the ceiling holds every selection's recall and is reached exactly when k covers the prefix
   for r in (res, sp):
     assert (r["best_recall_probe"] >= r["recall_probe"] - 1e-5).all()
+  # the warm-up's loss at the probes: a KL, >= 0, finite for the indexer; none for a window
+  assert np.isnan(res["indexer_kl_probe"]).all()
+  assert np.isfinite(sp["indexer_kl_probe"]).all() and (sp["indexer_kl_probe"] >= -1e-5).all()
   near = dict(rows, probe_pos=np.broadcast_to([5, 15, 100, c.seq_len - 1], (2, 4)).copy())
   best = retrieval.analyse_rows(m, "sparse", near, batch=2)["best_recall_probe"]  # [R,layers,4]
   np.testing.assert_allclose(best[..., :2], 1, atol=1e-5)  # k = 16 keys cover positions 0..15
@@ -374,8 +377,9 @@ def test_retrieval_all_stages_cpu(tmp_path):
   for b, v in rep["branches"].items():
     assert len(v["recall_probe_per_layer"]) == 2 and np.isfinite(v["text_loss"])
     assert all(
-      b >= r - 1e-5 for b, r in zip(v["best_recall_probe_per_layer"], v["recall_probe_per_layer"])
+      x >= r - 1e-5 for x, r in zip(v["best_recall_probe_per_layer"], v["recall_probe_per_layer"])
     )
+    assert (v["indexer_kl_probe_per_layer"] is None) == (b in ("window", "random"))
     assert len(v["hit_value_any_layer_by_bucket"]) == nb
   # the window's S_t holds the needed key exactly below k
   hv = rep["branches"]["window"]["hit_value_any_layer_by_bucket"]
