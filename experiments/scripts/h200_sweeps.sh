@@ -1,8 +1,9 @@
 #!/bin/bash
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 # One H200 session's sweeps (kernel variants + a smoke of the reproduction pipeline), in the order
-# given as arguments: repro_smoke sparse_mla indexer topk. Results land in $OUT (or /tmp/out).
-#   bash experiments/scripts/h200_sweeps.sh repro_smoke sparse_mla
+# given as arguments: repro_smoke sparse_mla sparse_kl indexer topk. Results land in $OUT (or
+# /tmp/out). Any H100/H200:
+#   bash experiments/scripts/h200_sweeps.sh sparse_kl sparse_mla
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -19,6 +20,7 @@ for what in "$@"; do
       echo "rc=$?"; grep -E "^\[|Error|error:" "$OUT/repro_smoke.log" | tail -30
       cp /tmp/repro_smoke/stage_*.json "$OUT/repro_smoke/" 2>/dev/null ;;
     sparse_mla) timeout 270 python3 -m experiments.sweep_sparse_mla --out="$OUT/sweep_sparse_mla.json" --budget_s=150 2>&1 | tail -45 ;;
+    sparse_kl) timeout 240 python3 -m experiments.sweep_sparse_kl --out="$OUT/sweep_sparse_kl.json" --budget_s=150 2>&1 | tail -15 ;;
     indexer) timeout 240 python3 -m experiments.sweep_indexer --out="$OUT/sweep_indexer.json" --budget_s=150 2>&1 | tail -25 ;;
     topk) timeout 240 python3 -m experiments.sweep_topk --out="$OUT/sweep_topk.json" 2>&1 | tail -30 ;;
     *) echo "unknown: $what" ;;
