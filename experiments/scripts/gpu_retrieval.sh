@@ -7,9 +7,9 @@
 # pack, widen, short and pretrain run one after the other; then the five branches, which all
 # start from the pretrained model, run side by side on the one GPU (warm-up then DSA in one
 # line; RETRIEVAL_PARALLEL=0 runs them one after the other), then eval and report. Each stage
-# trains its own fixed number of steps from its own seed, so side by side changes wall times,
-# not results. A stage that fails stops the chain; `start` again resumes (stages resume from
-# checkpoints).
+# trains its own fixed number of steps from its own seed, so side by side changes wall times
+# (and perhaps XLA's autotuned kernel choices, timed under contention), not the protocol. A
+# stage that fails stops the chain; `start` again resumes (stages resume from checkpoints).
 # RETRIEVAL_FLAGS is added to every stage's command (e.g. "--config.seed=1" for another seed;
 # use a fresh RUN directory for it); RETRIEVAL_SIZE picks the config size (default gpu; cpu runs
 # the whole chain on a laptop in minutes, to try the script).
