@@ -96,8 +96,8 @@ def main():
       row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     rows.append(row)
     print(name, {k_: v for k_, v in row.items() if k_ != "block_sizes"}, flush=True)
-
-  bench_common.write_sweep("sweep_sparse_kl", a, t_start, {"shape": shp}, {"fwd_bwd": rows})
+    # after every case: a run cut short keeps what it measured
+    bench_common.write_sweep("sweep_sparse_kl", a, t_start, {"shape": shp}, {"fwd_bwd": rows})
 
 
 if __name__ == "__main__":

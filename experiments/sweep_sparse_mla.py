@@ -71,6 +71,7 @@ def main():
   jobs.append(("default_via_jax_vjp", BASE, jax.jit(lambda f, c: f(c)), (vjp, cts)))
 
   flops, ref, rows = _bwd_flops(shp), None, []
+  meta = {"shape": shp, "flops": "2*s_q*h*topk*(3*d_qk+2*d_v)"}
   for name, cfg, fn, args in jobs:
     row = {"name": name, "config": dataclasses.asdict(cfg)}
     if name != "default" and time.perf_counter() - t_start > a.budget_s:
@@ -92,9 +93,8 @@ def main():
       row["error"] = _err(e)
     rows.append(row)
     print(name, {k: v for k, v in row.items() if k != "config"}, flush=True)
-
-  meta = {"shape": shp, "flops": "2*s_q*h*topk*(3*d_qk+2*d_v)"}
-  bench_common.write_sweep("sweep_sparse_mla", a, t_start, meta, {"backward": rows})
+    # after every case: a run cut short keeps what it measured
+    bench_common.write_sweep("sweep_sparse_mla", a, t_start, meta, {"backward": rows})
 
 
 if __name__ == "__main__":
