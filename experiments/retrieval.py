@@ -366,6 +366,7 @@ def _analyse_fn(m, attention: str):
         dict(
           recall_query=recall[:, :n],
           recall_probe=recall[:, n:],
+          best_recall_query=best[:, :n],
           best_recall_probe=best[:, n:],
           indexer_kl_probe=kl[:, n:],
           hit_value=jnp.any(qi == vpos[..., None], -1),
@@ -463,6 +464,7 @@ def evaluate(c, workdir: str) -> dict:
       "hit_value_any_layer_by_bucket": by_bucket(res["hit_value"].any(1)),
       "recall_query_per_layer": res["recall_query"].mean((0, 2)).tolist(),
       "recall_probe_per_layer": res["recall_probe"].mean((0, 2)).tolist(),
+      "best_recall_query_per_layer": res["best_recall_query"].mean((0, 2)).tolist(),
       "best_recall_probe_per_layer": res["best_recall_probe"].mean((0, 2)).tolist(),
       "indexer_kl_probe_per_layer": None  # the positional selections have no indexer
       if attention in selection.MODES

@@ -227,6 +227,7 @@ def test_analyse_hits_of_window_and_indexer(launcher):
   # the ceiling holds every selection's recall and is reached exactly when k covers the prefix
   for r in (res, sp):
     assert (r["best_recall_probe"] >= r["recall_probe"] - 1e-5).all()
+    assert (r["best_recall_query"] >= r["recall_query"] - 1e-5).all()
   # the warm-up's loss at the probes: a KL, >= 0, finite for the indexer; none for a window
   assert np.isnan(res["indexer_kl_probe"]).all()
   assert np.isfinite(sp["indexer_kl_probe"]).all() and (sp["indexer_kl_probe"] >= -1e-5).all()
