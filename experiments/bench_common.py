@@ -43,6 +43,18 @@ def commit() -> str:
     return os.environ.get("DSA_COMMIT", "unknown")
 
 
+# Environment variables that change what a suite measures (the suites' switches and JAX's GPU
+# memory settings): a row's command carries the ones that are set, so it reruns as measured.
+_ENV_PREFIXES = ("E1_", "M1_", "DSA_BENCH_", "XLA_PYTHON_CLIENT_")
+
+
+def command(module: str = "experiments.bench") -> str:
+  """This process's command line as `VAR=value ... python -m module args`, with the suite
+  switches set in the environment."""
+  env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)]
+  return " ".join(env + ["python", "-m", module] + sys.argv[1:])
+
+
 def row(suite: str, shape: dict, time_ms: float, flops: float | None, **extra) -> dict:
   """One result row (docs/benchmarks.md §Result format); `ratio` is set when `baseline` is given."""
   r = {
@@ -51,7 +63,7 @@ def row(suite: str, shape: dict, time_ms: float, flops: float | None, **extra) -
     "device": jax.devices()[0].device_kind,
     "jax": jax.__version__,
     "commit": commit(),
-    "command": "python -m experiments.bench " + " ".join(sys.argv[1:]),
+    "command": command(),
     "shape": shape,
     "time_ms": time_ms,
     "tflops": (flops / (time_ms * 1e-3) / 1e12) if flops else None,

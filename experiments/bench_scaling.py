@@ -150,7 +150,7 @@ def main(argv):
     "device": jax.devices()[0].device_kind,
     "jax": jax.__version__,
     "commit": bench_common.commit(),
-    "command": "python -m experiments.bench_scaling " + " ".join(sys.argv[1:]),
+    "command": bench_common.command("experiments.bench_scaling"),
     "preset": "test" if _SMALL.value else "1b",
     "seq_len": seq,
     "batch_per_device": _BPD.value,

@@ -1,0 +1,30 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Result rows (docs/benchmarks.md): the command reruns the measurement as it was made."""
+
+import os
+import sys
+
+from experiments import bench_common
+
+
+def test_row_command_carries_the_suite_switches(monkeypatch):
+  for k in list(os.environ):
+    if k.startswith(bench_common._ENV_PREFIXES):
+      monkeypatch.delenv(k)
+  monkeypatch.setattr(sys, "argv", ["bench.py", "--suite=E1", "--out=/tmp/e1.json"])
+  monkeypatch.setenv("E1_PARTS", "1")
+  monkeypatch.setenv("M1_ITERS", "2")
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  monkeypatch.setenv("UNRELATED_SETTING", "x")
+  r = bench_common.row("E1", {"seq_len": 8}, 2.0, 4e12, baseline={"name": "b", "time_ms": 4.0})
+  assert r["command"] == (
+    "E1_PARTS=1 M1_ITERS=2 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "
+    "python -m experiments.bench --suite=E1 --out=/tmp/e1.json"
+  )
+  assert r["ratio"] == 2.0 and r["tflops"] == 2000.0 and r["suite"] == "E1"
+  monkeypatch.delenv("E1_PARTS")
+  monkeypatch.delenv("M1_ITERS")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  assert bench_common.command("experiments.bench_scaling") == (
+    "python -m experiments.bench_scaling --suite=E1 --out=/tmp/e1.json"
+  )
