@@ -113,8 +113,7 @@ def write_sweep(module: str, args: argparse.Namespace, t_start: float, meta: dic
     "device": jax.devices()[0].device_kind,
     "jax": jax.__version__,
     "commit": commit(),
-    "command": f"python -m experiments.{module} "
-    + " ".join(f"--{k}={v}" for k, v in vars(args).items() if v not in ("", False, None)),
+    "command": command(f"experiments.{module}"),
   }
   head.update(meta, total_s=time.perf_counter() - t_start)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

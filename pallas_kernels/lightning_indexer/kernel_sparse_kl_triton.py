@@ -164,8 +164,8 @@ def _fwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, kl_ref, lse_ref, ps_ref, *,
 def _bwd_kernel(
   q_ref, k_ref, w_ref, idx_ref, p_ref, lse_ref, ps_ref, dl_ref, dq_ref, dw_ref, dr_ref, *, c
 ):
-  # dr [N * kp, Dp]: the per-slot rows (skipped chunks unwritten: their ids are -1, which the
-  # segment sum never reads)
+  # dr [N * kp, Dp]: the per-slot rows (a skipped chunk's stay unwritten: its ids are -1, which
+  # the segment sum never reads)
   n, bk = pl.program_id(0), c["bk"]
   qt = q_ref[n, :, :]
   wt = w_ref[n, :].astype(jnp.float32)
