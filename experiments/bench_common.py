@@ -2,11 +2,15 @@
 """Benchmark plumbing shared by the suites: timing, result rows, files (docs/benchmarks.md)."""
 
 import argparse
+import collections
 import datetime
+import glob
+import gzip
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -23,6 +27,40 @@ def time_fn(fn, *args, warmup: int = 2, iters: int = 10):
     jax.block_until_ready(fn(*args))
     times.append((time.perf_counter() - t0) * 1e3)
   return float(np.median(times))
+
+
+def device_op_times(fn, *args, iters: int = 3, top: int = 25) -> dict:
+  """Per-kernel device time of fn(*args), from a profiler trace of `iters` calls after one
+  warm-up call: {"device_ms": device time a call, summed over kernels (overlapping streams add
+  up), "ops": [{"name", "ms" a call, "calls" a call, "share"}] the `top` kernels by time}.
+  Device events are those of the trace's "/device:" processes (none on CPU: host ops instead)."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(iters):
+        jax.block_until_ready(fn(*args))
+    (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  procs = {
+    e["pid"]: e["args"]["name"]
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "process_name"
+  }
+  on_device = {pid for pid, name in procs.items() if name.startswith("/device:")}
+  keep = on_device or set(procs)  # CPU: no device process; the host's ops stand in
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in keep and not e["name"].startswith("$"):
+      total[e["name"]] += e.get("dur", 0.0) / 1e3 / iters
+      count[e["name"]] += 1 / iters
+  device_ms = sum(total.values())
+  ops = [
+    {"name": n[:160], "ms": ms, "calls": count[n], "share": ms / device_ms if device_ms else 0.0}
+    for n, ms in total.most_common(top)
+  ]
+  return {"device_ms": device_ms, "ops": ops}
 
 
 def rel_err(out, ref) -> float:

@@ -17,7 +17,8 @@ E1: one DSA layer fwd+bwd = FP8 indexer + top-k (pallas) + sparse MLA (pallas if
     each part's time alone (`parts_ms`: indexer+top-k, sparse MLA fwd and fwd+bwd, probs, KL).
     E1_SPARSE_KL=kernels|xla: the sparse indexer KL on the Pallas-Triton kernels or the streamed
     XLA path (default: lightning_indexer.ops.SPARSE_KL_KERNELS_BY_DEFAULT; `sparse_kl` in the
-    row).
+    row). The indexer q and k are bf16 (what the model hands the indexer ops; rows before
+    2026-12-06 used f32, which the sparse-KL kernels run several times slower), w f32.
 """
 
 import json
@@ -159,9 +160,9 @@ def _mla_impl(small):
     return "reference"
 
 
-def _e1_parts(q, kv, qi, ki, wi, do, topk, scale, dv, impl, interp, bt):
-  """Each part of the E1 layer alone (ms), to show where the time goes. The parts overlap the
-  whole only roughly: XLA schedules them together in the full layer."""
+def e1_part_fns(q, kv, qi, ki, wi, do, topk, scale, dv, impl, interp, bt):
+  """The E1 layer's parts as {name: (jitted fn, args)}: indexer+top-k, sparse MLA fwd and
+  fwd+bwd, probs, sparse KL fwd+bwd (also experiments/profile_e1.py's parts)."""
   from pallas_kernels.sparse_mla import ops as mla  # noqa: PLC0415
 
   sel = jax.jit(
@@ -187,14 +188,35 @@ def _e1_parts(q, kv, qi, ki, wi, do, topk, scale, dv, impl, interp, bt):
       (0, 1, 2),
     )
   )
-  timed = {
+  return {
     "indexer_topk": (sel, (qi, ki, wi)),
     "sparse_mla_fwd": (fwd, (q, kv, idx)),
     "sparse_mla_fwd_bwd": (jax.jit(jax.grad(attn_loss, (0, 1))), (q, kv, idx, do)),
     "probs": (probs, (q, kv, idx, lse)),
     "sparse_kl_fwd_bwd": (kl, (qi, ki, wi, idx, p)),
   }
-  return {name: bc.time_fn(f, *args, warmup=1, iters=3) for name, (f, args) in timed.items()}
+
+
+def _e1_parts(*args):
+  """Each part of the E1 layer alone (ms), to show where the time goes. The parts overlap the
+  whole only roughly: XLA schedules them together in the full layer."""
+  timed = e1_part_fns(*args)
+  return {name: bc.time_fn(f, *a, warmup=1, iters=3) for name, (f, a) in timed.items()}
+
+
+def e1_inputs(l, small=False, indexer_dtype=jnp.bfloat16):
+  """E1's layer inputs at length l: q, kv, indexer q/k/w, dO. The indexer q and k come in the
+  dtype the model hands the indexer ops (bf16: the compute dtype; the FP8 rounding keeps it),
+  w in f32 (weights_proj is f32)."""
+  h, dqk, dv = (8, 576, 512) if small else (128, 576, 512)
+  return (
+    _rand(20, (1, l, h, dqk), jnp.bfloat16),
+    _rand(21, (1, l, dqk), jnp.bfloat16),
+    _rand(22, (1, l, 64, 128), indexer_dtype),
+    _rand(23, (1, l, 128), indexer_dtype),
+    _rand(24, (1, l, 64), scale=1 / np.sqrt(64 * 128)),
+    _rand(25, (1, l, h, dv), jnp.bfloat16),
+  )
 
 
 def suite_e1(small: bool):
@@ -230,12 +252,7 @@ def suite_e1(small: bool):
   for l in ls:
     t_start = time.time()
     try:
-      q = _rand(20, (1, l, h, dqk), jnp.bfloat16)
-      kv = _rand(21, (1, l, dqk), jnp.bfloat16)
-      qi = _rand(22, (1, l, 64, 128))
-      ki = _rand(23, (1, l, 128))
-      wi = _rand(24, (1, l, 64), scale=1 / np.sqrt(64 * 128))
-      do = _rand(25, (1, l, h, dv), jnp.bfloat16)
+      q, kv, qi, ki, wi, do = e1_inputs(l, small)
       bt = min(l, 4096)
 
       # do / dom are arguments, not closures: a closed-over array becomes a compile-time
@@ -282,6 +299,7 @@ def suite_e1(small: bool):
           sparse_mla_impl=impl,
           probs="kernel" if mla.GPU_PROBS_KERNEL else "reference",
           sparse_kl="xla" if li_ops.sparse_kl_kernels_why(qi, ki) else "kernels",
+          indexer_dtype=str(qi.dtype),
           **({"parts_ms": parts} if parts else {}),
           baseline={"name": "cudnn_mha_h128_dqk192_vpad192_fwd_bwd", "time_ms": td},
         )

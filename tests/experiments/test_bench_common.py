@@ -28,3 +28,16 @@ def test_row_command_carries_the_suite_switches(monkeypatch):
   assert bench_common.command("experiments.bench_scaling") == (
     "python -m experiments.bench_scaling --suite=E1 --out=/tmp/e1.json"
   )
+
+
+def test_device_op_times_names_the_ops_that_ran():
+  # On CPU the trace has no device process: the host's events stand in (the GPU's kernels there).
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  got = bench_common.device_op_times(f, jnp.ones((256, 256)), iters=2, top=50)
+  assert got["device_ms"] > 0 and got["ops"]
+  assert abs(sum(o["share"] for o in got["ops"]) - 1.0) < 1e-6 or len(got["ops"]) == 50
+  assert all(o["ms"] >= 0 and o["calls"] > 0 for o in got["ops"])
+  assert any("PjitFunction" in o["name"] for o in got["ops"])  # the jitted call was traced
