@@ -68,7 +68,7 @@ class BlockSizes:
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
-  num_warps_bwd: int = 8
+  num_warps_bwd: int = 4
   num_stages_bwd: int = 2
   skip_empty: bool = True
 
