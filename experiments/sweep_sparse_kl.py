@@ -1,7 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sparse-KL Pallas-Triton kernels' block sizes (kernel_sparse_kl_triton.BlockSizes:
-chunk width, warps and stages of each pass, and the slot loop with or without its empty-chunk
-branch).
+chunk width, warps and stages of each pass).
 
   python -m experiments.sweep_sparse_kl --out=PATH.json   # GPU, one V3.2 layer at 16K, < 2 min
   python -m experiments.sweep_sparse_kl --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -37,8 +36,6 @@ CASES = [("default", BASE)] + [
     ("bwd_w8", dict(num_warps_bwd=8)),
     ("bwd_s1", dict(num_stages_bwd=1)),
     ("bwd_s3", dict(num_stages_bwd=3)),
-    ("no_skip", dict(skip_empty=False)),
-    ("no_skip_s3", dict(skip_empty=False, num_stages=3, num_stages_bwd=3)),
   )
 ]
 

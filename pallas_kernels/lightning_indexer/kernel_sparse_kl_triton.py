@@ -25,9 +25,9 @@ dk: the rows a key gets from every token (and from repeated ids within a token) 
 without atomics. The backward runs in token blocks (a scan, `_bwd_sorted`); per block the kernel
 stores the per-slot rows, the block's ids are sorted by key and the Pallas-Triton segment sum
 (sparse_mla/kernel_segment_sum_triton.py) adds each key's rows once into an f32 dk.
-Chunks with no valid slot are skipped (rows early in the sequence, V4's few visible entries;
-BlockSizes.skip_empty); their per-slot rows stay unwritten (or hold zeros without the skip), and
-their ids (-1) are never read by the segment sum.
+Chunks with no valid slot are branched around (rows early in the sequence, V4's few visible
+entries); their per-slot rows stay unwritten, and their ids (-1) are never read by the segment
+sum.
 Dots take the inputs' dtype (bf16 on the tensor cores) with f32 accumulation; the g-weighted
 operands are cast to the other operand's dtype (as kernel_kl_triton.py does).
 On CPU the same kernels run under interpret=True (the Triton interpreter).
@@ -61,16 +61,13 @@ def _pad_pow2(n: int) -> int:
 class BlockSizes:
   """block_k slots per chunk (a power of 2 >= 16); num_warps / num_stages: Triton's, for the
   forward; num_warps_bwd / num_stages_bwd for the backward (it holds dq [Jp, Dp] f32, z, the
-  g-weighted tile and drows [bk, Dp] f32 at once). skip_empty: a chunk with no valid slot is
-  branched around (rows early in the sequence, V4's few visible entries); False computes every
-  chunk (masked) with no branch in the slot loop, which Triton can then software-pipeline."""
+  g-weighted tile and drows [bk, Dp] f32 at once)."""
 
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
-  skip_empty: bool = True
 
   def __post_init__(self):
     if not _pow2(self.block_k) or self.block_k < 16:
@@ -105,10 +102,8 @@ def _any(valid):
   return jnp.max(valid.astype(jnp.int32)) > 0
 
 
-def _maybe(run, idx_ref, n, ci, bk, c, carry):
-  """run(carry) for chunk ci, branched around when it has no valid slot and c["skip"]."""
-  if not c["skip"]:
-    return run(carry)
+def _maybe(run, idx_ref, n, ci, bk, carry):
+  """run(carry) for chunk ci, branched around when it has no valid slot."""
   ids = idx_ref[n, pl.ds(ci * bk, bk)]
   return jax.lax.cond(_any(ids >= 0), run, lambda x: x, carry)
 
@@ -150,7 +145,7 @@ def _fwd_kernel(q_ref, k_ref, w_ref, idx_ref, p_ref, kl_ref, lse_ref, ps_ref, *,
       a = a + jnp.sum(jnp.where(pos, pc * _common.log(jnp.where(pos, pc, jnp.float32(1))), zero))
       return m_new, l, ps + jnp.sum(pc), a, cc
 
-    return _maybe(run, idx_ref, n, ci, bk, c, carry)
+    return _maybe(run, idx_ref, n, ci, bk, carry)
 
   init = (jnp.float32(_NEG), zero, zero, zero, zero)
   m, l, ps, a, cc = jax.lax.fori_loop(0, c["nk"], body, init)
@@ -185,7 +180,7 @@ def _bwd_kernel(
       dr_ref[pl.ds((n * c["nk"] + ci) * bk, bk), :] = drows.astype(dr_ref.dtype)
       return dq, dw
 
-    return _maybe(run, idx_ref, n, ci, bk, c, carry)
+    return _maybe(run, idx_ref, n, ci, bk, carry)
 
   init = (jnp.zeros(qt.shape, jnp.float32), jnp.zeros(wt.shape, jnp.float32))
   dq, dw = jax.lax.fori_loop(0, c["nk"], body, init)
@@ -211,7 +206,7 @@ def _prepare(q, k, w, idx, p, bsz: BlockSizes):
   gid = _common.pad_axis(gid.astype(jnp.int32), 2, bsz.block_k, value=-1)
   pp = _common.pad_axis(p.astype(jnp.float32), 2, bsz.block_k)
   kk = gid.shape[-1]
-  cfg = dict(bk=bsz.block_k, nk=kk // bsz.block_k, skip=bsz.skip_empty)
+  cfg = dict(bk=bsz.block_k, nk=kk // bsz.block_k)
   return qp, kp, wp, gid.reshape(b * t, kk), pp.reshape(b * t, kk), cfg
 
 

@@ -94,13 +94,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("skip_empty", [True, False], ids=["skip", "no_skip"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_interpret_matches_reference(name, skip_empty):
-  """Both chunk loops (empty chunks branched around or computed masked); rows with no valid slot
-  and all-invalid chunks are in every case."""
+def test_interpret_matches_reference(name):
+  """Rows with no valid slot and all-invalid chunks (branched around) are in every case."""
   case, bk = CASES[name]
-  _check(_case(*case), kernel_sparse_kl_triton.BlockSizes(block_k=bk, skip_empty=skip_empty), 1e-5)
+  _check(_case(*case), kernel_sparse_kl_triton.BlockSizes(block_k=bk), 1e-5)
 
 
 @pytest.mark.parametrize("name", ["k_over_s", "padded_k"])
@@ -195,17 +193,14 @@ def test_dispatch_and_errors():
     kernel_sparse_kl_triton.BlockSizes(block_k=48)
 
 
-@pytest.mark.parametrize(
-  "t,s,k,skip_empty", [(4096, 4096, 2048, True), (8192, 2048, 512, True), (4096, 4096, 2048, False)]
-)
-def test_export_cuda(t, s, k, skip_empty, triton_verified):
+@pytest.mark.parametrize("t,s,k", [(4096, 4096, 2048), (8192, 2048, 512)])
+def test_export_cuda(t, s, k, triton_verified):
   """Value and gradient lower for cuda (forward and backward kernels and the segment sum,
   verified Triton modules) at V3.2's shapes (T = S = 4096, k 2048) and V4-Flash's sparse stage
-  (T 8192 over U = T/4 compressed keys, k 512); J 64, D 128, bf16; and the loop without the
-  empty-chunk branch."""
+  (T 8192 over U = T/4 compressed keys, k 512); J 64, D 128, bf16."""
   sds = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
-  bsz = kernel_sparse_kl_triton.BlockSizes(skip_empty=skip_empty)
+  bsz = kernel_sparse_kl_triton.BlockSizes()
 
   def loss(q, k_, w, idx, p):
     return jnp.mean(kernel_sparse_kl_triton.sparse_kl(q, k_, w, idx, p, bsz, False))
