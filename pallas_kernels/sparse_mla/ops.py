@@ -250,10 +250,10 @@ def _bwd_blocked(
     logits, dp = sd[:, :, :h] * scale, sd[:, :, h:]
     p = jnp.where(valid[:, :, None, :], jnp.exp(logits - lb[..., None]), 0.0)
     ds = p * (dp - deb[..., None] + dlb[..., None])
-    dq = scale * jnp.einsum(
-      "bths,btsc->bthc", ds.astype(kv.dtype), rows, preferred_element_type=f32
-    )
+    # dq reads the first h heads of the rounded scale·dS that the dK rows need anyway: rounding
+    # dS for dq alone was a second pass over the f32 [tb, 2h, k] products.
     a = jnp.concatenate([(ds * scale).astype(q.dtype), p.astype(q.dtype)], axis=2)
+    dq = jnp.einsum("bths,btsc->bthc", a[:, :, :h], rows, preferred_element_type=f32)
     drows = jnp.einsum("bths,bthc->btsc", a, qd, preferred_element_type=update_dtype or f32)
     order, starts = kernel_segment_sum_triton.sort_segments(
       _global_idx(ib, s, 1).reshape(-1), b * s
