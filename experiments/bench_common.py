@@ -31,17 +31,23 @@ def time_fn(fn, *args, warmup: int = 2, iters: int = 10):
 
 def device_op_times(fn, *args, iters: int = 3, top: int = 25) -> dict:
   """Per-kernel device time of fn(*args), from a profiler trace of `iters` calls after one
-  warm-up call: {"device_ms": device time a call, summed over kernels (overlapping streams add
-  up), "ops": [{"name", "ms" a call, "calls" a call, "share"}] the `top` kernels by time}.
-  Device events are those of the trace's "/device:" processes (none on CPU: host ops instead)."""
+  warm-up call (see trace_op_times)."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for _ in range(iters):
         jax.block_until_ready(fn(*args))
-    (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-    with gzip.open(path) as f:
-      trace = json.load(f)
+    return trace_op_times(d, iters, top)
+
+
+def trace_op_times(trace_dir: str, calls: int, top: int = 25) -> dict:
+  """The Perfetto trace that jax.profiler wrote under trace_dir, per call of `calls`:
+  {"device_ms": device time, summed over kernels (overlapping streams add up), "ops": [{"name",
+  "ms", "calls", "share"}] the `top` kernels by time}. Device events are those of the trace's
+  "/device:" processes; on CPU (none) the host's ops stand in."""
+  (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   procs = {
     e["pid"]: e["args"]["name"]
@@ -49,12 +55,12 @@ def device_op_times(fn, *args, iters: int = 3, top: int = 25) -> dict:
     if e.get("ph") == "M" and e.get("name") == "process_name"
   }
   on_device = {pid for pid, name in procs.items() if name.startswith("/device:")}
-  keep = on_device or set(procs)  # CPU: no device process; the host's ops stand in
+  keep = on_device or set(procs)
   total, count = collections.Counter(), collections.Counter()
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in keep and not e["name"].startswith("$"):
-      total[e["name"]] += e.get("dur", 0.0) / 1e3 / iters
-      count[e["name"]] += 1 / iters
+      total[e["name"]] += e.get("dur", 0.0) / 1e3 / calls
+      count[e["name"]] += 1 / calls
   device_ms = sum(total.values())
   ops = [
     {"name": n[:160], "ms": ms, "calls": count[n], "share": ms / device_ms if device_ms else 0.0}

@@ -35,7 +35,6 @@ With M1_PROFILE=<L>, one step per phase at that length is traced (jax.profiler, 
 and the top GPU ops by time go to `<out dir>/m1_profile_<preset>_<phase>_<L>.md`.
 """
 
-import gzip
 import json
 import os
 import re
@@ -118,31 +117,12 @@ def _loss_chunk() -> int:
 
 
 def _profile_table(trace_dir: str, steps: int, top: int = 15) -> str:
-  """Top GPU ops by total time from the Perfetto JSON that jax.profiler wrote."""
-  paths = [
-    os.path.join(r, f) for r, _, fs in os.walk(trace_dir) for f in fs if f.endswith(".json.gz")
-  ]
-  if not paths:
-    return "(no Perfetto trace written)\n"
-  with gzip.open(paths[0], "rt") as f:
-    ev = json.load(f)
-  ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-  gpu_pids = {
-    e["pid"]
-    for e in ev
-    if e.get("ph") == "M"
-    and e.get("name") == "process_name"
-    and "gpu" in str(e.get("args", {}).get("name", "")).lower()
-  }
-  tot: dict[str, float] = {}
-  for e in ev:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
-      tot[e["name"]] = tot.get(e["name"], 0.0) + e["dur"]
-  all_us = sum(tot.values()) or 1.0
+  """Top GPU ops by time a step (bench_common.trace_op_times), as a markdown table."""
+  got = bc.trace_op_times(trace_dir, steps, top)
   lines = ["| op | ms per step | share |", "|---|---|---|"]
-  for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:top]:
-    lines.append(f"| `{name[:90]}` | {us / 1e3 / steps:.2f} | {us / all_us:.1%} |")
-  lines.append(f"| (all GPU ops) | {all_us / 1e3 / steps:.2f} | 100% |")
+  for o in got["ops"]:
+    lines.append(f"| `{o['name'][:90]}` | {o['ms']:.2f} | {o['share']:.1%} |")
+  lines.append(f"| (all GPU ops) | {got['device_ms']:.2f} | 100% |")
   return "\n".join(lines) + "\n"
 
 

@@ -41,3 +41,19 @@ def test_device_op_times_names_the_ops_that_ran():
   assert abs(sum(o["share"] for o in got["ops"]) - 1.0) < 1e-6 or len(got["ops"]) == 50
   assert all(o["ms"] >= 0 and o["calls"] > 0 for o in got["ops"])
   assert any("PjitFunction" in o["name"] for o in got["ops"])  # the jitted call was traced
+
+
+def test_m1_profile_table_reads_the_trace(tmp_path):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from experiments import bench_train  # noqa: PLC0415
+
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  x = jnp.ones((128, 128))
+  jax.block_until_ready(f(x))
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    jax.block_until_ready(f(x))
+  lines = bench_train._profile_table(str(tmp_path), 1, top=3).splitlines()
+  assert lines[0] == "| op | ms per step | share |" and lines[-1].startswith("| (all GPU ops) |")
+  assert len(lines) == 2 + 3 + 1  # header, three ops, total
