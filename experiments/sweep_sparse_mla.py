@@ -1,5 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Sweep of the sparse-MLA GPU backward's scan steps (ops.GpuConfig.bwd_block_t) at S1 shapes.
+"""Sweep of the sparse-MLA GPU backward (ops.GpuConfig: bwd "xla" or "kernel", its scan steps
+bwd_block_t) at S1 shapes.
 
   python -m experiments.sweep_sparse_mla --out=PATH.json   # GPU, S1 shapes, < 2 min
   python -m experiments.sweep_sparse_mla --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -27,9 +28,15 @@ _S1 = dict(s_q=4096, s_kv=32768, h=128, d_qk=576, d_v=512, topk=2048)
 _SMALL = dict(s_q=4, s_kv=96, h=64, d_qk=128, d_v=64, topk=128)
 
 BASE = ops.GpuConfig()
-CASES = [("default", BASE)] + [
-  (f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (128, 256, 1024, 2048)
-]
+CASES = (
+  [("default", BASE)]
+  + [(f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (128, 256, 1024, 2048)]
+  + [("kernel", dataclasses.replace(BASE, bwd="kernel"))]
+  + [
+    (f"kernel_bt{bt}", dataclasses.replace(BASE, bwd="kernel", bwd_block_t=bt))
+    for bt in (256, 1024)
+  ]
+)
 
 
 def _bwd_flops(s):

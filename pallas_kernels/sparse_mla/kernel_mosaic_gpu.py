@@ -41,6 +41,7 @@ _LN2 = math.log(2.0)
 HEAD_BLOCK = 64  # wgmma M
 BLOCK_K = 64  # selected rows per chunk (wgmma N of q·kᵀ, K of P·V)
 COPIES = ("direct", "staged")
+BWDS = ("xla", "kernel")
 _SWIZZLE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
 _SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
 _MAX_IDX_CHUNKS = 256  # one 2-D TMA box of slot ids: <= 256 per dimension
@@ -81,14 +82,19 @@ class GpuConfig:
     not fit in SMEM); see the module docstring. Asking for "direct" where it cannot run raises.
   copy_wgs: copy warpgroups (1 for "direct"; 1, 2 or 4 for "staged", each copying
     64 / copy_wgs rows per chunk).
-  bwd_block_t: query tokens per scan step of the XLA backward (ops._bwd_blocked), counted over
-    the batch: a batch of b takes bwd_block_t // b tokens per step (fewer where a step's dK
-    rows would reach 2**31 elements, the segment sum's int32 offsets).
+  bwd_block_t: query tokens per scan step of the backward (ops._bwd_blocked and
+    ops._bwd_kernel_blocked), counted over the batch: a batch of b takes bwd_block_t // b
+    tokens per step (fewer where a step's dK rows would reach 2**31 elements, the segment sum's
+    int32 offsets).
+  bwd: "xla" (the blocked XLA backward, ops._bwd_blocked) or "kernel" (dq and the [dS; P]
+    tiles from the Mosaic GPU kernel of kernel_mosaic_gpu_bwd.py, then the dK rows and their
+    sorted sum in XLA, ops._bwd_kernel_blocked).
   """
 
   copies: str = "direct"
   copy_wgs: int = 1
   bwd_block_t: int = 512
+  bwd: str = "xla"
 
   def __post_init__(self):
     if self.copies not in COPIES:
@@ -99,6 +105,8 @@ class GpuConfig:
       raise ValueError(f"copies='direct' issues from one copy warpgroup, got {self.copy_wgs}")
     if self.bwd_block_t < 1:
       raise ValueError(f"bwd_block_t={self.bwd_block_t} must be positive")
+    if self.bwd not in BWDS:
+      raise ValueError(f"bwd={self.bwd!r}; expected one of {BWDS}")
 
   @classmethod
   def default_for(cls, shape: tuple[int, int, int], device=None) -> "GpuConfig":

@@ -6,6 +6,8 @@ impl="pallas" runs one kernel set per backend under a custom VJP that honours bo
   gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`) and the
        blocked XLA backward from the saved lse (`_bwd_blocked`), whose dkv is summed per row by
        the Pallas-Triton segment sum (kernel_segment_sum_triton.py) after a sort of the slot ids;
+       GpuConfig(bwd="kernel") takes dq and the [dS; P] tiles from the Mosaic GPU backward
+       kernel instead (kernel_mosaic_gpu_bwd.py, `_bwd_kernel_blocked`);
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
 `sparse_mla_probs` (the sparse KL target) takes the Mosaic GPU kernel of
 kernel_mosaic_gpu_probs.py on a GPU when GPU_PROBS_KERNEL is on and the inputs suit it (bf16 or
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from pallas_kernels import _common
 from pallas_kernels.sparse_mla import (
   kernel_mosaic_gpu,
+  kernel_mosaic_gpu_bwd,
   kernel_mosaic_gpu_probs,
   kernel_segment_sum_triton,
   kernel_tpu,
@@ -277,7 +280,22 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
   # int32 offsets of the segment sum.
   b = q.shape[0]
   per_token = b * idx.shape[-1] * _round_up(q.shape[-1], 64)
-  block_t = max(1, min(config.bwd_block_t // b, kernel_segment_sum_triton.max_tokens(per_token)))
+  block_t = min(config.bwd_block_t // b, kernel_segment_sum_triton.max_tokens(per_token))
+  block_t = max(1, min(block_t, q.shape[1]))  # a short sequence takes one step, unpadded
+  if config.bwd == "kernel":
+    return _bwd_kernel_blocked(
+      q,
+      kv,
+      idx,
+      out,
+      lse,
+      d_out,
+      d_lse,
+      scale=scale,
+      d_v=d_v,
+      block_t=b * block_t,
+      interpret=interpret,
+    )
   return _bwd_blocked(
     q,
     kv,
@@ -292,6 +310,55 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
     update_dtype=jnp.bfloat16,
     interpret=interpret,
   )
+
+
+def _bwd_kernel_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, interpret):
+  """GpuConfig.bwd="kernel": per scan step of block_t tokens (batch folded), the Mosaic GPU
+  kernel (kernel_mosaic_gpu_bwd.py) gives dq and a = [dS; P] at the selected slots; the dK rows
+  aᵀ·[q; dO] are one dense product per token, and the slot ids sorted by row let the segment
+  sum add them into an f32 dkv, as _bwd_blocked does."""
+  b, t, h, k_dim = q.shape
+  f32 = jnp.float32
+  kp_dim, d_outp, _ = kernel_mosaic_gpu.padded_dims(k_dim, d_v, idx.shape[-1])
+  if not kernel_mosaic_gpu_bwd.fits(kp_dim, d_outp, q.dtype.itemsize):
+    need = kernel_mosaic_gpu_bwd.smem_bytes(kp_dim, d_outp, q.dtype.itemsize)
+    raise ValueError(
+      f"GpuConfig(bwd='kernel'): Kp={kp_dim}, d_out={d_outp} need {need} bytes of SMEM"
+    )
+  hp = _round_up(h, kernel_mosaic_gpu.HEAD_BLOCK)
+  qf, kvf, gidx = _fold(q, kv, idx, hp, kp_dim, kernel_mosaic_gpu.BLOCK_K)
+  delta = jnp.einsum("bthv,bthv->bth", out.astype(f32), d_out.astype(f32))
+  delta = delta - jnp.where(jnp.isfinite(lse), d_lse.astype(f32), 0.0)
+  dof = jnp.pad(_pad_heads(d_out.astype(q.dtype), hp), ((0, 0), (0, 0), (0, d_outp - d_v)))
+  lsef, deltaf = _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp)
+  n, rows = qf.shape[0], kvf.shape[0]
+  n_blocks = -(-n // block_t)
+  if interpret is True:
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    interpret = plgpu.InterpretGPUParams()
+
+  def split(x, fill=0):
+    x = _common.pad_axis(x, 0, block_t, value=fill)
+    return x.reshape((n_blocks, block_t) + x.shape[1:])
+
+  def body(dkv, blk):
+    qb, ib, db, lb, eb = blk
+    dq, a = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
+      qb, kvf, ib, db, lb, eb, scale=scale, interpret=interpret or False
+    )
+    qd = jnp.concatenate([qb, jnp.pad(db, ((0, 0), (0, 0), (0, kp_dim - d_outp)))], axis=1)
+    drows = jnp.einsum("nhs,nhc->nsc", a, qd, preferred_element_type=jnp.bfloat16)
+    order, starts = kernel_segment_sum_triton.sort_segments(ib.reshape(-1), rows)
+    dkv = kernel_segment_sum_triton.segment_sum_rows(
+      drows.reshape(-1, kp_dim), order, starts, dkv, interpret=bool(interpret)
+    )
+    return dkv, dq
+
+  xs = (split(qf), split(gidx, -1), split(dof), split(lsef, jnp.inf), split(deltaf))
+  dkv, dq = jax.lax.scan(body, jnp.zeros((rows, kp_dim), f32), xs)
+  dq = dq.reshape((n_blocks * block_t,) + dq.shape[2:])[:n, :h, :k_dim].reshape(b, t, h, k_dim)
+  return dq, dkv[:, :k_dim].reshape(kv.shape).astype(kv.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

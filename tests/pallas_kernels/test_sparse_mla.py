@@ -334,18 +334,21 @@ def test_pallas_gpu(t, s, h, k_dim, d_v, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bwd", ["xla", "kernel"])
 @pytest.mark.parametrize(
   "t,s,h,k_dim,d_v,k", [(64, 4096, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)]
 )
-def test_pallas_gpu_grads(t, s, h, k_dim, d_v, k):
-  """jax.vjp of the default path (Mosaic GPU forward, XLA backward with the segment sum) with
-  both cotangents vs autodiff of the fp32 reference, at V3.2 dims and at awkward ones (H 20,
-  k 72 > S, d_v 80, K 96); a fully masked row, duplicates, ids < 0 and >= S."""
+def test_pallas_gpu_grads(t, s, h, k_dim, d_v, k, bwd):
+  """jax.vjp of the Mosaic GPU forward with either backward (blocked XLA, or the Mosaic GPU
+  kernel; both sum dkv with the segment sum) with both cotangents vs autodiff of the fp32
+  reference, at V3.2 dims and at awkward ones (H 20, k 72 > S, d_v 80, K 96); a fully masked
+  row, duplicates, ids < 0 and >= S."""
   _on_gpu()
   q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[1, -1, :5].set(1)  # duplicates
-  f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas")
+  config = GpuConfig(bwd=bwd)
+  f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", config=config)
   (o, l), vjp = jax.vjp(f, q, kv)
   f32 = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("highest"):

@@ -1,0 +1,311 @@
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+"""Mosaic GPU (Hopper) sparse MLA backward, the gathered part: dq and the [dS; P] tiles.
+
+Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosaic_gpu.py):
+  q   [N, Hp, Kp]     N tokens, heads padded to 64s, row dim padded to 64s
+  kv  [R, Kp]         R = B*S latent rows
+  idx [N, kp]         int32 global row ids (b*S + s), -1 invalid, kp % 64 == 0
+  do  [N, Hp, d_out]  dO, value columns zero-padded to d_out (a multiple of 128)
+  lse, delta [N, Hp]  f32: the forward's lse (+inf on empty rows and padded heads) and
+                      Δ - dlse with Δ = rowsum(O ∘ dO) (dlse zeroed where lse is not finite)
+  -> dq [N, Hp, Kp] and a [N, 2·Hp, kp] (q's dtype): a[:, :Hp] = dS, a[:, Hp:] = P.
+
+Per token t, head h, slot s with row r = kv[idx[t, s]] (invalid slots give P = 0):
+  P = exp(scale·q·rᵀ - lse), dP = dO·r[:d_out]ᵀ, dS = scale·P∘(dP - delta), dq = Σ_s dS·r.
+The kernel never forms dkv: its rows, dK_r = Σ_h dS·q_h + P·dO_h, are one dense product per token
+of `a` with [q; dO] (no gather), which ops.py runs in XLA before the sorted segment sum adds
+them per row (kernel_segment_sum_triton.py). What the kernel saves is every pass over the
+gathered rows: XLA's backward writes them out, reads them twice more, and writes and re-reads
+the f32 logits.
+
+One CTA = one token x 64 heads (grid: heads fastest, as the forward), three warpgroups (WG):
+  WG0 and WG1 ("compute"), WG2 ("copy": gathers the rows and owns a third of dq).
+q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64-slot chunk:
+  1. WG2 gathers the chunk's rows into ONE swizzled wgmma operand R [64, Kp] with the forward's
+     direct 16-byte cp.async pieces (kernel_mosaic_gpu._direct_ops; the interpreter uses Pallas
+     row copies instead). Its slot ids are staged per chunk in SMEM (one TMA; the next chunk's
+     are fetched while this one is multiplied).
+  2. WG0: S = q·Rᵀ -> P (bf16) into SMEM, then stores the tile to `a` (TMA). WG1: dP =
+     dO·R[:, :d_out]ᵀ, then with P from SMEM dS = scale·P∘(dP - delta) (bf16) into SMEM and
+     to `a`. The logits work is split, not duplicated.
+  3. dq[:, tiles of WG w] += dS·R[:, tiles]: each of the three WGs keeps a third of the dq
+     column tiles in registers across chunks (at Kp = 576: 3 tiles = 96 f32 registers a
+     thread). With 384 threads ptxas gives each thread at most 168 registers, so a 2-WG split
+     (5 + 4 tiles = 160 registers) cannot sit next to the 64 x 64 logits; hence the copy WG's
+     share. Then R is free for the next chunk.
+
+SMEM at V3.2 (Kp 576, d_out 512, bf16): q 72 KiB + dO 64 + R 72 + P 8 + dS 8 + the chunk's ids
+and the raw mbarriers 1 = 225 KiB (+ Pallas barriers) of 227. The dq output reuses q's tiles.
+No double buffering of R (no room).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.sparse_mla import kernel_mosaic_gpu as fwd
+
+_LOG2E = math.log2(math.e)
+HEAD_BLOCK = fwd.HEAD_BLOCK
+BLOCK_K = fwd.BLOCK_K
+
+
+def _kib(x):
+  return -(-x // 1024) * 1024
+
+
+def smem_bytes(kp_dim: int, d_out: int, itemsize: int) -> int:
+  """SMEM the kernel asks for (Mosaic GPU rounds every buffer up to whole KiB): q, dO and R
+  tiles, P and dS tiles, the chunk's ids + raw mbarriers, and the Pallas barriers."""
+  tile = HEAD_BLOCK * 64 * itemsize
+  tiles = (2 * kp_dim // 64 + d_out // 64 + 2) * tile
+  return _kib(tiles) + _kib(2 * BLOCK_K * 4) + 256
+
+
+def fits(kp_dim: int, d_out: int, itemsize: int = 2) -> bool:
+  return smem_bytes(kp_dim, d_out, itemsize) <= fwd._SMEM_BYTES
+
+
+def tile_owners(n_tiles: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """dq column tiles of WG0, WG1, WG2: contiguous thirds (WG0 takes the remainder first)."""
+  per = [n_tiles // 3 + (1 if w < n_tiles % 3 else 0) for w in range(3)]
+  starts = np.cumsum([0] + per)
+  return tuple(tuple(range(starts[w], starts[w + 1])) for w in range(3))
+
+
+def _mma_add(acc, a, b, interpret):
+  """acc + a @ b (a, b SMEM refs). The interpreter cannot discharge an accumulating wgmma on a
+  register value, so there a fresh product is added instead (same math)."""
+  if not interpret:
+    return fwd._mma_acc(acc, a, b)
+
+  def scope(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+
+  return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False):
+  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp] and
+  a [N, 2·Hp, kp] = [dS; P] (q's dtype). See the module docstring; the shape rules are the
+  forward's, and `fits(Kp, d_out)`."""
+  n, hp, kp_dim = q.shape
+  kp = idx.shape[1]
+  d_out = do.shape[-1]
+  bk = BLOCK_K
+  if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
+    raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, do {do.shape}")
+  if do.shape[:2] != (n, hp) or lse.shape != (n, hp) or delta.shape != (n, hp):
+    raise ValueError(f"bad shapes: q {q.shape}, do {do.shape}, lse {lse.shape}, {delta.shape}")
+  if not fits(kp_dim, d_out, q.dtype.itemsize) and not interpret:
+    need = smem_bytes(kp_dim, d_out, q.dtype.itemsize)
+    raise ValueError(f"the backward needs {need} of {fwd._SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
+  n_chunks = kp // bk
+  n_tiles = kp_dim // 64
+  do_tiles = d_out // 64
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E
+  owners = tile_owners(n_tiles)
+  idx3 = idx.reshape(n, n_chunks, bk)
+  lse2 = lse * _LOG2E
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
+  if not interpret:
+    direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
+
+  def zeros_wgmma(cols=64):
+    return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, cols), jnp.float32), plgpu.Layout.WGMMA)
+
+  def body(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, bufs, bars):
+    q_smem, do_smem, r_smem, p_smem, ds_smem, misc = bufs
+    bar_q, bar_idx, bar_full, bar_p, bar_ds, bar_rfree, bar_pfree, bar_dsfree, bar_end = bars
+    # misc (int32): row 0 the chunk's slot ids (the copy WG's), row 1 [:4] the raw mbarriers.
+    ids_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 4)]
+    t = lax.axis_index("t")
+    hb = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+
+    def wait_rows(j):
+      """The chunk's rows have landed in R (each waiting WG tracks the phases itself)."""
+      if interpret:
+        plgpu.barrier_wait(bar_full)
+      else:
+        mbarrier_wait(raw_bars.at[pl.ds(0, 2)], j % 2)
+        plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+
+    def dq_step(accs, tiles):
+      return tuple(
+        _mma_add(acc, ds_smem, r_smem.at[:, pl.ds(c * 64, 64)], interpret)
+        for acc, c in zip(accs, tiles)
+      )
+
+    def finish(accs, tiles):
+      """All WGs past their last read of q_smem: write this WG's dq tiles through it."""
+      plgpu.barrier_arrive(bar_end)
+      plgpu.barrier_wait(bar_end)
+      for acc, c in zip(accs, tiles):
+        q_smem.at[c][...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      for c in tiles:
+        plgpu.copy_smem_to_gmem(q_smem.at[c], dq_ref.at[t, heads, pl.ds(c * 64, 64)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 0)
+    def _():
+      # The raw mbarriers' init runs on the block's first thread (WG0, as in the forward),
+      # before the q/dO copies: waiting for their barrier orders the init for every WG.
+      if not interpret:
+        direct_init(raw_bars)
+      for c in range(n_tiles):
+        plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
+      for c in range(do_tiles):
+        plgpu.copy_gmem_to_smem(do_ref.at[t, heads, pl.ds(c * 64, 64)], do_smem.at[c], bar_q)
+
+    @pl.when(wg == 2)
+    def _copy_wg():
+      plgpu.copy_gmem_to_smem(idx_ref.at[t, 0], ids_smem, bar_idx, oob_mode=oob)
+      plgpu.barrier_wait(bar_q)  # the raw mbarriers are set up (WG2 reads no q)
+
+      def issue(j):
+        plgpu.barrier_wait(bar_idx)
+        if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
+          rows = [jnp.maximum(ids_smem[i], 0) for i in range(bk)]
+          for i, row in enumerate(rows):
+            dst = r_smem.at[pl.ds(i, 1)]
+            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full)
+        else:
+          direct_issue(kv_ref, r_smem, ids_smem, raw_bars, 0)
+
+      def step(j, accs):
+        @pl.when(j > 0)
+        def _():
+          plgpu.barrier_wait(bar_rfree)  # WG0/WG1 are done with chunk j-1's rows
+
+        issue(j)
+        plgpu.barrier_wait(bar_ds)
+        wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
+
+        @pl.when(j + 1 < n_chunks)
+        def _():  # the ids were read at issue: fetch the next chunk's
+          nxt = jnp.minimum(j + 1, n_chunks - 1)
+          plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
+
+        accs = dq_step(accs, owners[2])
+        plgpu.barrier_arrive(bar_dsfree)
+        return accs
+
+      accs = tuple(zeros_wgmma() for _ in owners[2])
+      accs = lax.fori_loop(0, n_chunks, step, accs)
+      plgpu.barrier_wait(bar_rfree)  # observe every phase (the interpreter checks)
+      finish(accs, owners[2])
+
+    @pl.when(wg < 2)
+    def _compute_wg():
+      plgpu.barrier_wait(bar_q)
+      lse_h = plgpu.load(lse_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+      delta_h = plgpu.load(
+        delta_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False
+      )
+
+      def logits(src, k_tiles):
+        def scope(acc_ref):
+          for c in range(k_tiles):
+            plgpu.wgmma(acc_ref, src.at[c], r_smem.at[:, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        return pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
+
+      def step(j, accs, w):
+        wait_rows(j)
+        ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        valid = lax.broadcast_in_dim(ids >= 0, (HEAD_BLOCK, bk), [1])
+        slots = pl.ds(j * bk, bk)
+        if w == 0:
+          s = logits(q_smem, n_tiles)
+          p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_h, s.shape, [0]))
+          p = jnp.where(valid, p, 0.0)
+
+          @pl.when(j > 0)
+          def _():
+            plgpu.barrier_wait(bar_pfree)  # WG1 read chunk j-1's P
+
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # ... and so did its store to `a`
+          p_smem[...] = p.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(bar_p)
+          plgpu.copy_smem_to_gmem(
+            p_smem, a_ref.at[t, pl.ds(hp + hb * HEAD_BLOCK, HEAD_BLOCK), slots]
+          )
+          plgpu.barrier_wait(bar_ds)
+        else:
+          dp = logits(do_smem, do_tiles)
+          plgpu.barrier_wait(bar_p)
+          p = p_smem[...].astype(jnp.float32)
+          plgpu.barrier_arrive(bar_pfree)
+          ds = scale * p * (dp - lax.broadcast_in_dim(delta_h, dp.shape, [0]))
+          ds = jnp.where(valid, ds, 0.0)
+
+          @pl.when(j > 0)
+          def _():
+            plgpu.barrier_wait(bar_dsfree)  # chunk j-1's dS read by all three WGs
+
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # ... and by its store to `a`
+          ds_smem[...] = ds.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(bar_ds)
+          plgpu.copy_smem_to_gmem(ds_smem, a_ref.at[t, heads, slots])
+        accs = dq_step(accs, owners[w])
+        plgpu.barrier_arrive(bar_rfree)
+        plgpu.barrier_arrive(bar_dsfree)
+        return accs
+
+      for w in range(2):
+
+        @pl.when(wg == w)
+        def _(w=w):
+          accs = tuple(zeros_wgmma() for _ in owners[w])
+          accs = lax.fori_loop(0, n_chunks, functools.partial(step, w=w), accs)
+          plgpu.barrier_wait(bar_pfree if w == 0 else bar_dsfree)  # observe the last phase
+          finish(accs, owners[w])
+
+  def sparse_mla_bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref):
+    sw = fwd._swizzled
+    bufs = (
+      sw((n_tiles, HEAD_BLOCK, 64), dtype),  # q, then the dq output tiles
+      sw((do_tiles, HEAD_BLOCK, 64), dtype),  # dO
+      sw((bk, kp_dim), dtype),  # R: the chunk's rows (one operand slot)
+      sw((HEAD_BLOCK, bk), dtype),  # P
+      sw((HEAD_BLOCK, bk), dtype),  # dS
+      plgpu.SMEM((2, bk), jnp.int32),  # the chunk's ids, raw mbarriers
+    )
+    bars = (
+      plgpu.Barrier(num_arrivals=n_tiles + do_tiles),  # q and dO tiles
+      plgpu.Barrier(num_arrivals=1),  # the chunk's ids
+      plgpu.Barrier(num_arrivals=bk) if interpret else None,  # rows (interpreter's copies)
+      plgpu.Barrier(num_arrivals=1),  # P in SMEM (WG0)
+      plgpu.Barrier(num_arrivals=1),  # dS in SMEM (WG1)
+      plgpu.Barrier(num_arrivals=2),  # R read by WG0 and WG1 (logits and dq)
+      plgpu.Barrier(num_arrivals=1),  # P read by WG1
+      plgpu.Barrier(num_arrivals=3),  # dS read (dq of all three WGs)
+      plgpu.Barrier(num_arrivals=3),  # every WG past its last q read: dq may reuse q_smem
+    )
+    pl.run_scoped(
+      lambda b, r: body(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, b, r),
+      bufs,
+      bars,
+      collective_axes="wg",
+    )
+
+  out_type = (
+    jax.ShapeDtypeStruct((n, hp, kp_dim), dtype),
+    jax.ShapeDtypeStruct((n, 2 * hp, kp), dtype),
+  )
+  kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret)
+  return kern(q, kv, idx3, do, lse2, delta)
