@@ -86,15 +86,16 @@ class GpuConfig:
     ops._bwd_kernel_blocked), counted over the batch: a batch of b takes bwd_block_t // b
     tokens per step (fewer where a step's dK rows would reach 2**31 elements, the segment sum's
     int32 offsets).
-  bwd: "xla" (the blocked XLA backward, ops._bwd_blocked) or "kernel" (dq and the [dS; P]
-    tiles from the Mosaic GPU kernel of kernel_mosaic_gpu_bwd.py, then the dK rows and their
-    sorted sum in XLA, ops._bwd_kernel_blocked).
+  bwd: "kernel" (dq and the [dS; P] tiles from the Mosaic GPU kernel of
+    kernel_mosaic_gpu_bwd.py, then the dK rows and their sorted sum in XLA,
+    ops._bwd_kernel_blocked) or "xla" (the blocked XLA backward, ops._bwd_blocked: the fallback
+    where the kernel's tiles do not fit in SMEM, `kernel_mosaic_gpu_bwd.fits`).
   """
 
   copies: str = "direct"
   copy_wgs: int = 1
   bwd_block_t: int = 512
-  bwd: str = "xla"
+  bwd: str = "kernel"
 
   def __post_init__(self):
     if self.copies not in COPIES:
@@ -113,13 +114,18 @@ class GpuConfig:
     """The config for shape = (k_dim, d_v, k) (q/kv row dim, value dims, selected slots) on
     `device` (default jax.devices()[0]; a GPU must be a Hopper, compute capability 9.x):
     "direct" copies, or "staged" with 2 copy warpgroups when the slot ids do not fit
-    (`direct_fits`)."""
+    (`direct_fits`); the kernel backward, or "xla" where its tiles do not fit."""
+    from pallas_kernels.sparse_mla import kernel_mosaic_gpu_bwd  # noqa: PLC0415 (imports this)
+
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
     if device.platform == "gpu" and cc is not None and not str(cc).startswith("9"):
       raise ValueError(f"the Mosaic GPU sparse MLA kernels need a Hopper GPU (sm_90), got {cc}")
-    kp_dim, _, kp = padded_dims(*shape)
-    return cls() if direct_fits(kp_dim, kp) else cls(copies="staged", copy_wgs=2)
+    kp_dim, d_out, kp = padded_dims(*shape)
+    bwd = "kernel" if kernel_mosaic_gpu_bwd.fits(kp_dim, d_out) else "xla"
+    if direct_fits(kp_dim, kp):
+      return cls(bwd=bwd)
+    return cls(copies="staged", copy_wgs=2, bwd=bwd)
 
   @property
   def registers(self) -> tuple[int, int]:

@@ -3,11 +3,12 @@
 
 impl="pallas" runs one kernel set per backend under a custom VJP that honours both cotangents
 (out and lse):
-  gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`) and the
-       blocked XLA backward from the saved lse (`_bwd_blocked`), whose dkv is summed per row by
-       the Pallas-Triton segment sum (kernel_segment_sum_triton.py) after a sort of the slot ids;
-       GpuConfig(bwd="kernel") takes dq and the [dS; P] tiles from the Mosaic GPU backward
-       kernel instead (kernel_mosaic_gpu_bwd.py, `_bwd_kernel_blocked`);
+  gpu: the warp-specialised Mosaic GPU forward (kernel_mosaic_gpu.py, `GpuConfig`) and, from the
+       saved lse, the Mosaic GPU backward kernel for dq and the [dS; P] tiles
+       (kernel_mosaic_gpu_bwd.py) with the dK rows in XLA (`_bwd_kernel_blocked`); where its
+       tiles do not fit, GpuConfig(bwd="xla"): the blocked XLA backward (`_bwd_blocked`). Both
+       sum dkv per row with the Pallas-Triton segment sum (kernel_segment_sum_triton.py) after
+       a sort of the slot ids;
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
 `sparse_mla_probs` (the sparse KL target) takes the Mosaic GPU kernel of
 kernel_mosaic_gpu_probs.py on a GPU when GPU_PROBS_KERNEL is on and the inputs suit it (bf16 or

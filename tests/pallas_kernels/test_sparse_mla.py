@@ -86,6 +86,10 @@ def test_config_validate_and_default_for():
   # more than 256 chunks of slot ids do not fit one TMA box, whatever the SMEM
   assert GpuConfig.default_for((64, 32, 16448), cpu).copies == "staged"
   assert GpuConfig.default_for((64, 32, 16384), cpu).copies == "direct"
+  # the backward kernel where its q, dO, row, P and dS tiles fit in SMEM; else the XLA backward
+  assert GpuConfig().bwd == "kernel" and GpuConfig.default_for((64, 32, 2048), cpu).bwd == "kernel"
+  assert GpuConfig.default_for((640, 512, 2048), cpu).bwd == "xla"
+  assert GpuConfig.default_for((576, 512, 4096), cpu).bwd == "kernel"  # staged forward
   assert GpuConfig().registers == (216, 72)
   assert GpuConfig(copies="staged").registers == (232, 40)
   assert GpuConfig(copies="staged", copy_wgs=2).registers == (216, 40)

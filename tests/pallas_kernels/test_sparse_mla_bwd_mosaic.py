@@ -43,7 +43,7 @@ def _check(b, t, h, k_dim, d_v, s, k, dtype, seed=0):
     return vjp((do, dl))
 
   grads = run("pallas", KERNEL)
-  xla = run("pallas", ops.GpuConfig())
+  xla = run("pallas", ops.GpuConfig(bwd="xla"))
   ref = run("reference", None)
   for g, x, r in zip(grads, xla, ref):
     assert g.shape == r.shape and g.dtype == r.dtype
