@@ -4,12 +4,10 @@
 # from the calling shell so it survives a 10-minute command limit; poll to follow and collect.
 #   bash experiments/scripts/gpu_retrieval.sh start   # returns at once
 #   bash experiments/scripts/gpu_retrieval.sh poll    # waits up to POLL_S, packs the results
-# pack, widen, short and pretrain run one after the other; then the five branches, which all
-# start from the pretrained model, run side by side on the one GPU (warm-up then DSA in one
-# line; RETRIEVAL_PARALLEL=0 runs them one after the other), then eval and report. Each stage
-# trains its own fixed number of steps from its own seed, so side by side changes wall times
-# (and perhaps XLA's autotuned kernel choices, timed under contention), not the protocol. A
-# stage that fails stops the chain; `start` again resumes (stages resume from checkpoints).
+# Every stage runs one after the other: pack, widen, short, pretrain, the five branches (which
+# all start from the pretrained model), eval and report. (Running the branches side by side on
+# the one GPU took as long in total: lab log, 2026-12-06.) A stage that fails stops the chain;
+# `start` again resumes (stages resume from checkpoints).
 # RETRIEVAL_FLAGS is added to every stage's command (e.g. "--config.seed=1" for another seed;
 # use a fresh RUN directory for it); RETRIEVAL_SIZE picks the config size (default gpu; cpu runs
 # the whole chain on a laptop in minutes, to try the script).
@@ -32,24 +30,8 @@ stage() {  # one stage; its output lines and a "stage=... rc=..." line go to the
   return $rc
 }
 
-branches() {  # the five branches; 0 when all of them succeeded
-  if [ "${RETRIEVAL_PARALLEL:-1}" = 0 ]; then
-    for s in dense warmup dsa window random frozen_indexer; do stage $s || return 1; done
-    return 0
-  fi
-  # several processes share the GPU: each allocates what it uses instead of 75% of the card
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  local pids=()
-  (stage warmup && stage dsa) &
-  pids+=($!)
-  for s in dense window random frozen_indexer; do
-    stage $s &
-    pids+=($!)
-  done
-  local rc=0
-  for p in "${pids[@]}"; do wait $p || rc=1; done
-  unset XLA_PYTHON_CLIENT_PREALLOCATE
-  return $rc
+branches() {  # the five branches, one after the other; 0 when all of them succeeded
+  for s in dense warmup dsa window random frozen_indexer; do stage $s || return 1; done
 }
 
 case ${1:-start} in
