@@ -204,6 +204,7 @@ def _backward(suite, small):
         "rel_err_vs_fp32_reference": vs32((rq, rkv)),
       },
       flops_convention="2*s_q*h*topk*(3*d_qk+2*d_v), backward only (vjp of saved residuals)",
+      bwd=ops.GpuConfig.default_for((shp["d_qk"], d_v, shp["topk"])).bwd,
       note="impl=pallas (default GpuConfig); backward from the saved lse"
       + (" [small, CPU]" if small else ""),
     )

@@ -29,13 +29,9 @@ _SMALL = dict(s_q=4, s_kv=96, h=64, d_qk=128, d_v=64, topk=128)
 
 BASE = ops.GpuConfig()
 CASES = (
-  [("default", BASE)]
-  + [(f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (128, 256, 1024, 2048)]
-  + [("kernel", dataclasses.replace(BASE, bwd="kernel"))]
-  + [
-    (f"kernel_bt{bt}", dataclasses.replace(BASE, bwd="kernel", bwd_block_t=bt))
-    for bt in (256, 1024)
-  ]
+  [("default", BASE), ("xla", dataclasses.replace(BASE, bwd="xla"))]
+  + [(f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (256, 1024)]
+  + [(f"xla_bt{bt}", dataclasses.replace(BASE, bwd="xla", bwd_block_t=bt)) for bt in (256, 1024)]
 )
 
 

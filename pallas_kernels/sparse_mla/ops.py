@@ -283,28 +283,11 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
   per_token = b * idx.shape[-1] * _round_up(q.shape[-1], 64)
   block_t = min(config.bwd_block_t // b, kernel_segment_sum_triton.max_tokens(per_token))
   block_t = max(1, min(block_t, q.shape[1]))  # a short sequence takes one step, unpadded
+  res = (q, kv, idx, out, lse, d_out, d_lse)
   if config.bwd == "kernel":
-    return _bwd_kernel_blocked(
-      q,
-      kv,
-      idx,
-      out,
-      lse,
-      d_out,
-      d_lse,
-      scale=scale,
-      d_v=d_v,
-      block_t=b * block_t,
-      interpret=interpret,
-    )
+    return _bwd_kernel_blocked(*res, scale=scale, d_v=d_v, block_t=b * block_t, interpret=interpret)
   return _bwd_blocked(
-    q,
-    kv,
-    idx,
-    out,
-    lse,
-    d_out,
-    d_lse,
+    *res,
     scale=scale,
     d_v=d_v,
     block_t=block_t,
