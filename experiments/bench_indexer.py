@@ -197,6 +197,23 @@ def e1_part_fns(q, kv, qi, ki, wi, do, topk, scale, dv, impl, interp, bt):
   }
 
 
+def e1_layer_grad(topk, scale, dv, impl, interp, bt):
+  """jit(grad) of one DSA layer (indexer + top-k, sparse MLA, probabilities, sparse KL) in
+  (q, kv, qi, ki, wi), called as f(q, kv, qi, ki, wi, do). dO is an argument, not a closure: a
+  closed-over array becomes a compile-time constant (17 GB at 128K) and compilation alone then
+  outlasts a device call."""
+  from pallas_kernels.sparse_mla import ops as mla  # noqa: PLC0415
+
+  def layer(q, kv, qi, ki, wi, do):
+    idx = li_ops.indexer_topk(qi, ki, wi, topk=topk, impl="pallas", interpret=interp, block_t=bt)
+    out, lse = mla.sparse_mla(q, kv, idx, scale=scale, d_v=dv, impl=impl)
+    p = mla.sparse_mla_probs(q, kv, idx, lse, scale=scale, impl=impl)
+    kl = li_ops.sparse_kl(qi, ki, wi, idx, p, impl="pallas")
+    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(kl)
+
+  return jax.jit(jax.grad(layer, (0, 1, 2, 3, 4)))
+
+
 def _e1_parts(*args):
   """Each part of the E1 layer alone (ms), to show where the time goes. The parts overlap the
   whole only roughly: XLA schedules them together in the full layer."""
@@ -255,18 +272,7 @@ def suite_e1(small: bool):
       q, kv, qi, ki, wi, do = e1_inputs(l, small)
       bt = min(l, 4096)
 
-      # do / dom are arguments, not closures: a closed-over array becomes a compile-time
-      # constant (17 GB at 128K) and compilation alone then outlasts a device call.
-      def layer(q, kv, qi, ki, wi, do):
-        idx = li_ops.indexer_topk(
-          qi, ki, wi, topk=topk, impl="pallas", interpret=interp, block_t=bt
-        )
-        out, lse = mla.sparse_mla(q, kv, idx, scale=scale, d_v=dv, impl=impl)
-        p = mla.sparse_mla_probs(q, kv, idx, lse, scale=scale, impl=impl)
-        kl = li_ops.sparse_kl(qi, ki, wi, idx, p, impl="pallas")
-        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(kl)
-
-      ours = jax.jit(jax.grad(layer, (0, 1, 2, 3, 4)))
+      ours = e1_layer_grad(topk, scale, dv, impl, interp, bt)
       t = bc.time_fn(ours, q, kv, qi, ki, wi, do, warmup=1, iters=3)
       parts = (
         _e1_parts(q, kv, qi, ki, wi, do, topk, scale, dv, impl, interp, bt) if want_parts else None

@@ -20,8 +20,6 @@ import jax.numpy as jnp
 
 from experiments import bench_common as bc
 from experiments import bench_indexer as bi
-from pallas_kernels.lightning_indexer import ops as li_ops
-from pallas_kernels.sparse_mla import ops as mla
 
 
 def main():
@@ -35,7 +33,7 @@ def main():
   t0 = time.perf_counter()
   small = a.small
   l = 256 if small else a.seq_len
-  topk, dv, scale = (64, 512, 0.1352) if small else (2048, 512, 0.1352)
+  topk, dv, scale = (64 if small else 2048), 512, 0.1352
   interp = small and jax.default_backend() == "cpu"
   impl = bi._mla_impl(small)
   q, kv, qi, ki, wi, do = bi.e1_inputs(l, small)
@@ -47,14 +45,8 @@ def main():
     (qi.astype(jnp.float32), ki.astype(jnp.float32), wi, idx, p),
   )
 
-  def layer(q, kv, qi, ki, wi, do):
-    idx = li_ops.indexer_topk(qi, ki, wi, topk=topk, impl="pallas", interpret=interp, block_t=bt)
-    out, lse = mla.sparse_mla(q, kv, idx, scale=scale, d_v=dv, impl=impl)
-    p = mla.sparse_mla_probs(q, kv, idx, lse, scale=scale, impl=impl)
-    kl = li_ops.sparse_kl(qi, ki, wi, idx, p, impl="pallas")
-    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(kl)
-
-  fns = {"layer": (jax.jit(jax.grad(layer, (0, 1, 2, 3, 4))), (q, kv, qi, ki, wi, do)), **fns}
+  layer = bi.e1_layer_grad(topk, scale, dv, impl, interp, bt)
+  fns = {"layer": (layer, (q, kv, qi, ki, wi, do)), **fns}
   only = set(filter(None, a.parts.split(",")))
   rows = {}
   for name, (f, args) in fns.items():

@@ -108,10 +108,7 @@ def sparse_mla(
     raise ValueError(f"impl='pallas' needs q and kv both bf16 or f16, got {q.dtype}, {kv.dtype}")
   if config is not None and not isinstance(config, GpuConfig):
     raise ValueError(f"backend='gpu' takes a GpuConfig, got {config!r}")
-  if interpret is True:
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    interpret = plgpu.InterpretGPUParams()
+  interpret = _gpu_interpret(interpret)
   config = config or GpuConfig.default_for((q.shape[-1], d_v, idx.shape[-1]))
   return _sparse_mla_gpu(q, kv, idx, float(scale), int(d_v), interpret or False, config)
 
@@ -146,10 +143,7 @@ def _mosaic_probs(q, kv, idx, lse, scale, interpret):
   hp = _round_up(h, kernel_mosaic_gpu.HEAD_BLOCK)
   qf, kvf, gidx = _fold(q, kv, idx, hp, kp_dim, kernel_mosaic_gpu.BLOCK_K)
   lse2 = _pad_heads(lse.astype(jnp.float32), hp, jnp.inf) * _LOG2E
-  if interpret is True:
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    interpret = plgpu.InterpretGPUParams()
+  interpret = _gpu_interpret(interpret)
   sums = kernel_mosaic_gpu_probs.sparse_mla_probs(
     qf, kvf, gidx, lse2, qk_scale=float(scale) * _LOG2E, interpret=interpret or False
   )
@@ -159,6 +153,15 @@ def _mosaic_probs(q, kv, idx, lse, scale, interpret):
 
 # ---------------------------------------------------------------------------------------------
 # backend="gpu"
+
+
+def _gpu_interpret(interpret):
+  """True -> the Mosaic GPU interpreter's default params; params objects and False pass."""
+  if interpret is True:
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    return plgpu.InterpretGPUParams()
+  return interpret
 
 
 def _round_up(x, m):
@@ -317,10 +320,7 @@ def _bwd_kernel_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block
   lsef, deltaf = _pad_heads(lse.astype(f32), hp, jnp.inf), _pad_heads(delta, hp)
   n, rows = qf.shape[0], kvf.shape[0]
   n_blocks = -(-n // block_t)
-  if interpret is True:
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    interpret = plgpu.InterpretGPUParams()
+  interpret = _gpu_interpret(interpret)
 
   def split(x, fill=0):
     x = _common.pad_axis(x, 0, block_t, value=fill)
