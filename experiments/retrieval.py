@@ -59,6 +59,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (all stages)", required=True)
 BRANCHES = ("dense", "dsa", "window", "random", "frozen_indexer")
+REQUIRED_BRANCHES = ("dense", "dsa", "window")  # the ones the criterion reads
 PACKED = ("pack", "widen")  # stages on retrieval_packed rows, each with its own c.<stage> block
 TRAIN_STAGES = (
   "pack",
@@ -223,9 +224,25 @@ def check_pretrained(c, stage: str, workdir: str):
     )
 
 
+def branches(c) -> tuple[str, ...]:
+  """config.branches as a tuple in BRANCHES order; it must name the criterion's three."""
+  names = tuple(b.strip() for b in c.branches.split(",") if b.strip())
+  unknown = sorted(set(names) - set(BRANCHES))
+  missing = [b for b in REQUIRED_BRANCHES if b not in names]
+  if unknown or missing:
+    raise ValueError(
+      f"config.branches={c.branches!r}: expected a comma-separated subset of {BRANCHES} "
+      f"holding {REQUIRED_BRANCHES}" + (f"; unknown {unknown}" if unknown else "")
+    )
+  return tuple(b for b in BRANCHES if b in names)
+
+
 def run_stage(c, stage: str, workdir: str):
   if stage == "pretrain":
     return run_pretrain(c, workdir)
+  if stage in BRANCHES and stage not in branches(c):
+    print(f"[{stage}] not in config.branches={c.branches!r}: skipped")
+    return None
   if stage in BRANCHES + ("warmup",):
     check_pretrained(c, stage, workdir)
   if (stage in PACKED or stage == "short") and stage_steps(c, stage) <= 0:
@@ -442,7 +459,7 @@ def evaluate(c, workdir: str) -> dict:
   out = {"buckets": list(edges)}
   # "warmup": the pretrained model with the warmed-up indexer, attending densely: its recall is
   # the indexer's recall of the very attention the warm-up distilled it from
-  for branch in ("pretrained", "warmup") + BRANCHES:
+  for branch in ("pretrained", "warmup") + branches(c):
     stage = "pretrain" if branch == "pretrained" else branch
     attention = plan(c, stage)[3]
     t0 = time.perf_counter()
@@ -529,10 +546,11 @@ def report(c, workdir: str, results_dir: str) -> dict:
     if os.path.exists(path):
       st[s] = json.load(open(path))
   tokens = {s: st[s]["tokens"] for s in st}
-  branch_tokens = {b: tokens[b] for b in BRANCHES if b != "dsa"}
+  run = branches(c)
+  branch_tokens = {b: tokens[b] for b in run if b != "dsa"}
   branch_tokens["dsa"] = tokens["warmup"] + tokens["dsa"]
   rows = []
-  for br in BRANCHES:
+  for br in run:
     for a in ev[br]["accuracy"]:
       rows.append({"branch": br, **a})
   rep = {
@@ -558,13 +576,15 @@ def report(c, workdir: str, results_dir: str) -> dict:
       "steps": dict(c.steps),
       "lr": dict(c.lr),
       "random_mode": c.random_mode,
+      "branches": c.branches,
     },
     "buckets": ev["buckets"],
     "results": rows,
     "branches": {
       br: {k: v for k, v in ev[br].items() if k != "accuracy"} | {"tokens": branch_tokens[br]}
-      for br in BRANCHES
+      for br in run
     },
+    "branches_left_out": [b for b in BRANCHES if b not in run],
     "pretrained": ev["pretrained"],
     "warmup": ev.get("warmup"),
     "pretrain_gate": st["pretrain"].get("gate"),
@@ -591,7 +611,7 @@ def _plot(rep, path):
     return
   k = rep["topk"]
   fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-  for br in BRANCHES:
+  for br in rep["branches"]:
     r = [x for x in rep["results"] if x["branch"] == br]
     mid = [np.sqrt(x["distance_lo"] * x["distance_hi"]) for x in r]
     ax[0].plot(mid, [x["accuracy"] for x in r], "o-", label=br)

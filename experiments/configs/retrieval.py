@@ -137,6 +137,9 @@ def get_config(arg=None):
     dict(pack=3e-3, widen=1e-3, short=1e-3, pretrain=1e-3, branch=1e-3, warmup=3e-3, sparse=1e-3)
   )
   c.random_mode = "random"  # or "random_local": half the budget the last keys
+  # the branches trained, evaluated and reported: dense, dsa and window (the criterion's) and
+  # any of the controls random, frozen_indexer (a run short of device time may leave them out)
+  c.branches = "dense,dsa,window,random,frozen_indexer"
   # distance buckets: topk·lo_frac, doubling, up to the row (retrieval_data.bucket_edges)
   c.buckets_lo_frac = 0.25
   c.eval = ml_collections.ConfigDict(s["eval"])

@@ -9,8 +9,9 @@
 # the one GPU took as long in total: lab log, 2026-12-06.) A stage that fails stops the chain;
 # `start` again resumes (stages resume from checkpoints).
 # RETRIEVAL_FLAGS is added to every stage's command (e.g. "--config.seed=1" for another seed;
-# use a fresh RUN directory for it); RETRIEVAL_SIZE picks the config size (default gpu; cpu runs
-# the whole chain on a laptop in minutes, to try the script).
+# use a fresh RUN directory for it; "--config.branches=dense,dsa,window" leaves the random and
+# frozen-indexer controls out, whose stages then return at once); RETRIEVAL_SIZE picks the
+# config size (default gpu; cpu runs the whole chain on a laptop in minutes, to try the script).
 # The chain runs from its own copy of the checkout ($RUN/src): a later device call replaces the
 # checkout it was started from, and a process whose working directory is gone cannot start
 # Python (session 8 lost its `eval` stage that way).

@@ -306,6 +306,24 @@ def test_packed_stage_stops_early_once_solved(launcher, tmp_path, monkeypatch, s
   assert calls == [3, 6, 9, 10] and full["steps"] == 10 and "stopped" not in full
 
 
+def test_branches_subset(launcher, tmp_path, capsys):
+  """config.branches leaves controls out (skipped stages train nothing); the criterion's three
+  stay required and a bad list names itself."""
+  retrieval, c = launcher
+  assert retrieval.branches(c) == retrieval.BRANCHES
+  c = c.copy_and_resolve_references()
+  c.branches = "window, dsa,dense"
+  assert retrieval.branches(c) == ("dense", "dsa", "window")
+  for stage in ("random", "frozen_indexer"):
+    assert retrieval.run_stage(c, stage, str(tmp_path)) is None
+    assert f"[{stage}] not in config.branches" in capsys.readouterr().out
+  assert not list(tmp_path.iterdir())
+  for bad in ("dense,dsa", "dense,dsa,window,sliding"):
+    c.branches = bad
+    with pytest.raises(ValueError, match="config.branches="):
+      retrieval.branches(c)
+
+
 def test_criterion_reads_the_buckets(launcher):
   retrieval, _ = launcher
   edges = [8, 16, 32, 64, 128, 250]
