@@ -30,7 +30,6 @@ _SMALL = dict(s_q=4, s_kv=96, h=64, d_qk=128, d_v=64, topk=128)
 BASE = ops.GpuConfig()
 CASES = (
   [("default", BASE), ("xla", dataclasses.replace(BASE, bwd="xla"))]
-  + [("tiles", dataclasses.replace(BASE, bwd="kernel_tiles"))]
   + [(f"bt{bt}", dataclasses.replace(BASE, bwd_block_t=bt)) for bt in (256, 1024)]
   + [(f"xla_bt{bt}", dataclasses.replace(BASE, bwd="xla", bwd_block_t=bt)) for bt in (256, 1024)]
 )

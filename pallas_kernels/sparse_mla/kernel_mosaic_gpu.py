@@ -41,7 +41,7 @@ _LN2 = math.log(2.0)
 HEAD_BLOCK = 64  # wgmma M
 BLOCK_K = 64  # selected rows per chunk (wgmma N of q·kᵀ, K of P·V)
 COPIES = ("direct", "staged")
-BWDS = ("xla", "kernel", "kernel_tiles")
+BWDS = ("xla", "kernel")
 _SWIZZLE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
 _SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
 _MAX_IDX_CHUNKS = 256  # one 2-D TMA box of slot ids: <= 256 per dimension
@@ -89,9 +89,7 @@ class GpuConfig:
   bwd: "kernel" (dq and the [dS; P] tiles from the Mosaic GPU kernel of
     kernel_mosaic_gpu_bwd.py, then the dK rows and their sorted sum in XLA,
     ops._bwd_kernel_blocked) or "xla" (the blocked XLA backward, ops._bwd_blocked: the fallback
-    where the kernel's tiles do not fit in SMEM, `kernel_mosaic_gpu_bwd.fits`);
-    "kernel_tiles": the same kernel waiting for the gathered rows tile by tile (a candidate,
-    not yet measured on a GPU).
+    where the kernel's tiles do not fit in SMEM, `kernel_mosaic_gpu_bwd.fits`).
   """
 
   copies: str = "direct"
@@ -176,7 +174,7 @@ def _scalar(x):
   return x
 
 
-def _direct_ops(n_rows: int, row_bytes: int, slots: int = 2, tile_bars: bool = False):
+def _direct_ops(n_rows: int, row_bytes: int):
   """Inline Mosaic GPU (init, issue, wait) on raw SMEM mbarriers (Pallas barriers cannot be
   passed to inline_mgpu) for copies="direct": the rows land straight in the tiled + swizzled
   wgmma operand.
@@ -190,11 +188,8 @@ def _direct_ops(n_rows: int, row_bytes: int, slots: int = 2, tile_bars: bool = F
   once per chunk. `.L2::256B` asks L2 for the whole 256-byte span a group's next lines need.
   Each thread then makes the slot's raw mbarrier track its copies
   (`cp.async.mbarrier.arrive.noinc`): a phase completes when all 128 threads' pieces landed.
-  init: one thread sets up the slots' mbarriers (128 arrivals per phase each).
+  init: one thread sets up the two slots' mbarriers (128 arrivals per phase each).
   wait: waits for the phase of the given parity on one mbarrier.
-  tile_bars: one mbarrier per 128-byte column tile of a slot (mbarrier slot * tiles + tile),
-  the copies issued tile by tile: a reader waits for the tiles it multiplies next, so its first
-  wgmmas overlap the rest of the gather (the backward's single R slot, kernel_mosaic_gpu_bwd).
   """
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
   from jaxlib.mlir import ir  # noqa: PLC0415
@@ -204,7 +199,6 @@ def _direct_ops(n_rows: int, row_bytes: int, slots: int = 2, tile_bars: bool = F
   if row_bytes % 128 or n_rows % 16:
     raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 16 groups")
   buf_bytes = n_rows * row_bytes
-  per_slot = tiles if tile_bars else 1  # mbarriers a slot
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
   def init(ctx, bars):
@@ -212,8 +206,8 @@ def _direct_ops(n_rows: int, row_bytes: int, slots: int = 2, tile_bars: bool = F
     i32 = ir.IntegerType.get_signless(32)
     i8 = ir.IntegerType.get_signless(8)
     pred = mu.single_thread_predicate(scope=mu.ThreadSubset.BLOCK)
-    for b in range(slots * per_slot):
-      bar = mu.getelementptr(mu.memref_ptr(bars), [8 * b], i8)
+    for slot in range(2):
+      bar = mu.getelementptr(mu.memref_ptr(bars), [8 * slot], i8)
       nvvm.mbarrier_init(bar, mu.c(128, i32), predicate=pred)
     nvvm.fence_mbarrier_init()
 
@@ -244,45 +238,32 @@ def _direct_ops(n_rows: int, row_bytes: int, slots: int = 2, tile_bars: bool = F
     )
     dst = mu.getelementptr(mu.memref_ptr(bufs), [base], i8)
     src = mu.getelementptr(mu.memref_ptr(kv), [arith.extui(i64, arith.shli(p, c(4)))], i8)
-    bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8 * per_slot))], i8)
+    bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
     rows = []
     for k in range(n_rows // 16):
       rid = memref.load(ids, [arith.index_cast(index, arith.addi(g, c(16 * k)))])
       rid = arith.maxsi(rid, c(0))  # invalid slots fetch row 0 (masked in the logits)
       rows.append(arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)))
-    row_srcs = [mu.getelementptr(src, [row], i8) for row in rows]
-
-    def copy(k, tile):
-      llvm.inline_asm(
-        ir.Type.parse("!llvm.void"),
-        [
-          mu.getelementptr(dst, [(2 * k * tiles + tile) * 1024], i8),
-          mu.getelementptr(row_srcs[k], [tile * 128], i8),
-        ],
-        "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;",
-        "l,l",
-        has_side_effects=True,
-      )
-
-    def arrive(bar):  # bar tracks every cp.async this thread issued so far
-      llvm.inline_asm(
-        ir.Type.parse("!llvm.void"),
-        [bar],
-        "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];",
-        "l",
-        has_side_effects=True,
-      )
-
-    if tile_bars:
+    for k, row in enumerate(rows):
+      row_src = mu.getelementptr(src, [row], i8)
       for tile in range(tiles):
-        for k in range(len(rows)):
-          copy(k, tile)
-        arrive(mu.getelementptr(bar_ptr, [8 * tile], i8))
-    else:
-      for k in range(len(rows)):
-        for tile in range(tiles):
-          copy(k, tile)
-      arrive(bar_ptr)
+        llvm.inline_asm(
+          ir.Type.parse("!llvm.void"),
+          [
+            mu.getelementptr(dst, [(2 * k * tiles + tile) * 1024], i8),
+            mu.getelementptr(row_src, [tile * 128], i8),
+          ],
+          "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;",
+          "l,l",
+          has_side_effects=True,
+        )
+    llvm.inline_asm(
+      ir.Type.parse("!llvm.void"),
+      [bar_ptr],
+      "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];",
+      "l",
+      has_side_effects=True,
+    )
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT))
   def wait(ctx, bar, parity):

@@ -92,14 +92,10 @@ def _mma_add(acc, a, b, interpret):
   return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
 
 
-def sparse_mla_bwd(
-  q, kv, idx, do, lse, delta, *, scale: float, interpret=False, tile_waits: bool = False
-):
+def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp] and
   a [N, 2·Hp, kp] = [dS; P] (q's dtype). See the module docstring; the shape rules are the
-  forward's, and `fits(Kp, d_out)`. tile_waits: the chunk's rows are gathered column tile by
-  column tile, each tile with its own mbarrier, and the logits wgmmas of WG0 and WG1 wait per
-  tile, so they start while the rest of the chunk is still in flight (same results)."""
+  forward's, and `fits(Kp, d_out)`."""
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
   d_out = do.shape[-1]
@@ -121,12 +117,7 @@ def sparse_mla_bwd(
   lse2 = lse * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
-    direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(
-      bk, kp_dim * q.dtype.itemsize, slots=1, tile_bars=tile_waits
-    )
-  n_bars = n_tiles if tile_waits else 1  # raw mbarriers of the one R slot (2 int32 each)
-  if 2 * n_bars > bk:
-    raise ValueError(f"Kp={kp_dim}: {n_bars} tile mbarriers do not fit the ids row")
+    direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
 
   def zeros_wgmma(cols=64):
     return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, cols), jnp.float32), plgpu.Layout.WGMMA)
@@ -135,30 +126,19 @@ def sparse_mla_bwd(
     q_smem, do_smem, r_smem, p_smem, ds_smem, misc = bufs
     bar_q, bar_idx, bar_full, bar_p, bar_ds, bar_rfree, bar_pfree, bar_dsfree, bar_end = bars
     # misc (int32): row 0 the chunk's slot ids (the copy WG's), row 1 [:4] the raw mbarriers.
-    ids_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 2 * n_bars)]
+    ids_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 4)]
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
     heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
 
     def wait_rows(j):
-      """The chunk's rows have landed in R (each waiting WG tracks the phases itself). With
-      tile_waits the last tile's mbarrier: each thread arrives on it after all its copies."""
+      """The chunk's rows have landed in R (each waiting WG tracks the phases itself)."""
       if interpret:
         plgpu.barrier_wait(bar_full)
       else:
-        mbarrier_wait(raw_bars.at[pl.ds(2 * (n_bars - 1), 2)], j % 2)
+        mbarrier_wait(raw_bars.at[pl.ds(0, 2)], j % 2)
         plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-
-    def wait_tile(j, c):
-      """tile_waits: column tile c of the chunk's rows has landed (the interpreter's row
-      copies arrive per row on bar_full: its first tile waits for the whole chunk)."""
-      if interpret:
-        if c == 0:
-          plgpu.barrier_wait(bar_full)
-      else:
-        mbarrier_wait(raw_bars.at[pl.ds(2 * c, 2)], j % 2)
-        plgpu.commit_smem()
 
     def dq_step(accs, tiles):
       return tuple(
@@ -234,24 +214,21 @@ def sparse_mla_bwd(
         delta_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False
       )
 
-      def logits(src, k_tiles, j):
+      def logits(src, k_tiles):
         def scope(acc_ref):
           for c in range(k_tiles):
-            if tile_waits:
-              wait_tile(j, c)
             plgpu.wgmma(acc_ref, src.at[c], r_smem.at[:, pl.ds(c * 64, 64)].T)
           return acc_ref[...]
 
         return pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
 
       def step(j, accs, w):
-        if not tile_waits:
-          wait_rows(j)
+        wait_rows(j)
         ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
         valid = lax.broadcast_in_dim(ids >= 0, (HEAD_BLOCK, bk), [1])
         slots = pl.ds(j * bk, bk)
         if w == 0:
-          s = logits(q_smem, n_tiles, j)
+          s = logits(q_smem, n_tiles)
           p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_h, s.shape, [0]))
           p = jnp.where(valid, p, 0.0)
 
@@ -268,7 +245,7 @@ def sparse_mla_bwd(
           )
           plgpu.barrier_wait(bar_ds)
         else:
-          dp = logits(do_smem, do_tiles, j)
+          dp = logits(do_smem, do_tiles)
           plgpu.barrier_wait(bar_p)
           p = p_smem[...].astype(jnp.float32)
           plgpu.barrier_arrive(bar_pfree)

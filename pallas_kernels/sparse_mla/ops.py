@@ -287,15 +287,8 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
   block_t = min(config.bwd_block_t // b, kernel_segment_sum_triton.max_tokens(per_token))
   block_t = max(1, min(block_t, q.shape[1]))  # a short sequence takes one step, unpadded
   res = (q, kv, idx, out, lse, d_out, d_lse)
-  if config.bwd in ("kernel", "kernel_tiles"):
-    return _bwd_kernel_blocked(
-      *res,
-      scale=scale,
-      d_v=d_v,
-      block_t=b * block_t,
-      interpret=interpret,
-      tile_waits=config.bwd == "kernel_tiles",
-    )
+  if config.bwd == "kernel":
+    return _bwd_kernel_blocked(*res, scale=scale, d_v=d_v, block_t=b * block_t, interpret=interpret)
   return _bwd_blocked(
     *res,
     scale=scale,
@@ -306,9 +299,7 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
   )
 
 
-def _bwd_kernel_blocked(
-  q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, interpret, tile_waits=False
-):
+def _bwd_kernel_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, interpret):
   """GpuConfig.bwd="kernel": per scan step of block_t tokens (batch folded), the Mosaic GPU
   kernel (kernel_mosaic_gpu_bwd.py) gives dq and a = [dS; P] at the selected slots; the dK rows
   aᵀ·[q; dO] are one dense product per token, and the slot ids sorted by row let the segment
@@ -338,7 +329,7 @@ def _bwd_kernel_blocked(
   def body(dkv, blk):
     qb, ib, db, lb, eb = blk
     dq, a = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
-      qb, kvf, ib, db, lb, eb, scale=scale, interpret=interpret or False, tile_waits=tile_waits
+      qb, kvf, ib, db, lb, eb, scale=scale, interpret=interpret or False
     )
     qd = jnp.concatenate([qb, jnp.pad(db, ((0, 0), (0, 0), (0, kp_dim - d_outp)))], axis=1)
     drows = jnp.einsum("nhs,nhc->nsc", a, qd, preferred_element_type=jnp.bfloat16)

@@ -338,7 +338,7 @@ def test_pallas_gpu(t, s, h, k_dim, d_v, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bwd", ["xla", "kernel", "kernel_tiles"])
+@pytest.mark.parametrize("bwd", ["xla", "kernel"])
 @pytest.mark.parametrize(
   "t,s,h,k_dim,d_v,k", [(64, 4096, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)]
 )

@@ -28,7 +28,7 @@ def _inputs(b, t, h, k_dim, s, k, dtype, seed=0):
   return q, kv, idx.at[0, -1, : min(k, 3)].set(1)  # ... and across tokens
 
 
-def _check(b, t, h, k_dim, d_v, s, k, dtype, seed=0, config=KERNEL):
+def _check(b, t, h, k_dim, d_v, s, k, dtype, seed=0):
   """Kernel (interpreter) grads vs autodiff of the reference and vs the XLA backward."""
   q, kv, idx = _inputs(b, t, h, k_dim, s, k, dtype, seed=seed)
   tol = 2 * _testing.tolerances(dtype)
@@ -42,7 +42,7 @@ def _check(b, t, h, k_dim, d_v, s, k, dtype, seed=0, config=KERNEL):
     dl = jnp.where(jnp.isfinite(l), _testing.normal(seed + 6, l.shape), 0.0)  # nonzero dlse
     return vjp((do, dl))
 
-  grads = run("pallas", config)
+  grads = run("pallas", KERNEL)
   xla = run("pallas", ops.GpuConfig(bwd="xla"))
   ref = run("reference", None)
   for g, x, r in zip(grads, xla, ref):
@@ -59,12 +59,10 @@ def _check(b, t, h, k_dim, d_v, s, k, dtype, seed=0, config=KERNEL):
   assert (np.asarray(grads[0][0, 0], np.float32) == 0).all()
 
 
-@pytest.mark.parametrize("bwd", ["kernel", "kernel_tiles"])
-def test_interpret_bf16(bwd):
+def test_interpret_bf16():
   # H 48 (-> 64), k 72 (-> 2 chunks, the second half padding), k > S, Kp 192 = 3 column tiles
   # (one dq tile per warpgroup), d_v 80 (-> 128), B 2: 4 tokens in scan steps of 2.
-  config = ops.GpuConfig(bwd=bwd, bwd_block_t=2)
-  _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16, config=config)
+  _check(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, dtype=jnp.bfloat16)
 
 
 def test_interpret_two_head_blocks():
@@ -103,15 +101,14 @@ def test_layout_and_config_errors():
     vjp((jnp.zeros((1, 2, 8, 512), jnp.bfloat16), jnp.zeros((1, 2, 8))))
 
 
-@pytest.mark.parametrize("batch,bwd", [(1, "kernel"), (2, "kernel"), (1, "kernel_tiles")])
-def test_cross_lowering_cuda_v32(batch, bwd, triton_verified):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cross_lowering_cuda_v32(batch, triton_verified):
   """The kernel's real Mosaic GPU lowering (SMEM budget, layouts, the TMA stores of the [dS; P]
-  tiles, the inline cp.async gather, per-tile mbarriers) at V3.2 shapes, with the dK product and
-  the segment sum."""
+  tiles, the inline cp.async gather) at V3.2 shapes, with the dK product and the segment sum."""
   t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
   sds = jax.ShapeDtypeStruct
   q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
-  config = ops.GpuConfig(bwd=bwd)
+  config = ops.GpuConfig(bwd="kernel")
   fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", config=config)
 
   def fwd_bwd(q, kv, idx, do):
