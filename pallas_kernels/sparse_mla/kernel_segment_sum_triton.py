@@ -51,9 +51,20 @@ def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, block_r, bloc
     out_ref[r, cols] = out_ref[r, cols] + acc
 
 
-@functools.partial(jax.jit, static_argnames=("block_r", "block_c", "interpret"))
+@functools.partial(
+  jax.jit, static_argnames=("block_r", "block_c", "num_warps", "num_stages", "interpret")
+)
 def segment_sum_rows(
-  rows, order, starts, init, *, block_r=BLOCK_R, block_c=BLOCK_C, interpret=False
+  rows,
+  order,
+  starts,
+  init,
+  *,
+  block_r=BLOCK_R,
+  block_c=BLOCK_C,
+  num_warps=4,
+  num_stages=2,
+  interpret=False,
 ):
   """See the module docstring. C must be a multiple of block_c."""
   c = rows.shape[1]
@@ -70,7 +81,7 @@ def segment_sum_rows(
     out_shape=jax.ShapeDtypeStruct((r, c), jnp.float32),
     grid=(r,),
     input_output_aliases={3: 0},
-    compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+    compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     interpret=interpret,
     name="segment_sum_rows",
   )(rows, order.astype(jnp.int32), starts.astype(jnp.int32), init.astype(jnp.float32))
