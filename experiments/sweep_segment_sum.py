@@ -1,6 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sorted segment sum (kernel_segment_sum_triton.segment_sum_rows: positions per
-step block_r, column piece block_c, warps, stages) at one scan step of E1's 16K backward.
+step block_r, column piece block_c or whole masked rows, warps, stages) at one scan step of E1's
+16K backward.
 
   python -m experiments.sweep_segment_sum --out=PATH.json   # GPU, < 1 min
   python -m experiments.sweep_segment_sum --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -34,6 +35,10 @@ CASES = [("default", {})] + [
     ("w8", dict(num_warps=8)),
     ("s1", dict(num_stages=1)),
     ("s3", dict(num_stages=3)),
+    # whole rows: one masked load of 1024 columns per position (576 used)
+    ("rows_r8", dict(block_c=1024, block_r=8)),
+    ("rows_r4", dict(block_c=1024, block_r=4)),
+    ("rows_r16_w8", dict(block_c=1024, block_r=16, num_warps=8)),
   )
 ]
 

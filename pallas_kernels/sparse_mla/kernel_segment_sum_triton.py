@@ -30,10 +30,13 @@ BLOCK_C = 64
 def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, block_r, block_c):
   del init_ref  # aliased with out_ref: read through out_ref
   r = pl.program_id(0)
-  pieces = [pl.ds(c, block_c) for c in range(0, out_ref.shape[1], block_c)]
   lo, hi = starts_ref[r], starts_ref[r + 1]
   n_it = (hi - lo + block_r - 1) // block_r
   lane = jax.lax.broadcasted_iota(jnp.int32, (block_r,), 0)
+  c_dim = out_ref.shape[1]
+  if block_c >= c_dim:  # whole rows: one masked load of block_c columns per position
+    return _kernel_whole_rows(rows_ref, order_ref, out_ref, r, lo, hi, n_it, lane, block_c)
+  pieces = [pl.ds(c, block_c) for c in range(0, c_dim, block_c)]
 
   def body(i, accs):
     at = lo + i * block_r + lane
@@ -51,6 +54,25 @@ def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, block_r, bloc
     out_ref[r, cols] = out_ref[r, cols] + acc
 
 
+def _kernel_whole_rows(rows_ref, order_ref, out_ref, r, lo, hi, n_it, lane, block_c):
+  """block_c >= C: each position's row is one contiguous masked load (columns past C off)."""
+  cols = jax.lax.broadcasted_iota(jnp.int32, (block_c,), 0)
+  col_ok = cols < out_ref.shape[1]
+
+  def body(i, acc):
+    at = lo + i * lane.shape[0] + lane
+    ok = at < hi
+    pos = order_ref[jnp.where(ok, at, 0)]
+    x = pltriton.load(
+      rows_ref.at[pos[:, None], cols[None, :]], mask=ok[:, None] & col_ok[None, :], other=0
+    )
+    return acc + jnp.sum(x.astype(jnp.float32), axis=0)
+
+  acc = jax.lax.fori_loop(0, n_it, body, jnp.zeros((block_c,), jnp.float32))
+  dst = out_ref.at[r, cols]
+  pltriton.store(dst, pltriton.load(dst, mask=col_ok, other=0.0) + acc, mask=col_ok)
+
+
 @functools.partial(
   jax.jit, static_argnames=("block_r", "block_c", "num_warps", "num_stages", "interpret")
 )
@@ -66,12 +88,15 @@ def segment_sum_rows(
   num_stages=2,
   interpret=False,
 ):
-  """See the module docstring. C must be a multiple of block_c."""
+  """See the module docstring. C must be a multiple of block_c, or block_c a power of two >= C
+  (whole rows: one masked load per position)."""
   c = rows.shape[1]
   r = starts.shape[0] - 1
-  if c % block_c or init.shape != (r, c) or order.ndim != 1:
+  whole = block_c >= c and block_c & (block_c - 1) == 0
+  if (c % block_c and not whole) or init.shape != (r, c) or order.ndim != 1:
     raise ValueError(
-      f"segment_sum_rows: rows {rows.shape} (columns a multiple of {block_c}), "
+      f"segment_sum_rows: rows {rows.shape} (columns a multiple of {block_c}, or block_c a "
+      "power of two >= the columns), "
       f"order {order.shape}, starts {starts.shape}, init {init.shape}; expected init [R, C] with "
       "R = len(starts) - 1"
     )

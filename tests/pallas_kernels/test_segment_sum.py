@@ -23,9 +23,13 @@ def _numpy(rows, ids, init):
   return out
 
 
-@pytest.mark.parametrize("seed,dtype", [(1, jnp.float32), (2, jnp.bfloat16)])
-def test_segment_sum_matches_numpy(seed, dtype):
-  m, c, r = 90, 128, 11
+@pytest.mark.parametrize(
+  "seed,dtype,c,block_c",
+  [(1, jnp.float32, 128, 64), (2, jnp.bfloat16, 128, 64), (3, jnp.bfloat16, 192, 256)],
+)
+def test_segment_sum_matches_numpy(seed, dtype, c, block_c):
+  # block_c 256 > C 192: whole rows, one masked load each (the columns past C untouched)
+  m, r = 90, 11
   rng = np.random.default_rng(seed)
   ids = rng.integers(-3, r + 3, size=m)
   ids[:40] = 4  # one row gets more positions than a block of 32
@@ -34,21 +38,23 @@ def test_segment_sum_matches_numpy(seed, dtype):
   init = _testing.normal(2, (r, c))
   order, starts = ss.sort_segments(jnp.asarray(ids, jnp.int32), r)
   assert int(starts[-1]) == int(((ids >= 0) & (ids < r)).sum())
-  out = ss.segment_sum_rows(rows, order, starts, init, interpret=True)
+  out = ss.segment_sum_rows(rows, order, starts, init, block_c=block_c, interpret=True)
   np.testing.assert_allclose(out, _numpy(rows, ids, init), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out[7], init[7])
 
 
 def test_segment_sum_no_valid_id_and_errors():
-  rows = jnp.ones((16, 64), jnp.float32)
-  init = _testing.normal(0, (5, 64))
+  rows = jnp.ones((16, 128), jnp.float32)
+  init = _testing.normal(0, (5, 128))
   order, starts = ss.sort_segments(jnp.full((16,), -1, jnp.int32), 5)
   out = ss.segment_sum_rows(rows, order, starts, init, interpret=True)
   np.testing.assert_array_equal(out, init)
   with pytest.raises(ValueError, match="init"):
     ss.segment_sum_rows(rows, order, starts, init[:4], interpret=True)
-  with pytest.raises(ValueError, match="columns"):
-    ss.segment_sum_rows(rows[:, :48], order, starts, init[:, :48], interpret=True)
+  with pytest.raises(ValueError, match="columns"):  # 96 columns: not 64s, and more than 64
+    ss.segment_sum_rows(rows[:, :96], order, starts, init[:, :96], interpret=True)
+  with pytest.raises(ValueError, match="power of two"):  # 96 >= 48 but not a power of two
+    ss.segment_sum_rows(rows[:, :48], order, starts, init[:, :48], block_c=96, interpret=True)
 
 
 def test_block_tokens():
@@ -63,14 +69,15 @@ def test_block_tokens():
     ss.block_tokens(8, 2**31)
 
 
-def test_segment_sum_cuda_lowering(triton_verified):
+@pytest.mark.parametrize("kw", [{}, dict(block_c=1024, block_r=8)])
+def test_segment_sum_cuda_lowering(kw, triton_verified):
   """V3.2 sizes of one sparse-MLA backward scan step: 512 tokens x 2048 slots, 32K rows of 576
-  columns; the Triton module passes the MLIR verifier."""
+  columns (in 64-column pieces, or whole masked rows); the Triton module passes the verifier."""
   sds = jax.ShapeDtypeStruct
   p, r = 512 * 2048, 32768
 
   def f(rows, ids, init):
-    return ss.segment_sum_rows(rows, *ss.sort_segments(ids, r), init)
+    return ss.segment_sum_rows(rows, *ss.sort_segments(ids, r), init, **kw)
 
   mlir = _testing.export_cuda(
     f, sds((p, 576), jnp.bfloat16), sds((p,), jnp.int32), sds((r, 576), jnp.float32)
