@@ -34,7 +34,7 @@ def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, block_r, bloc
   n_it = (hi - lo + block_r - 1) // block_r
   lane = jax.lax.broadcasted_iota(jnp.int32, (block_r,), 0)
   c_dim = out_ref.shape[1]
-  if block_c >= c_dim:  # whole rows: one masked load of block_c columns per position
+  if block_c > c_dim:  # whole rows: one masked load of block_c columns per position
     return _kernel_whole_rows(rows_ref, order_ref, out_ref, r, lo, hi, n_it, lane, block_c)
   pieces = [pl.ds(c, block_c) for c in range(0, c_dim, block_c)]
 
@@ -55,7 +55,7 @@ def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, block_r, bloc
 
 
 def _kernel_whole_rows(rows_ref, order_ref, out_ref, r, lo, hi, n_it, lane, block_c):
-  """block_c >= C: each position's row is one contiguous masked load (columns past C off)."""
+  """block_c > C: each position's row is one contiguous masked load (columns past C off)."""
   cols = jax.lax.broadcasted_iota(jnp.int32, (block_c,), 0)
   col_ok = cols < out_ref.shape[1]
 
@@ -88,15 +88,15 @@ def segment_sum_rows(
   num_stages=2,
   interpret=False,
 ):
-  """See the module docstring. C must be a multiple of block_c, or block_c a power of two >= C
+  """See the module docstring. C must be a multiple of block_c, or block_c a power of two > C
   (whole rows: one masked load per position)."""
   c = rows.shape[1]
   r = starts.shape[0] - 1
-  whole = block_c >= c and block_c & (block_c - 1) == 0
+  whole = block_c > c and block_c & (block_c - 1) == 0
   if (c % block_c and not whole) or init.shape != (r, c) or order.ndim != 1:
     raise ValueError(
       f"segment_sum_rows: rows {rows.shape} (columns a multiple of {block_c}, or block_c a "
-      "power of two >= the columns), "
+      "power of two above the columns), "
       f"order {order.shape}, starts {starts.shape}, init {init.shape}; expected init [R, C] with "
       "R = len(starts) - 1"
     )

@@ -53,7 +53,7 @@ def test_segment_sum_no_valid_id_and_errors():
     ss.segment_sum_rows(rows, order, starts, init[:4], interpret=True)
   with pytest.raises(ValueError, match="columns"):  # 96 columns: not 64s, and more than 64
     ss.segment_sum_rows(rows[:, :96], order, starts, init[:, :96], interpret=True)
-  with pytest.raises(ValueError, match="power of two"):  # 96 >= 48 but not a power of two
+  with pytest.raises(ValueError, match="power of two"):  # 96 > 48 but not a power of two
     ss.segment_sum_rows(rows[:, :48], order, starts, init[:, :48], block_c=96, interpret=True)
 
 
