@@ -20,7 +20,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests build the same programs anew (a Trainer per test, the same preset and mesh): a
 # compilation cache shared by the run's processes (the xdist workers inherit the controller's
 # environment) compiles each one once; it cut test_train.py's wall time by a fifth on 2 cores.
-# The directory lives for one run only, so no executable outlives the code it was built from.
+# The directory lives for one run only (unless DSA_JAX_TEST_COMPILE_CACHE names one to keep), so
+# no executable outlives the code it was built from.
 if "DSA_JAX_TEST_COMPILE_CACHE" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="dsa_jax_test_xla_cache_")
   os.environ["DSA_JAX_TEST_COMPILE_CACHE"] = _cache
