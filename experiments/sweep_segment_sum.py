@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sweep of the sorted segment sum (kernel_segment_sum_triton.segment_sum_rows: positions per
-step block_r, column piece block_c or whole masked rows, warps, stages) at one scan step of E1's
-16K backward.
+step block_r, whole masked rows or block_c-column pieces, warps, stages) at one scan step of
+E1's 16K backward.
 
   python -m experiments.sweep_segment_sum --out=PATH.json   # GPU, < 1 min
   python -m experiments.sweep_segment_sum --small --out=/tmp/s.json   # tiny shapes, CPU interpret
@@ -9,9 +9,10 @@ step block_r, column piece block_c or whole masked rows, warps, stages) at one s
 The shape is what ops._bwd_kernel_blocked hands it per scan step at L = 16K: 512 tokens x 2048
 slots = 1M dK rows of 576 bf16 columns, summed into 16K f32 rows; the ids are uniform over the
 rows (~64 positions a row). The sort (kernel_segment_sum_triton.sort_segments) runs once,
-outside the timing. On the H100 the default read its rows at 1.65 TB/s inside E1 (lab log,
-2026-12-06). "xla" is jax.ops.segment_sum of the same rows (a scatter-add) for scale. Rel errs
-are vs the default; --only=a,b re-runs chosen cases (plus the default).
+outside the timing. "default" is the module's default (4 positions a step, whole rows);
+"pieces_r32" the previous default (32 positions, 64-column pieces). "xla" is
+jax.ops.segment_sum of the same rows (a scatter-add) for scale. Rel errs are vs the default;
+--only=a,b re-runs chosen cases (plus the default).
 """
 
 import time
@@ -28,17 +29,14 @@ _SMALL = dict(positions=256, rows=40, cols=128)
 CASES = [("default", {})] + [
   (name, kw)
   for name, kw in (
-    ("br16", dict(block_r=16)),
-    ("br64", dict(block_r=64)),
-    ("bc32", dict(block_c=32)),
+    ("br2", dict(block_r=2)),
+    ("br8", dict(block_r=8)),
     ("w2", dict(num_warps=2)),
     ("w8", dict(num_warps=8)),
     ("s1", dict(num_stages=1)),
     ("s3", dict(num_stages=3)),
-    # whole rows: one masked load of 1024 columns per position (576 used)
-    ("rows_r8", dict(block_c=1024, block_r=8)),
-    ("rows_r4", dict(block_c=1024, block_r=4)),
-    ("rows_r16_w8", dict(block_c=1024, block_r=16, num_warps=8)),
+    ("pieces_r32", dict(block_c=64, block_r=32)),  # the previous default
+    ("pieces_r64", dict(block_c=64, block_r=64)),
   )
 ]
 

@@ -10,10 +10,13 @@ starts [R + 1] int32 (CSR offsets into order), init [R, C] f32 -> out [R, C] f32
 buffer, aliased).
 
 One program per output row r: it walks its segment `block_r` positions at a time (the
-positions read once for every column), gathers those positions' rows in `block_c`-column pieces
-(one 2-D load per piece), sums them in f32 registers and writes the row once: no
-atomics, so the adds are deterministic (in the order of `order`) and each output element is
-read and written once. Rows with an empty segment keep init.
+positions read once for every column), gathers those positions' rows (by default each whole
+row in one masked load of the next power of two >= C columns; or in `block_c`-column pieces,
+one 2-D load per piece), sums them in f32 registers and writes the row once: no atomics, so
+the adds are deterministic (in the order of `order`) and each output element is read and
+written once. Rows with an empty segment keep init. The defaults (4 positions a step, whole
+rows) are the fastest of the sweep at the sparse-MLA backward's shape
+(experiments/sweep_segment_sum.py).
 """
 
 import functools
@@ -23,8 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-BLOCK_R = 32
-BLOCK_C = 64
+BLOCK_R = 4
 
 
 def _kernel(rows_ref, order_ref, starts_ref, init_ref, out_ref, *, block_r, block_c):
@@ -83,14 +85,16 @@ def segment_sum_rows(
   init,
   *,
   block_r=BLOCK_R,
-  block_c=BLOCK_C,
+  block_c=None,
   num_warps=4,
   num_stages=2,
   interpret=False,
 ):
-  """See the module docstring. C must be a multiple of block_c, or block_c a power of two > C
-  (whole rows: one masked load per position)."""
+  """See the module docstring. block_c: None (whole rows), a divisor of C, or a power of two > C
+  (whole rows too)."""
   c = rows.shape[1]
+  if block_c is None:
+    block_c = pl.next_power_of_2(c)
   r = starts.shape[0] - 1
   whole = block_c > c and block_c & (block_c - 1) == 0
   if (c % block_c and not whole) or init.shape != (r, c) or order.ndim != 1:
