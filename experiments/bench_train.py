@@ -119,10 +119,10 @@ def _loss_chunk() -> int:
 def _profile_table(trace_dir: str, steps: int, top: int = 15) -> str:
   """Top GPU ops by time a step (bench_common.trace_op_times), as a markdown table."""
   got = bc.trace_op_times(trace_dir, steps, top)
-  lines = ["| op | ms per step | share |", "|---|---|---|"]
+  lines = ["| op | ms per step | calls per step | share |", "|---|---|---|---|"]
   for o in got["ops"]:
-    lines.append(f"| `{o['name'][:90]}` | {o['ms']:.2f} | {o['share']:.1%} |")
-  lines.append(f"| (all GPU ops) | {got['device_ms']:.2f} | 100% |")
+    lines.append(f"| `{o['name'][:90]}` | {o['ms']:.2f} | {o['calls']:g} | {o['share']:.1%} |")
+  lines.append(f"| (all GPU ops) | {got['device_ms']:.2f} | | 100% |")
   return "\n".join(lines) + "\n"
 
 

@@ -55,5 +55,7 @@ def test_m1_profile_table_reads_the_trace(tmp_path):
   with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
     jax.block_until_ready(f(x))
   lines = bench_train._profile_table(str(tmp_path), 1, top=3).splitlines()
-  assert lines[0] == "| op | ms per step | share |" and lines[-1].startswith("| (all GPU ops) |")
+  assert lines[0] == "| op | ms per step | calls per step | share |"
+  assert lines[-1].startswith("| (all GPU ops) |")
   assert len(lines) == 2 + 3 + 1  # header, three ops, total
+  assert all(float(line.split("|")[3]) > 0 for line in lines[2:-1])  # calls per step
