@@ -28,6 +28,7 @@ into the swizzled slots (inline Mosaic GPU has no interpreter).
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -41,6 +42,7 @@ _LN2 = math.log(2.0)
 HEAD_BLOCK = 64  # wgmma M
 BLOCK_K = 64  # selected rows per chunk (wgmma N of q·kᵀ, K of P·V)
 COPIES = ("direct", "staged")
+SPLITS = ("full", "halves")
 BWDS = ("xla", "kernel")
 _SWIZZLE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
 _SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
@@ -67,6 +69,27 @@ def smem_bytes(kp_dim: int, kp: int, itemsize: int, copies: str) -> int:
   return 3 * kib(HEAD_BLOCK * kp_dim * itemsize) + idx + kib(2 * 4 * HEAD_BLOCK) + 128
 
 
+IDS_RING = 4  # split="halves": SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
+HALVES_BARRIERS = 1 + IDS_RING + 2 + 1 + 1 + 1  # q, ids ring, operand free, max, P, end
+
+
+def halves_smem_bytes(kp_dim: int, itemsize: int) -> int:
+  """SMEM of split="halves" on hardware (any k: the slot ids are staged per chunk): q + two
+  operand slots (three 64-row tiles), the two P halves [2, 64, 32], the ids ring [4, 64] int32,
+  the f32 rows (max / l exchange, lse tile, raw mbarriers) [4, 64], each rounded up to whole KiB
+  as Mosaic GPU does, and 8 bytes per Pallas barrier."""
+  kib = lambda x: _round_up(x, 1024)
+  tiles = 3 * kib(HEAD_BLOCK * kp_dim * itemsize)
+  p_halves = kib(2 * HEAD_BLOCK * (BLOCK_K // 2) * itemsize)
+  return (
+    tiles + p_halves + kib(4 * IDS_RING * BLOCK_K) + kib(4 * 4 * HEAD_BLOCK) + 8 * HALVES_BARRIERS
+  )
+
+
+def halves_fits(kp_dim: int, itemsize: int = 2) -> bool:
+  return halves_smem_bytes(kp_dim, itemsize) <= _SMEM_BYTES
+
+
 def direct_fits(kp_dim: int, kp: int, itemsize: int = 2) -> bool:
   """Whether copies="direct" can run: the token's slot ids fit in SMEM next to the tiles and in
   one TMA box."""
@@ -86,6 +109,12 @@ class GpuConfig:
     ops._bwd_kernel_blocked), counted over the batch: a batch of b takes bwd_block_t // b
     tokens per step (fewer where a step's dK rows would reach 2**31 elements, the segment sum's
     int32 offsets).
+  split: how the two compute warpgroups share a 64-slot chunk (copies="direct" only): "full"
+    (the default: each computes the whole 64 x 64 logits tile, duplicated, and P·V for its half
+    of the value columns) or "halves" (each computes the logits of its 32 slots only, the two
+    exchange the row max and their P halves through SMEM, then P·V as "full"; see
+    `_sparse_mla_fwd_halves`). "halves" stages the slot ids per chunk, so it runs at any k where
+    `halves_fits(Kp)`.
   bwd: "kernel" (dq and the [dS; P] tiles from the Mosaic GPU kernel of
     kernel_mosaic_gpu_bwd.py, then the dK rows and their sorted sum in XLA,
     ops._bwd_kernel_blocked) or "xla" (the blocked XLA backward, ops._bwd_blocked: the fallback
@@ -96,6 +125,7 @@ class GpuConfig:
   copy_wgs: int = 1
   bwd_block_t: int = 512
   bwd: str = "kernel"
+  split: str = "full"
 
   def __post_init__(self):
     if self.copies not in COPIES:
@@ -108,6 +138,10 @@ class GpuConfig:
       raise ValueError(f"bwd_block_t={self.bwd_block_t} must be positive")
     if self.bwd not in BWDS:
       raise ValueError(f"bwd={self.bwd!r}; expected one of {BWDS}")
+    if self.split not in SPLITS:
+      raise ValueError(f"split={self.split!r}; expected one of {SPLITS}")
+    if self.split == "halves" and self.copies != "direct":
+      raise ValueError(f"split='halves' runs with copies='direct', got copies={self.copies!r}")
 
   @classmethod
   def default_for(cls, shape: tuple[int, int, int], device=None) -> "GpuConfig":
@@ -373,6 +407,14 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   bk = BLOCK_K
   if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
     raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
+  if config.split == "halves":
+    if not halves_fits(kp_dim, q.dtype.itemsize):
+      need = halves_smem_bytes(kp_dim, q.dtype.itemsize)
+      raise ValueError(f"split='halves' needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
+    idx3 = idx.reshape(n, kp // bk, bk)
+    return _sparse_mla_fwd_halves(
+      q, kv, idx3, scale=scale, d_out=d_out, config=config, interpret=interpret
+    )
   direct = config.copies == "direct"
   if direct and not direct_fits(kp_dim, kp, q.dtype.itemsize):
     need = smem_bytes(kp_dim, kp, q.dtype.itemsize, "direct")
@@ -591,4 +633,243 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     jax.ShapeDtypeStruct((n, hp), jnp.float32),
   )
   kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, 2 + config.copy_wgs, interpret)
+  return kern(q, kv, idx3)
+
+
+def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: GpuConfig, interpret):
+  """split="halves" of sparse_mla_fwd (same layout and results; idx3 [N, kp / 64, 64]).
+
+  Per 64-slot chunk j (operand slot j % 2, rows R [64, Kp]), compute warpgroup w in {0, 1}:
+    1. waits for the rows, S_w = q·R[32w : 32w + 32]ᵀ [64 heads, 32 slots] (wgmma N = 32), so the
+       logits are computed once per CTA, not twice;
+    2. masks its invalid slots, scales (base 2), takes its row max and writes it to row w of an
+       SMEM f32 exchange; barrier `bar_max`; m_new = max(m_i, own, other's) (the same in both WGs);
+    3. p_w = exp2(S_w - m_new), l_w = l_w·alpha + rowsum(p_w) (each WG sums its own slots; the
+       total l_0 + l_1 is exchanged once after the loop);
+    4. stores p_w (bf16) to its SMEM half P_w [64, 32]; barrier `bar_p`; loads the other half and
+       joins them into the chunk's P [64, 64] in registers;
+    5. acc_c = alpha·acc_c + P @ R[:, value tile c] over its half of the value columns (A from
+       registers, K = 64: one wgmma per tile as in "full"), then releases the operand slot.
+  Why P goes back to registers rather than two K = 32 wgmmas with A = P_0, P_1 from SMEM: R is
+  128-byte swizzled (the direct copies' layout), and Mosaic GPU's wgmma needs K to be a multiple
+  of the swizzle width (64 bf16) and the same swizzle on both SMEM operands, so neither a K = 32
+  B slice of R nor a 64-byte-swizzled [64, 32] A operand can meet it.
+
+  Hazards (the two per-chunk barriers cover them, since every read of the exchange rows and of
+  P_w, including the P·V wgmmas, completes before the WG's next arrive):
+    - the max row w of chunk j + 1 is written after bar_p of chunk j, which the other WG reaches
+      only after reading row w of chunk j;
+    - P_w of chunk j + 1 is written after bar_max of chunk j + 1, which the other WG reaches only
+      after it loaded P_w of chunk j (and finished that chunk's wgmmas);
+    - after the loop, row w takes l_w (the other WG's last max read came before bar_p), and WG0's
+      lse tile has a row of its own (the other WG still reads l_0 after bar_end).
+
+  The slot ids are staged per chunk (as in kernel_mosaic_gpu_bwd.py) in an SMEM ring of 4: chunk
+  j's 64 ids (one TMA) into ring slot j % 4, on barrier bar_ids[j % 4]. WG0 fetches chunks 0..3
+  (after the raw mbarriers' init, which the copy WG's first wait on bar_ids thereby orders); the
+  copy WG fetches chunk j + 2 once bar_free says chunk j - 2 (the last user of ring slot
+  (j + 2) % 4, read by the copy WG to issue and by the compute WGs for the mask) is released,
+  i.e. two chunks ahead of its row copies. The compute WGs wait on bar_ids too (each waiter
+  observes every phase).
+  SMEM at V3.2 (Kp 576, bf16): q 72 KiB + operand slots 144 + P halves 8 + ids ring 1 + f32 rows
+  1 + 10 barriers = 231504 bytes of 232448 (`halves_smem_bytes`).
+  The interpreter (no inline Mosaic GPU, A operands from SMEM only) copies rows with Pallas
+  copies on bar_full and stores the joined P to a per-WG SMEM tile for the P·V wgmmas.
+  """
+  n, hp, kp_dim = q.shape
+  n_chunks, bk = idx3.shape[1:]
+  half = bk // 2
+  n_tiles = kp_dim // 64
+  v_tiles = d_out // 128  # value-column tiles per compute WG
+  dtype = q.dtype
+  qk_scale = scale * _LOG2E
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
+  f32 = jnp.float32
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  if not interpret:
+    direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
+
+  def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
+    q_smem, kv_smem, p_halves, p_smem, ids_ring, misc = bufs
+    bar_q, bar_ids, bar_full, bar_free, bar_max, bar_p, bar_end = bars
+    # misc (f32): rows 0, 1 the WGs' exchange (row max per chunk, then l), row 2 the lse tile,
+    # row 3 [:4] the raw mbarriers (8 bytes each, one per operand slot).
+    lse_smem, raw_bars = misc.at[2], misc.at[3, pl.ds(0, 4)]
+    t = lax.axis_index("t")
+    hb = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+
+    def fetch_ids(j):
+      r = j % IDS_RING
+      plgpu.copy_gmem_to_smem(idx_ref.at[t, j], ids_ring.at[r], bar_ids.at[r], oob_mode=oob)
+
+    @pl.when(wg == 0)
+    def _():
+      if not interpret:  # before the ids copies: their barriers order the init
+        direct_init(raw_bars)
+      for j in range(min(IDS_RING, n_chunks)):
+        fetch_ids(j)
+      for c in range(n_tiles):
+        plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
+
+    @pl.when(wg == 2)
+    def _copy_wg():
+      if not interpret:
+        plgpu.set_max_registers(config.registers[1], action="decrease")
+
+      def issue(j):
+        r, slot = j % IDS_RING, j % 2
+        plgpu.barrier_wait(bar_ids.at[r])
+        if interpret:
+          for i in range(bk):
+            row = jnp.maximum(ids_ring[r, i], 0)  # invalid slots fetch row 0 (masked)
+            dst = kv_smem.at[slot, pl.ds(i, 1)]
+            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
+        else:
+          direct_issue(kv_ref, kv_smem, ids_ring.at[r], raw_bars, slot)
+
+      issue(0)
+      if n_chunks > 1:
+        issue(1)
+
+      @pl.loop(2, n_chunks)
+      def _(j):
+        # Chunk j - 2 is released by both compute WGs: its operand slot and ids ring slot are free.
+        plgpu.barrier_wait(bar_free.at[j % 2])
+
+        @pl.when(j + 2 < n_chunks)
+        def _():
+          fetch_ids(j + 2)
+
+        issue(j)
+
+      for j in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases too
+        plgpu.barrier_wait(bar_free.at[j % 2])
+
+    def compute(w):
+      if not interpret:
+        plgpu.set_max_registers(config.registers[0], action="increase")
+      plgpu.barrier_wait(bar_q)
+      m_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), -jnp.inf, f32), row_layout)
+      l_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), 0.0, f32), row_layout)
+      accs = tuple(
+        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, f32), plgpu.Layout.WGMMA)
+        for _ in range(v_tiles)
+      )
+      v0 = w * v_tiles  # this WG's first value-column tile
+      mine = pl.ds(w * half, half)  # this WG's slots of a chunk
+
+      def step(j, carry):
+        accs, m_i, l_i = carry
+        slot = j % 2
+        if interpret:
+          plgpu.barrier_wait(bar_full.at[slot])
+        else:
+          mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
+          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+        plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+        operand = kv_smem.at[slot]
+
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[mine, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), f32))
+        ids = plgpu.load(
+          ids_ring.at[j % IDS_RING, mine], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
+        )
+        s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+        m_own = s.max(axis=1)
+        misc.at[w][...] = m_own
+        plgpu.barrier_arrive(bar_max)
+        plgpu.barrier_wait(bar_max)
+        m_other = plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
+        m_new = jnp.maximum(m_i, jnp.maximum(m_own, m_other))  # commutative: equal in both WGs
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        p = p.astype(dtype)
+        p_halves.at[w][...] = p
+        plgpu.barrier_arrive(bar_p)
+        plgpu.barrier_wait(bar_p)
+        p_other = p_halves.at[1 - w][...]
+        p = jnp.concatenate([p, p_other] if w == 0 else [p_other, p], axis=1)  # [64, 64]
+        if interpret:  # the interpreter reads A from SMEM only
+          p_smem.at[w][...] = p
+          plgpu.commit_smem()
+          p = p_smem.at[w]
+        new = []
+        for c, acc in enumerate(accs):
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
+          if interpret:  # run_state(ACC.init(...)) does not discharge there: add a fresh product
+
+            def scope(acc_ref, a=p, b=v_tile):
+              plgpu.wgmma(acc_ref, a, b)
+              return acc_ref[...]
+
+            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), f32)))
+          else:
+            new.append(_mma_acc(acc, p, v_tile))
+        plgpu.barrier_arrive(bar_free.at[slot])  # this WG is done with the operand slot
+        return tuple(new), m_new, l_i
+
+      accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
+      # The total l; bar_end also says both WGs are past their last logits: q_smem takes the output.
+      misc.at[w][...] = l_i
+      plgpu.barrier_arrive(bar_end)
+      plgpu.barrier_wait(bar_end)
+      l_i = l_i + plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
+      has = l_i > 0
+      l_safe = jnp.where(has, l_i, 1.0)
+      inv = jnp.where(has, 1.0 / l_safe, 0.0)
+      for c, acc in enumerate(accs):
+        q_smem.at[v0 + c][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      plgpu.commit_smem()
+      for c in range(v_tiles):
+        cols = pl.ds((v0 + c) * 64, 64)
+        plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
+      if w == 0:
+        lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
+      plgpu.wait_smem_to_gmem(0)
+
+    for w in range(2):
+      pl.when(wg == w)(functools.partial(compute, w))
+
+  def sparse_mla_fwd_halves_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # name in profiles
+    halves = (plgpu.TilingTransform((8, half)), plgpu.SwizzleTransform(half * dtype.itemsize))
+    bufs = (
+      _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
+      _swizzled((2, bk, kp_dim), dtype),  # two wgmma operand slots
+      plgpu.SMEM((2, HEAD_BLOCK, half), dtype, transforms=halves),  # P_0, P_1
+      _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,  # joined P (interpreter)
+      plgpu.SMEM((IDS_RING, bk), jnp.int32),  # the ids ring
+      plgpu.SMEM((4, HEAD_BLOCK), f32),  # exchange rows, lse tile, raw mbarriers
+    )
+    bars = (
+      plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
+      plgpu.Barrier(num_arrivals=1, num_barriers=IDS_RING),  # a chunk's ids landed
+      plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,  # rows (interp.)
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # operand slot released by both WGs
+      plgpu.Barrier(num_arrivals=2),  # both row maxes written
+      plgpu.Barrier(num_arrivals=2),  # both P halves written
+      plgpu.Barrier(num_arrivals=2),  # both past the loop, l written
+    )
+    pl.run_scoped(
+      lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, r),
+      bufs,
+      bars,
+      collective_axes="wg",
+    )
+
+  out_type = (
+    jax.ShapeDtypeStruct((n, hp, d_out), dtype),
+    jax.ShapeDtypeStruct((n, hp), f32),
+  )
+  kern = token_kernel(sparse_mla_fwd_halves_kernel, out_type, hp, n, 3, interpret)
   return kern(q, kv, idx3)

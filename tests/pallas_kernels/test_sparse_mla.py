@@ -1,7 +1,7 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """Sparse MLA: reference vs a naive dense masked softmax; the GPU kernel set (Mosaic GPU forward
-with "direct" copies and its long top-k "staged" fallback, blocked XLA backward whose dkv is
-summed by the sort + Pallas-Triton segment sum) vs the reference in the GPU and Triton
+with "direct" copies and its long top-k "staged" fallback, and the split="halves" alternative of
+"direct"; blocked XLA backward whose dkv is summed by the sort + Pallas-Triton segment sum) vs the reference in the GPU and Triton
 interpreters (forward and jax.vjp gradients with both cotangents), cross-lowering for CUDA at the
 V3.2 shapes, and `-m gpu` runs on an NVIDIA Hopper GPU."""
 
@@ -22,6 +22,9 @@ GpuConfig = kernel_mosaic_gpu.GpuConfig
 # The product set on GPU: default_for's pick at short top-k ("direct"), and the long top-k
 # fallback ("staged"; default_for's pick when the slot ids do not fit in SMEM).
 PRODUCT = [None, GpuConfig(copies="staged", copy_wgs=2)]
+# The alternative of "direct" whose two compute warpgroups split the logits instead of both
+# computing them (to be timed against the default, experiments/sweep_ws.py).
+HALVES = GpuConfig(split="halves")
 
 
 def _naive(q, kv, idx, scale, d_v):
@@ -77,6 +80,10 @@ def test_config_validate_and_default_for():
     GpuConfig(copy_wgs=2)
   with pytest.raises(ValueError, match="bwd_block_t"):
     GpuConfig(bwd_block_t=0)
+  with pytest.raises(ValueError, match="split='thirds'"):
+    GpuConfig(split="thirds")
+  with pytest.raises(ValueError, match="split='halves' runs with copies='direct'"):
+    GpuConfig(copies="staged", copy_wgs=2, split="halves")
   cpu = jax.devices("cpu")[0]
   assert GpuConfig.default_for((576, 512, 2048), cpu) == GpuConfig()
   assert GpuConfig.default_for((576, 512, 2304), cpu) == GpuConfig()  # the lowering's bound
@@ -94,6 +101,11 @@ def test_config_validate_and_default_for():
   assert GpuConfig(copies="staged").registers == (232, 40)
   assert GpuConfig(copies="staged", copy_wgs=2).registers == (216, 40)
   assert GpuConfig(copies="staged", copy_wgs=4).registers == (192, 24)
+  # split="halves": the same warpgroups (64 x 32 logits + the 64 x 256 accumulator fit in 216),
+  # an SMEM budget independent of k (the slot ids are staged per chunk), the default unchanged
+  assert HALVES.registers == (216, 72) and GpuConfig().split == "full"
+  assert kernel_mosaic_gpu.halves_smem_bytes(576, 2) == 226 * 1024 + 80
+  assert kernel_mosaic_gpu.halves_fits(576) and not kernel_mosaic_gpu.halves_fits(640)
 
 
 def test_pallas_shape_errors():
@@ -159,11 +171,18 @@ def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, config=None):
     assert (np.asarray(grads[0][0, 0], np.float32) == 0).all()
 
 
-@pytest.mark.parametrize("config", PRODUCT, ids=["direct", "staged"])
+@pytest.mark.parametrize("config", [*PRODUCT, HALVES], ids=["direct", "staged", "halves"])
 def test_pallas_interpret_fwd_bwd(config):
   # ragged k (72 -> 128 slots, padded with invalid ones), k > S, ids < 0 and >= S, duplicates,
   # a fully masked row, d_v=80 (-> 128 output columns), H < 64, B = 2, Kp = 3 column tiles.
   _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, config=config)
+
+
+def test_pallas_interpret_halves_chunks_and_head_blocks():
+  """split="halves" over 5 chunks (k 300 -> 320 slots: the ids ring of 4 wraps, the last chunk
+  padded with invalid slots) and two head blocks (H 80 -> 128), d_v 64 (one value tile per
+  compute warpgroup); ids < 0 and >= S, duplicates, a fully masked row."""
+  _check_fwd_bwd(b=1, t=2, h=80, k_dim=128, d_v=64, s=200, k=300, seed=3, config=HALVES)
 
 
 def test_pallas_interpret_fwd_bwd_scan_steps():
@@ -175,6 +194,7 @@ def test_pallas_interpret_fwd_bwd_scan_steps():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", [None, HALVES], ids=["default", "halves"])
 @hypothesis.settings(max_examples=3, deadline=None)
 @hypothesis.given(
   b=st.integers(1, 2),
@@ -185,8 +205,8 @@ def test_pallas_interpret_fwd_bwd_scan_steps():
   k=st.integers(1, 80),
   seed=st.integers(0, 100),
 )
-def test_pallas_interpret_random_shapes(b, t, h, k_dim, s, k, seed):
-  _check_fwd_bwd(b, t, h, k_dim, k_dim // 2, s, k, seed=seed, grads=False)
+def test_pallas_interpret_random_shapes(config, b, t, h, k_dim, s, k, seed):
+  _check_fwd_bwd(b, t, h, k_dim, k_dim // 2, s, k, seed=seed, grads=False, config=config)
 
 
 @hypothesis.settings(max_examples=3, deadline=None)
@@ -251,16 +271,17 @@ def _export(fn, *args):
   return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
 
 
+@pytest.mark.parametrize("config", [None, HALVES], ids=["default", "halves"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cross_lowering_cuda_full_shape(batch, triton_verified):
+def test_cross_lowering_cuda_full_shape(batch, config, triton_verified):
   """The default path's real Mosaic GPU lowering (layouts, SMEM budget: three 72 KiB tiles + the
   idx row, tiled-TMA rules) at V3.2 shapes, forward and forward + backward (with the segment
-  sum's Triton module, which passes the MLIR verifier)."""
+  sum's Triton module, which passes the MLIR verifier); the same for split="halves"."""
   t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
   sds = jax.ShapeDtypeStruct
   q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
   idx = sds((batch, t, k), jnp.int32)
-  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", config=config)
   exp = _export(fwd, q, kv, idx)
   assert "mosaic_gpu" in exp.mlir_module()
 
@@ -282,6 +303,8 @@ def test_cross_lowering_cuda_full_shape(batch, triton_verified):
     (2048, GpuConfig(copies="staged", copy_wgs=4)),
     (4096, None),  # long top-k: default_for picks "staged"
     (2304, None),  # the longest k whose slot ids fit next to the tiles: "direct"
+    (2048, HALVES),
+    (4096, HALVES),  # the ids are staged per chunk: no bound on k
   ],
 )
 def test_cross_lowering_cuda_configs(k, config):
@@ -293,6 +316,24 @@ def test_cross_lowering_cuda_configs(k, config):
   assert "mosaic_gpu" in _export(fwd, q, kv, idx).mlir_module()
 
 
+def test_halves_smem_bytes_exact(monkeypatch):
+  """halves_smem_bytes is what Mosaic GPU asks for at V3.2 shapes (its own sum of the buffers,
+  each rounded up to whole KiB, and the barriers), under the 227 KiB opt-in maximum."""
+  from jax.experimental.mosaic.gpu import core as mgpu_core  # noqa: PLC0415
+
+  if not hasattr(mgpu_core, "_smem_tree_size"):
+    pytest.skip("this Mosaic GPU does not size SMEM in _smem_tree_size")
+  sizes = []
+  size = mgpu_core._smem_tree_size
+  monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda b: sizes.append(size(b)) or sizes[-1])
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((1, 8, 128, 576), jnp.bfloat16), sds((1, 4096, 576), jnp.bfloat16)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=512, impl="pallas", config=HALVES)
+  _export(fwd, q, kv, sds((1, 8, 2048), jnp.int32))
+  assert sizes == [kernel_mosaic_gpu.halves_smem_bytes(576, 2)]
+  assert sizes[0] <= kernel_mosaic_gpu._SMEM_BYTES
+
+
 def _on_gpu():
   if jax.default_backend() != "gpu":
     pytest.skip("needs an NVIDIA GPU")
@@ -302,10 +343,11 @@ def _on_gpu():
 def test_pallas_gpu_full_shape():
   _on_gpu()
   q, kv, idx = _inputs(1, 512, 128, 576, 32768, 2048, jnp.bfloat16, lo=-100, hi_extra=0)
-  o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas")
   ro, rl = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512)
-  assert _testing.rel_err(o, ro) < _testing.tolerances(jnp.bfloat16)
-  assert _testing.rel_err(l, rl) < 1e-4
+  for config in (None, HALVES):
+    o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas", config=config)
+    assert _testing.rel_err(o, ro) < _testing.tolerances(jnp.bfloat16), config
+    assert _testing.rel_err(l, rl) < 1e-4, config
 
 
 @pytest.mark.gpu
@@ -314,8 +356,9 @@ def test_pallas_gpu_full_shape():
   [(512, 32768, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72), (64, 32768, 128, 576, 512, 4096)],
 )
 def test_pallas_gpu(t, s, h, k_dim, d_v, k):
-  """The product configs (and the fallback with 1 copy warpgroup) vs the fp32 reference: a fully
-  masked row, duplicates, ids < 0 and >= S; k = 4096 is past the SMEM budget of "direct"."""
+  """The product configs (and the fallback with 1 copy warpgroup, and split="halves") vs the fp32
+  reference: a fully masked row, duplicates, ids < 0 and >= S; k = 4096 is past the SMEM budget
+  of "direct" (not of "halves")."""
   _on_gpu()
   q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
@@ -324,9 +367,10 @@ def test_pallas_gpu(t, s, h, k_dim, d_v, k):
     ro, rl = ops.sparse_mla(
       q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, d_v=d_v
     )
-  configs = [*PRODUCT, GpuConfig(copies="staged")]
+  configs = [*PRODUCT, GpuConfig(copies="staged"), HALVES]
   if GpuConfig.default_for((k_dim, d_v, k)).copies == "staged":
     configs = configs[1:]  # "direct" raises there (test_direct_over_the_smem_budget_raises)
+    # ("halves" stages the slot ids per chunk: it runs at any k)
   for config in configs:
     o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", config=config)
     err = _testing.rel_err(o, ro)
@@ -338,11 +382,12 @@ def test_pallas_gpu(t, s, h, k_dim, d_v, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", ["full", "halves"])
 @pytest.mark.parametrize("bwd", ["xla", "kernel"])
 @pytest.mark.parametrize(
   "t,s,h,k_dim,d_v,k", [(64, 4096, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)]
 )
-def test_pallas_gpu_grads(t, s, h, k_dim, d_v, k, bwd):
+def test_pallas_gpu_grads(t, s, h, k_dim, d_v, k, bwd, split):
   """jax.vjp of the Mosaic GPU forward with either backward (blocked XLA, or the Mosaic GPU
   kernel; both sum dkv with the segment sum) with both cotangents vs autodiff of the fp32
   reference, at V3.2 dims and at awkward ones (H 20, k 72 > S, d_v 80, K 96); a fully masked
@@ -351,7 +396,7 @@ def test_pallas_gpu_grads(t, s, h, k_dim, d_v, k, bwd):
   q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
   idx = idx.at[1, -1, :5].set(1)  # duplicates
-  config = GpuConfig(bwd=bwd)
+  config = GpuConfig(bwd=bwd, split=split)
   f = lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", config=config)
   (o, l), vjp = jax.vjp(f, q, kv)
   f32 = lambda x: x.astype(jnp.float32)
