@@ -5,8 +5,10 @@
 
 Each case runs in its own subprocess with a time limit, so a case that deadlocks (a warpgroup
 waiting on a barrier or on registers that never come) is recorded as such and the sweep goes on.
-Cases: the default ("direct" copies) and the "staged" fallback with 1, 2 or 4 copy warpgroups at
-top-k 2048, and the same at top-k 4096, where the fallback is what GpuConfig.default_for picks.
+Cases: the default ("direct" copies), its split="halves" alternative (the two compute warpgroups
+split the logits of a chunk instead of both computing them) and the "staged" fallback with 1, 2
+or 4 copy warpgroups at top-k 2048, and the fallback at top-k 4096, where it is what
+GpuConfig.default_for picks.
 rel_err is vs the XLA gather reference on the same inputs.
 """
 
@@ -19,6 +21,7 @@ import time
 
 CASES = {  # name: (top-k, GpuConfig kwargs)
   "direct": (2048, {}),  # the default
+  "halves": (2048, {"split": "halves"}),  # the logits split between the compute WGs
   "staged": (2048, {"copies": "staged"}),
   "staged_copy2": (2048, {"copies": "staged", "copy_wgs": 2}),
   "staged_copy4": (2048, {"copies": "staged", "copy_wgs": 4}),
