@@ -469,11 +469,9 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
       if direct:  # bar_free: both compute WGs are done with a slot
-        plgpu.barrier_wait(bar_idx)
         issue_op = None if interpret else direct_issue
-        copy_chunks_direct(
-          kv_ref, kv_smem, ids_ref, n_chunks, bar_free, bar_full, raw_bars, issue_op
-        )
+        # (with the last releases observed: the interpreter raises otherwise past 2 chunks)
+        copy_wg_direct(kv_ref, kv_smem, ids_ref, bar_idx, bar_free, bar_full, raw_bars, issue_op)
         return
 
       first = (wg - 2) * per_copy

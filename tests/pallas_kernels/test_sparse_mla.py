@@ -178,11 +178,12 @@ def test_pallas_interpret_fwd_bwd(config):
   _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, config=config)
 
 
-def test_pallas_interpret_halves_chunks_and_head_blocks():
-  """split="halves" over 5 chunks (k 300 -> 320 slots: the ids ring of 4 wraps, the last chunk
-  padded with invalid slots) and two head blocks (H 80 -> 128), d_v 64 (one value tile per
-  compute warpgroup); ids < 0 and >= S, duplicates, a fully masked row."""
-  _check_fwd_bwd(b=1, t=2, h=80, k_dim=128, d_v=64, s=200, k=300, seed=3, config=HALVES)
+@pytest.mark.parametrize("config", [None, HALVES], ids=["direct", "halves"])
+def test_pallas_interpret_chunks_and_head_blocks(config):
+  """5 chunks (k 300 -> 320 slots, the last one padded with invalid slots; "halves": its ids
+  ring of 4 wraps) and two head blocks (H 80 -> 128), d_v 64 (one value tile per compute
+  warpgroup); ids < 0 and >= S, duplicates, a fully masked row."""
+  _check_fwd_bwd(b=1, t=2, h=80, k_dim=128, d_v=64, s=200, k=300, seed=3, config=config)
 
 
 def test_pallas_interpret_fwd_bwd_scan_steps():
