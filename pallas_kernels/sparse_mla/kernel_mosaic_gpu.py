@@ -22,6 +22,11 @@ Two ways to copy the rows (`GpuConfig.copies`):
   "staged" (the fallback for idx rows over the SMEM budget, `direct_fits`): the slot ids stay in
     GMEM; the copy WGs issue one row copy each (Pallas `copy_gmem_to_smem`) into an untiled
     stage, and the compute WGs re-lay it out into a single swizzled operand buffer.
+Two ways to share a chunk between the compute WGs (`GpuConfig.split`, "direct" copies only):
+  "full" (default): both compute the whole logits tile (1.53x the useful tensor work at V3.2).
+  "halves": each computes the logits of its 32 slots; the two exchange row maxima and bf16 P
+    halves through SMEM (two WG barriers per chunk), and the slot ids are staged per chunk in an
+    SMEM ring of 4 instead of the whole idx row (any k fits). See `_sparse_mla_fwd_halves`.
 The q tile is reused for the output once both compute WGs have finished their last logits.
 In the GPU interpreter (CPU tests) the direct path runs the same pipeline with Pallas row copies
 into the swizzled slots (inline Mosaic GPU has no interpreter).
@@ -651,7 +656,10 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
   Why P goes back to registers rather than two K = 32 wgmmas with A = P_0, P_1 from SMEM: R is
   128-byte swizzled (the direct copies' layout), and Mosaic GPU's wgmma needs K to be a multiple
   of the swizzle width (64 bf16) and the same swizzle on both SMEM operands, so neither a K = 32
-  B slice of R nor a 64-byte-swizzled [64, 32] A operand can meet it.
+  B slice of R nor a 64-byte-swizzled [64, 32] A operand can meet it (CUDA cross-lowering: A in
+  registers with K = 32, "K must be a multiple of 64, got: 32"; A = P_w from SMEM with a 64-byte
+  swizzle, "Failed to infer a possible set of layouts"). The same exchange was tried before with
+  the staged copies (WORKSPACE.md, `split_qk`, 2026-11-29): correct, and slower there.
 
   Hazards (the two per-chunk barriers cover them, since every read of the exchange rows and of
   P_w, including the P·V wgmmas, completes before the WG's next arrive):
