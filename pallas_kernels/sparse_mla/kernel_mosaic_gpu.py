@@ -33,7 +33,6 @@ into the swizzled slots (inline Mosaic GPU has no interpreter).
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -649,7 +648,7 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
        SMEM f32 exchange; barrier `bar_max`; m_new = max(m_i, own, other's) (the same in both WGs);
     3. p_w = exp2(S_w - m_new), l_w = l_w·alpha + rowsum(p_w) (each WG sums its own slots; the
        total l_0 + l_1 is exchanged once after the loop);
-    4. stores p_w (bf16) to its SMEM half P_w [64, 32]; barrier `bar_p`; loads the other half and
+    4. stores p_w (bf16) to its SMEM half P_w [64, 32]; barrier `bar_p`; loads both halves and
        joins them into the chunk's P [64, 64] in registers;
     5. acc_c = alpha·acc_c + P @ R[:, value tile c] over its half of the value columns (A from
        registers, K = 64: one wgmma per tile as in "full"), then releases the operand slot.
@@ -666,7 +665,8 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
     - the max row w of chunk j + 1 is written after bar_p of chunk j, which the other WG reaches
       only after reading row w of chunk j;
     - P_w of chunk j + 1 is written after bar_max of chunk j + 1, which the other WG reaches only
-      after it loaded P_w of chunk j (and finished that chunk's wgmmas);
+      after it loaded P_w of chunk j (and finished that chunk's wgmmas; WG w's own load of P_w
+      precedes its store in program order);
     - after the loop, row w takes l_w (the other WG's last max read came before bar_p), and WG0's
       lse tile has a row of its own (the other WG still reads l_0 after bar_end).
 
@@ -797,12 +797,11 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
         alpha = jnp.exp2(m_i - m_use)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
-        p = p.astype(dtype)
-        p_halves.at[w][...] = p
+        p_halves.at[w][...] = p.astype(dtype)
         plgpu.barrier_arrive(bar_p)
         plgpu.barrier_wait(bar_p)
-        p_other = p_halves.at[1 - w][...]
-        p = jnp.concatenate([p, p_other] if w == 0 else [p_other, p], axis=1)  # [64, 64]
+        # Both halves from SMEM (the own one too): one code path for both WGs.
+        p = jnp.concatenate([p_halves.at[0][...], p_halves.at[1][...]], axis=1)  # [64, 64]
         if interpret:  # the interpreter reads A from SMEM only
           p_smem.at[w][...] = p
           plgpu.commit_smem()
@@ -838,14 +837,18 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
       for c in range(v_tiles):
         cols = pl.ds((v0 + c) * 64, 64)
         plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
-      if w == 0:
+
+      @pl.when(w == 0)
+      def _():
         lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
+
       plgpu.wait_smem_to_gmem(0)
 
-    for w in range(2):
-      pl.when(wg == w)(functools.partial(compute, w))
+    # One code path for both compute WGs, w = wg traced (the lab log saw per-WG copies of the
+    # loop spill more registers: ptxas gives every thread at most 168).
+    pl.when(wg < 2)(lambda: compute(wg))
 
   def sparse_mla_fwd_halves_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # name in profiles
     halves = (plgpu.TilingTransform((8, half)), plgpu.SwizzleTransform(half * dtype.itemsize))
