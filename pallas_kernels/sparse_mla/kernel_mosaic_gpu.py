@@ -7,29 +7,22 @@ Layout the wrapper (ops.py) hands to the kernel (batch folded into rows):
   idx [N, kp]      int32 global row numbers (b*S + s), -1 for an invalid slot, kp % 64 == 0
 
 One CTA = one token x 64 heads (grid: heads fastest, so a token's CTAs share its rows in L2),
-2 compute warpgroups (WG) + `copy_wgs` copy WGs. Hopper has no TMA gather; the copy WGs gather
-each 64-slot chunk of selected rows into SMEM, the compute WGs run the base-2 online softmax:
-each computes the whole 64 x 64 logits tile of the chunk (q·kᵀ over all Kp dims) and P·V for
-its half of the value columns, so a token's rows are gathered once per 64 heads and each
-compute WG holds a 64 x (d_out / 2) f32 accumulator.
-
-Two ways to copy the rows (`GpuConfig.copies`):
-  "direct" (default): the token's slot ids are staged in SMEM (one TMA); each thread of the one
-    copy WG issues 16-byte `cp.async` pieces of the rows straight into the free slot of a
-    double-buffered, tiled + swizzled wgmma operand (it computes the swizzled address itself,
-    `_direct_ops`), so chunk j+1 lands while chunk j is multiplied.
-    SMEM: q 72 KiB + two operand slots 2 x 72 KiB + the idx row (8 KiB at k = 2048) at V3.2.
-  "staged" (the fallback for idx rows over the SMEM budget, `direct_fits`): the slot ids stay in
-    GMEM; the copy WGs issue one row copy each (Pallas `copy_gmem_to_smem`) into an untiled
-    stage, and the compute WGs re-lay it out into a single swizzled operand buffer.
-Two ways to share a chunk between the compute WGs (`GpuConfig.split`, "direct" copies only):
-  "full" (default): both compute the whole logits tile (1.53x the useful tensor work at V3.2).
-  "halves": each computes the logits of its 32 slots; the two exchange row maxima and bf16 P
-    halves through SMEM (two WG barriers per chunk), and the slot ids are staged per chunk in an
-    SMEM ring of 4 instead of the whole idx row (any k fits). See `_sparse_mla_fwd_halves`.
-The q tile is reused for the output once both compute WGs have finished their last logits.
-In the GPU interpreter (CPU tests) the direct path runs the same pipeline with Pallas row copies
-into the swizzled slots (inline Mosaic GPU has no interpreter).
+3 warpgroups (WG): 2 compute WGs and 1 copy WG. Hopper has no TMA gather; the copy WG gathers
+each 64-slot chunk of selected rows into one of two operand slots: each of its threads issues
+16-byte `cp.async` pieces of the rows straight into the tiled + swizzled wgmma operand (it
+computes the swizzled address itself, `_direct_ops`), so chunk j+1 lands while chunk j is
+multiplied. The slot ids are staged per chunk in an SMEM ring of 4 (chunk j's 64 ids, one TMA,
+in ring slot j % 4), two chunks ahead of the row copies, so the SMEM does not depend on k.
+Per chunk each compute WG computes the logits of its 32 slots (q·kᵀ over all Kp dims), the two
+exchange their row maxima and bf16 P halves through SMEM (two WG barriers per chunk), and each
+runs the base-2 online softmax and P·V over the whole chunk for its half of the value columns
+(a 64 x (d_out / 2) f32 accumulator). So a token's rows are gathered once per 64 heads and their
+logits computed once per CTA. The q tile is reused for the output once both compute WGs are past
+their last logits. See `sparse_mla_fwd` for the steps and hazards, `smem_bytes` for the budget.
+In the GPU interpreter (CPU tests) the same pipeline runs with Pallas row copies into the
+swizzled slots (inline Mosaic GPU has no interpreter).
+The copy ops and helpers here are shared with the backward (kernel_mosaic_gpu_bwd.py) and the
+probabilities kernel (kernel_mosaic_gpu_probs.py).
 """
 
 import dataclasses
@@ -45,12 +38,10 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 HEAD_BLOCK = 64  # wgmma M
 BLOCK_K = 64  # selected rows per chunk (wgmma N of q·kᵀ, K of P·V)
-COPIES = ("direct", "staged")
-SPLITS = ("full", "halves")
+WARPGROUPS = 3  # WG0, WG1 compute, WG2 copies
 BWDS = ("xla", "kernel")
 _SWIZZLE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
 _SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
-_MAX_IDX_CHUNKS = 256  # one 2-D TMA box of slot ids: <= 256 per dimension
 
 
 def _round_up(x, m):
@@ -64,116 +55,73 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
   return _round_up(max(k_dim, d_out), 64), d_out, _round_up(k, BLOCK_K)
 
 
-def smem_bytes(kp_dim: int, kp: int, itemsize: int, copies: str) -> int:
-  """SMEM the forward asks for: three 64-row tiles (q + two operand slots, or q + stage +
-  operand), the idx row (direct only), the lse / mbarrier rows and the barriers; Mosaic GPU
-  rounds every buffer up to whole KiB."""
-  kib = lambda x: _round_up(x, 1024)
-  idx = kib(4 * kp) if copies == "direct" else 0
-  return 3 * kib(HEAD_BLOCK * kp_dim * itemsize) + idx + kib(2 * 4 * HEAD_BLOCK) + 128
+IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
+_BARRIERS = 1 + IDS_RING + 2 + 1 + 1 + 1  # q, ids ring, operand free, max, P, end
 
 
-IDS_RING = 4  # split="halves": SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-HALVES_BARRIERS = 1 + IDS_RING + 2 + 1 + 1 + 1  # q, ids ring, operand free, max, P, end
-
-
-def halves_smem_bytes(kp_dim: int, itemsize: int) -> int:
-  """SMEM of split="halves" on hardware (any k: the slot ids are staged per chunk): q + two
+def smem_bytes(kp_dim: int, itemsize: int) -> int:
+  """SMEM the forward asks for on hardware (any k: the slot ids are staged per chunk): q + two
   operand slots (three 64-row tiles), the two P halves [2, 64, 32], the ids ring [4, 64] int32,
   the f32 rows (max / l exchange, lse tile, raw mbarriers) [4, 64], each rounded up to whole KiB
   as Mosaic GPU does, and 8 bytes per Pallas barrier."""
   kib = lambda x: _round_up(x, 1024)
   tiles = 3 * kib(HEAD_BLOCK * kp_dim * itemsize)
   p_halves = kib(2 * HEAD_BLOCK * (BLOCK_K // 2) * itemsize)
-  return (
-    tiles + p_halves + kib(4 * IDS_RING * BLOCK_K) + kib(4 * 4 * HEAD_BLOCK) + 8 * HALVES_BARRIERS
-  )
+  return tiles + p_halves + kib(4 * IDS_RING * BLOCK_K) + kib(4 * 4 * HEAD_BLOCK) + 8 * _BARRIERS
 
 
-def halves_fits(kp_dim: int, itemsize: int = 2) -> bool:
-  return halves_smem_bytes(kp_dim, itemsize) <= _SMEM_BYTES
-
-
-def direct_fits(kp_dim: int, kp: int, itemsize: int = 2) -> bool:
-  """Whether copies="direct" can run: the token's slot ids fit in SMEM next to the tiles and in
-  one TMA box."""
-  fits = smem_bytes(kp_dim, kp, itemsize, "direct") <= _SMEM_BYTES
-  return fits and kp // BLOCK_K <= _MAX_IDX_CHUNKS
+def fits(kp_dim: int, itemsize: int = 2) -> bool:
+  """Whether the forward's SMEM fits at row dim Kp (any k)."""
+  return smem_bytes(kp_dim, itemsize) <= _SMEM_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-  """The GPU sparse MLA kernels' settings (hashable: a static argument).
+  """The GPU sparse MLA kernels' settings (hashable: a static argument). The forward is one
+  kernel (module docstring) with no settings of its own.
 
-  copies: "direct" (the default) or "staged" (the fallback for long top-k, whose slot ids do
-    not fit in SMEM); see the module docstring. Asking for "direct" where it cannot run raises.
-  copy_wgs: copy warpgroups (1 for "direct"; 1, 2 or 4 for "staged", each copying
-    64 / copy_wgs rows per chunk).
   bwd_block_t: query tokens per scan step of the backward (ops._bwd_blocked and
     ops._bwd_kernel_blocked), counted over the batch: a batch of b takes bwd_block_t // b
     tokens per step (fewer where a step's dK rows would reach 2**31 elements, the segment sum's
     int32 offsets).
-  split: how the two compute warpgroups share a 64-slot chunk (copies="direct" only): "full"
-    (the default: each computes the whole 64 x 64 logits tile, duplicated, and P·V for its half
-    of the value columns) or "halves" (each computes the logits of its 32 slots only, the two
-    exchange the row max and their P halves through SMEM, then P·V as "full"; see
-    `_sparse_mla_fwd_halves`). "halves" stages the slot ids per chunk, so it runs at any k where
-    `halves_fits(Kp)`.
   bwd: "kernel" (dq and the [dS; P] tiles from the Mosaic GPU kernel of
     kernel_mosaic_gpu_bwd.py, then the dK rows and their sorted sum in XLA,
     ops._bwd_kernel_blocked) or "xla" (the blocked XLA backward, ops._bwd_blocked: the fallback
     where the kernel's tiles do not fit in SMEM, `kernel_mosaic_gpu_bwd.fits`).
   """
 
-  copies: str = "direct"
-  copy_wgs: int = 1
   bwd_block_t: int = 512
   bwd: str = "kernel"
-  split: str = "full"
 
   def __post_init__(self):
-    if self.copies not in COPIES:
-      raise ValueError(f"copies={self.copies!r}; expected one of {COPIES}")
-    if self.copy_wgs not in (1, 2, 4):
-      raise ValueError(f"copy_wgs={self.copy_wgs} must be 1, 2 or 4")
-    if self.copies == "direct" and self.copy_wgs != 1:
-      raise ValueError(f"copies='direct' issues from one copy warpgroup, got {self.copy_wgs}")
     if self.bwd_block_t < 1:
       raise ValueError(f"bwd_block_t={self.bwd_block_t} must be positive")
     if self.bwd not in BWDS:
       raise ValueError(f"bwd={self.bwd!r}; expected one of {BWDS}")
-    if self.split not in SPLITS:
-      raise ValueError(f"split={self.split!r}; expected one of {SPLITS}")
-    if self.split == "halves" and self.copies != "direct":
-      raise ValueError(f"split='halves' runs with copies='direct', got copies={self.copies!r}")
 
   @classmethod
   def default_for(cls, shape: tuple[int, int, int], device=None) -> "GpuConfig":
     """The config for shape = (k_dim, d_v, k) (q/kv row dim, value dims, selected slots) on
-    `device` (default jax.devices()[0]; a GPU must be a Hopper, compute capability 9.x):
-    "direct" copies, or "staged" with 2 copy warpgroups when the slot ids do not fit
-    (`direct_fits`); the kernel backward, or "xla" where its tiles do not fit."""
+    `device` (default jax.devices()[0]; a GPU must be a Hopper, compute capability 9.x): the
+    kernel backward, or "xla" where its tiles do not fit. (The forward raises where its own
+    tiles do not fit, `fits`.)"""
     from pallas_kernels.sparse_mla import kernel_mosaic_gpu_bwd  # noqa: PLC0415 (imports this)
 
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
     if device.platform == "gpu" and cc is not None and not str(cc).startswith("9"):
       raise ValueError(f"the Mosaic GPU sparse MLA kernels need a Hopper GPU (sm_90), got {cc}")
-    kp_dim, d_out, kp = padded_dims(*shape)
-    bwd = "kernel" if kernel_mosaic_gpu_bwd.fits(kp_dim, d_out) else "xla"
-    if direct_fits(kp_dim, kp):
-      return cls(bwd=bwd)
-    return cls(copies="staged", copy_wgs=2, bwd=bwd)
+    kp_dim, d_out, _ = padded_dims(*shape)
+    return cls(bwd="kernel" if kernel_mosaic_gpu_bwd.fits(kp_dim, d_out) else "xla")
 
   @property
   def registers(self) -> tuple[int, int]:
-    """(compute, copy) registers per thread after setmaxnreg. The CTA keeps the registers it was
-    launched with (64K / threads per thread, in steps of 8), so 2 * compute + copy_wgs * copy
-    must fit in that pool or the increase waits forever (6 WGs: 80 each, not 85)."""
-    wgs = 2 + self.copy_wgs
-    pool = 65536 // (128 * wgs) // 8 * 8 * wgs
-    copy = 24 if self.copy_wgs == 4 else (72 if self.copies == "direct" else 40)
-    return (pool - self.copy_wgs * copy) // 2 // 8 * 8, copy
+    """(compute, copy) registers per thread of the forward after setmaxnreg. The CTA keeps the
+    registers it was launched with (64K / 384 threads, in steps of 8: 168 each), so
+    2 * compute + copy must fit in that pool or the increase waits forever."""
+    pool = 65536 // (128 * WARPGROUPS) // 8 * 8 * WARPGROUPS
+    copy = 72
+    return (pool - copy) // 2 // 8 * 8, copy
 
 
 def _swizzled(shape, dtype):
@@ -187,17 +135,6 @@ def _mma_acc(acc, a, b):
     plgpu.wgmma(acc_ref, a, b)
 
   return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def _online_softmax(s, ids, m_i, l_i, qk_scale):
-  """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
-  (m_new, alpha = rescale of the old accumulator, p = exp2(s - m_new), l_new)."""
-  s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
-  m_new = jnp.maximum(m_i, s.max(axis=1))
-  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-  alpha = jnp.exp2(m_i - m_use)
-  p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-  return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
 
 
 def _scalar(x):
@@ -214,8 +151,8 @@ def _scalar(x):
 
 def _direct_ops(n_rows: int, row_bytes: int):
   """Inline Mosaic GPU (init, issue, wait) on raw SMEM mbarriers (Pallas barriers cannot be
-  passed to inline_mgpu) for copies="direct": the rows land straight in the tiled + swizzled
-  wgmma operand.
+  passed to inline_mgpu) for the direct row copies of the forward, the backward and the
+  probabilities kernel: the rows land straight in the tiled + swizzled wgmma operand.
 
   The operand [2, n_rows, row_bytes / 2] bf16 is stored as 1 KiB tiles of 8 rows x 128 bytes
   (row tile major, then column tile), and the 128-byte swizzle XORs a 16-byte piece's index
@@ -329,7 +266,7 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
 
 
 def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_bars, issue_op):
-  """The copy warpgroup's loop for direct copies: chunk j's rows (ids [n_chunks, bk] in SMEM)
+  """The copy warpgroup's loop of copy_wg_direct: chunk j's rows (ids [n_chunks, bk] in SMEM)
   into operand slot j % 2 of kv_smem, once the slot's chunk j - 2 is released on
   bar_free[slot]. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline
   Mosaic GPU: one Pallas row copy per row, arriving on bar_full[slot]."""
@@ -402,248 +339,13 @@ def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret
 def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
 
-  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0 and d_out <= Kp, and for
-  copies="direct" `direct_fits(Kp, kp)`. The SMEM q tile is stored as [Kp/64, 64, 64] column
-  tiles (each contiguous: the output reuses it, and TMA stores need contiguous SMEM).
-  """
-  n, hp, kp_dim = q.shape
-  kp = idx.shape[1]
-  bk = BLOCK_K
-  if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
-    raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
-  if config.split == "halves":
-    if not halves_fits(kp_dim, q.dtype.itemsize):
-      need = halves_smem_bytes(kp_dim, q.dtype.itemsize)
-      raise ValueError(f"split='halves' needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
-    idx3 = idx.reshape(n, kp // bk, bk)
-    return _sparse_mla_fwd_halves(
-      q, kv, idx3, scale=scale, d_out=d_out, config=config, interpret=interpret
-    )
-  direct = config.copies == "direct"
-  if direct and not direct_fits(kp_dim, kp, q.dtype.itemsize):
-    need = smem_bytes(kp_dim, kp, q.dtype.itemsize, "direct")
-    raise ValueError(
-      f"copies='direct' stages the slot ids in SMEM: k={kp} slots at Kp={kp_dim} need {need} "
-      f"of {_SMEM_BYTES} bytes and at most {_MAX_IDX_CHUNKS * bk} slots; use "
-      "GpuConfig(copies='staged', copy_wgs=2) (the long top-k fallback) or GpuConfig.default_for"
-    )
-  n_chunks = kp // bk
-  n_tiles = kp_dim // 64
-  v_tiles = d_out // 128  # value-column tiles per compute WG
-  per_copy = bk // config.copy_wgs
-  dtype = q.dtype
-  qk_scale = scale * _LOG2E  # softmax in base 2: one FMA per logit
-  idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
-  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # the wrapper keeps every copy in bounds
-  if direct and not interpret:
-    direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
-
-  def relayout(stage, kv_smem, r0):
-    # Row halves: a row range of the untiled stage is contiguous (a column range is not, and
-    # the untiled load assumes contiguity).
-    rows = pl.ds(r0, bk // 2)
-    layout = plgpu.Layout.SMEM_GMEM_COPY((bk // 2, kp_dim), dtype, 128)
-    kv_smem.at[rows][...] = plgpu.load(stage.at[rows], layout=layout, optimized=False)
-
-  def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
-    q_smem, stage, kv_smem, idx_smem, p_smem, misc = bufs
-    # direct: kv_smem is [2, bk, Kp] (two operand slots), bar_free holds one barrier per slot,
-    # bar_full too (the interpreter's Pallas copies only), bar_end ends the loop.
-    bar_q, bar_idx, bar_full, bar_relaid, bar_free, bar_end = bars
-    # misc rows (every SMEM buffer takes whole KiB, so the small ones share one): 0 the lse
-    # tile, 1[:4] direct's two raw mbarriers (8 bytes each, one per operand slot).
-    lse_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 4)]
-    t = lax.axis_index("t")
-    hb = lax.axis_index("h")
-    wg = lax.axis_index("wg")
-    heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
-    ids_ref = idx_smem if direct else idx_ref.at[t]
-
-    @pl.when(wg == 0)
-    def _():
-      if direct and not interpret:  # before the idx copy: its barrier orders the init
-        direct_init(raw_bars)
-      for c in range(n_tiles):
-        plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
-      if direct:
-        plgpu.copy_gmem_to_smem(idx_ref.at[t], idx_smem, bar_idx, oob_mode=oob)
-
-    @pl.when(wg >= 2)
-    def _copy_wg():
-      if not interpret:
-        plgpu.set_max_registers(config.registers[1], action="decrease")
-      if direct:  # bar_free: both compute WGs are done with a slot
-        issue_op = None if interpret else direct_issue
-        # (with the last releases observed: the interpreter raises otherwise past 2 chunks)
-        copy_wg_direct(kv_ref, kv_smem, ids_ref, bar_idx, bar_free, bar_full, raw_bars, issue_op)
-        return
-
-      first = (wg - 2) * per_copy
-
-      def issue_staged(j):
-        # Invalid slots fetch row 0; the compute WGs mask them in the logits.
-        rows = [jnp.maximum(ids_ref[j, first + i], 0) for i in range(per_copy)]
-        for i, r in enumerate(rows):
-          dst = stage.at[pl.ds(first + i, 1)]
-          plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(r, 1)], dst, bar_full, oob_mode=oob)
-
-      issue_staged(0)
-
-      @pl.loop(0, n_chunks)
-      def _(j):
-        plgpu.barrier_wait(bar_relaid)  # chunk j is in the operand buffer: the stage is free
-
-        @pl.when(j + 1 < n_chunks)
-        def _():
-          issue_staged(j + 1)
-
-    @pl.when(wg < 2)
-    def _compute_wg():
-      if not interpret:
-        plgpu.set_max_registers(config.registers[0], action="increase")
-      plgpu.barrier_wait(bar_q)
-      if direct:
-        plgpu.barrier_wait(bar_idx)
-      m_i = plgpu.layout_cast(
-        jnp.full((HEAD_BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-      )
-      l_i = plgpu.layout_cast(
-        jnp.full((HEAD_BLOCK,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-      )
-      accs = tuple(
-        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        for _ in range(v_tiles)
-      )
-      v0 = wg * v_tiles  # this WG's first value-column tile
-
-      def pv(accs, p, operand, alpha):
-        """alpha * accs[c] + p @ v_tile(c) over this WG's value tiles of the [bk, Kp] operand,
-        each tile scaled right before its wgmma (fewer live registers)."""
-        if interpret:  # the interpreter reads A from SMEM only
-          p_smem.at[wg][...] = p
-          plgpu.commit_smem()
-          p = p_smem.at[wg]
-        new = []
-        for c, acc in enumerate(accs):
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
-          if interpret:
-            # The interpreter cannot discharge run_state(ACC.init(...)): a fresh product is
-            # added instead (same math).
-            def scope(acc_ref, a=p, b=v_tile):
-              plgpu.wgmma(acc_ref, a, b)
-              return acc_ref[...]
-
-            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
-          else:
-            new.append(_mma_acc(acc, p, v_tile))
-        return tuple(new)
-
-      def math(j, carry, operand, bar):
-        accs, m_i, l_i = carry
-
-        def qk_scope(acc_ref):
-          for c in range(n_tiles):
-            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[:, pl.ds(c * 64, 64)].T)
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
-        ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-        m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
-        accs = pv(accs, p.astype(dtype), operand, alpha)
-        plgpu.barrier_arrive(bar)  # this WG is done with the operand
-        return accs, m_new, l_i
-
-      def direct_step(j, carry):
-        slot = j % 2
-        if interpret:
-          plgpu.barrier_wait(bar_full.at[slot])
-        else:
-          mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
-          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-        return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
-
-      def staged_step(j, carry):
-        plgpu.barrier_wait(bar_full)
-
-        @pl.when(j > 0)
-        def _():
-          plgpu.barrier_wait(bar_free)  # both WGs are done with chunk j-1's operand
-
-        pl.when(wg == 0)(lambda: relayout(stage, kv_smem, 0))
-        pl.when(wg == 1)(lambda: relayout(stage, kv_smem, bk // 2))
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(bar_relaid)
-        plgpu.barrier_wait(bar_relaid)  # the other WG's half is in place too
-        return math(j, carry, kv_smem, bar_free)
-
-      step = direct_step if direct else staged_step
-      accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
-      # Both WGs past their last logits: q_smem can take the output.
-      if direct:
-        plgpu.barrier_arrive(bar_end)
-        plgpu.barrier_wait(bar_end)
-      else:
-        plgpu.barrier_wait(bar_free)
-      has = l_i > 0
-      l_safe = jnp.where(has, l_i, 1.0)
-      inv = jnp.where(has, 1.0 / l_safe, 0.0)
-      for c, acc in enumerate(accs):
-        q_smem.at[v0 + c][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-      plgpu.commit_smem()
-      for c in range(v_tiles):
-        cols = pl.ds((v0 + c) * 64, 64)
-        plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
-
-      @pl.when(wg == 0)
-      def _():
-        lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
-
-      plgpu.wait_smem_to_gmem(0)
-
-  def sparse_mla_fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # the name in profiles
-    bufs = (
-      _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
-      None if direct else plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer
-      _swizzled((2, bk, kp_dim) if direct else (bk, kp_dim), dtype),  # wgmma operand(s)
-      plgpu.SMEM((n_chunks, bk), jnp.int32) if direct else None,  # the token's slot ids
-      _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,  # P (interpreter only)
-      plgpu.SMEM((2, HEAD_BLOCK), jnp.float32),  # lse tile, raw mbarriers
-    )
-    bars = (
-      plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
-      plgpu.Barrier(num_arrivals=1) if direct else None,  # idx row
-      # one arrival per row copy (direct: the interpreter's, per operand slot)
-      None
-      if direct and not interpret
-      else plgpu.Barrier(num_arrivals=bk, num_barriers=2 if direct else 1),
-      None if direct else plgpu.Barrier(num_arrivals=2),  # both halves re-laid out
-      plgpu.Barrier(num_arrivals=2, num_barriers=2 if direct else 1),  # operand done
-      plgpu.Barrier(num_arrivals=2) if direct else None,  # direct: both WGs past the loop
-    )
-    pl.run_scoped(
-      lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, r),
-      bufs,
-      bars,
-      collective_axes="wg",
-    )
-
-  out_type = (
-    jax.ShapeDtypeStruct((n, hp, d_out), dtype),
-    jax.ShapeDtypeStruct((n, hp), jnp.float32),
-  )
-  kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, 2 + config.copy_wgs, interpret)
-  return kern(q, kv, idx3)
-
-
-def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: GpuConfig, interpret):
-  """split="halves" of sparse_mla_fwd (same layout and results; idx3 [N, kp / 64, 64]).
+  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0, d_out <= Kp and `fits(Kp)`.
+  The SMEM q tile is stored as [Kp/64, 64, 64] column tiles (each contiguous: the output reuses
+  it, and TMA stores need contiguous SMEM).
 
   Per 64-slot chunk j (operand slot j % 2, rows R [64, Kp]), compute warpgroup w in {0, 1}:
     1. waits for the rows, S_w = q·R[32w : 32w + 32]ᵀ [64 heads, 32 slots] (wgmma N = 32), so the
-       logits are computed once per CTA, not twice;
+       logits are computed once per CTA;
     2. masks its invalid slots, scales (base 2), takes its row max and writes it to row w of an
        SMEM f32 exchange; barrier `bar_max`; m_new = max(m_i, own, other's) (the same in both WGs);
     3. p_w = exp2(S_w - m_new), l_w = l_w·alpha + rowsum(p_w) (each WG sums its own slots; the
@@ -651,14 +353,13 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
     4. stores p_w (bf16) to its SMEM half P_w [64, 32]; barrier `bar_p`; loads both halves and
        joins them into the chunk's P [64, 64] in registers;
     5. acc_c = alpha·acc_c + P @ R[:, value tile c] over its half of the value columns (A from
-       registers, K = 64: one wgmma per tile as in "full"), then releases the operand slot.
+       registers, K = 64: one wgmma per tile), then releases the operand slot.
   Why P goes back to registers rather than two K = 32 wgmmas with A = P_0, P_1 from SMEM: R is
-  128-byte swizzled (the direct copies' layout), and Mosaic GPU's wgmma needs K to be a multiple
-  of the swizzle width (64 bf16) and the same swizzle on both SMEM operands, so neither a K = 32
-  B slice of R nor a 64-byte-swizzled [64, 32] A operand can meet it (CUDA cross-lowering: A in
+  128-byte swizzled (the copy ops' layout), and Mosaic GPU's wgmma needs K to be a multiple of
+  the swizzle width (64 bf16) and the same swizzle on both SMEM operands, so neither a K = 32 B
+  slice of R nor a 64-byte-swizzled [64, 32] A operand can meet it (CUDA cross-lowering: A in
   registers with K = 32, "K must be a multiple of 64, got: 32"; A = P_w from SMEM with a 64-byte
-  swizzle, "Failed to infer a possible set of layouts"). The same exchange was tried before with
-  the staged copies (WORKSPACE.md, `split_qk`, 2026-11-29): correct, and slower there.
+  swizzle, "Failed to infer a possible set of layouts").
 
   Hazards (the two per-chunk barriers cover them, since every read of the exchange rows and of
   P_w, including the P·V wgmmas, completes before the WG's next arrive):
@@ -678,12 +379,20 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
   i.e. two chunks ahead of its row copies. The compute WGs wait on bar_ids too (each waiter
   observes every phase).
   SMEM at V3.2 (Kp 576, bf16): q 72 KiB + operand slots 144 + P halves 8 + ids ring 1 + f32 rows
-  1 + 10 barriers = 231504 bytes of 232448 (`halves_smem_bytes`).
+  1 + 10 barriers = 231504 bytes of 232448 (`smem_bytes`).
   The interpreter (no inline Mosaic GPU, A operands from SMEM only) copies rows with Pallas
   copies on bar_full and stores the joined P to a per-WG SMEM tile for the P·V wgmmas.
   """
   n, hp, kp_dim = q.shape
-  n_chunks, bk = idx3.shape[1:]
+  kp = idx.shape[1]
+  bk = BLOCK_K
+  if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
+    raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
+  if not fits(kp_dim, q.dtype.itemsize):
+    need = smem_bytes(kp_dim, q.dtype.itemsize)
+    raise ValueError(f"the forward needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
+  n_chunks = kp // bk
+  idx3 = idx.reshape(n, n_chunks, bk)  # chunk j's ids: one TMA into the ring
   half = bk // 2
   n_tiles = kp_dim // 64
   v_tiles = d_out // 128  # value-column tiles per compute WG
@@ -846,11 +555,11 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
 
       plgpu.wait_smem_to_gmem(0)
 
-    # One code path for both compute WGs, w = wg traced (the lab log saw per-WG copies of the
-    # loop spill more registers: ptxas gives every thread at most 168).
+    # One code path for both compute WGs, w = wg traced (a copy of the loop per WG spills more
+    # registers under ptxas' cap of 168 per thread).
     pl.when(wg < 2)(lambda: compute(wg))
 
-  def sparse_mla_fwd_halves_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # name in profiles
+  def sparse_mla_fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # the name in profiles
     halves = (plgpu.TilingTransform((8, half)), plgpu.SwizzleTransform(half * dtype.itemsize))
     bufs = (
       _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
@@ -880,5 +589,5 @@ def _sparse_mla_fwd_halves(q, kv, idx3, *, scale: float, d_out: int, config: Gpu
     jax.ShapeDtypeStruct((n, hp, d_out), dtype),
     jax.ShapeDtypeStruct((n, hp), f32),
   )
-  kern = token_kernel(sparse_mla_fwd_halves_kernel, out_type, hp, n, 3, interpret)
+  kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, WARPGROUPS, interpret)
   return kern(q, kv, idx3)
