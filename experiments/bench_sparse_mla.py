@@ -55,26 +55,6 @@ def _interp(small):
   return True if small and jax.default_backend() == "cpu" else False
 
 
-def _fwd_variants(suite, shp, q, kv, idx, ro, tf):
-  """The long top-k fallback (GpuConfig(copies="staged", copy_wgs=2)) at the same shape."""
-  d_v, res = shp["d_v"], {}
-
-  def add(name, fn):
-    try:
-      o = fn(q, kv, idx)[0]
-      t = bench_common.time_fn(fn, q, kv, idx, iters=5)
-      res[name] = {"time_ms": t, "tflops": tf(t), "rel_err": bench_common.rel_err(o, ro)}
-    except Exception as e:  # noqa: BLE001 - a failing config is a finding, keep going
-      res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    print(suite, name, res[name], flush=True)
-
-  op = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
-  if suite == "S1":
-    cfg = ops.GpuConfig(copies="staged", copy_wgs=2)
-    add("staged", jax.jit(functools.partial(op, config=cfg)))
-  return res
-
-
 def _forward(suite, small):
   shp = _SMALL if small else _FULL[suite]
   q, kv, idx = _inputs(shp)
@@ -99,7 +79,6 @@ def _forward(suite, small):
   flops = _fwd_flops(shp)
   tf = lambda t: flops / (t * 1e-3) / 1e12
   rows = []
-  variants = {} if small else _fwd_variants(suite, shp, q, kv, idx, ro, tf)
   fm, torch = (None, None) if small else _flashmla()
   if fm is not None:
     tq = torch.from_dlpack(q[0])
@@ -131,7 +110,6 @@ def _forward(suite, small):
         rel_err_lse=err_lse,
         rel_err_vs_fp32_reference=err32,
         rel_err_vs_flashmla=err_vs_fm,
-        variants=variants,
         baseline={
           "name": "flashmla_sparse_prefill",
           "time_ms": t_fm,

@@ -9,8 +9,8 @@ Each case runs the op's custom-VJP backward rule (ops._sparse_mla_gpu_bwd) on th
 one default forward, with both cotangents (out and lse): exactly what jax.vjp runs, but one
 forward serves every case. The default is also timed through jax.vjp as
 experiments/bench_sparse_mla.py does (row "default_via_jax_vjp"), to show the two agree. Rel errs
-are vs the default. Forward configs: experiments/sweep_ws.py. --only=a,b re-runs chosen cases
-(plus the default); cases after --budget_s seconds are skipped.
+are vs the default. --only=a,b re-runs chosen cases (plus the default); cases after --budget_s
+seconds are skipped.
 """
 
 import dataclasses

@@ -7,24 +7,22 @@ Layout the wrapper (ops.py) hands to the kernel (batch folded into rows):
   idx [N, kp]      int32 global row numbers (b*S + s), -1 for an invalid slot, kp % 64 == 0
 
 One CTA = one token x 64 heads (grid: heads fastest, so a token's CTAs share its rows in L2),
-2 compute warpgroups (WG) + `copy_wgs` copy WGs. Hopper has no TMA gather; the copy WGs gather
-each 64-slot chunk of selected rows into SMEM, the compute WGs run the base-2 online softmax:
-each computes the whole 64 x 64 logits tile of the chunk (q·kᵀ over all Kp dims) and P·V for
-its half of the value columns, so a token's rows are gathered once per 64 heads and each
-compute WG holds a 64 x (d_out / 2) f32 accumulator.
-
-Two ways to copy the rows (`GpuConfig.copies`):
-  "direct" (default): the token's slot ids are staged in SMEM (one TMA); each thread of the one
-    copy WG issues 16-byte `cp.async` pieces of the rows straight into the free slot of a
-    double-buffered, tiled + swizzled wgmma operand (it computes the swizzled address itself,
-    `_direct_ops`), so chunk j+1 lands while chunk j is multiplied.
-    SMEM: q 72 KiB + two operand slots 2 x 72 KiB + the idx row (8 KiB at k = 2048) at V3.2.
-  "staged" (the fallback for idx rows over the SMEM budget, `direct_fits`): the slot ids stay in
-    GMEM; the copy WGs issue one row copy each (Pallas `copy_gmem_to_smem`) into an untiled
-    stage, and the compute WGs re-lay it out into a single swizzled operand buffer.
-The q tile is reused for the output once both compute WGs have finished their last logits.
-In the GPU interpreter (CPU tests) the direct path runs the same pipeline with Pallas row copies
-into the swizzled slots (inline Mosaic GPU has no interpreter).
+3 warpgroups (WG): 2 compute WGs and 1 copy WG. Hopper has no TMA gather; the copy WG gathers
+each 64-slot chunk of selected rows into one of two operand slots: each of its threads issues
+16-byte `cp.async` pieces of the rows straight into the tiled + swizzled wgmma operand (it
+computes the swizzled address itself, `_direct_ops`), so chunk j+1 lands while chunk j is
+multiplied. The slot ids are staged per chunk in an SMEM ring of 4 (chunk j's 64 ids, one TMA,
+in ring slot j % 4), two chunks ahead of the row copies, so the SMEM does not depend on k.
+Per chunk each compute WG computes the logits of its 32 slots (q·kᵀ over all Kp dims), the two
+exchange their row maxima and bf16 P halves through SMEM (two WG barriers per chunk), and each
+runs the base-2 online softmax and P·V over the whole chunk for its half of the value columns
+(a 64 x (d_out / 2) f32 accumulator). So a token's rows are gathered once per 64 heads and their
+logits computed once per CTA. The q tile is reused for the output once both compute WGs are past
+their last logits. See `sparse_mla_fwd` for the steps and hazards, `smem_bytes` for the budget.
+In the GPU interpreter (CPU tests) the same pipeline runs with Pallas row copies into the
+swizzled slots (inline Mosaic GPU has no interpreter).
+The copy ops and helpers here are shared with the backward (kernel_mosaic_gpu_bwd.py) and the
+probabilities kernel (kernel_mosaic_gpu_probs.py).
 """
 
 import dataclasses
@@ -40,11 +38,10 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 HEAD_BLOCK = 64  # wgmma M
 BLOCK_K = 64  # selected rows per chunk (wgmma N of q·kᵀ, K of P·V)
-COPIES = ("direct", "staged")
+WARPGROUPS = 3  # WG0, WG1 compute, WG2 copies
 BWDS = ("xla", "kernel")
 _SWIZZLE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
 _SMEM_BYTES = 232448  # Hopper's opt-in maximum per CTA
-_MAX_IDX_CHUNKS = 256  # one 2-D TMA box of slot ids: <= 256 per dimension
 
 
 def _round_up(x, m):
@@ -58,30 +55,31 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
   return _round_up(max(k_dim, d_out), 64), d_out, _round_up(k, BLOCK_K)
 
 
-def smem_bytes(kp_dim: int, kp: int, itemsize: int, copies: str) -> int:
-  """SMEM the forward asks for: three 64-row tiles (q + two operand slots, or q + stage +
-  operand), the idx row (direct only), the lse / mbarrier rows and the barriers; Mosaic GPU
-  rounds every buffer up to whole KiB."""
+IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
+_BARRIERS = 1 + IDS_RING + 2 + 1 + 1 + 1  # q, ids ring, operand free, max, P, end
+
+
+def smem_bytes(kp_dim: int, itemsize: int) -> int:
+  """SMEM the forward asks for on hardware (any k: the slot ids are staged per chunk): q + two
+  operand slots (three 64-row tiles), the two P halves [2, 64, 32], the ids ring [4, 64] int32,
+  the f32 rows (max / l exchange, lse tile, raw mbarriers) [4, 64], each rounded up to whole KiB
+  as Mosaic GPU does, and 8 bytes per Pallas barrier."""
   kib = lambda x: _round_up(x, 1024)
-  idx = kib(4 * kp) if copies == "direct" else 0
-  return 3 * kib(HEAD_BLOCK * kp_dim * itemsize) + idx + kib(2 * 4 * HEAD_BLOCK) + 128
+  tiles = 3 * kib(HEAD_BLOCK * kp_dim * itemsize)
+  p_halves = kib(2 * HEAD_BLOCK * (BLOCK_K // 2) * itemsize)
+  return tiles + p_halves + kib(4 * IDS_RING * BLOCK_K) + kib(4 * 4 * HEAD_BLOCK) + 8 * _BARRIERS
 
 
-def direct_fits(kp_dim: int, kp: int, itemsize: int = 2) -> bool:
-  """Whether copies="direct" can run: the token's slot ids fit in SMEM next to the tiles and in
-  one TMA box."""
-  fits = smem_bytes(kp_dim, kp, itemsize, "direct") <= _SMEM_BYTES
-  return fits and kp // BLOCK_K <= _MAX_IDX_CHUNKS
+def fits(kp_dim: int, itemsize: int = 2) -> bool:
+  """Whether the forward's SMEM fits at row dim Kp (any k)."""
+  return smem_bytes(kp_dim, itemsize) <= _SMEM_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-  """The GPU sparse MLA kernels' settings (hashable: a static argument).
+  """The GPU sparse MLA kernels' settings (hashable: a static argument). The forward is one
+  kernel (module docstring) with no settings of its own.
 
-  copies: "direct" (the default) or "staged" (the fallback for long top-k, whose slot ids do
-    not fit in SMEM); see the module docstring. Asking for "direct" where it cannot run raises.
-  copy_wgs: copy warpgroups (1 for "direct"; 1, 2 or 4 for "staged", each copying
-    64 / copy_wgs rows per chunk).
   bwd_block_t: query tokens per scan step of the backward (ops._bwd_blocked and
     ops._bwd_kernel_blocked), counted over the batch: a batch of b takes bwd_block_t // b
     tokens per step (fewer where a step's dK rows would reach 2**31 elements, the segment sum's
@@ -92,18 +90,10 @@ class GpuConfig:
     where the kernel's tiles do not fit in SMEM, `kernel_mosaic_gpu_bwd.fits`).
   """
 
-  copies: str = "direct"
-  copy_wgs: int = 1
   bwd_block_t: int = 512
   bwd: str = "kernel"
 
   def __post_init__(self):
-    if self.copies not in COPIES:
-      raise ValueError(f"copies={self.copies!r}; expected one of {COPIES}")
-    if self.copy_wgs not in (1, 2, 4):
-      raise ValueError(f"copy_wgs={self.copy_wgs} must be 1, 2 or 4")
-    if self.copies == "direct" and self.copy_wgs != 1:
-      raise ValueError(f"copies='direct' issues from one copy warpgroup, got {self.copy_wgs}")
     if self.bwd_block_t < 1:
       raise ValueError(f"bwd_block_t={self.bwd_block_t} must be positive")
     if self.bwd not in BWDS:
@@ -112,30 +102,26 @@ class GpuConfig:
   @classmethod
   def default_for(cls, shape: tuple[int, int, int], device=None) -> "GpuConfig":
     """The config for shape = (k_dim, d_v, k) (q/kv row dim, value dims, selected slots) on
-    `device` (default jax.devices()[0]; a GPU must be a Hopper, compute capability 9.x):
-    "direct" copies, or "staged" with 2 copy warpgroups when the slot ids do not fit
-    (`direct_fits`); the kernel backward, or "xla" where its tiles do not fit."""
+    `device` (default jax.devices()[0]; a GPU must be a Hopper, compute capability 9.x): the
+    kernel backward, or "xla" where its tiles do not fit. (The forward raises where its own
+    tiles do not fit, `fits`.)"""
     from pallas_kernels.sparse_mla import kernel_mosaic_gpu_bwd  # noqa: PLC0415 (imports this)
 
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
     if device.platform == "gpu" and cc is not None and not str(cc).startswith("9"):
       raise ValueError(f"the Mosaic GPU sparse MLA kernels need a Hopper GPU (sm_90), got {cc}")
-    kp_dim, d_out, kp = padded_dims(*shape)
-    bwd = "kernel" if kernel_mosaic_gpu_bwd.fits(kp_dim, d_out) else "xla"
-    if direct_fits(kp_dim, kp):
-      return cls(bwd=bwd)
-    return cls(copies="staged", copy_wgs=2, bwd=bwd)
+    kp_dim, d_out, _ = padded_dims(*shape)
+    return cls(bwd="kernel" if kernel_mosaic_gpu_bwd.fits(kp_dim, d_out) else "xla")
 
   @property
   def registers(self) -> tuple[int, int]:
-    """(compute, copy) registers per thread after setmaxnreg. The CTA keeps the registers it was
-    launched with (64K / threads per thread, in steps of 8), so 2 * compute + copy_wgs * copy
-    must fit in that pool or the increase waits forever (6 WGs: 80 each, not 85)."""
-    wgs = 2 + self.copy_wgs
-    pool = 65536 // (128 * wgs) // 8 * 8 * wgs
-    copy = 24 if self.copy_wgs == 4 else (72 if self.copies == "direct" else 40)
-    return (pool - self.copy_wgs * copy) // 2 // 8 * 8, copy
+    """(compute, copy) registers per thread of the forward after setmaxnreg. The CTA keeps the
+    registers it was launched with (64K / 384 threads, in steps of 8: 168 each), so
+    2 * compute + copy must fit in that pool or the increase waits forever."""
+    pool = 65536 // (128 * WARPGROUPS) // 8 * 8 * WARPGROUPS
+    copy = 72
+    return (pool - copy) // 2 // 8 * 8, copy
 
 
 def _swizzled(shape, dtype):
@@ -149,17 +135,6 @@ def _mma_acc(acc, a, b):
     plgpu.wgmma(acc_ref, a, b)
 
   return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def _online_softmax(s, ids, m_i, l_i, qk_scale):
-  """One chunk of the base-2 online softmax: logits s [64, bk] (slots with ids < 0 masked) ->
-  (m_new, alpha = rescale of the old accumulator, p = exp2(s - m_new), l_new)."""
-  s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
-  m_new = jnp.maximum(m_i, s.max(axis=1))
-  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-  alpha = jnp.exp2(m_i - m_use)
-  p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-  return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
 
 
 def _scalar(x):
@@ -176,8 +151,8 @@ def _scalar(x):
 
 def _direct_ops(n_rows: int, row_bytes: int):
   """Inline Mosaic GPU (init, issue, wait) on raw SMEM mbarriers (Pallas barriers cannot be
-  passed to inline_mgpu) for copies="direct": the rows land straight in the tiled + swizzled
-  wgmma operand.
+  passed to inline_mgpu) for the direct row copies of the forward, the backward and the
+  probabilities kernel: the rows land straight in the tiled + swizzled wgmma operand.
 
   The operand [2, n_rows, row_bytes / 2] bf16 is stored as 1 KiB tiles of 8 rows x 128 bytes
   (row tile major, then column tile), and the 128-byte swizzle XORs a 16-byte piece's index
@@ -291,7 +266,7 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
 
 
 def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_bars, issue_op):
-  """The copy warpgroup's loop for direct copies: chunk j's rows (ids [n_chunks, bk] in SMEM)
+  """The copy warpgroup's loop of copy_wg_direct: chunk j's rows (ids [n_chunks, bk] in SMEM)
   into operand slot j % 2 of kv_smem, once the slot's chunk j - 2 is released on
   bar_free[slot]. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline
   Mosaic GPU: one Pallas row copy per row, arriving on bar_full[slot]."""
@@ -364,183 +339,204 @@ def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret
 def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
 
-  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0 and d_out <= Kp, and for
-  copies="direct" `direct_fits(Kp, kp)`. The SMEM q tile is stored as [Kp/64, 64, 64] column
-  tiles (each contiguous: the output reuses it, and TMA stores need contiguous SMEM).
+  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0, d_out <= Kp and `fits(Kp)`.
+  The SMEM q tile is stored as [Kp/64, 64, 64] column tiles (each contiguous: the output reuses
+  it, and TMA stores need contiguous SMEM).
+
+  Per 64-slot chunk j (operand slot j % 2, rows R [64, Kp]), compute warpgroup w in {0, 1}:
+    1. waits for the rows, S_w = q·R[32w : 32w + 32]ᵀ [64 heads, 32 slots] (wgmma N = 32), so the
+       logits are computed once per CTA;
+    2. masks its invalid slots, scales (base 2), takes its row max and writes it to row w of an
+       SMEM f32 exchange; barrier `bar_max`; m_new = max(m_i, own, other's) (the same in both WGs);
+    3. p_w = exp2(S_w - m_new), l_w = l_w·alpha + rowsum(p_w) (each WG sums its own slots; the
+       total l_0 + l_1 is exchanged once after the loop);
+    4. stores p_w (bf16) to its SMEM half P_w [64, 32]; barrier `bar_p`; loads both halves and
+       joins them into the chunk's P [64, 64] in registers;
+    5. acc_c = alpha·acc_c + P @ R[:, value tile c] over its half of the value columns (A from
+       registers, K = 64: one wgmma per tile), then releases the operand slot.
+  Why P goes back to registers rather than two K = 32 wgmmas with A = P_0, P_1 from SMEM: R is
+  128-byte swizzled (the copy ops' layout), and Mosaic GPU's wgmma needs K to be a multiple of
+  the swizzle width (64 bf16) and the same swizzle on both SMEM operands, so neither a K = 32 B
+  slice of R nor a 64-byte-swizzled [64, 32] A operand can meet it (CUDA cross-lowering: A in
+  registers with K = 32, "K must be a multiple of 64, got: 32"; A = P_w from SMEM with a 64-byte
+  swizzle, "Failed to infer a possible set of layouts").
+
+  Hazards (the two per-chunk barriers cover them, since every read of the exchange rows and of
+  P_w, including the P·V wgmmas, completes before the WG's next arrive):
+    - the max row w of chunk j + 1 is written after bar_p of chunk j, which the other WG reaches
+      only after reading row w of chunk j;
+    - P_w of chunk j + 1 is written after bar_max of chunk j + 1, which the other WG reaches only
+      after it loaded P_w of chunk j (and finished that chunk's wgmmas; WG w's own load of P_w
+      precedes its store in program order);
+    - after the loop, row w takes l_w (the other WG's last max read came before bar_p), and WG0's
+      lse tile has a row of its own (the other WG still reads l_0 after bar_end).
+
+  The slot ids are staged per chunk (as in kernel_mosaic_gpu_bwd.py) in an SMEM ring of 4: chunk
+  j's 64 ids (one TMA) into ring slot j % 4, on barrier bar_ids[j % 4]. WG0 fetches chunks 0..3
+  (after the raw mbarriers' init, which the copy WG's first wait on bar_ids thereby orders); the
+  copy WG fetches chunk j + 2 once bar_free says chunk j - 2 (the last user of ring slot
+  (j + 2) % 4, read by the copy WG to issue and by the compute WGs for the mask) is released,
+  i.e. two chunks ahead of its row copies. The compute WGs wait on bar_ids too (each waiter
+  observes every phase).
+  SMEM at V3.2 (Kp 576, bf16): q 72 KiB + operand slots 144 + P halves 8 + ids ring 1 + f32 rows
+  1 + 10 barriers = 231504 bytes of 232448 (`smem_bytes`).
+  The interpreter (no inline Mosaic GPU, A operands from SMEM only) copies rows with Pallas
+  copies on bar_full and stores the joined P to a per-WG SMEM tile for the P·V wgmmas.
   """
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
   bk = BLOCK_K
   if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
     raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
-  direct = config.copies == "direct"
-  if direct and not direct_fits(kp_dim, kp, q.dtype.itemsize):
-    need = smem_bytes(kp_dim, kp, q.dtype.itemsize, "direct")
-    raise ValueError(
-      f"copies='direct' stages the slot ids in SMEM: k={kp} slots at Kp={kp_dim} need {need} "
-      f"of {_SMEM_BYTES} bytes and at most {_MAX_IDX_CHUNKS * bk} slots; use "
-      "GpuConfig(copies='staged', copy_wgs=2) (the long top-k fallback) or GpuConfig.default_for"
-    )
+  if not fits(kp_dim, q.dtype.itemsize):
+    need = smem_bytes(kp_dim, q.dtype.itemsize)
+    raise ValueError(f"the forward needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
   n_chunks = kp // bk
+  idx3 = idx.reshape(n, n_chunks, bk)  # chunk j's ids: one TMA into the ring
+  half = bk // 2
   n_tiles = kp_dim // 64
   v_tiles = d_out // 128  # value-column tiles per compute WG
-  per_copy = bk // config.copy_wgs
   dtype = q.dtype
-  qk_scale = scale * _LOG2E  # softmax in base 2: one FMA per logit
-  idx3 = idx.reshape(n, n_chunks, bk)  # one 2-D TMA box per token (<= 256 per dimension)
-  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # the wrapper keeps every copy in bounds
-  if direct and not interpret:
+  qk_scale = scale * _LOG2E
+  oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
+  f32 = jnp.float32
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  if not interpret:
     direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
 
-  def relayout(stage, kv_smem, r0):
-    # Row halves: a row range of the untiled stage is contiguous (a column range is not, and
-    # the untiled load assumes contiguity).
-    rows = pl.ds(r0, bk // 2)
-    layout = plgpu.Layout.SMEM_GMEM_COPY((bk // 2, kp_dim), dtype, 128)
-    kv_smem.at[rows][...] = plgpu.load(stage.at[rows], layout=layout, optimized=False)
-
   def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
-    q_smem, stage, kv_smem, idx_smem, p_smem, misc = bufs
-    # direct: kv_smem is [2, bk, Kp] (two operand slots), bar_free holds one barrier per slot,
-    # bar_full too (the interpreter's Pallas copies only), bar_end ends the loop.
-    bar_q, bar_idx, bar_full, bar_relaid, bar_free, bar_end = bars
-    # misc rows (every SMEM buffer takes whole KiB, so the small ones share one): 0 the lse
-    # tile, 1[:4] direct's two raw mbarriers (8 bytes each, one per operand slot).
-    lse_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 4)]
+    q_smem, kv_smem, p_halves, p_smem, ids_ring, misc = bufs
+    bar_q, bar_ids, bar_full, bar_free, bar_max, bar_p, bar_end = bars
+    # misc (f32): rows 0, 1 the WGs' exchange (row max per chunk, then l), row 2 the lse tile,
+    # row 3 [:4] the raw mbarriers (8 bytes each, one per operand slot).
+    lse_smem, raw_bars = misc.at[2], misc.at[3, pl.ds(0, 4)]
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
     heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
-    ids_ref = idx_smem if direct else idx_ref.at[t]
+
+    def fetch_ids(j):
+      r = j % IDS_RING
+      plgpu.copy_gmem_to_smem(idx_ref.at[t, j], ids_ring.at[r], bar_ids.at[r], oob_mode=oob)
 
     @pl.when(wg == 0)
     def _():
-      if direct and not interpret:  # before the idx copy: its barrier orders the init
+      if not interpret:  # before the ids copies: their barriers order the init
         direct_init(raw_bars)
+      for j in range(min(IDS_RING, n_chunks)):
+        fetch_ids(j)
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
-      if direct:
-        plgpu.copy_gmem_to_smem(idx_ref.at[t], idx_smem, bar_idx, oob_mode=oob)
 
-    @pl.when(wg >= 2)
+    @pl.when(wg == 2)
     def _copy_wg():
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
-      if direct:  # bar_free: both compute WGs are done with a slot
-        plgpu.barrier_wait(bar_idx)
-        issue_op = None if interpret else direct_issue
-        copy_chunks_direct(
-          kv_ref, kv_smem, ids_ref, n_chunks, bar_free, bar_full, raw_bars, issue_op
-        )
-        return
 
-      first = (wg - 2) * per_copy
+      def issue(j):
+        r, slot = j % IDS_RING, j % 2
+        plgpu.barrier_wait(bar_ids.at[r])
+        if interpret:
+          for i in range(bk):
+            row = jnp.maximum(ids_ring[r, i], 0)  # invalid slots fetch row 0 (masked)
+            dst = kv_smem.at[slot, pl.ds(i, 1)]
+            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
+        else:
+          direct_issue(kv_ref, kv_smem, ids_ring.at[r], raw_bars, slot)
 
-      def issue_staged(j):
-        # Invalid slots fetch row 0; the compute WGs mask them in the logits.
-        rows = [jnp.maximum(ids_ref[j, first + i], 0) for i in range(per_copy)]
-        for i, r in enumerate(rows):
-          dst = stage.at[pl.ds(first + i, 1)]
-          plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(r, 1)], dst, bar_full, oob_mode=oob)
+      issue(0)
+      if n_chunks > 1:
+        issue(1)
 
-      issue_staged(0)
-
-      @pl.loop(0, n_chunks)
+      @pl.loop(2, n_chunks)
       def _(j):
-        plgpu.barrier_wait(bar_relaid)  # chunk j is in the operand buffer: the stage is free
+        # Chunk j - 2 is released by both compute WGs: its operand slot and ids ring slot are free.
+        plgpu.barrier_wait(bar_free.at[j % 2])
 
-        @pl.when(j + 1 < n_chunks)
+        @pl.when(j + 2 < n_chunks)
         def _():
-          issue_staged(j + 1)
+          fetch_ids(j + 2)
 
-    @pl.when(wg < 2)
-    def _compute_wg():
+        issue(j)
+
+      for j in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases too
+        plgpu.barrier_wait(bar_free.at[j % 2])
+
+    def compute(w):
       if not interpret:
         plgpu.set_max_registers(config.registers[0], action="increase")
       plgpu.barrier_wait(bar_q)
-      if direct:
-        plgpu.barrier_wait(bar_idx)
-      m_i = plgpu.layout_cast(
-        jnp.full((HEAD_BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-      )
-      l_i = plgpu.layout_cast(
-        jnp.full((HEAD_BLOCK,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-      )
+      m_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), -jnp.inf, f32), row_layout)
+      l_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), 0.0, f32), row_layout)
       accs = tuple(
-        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, f32), plgpu.Layout.WGMMA)
         for _ in range(v_tiles)
       )
-      v0 = wg * v_tiles  # this WG's first value-column tile
+      v0 = w * v_tiles  # this WG's first value-column tile
+      mine = pl.ds(w * half, half)  # this WG's slots of a chunk
 
-      def pv(accs, p, operand, alpha):
-        """alpha * accs[c] + p @ v_tile(c) over this WG's value tiles of the [bk, Kp] operand,
-        each tile scaled right before its wgmma (fewer live registers)."""
-        if interpret:  # the interpreter reads A from SMEM only
-          p_smem.at[wg][...] = p
-          plgpu.commit_smem()
-          p = p_smem.at[wg]
-        new = []
-        for c, acc in enumerate(accs):
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
-          if interpret:
-            # The interpreter cannot discharge run_state(ACC.init(...)): a fresh product is
-            # added instead (same math).
-            def scope(acc_ref, a=p, b=v_tile):
-              plgpu.wgmma(acc_ref, a, b)
-              return acc_ref[...]
-
-            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), jnp.float32)))
-          else:
-            new.append(_mma_acc(acc, p, v_tile))
-        return tuple(new)
-
-      def math(j, carry, operand, bar):
+      def step(j, carry):
         accs, m_i, l_i = carry
-
-        def qk_scope(acc_ref):
-          for c in range(n_tiles):
-            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[:, pl.ds(c * 64, 64)].T)
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
-        ids = plgpu.load(ids_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-        m_new, alpha, p, l_i = _online_softmax(s, ids, m_i, l_i, qk_scale)
-        accs = pv(accs, p.astype(dtype), operand, alpha)
-        plgpu.barrier_arrive(bar)  # this WG is done with the operand
-        return accs, m_new, l_i
-
-      def direct_step(j, carry):
         slot = j % 2
         if interpret:
           plgpu.barrier_wait(bar_full.at[slot])
         else:
           mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
           plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-        return math(j, carry, kv_smem.at[slot], bar_free.at[slot])
+        plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+        operand = kv_smem.at[slot]
 
-      def staged_step(j, carry):
-        plgpu.barrier_wait(bar_full)
+        def qk_scope(acc_ref):
+          for c in range(n_tiles):
+            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[mine, pl.ds(c * 64, 64)].T)
+          return acc_ref[...]
 
-        @pl.when(j > 0)
-        def _():
-          plgpu.barrier_wait(bar_free)  # both WGs are done with chunk j-1's operand
+        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), f32))
+        ids = plgpu.load(
+          ids_ring.at[j % IDS_RING, mine], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
+        )
+        s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+        m_own = s.max(axis=1)
+        misc.at[w][...] = m_own
+        plgpu.barrier_arrive(bar_max)
+        plgpu.barrier_wait(bar_max)
+        m_other = plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
+        m_new = jnp.maximum(m_i, jnp.maximum(m_own, m_other))  # commutative: equal in both WGs
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        p_halves.at[w][...] = p.astype(dtype)
+        plgpu.barrier_arrive(bar_p)
+        plgpu.barrier_wait(bar_p)
+        # Both halves from SMEM (the own one too): one code path for both WGs.
+        p = jnp.concatenate([p_halves.at[0][...], p_halves.at[1][...]], axis=1)  # [64, 64]
+        if interpret:  # the interpreter reads A from SMEM only
+          p_smem.at[w][...] = p
+          plgpu.commit_smem()
+          p = p_smem.at[w]
+        new = []
+        for c, acc in enumerate(accs):
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
+          if interpret:  # run_state(ACC.init(...)) does not discharge there: add a fresh product
 
-        pl.when(wg == 0)(lambda: relayout(stage, kv_smem, 0))
-        pl.when(wg == 1)(lambda: relayout(stage, kv_smem, bk // 2))
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(bar_relaid)
-        plgpu.barrier_wait(bar_relaid)  # the other WG's half is in place too
-        return math(j, carry, kv_smem, bar_free)
+            def scope(acc_ref, a=p, b=v_tile):
+              plgpu.wgmma(acc_ref, a, b)
+              return acc_ref[...]
 
-      step = direct_step if direct else staged_step
+            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), f32)))
+          else:
+            new.append(_mma_acc(acc, p, v_tile))
+        plgpu.barrier_arrive(bar_free.at[slot])  # this WG is done with the operand slot
+        return tuple(new), m_new, l_i
+
       accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
-      # Both WGs past their last logits: q_smem can take the output.
-      if direct:
-        plgpu.barrier_arrive(bar_end)
-        plgpu.barrier_wait(bar_end)
-      else:
-        plgpu.barrier_wait(bar_free)
+      # The total l; bar_end also says both WGs are past their last logits: q_smem takes the output.
+      misc.at[w][...] = l_i
+      plgpu.barrier_arrive(bar_end)
+      plgpu.barrier_wait(bar_end)
+      l_i = l_i + plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
       has = l_i > 0
       l_safe = jnp.where(has, l_i, 1.0)
       inv = jnp.where(has, 1.0 / l_safe, 0.0)
@@ -551,7 +547,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         cols = pl.ds((v0 + c) * 64, 64)
         plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
 
-      @pl.when(wg == 0)
+      @pl.when(w == 0)
       def _():
         lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
         plgpu.commit_smem()
@@ -559,25 +555,28 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
       plgpu.wait_smem_to_gmem(0)
 
+    # One code path for both compute WGs, w = wg traced (a copy of the loop per WG spills more
+    # registers under ptxas' cap of 168 per thread).
+    pl.when(wg < 2)(lambda: compute(wg))
+
   def sparse_mla_fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # the name in profiles
+    halves = (plgpu.TilingTransform((8, half)), plgpu.SwizzleTransform(half * dtype.itemsize))
     bufs = (
       _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
-      None if direct else plgpu.SMEM((bk, kp_dim), dtype),  # untiled landing buffer
-      _swizzled((2, bk, kp_dim) if direct else (bk, kp_dim), dtype),  # wgmma operand(s)
-      plgpu.SMEM((n_chunks, bk), jnp.int32) if direct else None,  # the token's slot ids
-      _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,  # P (interpreter only)
-      plgpu.SMEM((2, HEAD_BLOCK), jnp.float32),  # lse tile, raw mbarriers
+      _swizzled((2, bk, kp_dim), dtype),  # two wgmma operand slots
+      plgpu.SMEM((2, HEAD_BLOCK, half), dtype, transforms=halves),  # P_0, P_1
+      _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,  # joined P (interpreter)
+      plgpu.SMEM((IDS_RING, bk), jnp.int32),  # the ids ring
+      plgpu.SMEM((4, HEAD_BLOCK), f32),  # exchange rows, lse tile, raw mbarriers
     )
     bars = (
       plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
-      plgpu.Barrier(num_arrivals=1) if direct else None,  # idx row
-      # one arrival per row copy (direct: the interpreter's, per operand slot)
-      None
-      if direct and not interpret
-      else plgpu.Barrier(num_arrivals=bk, num_barriers=2 if direct else 1),
-      None if direct else plgpu.Barrier(num_arrivals=2),  # both halves re-laid out
-      plgpu.Barrier(num_arrivals=2, num_barriers=2 if direct else 1),  # operand done
-      plgpu.Barrier(num_arrivals=2) if direct else None,  # direct: both WGs past the loop
+      plgpu.Barrier(num_arrivals=1, num_barriers=IDS_RING),  # a chunk's ids landed
+      plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,  # rows (interp.)
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # operand slot released by both WGs
+      plgpu.Barrier(num_arrivals=2),  # both row maxes written
+      plgpu.Barrier(num_arrivals=2),  # both P halves written
+      plgpu.Barrier(num_arrivals=2),  # both past the loop, l written
     )
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, r),
@@ -588,7 +587,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
   out_type = (
     jax.ShapeDtypeStruct((n, hp, d_out), dtype),
-    jax.ShapeDtypeStruct((n, hp), jnp.float32),
+    jax.ShapeDtypeStruct((n, hp), f32),
   )
-  kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, 2 + config.copy_wgs, interpret)
+  kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, WARPGROUPS, interpret)
   return kern(q, kv, idx3)

@@ -19,7 +19,7 @@ sum that stays inside a warp (the WGMMA layout spreads rows over warps, columns 
 64 sums go out through a 256-byte SMEM row and one TMA store per chunk.
 Nothing [T, k, Kp] is gathered in GMEM and no P·V is done: half the forward's tensor-core work.
 SMEM at V3.2 (Kp 576, k 2048, bf16): q 72 KiB + two operand slots 144 + the token's ids 8 +
-the sums and raw mbarriers 1 = 225 KiB (the forward's budget, `kernel_mosaic_gpu.direct_fits`).
+the sums and raw mbarriers 1 = 225 KiB (`smem_bytes`; longer idx rows do not fit, `fits`).
 """
 
 import jax
@@ -32,12 +32,26 @@ from pallas_kernels.sparse_mla import kernel_mosaic_gpu as fwd
 
 HEAD_BLOCK = fwd.HEAD_BLOCK
 BLOCK_K = fwd.BLOCK_K
+_MAX_IDX_CHUNKS = 256  # the token's slot ids are one 2-D TMA box: <= 256 per dimension
+
+
+def smem_bytes(kp_dim: int, kp: int, itemsize: int) -> int:
+  """SMEM the kernel asks for, at most: q + two operand slots (three 64-row tiles), the token's
+  kp slot ids, the sums / raw mbarriers rows [3, 64] f32, each rounded up to whole KiB as Mosaic
+  GPU does, and up to 128 bytes of barriers."""
+  kib = lambda x: -(-x // 1024) * 1024
+  return 3 * kib(HEAD_BLOCK * kp_dim * itemsize) + kib(4 * kp) + kib(3 * 4 * BLOCK_K) + 128
+
+
+def fits(kp_dim: int, kp: int, itemsize: int = 2) -> bool:
+  """Whether the token's kp slot ids fit in SMEM next to the tiles and in one TMA box."""
+  return smem_bytes(kp_dim, kp, itemsize) <= fwd._SMEM_BYTES and kp // BLOCK_K <= _MAX_IDX_CHUNKS
 
 
 def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], lse2 [N,Hp] -> [N, Hp/64, kp] f32 head-block sums
-  (module docstring). Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0 and
-  `kernel_mosaic_gpu.direct_fits(Kp, kp)` (the token's ids staged in SMEM)."""
+  (module docstring). Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0 and `fits(Kp, kp)` (the
+  token's ids staged in SMEM)."""
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
   bk = BLOCK_K
@@ -45,8 +59,8 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
     raise ValueError(f"bad kernel layout: q {q.shape}, kv {kv.shape}, idx {idx.shape}")
   if lse2.shape != (n, hp) or idx.shape[0] != n:
     raise ValueError(f"bad shapes: q {q.shape}, idx {idx.shape}, lse2 {lse2.shape}")
-  if not fwd.direct_fits(kp_dim, kp, q.dtype.itemsize):
-    need = fwd.smem_bytes(kp_dim, kp, q.dtype.itemsize, "direct")
+  if not fits(kp_dim, kp, q.dtype.itemsize):
+    need = smem_bytes(kp_dim, kp, q.dtype.itemsize)
     raise ValueError(
       f"the probabilities kernel stages the token's ids in SMEM: k={kp} slots at Kp={kp_dim} "
       f"need {need} of {fwd._SMEM_BYTES} bytes"

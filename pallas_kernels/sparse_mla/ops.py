@@ -12,7 +12,8 @@ impl="pallas" runs one kernel set per backend under a custom VJP that honours bo
   tpu: the Mosaic TPU forward and backward kernels (kernel_tpu.py, `kernel_tpu.BlockSizes`).
 `sparse_mla_probs` (the sparse KL target) takes the Mosaic GPU kernel of
 kernel_mosaic_gpu_probs.py on a GPU when GPU_PROBS_KERNEL is on and the inputs suit it (bf16 or
-f16, the token's slot ids within the forward's SMEM budget), else the reference.
+f16, the token's slot ids within its SMEM budget, `kernel_mosaic_gpu_probs.fits`), else the
+reference.
 """
 
 import functools
@@ -80,9 +81,9 @@ def sparse_mla(
   Pallas interpreter (plgpu.InterpretGPUParams() on "gpu", pltpu.InterpretParams() on "tpu";
   those objects may be passed instead).
   config: the backend's settings, GpuConfig or kernel_tpu.BlockSizes; default the backend's
-  `default_for`. GpuConfig.default_for picks "direct" copies, or the "staged" fallback when the
-  slot ids of a token do not fit in SMEM (long top-k); an explicit GpuConfig that cannot run
-  the shape raises ValueError.
+  `default_for`. GpuConfig.default_for picks the backward (the kernel, or the XLA one where its
+  tiles do not fit in SMEM); the GPU forward is one kernel for any top-k, which raises
+  ValueError where its tiles do not fit (`kernel_mosaic_gpu.fits`: Kp <= 576 in bf16).
   """
   _check(q, kv, idx, d_v)
   if impl == "reference":
@@ -133,7 +134,7 @@ def sparse_mla_probs(q, kv, idx, lse, *, scale: float, impl: str = "reference", 
 def _mosaic_probs_fit(q, kv, idx):
   kp_dim, _, kp = kernel_mosaic_gpu.padded_dims(q.shape[-1], 0, idx.shape[-1])
   dtype_ok = q.dtype == kv.dtype and q.dtype in (jnp.bfloat16, jnp.float16)
-  return dtype_ok and kernel_mosaic_gpu.direct_fits(kp_dim, kp, q.dtype.itemsize)
+  return dtype_ok and kernel_mosaic_gpu_probs.fits(kp_dim, kp, q.dtype.itemsize)
 
 
 def _mosaic_probs(q, kv, idx, lse, scale, interpret):

@@ -1,11 +1,12 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Sparse MLA: reference vs a naive dense masked softmax; the GPU kernel set (Mosaic GPU forward
-with "direct" copies and its long top-k "staged" fallback, blocked XLA backward whose dkv is
-summed by the sort + Pallas-Triton segment sum) vs the reference in the GPU and Triton
-interpreters (forward and jax.vjp gradients with both cotangents), cross-lowering for CUDA at the
-V3.2 shapes, and `-m gpu` runs on an NVIDIA Hopper GPU."""
+"""Sparse MLA: reference vs a naive dense masked softmax; the GPU kernel set (the Mosaic GPU
+forward; blocked XLA backward whose dkv is summed by the sort + Pallas-Triton segment sum) vs the
+reference in the GPU and Triton interpreters (forward and jax.vjp gradients with both
+cotangents), cross-lowering for CUDA at the V3.2 shapes, and `-m gpu` runs on an NVIDIA Hopper
+GPU."""
 
 import functools
+import types
 
 import hypothesis
 import hypothesis.strategies as st
@@ -19,9 +20,6 @@ from pallas_kernels.sparse_mla import kernel_mosaic_gpu, ops, reference
 
 SCALE = 0.13
 GpuConfig = kernel_mosaic_gpu.GpuConfig
-# The product set on GPU: default_for's pick at short top-k ("direct"), and the long top-k
-# fallback ("staged"; default_for's pick when the slot ids do not fit in SMEM).
-PRODUCT = [None, GpuConfig(copies="staged", copy_wgs=2)]
 
 
 def _naive(q, kv, idx, scale, d_v):
@@ -69,31 +67,30 @@ def test_reference_probs_sum_to_one():
 
 
 def test_config_validate_and_default_for():
-  with pytest.raises(ValueError, match="copies"):
-    GpuConfig(copies="lane")
-  with pytest.raises(ValueError, match="copy_wgs=3"):
-    GpuConfig(copies="staged", copy_wgs=3)
-  with pytest.raises(ValueError, match="one copy warpgroup"):
-    GpuConfig(copy_wgs=2)
   with pytest.raises(ValueError, match="bwd_block_t"):
     GpuConfig(bwd_block_t=0)
+  with pytest.raises(ValueError, match="bwd='bogus'"):
+    GpuConfig(bwd="bogus")
   cpu = jax.devices("cpu")[0]
-  assert GpuConfig.default_for((576, 512, 2048), cpu) == GpuConfig()
-  assert GpuConfig.default_for((576, 512, 2304), cpu) == GpuConfig()  # the lowering's bound
-  assert GpuConfig.default_for((576, 512, 2305), cpu).copies == "staged"
-  # k = 4096 at V3.2's row dim: the slot ids do not fit in SMEM next to the three tiles.
-  assert GpuConfig.default_for((576, 512, 4096), cpu) == PRODUCT[1]
-  # more than 256 chunks of slot ids do not fit one TMA box, whatever the SMEM
-  assert GpuConfig.default_for((64, 32, 16448), cpu).copies == "staged"
-  assert GpuConfig.default_for((64, 32, 16384), cpu).copies == "direct"
+  # the forward has no settings: any top-k gives the default (the slot ids are staged per chunk)
+  for k in (64, 2048, 2305, 4096, 16448):
+    assert GpuConfig.default_for((576, 512, k), cpu) == GpuConfig(), k
   # the backward kernel where its q, dO, row, P and dS tiles fit in SMEM; else the XLA backward
   assert GpuConfig().bwd == "kernel" and GpuConfig.default_for((64, 32, 2048), cpu).bwd == "kernel"
   assert GpuConfig.default_for((640, 512, 2048), cpu).bwd == "xla"
-  assert GpuConfig.default_for((576, 512, 4096), cpu).bwd == "kernel"  # staged forward
-  assert GpuConfig().registers == (216, 72)
-  assert GpuConfig(copies="staged").registers == (232, 40)
-  assert GpuConfig(copies="staged", copy_wgs=2).registers == (216, 40)
-  assert GpuConfig(copies="staged", copy_wgs=4).registers == (192, 24)
+  # a GPU must be a Hopper
+  ampere = types.SimpleNamespace(platform="gpu", compute_capability="8.0")
+  with pytest.raises(ValueError, match="Hopper"):
+    GpuConfig.default_for((576, 512, 2048), ampere)
+  hopper = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
+  assert GpuConfig.default_for((576, 512, 2048), hopper) == GpuConfig()
+  # 3 warpgroups launched with 168 registers each: 2 compute x 216 (64 x 32 logits + the
+  # 64 x 256 accumulator) + the copy warpgroup's 72 fit in that pool
+  compute, copy = GpuConfig().registers
+  assert (compute, copy) == (216, 72) and 2 * compute + copy <= 3 * 168
+  # an SMEM budget independent of k; V3.2's Kp 576 fits, 640 does not
+  assert kernel_mosaic_gpu.smem_bytes(576, 2) == 226 * 1024 + 80
+  assert kernel_mosaic_gpu.fits(576) and not kernel_mosaic_gpu.fits(640)
 
 
 def test_pallas_shape_errors():
@@ -108,16 +105,19 @@ def test_pallas_shape_errors():
     ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=32, impl="pallas", config="direct")
 
 
-def test_direct_over_the_smem_budget_raises():
-  """An explicit "direct" config that cannot run the shape raises (it is not rewritten)."""
+def test_over_the_smem_budget_raises():
+  """A row dim whose tiles do not fit in SMEM (Kp 640) raises, in one line; a d_out that is not
+  a multiple of 128 is a bad layout."""
   sds = jax.ShapeDtypeStruct
-  q, kv = sds((1, 4, 128, 576), jnp.bfloat16), sds((1, 8192, 576), jnp.bfloat16)
-  idx = sds((1, 4, 4096), jnp.int32)
-  fwd = functools.partial(
-    ops.sparse_mla, scale=SCALE, d_v=512, impl="pallas", config=GpuConfig(copies="direct")
-  )
-  with pytest.raises(ValueError, match="copies='staged'"):
+  q, kv = sds((1, 4, 128, 640), jnp.bfloat16), sds((1, 8192, 640), jnp.bfloat16)
+  idx = sds((1, 4, 2048), jnp.int32)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=512, impl="pallas")
+  with pytest.raises(ValueError) as e:
     jax.eval_shape(fwd, q, kv, idx)
+  need = kernel_mosaic_gpu.smem_bytes(640, 2)
+  assert (
+    str(e.value).splitlines()[0] == f"the forward needs {need} of 232448 bytes of SMEM at Kp=640"
+  )
   with pytest.raises(ValueError, match="d_out=192"):
     x = jnp.zeros((2, 64, 128), jnp.bfloat16)
     kernel_mosaic_gpu.sparse_mla_fwd(
@@ -159,11 +159,17 @@ def _check_fwd_bwd(b, t, h, k_dim, d_v, s, k, seed=0, grads=True, config=None):
     assert (np.asarray(grads[0][0, 0], np.float32) == 0).all()
 
 
-@pytest.mark.parametrize("config", PRODUCT, ids=["direct", "staged"])
-def test_pallas_interpret_fwd_bwd(config):
+def test_pallas_interpret_fwd_bwd():
   # ragged k (72 -> 128 slots, padded with invalid ones), k > S, ids < 0 and >= S, duplicates,
   # a fully masked row, d_v=80 (-> 128 output columns), H < 64, B = 2, Kp = 3 column tiles.
-  _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72, config=config)
+  _check_fwd_bwd(b=2, t=2, h=48, k_dim=192, d_v=80, s=40, k=72)
+
+
+def test_pallas_interpret_chunks_and_head_blocks():
+  """5 chunks (k 300 -> 320 slots, the last one padded with invalid slots; the ids ring of 4
+  wraps) and two head blocks (H 80 -> 128), d_v 64 (one value tile per compute warpgroup);
+  ids < 0 and >= S, duplicates, a fully masked row."""
+  _check_fwd_bwd(b=1, t=2, h=80, k_dim=128, d_v=64, s=200, k=300, seed=3)
 
 
 def test_pallas_interpret_fwd_bwd_scan_steps():
@@ -253,16 +259,17 @@ def _export(fn, *args):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cross_lowering_cuda_full_shape(batch, triton_verified):
-  """The default path's real Mosaic GPU lowering (layouts, SMEM budget: three 72 KiB tiles + the
-  idx row, tiled-TMA rules) at V3.2 shapes, forward and forward + backward (with the segment
-  sum's Triton module, which passes the MLIR verifier)."""
+  """The real Mosaic GPU lowering (layouts, SMEM budget: three 72 KiB tiles + the P halves and
+  the ids ring, tiled-TMA rules, the inline cp.async copies) at V3.2 shapes, forward and
+  forward + backward (with the segment sum's Triton module, which passes the MLIR verifier)."""
   t, s, h, k_dim, d_v, k = 4096 // batch, 32768 // batch, 128, 576, 512, 2048
   sds = jax.ShapeDtypeStruct
   q, kv = sds((batch, t, h, k_dim), jnp.bfloat16), sds((batch, s, k_dim), jnp.bfloat16)
   idx = sds((batch, t, k), jnp.int32)
   fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
   exp = _export(fwd, q, kv, idx)
-  assert "mosaic_gpu" in exp.mlir_module()
+  mlir = exp.mlir_module()
+  assert "mosaic_gpu" in mlir and "cp.async.cg.shared.global" in mlir
 
   def fwd_bwd(q, kv, idx, do):
     (_, _), vjp = jax.vjp(lambda q, kv: fwd(q, kv, idx), q, kv)
@@ -274,23 +281,36 @@ def test_cross_lowering_cuda_full_shape(batch, triton_verified):
   assert triton_verified == [True]
 
 
-@pytest.mark.parametrize(
-  "k,config",
-  [
-    (2048, GpuConfig(copies="staged")),
-    (2048, GpuConfig(copies="staged", copy_wgs=2)),
-    (2048, GpuConfig(copies="staged", copy_wgs=4)),
-    (4096, None),  # long top-k: default_for picks "staged"
-    (2304, None),  # the longest k whose slot ids fit next to the tiles: "direct"
-  ],
-)
-def test_cross_lowering_cuda_configs(k, config):
+@pytest.mark.parametrize("k", [4096, 2000])
+def test_cross_lowering_cuda_long_topk(k):
+  """The ids are staged per chunk, so there is no bound on k: V3.2 dims at k 4096 (64 chunks)
+  and at a k that is not a multiple of 64 (2000 -> 2048 slots)."""
   t, s, h, k_dim, d_v = 256, 32768, 128, 576, 512
   sds = jax.ShapeDtypeStruct
   q, kv = sds((2, t, h, k_dim), jnp.bfloat16), sds((2, s, k_dim), jnp.bfloat16)
   idx = sds((2, t, k), jnp.int32)
-  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas", config=config)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=d_v, impl="pallas")
   assert "mosaic_gpu" in _export(fwd, q, kv, idx).mlir_module()
+
+
+def test_smem_bytes_exact(monkeypatch):
+  """smem_bytes is what Mosaic GPU asks for at V3.2 shapes (its own sum of the buffers, each
+  rounded up to whole KiB, and the barriers), under the 227 KiB opt-in maximum, and the same at
+  k 2048 and 4096."""
+  from jax.experimental.mosaic.gpu import core as mgpu_core  # noqa: PLC0415
+
+  if not hasattr(mgpu_core, "_smem_tree_size"):
+    pytest.skip("this Mosaic GPU does not size SMEM in _smem_tree_size")
+  sizes = []
+  size = mgpu_core._smem_tree_size
+  monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda b: sizes.append(size(b)) or sizes[-1])
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((1, 8, 128, 576), jnp.bfloat16), sds((1, 4096, 576), jnp.bfloat16)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=512, impl="pallas")
+  for k in (2048, 4096):
+    _export(fwd, q, kv, sds((1, 8, k), jnp.int32))
+  assert sizes == 2 * [kernel_mosaic_gpu.smem_bytes(576, 2)]
+  assert sizes[0] <= kernel_mosaic_gpu._SMEM_BYTES
 
 
 def _on_gpu():
@@ -302,8 +322,8 @@ def _on_gpu():
 def test_pallas_gpu_full_shape():
   _on_gpu()
   q, kv, idx = _inputs(1, 512, 128, 576, 32768, 2048, jnp.bfloat16, lo=-100, hi_extra=0)
-  o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas")
   ro, rl = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512)
+  o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=512, impl="pallas")
   assert _testing.rel_err(o, ro) < _testing.tolerances(jnp.bfloat16)
   assert _testing.rel_err(l, rl) < 1e-4
 
@@ -314,8 +334,8 @@ def test_pallas_gpu_full_shape():
   [(512, 32768, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72), (64, 32768, 128, 576, 512, 4096)],
 )
 def test_pallas_gpu(t, s, h, k_dim, d_v, k):
-  """The product configs (and the fallback with 1 copy warpgroup) vs the fp32 reference: a fully
-  masked row, duplicates, ids < 0 and >= S; k = 4096 is past the SMEM budget of "direct"."""
+  """The forward vs the fp32 reference: a fully masked row, duplicates, ids < 0 and >= S; V3.2
+  dims at k 2048 and 4096, and awkward ones (H 20, k 72 > S, d_v 80, K 96)."""
   _on_gpu()
   q, kv, idx = _inputs(2, t, h, k_dim, s, k, jnp.bfloat16, lo=-100, hi_extra=3)
   idx = idx.at[0, 0].set(-1)  # fully invalid row
@@ -324,23 +344,20 @@ def test_pallas_gpu(t, s, h, k_dim, d_v, k):
     ro, rl = ops.sparse_mla(
       q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, d_v=d_v
     )
-  configs = [*PRODUCT, GpuConfig(copies="staged")]
-  if GpuConfig.default_for((k_dim, d_v, k)).copies == "staged":
-    configs = configs[1:]  # "direct" raises there (test_direct_over_the_smem_budget_raises)
-  for config in configs:
-    o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas", config=config)
-    err = _testing.rel_err(o, ro)
-    assert err < _testing.tolerances(jnp.bfloat16), (config, err)
-    np.testing.assert_array_equal(np.isinf(l), np.isinf(rl))
-    fin = np.isfinite(rl)
-    np.testing.assert_allclose(np.asarray(l)[fin], np.asarray(rl)[fin], atol=2e-3, rtol=2e-3)
-    assert (np.asarray(o[0, 0], np.float32) == 0).all()
+  o, l = ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl="pallas")
+  err = _testing.rel_err(o, ro)
+  assert err < _testing.tolerances(jnp.bfloat16), err
+  np.testing.assert_array_equal(np.isinf(l), np.isinf(rl))
+  fin = np.isfinite(rl)
+  np.testing.assert_allclose(np.asarray(l)[fin], np.asarray(rl)[fin], atol=2e-3, rtol=2e-3)
+  assert (np.asarray(o[0, 0], np.float32) == 0).all()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bwd", ["xla", "kernel"])
 @pytest.mark.parametrize(
-  "t,s,h,k_dim,d_v,k", [(64, 4096, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)]
+  "t,s,h,k_dim,d_v,k",
+  [(64, 4096, 128, 576, 512, 2048), (7, 50, 20, 96, 80, 72)],
 )
 def test_pallas_gpu_grads(t, s, h, k_dim, d_v, k, bwd):
   """jax.vjp of the Mosaic GPU forward with either backward (blocked XLA, or the Mosaic GPU
