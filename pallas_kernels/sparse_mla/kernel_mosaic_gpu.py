@@ -265,22 +265,26 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   )
 
 
+def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
+  """The rows of one chunk (ids_row: its [bk] slot ids in SMEM) into operand slot `slot` of
+  kv_smem. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline Mosaic
+  GPU: one Pallas row copy per row, arriving on bar_full[slot]."""
+  if issue_op is not None:
+    issue_op(kv_ref, kv_smem, ids_row, raw_bars, slot)
+    return
+  for i in range(ids_row.shape[0]):
+    row = jnp.maximum(ids_row[i], 0)  # invalid slots fetch row 0 (masked by the readers)
+    dst = kv_smem.at[slot, pl.ds(i, 1)]
+    plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
+
+
 def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_bars, issue_op):
   """The copy warpgroup's loop of copy_wg_direct: chunk j's rows (ids [n_chunks, bk] in SMEM)
-  into operand slot j % 2 of kv_smem, once the slot's chunk j - 2 is released on
-  bar_free[slot]. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline
-  Mosaic GPU: one Pallas row copy per row, arriving on bar_full[slot]."""
-  bk = ids.shape[1]
+  into operand slot j % 2 of kv_smem (issue_chunk), once the slot's chunk j - 2 is released on
+  bar_free[slot]."""
 
   def issue(j):
-    slot = j % 2
-    if issue_op is None:
-      for i in range(bk):
-        row = jnp.maximum(ids[j, i], 0)  # invalid slots fetch row 0 (masked by the readers)
-        dst = kv_smem.at[slot, pl.ds(i, 1)]
-        plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
-    else:
-      issue_op(kv_ref, kv_smem, ids.at[j], raw_bars, slot)
+    issue_chunk(kv_ref, kv_smem, ids.at[j], j % 2, bar_full, raw_bars, issue_op)
 
   issue(0)
   if n_chunks > 1:
@@ -434,15 +438,10 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         plgpu.set_max_registers(config.registers[1], action="decrease")
 
       def issue(j):
-        r, slot = j % IDS_RING, j % 2
+        r = j % IDS_RING
         plgpu.barrier_wait(bar_ids.at[r])
-        if interpret:
-          for i in range(bk):
-            row = jnp.maximum(ids_ring[r, i], 0)  # invalid slots fetch row 0 (masked)
-            dst = kv_smem.at[slot, pl.ds(i, 1)]
-            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
-        else:
-          direct_issue(kv_ref, kv_smem, ids_ring.at[r], raw_bars, slot)
+        issue_op = None if interpret else direct_issue
+        issue_chunk(kv_ref, kv_smem, ids_ring.at[r], j % 2, bar_full, raw_bars, issue_op)
 
       issue(0)
       if n_chunks > 1:
