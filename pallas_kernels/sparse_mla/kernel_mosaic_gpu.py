@@ -48,6 +48,11 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
+def kib(nbytes: int) -> int:
+  """nbytes rounded up to whole KiB: what Mosaic GPU allocates for one SMEM buffer."""
+  return _round_up(nbytes, 1024)
+
+
 def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
   """(Kp, d_out, kp): the kernel's row dim, output columns and slots for q/kv rows of k_dim,
   d_v value dims and k selected slots."""
@@ -64,7 +69,6 @@ def smem_bytes(kp_dim: int, itemsize: int) -> int:
   operand slots (three 64-row tiles), the two P halves [2, 64, 32], the ids ring [4, 64] int32,
   the f32 rows (max / l exchange, lse tile, raw mbarriers) [4, 64], each rounded up to whole KiB
   as Mosaic GPU does, and 8 bytes per Pallas barrier."""
-  kib = lambda x: _round_up(x, 1024)
   tiles = 3 * kib(HEAD_BLOCK * kp_dim * itemsize)
   p_halves = kib(2 * HEAD_BLOCK * (BLOCK_K // 2) * itemsize)
   return tiles + p_halves + kib(4 * IDS_RING * BLOCK_K) + kib(4 * 4 * HEAD_BLOCK) + 8 * _BARRIERS

@@ -56,16 +56,12 @@ HEAD_BLOCK = fwd.HEAD_BLOCK
 BLOCK_K = fwd.BLOCK_K
 
 
-def _kib(x):
-  return -(-x // 1024) * 1024
-
-
 def smem_bytes(kp_dim: int, d_out: int, itemsize: int) -> int:
   """SMEM the kernel asks for (Mosaic GPU rounds every buffer up to whole KiB): q, dO and R
   tiles, P and dS tiles, the chunk's ids + raw mbarriers, and the Pallas barriers."""
   tile = HEAD_BLOCK * 64 * itemsize
   tiles = (2 * kp_dim // 64 + d_out // 64 + 2) * tile
-  return _kib(tiles) + _kib(2 * BLOCK_K * 4) + 256
+  return fwd.kib(tiles) + fwd.kib(2 * BLOCK_K * 4) + 256
 
 
 def fits(kp_dim: int, d_out: int, itemsize: int = 2) -> bool:

@@ -39,7 +39,7 @@ def smem_bytes(kp_dim: int, kp: int, itemsize: int) -> int:
   """SMEM the kernel asks for, at most: q + two operand slots (three 64-row tiles), the token's
   kp slot ids, the sums / raw mbarriers rows [3, 64] f32, each rounded up to whole KiB as Mosaic
   GPU does, and up to 128 bytes of barriers."""
-  kib = lambda x: -(-x // 1024) * 1024
+  kib = fwd.kib
   return 3 * kib(HEAD_BLOCK * kp_dim * itemsize) + kib(4 * kp) + kib(3 * 4 * BLOCK_K) + 128
 
 
