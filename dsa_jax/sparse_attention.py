@@ -13,6 +13,8 @@ Letters: B batch, T queries, S keys, H heads, K qk dim, V value dim, C latent (M
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -91,10 +93,40 @@ def _cudnn_attention(q, k, v, scale):
   dv = v.shape[-1]
   if dv < q.shape[-1]:
     v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv)))
-  out = jax.nn.dot_product_attention(
-    q, k, v.astype(q.dtype), scale=scale, is_causal=True, implementation="cudnn"
-  )
-  return out[..., :dv]
+  return _cudnn_causal(q, k, v.astype(q.dtype), scale)[..., :dv]
+
+
+def _cudnn_call(q, k, v, scale):
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+
+
+# jax's cuDNN attention keeps its output and softmax statistics for the backward under no remat
+# name, so remat_policy="save_attention" would run the forward kernel again in the backward. This
+# wrapper names them as the sparse kernels name theirs (the output SAVED_OUT, the rest SAVED).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cudnn_causal(q, k, v, scale):
+  return _cudnn_call(q, k, v, scale)
+
+
+def _cudnn_causal_fwd(q, k, v, scale):
+  out, vjp = jax.vjp(lambda *a: _cudnn_call(*a, scale), q, k, v)
+  # The output is named where the layer uses it too (the output projection's backward reads it),
+  # so the replay needs no forward for it; it is also one of cuDNN's residuals (the same value).
+  out_saved = _common.saved(out, SAVED_OUT)
+  leaves, treedef = jax.tree_util.tree_flatten(vjp)
+  inputs = (q, k, v)  # the remat replay recomputes these from the block's saved inputs
+  named = [
+    out_saved if x is out else x if any(x is y for y in inputs) else _common.saved(x)
+    for x in leaves
+  ]
+  return out_saved, jax.tree_util.tree_unflatten(treedef, named)
+
+
+def _cudnn_causal_bwd(scale, vjp, ct):
+  return vjp(ct)
+
+
+_cudnn_causal.defvjp(_cudnn_causal_fwd, _cudnn_causal_bwd)
 
 
 def dense_attention(

@@ -12,9 +12,11 @@ rows (~64 positions a row). The sort (kernel_segment_sum_triton.sort_segments) r
 outside the timing. "default" is the module's default (4 positions a step, whole rows);
 "pieces_r32" the previous default (32 positions, 64-column pieces). "xla" is
 jax.ops.segment_sum of the same rows (a scatter-add) for scale. Rel errs are vs the default;
---only=a,b re-runs chosen cases (plus the default).
+--only=a,b re-runs chosen cases (plus the default). DSA_BENCH_SEG_COLS=128 sweeps the sparse
+indexer KL's dk rows (128 columns) instead.
 """
 
+import os
 import time
 
 import jax
@@ -35,6 +37,7 @@ CASES = [("default", {})] + [
     ("w8", dict(num_warps=8)),
     ("s1", dict(num_stages=1)),
     ("s3", dict(num_stages=3)),
+    ("c64", dict(block_c=64)),  # 64-column pieces, 4 positions: the sparse KL's dk
     ("pieces_r32", dict(block_c=64, block_r=32)),  # the previous default
     ("pieces_r64", dict(block_c=64, block_r=64)),
   )
@@ -44,7 +47,9 @@ CASES = [("default", {})] + [
 def main():
   a, run = bench_common.sweep_args(budget_s=120.0)
   t_start, interp, only = run["t_start"], run["interpret"], run["only"]
-  shp = _SMALL if a.small else _E1
+  shp = dict(_SMALL if a.small else _E1)
+  # DSA_BENCH_SEG_COLS=128: the sparse KL's dk rows (the indexer's head dim) instead of MLA's 576
+  shp["cols"] = int(os.environ.get("DSA_BENCH_SEG_COLS", shp["cols"]))
   k1, k2 = jax.random.split(jax.random.key(0))
   drows = jax.random.normal(k1, (shp["positions"], shp["cols"]), jnp.bfloat16)
   ids = jax.random.randint(k2, (shp["positions"],), 0, shp["rows"], jnp.int32)

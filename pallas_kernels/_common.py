@@ -16,8 +16,16 @@ SAVED_OUT = "attention_out"
 
 
 def saved(tree, name=SAVED):
-  """tree with every array leaf named `name` for jax.checkpoint policies (None leaves stay None)."""
-  return jax.tree_util.tree_map(lambda x: checkpoint_name(x, name), tree)
+  """tree with every array leaf named `name` for jax.checkpoint policies (None leaves stay None).
+
+  The leaves pass an optimization barrier first. A saved value inside a scanned layer is written
+  into the scan's stacked residuals by a dynamic-update-slice; when it comes straight from a
+  custom call (a Mosaic GPU or cuDNN kernel) that also feeds the layer, XLA's GPU dynamic-slice
+  fusion clones the call into the in-place write and runs the kernel twice. The barrier leaves it
+  one producer, so the kernel runs once."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves = jax.lax.optimization_barrier(leaves)
+  return jax.tree_util.tree_unflatten(treedef, [checkpoint_name(x, name) for x in leaves])
 
 
 # Pallas-Triton lowers jnp.exp / jnp.log on f32 to libdevice's accurate expf / logf (a dozen

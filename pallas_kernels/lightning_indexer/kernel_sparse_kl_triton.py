@@ -285,9 +285,7 @@ def _bwd_sorted(qp, kp, wp, gid, pp, lse, ps, dl, cfg, bsz, interpret):
       bwd=True,
     )
     order, starts = seg.sort_segments(ib.reshape(-1), kp.shape[0])
-    dk = seg.segment_sum_rows(
-      dr, order, starts, dk, block_c=min(64, kp.shape[1]), interpret=bool(interpret)
-    )
+    dk = seg.segment_sum_rows(dr, order, starts, dk, interpret=bool(interpret))
     return dk, (dq, dw)
 
   xs = (split(qp), split(wp), split(gid, -1), split(pp), split(lse), split(ps), split(dl))

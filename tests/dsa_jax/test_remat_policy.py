@@ -67,6 +67,39 @@ def test_saved_kernel_forward_runs_once(grad_in_forward, monkeypatch):
   assert saved.count("dense_kl_bwd_dk") == full.count("dense_kl_bwd_dk") == 1
 
 
+def test_cudnn_dense_forward_runs_once(monkeypatch):
+  """The dense phase's cuDNN attention, traced on CPU (jax's cuDNN rules with the version and
+  device checks stubbed; nothing runs): under "save_attention" its forward appears once in the
+  gradient of a remat'd scan whose layer also multiplies the output (as the output projection
+  does), under "full" and "save_selection" again in the backward."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # noqa: PLC0415
+
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda c: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q = jax.random.normal(jax.random.key(0), (2, 1, 128, 4, 64), jnp.bfloat16)
+  k, v, w = q[0] * 0.5, q[0, ..., :48], jnp.ones((4 * 48, 8), jnp.bfloat16)
+
+  def body(c, xs):
+    (qb,) = xs
+    o, _ = sparse_attention.dense_attention(
+      (qb * c).astype(qb.dtype), k, v, scale=0.2, block_t=16, impl="pallas", with_lse=False
+    )
+    return c, jnp.sum((o.reshape(1, 128, -1) @ w).astype(jnp.float32) ** 2)
+
+  def forwards(policy):
+    def loss(c):
+      blk = jax.checkpoint(body, policy=sparse_attention.REMAT_POLICIES[policy])
+      return jax.lax.scan(blk, c, (q,))[1].sum()
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(jnp.bfloat16(1.0)).jaxpr
+    prims = [e.primitive.name for e in _eqns(jaxpr)]
+    return sum("attention" in n and "fwd" in n for n in prims)
+
+  runs = {p: forwards(p) for p in ("full", "save_attention", "save_selection")}
+  assert runs == {"full": 2, "save_attention": 1, "save_selection": 2}, runs
+
+
 @pytest.mark.parametrize(
   "backend,kernel", [("gpu", "sparse_mla_fwd_kernel"), ("tpu", "sparse_mla_fwd_tpu")]
 )
