@@ -203,3 +203,40 @@ def test_model_gradients_do_not_depend_on_policy(indexer_loss, attention, traina
 def test_unknown_policy_is_one_clear_error():
   with pytest.raises(ValueError, match="remat_policy.*save_attention"):
     dsa_jax.preset("test", remat_policy="dots")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_gpu_compiled_step_runs_each_attention_forward_once(attention):
+  """The compiled GPU gradient of a remat'd 2-layer scan under "save_attention": every attention
+  forward custom call (cuDNN's for dense, the sparse-MLA kernel's for sparse) sits in the forward
+  pass, none in the backward's replay, and none cloned into a fusion (XLA's dynamic-slice fusion
+  did that to a kernel whose output is also written to the scan's stacked residuals)."""
+  import re  # noqa: PLC0415
+
+  cfg = dsa_jax.preset(
+    "v32_attn", vocab_size=1024, max_seq_len=4096, impl="pallas", remat_policy="save_attention"
+  )
+  tokens = jax.random.randint(jax.random.key(1), (1, 1024), 0, cfg.vocab_size)
+  m = dsa_jax.build(cfg, seed=0)
+  graphdef, state = nnx.split(m)
+  kw = {"attention": attention, "indexer_loss": "sparse" if attention == "sparse" else "none"}
+
+  def loss(st):
+    logits, aux = nnx.merge(graphdef, st)(tokens, **kw)
+    return jnp.mean(logits**2) + sum(jnp.mean(v) for k, v in aux.items() if k == "indexer_kl")
+
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(state).compile().as_text()
+  want = "sparse_mla_fwd_kernel" if attention == "sparse" else None
+  comp, found = "", []
+  for line in hlo.splitlines():
+    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+      comp = line.split(" ")[0].lstrip("%")  # the computation a line belongs to
+    if " custom-call(" not in line:
+      continue
+    target = re.search(r'custom_call_target="([^"]*)"', line).group(1)
+    op = (re.search(r'op_name="([^"]*)"', line) or re.search("()", "")).group(1)
+    if (want and want in op) or (not want and "cudnn" in target and "Backward" not in target):
+      found.append((comp, op))
+  assert found, "no attention forward custom call found"
+  assert all("transpose(" not in op and "fusion" not in comp for comp, op in found), found
