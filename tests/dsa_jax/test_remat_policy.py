@@ -4,6 +4,8 @@ SAVED_OUT), so a remat block's backward does not run them again; "save_selection
 the sparse attention outputs (the backward reruns that forward, not the top-k); gradients are
 those of "full"."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,8 +214,6 @@ def test_gpu_compiled_step_runs_each_attention_forward_once(attention):
   forward custom call (cuDNN's for dense, the sparse-MLA kernel's for sparse) sits in the forward
   pass, none in the backward's replay, and none cloned into a fusion (XLA's dynamic-slice fusion
   did that to a kernel whose output is also written to the scan's stacked residuals)."""
-  import re  # noqa: PLC0415
-
   cfg = dsa_jax.preset(
     "v32_attn", vocab_size=1024, max_seq_len=4096, impl="pallas", remat_policy="save_attention"
   )
@@ -224,7 +224,7 @@ def test_gpu_compiled_step_runs_each_attention_forward_once(attention):
 
   def loss(st):
     logits, aux = nnx.merge(graphdef, st)(tokens, **kw)
-    return jnp.mean(logits**2) + sum(jnp.mean(v) for k, v in aux.items() if k == "indexer_kl")
+    return jnp.mean(logits**2) + jnp.mean(aux.get("indexer_kl", 0.0))
 
   hlo = jax.jit(jax.value_and_grad(loss)).lower(state).compile().as_text()
   want = "sparse_mla_fwd_kernel" if attention == "sparse" else None
@@ -235,7 +235,8 @@ def test_gpu_compiled_step_runs_each_attention_forward_once(attention):
     if " custom-call(" not in line:
       continue
     target = re.search(r'custom_call_target="([^"]*)"', line).group(1)
-    op = (re.search(r'op_name="([^"]*)"', line) or re.search("()", "")).group(1)
+    op = re.search(r'op_name="([^"]*)"', line)
+    op = op.group(1) if op else ""
     if (want and want in op) or (not want and "cudnn" in target and "Backward" not in target):
       found.append((comp, op))
   assert found, "no attention forward custom call found"
