@@ -116,7 +116,7 @@ def _loss_chunk() -> int:
   return int(os.environ.get("M1_LOSS_CHUNK", "0") or 0)
 
 
-def _profile_table(trace_dir: str, steps: int, top: int = 15) -> str:
+def _profile_table(trace_dir: str, steps: int, top: int = 30) -> str:
   """Top GPU ops by time a step (bench_common.trace_op_times), as a markdown table."""
   got = bc.trace_op_times(trace_dir, steps, top)
   lines = ["| op | ms per step | calls per step | share |", "|---|---|---|---|"]
