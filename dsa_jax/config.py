@@ -21,7 +21,7 @@ _DTYPES = ("float32", "bfloat16")
 REMOVED_FIELDS = ("score_func", "dtype", "max_batch_size")
 _INDEXER_DTYPES = ("fp8", "bfloat16", "float32")
 _IMPLS = ("reference", "pallas")
-_REMAT_POLICIES = ("full", "save_attention", "save_selection")
+_REMAT_POLICIES = ("full", "save_attention", "save_selection", "save_projections")
 
 
 def _err(field: str, value: Any, rule: str) -> ValueError:
@@ -98,7 +98,9 @@ class ModelConfig:
   # KL target (the sparse_attention.SAVED and SAVED_OUT names), so the backward reruns only
   # projections and FFN; "save_selection" all of these but the sparse attention outputs (the
   # largest), so the backward reruns the sparse attention forward but not the indexer, top-k,
-  # KL target or KL forward: for lengths where "save_attention" does not fit.
+  # KL target or KL forward: for lengths where "save_attention" does not fit; "save_projections"
+  # what "save_attention" keeps plus every projection's output (the SAVED_PROJ name), so the
+  # backward replays no matmul: the most memory, the least replay.
   remat_policy: str = "full"
   # Expert parallelism (expert_parallel.py): 0 = dropless; f > 0 = f·n·k/ep slots per shard pair.
   moe_capacity_factor: float = 0.0

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dsa_jax.config import ModelConfig
+from pallas_kernels import _common
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -35,15 +36,20 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-  """y = x @ W, W stored [in, out] (the transpose of the HF/torch layout)."""
+  """y = x @ W, W stored [in, out] (the transpose of the HF/torch layout). Under
+  remat_policy="save_projections" y is a named remat residual (_common.SAVED_PROJ)."""
 
   def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=None):
     self.kernel = param(rngs, (d_in, d_out), axes, cfg.init_std, dtype or dtype_of(cfg.param_dtype))
     self.compute_dtype = dtype_of(cfg.compute_dtype) if dtype is None else dtype
+    # Named only where a policy keeps it: `saved`'s optimization barrier would otherwise stop XLA
+    # fusing the product with its consumers for nothing.
+    self.save = cfg.remat and cfg.remat_policy == "save_projections"
 
   def __call__(self, x):
     w = self.kernel[...]
-    return jnp.einsum("...i,io->...o", x.astype(self.compute_dtype), w.astype(self.compute_dtype))
+    y = jnp.einsum("...i,io->...o", x.astype(self.compute_dtype), w.astype(self.compute_dtype))
+    return _common.saved(y, _common.SAVED_PROJ) if self.save else y
 
 
 class RMSNorm(nnx.Module):

@@ -66,6 +66,7 @@ def _dense_block(q, k, v, t0, *, scale, s_offset):
 # (the sparse attention outputs, the large ones).
 SAVED = _common.SAVED
 SAVED_OUT = _common.SAVED_OUT
+SAVED_PROJ = _common.SAVED_PROJ
 saved = _common.saved
 # ModelConfig / V4Config.remat_policy -> the jax.checkpoint policy of a remat block (None: save
 # nothing, the backward replays the whole block).
@@ -73,6 +74,7 @@ REMAT_POLICIES = {
   "full": None,
   "save_attention": jax.checkpoint_policies.save_only_these_names(SAVED, SAVED_OUT),
   "save_selection": jax.checkpoint_policies.save_only_these_names(SAVED),
+  "save_projections": jax.checkpoint_policies.save_only_these_names(SAVED, SAVED_OUT, SAVED_PROJ),
 }
 
 

@@ -13,6 +13,9 @@ SAVED = "attention_saved"
 # layer at V3.2's shape and 64K tokens), so a policy may keep SAVED without them
 # (remat_policy="save_selection": the backward reruns the attention forward, not the top-k).
 SAVED_OUT = "attention_out"
+# Every projection's output (dsa_jax.layers.Linear) under remat_policy="save_projections": the
+# backward then replays no matmul of the block, only its elementwise ops.
+SAVED_PROJ = "projection_out"
 
 
 def saved(tree, name=SAVED):

@@ -1,8 +1,9 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """ModelConfig.remat_policy: "save_attention" keeps the kernels' forward outputs (_common.SAVED,
 SAVED_OUT), so a remat block's backward does not run them again; "save_selection" keeps all but
-the sparse attention outputs (the backward reruns that forward, not the top-k); gradients are
-those of "full"."""
+the sparse attention outputs (the backward reruns that forward, not the top-k);
+"save_projections" keeps what "save_attention" keeps and every projection's output (no matmul
+replayed); gradients are those of "full"."""
 
 import re
 
@@ -196,10 +197,33 @@ def _grads(policy, indexer_loss, attention, trainable, impl):
 )
 def test_model_gradients_do_not_depend_on_policy(indexer_loss, attention, trainable, impl):
   full = _grads("full", indexer_loss, attention, trainable, impl)
-  for policy in ("save_attention", "save_selection"):
+  for policy in ("save_attention", "save_selection", "save_projections"):
     saved = _grads(policy, indexer_loss, attention, trainable, impl)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(saved)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def _replayed_projections(policy):
+  """Linear products (einsum "...i,io->...o") in the backward's remat replay of the compiled CPU
+  gradient of the test model (sparse phase, reference attention)."""
+  cfg = dsa_jax.preset("test", remat=True, remat_policy=policy, impl="reference")
+  graphdef, state = nnx.split(model.build(cfg, seed=0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, cfg.vocab_size)
+
+  def loss(state):
+    logits, aux = nnx.merge(graphdef, state)(tokens, attention="sparse", indexer_loss="sparse")
+    return jnp.mean(aux["indexer_kl"]) - jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+  names = re.findall(r'= \S+ dot\(.*op_name="([^"]*)"', hlo)
+  return sum("rematted_computation" in n and "...i,io->...o" in n for n in names)
+
+
+def test_save_projections_replays_no_projection():
+  """ "save_projections" keeps every Linear output, so the backward's replay has no projection
+  product left; "save_attention" replays them."""
+  assert _replayed_projections("save_attention") > 0
+  assert _replayed_projections("save_projections") == 0
 
 
 def test_unknown_policy_is_one_clear_error():
