@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -38,36 +40,69 @@ def mtp_loss(mtp_logits, tokens, loss_mask):
 
 def head_xent(x, kernel, compute_dtype, targets, weights, chunk: int):
   """`xent` of logits = x @ kernel (as layers.Linear computes them, then f32) without the
-  [B,T,V] logits: a scan over chunks of `chunk` tokens, each under jax.checkpoint, so the
-  backward rebuilds one chunk's logits at a time (f32 logits at 64K tokens and V3.2's 129,280
-  vocabulary would take 34 GB, their gradient as much again).
+  [B,T,V] logits: a scan over chunks of `chunk` tokens (f32 logits at 64K tokens and V3.2's
+  129,280 vocabulary would take 34 GB, their gradient as much again). Differentiated, each chunk's
+  gradients are taken in the forward scan while its logits exist (`_xent_sum`), so the backward
+  never rebuilds them.
   x [B,T,D], kernel [D,V], targets [B,T] int, weights [B,T]."""
   if chunk < 1:
     raise ValueError(f"chunk={chunk} must be >= 1 tokens")
-  b, t, d = x.shape
+  b, t, _ = x.shape
   n = -(-t // chunk)
   pad = n * chunk - t
-  f32 = jnp.float32
 
   def split(a):
     a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
     return jnp.moveaxis(a.reshape((b, n, chunk) + a.shape[2:]), 1, 0)
 
-  w = weights.astype(f32)
+  w = weights.astype(jnp.float32)
+  total = _xent_sum(split(x), kernel, split(targets), split(w), jnp.dtype(compute_dtype))
+  return total / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _chunk_xent(xc, w_mat, tc, wc):
+  """One chunk: logits (f32), Σ w·(logsumexp - logit at the target), and the logits."""
+  logits = jnp.einsum("btd,dv->btv", xc.astype(w_mat.dtype), w_mat).astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz - tgt) * wc), logits, logz
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _xent_sum(xs, kernel, ts, ws, compute_dtype):
+  """Σ over chunks of _chunk_xent's loss; xs [n, B, chunk, D], ts and ws [n, B, chunk]."""
+  w_mat = kernel.astype(compute_dtype)
+  body = lambda total, c: (total + _chunk_xent(c[0], w_mat, c[1], c[2])[0], None)
+  return jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts, ws))[0]
+
+
+def _xent_sum_fwd(xs, kernel, ts, ws, compute_dtype):
+  # dlogits = w·(softmax - onehot) in compute_dtype, as autodiff of the bf16 product would pass
+  # it on; dx per chunk in x's dtype, d kernel accumulated over chunks in f32.
   w_mat = kernel.astype(compute_dtype)
 
-  @jax.checkpoint
-  def piece(xc, tc, wc):
-    logits = jnp.einsum("btd,dv->btv", xc.astype(compute_dtype), w_mat).astype(f32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-    return jnp.sum((logz - tgt) * wc)
+  def body(carry, c):
+    total, dw = carry
+    xc, tc, wc = c
+    loss, logits, logz = _chunk_xent(xc, w_mat, tc, wc)
+    onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)
+    dlogits = ((jnp.exp(logits - logz[..., None]) - onehot) * wc[..., None]).astype(compute_dtype)
+    dx = jnp.einsum("btv,dv->btd", dlogits, w_mat, preferred_element_type=jnp.float32)
+    xm = xc.astype(compute_dtype)
+    dw = dw + jnp.einsum("btd,btv->dv", xm, dlogits, preferred_element_type=jnp.float32)
+    return (total + loss, dw), dx.astype(xc.dtype)
 
-  def body(total, xs):
-    return total + piece(*xs), None
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+  (total, dw), dxs = jax.lax.scan(body, init, (xs, ts, ws))
+  return total, (dxs, dw.astype(kernel.dtype))
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), f32), (split(x), split(targets), split(w)))
-  return total / jnp.maximum(jnp.sum(w), 1.0)
+
+def _xent_sum_bwd(compute_dtype, res, g):
+  dxs, dw = res
+  return (g * dxs).astype(dxs.dtype), (g * dw).astype(dw.dtype), None, None
+
+
+_xent_sum.defvjp(_xent_sum_fwd, _xent_sum_bwd)
 
 
 def lm_loss_from_hidden(x, head, tokens, loss_mask, chunk: int):

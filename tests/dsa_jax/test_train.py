@@ -2,6 +2,7 @@
 import dataclasses
 import functools
 import os
+import re
 import signal
 import threading
 
@@ -234,6 +235,18 @@ def test_head_xent_equals_the_full_logits(t, chunk):
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
     losses.head_xent(x, w, jnp.float32, tgt, wts, 0)
+
+
+def test_head_xent_builds_each_chunks_logits_once():
+  """Differentiated, the chunked cross-entropy multiplies by the head three times per chunk
+  (logits, dx, d kernel) in one scan; the backward does not rebuild the logits (a fourth)."""
+  x = jnp.ones((1, 32, 16), jnp.bfloat16)
+  w = jnp.ones((16, 40), jnp.float32)
+  tgt, wts = jnp.zeros((1, 32), jnp.int32), jnp.ones((1, 32), jnp.float32)
+  loss = lambda x, w: losses.head_xent(x, w, jnp.bfloat16, tgt, wts, 8)
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1)))
+  hlo = grad.lower(x, w).compile().as_text()
+  assert len(re.findall(r"= \S+ dot\(", hlo)) == 3, hlo
 
 
 def test_loss_chunk_gives_the_same_step():
