@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsa_jax import sparse_attention
 from dsa_jax.config import ModelConfig
-from pallas_kernels import _common
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -37,7 +37,7 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
 
 class Linear(nnx.Module):
   """y = x @ W, W stored [in, out] (the transpose of the HF/torch layout). Under
-  remat_policy="save_projections" y is a named remat residual (_common.SAVED_PROJ)."""
+  remat_policy="save_projections" y is a named remat residual (sparse_attention.SAVED_PROJ)."""
 
   def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=None):
     self.kernel = param(rngs, (d_in, d_out), axes, cfg.init_std, dtype or dtype_of(cfg.param_dtype))
@@ -49,7 +49,7 @@ class Linear(nnx.Module):
   def __call__(self, x):
     w = self.kernel[...]
     y = jnp.einsum("...i,io->...o", x.astype(self.compute_dtype), w.astype(self.compute_dtype))
-    return _common.saved(y, _common.SAVED_PROJ) if self.save else y
+    return sparse_attention.saved(y, sparse_attention.SAVED_PROJ) if self.save else y
 
 
 class RMSNorm(nnx.Module):
