@@ -61,7 +61,7 @@ def head_xent(x, kernel, compute_dtype, targets, weights, chunk: int):
 
 
 def _chunk_xent(xc, w_mat, tc, wc):
-  """One chunk: logits (f32), Σ w·(logsumexp - logit at the target), and the logits."""
+  """One chunk: (Σ w·(logsumexp - logit at the target), the f32 logits, their logsumexp)."""
   logits = jnp.einsum("btd,dv->btv", xc.astype(w_mat.dtype), w_mat).astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]

@@ -20,8 +20,9 @@ M1_GMM=kernels runs the MoE layers' grouped matmuls on the Pallas kernels (`shap
 the library's choice) for MoE presets such as `v32_attn_moe`.
 M1_SPARSE_KL=xla,kernels runs the sparse phase once per sparse indexer-KL path (the streamed XLA
 custom_vjp or the Pallas-Triton kernels; `shape.sparse_kl`); unset, the library's default.
-M1_REMAT_POLICY=full,save_attention,save_selection,save_projections runs every phase once per ModelConfig.remat_policy
-(`shape.remat_policy`; the baseline is the first dense row); unset, the preset's.
+M1_REMAT_POLICY=full,save_attention,save_selection,save_projections runs every phase once per
+ModelConfig.remat_policy (`shape.remat_policy`; the baseline is the first dense row); unset, the
+preset's.
 M1_LOSS_CHUNK=<tokens> computes the cross-entropy that many tokens at a time (TrainConfig.loss_chunk:
 no [T, V] logits; `shape.loss_chunk`); unset, the whole logits at once.
 M1_DENSE_KL=xla,kernels,kernels_3sweep,kernels_cudnn runs the warm-up once per dense-KL path
