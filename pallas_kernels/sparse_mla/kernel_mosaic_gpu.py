@@ -396,6 +396,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   bk = BLOCK_K
   if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
     raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
+  if d_out > 512:  # each WG's P·V is one wgmma over d_out / 2 columns (wgmma N <= 256)
+    raise ValueError(f"d_out={d_out}: the forward takes at most 512 value columns")
   if not fits(kp_dim, q.dtype.itemsize):
     need = smem_bytes(kp_dim, q.dtype.itemsize)
     raise ValueError(f"the forward needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
@@ -403,7 +405,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   idx3 = idx.reshape(n, n_chunks, bk)  # chunk j's ids: one TMA into the ring
   half = bk // 2
   n_tiles = kp_dim // 64
-  v_tiles = d_out // 128  # value-column tiles per compute WG
+  v_cols = d_out // 2  # value columns per compute WG
+  v_tiles = v_cols // 64
   dtype = q.dtype
   qk_scale = scale * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
@@ -471,15 +474,12 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       plgpu.barrier_wait(bar_q)
       m_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), -jnp.inf, f32), row_layout)
       l_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), 0.0, f32), row_layout)
-      accs = tuple(
-        plgpu.layout_cast(jnp.full((HEAD_BLOCK, 64), 0.0, f32), plgpu.Layout.WGMMA)
-        for _ in range(v_tiles)
-      )
-      v0 = w * v_tiles  # this WG's first value-column tile
+      acc = plgpu.layout_cast(jnp.full((HEAD_BLOCK, v_cols), 0.0, f32), plgpu.Layout.WGMMA)
+      v_half = pl.ds(w * v_cols, v_cols)  # this WG's value columns
       mine = pl.ds(w * half, half)  # this WG's slots of a chunk
 
       def step(j, carry):
-        accs, m_i, l_i = carry
+        acc, m_i, l_i = carry
         slot = j % 2
         if interpret:
           plgpu.barrier_wait(bar_full.at[slot])
@@ -518,23 +518,22 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
           p_smem.at[w][...] = p
           plgpu.commit_smem()
           p = p_smem.at[w]
-        new = []
-        for c, acc in enumerate(accs):
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          v_tile = operand.at[:, pl.ds((v0 + c) * 64, 64)]
-          if interpret:  # run_state(ACC.init(...)) does not discharge there: add a fresh product
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        # One wgmma over the WG's whole value half (N = d_out / 2): one issue and one wait.
+        v = operand.at[:, v_half]
+        if interpret:  # run_state(ACC.init(...)) does not discharge there: add a fresh product
 
-            def scope(acc_ref, a=p, b=v_tile):
-              plgpu.wgmma(acc_ref, a, b)
-              return acc_ref[...]
+          def scope(acc_ref):
+            plgpu.wgmma(acc_ref, p, v)
+            return acc_ref[...]
 
-            new.append(acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, 64), f32)))
-          else:
-            new.append(_mma_acc(acc, p, v_tile))
+          acc = acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, v_cols), f32))
+        else:
+          acc = _mma_acc(acc, p, v)
         plgpu.barrier_arrive(bar_free.at[slot])  # this WG is done with the operand slot
-        return tuple(new), m_new, l_i
+        return acc, m_new, l_i
 
-      accs, m_i, l_i = lax.fori_loop(0, n_chunks, step, (accs, m_i, l_i))
+      acc, m_i, l_i = lax.fori_loop(0, n_chunks, step, (acc, m_i, l_i))
       # The total l; bar_end also says both WGs are past their last logits: q_smem takes the output.
       misc.at[w][...] = l_i
       plgpu.barrier_arrive(bar_end)
@@ -543,8 +542,10 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       has = l_i > 0
       l_safe = jnp.where(has, l_i, 1.0)
       inv = jnp.where(has, 1.0 / l_safe, 0.0)
-      for c, acc in enumerate(accs):
-        q_smem.at[v0 + c][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      out = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      v0 = w * v_tiles  # this WG's first value-column tile
+      for c in range(v_tiles):
+        q_smem.at[v0 + c][...] = out[:, c * 64 : (c + 1) * 64]
       plgpu.commit_smem()
       for c in range(v_tiles):
         cols = pl.ds((v0 + c) * 64, 64)

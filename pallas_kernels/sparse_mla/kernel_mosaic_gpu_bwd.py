@@ -30,7 +30,7 @@ q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64
      to `a`. The logits work is split, not duplicated.
   3. dq[:, tiles of WG w] += dS·R[:, tiles]: each of the three WGs keeps a third of the dq
      column tiles in registers across chunks (at Kp = 576: 3 tiles = 96 f32 registers a
-     thread). With 384 threads ptxas gives each thread at most 168 registers, so a 2-WG split
+     thread), side by side, so a WG's share is one wgmma per chunk (N = 192). With 384 threads ptxas gives each thread at most 168 registers, so a 2-WG split
      (5 + 4 tiles = 160 registers) cannot sit next to the 64 x 64 logits; hence the copy WG's
      share. Then R is free for the next chunk.
 
@@ -109,14 +109,20 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   dtype = q.dtype
   qk_scale = scale * _LOG2E
   owners = tile_owners(n_tiles)
+  if len(owners[0]) > 4:  # a WG's dq tiles are one wgmma, N = 64 per tile <= 256
+    raise ValueError(f"the backward takes Kp <= 768, got {kp_dim}")
   idx3 = idx.reshape(n, n_chunks, bk)
   lse2 = lse * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
 
-  def zeros_wgmma(cols=64):
-    return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, cols), jnp.float32), plgpu.Layout.WGMMA)
+  def zeros_wgmma(tiles):
+    """A WG's dq accumulator: its tiles side by side [64, 64·len(tiles)] f32 (None: no tiles)."""
+    if not tiles:
+      return None
+    shape = (HEAD_BLOCK, 64 * len(tiles))
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
   def body(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, bufs, bars):
     q_smem, do_smem, r_smem, p_smem, ds_smem, misc = bufs
@@ -136,18 +142,19 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         mbarrier_wait(raw_bars.at[pl.ds(0, 2)], j % 2)
         plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
-    def dq_step(accs, tiles):
-      return tuple(
-        _mma_add(acc, ds_smem, r_smem.at[:, pl.ds(c * 64, 64)], interpret)
-        for acc, c in zip(accs, tiles)
-      )
+    def dq_step(acc, tiles):
+      """acc += dS·R over the WG's contiguous dq tiles: one wgmma (N = 64 per tile <= 256)."""
+      if not tiles:
+        return acc
+      return _mma_add(acc, ds_smem, r_smem.at[:, pl.ds(tiles[0] * 64, 64 * len(tiles))], interpret)
 
-    def finish(accs, tiles):
+    def finish(acc, tiles):
       """All WGs past their last read of q_smem: write this WG's dq tiles through it."""
       plgpu.barrier_arrive(bar_end)
       plgpu.barrier_wait(bar_end)
-      for acc, c in zip(accs, tiles):
-        q_smem.at[c][...] = acc.astype(dtype)
+      acc = acc.astype(dtype) if tiles else None
+      for i, c in enumerate(tiles):
+        q_smem.at[c][...] = acc[:, i * 64 : (i + 1) * 64]
       plgpu.commit_smem()
       for c in tiles:
         plgpu.copy_smem_to_gmem(q_smem.at[c], dq_ref.at[t, heads, pl.ds(c * 64, 64)])
@@ -179,7 +186,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         else:
           direct_issue(kv_ref, r_smem, ids_smem, raw_bars, 0)
 
-      def step(j, accs):
+      def step(j, acc):
         @pl.when(j > 0)
         def _():
           plgpu.barrier_wait(bar_rfree)  # WG0/WG1 are done with chunk j-1's rows
@@ -193,14 +200,13 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           nxt = jnp.minimum(j + 1, n_chunks - 1)
           plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
 
-        accs = dq_step(accs, owners[2])
+        acc = dq_step(acc, owners[2])
         plgpu.barrier_arrive(bar_dsfree)
-        return accs
+        return acc
 
-      accs = tuple(zeros_wgmma() for _ in owners[2])
-      accs = lax.fori_loop(0, n_chunks, step, accs)
+      acc = lax.fori_loop(0, n_chunks, step, zeros_wgmma(owners[2]))
       plgpu.barrier_wait(bar_rfree)  # observe every phase (the interpreter checks)
-      finish(accs, owners[2])
+      finish(acc, owners[2])
 
     @pl.when(wg < 2)
     def _compute_wg():
@@ -218,7 +224,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
 
         return pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
 
-      def step(j, accs, w):
+      def step(j, acc, w):
         wait_rows(j)
         ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
         valid = lax.broadcast_in_dim(ids >= 0, (HEAD_BLOCK, bk), [1])
@@ -257,19 +263,18 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           plgpu.commit_smem()
           plgpu.barrier_arrive(bar_ds)
           plgpu.copy_smem_to_gmem(ds_smem, a_ref.at[t, heads, slots])
-        accs = dq_step(accs, owners[w])
+        acc = dq_step(acc, owners[w])
         plgpu.barrier_arrive(bar_rfree)
         plgpu.barrier_arrive(bar_dsfree)
-        return accs
+        return acc
 
       for w in range(2):
 
         @pl.when(wg == w)
         def _(w=w):
-          accs = tuple(zeros_wgmma() for _ in owners[w])
-          accs = lax.fori_loop(0, n_chunks, functools.partial(step, w=w), accs)
+          acc = lax.fori_loop(0, n_chunks, functools.partial(step, w=w), zeros_wgmma(owners[w]))
           plgpu.barrier_wait(bar_pfree if w == 0 else bar_dsfree)  # observe the last phase
-          finish(accs, owners[w])
+          finish(acc, owners[w])
 
   def sparse_mla_bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref):
     sw = fwd._swizzled
