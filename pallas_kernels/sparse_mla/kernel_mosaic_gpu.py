@@ -94,7 +94,7 @@ class GpuConfig:
     where the kernel's tiles do not fit in SMEM, `kernel_mosaic_gpu_bwd.fits`).
   """
 
-  bwd_block_t: int = 512
+  bwd_block_t: int = 1024
   bwd: str = "kernel"
 
   def __post_init__(self):
