@@ -5,7 +5,8 @@
       [--device=H200]
 
 One card per plot: rows whose device contains --device (default: the last row's device). Per
-length, the last such row wins (a later run at the same length supersedes).
+length, the last such row wins (a later run at the same length supersedes); the title names the
+dates and commits of the plotted rows.
 """
 
 import json
@@ -19,32 +20,40 @@ _DEVICE = flags.DEFINE_string(
 )
 
 
-def e1_points(results: list[dict], device: str = "") -> dict[int, tuple[float, float]]:
-  """{seq_len: (ours_ms, dense_ms)} from the E1 rows of `device` (a substring of the row's;
-  "" = any) that have both times; later rows win."""
-  pts = {}
+def e1_rows(results: list[dict], device: str = "") -> dict[int, dict]:
+  """{seq_len: row}: per length the last E1 row of `device` (a substring of the row's; "" =
+  any) that has both times (a NaN time marks a length that did not fit)."""
+  rows = {}
   for r in results:
     if r.get("suite") != "E1" or "baseline" not in r:
       continue
     if device not in str(r.get("device", "")):
       continue
     t, td = r.get("time_ms"), r["baseline"].get("time_ms")
-    if t is None or td is None or t != t:  # NaN = a length that did not fit
+    if t is None or td is None or t != t:
       continue
-    pts[int(r["shape"]["seq_len"])] = (float(t), float(td))
-  if not pts:
+    rows[int(r["shape"]["seq_len"])] = r
+  if not rows:
     raise ValueError(f"no E1 rows with both times in the result file (device filter {device!r})")
-  return dict(sorted(pts.items()))
+  return dict(sorted(rows.items()))
+
+
+def e1_points(results: list[dict], device: str = "") -> dict[int, tuple[float, float]]:
+  """{seq_len: (ours_ms, dense_ms)} from `e1_rows`."""
+  return {
+    x: (float(r["time_ms"]), float(r["baseline"]["time_ms"]))
+    for x, r in e1_rows(results, device).items()
+  }
 
 
 def main(argv):
   del argv
   with open(_JSON.value) as f:
     data = json.load(f)
-  e1_rows = [r for r in data["results"] if r.get("suite") == "E1"]
-  device = _DEVICE.value or (e1_rows[-1].get("device", "") if e1_rows else "")
+  all_e1 = [r for r in data["results"] if r.get("suite") == "E1"]
+  device = _DEVICE.value or (all_e1[-1].get("device", "") if all_e1 else "")
   pts = e1_points(data["results"], device)
-  rows = [r for r in e1_rows if device in str(r.get("device", ""))]
+  rows = list(e1_rows(data["results"], device).values())  # the plotted rows
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -67,9 +76,9 @@ def main(argv):
   b.set_xticks([], minor=True)
   b.set_xlabel("sequence length L")
   b.set_ylabel("speed-up vs dense (dense / DSA)")
-  dates = sorted({r.get("date", "") for r in rows})
+  runs = sorted({f"{r.get('date', '')} {r.get('commit', '')}".strip() for r in rows})
   fig.suptitle(
-    f"E1 one DSA layer vs dense, {rows[-1].get('device')}, {', '.join(dates)}", fontsize=9
+    f"E1 one DSA layer vs dense, {rows[-1].get('device')}, {', '.join(runs)}", fontsize=9
   )
   fig.tight_layout()
   fig.savefig(_OUT.value, dpi=120)

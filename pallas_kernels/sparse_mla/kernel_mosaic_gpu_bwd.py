@@ -30,9 +30,10 @@ q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64
      to `a`. The logits work is split, not duplicated.
   3. dq[:, tiles of WG w] += dS·R[:, tiles]: each of the three WGs keeps a third of the dq
      column tiles in registers across chunks (at Kp = 576: 3 tiles = 96 f32 registers a
-     thread), side by side, so a WG's share is one wgmma per chunk (N = 192). With 384 threads ptxas gives each thread at most 168 registers, so a 2-WG split
-     (5 + 4 tiles = 160 registers) cannot sit next to the 64 x 64 logits; hence the copy WG's
-     share. Then R is free for the next chunk.
+     thread), side by side, so a WG's share is one wgmma per chunk (N = 192: one issue and
+     one wait, not one per tile). With 384 threads ptxas gives each thread at most 168
+     registers, so a 2-WG split (5 + 4 tiles = 160 registers) cannot sit next to the 64 x 64
+     logits; hence the copy WG's share. Then R is free for the next chunk.
 
 SMEM at V3.2 (Kp 576, d_out 512, bf16): q 72 KiB + dO 64 + R 72 + P 8 + dS 8 + the chunk's ids
 and the raw mbarriers 1 = 225 KiB (+ Pallas barriers) of 227. The dq output reuses q's tiles.

@@ -37,6 +37,14 @@ def test_points_of_one_device():
     plot_e1.e1_points(rows, "B200")
 
 
+def test_rows_are_the_plotted_ones():
+  # the title's dates and commits come from these rows: a superseded run must not be among them
+  old = dict(_row(16384, 300.0, 130.0), date="2026-11-29", commit="aaa")
+  new = dict(_row(16384, 250.0, 120.0), date="2026-12-06", commit="bbb")
+  rows = plot_e1.e1_rows([old, new, dict(_row(8192, 99.0, 30.0), commit="ccc")])
+  assert [r.get("commit") for r in rows.values()] == ["ccc", "bbb"]
+
+
 def test_no_rows_is_an_error():
   with pytest.raises(ValueError, match="no E1 rows"):
     plot_e1.e1_points([_row(4096, 1.0, 2.0, suite="T1")])
