@@ -278,6 +278,15 @@ def _bwd_blocked(
   return dq, dkv[:, :k_dim].reshape(kv.shape).astype(kv.dtype)
 
 
+def balanced_step(t: int, block_t: int) -> int:
+  """Tokens per scan step for t tokens in steps of at most block_t: as many steps as block_t
+  needs, evened out, so the padding of the last step is under one token per step (t 1536 at
+  1024 takes two steps of 768, not 1024 + 512 padded to 1024 + 1024)."""
+  block_t = max(1, min(block_t, t))
+  n = -(-t // block_t)
+  return -(-t // n)
+
+
 def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interpret=False):
   # Scan steps cover config.bwd_block_t tokens summed over the batch (the gathered rows of one
   # step scale with b * block_t), so a larger batch takes shorter steps, not more memory; and
@@ -286,7 +295,7 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
   b = q.shape[0]
   per_token = b * idx.shape[-1] * _round_up(q.shape[-1], 64)
   block_t = min(config.bwd_block_t // b, kernel_segment_sum_triton.max_tokens(per_token))
-  block_t = max(1, min(block_t, q.shape[1]))  # a short sequence takes one step, unpadded
+  block_t = balanced_step(q.shape[1], block_t)
   res = (q, kv, idx, out, lse, d_out, d_lse)
   if config.bwd == "kernel":
     return _bwd_kernel_blocked(*res, scale=scale, d_v=d_v, block_t=b * block_t, interpret=interpret)

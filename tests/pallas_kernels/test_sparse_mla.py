@@ -93,6 +93,19 @@ def test_config_validate_and_default_for():
   assert kernel_mosaic_gpu.fits(576) and not kernel_mosaic_gpu.fits(640)
 
 
+def test_backward_steps_are_balanced():
+  # steps of at most block_t tokens, evened out: never more steps than block_t needs, and the
+  # last step's padding below one token per step
+  assert ops.balanced_step(1536, 1024) == 768
+  assert ops.balanced_step(4096, 1024) == 1024 and ops.balanced_step(4096, 1536) == 1366
+  assert ops.balanced_step(3, 1024) == 3 and ops.balanced_step(3, 2) == 2
+  for t in range(1, 300, 7):
+    for bt in (1, 5, 64, 128):
+      step = ops.balanced_step(t, bt)
+      n = -(-t // step)
+      assert step <= bt and n == -(-t // bt) and n * step - t < n, (t, bt, step)
+
+
 def test_pallas_shape_errors():
   q, kv, idx = _inputs(1, 2, 64, 64, 16, 8, jnp.bfloat16)
   with pytest.raises(ValueError, match="bf16 or f16"):
