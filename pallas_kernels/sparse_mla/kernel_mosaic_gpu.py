@@ -254,10 +254,22 @@ def _direct_ops(n_rows: int, row_bytes: int):
   return init, issue, wait
 
 
+# (ranges per warpgroup, directory) or None. When set, the kernels built by `token_kernel`
+# (forward, backward, probabilities) record their named regions (jax.named_scope) per warpgroup
+# with the Mosaic GPU profiler and write one Chrome-trace JSON per call into the directory. Each
+# range takes 16 bytes of SMEM per warpgroup next to the kernel's own (which at V3.2's Kp 576
+# leaves none: profile at Kp 512). For experiments/profile_sparse_mla_kernels.py.
+PROFILE: tuple[int, str] | None = None
+
+
 def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   """plgpu.kernel over the (head block, token) grid of the sparse MLA kernels: heads fastest,
   so a token's CTAs share its rows in L2; one thread per warpgroup ("wg"); the row
-  reductions stay inside a warp (WGMMA layout), so no reduction scratch."""
+  reductions stay inside a warp (WGMMA layout), so no reduction scratch. PROFILE (above) adds
+  the Mosaic GPU profiler (not in the interpreter)."""
+  prof = {}
+  if PROFILE is not None and not interpret:
+    prof = dict(profile_space=PROFILE[0], profile_dir=PROFILE[1])
   return plgpu.kernel(
     entry,
     out_type=out_type,
@@ -265,7 +277,7 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
     grid_names=("h", "t"),
     num_threads=num_threads,
     thread_name="wg",
-    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0, **prof),
     interpret=interpret,
   )
 
@@ -458,13 +470,15 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       @pl.loop(2, n_chunks)
       def _(j):
         # Chunk j - 2 is released by both compute WGs: its operand slot and ids ring slot are free.
-        plgpu.barrier_wait(bar_free.at[j % 2])
+        with jax.named_scope("slot_wait"):
+          plgpu.barrier_wait(bar_free.at[j % 2])
 
         @pl.when(j + 2 < n_chunks)
         def _():
           fetch_ids(j + 2)
 
-        issue(j)
+        with jax.named_scope("issue"):
+          issue(j)
 
       for j in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases too
         plgpu.barrier_wait(bar_free.at[j % 2])
@@ -482,12 +496,14 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       def step(j, carry):
         acc, m_i, l_i = carry
         slot = j % 2
-        if interpret:
-          plgpu.barrier_wait(bar_full.at[slot])
-        else:
-          mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
-          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-        plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+        # Named regions: what PROFILE records (no code of their own otherwise).
+        with jax.named_scope("rows_wait"):
+          if interpret:
+            plgpu.barrier_wait(bar_full.at[slot])
+          else:
+            mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
+            plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+          plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
         operand = kv_smem.at[slot]
 
         def qk_scope(acc_ref):
@@ -495,24 +511,28 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
             plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[mine, pl.ds(c * 64, 64)].T)
           return acc_ref[...]
 
-        s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), f32))
+        with jax.named_scope("qk"):
+          s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), f32))
         ids = plgpu.load(
           ids_ring.at[j % IDS_RING, mine], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
         )
         s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
         m_own = s.max(axis=1)
         misc.at[w][...] = m_own
-        plgpu.barrier_arrive(bar_max)
-        plgpu.barrier_wait(bar_max)
-        m_other = plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
-        m_new = jnp.maximum(m_i, jnp.maximum(m_own, m_other))  # commutative: equal in both WGs
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: keep exp finite
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        p_halves.at[w][...] = p.astype(dtype)
-        plgpu.barrier_arrive(bar_p)
-        plgpu.barrier_wait(bar_p)
+        with jax.named_scope("max_exchange"):
+          plgpu.barrier_arrive(bar_max)
+          plgpu.barrier_wait(bar_max)
+        with jax.named_scope("softmax"):
+          m_other = plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
+          m_new = jnp.maximum(m_i, jnp.maximum(m_own, m_other))  # commutative: same in both WGs
+          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: exp finite
+          alpha = jnp.exp2(m_i - m_use)
+          p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+          l_i = l_i * alpha + p.sum(axis=1)
+          p_halves.at[w][...] = p.astype(dtype)
+        with jax.named_scope("p_exchange"):
+          plgpu.barrier_arrive(bar_p)
+          plgpu.barrier_wait(bar_p)
         # Both halves from SMEM (the own one too): one code path for both WGs.
         p = jnp.concatenate([p_halves.at[0][...], p_halves.at[1][...]], axis=1)  # [64, 64]
         if interpret:  # the interpreter reads A from SMEM only
@@ -530,7 +550,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
           acc = acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, v_cols), f32))
         else:
-          acc = _mma_acc(acc, p, v)
+          with jax.named_scope("pv"):
+            acc = _mma_acc(acc, p, v)
         plgpu.barrier_arrive(bar_free.at[slot])  # this WG is done with the operand slot
         return acc, m_new, l_i
 

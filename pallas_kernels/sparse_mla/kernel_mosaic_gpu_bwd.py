@@ -188,20 +188,26 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           direct_issue(kv_ref, r_smem, ids_smem, raw_bars, 0)
 
       def step(j, acc):
-        @pl.when(j > 0)
-        def _():
-          plgpu.barrier_wait(bar_rfree)  # WG0/WG1 are done with chunk j-1's rows
+        # Named regions: what kernel_mosaic_gpu.PROFILE records (no code of their own otherwise).
+        with jax.named_scope("slot_wait"):
 
-        issue(j)
-        plgpu.barrier_wait(bar_ds)
-        wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
+          @pl.when(j > 0)
+          def _():
+            plgpu.barrier_wait(bar_rfree)  # WG0/WG1 are done with chunk j-1's rows
+
+        with jax.named_scope("issue"):
+          issue(j)
+        with jax.named_scope("ds_wait"):
+          plgpu.barrier_wait(bar_ds)
+          wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
 
         @pl.when(j + 1 < n_chunks)
         def _():  # the ids were read at issue: fetch the next chunk's
           nxt = jnp.minimum(j + 1, n_chunks - 1)
           plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
 
-        acc = dq_step(acc, owners[2])
+        with jax.named_scope("dq"):
+          acc = dq_step(acc, owners[2])
         plgpu.barrier_arrive(bar_dsfree)
         return acc
 
@@ -226,45 +232,55 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         return pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
 
       def step(j, acc, w):
-        wait_rows(j)
+        with jax.named_scope("rows_wait"):
+          wait_rows(j)
         ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
         valid = lax.broadcast_in_dim(ids >= 0, (HEAD_BLOCK, bk), [1])
         slots = pl.ds(j * bk, bk)
         if w == 0:
-          s = logits(q_smem, n_tiles)
+          with jax.named_scope("s"):
+            s = logits(q_smem, n_tiles)
           p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_h, s.shape, [0]))
           p = jnp.where(valid, p, 0.0)
 
-          @pl.when(j > 0)
-          def _():
-            plgpu.barrier_wait(bar_pfree)  # WG1 read chunk j-1's P
+          with jax.named_scope("p_free_wait"):
 
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # ... and so did its store to `a`
+            @pl.when(j > 0)
+            def _():
+              plgpu.barrier_wait(bar_pfree)  # WG1 read chunk j-1's P
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # ... and so did its store to `a`
           p_smem[...] = p.astype(dtype)
           plgpu.commit_smem()
           plgpu.barrier_arrive(bar_p)
           plgpu.copy_smem_to_gmem(
             p_smem, a_ref.at[t, pl.ds(hp + hb * HEAD_BLOCK, HEAD_BLOCK), slots]
           )
-          plgpu.barrier_wait(bar_ds)
+          with jax.named_scope("ds_wait"):
+            plgpu.barrier_wait(bar_ds)
         else:
-          dp = logits(do_smem, do_tiles)
-          plgpu.barrier_wait(bar_p)
+          with jax.named_scope("dp"):
+            dp = logits(do_smem, do_tiles)
+          with jax.named_scope("p_wait"):
+            plgpu.barrier_wait(bar_p)
           p = p_smem[...].astype(jnp.float32)
           plgpu.barrier_arrive(bar_pfree)
           ds = scale * p * (dp - lax.broadcast_in_dim(delta_h, dp.shape, [0]))
           ds = jnp.where(valid, ds, 0.0)
 
-          @pl.when(j > 0)
-          def _():
-            plgpu.barrier_wait(bar_dsfree)  # chunk j-1's dS read by all three WGs
+          with jax.named_scope("ds_free_wait"):
 
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # ... and by its store to `a`
+            @pl.when(j > 0)
+            def _():
+              plgpu.barrier_wait(bar_dsfree)  # chunk j-1's dS read by all three WGs
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # ... and by its store to `a`
           ds_smem[...] = ds.astype(dtype)
           plgpu.commit_smem()
           plgpu.barrier_arrive(bar_ds)
           plgpu.copy_smem_to_gmem(ds_smem, a_ref.at[t, heads, slots])
-        acc = dq_step(acc, owners[w])
+        with jax.named_scope("dq"):
+          acc = dq_step(acc, owners[w])
         plgpu.barrier_arrive(bar_rfree)
         plgpu.barrier_arrive(bar_dsfree)
         return acc
