@@ -5,12 +5,12 @@
 
 Sets `kernel_mosaic_gpu.PROFILE`, runs the forward and the backward once at an S1/S3-like shape
 (128 heads, k 2048 of 32K rows) and reads the Mosaic GPU profiler's traces: per warpgroup, the
-mean time a CTA spends in each named region of the kernels (`jax.named_scope` in
-kernel_mosaic_gpu.py and kernel_mosaic_gpu_bwd.py), its share of the CTA's time and the time per
-64-slot chunk. The profiler's buffer lives in SMEM next to the kernels' own, which at V3.2's row
+mean time (SM clock kilocycles) a CTA spends in each named region of the kernels
+(`jax.named_scope` in kernel_mosaic_gpu.py and kernel_mosaic_gpu_bwd.py), its share of the CTA's
+time and the time per 64-slot chunk. The profiler's buffer lives in SMEM next to the kernels' own, which at V3.2's row
 dim (576) leaves no room, so the default row dim is 512 (value dims 512: the rope tile goes, the
-rest of the schedule is V3.2's). The recorded regions cost a few cycles each; the row says the
-same call's time with and without them.
+rest of the schedule is V3.2's). The recorded regions cost a few cycles each; `ms` is the call's
+time without the profiler (with it, the trace's host callback dominates the call).
 """
 
 import argparse
@@ -29,11 +29,12 @@ from experiments import bench_common as bc
 
 
 def region_stats(trace: dict, warpgroups: int) -> dict:
-  """{"cta_us": mean CTA time, "warpgroups": {wg: {region: {"us": mean time a CTA, "calls": mean
-  count a CTA, "share": of the CTA time}}}} from one Mosaic GPU profiler trace (Chrome trace
-  events "B"/"E" per region; tid = 1 + warpgroup + warpgroups * CTA)."""
+  """{"cta_kcycles": mean CTA time, "warpgroups": {wg: {region: {"kcycles": mean time a CTA,
+  "calls": mean count a CTA, "share": of the CTA time}}}} from one Mosaic GPU profiler trace
+  (Chrome trace events "B"/"E" per region; tid = 1 + warpgroup + warpgroups * CTA). Within a
+  CTA the trace's timestamps advance by SM clock cycles / 1000 (its "us" are kilocycles)."""
   open_at = collections.defaultdict(list)
-  spent = collections.defaultdict(float)  # (cta, wg, region) -> us
+  spent = collections.defaultdict(float)  # (cta, wg, region) -> kilocycles
   calls = collections.Counter()
   first, last = {}, {}
   for e in trace["traceEvents"]:
@@ -51,17 +52,17 @@ def region_stats(trace: dict, warpgroups: int) -> dict:
   if not first:
     raise ValueError("the trace has no events")
   ctas = len(first)
-  cta_us = float(np.mean([last[c] - first[c] for c in first]))
+  cta = float(np.mean([last[c] - first[c] for c in first]))
   out = collections.defaultdict(dict)
-  for (_, wg, name), us in spent.items():
-    row = out[wg].setdefault(name, {"us": 0.0, "calls": 0.0})
-    row["us"] += us / ctas
+  for (_, wg, name), kc in spent.items():
+    row = out[wg].setdefault(name, {"kcycles": 0.0, "calls": 0.0})
+    row["kcycles"] += kc / ctas
   for (_, wg, name), n in calls.items():
     out[wg][name]["calls"] += n / ctas
   for regions in out.values():
     for row in regions.values():
-      row["share"] = row["us"] / cta_us if cta_us else 0.0
-  return {"cta_us": cta_us, "ctas": ctas, "warpgroups": {w: out[w] for w in sorted(out)}}
+      row["share"] = row["kcycles"] / cta if cta else 0.0
+  return {"cta_kcycles": cta, "ctas": ctas, "warpgroups": {w: out[w] for w in sorted(out)}}
 
 
 def profile_ranges(n_chunks: int) -> int:
@@ -77,7 +78,7 @@ def _traces(trace_dir: str, prefix: str) -> list[str]:
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
-  ap.add_argument("--tokens", type=int, default=264, help="query tokens (2 CTAs each)")
+  ap.add_argument("--tokens", type=int, default=132, help="query tokens (2 CTAs each)")
   ap.add_argument("--s_kv", type=int, default=32768)
   ap.add_argument("--heads", type=int, default=128)
   ap.add_argument("--d_qk", type=int, default=512)
@@ -110,26 +111,24 @@ def main():
     kernel_mosaic_gpu.PROFILE = (profile_ranges(n_chunks), d)
     try:
       for name, (f, args) in zip(("fwd", "bwd"), build()):
-        timed = bc.time_fn(f, *args)  # compiles, then writes one trace per call
+        jax.block_until_ready(f(*args))  # compiles (and writes a first trace)
+        jax.effects_barrier()
         for path in glob.glob(os.path.join(d, "*-trace.json")):
           os.remove(path)
         jax.block_until_ready(f(*args))
-        jax.effects_barrier()
+        jax.effects_barrier()  # the trace is written by a host callback
         prefix = {"fwd": "sparse_mla_fwd_kernel", "bwd": "sparse_mla_bwd_kernel"}[name]
         paths = _traces(d, prefix)
         if not paths:
           raise RuntimeError(f"no {prefix} trace in {os.listdir(d)}")
         with open(paths[-1]) as fh:
           stats = region_stats(json.load(fh), warpgroups=3)
-        stats.update(
-          ms_plain=plain[name],
-          ms_profiled=timed,
-          chunk_us=stats["cta_us"] / n_chunks,
-        )
+        stats.update(ms=plain[name], chunk_kcycles=stats["cta_kcycles"] / n_chunks)
         rows[name] = stats
-        print(f"{name}: {plain[name]:.3f} ms ({timed:.3f} profiled), CTA {stats['cta_us']:.2f} us")
+        cta = stats["cta_kcycles"]
+        print(f"{name}: {plain[name]:.3f} ms a call; CTA {cta:.1f} kcycles (profiled)")
         for wg, regions in stats["warpgroups"].items():
-          top = sorted(regions.items(), key=lambda kv: -kv[1]["us"])
+          top = sorted(regions.items(), key=lambda kv: -kv[1]["kcycles"])
           print(f"  WG{wg}: " + ", ".join(f"{k} {v['share']:.0%}" for k, v in top))
     finally:
       kernel_mosaic_gpu.PROFILE = None
@@ -137,7 +136,7 @@ def main():
   row = bc.row(
     "PROFILE_SPARSE_MLA",
     shape,
-    rows["fwd"]["ms_plain"],
+    rows["fwd"]["ms"],
     None,
     kernels=rows,
     command=bc.command("experiments.profile_sparse_mla_kernels"),

@@ -21,10 +21,10 @@ def test_region_stats_means_per_cta():
     ev += [_ev("pv", "B", base + 7, cta, 0), _ev("pv", "E", base + 10, cta, 0)]
     ev += [_ev("issue", "B", base + 1, cta, 2), _ev("issue", "E", base + 2 + cta, cta, 2)]
   s = prof.region_stats({"traceEvents": ev}, warpgroups=3)
-  assert s["ctas"] == 2 and s["cta_us"] == pytest.approx(10.0)
-  assert s["warpgroups"][0]["qk"] == {"us": 6.0, "calls": 2.0, "share": pytest.approx(0.6)}
-  assert s["warpgroups"][0]["pv"]["us"] == pytest.approx(3.0)
-  assert s["warpgroups"][2]["issue"]["us"] == pytest.approx(1.5)  # (1 + 2) / 2 CTAs
+  assert s["ctas"] == 2 and s["cta_kcycles"] == pytest.approx(10.0)
+  assert s["warpgroups"][0]["qk"] == {"kcycles": 6.0, "calls": 2.0, "share": pytest.approx(0.6)}
+  assert s["warpgroups"][0]["pv"]["kcycles"] == pytest.approx(3.0)
+  assert s["warpgroups"][2]["issue"]["kcycles"] == pytest.approx(1.5)  # (1 + 2) / 2 CTAs
   assert set(s["warpgroups"]) == {0, 2}
 
 
@@ -36,7 +36,7 @@ def test_region_stats_nested_and_empty():
     _ev("a", "E", 5, 0, 1),
   ]
   s = prof.region_stats({"traceEvents": ev}, warpgroups=3)
-  assert s["warpgroups"][1]["a"]["us"] == pytest.approx(6.0)  # inner 1 + outer 5
+  assert s["warpgroups"][1]["a"]["kcycles"] == pytest.approx(6.0)  # inner 1 + outer 5
   with pytest.raises(ValueError, match="no events"):
     prof.region_stats({"traceEvents": []}, warpgroups=3)
 
