@@ -87,8 +87,8 @@ class GpuConfig:
   bwd_block_t: the most query tokens per scan step of the backward (ops._bwd_blocked and
     ops._bwd_kernel_blocked), counted over the batch: a batch of b takes up to bwd_block_t // b
     tokens per step (fewer where a step's dK rows would reach 2**31 elements, the segment sum's
-    int32 offsets), in steps evened out over the sequence (ops.balanced_step). At V3.2 a 1024-token step holds 2.4 GB of bf16 dK rows and 1 GB of
-    [dS; P]; longer steps mean fewer, larger dK products and sorts (docs/benchmarks.md, S3).
+    int32 offsets), in steps evened out over the sequence (ops.balanced_step). At V3.2 a
+    1024-token step holds 2.4 GB of bf16 dK rows and 1 GB of [dS; P] tiles.
   bwd: "kernel" (dq and the [dS; P] tiles from the Mosaic GPU kernel of
     kernel_mosaic_gpu_bwd.py, then the dK rows and their sorted sum in XLA,
     ops._bwd_kernel_blocked) or "xla" (the blocked XLA backward, ops._bwd_blocked: the fallback
