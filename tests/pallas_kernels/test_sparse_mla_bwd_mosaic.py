@@ -90,6 +90,30 @@ def test_layout_and_config_errors():
     )
   with pytest.raises(ValueError, match="bwd='bogus'"):
     ops.GpuConfig(bwd="bogus")
+  # a WG's dq tiles are one wgmma (N <= 256: 4 tiles), so Kp 832 (5 + 4 + 4 tiles) is refused
+  wide = jnp.zeros((2, 64, 832), jnp.bfloat16)
+  with pytest.raises(ValueError, match="Kp <= 768"):
+    kernel_mosaic_gpu_bwd.sparse_mla_bwd(
+      wide,
+      wide[0],
+      jnp.zeros((2, 64), jnp.int32),
+      wide[..., :512],
+      lse,
+      lse,
+      scale=1.0,
+      interpret=True,
+    )
+  # likewise the forward's P·V over d_out / 2 columns: d_out 640 is refused by name
+  with pytest.raises(ValueError, match="at most 512 value columns"):
+    kernel_mosaic_gpu.sparse_mla_fwd(
+      wide,
+      wide[0],
+      jnp.zeros((2, 64), jnp.int32),
+      scale=1.0,
+      d_out=640,
+      config=ops.GpuConfig(),
+      interpret=True,
+    )
   # Kp 640: neither the forward's nor the backward kernel's tiles fit, so the custom VJP's
   # backward rule is called on its own.
   q = jnp.zeros((1, 2, 8, 640), jnp.bfloat16)
