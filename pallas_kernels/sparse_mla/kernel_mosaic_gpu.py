@@ -133,8 +133,17 @@ def _swizzled(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=_SWIZZLE)
 
 
-def _mma_acc(acc, a, b):
-  """acc + a @ b with wgmma accumulating in place (hardware only)."""
+def _mma_acc(acc, a, b, interpret=False):
+  """acc + a @ b with wgmma accumulating in place (a in registers or SMEM, b in SMEM). The
+  interpreter cannot discharge an accumulating wgmma on a register value, so there a fresh
+  product is added instead (same math)."""
+  if interpret:
+
+    def scope(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+      return acc_ref[...]
+
+    return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
 
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
@@ -541,17 +550,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
           p = p_smem.at[w]
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         # One wgmma over the WG's whole value half (N = d_out / 2): one issue and one wait.
-        v = operand.at[:, v_half]
-        if interpret:  # run_state(ACC.init(...)) does not discharge there: add a fresh product
-
-          def scope(acc_ref):
-            plgpu.wgmma(acc_ref, p, v)
-            return acc_ref[...]
-
-          acc = acc + pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, v_cols), f32))
-        else:
-          with jax.named_scope("pv"):
-            acc = _mma_acc(acc, p, v)
+        with jax.named_scope("pv"):
+          acc = _mma_acc(acc, p, operand.at[:, v_half], interpret)
         plgpu.barrier_arrive(bar_free.at[slot])  # this WG is done with the operand slot
         return acc, m_new, l_i
 

@@ -76,19 +76,6 @@ def tile_owners(n_tiles: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[i
   return tuple(tuple(range(starts[w], starts[w + 1])) for w in range(3))
 
 
-def _mma_add(acc, a, b, interpret):
-  """acc + a @ b (a, b SMEM refs). The interpreter cannot discharge an accumulating wgmma on a
-  register value, so there a fresh product is added instead (same math)."""
-  if not interpret:
-    return fwd._mma_acc(acc, a, b)
-
-  def scope(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
-
-  return acc + pl.run_scoped(scope, plgpu.ACC(acc.shape, jnp.float32))
-
-
 def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp] and
   a [N, 2·Hp, kp] = [dS; P] (q's dtype). See the module docstring; the shape rules are the
@@ -147,7 +134,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       """acc += dS·R over the WG's contiguous dq tiles: one wgmma (N = 64 per tile <= 256)."""
       if not tiles:
         return acc
-      return _mma_add(acc, ds_smem, r_smem.at[:, pl.ds(tiles[0] * 64, 64 * len(tiles))], interpret)
+      dq_cols = r_smem.at[:, pl.ds(tiles[0] * 64, 64 * len(tiles))]
+      return fwd._mma_acc(acc, ds_smem, dq_cols, interpret)
 
     def finish(acc, tiles):
       """All WGs past their last read of q_smem: write this WG's dq tiles through it."""
