@@ -3,7 +3,8 @@
 
   python -m experiments.profile_sparse_mla_kernels --out=experiments/results/profile_sparse_mla_kernels.json
 
-Sets `kernel_mosaic_gpu.PROFILE`, runs the forward and the backward once at an S1/S3-like shape
+JAX_PLATFORMS must leave the CPU backend on (unset, or "cuda,cpu"): the profiler writes its
+trace from a host callback. Sets `kernel_mosaic_gpu.PROFILE`, runs the forward and the backward once at an S1/S3-like shape
 (128 heads, k 2048 of 32K rows) and reads the Mosaic GPU profiler's traces: per warpgroup, the
 mean time (SM clock kilocycles) a CTA spends in each named region of the kernels
 (`jax.named_scope` in kernel_mosaic_gpu.py and kernel_mosaic_gpu_bwd.py), its share of the CTA's
@@ -88,6 +89,13 @@ def main():
   t0 = time.perf_counter()
   if jax.default_backend() != "gpu":
     raise SystemExit("profile_sparse_mla_kernels needs a GPU (the profiler is Mosaic GPU's)")
+  try:  # the profiler writes its trace from a host callback, which runs on the CPU backend
+    jax.devices("cpu")
+  except RuntimeError:
+    raise SystemExit(
+      f"profile_sparse_mla_kernels needs the CPU backend too (the trace's host callback); "
+      f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}: use 'cuda,cpu' or leave it unset"
+    ) from None
   from pallas_kernels.sparse_mla import kernel_mosaic_gpu, ops  # noqa: PLC0415
 
   k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)

@@ -32,8 +32,12 @@ q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64
      column tiles in registers across chunks (at Kp = 576: 3 tiles = 96 f32 registers a
      thread), side by side, so a WG's share is one wgmma per chunk (N = 192: one issue and
      one wait, not one per tile). With 384 threads ptxas gives each thread at most 168
-     registers, so a 2-WG split (5 + 4 tiles = 160 registers) cannot sit next to the 64 x 64
-     logits; hence the copy WG's share. Then R is free for the next chunk.
+     registers at launch, so a 2-WG split (5 + 4 tiles = 160 registers) cannot sit next to
+     the 64 x 64 logits; hence the copy WG's share. Then R is free for the next chunk.
+Registers: the compute WGs hold their dq tiles beside the logits, P / dP and the slot mask,
+more than the launch's 168 a thread, while the copy WG holds its dq tiles and the copy
+addresses; so the copy WG gives registers back and the compute WGs take them (setmaxnreg,
+`REGISTERS`), which ptxas honours per warpgroup (fewer spills than at 168 everywhere).
 
 SMEM at V3.2 (Kp 576, d_out 512, bf16): q 72 KiB + dO 64 + R 72 + P 8 + dS 8 + the chunk's ids
 and the raw mbarriers 1 = 225 KiB (+ Pallas barriers) of 227. The dq output reuses q's tiles.
@@ -54,6 +58,9 @@ from pallas_kernels.sparse_mla import kernel_mosaic_gpu as fwd
 
 _LOG2E = math.log2(math.e)
 HEAD_BLOCK = fwd.HEAD_BLOCK
+# (compute, copy) registers a thread after setmaxnreg: 2 x 184 + 136 = 504, the pool the CTA
+# launches with (3 warpgroups x 168). Of the splits of that pool tried, this one spills least.
+REGISTERS = (184, 136)
 BLOCK_K = fwd.BLOCK_K
 
 
@@ -162,6 +169,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
 
     @pl.when(wg == 2)
     def _copy_wg():
+      if not interpret:
+        plgpu.set_max_registers(REGISTERS[1], action="decrease")
       plgpu.copy_gmem_to_smem(idx_ref.at[t, 0], ids_smem, bar_idx, oob_mode=oob)
       plgpu.barrier_wait(bar_q)  # the raw mbarriers are set up (WG2 reads no q)
 
@@ -205,6 +214,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
 
     @pl.when(wg < 2)
     def _compute_wg():
+      if not interpret:
+        plgpu.set_max_registers(REGISTERS[0], action="increase")
       plgpu.barrier_wait(bar_q)
       lse_h = plgpu.load(lse_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
       delta_h = plgpu.load(

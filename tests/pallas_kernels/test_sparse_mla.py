@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _testing
-from pallas_kernels.sparse_mla import kernel_mosaic_gpu, ops, reference
+from pallas_kernels.sparse_mla import kernel_mosaic_gpu, kernel_mosaic_gpu_bwd, ops, reference
 
 SCALE = 0.13
 GpuConfig = kernel_mosaic_gpu.GpuConfig
@@ -88,6 +88,10 @@ def test_config_validate_and_default_for():
   # 64 x 256 accumulator) + the copy warpgroup's 72 fit in that pool
   compute, copy = GpuConfig().registers
   assert (compute, copy) == (216, 72) and 2 * compute + copy <= 3 * 168
+  # the backward's split of the same pool (setmaxnreg takes multiples of 8 in [24, 256])
+  compute, copy = kernel_mosaic_gpu_bwd.REGISTERS
+  assert 2 * compute + copy <= 3 * 168 and compute > 168
+  assert all(r % 8 == 0 and 24 <= r <= 256 for r in (compute, copy))
   # an SMEM budget independent of k; V3.2's Kp 576 fits, 640 does not
   assert kernel_mosaic_gpu.smem_bytes(576, 2) == 226 * 1024 + 80
   assert kernel_mosaic_gpu.fits(576) and not kernel_mosaic_gpu.fits(640)
