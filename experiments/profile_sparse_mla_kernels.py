@@ -3,15 +3,16 @@
 
   python -m experiments.profile_sparse_mla_kernels --out=experiments/results/profile_sparse_mla_kernels.json
 
-JAX_PLATFORMS must leave the CPU backend on (unset, or "cuda,cpu"): the profiler writes its
-trace from a host callback. Sets `kernel_mosaic_gpu.PROFILE`, runs the forward and the backward once at an S1/S3-like shape
-(128 heads, k 2048 of 32K rows) and reads the Mosaic GPU profiler's traces: per warpgroup, the
-mean time (SM clock kilocycles) a CTA spends in each named region of the kernels
-(`jax.named_scope` in kernel_mosaic_gpu.py and kernel_mosaic_gpu_bwd.py), its share of the CTA's
-time and the time per 64-slot chunk. The profiler's buffer lives in SMEM next to the kernels' own, which at V3.2's row
-dim (576) leaves no room, so the default row dim is 512 (value dims 512: the rope tile goes, the
-rest of the schedule is V3.2's). The recorded regions cost a few cycles each; `ms` is the call's
-time without the profiler (with it, the trace's host callback dominates the call).
+JAX_PLATFORMS must leave the CPU backend on (unset, or "cuda,cpu"): the profiler writes its trace
+from a host callback. Sets `kernel_mosaic_gpu.PROFILE`, runs the forward and the backward once at
+an S1/S3-like shape (128 heads, k 2048 of 32K rows) and reads the Mosaic GPU profiler's traces:
+per warpgroup, the mean time (SM clock kilocycles) a CTA spends in each named region of the
+kernels (`jax.named_scope` in kernel_mosaic_gpu.py and kernel_mosaic_gpu_bwd.py), its share of the
+CTA's time and the time per 64-slot chunk. The profiler's buffer lives in SMEM next to the
+kernels' own, which at V3.2's row dim (576) leaves no room, so the default row dim is 512 (value
+dims 512: the rope tile goes, the rest of the schedule is V3.2's). The recorded regions cost a few
+cycles each; `ms` is the call's time without the profiler (with it, the trace's host callback
+dominates the call).
 """
 
 import argparse
