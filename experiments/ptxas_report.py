@@ -24,6 +24,7 @@ plugin wheel is built per CPython version; another `pip` may find none):
 
 import argparse
 import glob
+import math
 import os
 import re
 import shutil
@@ -136,7 +137,7 @@ def export_modules(kernel: str, a: argparse.Namespace) -> list[bytes]:
     )
   else:
     kp_dim, _, kp = kernel_mosaic_gpu.padded_dims(a.d_qk, 0, a.topk)
-    qk_scale = scale * 1.4426950408889634  # log2(e), as ops._mosaic_probs
+    qk_scale = scale * math.log2(math.e)  # the kernel's base-2 scale, as ops._mosaic_probs
     fn = lambda *xs: kernel_mosaic_gpu_probs.sparse_mla_probs(*xs, qk_scale=qk_scale)
     args = (
       sds((n, hp, kp_dim), bf16),
