@@ -151,6 +151,30 @@ def _mma_acc(acc, a, b, interpret=False):
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def opaque_zero(interpret=False):
+  """0 (int32) made by an instruction with side effects where it is called, so that LLVM cannot
+  fold it or hoist what depends on it. Indexing the wgmma operands' SMEM refs with it inside a
+  loop keeps their descriptors in the loop: otherwise LICM hoists every tile's descriptor pair
+  (64-bit each, per 16-wide k step) out of it, and those loop invariants take the registers the
+  accumulators need. The interpreter gets a plain 0."""
+  if interpret:
+    return 0
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+  from jaxlib.mlir import ir  # noqa: PLC0415
+  from jaxlib.mlir.dialects import llvm  # noqa: PLC0415
+
+  @plgpu.inline_mgpu(
+    return_type=plgpu.ShapeDtypeStruct((), jnp.int32, layout=plgpu.Layout.WG_SPLAT)
+  )
+  def zero(ctx):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    z = llvm.inline_asm(i32, [], "mov.u32 $0, 0;", "=r", has_side_effects=True)
+    return mgpu.FragmentedArray.splat(z, (), is_signed=True)
+
+  return zero()
+
+
 def _scalar(x):
   """The one register of a WG_SPLAT argument of inline_mgpu."""
   from jaxlib.mlir import ir  # noqa: PLC0415

@@ -137,11 +137,11 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         mbarrier_wait(raw_bars.at[pl.ds(0, 2)], j % 2)
         plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
-    def dq_step(acc, tiles):
+    def dq_step(acc, tiles, z):
       """acc += dS·R over the WG's contiguous dq tiles: one wgmma (N = 64 per tile <= 256)."""
       if not tiles:
         return acc
-      dq_cols = r_smem.at[:, pl.ds(tiles[0] * 64, 64 * len(tiles))]
+      dq_cols = r_smem.at[z].at[:, pl.ds(tiles[0] * 64, 64 * len(tiles))]
       return fwd._mma_acc(acc, ds_smem, dq_cols, interpret)
 
     def finish(acc, tiles):
@@ -179,7 +179,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
           rows = [jnp.maximum(ids_smem[i], 0) for i in range(bk)]
           for i, row in enumerate(rows):
-            dst = r_smem.at[pl.ds(i, 1)]
+            dst = r_smem.at[0, pl.ds(i, 1)]
             plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full)
         else:
           direct_issue(kv_ref, r_smem, ids_smem, raw_bars, 0)
@@ -204,7 +204,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
 
         with jax.named_scope("dq"):
-          acc = dq_step(acc, owners[2])
+          acc = dq_step(acc, owners[2], fwd.opaque_zero(interpret))
         plgpu.barrier_arrive(bar_dsfree)
         return acc
 
@@ -222,23 +222,24 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         delta_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False
       )
 
-      def logits(src, k_tiles):
+      def logits(src, k_tiles, z):
         def scope(acc_ref):
           for c in range(k_tiles):
-            plgpu.wgmma(acc_ref, src.at[c], r_smem.at[:, pl.ds(c * 64, 64)].T)
+            plgpu.wgmma(acc_ref, src.at[z + c], r_smem.at[z].at[:, pl.ds(c * 64, 64)].T)
           return acc_ref[...]
 
         return pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), jnp.float32))
 
       def step(j, acc, w):
+        z = fwd.opaque_zero(interpret)  # keeps the operands' descriptors in the loop
         with jax.named_scope("rows_wait"):
           wait_rows(j)
-        ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-        valid = lax.broadcast_in_dim(ids >= 0, (HEAD_BLOCK, bk), [1])
         slots = pl.ds(j * bk, bk)
         if w == 0:
+          ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+          valid = lax.broadcast_in_dim(ids >= 0, (HEAD_BLOCK, bk), [1])
           with jax.named_scope("s"):
-            s = logits(q_smem, n_tiles)
+            s = logits(q_smem, n_tiles, z)
           p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_h, s.shape, [0]))
           p = jnp.where(valid, p, 0.0)
 
@@ -259,13 +260,14 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
             plgpu.barrier_wait(bar_ds)
         else:
           with jax.named_scope("dp"):
-            dp = logits(do_smem, do_tiles)
+            dp = logits(do_smem, do_tiles, z)
           with jax.named_scope("p_wait"):
             plgpu.barrier_wait(bar_p)
           p = p_smem[...].astype(jnp.float32)
           plgpu.barrier_arrive(bar_pfree)
+          # P is already 0 at invalid slots (WG0 masked it) and dP is finite there (row 0 was
+          # fetched), so dS is 0 there without a mask of its own.
           ds = scale * p * (dp - lax.broadcast_in_dim(delta_h, dp.shape, [0]))
-          ds = jnp.where(valid, ds, 0.0)
 
           with jax.named_scope("ds_free_wait"):
 
@@ -279,7 +281,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           plgpu.barrier_arrive(bar_ds)
           plgpu.copy_smem_to_gmem(ds_smem, a_ref.at[t, heads, slots])
         with jax.named_scope("dq"):
-          acc = dq_step(acc, owners[w])
+          acc = dq_step(acc, owners[w], z)
         plgpu.barrier_arrive(bar_rfree)
         plgpu.barrier_arrive(bar_dsfree)
         return acc
@@ -297,7 +299,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     bufs = (
       sw((n_tiles, HEAD_BLOCK, 64), dtype),  # q, then the dq output tiles
       sw((do_tiles, HEAD_BLOCK, 64), dtype),  # dO
-      sw((bk, kp_dim), dtype),  # R: the chunk's rows (one operand slot)
+      sw((1, bk, kp_dim), dtype),  # R: the chunk's rows (one operand slot)
       sw((HEAD_BLOCK, bk), dtype),  # P
       sw((HEAD_BLOCK, bk), dtype),  # dS
       plgpu.SMEM((2, bk), jnp.int32),  # the chunk's ids, raw mbarriers
