@@ -13,12 +13,14 @@ each 64-slot chunk of selected rows into one of two operand slots: each of its t
 computes the swizzled address itself, `_direct_ops`), so chunk j+1 lands while chunk j is
 multiplied. The slot ids are staged per chunk in an SMEM ring of 4 (chunk j's 64 ids, one TMA,
 in ring slot j % 4), two chunks ahead of the row copies, so the SMEM does not depend on k.
-Per chunk each compute WG computes the logits of its 32 slots (q·kᵀ over all Kp dims), the two
-exchange their row maxima and bf16 P halves through SMEM (two WG barriers per chunk), and each
-runs the base-2 online softmax and P·V over the whole chunk for its half of the value columns
-(a 64 x (d_out / 2) f32 accumulator). So a token's rows are gathered once per 64 heads and their
-logits computed once per CTA. The q tile is reused for the output once both compute WGs are past
-their last logits. See `sparse_mla_fwd` for the steps and hazards, `smem_bytes` for the budget.
+Chunks go to the compute WGs in pairs (even chunks to WG0, odd ones to WG1, FlashMLA's order):
+each computes the logits of its own chunk (q·kᵀ over all Kp dims, N = 64) and its base-2 online
+softmax, the running max is chained WG0 -> WG1 through SMEM, and each WG runs P·V of both chunks
+of the pair for its half of the value columns (a 64 x (d_out / 2) f32 accumulator; its own P
+from registers, the other's from SMEM). So one WG's softmax overlaps the other's wgmmas, a
+token's rows are gathered once per 64 heads and their logits computed once per CTA. The q tile
+is reused for the output once both compute WGs are past their last logits. See
+`sparse_mla_fwd` for the steps and hand-offs, `smem_bytes` for the budget.
 In the GPU interpreter (CPU tests) the same pipeline runs with Pallas row copies into the
 swizzled slots (inline Mosaic GPU has no interpreter).
 The copy ops and helpers here are shared with the backward (kernel_mosaic_gpu_bwd.py) and the
@@ -61,17 +63,19 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
 
 
 IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-_BARRIERS = 1 + IDS_RING + 2 + 1 + 1 + 1  # q, ids ring, operand free, max, P, end
+_BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l
 
 
 def smem_bytes(kp_dim: int, itemsize: int) -> int:
-  """SMEM the forward asks for on hardware (any k: the slot ids are staged per chunk): q + two
-  operand slots (three 64-row tiles), the two P halves [2, 64, 32], the ids ring [4, 64] int32,
-  the f32 rows (max / l exchange, lse tile, raw mbarriers) [4, 64], each rounded up to whole KiB
-  as Mosaic GPU does, and 8 bytes per Pallas barrier."""
+  """SMEM the forward asks for on hardware (any k: the slot ids are staged per block): q + two
+  operand slots (three 64-row tiles), the P1 tile [64, 64] (P0 goes over slot 0's first
+  non-value tile; where Kp = d_out there is none and it takes one more 8 KiB tile, well within
+  the budget), the ids ring [4, 64] int32, the f32 rows (m / l exchange, lse tile, raw
+  mbarriers) [4, 64], each rounded up to whole KiB as Mosaic GPU does, and 8 bytes per Pallas
+  barrier."""
   tiles = 3 * kib(HEAD_BLOCK * kp_dim * itemsize)
-  p_halves = kib(2 * HEAD_BLOCK * (BLOCK_K // 2) * itemsize)
-  return tiles + p_halves + kib(4 * IDS_RING * BLOCK_K) + kib(4 * 4 * HEAD_BLOCK) + 8 * _BARRIERS
+  p_tile = kib(HEAD_BLOCK * BLOCK_K * itemsize)
+  return tiles + p_tile + kib(4 * IDS_RING * BLOCK_K) + kib(4 * 4 * HEAD_BLOCK) + 8 * _BARRIERS
 
 
 def fits(kp_dim: int, itemsize: int = 2) -> bool:
@@ -393,66 +397,61 @@ def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret
 def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, interpret=False):
   """q [N,Hp,Kp], kv [R,Kp], idx [N,kp] -> out [N,Hp,d_out] (value dims first), lse [N,Hp].
 
-  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0, d_out <= Kp and `fits(Kp)`.
-  The SMEM q tile is stored as [Kp/64, 64, 64] column tiles (each contiguous: the output reuses
-  it, and TMA stores need contiguous SMEM).
+  Needs Hp % 64 == 0, Kp % 64 == 0, kp % 64 == 0, d_out % 128 == 0, d_out <= min(Kp, 512) and
+  `fits(Kp)`. The SMEM q tile is stored as [Kp/64, 64, 64] column tiles (each contiguous: the
+  output reuses it, and TMA stores need contiguous SMEM).
 
-  Per 64-slot chunk j (operand slot j % 2, rows R [64, Kp]), compute warpgroup w in {0, 1}:
-    1. waits for the rows, S_w = q·R[32w : 32w + 32]ᵀ [64 heads, 32 slots] (wgmma N = 32), so the
-       logits are computed once per CTA;
-    2. masks its invalid slots, scales (base 2), takes its row max and writes it to row w of an
-       SMEM f32 exchange; barrier `bar_max`; m_new = max(m_i, own, other's) (the same in both WGs);
-    3. p_w = exp2(S_w - m_new), l_w = l_w·alpha + rowsum(p_w) (each WG sums its own slots; the
-       total l_0 + l_1 is exchanged once after the loop);
-    4. stores p_w (bf16) to its SMEM half P_w [64, 32]; barrier `bar_p`; loads both halves and
-       joins them into the chunk's P [64, 64] in registers;
-    5. acc_c = alpha·acc_c + P @ R[:, value tile c] over its half of the value columns (A from
-       registers, K = 64: one wgmma per tile), then releases the operand slot.
-  Why P goes back to registers rather than two K = 32 wgmmas with A = P_0, P_1 from SMEM: R is
-  128-byte swizzled (the copy ops' layout), and Mosaic GPU's wgmma needs K to be a multiple of
-  the swizzle width (64 bf16) and the same swizzle on both SMEM operands, so neither a K = 32 B
-  slice of R nor a 64-byte-swizzled [64, 32] A operand can meet it (CUDA cross-lowering: A in
-  registers with K = 32, "K must be a multiple of 64, got: 32"; A = P_w from SMEM with a 64-byte
-  swizzle, "Failed to infer a possible set of layouts").
-
-  Hazards (the two per-chunk barriers cover them, since every read of the exchange rows and of
-  P_w, including the P·V wgmmas, completes before the WG's next arrive):
-    - the max row w of chunk j + 1 is written after bar_p of chunk j, which the other WG reaches
-      only after reading row w of chunk j;
-    - P_w of chunk j + 1 is written after bar_max of chunk j + 1, which the other WG reaches only
-      after it loaded P_w of chunk j (and finished that chunk's wgmmas; WG w's own load of P_w
-      precedes its store in program order);
-    - after the loop, row w takes l_w (the other WG's last max read came before bar_p), and WG0's
-      lse tile has a row of its own (the other WG still reads l_0 after bar_end).
-
-  The slot ids are staged per chunk (as in kernel_mosaic_gpu_bwd.py) in an SMEM ring of 4: chunk
-  j's 64 ids (one TMA) into ring slot j % 4, on barrier bar_ids[j % 4]. WG0 fetches chunks 0..3
-  (after the raw mbarriers' init, which the copy WG's first wait on bar_ids thereby orders); the
-  copy WG fetches chunk j + 2 once bar_free says chunk j - 2 (the last user of ring slot
-  (j + 2) % 4, read by the copy WG to issue and by the compute WGs for the mask) is released,
-  i.e. two chunks ahead of its row copies. The compute WGs wait on bar_ids too (each waiter
-  observes every phase).
-  SMEM at V3.2 (Kp 576, bf16): q 72 KiB + operand slots 144 + P halves 8 + ids ring 1 + f32 rows
-  1 + 10 barriers = 231504 bytes of 232448 (`smem_bytes`).
+  64-slot blocks go in pairs: block 2p to WG0 in operand slot 0, block 2p + 1 to WG1 in slot 1
+  (an odd block count gets one all-invalid block). Each compute WG owns half the value columns
+  (a 64 x d_out/2 f32 accumulator) and computes the logits of its own block only (wgmma N = 64,
+  so q is read from SMEM once per 64 slots). The running max m is chained through SMEM. Per
+  pair:
+    WG0: S0 = q·K0ᵀ, m0 = max(m, rowmax S0) -> SMEM (bar_m0); P0 = exp2(S0 - m0), stored (bf16)
+         over slot 0's first non-value tile, dead once S0 is done (bar_p0; a tile of its own
+         when Kp = d_out); P0·V from registers over its value half (then it releases slot
+         0); after m1 (bar_m1) it rescales by exp2(m0 - m1) and, once P1 is stored (bar_p1),
+         runs P1·V from SMEM, then releases slot 1 and the P1 tile (bar_p1free).
+    WG1: S1 = q·K1ᵀ, then after m0: m1 = max(m0, rowmax S1) -> SMEM (bar_m1); P0·V from SMEM
+         (after rescaling to m0) and the release of slot 0 come before its own softmax, so
+         slot 0 is refilled while that softmax and the rest of the pair run; P1 = exp2(S1 -
+         m1) into the P1 tile (once WG0 read the last one); P1·V from registers (after
+         rescaling to m1), then it releases slot 1.
+    WG2 (copies): refills an operand slot and its ids ring slot once both compute WGs released
+         the block there (bar_free), two blocks behind.
+  So one WG's softmax runs while the other's wgmmas keep the tensor cores busy. Each compute
+  WG keeps its own l (relative to its running max, which equals the other's at the end of a
+  pair); l0 + l1 is summed through SMEM after the loop.
+  Registers (setmaxnreg, `GpuConfig.registers`): the compute WGs hold a 64 x 256 accumulator,
+  the 64 x 64 logits and P, so they take 216 a thread and the copy WG gives back to 72.
+  The slot ids are staged per block in an SMEM ring of 4 (block j's 64 ids, one TMA, in ring
+  slot j % 4): WG0 fetches blocks 0..3, the copy WG block j + 2 when block j - 2 is released.
+  SMEM at V3.2 (Kp 576, bf16): q 72 KiB + operand slots 144 + the P1 tile 8 + ids ring 1 + f32
+  rows 1 + 14 barriers (`smem_bytes`) of 227 KiB.
   The interpreter (no inline Mosaic GPU, A operands from SMEM only) copies rows with Pallas
-  copies on bar_full and stores the joined P to a per-WG SMEM tile for the P·V wgmmas.
+  copies on bar_full and runs the own P·V from the stored P tiles.
   """
   n, hp, kp_dim = q.shape
-  kp = idx.shape[1]
   bk = BLOCK_K
-  if hp % HEAD_BLOCK or kp_dim % 64 or kp % bk or d_out % 128 or d_out > kp_dim:
+  if hp % HEAD_BLOCK or kp_dim % 64 or idx.shape[1] % bk or d_out % 128 or d_out > kp_dim:
     raise ValueError(f"bad kernel layout: q {q.shape}, idx {idx.shape}, d_out={d_out}")
   if d_out > 512:  # each WG's P·V is one wgmma over d_out / 2 columns (wgmma N <= 256)
     raise ValueError(f"d_out={d_out}: the forward takes at most 512 value columns")
   if not fits(kp_dim, q.dtype.itemsize):
     need = smem_bytes(kp_dim, q.dtype.itemsize)
     raise ValueError(f"the forward needs {need} of {_SMEM_BYTES} bytes of SMEM at Kp={kp_dim}")
+  # Blocks go in pairs (block 2p to WG0 in operand slot 0, 2p + 1 to WG1 in slot 1): an odd
+  # block count gets one all-invalid block.
+  if (idx.shape[1] // bk) % 2:
+    idx = jnp.pad(idx, ((0, 0), (0, bk)), constant_values=-1)
+  kp = idx.shape[1]
   n_chunks = kp // bk
-  idx3 = idx.reshape(n, n_chunks, bk)  # chunk j's ids: one TMA into the ring
-  half = bk // 2
+  n_pairs = n_chunks // 2
+  idx3 = idx.reshape(n, n_chunks, bk)
   n_tiles = kp_dim // 64
-  v_cols = d_out // 2  # value columns per compute WG
-  v_tiles = v_cols // 64
+  v_tiles = d_out // 64
+  per = [v_tiles // 2, v_tiles - v_tiles // 2]  # value-column tiles of WG0, WG1
+  starts = [0, per[0]]
+  p0_in_slot = kp_dim >= d_out + 64  # WG0's P over block 2p's first non-value tile
   dtype = q.dtype
   qk_scale = scale * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
@@ -461,12 +460,37 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
 
+  def mma(acc, a, b):
+    return _mma_acc(acc, a, b, interpret)
+
+  def rescale(acc, f):
+    return acc * lax.broadcast_in_dim(f, acc.shape, [0])
+
   def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
-    q_smem, kv_smem, p_halves, p_smem, ids_ring, misc = bufs
-    bar_q, bar_ids, bar_full, bar_free, bar_max, bar_p, bar_end = bars
-    # misc (f32): rows 0, 1 the WGs' exchange (row max per chunk, then l), row 2 the lse tile,
-    # row 3 [:4] the raw mbarriers (8 bytes each, one per operand slot).
+    q_smem, kv_smem, p1_smem, p0_own, ids_ring, misc = bufs
+    (
+      bar_q,
+      bar_ids,
+      bar_full,
+      bar_m0,
+      bar_m1,
+      bar_p0,
+      bar_p1,
+      bar_p1free,
+      bar_free,
+      bar_end,
+      bar_l,
+    ) = bars
+    # misc (f32): row 0 m0, row 1 m1 (per pair), row 2 the lse tile, row 3 [:4] the raw
+    # mbarriers; after the loop rows 0, 1 take l0, l1.
     lse_smem, raw_bars = misc.at[2], misc.at[3, pl.ds(0, 4)]
+
+    def p0_ref(step):
+      """Where WG0 stores its P: block 2p's first non-value tile (slot 0) when there is one."""
+      if not p0_in_slot:
+        return p0_own
+      return kv_smem.at[step * 0].at[:, pl.ds(d_out, 64)]  # traced slot: see pv
+
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
@@ -475,6 +499,19 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def fetch_ids(j):
       r = j % IDS_RING
       plgpu.copy_gmem_to_smem(idx_ref.at[t, j], ids_ring.at[r], bar_ids.at[r], oob_mode=oob)
+
+    def cols(w):
+      return pl.ds(starts[w] * 64, per[w] * 64)
+
+    def zeros(w):
+      return plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, per[w] * 64), f32), plgpu.Layout.WGMMA)
+
+    def pv(acc, p, slot, w):
+      # The slot as a traced value: a constant leading index trips the accumulating wgmma's
+      # lowering ("Shaped arrays must be represented by ir.Values"); an opaque one also keeps
+      # the operand's descriptors in the loop (see opaque_zero).
+      z = opaque_zero(interpret)
+      return mma(acc, p, kv_smem.at[z + slot].at[:, cols(w)])
 
     @pl.when(wg == 0)
     def _():
@@ -485,24 +522,172 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
 
+    def issue(j):
+      r = j % IDS_RING
+      plgpu.barrier_wait(bar_ids.at[r])
+      issue_op = None if interpret else direct_issue
+      issue_chunk(kv_ref, kv_smem, ids_ring.at[r], j % 2, bar_full, raw_bars, issue_op)
+
+    def wait_rows(slot, p):
+      if interpret:
+        plgpu.barrier_wait(bar_full.at[slot])
+      else:
+        mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], p % 2)
+        plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
+
+    def logits(slot, j):
+      """Scaled, masked logits of block j (in operand slot `slot`) for this WG's 64 heads."""
+      z = opaque_zero(interpret)
+      operand = kv_smem.at[z + slot]
+
+      def scope(acc_ref):
+        for c in range(n_tiles):
+          plgpu.wgmma(acc_ref, q_smem.at[z + c], operand.at[:, pl.ds(c * 64, 64)].T)
+        return acc_ref[...]
+
+      s = pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), f32))
+      ids = plgpu.load(
+        ids_ring.at[j % IDS_RING], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
+      )
+      return jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
+
+    def finite(m):
+      return jnp.where(m == -jnp.inf, 0.0, m)  # all-invalid so far: keep exp2 finite
+
+    def store_p(p_ref, p):
+      p_ref[...] = p.astype(dtype)
+      plgpu.commit_smem()
+
+    def finish(acc, m, l, w):
+      """Both compute WGs past the loop (their last reads of q_smem and the m rows): l0 + l1
+      through SMEM, then each WG's output columns through q_smem's tiles; WG0 writes the lse."""
+      plgpu.barrier_arrive(bar_end)
+      plgpu.barrier_wait(bar_end)
+      misc.at[w][...] = l
+      plgpu.barrier_arrive(bar_l)
+      plgpu.barrier_wait(bar_l)
+      l = plgpu.load(misc.at[0], layout=row_layout, optimized=False) + plgpu.load(
+        misc.at[1], layout=row_layout, optimized=False
+      )
+      has = l > 0
+      l_safe = jnp.where(has, l, 1.0)
+      inv = jnp.where(has, 1.0 / l_safe, 0.0)
+      out = rescale(acc, inv).astype(dtype)
+      for i in range(per[w]):
+        q_smem.at[starts[w] + i][...] = out[:, i * 64 : (i + 1) * 64]
+      plgpu.commit_smem()
+      for i in range(per[w]):
+        c = starts[w] + i
+        plgpu.copy_smem_to_gmem(q_smem.at[c], o_ref.at[t, heads, pl.ds(c * 64, 64)])
+      if w == 0:
+        lse_smem[...] = jnp.where(has, m * _LN2 + jnp.log(l_safe), jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
+      plgpu.wait_smem_to_gmem(0)
+
+    m_init = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), -jnp.inf, f32), row_layout)
+    l_init = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), 0.0, f32), row_layout)
+
+    @pl.when(wg == 0)
+    def _wg0():
+      if not interpret:
+        plgpu.set_max_registers(config.registers[0], action="increase")
+      plgpu.barrier_wait(bar_q)
+
+      def step(p, carry):
+        acc, m_prev, l = carry
+        j = 2 * p
+        with jax.named_scope("rows_wait"):
+          plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+          wait_rows(0, p)
+        with jax.named_scope("qk"):
+          s = logits(0, j)
+        m0 = jnp.maximum(m_prev, s.max(axis=1))
+        misc.at[0][...] = m0
+        plgpu.barrier_arrive(bar_m0)
+        alpha = jnp.exp2(m_prev - finite(m0))
+        pr = jnp.exp2(s - lax.broadcast_in_dim(finite(m0), s.shape, [0]))
+        l = l * alpha + pr.sum(axis=1)
+        store_p(p0_ref(p), pr)  # over block j's rope tile: its last reader was the logits above
+        plgpu.barrier_arrive(bar_p0)
+        with jax.named_scope("pv_own"):
+          acc = pv(rescale(acc, alpha), p0_ref(p) if interpret else pr.astype(dtype), 0, 0)
+        plgpu.barrier_arrive(bar_free.at[0])
+        with jax.named_scope("m1_wait"):
+          plgpu.barrier_wait(bar_m1)
+        m1 = plgpu.load(misc.at[1], layout=row_layout, optimized=False)
+        f = jnp.exp2(finite(m0) - finite(m1))
+        acc, l = rescale(acc, f), l * f
+        with jax.named_scope("p1_wait"):
+          plgpu.barrier_wait(bar_p1)
+        with jax.named_scope("pv_other"):
+          acc = pv(acc, p1_smem, 1, 0)
+        plgpu.barrier_arrive(bar_free.at[1])
+        plgpu.barrier_arrive(bar_p1free)
+        return acc, m1, l
+
+      acc, m, l = lax.fori_loop(0, n_pairs, step, (zeros(0), m_init, l_init))
+      finish(acc, m, l, 0)
+
+    @pl.when(wg == 1)
+    def _wg1():
+      if not interpret:
+        plgpu.set_max_registers(config.registers[0], action="increase")
+      plgpu.barrier_wait(bar_q)
+
+      def step(p, carry):
+        acc, m_prev, l = carry
+        j = 2 * p + 1
+        with jax.named_scope("rows_wait"):
+          plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+          wait_rows(1, p)
+        with jax.named_scope("qk"):
+          s = logits(1, j)
+        with jax.named_scope("m0_wait"):
+          plgpu.barrier_wait(bar_m0)
+        m0 = plgpu.load(misc.at[0], layout=row_layout, optimized=False)
+        m1 = jnp.maximum(m0, s.max(axis=1))
+        misc.at[1][...] = m1
+        plgpu.barrier_arrive(bar_m1)
+
+        # Block 2p's P·V before this WG's own softmax, so slot 0 is released (and refilled)
+        # while the softmax and the own P·V run.
+        with jax.named_scope("p0_wait"):
+          plgpu.barrier_wait(bar_p0)
+        with jax.named_scope("pv_other"):
+          acc = pv(rescale(acc, jnp.exp2(m_prev - finite(m0))), p0_ref(p), 0, 1)
+        plgpu.barrier_arrive(bar_free.at[0])
+        pr = jnp.exp2(s - lax.broadcast_in_dim(finite(m1), s.shape, [0]))
+        l = l * jnp.exp2(m_prev - finite(m1)) + pr.sum(axis=1)
+        with jax.named_scope("p1_free_wait"):
+
+          @pl.when(p > 0)
+          def _():
+            plgpu.barrier_wait(bar_p1free)
+
+        store_p(p1_smem, pr)
+        plgpu.barrier_arrive(bar_p1)
+        own = p1_smem if interpret else pr.astype(dtype)
+        with jax.named_scope("pv_own"):
+          acc = pv(rescale(acc, jnp.exp2(finite(m0) - finite(m1))), own, 1, 1)
+        plgpu.barrier_arrive(bar_free.at[1])
+        return acc, m1, l
+
+      acc, m, l = lax.fori_loop(0, n_pairs, step, (zeros(1), m_init, l_init))
+      plgpu.barrier_wait(bar_p1free)  # observe the last phase
+      finish(acc, m, l, 1)
+
     @pl.when(wg == 2)
-    def _copy_wg():
+    def _wg2():
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
-
-      def issue(j):
-        r = j % IDS_RING
-        plgpu.barrier_wait(bar_ids.at[r])
-        issue_op = None if interpret else direct_issue
-        issue_chunk(kv_ref, kv_smem, ids_ring.at[r], j % 2, bar_full, raw_bars, issue_op)
-
       issue(0)
-      if n_chunks > 1:
-        issue(1)
+      issue(1)
 
       @pl.loop(2, n_chunks)
       def _(j):
-        # Chunk j - 2 is released by both compute WGs: its operand slot and ids ring slot are free.
+        # Block j - 2 is released by both compute WGs: its operand slot (with P0 over slot 0)
+        # and its ids ring slot are free.
         with jax.named_scope("slot_wait"):
           plgpu.barrier_wait(bar_free.at[j % 2])
 
@@ -513,120 +698,31 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         with jax.named_scope("issue"):
           issue(j)
 
-      for j in range(max(n_chunks - 2, 0), n_chunks):  # observe the last releases too
+      for j in range(n_chunks - 2, n_chunks):  # observe the last releases too
         plgpu.barrier_wait(bar_free.at[j % 2])
 
-    def compute(w):
-      if not interpret:
-        plgpu.set_max_registers(config.registers[0], action="increase")
-      plgpu.barrier_wait(bar_q)
-      m_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), -jnp.inf, f32), row_layout)
-      l_i = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), 0.0, f32), row_layout)
-      acc = plgpu.layout_cast(jnp.full((HEAD_BLOCK, v_cols), 0.0, f32), plgpu.Layout.WGMMA)
-      v_half = pl.ds(w * v_cols, v_cols)  # this WG's value columns
-      mine = pl.ds(w * half, half)  # this WG's slots of a chunk
-
-      def step(j, carry):
-        acc, m_i, l_i = carry
-        slot = j % 2
-        # Named regions: what PROFILE records (no code of their own otherwise).
-        with jax.named_scope("rows_wait"):
-          if interpret:
-            plgpu.barrier_wait(bar_full.at[slot])
-          else:
-            mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], (j // 2) % 2)
-            plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-          plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
-        operand = kv_smem.at[slot]
-
-        def qk_scope(acc_ref):
-          for c in range(n_tiles):
-            plgpu.wgmma(acc_ref, q_smem.at[c], operand.at[mine, pl.ds(c * 64, 64)].T)
-          return acc_ref[...]
-
-        with jax.named_scope("qk"):
-          s = pl.run_scoped(qk_scope, plgpu.ACC((HEAD_BLOCK, half), f32))
-        ids = plgpu.load(
-          ids_ring.at[j % IDS_RING, mine], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
-        )
-        s = jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
-        m_own = s.max(axis=1)
-        misc.at[w][...] = m_own
-        with jax.named_scope("max_exchange"):
-          plgpu.barrier_arrive(bar_max)
-          plgpu.barrier_wait(bar_max)
-        with jax.named_scope("softmax"):
-          m_other = plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
-          m_new = jnp.maximum(m_i, jnp.maximum(m_own, m_other))  # commutative: same in both WGs
-          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-invalid so far: exp finite
-          alpha = jnp.exp2(m_i - m_use)
-          p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-          l_i = l_i * alpha + p.sum(axis=1)
-          p_halves.at[w][...] = p.astype(dtype)
-        with jax.named_scope("p_exchange"):
-          plgpu.barrier_arrive(bar_p)
-          plgpu.barrier_wait(bar_p)
-        # Both halves from SMEM (the own one too): one code path for both WGs.
-        p = jnp.concatenate([p_halves.at[0][...], p_halves.at[1][...]], axis=1)  # [64, 64]
-        if interpret:  # the interpreter reads A from SMEM only
-          p_smem.at[w][...] = p
-          plgpu.commit_smem()
-          p = p_smem.at[w]
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        # One wgmma over the WG's whole value half (N = d_out / 2): one issue and one wait.
-        with jax.named_scope("pv"):
-          acc = _mma_acc(acc, p, operand.at[:, v_half], interpret)
-        plgpu.barrier_arrive(bar_free.at[slot])  # this WG is done with the operand slot
-        return acc, m_new, l_i
-
-      acc, m_i, l_i = lax.fori_loop(0, n_chunks, step, (acc, m_i, l_i))
-      # The total l; bar_end also says both WGs are past their last logits: q_smem takes the output.
-      misc.at[w][...] = l_i
-      plgpu.barrier_arrive(bar_end)
-      plgpu.barrier_wait(bar_end)
-      l_i = l_i + plgpu.load(misc.at[1 - w], layout=row_layout, optimized=False)
-      has = l_i > 0
-      l_safe = jnp.where(has, l_i, 1.0)
-      inv = jnp.where(has, 1.0 / l_safe, 0.0)
-      out = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-      v0 = w * v_tiles  # this WG's first value-column tile
-      for c in range(v_tiles):
-        q_smem.at[v0 + c][...] = out[:, c * 64 : (c + 1) * 64]
-      plgpu.commit_smem()
-      for c in range(v_tiles):
-        cols = pl.ds((v0 + c) * 64, 64)
-        plgpu.copy_smem_to_gmem(q_smem.at[v0 + c], o_ref.at[t, heads, cols])
-
-      @pl.when(w == 0)
-      def _():
-        lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(l_safe), jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[t, heads])
-
-      plgpu.wait_smem_to_gmem(0)
-
-    # One code path for both compute WGs, w = wg traced (a copy of the loop per WG spills more
-    # registers under ptxas' cap of 168 per thread).
-    pl.when(wg < 2)(lambda: compute(wg))
-
   def sparse_mla_fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # the name in profiles
-    halves = (plgpu.TilingTransform((8, half)), plgpu.SwizzleTransform(half * dtype.itemsize))
     bufs = (
       _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
       _swizzled((2, bk, kp_dim), dtype),  # two wgmma operand slots
-      plgpu.SMEM((2, HEAD_BLOCK, half), dtype, transforms=halves),  # P_0, P_1
-      _swizzled((2, HEAD_BLOCK, bk), dtype) if interpret else None,  # joined P (interpreter)
+      _swizzled((HEAD_BLOCK, bk), dtype),  # P1 (WG1's P)
+      None if p0_in_slot else _swizzled((HEAD_BLOCK, bk), dtype),  # P0 without a free tile
       plgpu.SMEM((IDS_RING, bk), jnp.int32),  # the ids ring
-      plgpu.SMEM((4, HEAD_BLOCK), f32),  # exchange rows, lse tile, raw mbarriers
+      plgpu.SMEM((4, HEAD_BLOCK), f32),  # m0, m1 (then l0, l1), lse tile, raw mbarriers
     )
+    one = dict(num_arrivals=1)
     bars = (
       plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
       plgpu.Barrier(num_arrivals=1, num_barriers=IDS_RING),  # a chunk's ids landed
       plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,  # rows (interp.)
-      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # operand slot released by both WGs
-      plgpu.Barrier(num_arrivals=2),  # both row maxes written
-      plgpu.Barrier(num_arrivals=2),  # both P halves written
-      plgpu.Barrier(num_arrivals=2),  # both past the loop, l written
+      plgpu.Barrier(**one),  # m0 written (WG0)
+      plgpu.Barrier(**one),  # m1 written (WG1)
+      plgpu.Barrier(**one),  # P0 stored (WG0)
+      plgpu.Barrier(**one),  # P1 stored (WG1)
+      plgpu.Barrier(**one),  # P1 read by WG0
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # operand slot released by WG0 and WG1
+      plgpu.Barrier(num_arrivals=2),  # both compute WGs past the loop
+      plgpu.Barrier(num_arrivals=2),  # l0, l1 written
     )
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, r),
