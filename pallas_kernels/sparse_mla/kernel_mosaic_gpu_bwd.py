@@ -37,7 +37,9 @@ q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64
 Registers: the compute WGs hold their dq tiles beside the logits, P / dP and the slot mask,
 more than the launch's 168 a thread, while the copy WG holds its dq tiles and the copy
 addresses; so the copy WG gives registers back and the compute WGs take them (setmaxnreg,
-`REGISTERS`), which ptxas honours per warpgroup (fewer spills than at 168 everywhere).
+`REGISTERS`), which ptxas honours per warpgroup. The wgmma operands are indexed by
+`kernel_mosaic_gpu.opaque_zero` each chunk, so their SMEM descriptors are rebuilt in the loop
+instead of hoisted out of it as ~140 live registers: ptxas then spills nothing.
 
 SMEM at V3.2 (Kp 576, d_out 512, bf16): q 72 KiB + dO 64 + R 72 + P 8 + dS 8 + the chunk's ids
 and the raw mbarriers 1 = 225 KiB (+ Pallas barriers) of 227. The dq output reuses q's tiles.
@@ -59,7 +61,8 @@ from pallas_kernels.sparse_mla import kernel_mosaic_gpu as fwd
 _LOG2E = math.log2(math.e)
 HEAD_BLOCK = fwd.HEAD_BLOCK
 # (compute, copy) registers a thread after setmaxnreg: 2 x 184 + 136 = 504, the pool the CTA
-# launches with (3 warpgroups x 168). Of the splits of that pool tried, this one spills least.
+# launches with (3 warpgroups x 168). Of the splits tried before the descriptors stayed in the
+# loop, this one spilled least; with them in the loop ptxas spills nothing here.
 REGISTERS = (184, 136)
 BLOCK_K = fwd.BLOCK_K
 
