@@ -588,27 +588,35 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     m_init = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), -jnp.inf, f32), row_layout)
     l_init = plgpu.layout_cast(jnp.full((HEAD_BLOCK,), 0.0, f32), row_layout)
 
-    @pl.when(wg == 0)
-    def _wg0():
+    def enter():
+      """A compute WG's start: its registers, then q in SMEM."""
       if not interpret:
         plgpu.set_max_registers(config.registers[0], action="increase")
       plgpu.barrier_wait(bar_q)
 
+    def own_logits(w, p):
+      """The logits of compute WG w's block of pair p (block 2p + w, in operand slot w)."""
+      j = 2 * p + w
+      with jax.named_scope("rows_wait"):
+        plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+        wait_rows(w, p)
+      with jax.named_scope("qk"):
+        return logits(w, j)
+
+    @pl.when(wg == 0)
+    def _wg0():
+      enter()
+
       def step(p, carry):
         acc, m_prev, l = carry
-        j = 2 * p
-        with jax.named_scope("rows_wait"):
-          plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
-          wait_rows(0, p)
-        with jax.named_scope("qk"):
-          s = logits(0, j)
+        s = own_logits(0, p)
         m0 = jnp.maximum(m_prev, s.max(axis=1))
         misc.at[0][...] = m0
         plgpu.barrier_arrive(bar_m0)
         alpha = jnp.exp2(m_prev - finite(m0))
         pr = jnp.exp2(s - lax.broadcast_in_dim(finite(m0), s.shape, [0]))
         l = l * alpha + pr.sum(axis=1)
-        store_p(p0_ref(p), pr)  # over block j's rope tile: its last reader was the logits above
+        store_p(p0_ref(p), pr)  # over block 2p's rope tile: its last reader was the logits above
         plgpu.barrier_arrive(bar_p0)
         with jax.named_scope("pv_own"):
           acc = pv(rescale(acc, alpha), p0_ref(p) if interpret else pr.astype(dtype), 0, 0)
@@ -631,18 +639,11 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
     @pl.when(wg == 1)
     def _wg1():
-      if not interpret:
-        plgpu.set_max_registers(config.registers[0], action="increase")
-      plgpu.barrier_wait(bar_q)
+      enter()
 
       def step(p, carry):
         acc, m_prev, l = carry
-        j = 2 * p + 1
-        with jax.named_scope("rows_wait"):
-          plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
-          wait_rows(1, p)
-        with jax.named_scope("qk"):
-          s = logits(1, j)
+        s = own_logits(1, p)
         with jax.named_scope("m0_wait"):
           plgpu.barrier_wait(bar_m0)
         m0 = plgpu.load(misc.at[0], layout=row_layout, optimized=False)
