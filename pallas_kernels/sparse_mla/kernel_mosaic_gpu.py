@@ -460,9 +460,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
 
-  def mma(acc, a, b):
-    return _mma_acc(acc, a, b, interpret)
-
   def rescale(acc, f):
     return acc * lax.broadcast_in_dim(f, acc.shape, [0])
 
@@ -511,7 +508,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       # lowering ("Shaped arrays must be represented by ir.Values"); an opaque one also keeps
       # the operand's descriptors in the loop (see opaque_zero).
       z = opaque_zero(interpret)
-      return mma(acc, p, kv_smem.at[z + slot].at[:, cols(w)])
+      return _mma_acc(acc, p, kv_smem.at[z + slot].at[:, cols(w)], interpret)
 
     @pl.when(wg == 0)
     def _():
