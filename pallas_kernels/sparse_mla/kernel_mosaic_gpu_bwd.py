@@ -4,7 +4,7 @@
 Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosaic_gpu.py):
   q   [N, Hp, Kp]     N tokens, heads padded to 64s, row dim padded to 64s
   kv  [R, Kp]         R = B*S latent rows
-  idx [N, kp]         int32 global row ids (b*S + s), -1 invalid, kp % 64 == 0
+  idx [N, kp]         int32 global row ids (b*S + s), -1 invalid, kp % 64 == 0 (chunk pairs)
   do  [N, Hp, d_out]  dO, value columns zero-padded to d_out (a multiple of 128)
   lse, delta [N, Hp]  f32: the forward's lse (+inf on empty rows and padded heads) and
                       Δ - dlse with Δ = rowsum(O ∘ dO) (dlse zeroed where lse is not finite)
@@ -20,30 +20,35 @@ the f32 logits.
 
 One CTA = one token x 64 heads (grid: heads fastest, as the forward), three warpgroups (WG):
   WG0 and WG1 ("compute"), WG2 ("copy": gathers the rows and owns a third of dq).
-q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64-slot chunk:
-  1. WG2 gathers the chunk's rows into ONE swizzled wgmma operand R [64, Kp] with the forward's
-     direct 16-byte cp.async pieces (kernel_mosaic_gpu._direct_ops; the interpreter uses Pallas
-     row copies instead). Its slot ids are staged per chunk in SMEM (one TMA; the next chunk's
-     are fetched while this one is multiplied).
+q and dO stay in SMEM for the whole token. The slots go in chunks of 32 (BLOCK_K), chunk j in
+operand slot j % 2 of R [2, 32, Kp], so the copy WG gathers chunk j + 2 into a slot while the
+compute WGs multiply chunk j + 1 in the other. Per chunk:
+  1. WG2 gathers the chunk's rows into its operand slot with the forward's direct 16-byte
+     cp.async pieces (kernel_mosaic_gpu._direct_ops; the interpreter uses Pallas row copies
+     instead), once WG0 and WG1 released the slot's previous chunk. The slot ids come per chunk
+     into an SMEM ring of 4 (one TMA each, four chunks ahead).
   2. WG0: S = q·Rᵀ -> P (bf16) into SMEM, then stores the tile to `a` (TMA). WG1: dP =
      dO·R[:, :d_out]ᵀ, then with P from SMEM dS = scale·P∘(dP - delta) (bf16) into SMEM and
      to `a`. The logits work is split, not duplicated.
   3. dq[:, tiles of WG w] += dS·R[:, tiles]: each of the three WGs keeps a third of the dq
-     column tiles in registers across chunks (at Kp = 576: 3 tiles = 96 f32 registers a
+     64-column tiles in registers across chunks (at Kp = 576: 3 tiles = 96 f32 registers a
      thread), side by side, so a WG's share is one wgmma per chunk (N = 192: one issue and
      one wait, not one per tile). With 384 threads ptxas gives each thread at most 168
      registers at launch, so a 2-WG split (5 + 4 tiles = 160 registers) cannot sit next to
-     the 64 x 64 logits; hence the copy WG's share. Then R is free for the next chunk.
+     the logits; hence the copy WG's share. Then the slot is released.
+Every wgmma operand (q, dO, R, P, dS) is stored in 32-column tiles with the 64-byte swizzle:
+wgmma takes K in groups of the swizzle's width and dq's K is the chunk's 32 slots, and the A
+and B operands of one wgmma share a swizzle.
 Registers: the compute WGs hold their dq tiles beside the logits, P / dP and the slot mask,
 more than the launch's 168 a thread, while the copy WG holds its dq tiles and the copy
 addresses; so the copy WG gives registers back and the compute WGs take them (setmaxnreg,
 `REGISTERS`), which ptxas honours per warpgroup. The wgmma operands are indexed by
 `kernel_mosaic_gpu.opaque_zero` each chunk, so their SMEM descriptors are rebuilt in the loop
-instead of hoisted out of it as ~140 live registers: ptxas then spills nothing.
+instead of hoisted out of it as live registers: ptxas then spills nothing.
 
-SMEM at V3.2 (Kp 576, d_out 512, bf16): q 72 KiB + dO 64 + R 72 + P 8 + dS 8 + the chunk's ids
-and the raw mbarriers 1 = 225 KiB (+ Pallas barriers) of 227. The dq output reuses q's tiles.
-No double buffering of R (no room).
+SMEM at V3.2 (Kp 576, d_out 512, bf16): q 72 KiB + dO 64 + R 72 (two 32-row slots) + P 4 + dS
+4 + the ids ring and the raw mbarriers 1 = 217 KiB (+ Pallas barriers) of 227 (`smem_bytes`).
+The dq output reuses q's tiles.
 """
 
 import math
