@@ -191,20 +191,19 @@ def _scalar(x):
   return x
 
 
-def _direct_ops(n_rows: int, row_bytes: int, swizzle: int = 128):
+def _direct_ops(n_rows: int, row_bytes: int):
   """Inline Mosaic GPU (init, issue, wait) on raw SMEM mbarriers (Pallas barriers cannot be
   passed to inline_mgpu) for the direct row copies of the forward, the backward and the
   probabilities kernel: the rows land straight in the tiled + swizzled wgmma operand.
 
-  The operand [2, n_rows, row_bytes / 2] bf16 is stored as tiles of 8 rows x `swizzle` bytes
-  (row tile major, then column tile), and the swizzle XORs a 16-byte piece's index (of
-  swizzle / 16 in a line) with the row's index inside its tile divided by 128 / swizzle (PTX
-  ISA, wgmma shared memory layouts). Thread i of the copy WG, in group g = i / (swizzle / 16),
-  copies piece i % (swizzle / 16) of every line of rows g, g + G, ... (G = 128 threads / line
-  pieces, a multiple of 8): those rows share g % 8, so the swizzled destination is one
-  per-thread base plus compile-time offsets, and a group writes whole lines. The slot ids are
-  read once per chunk. `.L2::256B` asks L2 for the whole 256-byte span a group's next lines
-  need. Each thread then makes the slot's raw mbarrier track its copies
+  The operand [2, n_rows, row_bytes / 2] bf16 is stored as 1 KiB tiles of 8 rows x 128 bytes
+  (row tile major, then column tile), and the 128-byte swizzle XORs a 16-byte piece's index
+  with the row's index inside its tile (PTX ISA, wgmma shared memory layouts). Thread i of the
+  copy WG, in group g = i / 8 of 8 threads, copies piece i % 8 of every 128-byte line of rows
+  g, g + 16, ...: those rows share g % 8, so the swizzled destination is one per-thread base
+  plus compile-time offsets, and a group writes whole 128-byte lines. The slot ids are read
+  once per chunk. `.L2::256B` asks L2 for the whole 256-byte span a group's next lines need.
+  Each thread then makes the slot's raw mbarrier track its copies
   (`cp.async.mbarrier.arrive.noinc`): a phase completes when all 128 threads' pieces landed.
   init: one thread sets up the two slots' mbarriers (128 arrivals per phase each).
   wait: waits for the phase of the given parity on one mbarrier.
@@ -213,16 +212,10 @@ def _direct_ops(n_rows: int, row_bytes: int, swizzle: int = 128):
   from jaxlib.mlir import ir  # noqa: PLC0415
   from jaxlib.mlir.dialects import arith, gpu, llvm, memref, nvvm  # noqa: PLC0415
 
-  pieces = swizzle // 16  # 16-byte pieces per swizzled line
-  groups = 128 // pieces
-  tiles = row_bytes // swizzle
-  tile_bytes = 8 * swizzle
-  if swizzle not in (64, 128) or row_bytes % swizzle or n_rows % groups:
-    raise ValueError(
-      f"{n_rows} rows of {row_bytes} bytes do not tile over {groups} groups (swizzle {swizzle})"
-    )
+  tiles = row_bytes // 128
+  if row_bytes % 128 or n_rows % 16:
+    raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 16 groups")
   buf_bytes = n_rows * row_bytes
-  transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
   def init(ctx, bars):
@@ -238,7 +231,7 @@ def _direct_ops(n_rows: int, row_bytes: int, swizzle: int = 128):
   @plgpu.inline_mgpu(
     arg_types=(
       plgpu.RefType(),
-      plgpu.RefType(transforms=transforms),
+      plgpu.RefType(transforms=_SWIZZLE),
       plgpu.RefType(),
       plgpu.RefType(),
       plgpu.Layout.WG_SPLAT,
@@ -253,22 +246,19 @@ def _direct_ops(n_rows: int, row_bytes: int, swizzle: int = 128):
       return mu.c(v, t)
 
     lane = arith.index_cast(i32, arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index)))
-    g, p = arith.divui(lane, c(pieces)), arith.remui(lane, c(pieces))
+    g, p = arith.shrui(lane, c(3)), arith.andi(lane, c(7))
     g8 = arith.andi(g, c(7))
-    mask = arith.remui(arith.divui(g8, c(8 // pieces)), c(pieces))  # the swizzle's XOR
     slot = _scalar(slot)
     base = arith.addi(
-      arith.addi(
-        arith.muli(slot, c(buf_bytes)), arith.muli(arith.shrui(g, c(3)), c(tiles * tile_bytes))
-      ),
-      arith.addi(arith.muli(g8, c(swizzle)), arith.shli(arith.xori(p, mask), c(4))),
+      arith.addi(arith.muli(slot, c(buf_bytes)), arith.muli(arith.shrui(g, c(3)), c(tiles * 1024))),
+      arith.addi(arith.muli(g8, c(128)), arith.shli(arith.xori(p, g8), c(4))),
     )
     dst = mu.getelementptr(mu.memref_ptr(bufs), [base], i8)
     src = mu.getelementptr(mu.memref_ptr(kv), [arith.extui(i64, arith.shli(p, c(4)))], i8)
     bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
     rows = []
-    for k in range(n_rows // groups):
-      rid = memref.load(ids, [arith.index_cast(index, arith.addi(g, c(groups * k)))])
+    for k in range(n_rows // 16):
+      rid = memref.load(ids, [arith.index_cast(index, arith.addi(g, c(16 * k)))])
       rid = arith.maxsi(rid, c(0))  # invalid slots fetch row 0 (masked in the logits)
       rows.append(arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)))
     for k, row in enumerate(rows):
@@ -277,8 +267,8 @@ def _direct_ops(n_rows: int, row_bytes: int, swizzle: int = 128):
         llvm.inline_asm(
           ir.Type.parse("!llvm.void"),
           [
-            mu.getelementptr(dst, [((groups // 8) * k * tiles + tile) * tile_bytes], i8),
-            mu.getelementptr(row_src, [tile * swizzle], i8),
+            mu.getelementptr(dst, [(2 * k * tiles + tile) * 1024], i8),
+            mu.getelementptr(row_src, [tile * 128], i8),
           ],
           "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;",
           "l,l",
