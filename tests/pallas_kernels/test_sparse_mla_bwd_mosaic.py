@@ -146,3 +146,31 @@ def test_cross_lowering_cuda_v32(batch, triton_verified):
   assert "sparse_mla_bwd_kernel" in mlir and "segment_sum_rows" in mlir
   assert triton_verified == [True]
   assert kernel_mosaic_gpu.padded_dims(k_dim, d_v, k) == (576, 512, 2048)
+
+
+def test_smem_bytes_exact(monkeypatch):
+  """smem_bytes (what `fits` and GpuConfig.default_for decide by) is what Mosaic GPU asks for at
+  V3.2 dims (its own sum of the buffers, each rounded up to whole KiB, and the barriers), under
+  the 227 KiB opt-in maximum, and the same at k 2048 and 4096."""
+  from jax.experimental.mosaic.gpu import core as mgpu_core  # noqa: PLC0415
+
+  if not hasattr(mgpu_core, "_smem_tree_size"):
+    pytest.skip("this Mosaic GPU does not size SMEM in _smem_tree_size")
+  sizes = []
+  size = mgpu_core._smem_tree_size
+  monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda b: sizes.append(size(b)) or sizes[-1])
+  sds = jax.ShapeDtypeStruct
+  n, hp, kp_dim, d_out = 4, 128, 576, 512
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  for k in (2048, 4096):
+    args = (
+      sds((n, hp, kp_dim), bf16),
+      sds((4096, kp_dim), bf16),
+      sds((n, k), jnp.int32),
+      sds((n, hp, d_out), bf16),
+      sds((n, hp), f32),
+      sds((n, hp), f32),
+    )
+    _testing.export_cuda(lambda *a: kernel_mosaic_gpu_bwd.sparse_mla_bwd(*a, scale=SCALE), *args)
+  assert sizes == 2 * [kernel_mosaic_gpu_bwd.smem_bytes(kp_dim, d_out, 2)]
+  assert sizes[0] <= kernel_mosaic_gpu._SMEM_BYTES
