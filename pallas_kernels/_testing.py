@@ -42,3 +42,17 @@ def export_cuda(f, *avals, device_kind: str = "NVIDIA H100"):
       platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
     )(*avals)
+
+
+def record_smem_sizes(monkeypatch) -> list[int] | None:
+  """The SMEM bytes Mosaic GPU asks for, one entry per kernel lowered after this call (its own
+  sizing, `core._smem_tree_size`, wrapped through pytest's monkeypatch); None where this Mosaic
+  GPU sizes SMEM elsewhere."""
+  from jax.experimental.mosaic.gpu import core as mgpu_core  # noqa: PLC0415
+
+  if not hasattr(mgpu_core, "_smem_tree_size"):
+    return None
+  sizes = []
+  size = mgpu_core._smem_tree_size
+  monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda b: sizes.append(size(b)) or sizes[-1])
+  return sizes

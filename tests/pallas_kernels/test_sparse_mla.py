@@ -314,13 +314,9 @@ def test_smem_bytes_exact(monkeypatch):
   """smem_bytes is what Mosaic GPU asks for at V3.2 shapes (its own sum of the buffers, each
   rounded up to whole KiB, and the barriers), under the 227 KiB opt-in maximum, and the same at
   k 2048 and 4096."""
-  from jax.experimental.mosaic.gpu import core as mgpu_core  # noqa: PLC0415
-
-  if not hasattr(mgpu_core, "_smem_tree_size"):
+  sizes = _testing.record_smem_sizes(monkeypatch)
+  if sizes is None:
     pytest.skip("this Mosaic GPU does not size SMEM in _smem_tree_size")
-  sizes = []
-  size = mgpu_core._smem_tree_size
-  monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda b: sizes.append(size(b)) or sizes[-1])
   sds = jax.ShapeDtypeStruct
   q, kv = sds((1, 8, 128, 576), jnp.bfloat16), sds((1, 4096, 576), jnp.bfloat16)
   fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=512, impl="pallas")
