@@ -65,15 +65,15 @@ HEAD_BLOCK = fwd.HEAD_BLOCK
 # loop, this one spilled least; with them in the loop ptxas spills nothing here.
 REGISTERS = (184, 136)
 BLOCK_K = fwd.BLOCK_K
+_BARRIERS = 8  # Pallas barriers of a hardware run (the interpreter's row barrier is extra)
 
 
 def smem_bytes(kp_dim: int, d_out: int, itemsize: int) -> int:
   """SMEM the kernel asks for (Mosaic GPU rounds every buffer up to whole KiB): q, dO and R
-  tiles, P and dS tiles, the chunk's ids + raw mbarriers, and 8 bytes for each of the 8
-  Pallas barriers of a hardware run (the interpreter's row barrier is not allocated there)."""
+  tiles, P and dS tiles, the chunk's ids + raw mbarriers, and 8 bytes per Pallas barrier."""
   tile = HEAD_BLOCK * 64 * itemsize
   tiles = (2 * kp_dim // 64 + d_out // 64 + 2) * tile
-  return fwd.kib(tiles) + fwd.kib(2 * BLOCK_K * 4) + 8 * 8
+  return fwd.kib(tiles) + fwd.kib(2 * BLOCK_K * 4) + 8 * _BARRIERS
 
 
 def fits(kp_dim: int, d_out: int, itemsize: int = 2) -> bool:
