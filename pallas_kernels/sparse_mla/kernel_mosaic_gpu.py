@@ -256,10 +256,13 @@ def _direct_ops(n_rows: int, row_bytes: int):
     dst = mu.getelementptr(mu.memref_ptr(bufs), [base], i8)
     src = mu.getelementptr(mu.memref_ptr(kv), [arith.extui(i64, arith.shli(p, c(4)))], i8)
     bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
+    last_row = c(ir.MemRefType(kv.type).shape[0] - 1)
     rows = []
     for k in range(n_rows // 16):
-      rid = memref.load(ids, [arith.index_cast(index, arith.addi(g, c(16 * k)))])
-      rid = arith.maxsi(rid, c(0))  # invalid slots fetch row 0 (masked in the logits)
+      pos = arith.addi(g, c(16 * k))
+      rid = memref.load(ids, [arith.index_cast(index, pos)])
+      invalid = arith.cmpi(arith.CmpIPredicate.slt, rid, c(0))
+      rid = arith.select(invalid, arith.minsi(pos, last_row), rid)  # see stand_in_row
       rows.append(arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)))
     for k, row in enumerate(rows):
       row_src = mu.getelementptr(src, [row], i8)
@@ -319,6 +322,14 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   )
 
 
+def stand_in_row(row_id, pos: int, n_rows: int):
+  """The kv row slot `pos` of a chunk fetches: its id, or for an invalid id (< 0) row
+  min(pos, n_rows - 1). That row is finite and the readers mask the slot; spreading the stand-ins
+  over a chunk's positions, instead of sending every one to row 0, keeps causal prefixes (up to
+  k - 1 invalid slots a query) from hammering one L2 line (docs/architecture.md, Kernels)."""
+  return jnp.where(row_id < 0, min(pos, n_rows - 1), row_id)
+
+
 def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
   """The rows of one chunk (ids_row: its [bk] slot ids in SMEM) into operand slot `slot` of
   kv_smem. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline Mosaic
@@ -327,7 +338,7 @@ def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
     issue_op(kv_ref, kv_smem, ids_row, raw_bars, slot)
     return
   for i in range(ids_row.shape[0]):
-    row = jnp.maximum(ids_row[i], 0)  # invalid slots fetch row 0 (masked by the readers)
+    row = stand_in_row(ids_row[i], i, kv_ref.shape[0])
     dst = kv_smem.at[slot, pl.ds(i, 1)]
     plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
 

@@ -181,7 +181,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       def issue(j):
         plgpu.barrier_wait(bar_idx)
         if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
-          rows = [jnp.maximum(ids_smem[i], 0) for i in range(bk)]
+          rows = [fwd.stand_in_row(ids_smem[i], i, kv_ref.shape[0]) for i in range(bk)]
           for i, row in enumerate(rows):
             dst = r_smem.at[0, pl.ds(i, 1)]
             plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full)
@@ -269,8 +269,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
             plgpu.barrier_wait(bar_p)
           p = p_smem[...].astype(jnp.float32)
           plgpu.barrier_arrive(bar_pfree)
-          # P is already 0 at invalid slots (WG0 masked it) and dP is finite there (row 0 was
-          # fetched), so dS is 0 there without a mask of its own.
+          # P is already 0 at invalid slots (WG0 masked it) and dP is finite there (a finite
+          # stand-in row was fetched), so dS is 0 there without a mask of its own.
           ds = scale * p * (dp - lax.broadcast_in_dim(delta_h, dp.shape, [0]))
 
           with jax.named_scope("ds_free_wait"):

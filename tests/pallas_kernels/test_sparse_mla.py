@@ -97,6 +97,15 @@ def test_config_validate_and_default_for():
   assert kernel_mosaic_gpu.fits(576) and not kernel_mosaic_gpu.fits(640)
 
 
+def test_stand_in_rows_of_invalid_slots():
+  """An invalid slot fetches row min(position, R - 1) (spread over the chunk, in range even when
+  R is smaller than the chunk); valid ids are fetched as they are."""
+  ids = jnp.array([5, -1, -1, 0, -7, 2], jnp.int32)
+  got = [int(kernel_mosaic_gpu.stand_in_row(r, p, 4)) for p, r in enumerate(ids)]
+  assert got == [5, 1, 2, 0, 3, 2]
+  assert int(kernel_mosaic_gpu.stand_in_row(jnp.int32(-1), 63, 10_000)) == 63
+
+
 def test_backward_steps_are_balanced():
   # steps of at most block_t tokens, evened out: never more steps than block_t needs, and the
   # last step's padding below one token per step
