@@ -330,6 +330,18 @@ def stand_in_row(row_id, pos: int, n_rows: int):
   return jnp.where(row_id < 0, min(pos, n_rows - 1), row_id)
 
 
+def live_chunks(idx, bk: int, multiple: int = 1):
+  """idx [N, kp] slot ids (< 0 invalid) -> [N] int32: the chunks of bk slots the kernels run
+  for each token, up to the last one that holds a valid id, rounded up to `multiple` and at least
+  `multiple`. The chunks after it hold only invalid slots and add nothing, so the kernels skip
+  them: top-k puts a row's unused slots (-1) at its end, and in a causal sequence query t < k has
+  k - t - 1 of them (docs/architecture.md, Kernels)."""
+  pos = jnp.arange(idx.shape[1], dtype=jnp.int32)
+  last = jnp.max(jnp.where(idx >= 0, pos, -1), axis=1)  # -1: no valid slot
+  chunks = jnp.maximum(last // bk + 1, 1)  # (-1) // bk + 1 = 0
+  return (chunks + multiple - 1) // multiple * multiple
+
+
 def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
   """The rows of one chunk (ids_row: its [bk] slot ids in SMEM) into operand slot `slot` of
   kv_smem. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline Mosaic
@@ -343,19 +355,19 @@ def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
     plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
 
 
-def copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_bars, issue_op):
-  """The copy warpgroup's loop of copy_wg_direct: chunk j's rows (ids [n_chunks, bk] in SMEM)
-  into operand slot j % 2 of kv_smem (issue_chunk), once the slot's chunk j - 2 is released on
-  bar_free[slot]."""
+def copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op):
+  """The copy warpgroup's loop of copy_wg_direct: chunk j < n_live's rows (ids [n_chunks, bk] in
+  SMEM; n_live traced, >= 1) into operand slot j % 2 of kv_smem (issue_chunk), once the slot's
+  chunk j - 2 is released on bar_free[slot]."""
 
   def issue(j):
     issue_chunk(kv_ref, kv_smem, ids.at[j], j % 2, bar_full, raw_bars, issue_op)
 
   issue(0)
-  if n_chunks > 1:
-    issue(1)
+  if ids.shape[0] > 1:
+    pl.when(n_live > 1)(lambda: issue(1))
 
-  @pl.loop(2, n_chunks)
+  @pl.loop(2, n_live)
   def _(j):
     plgpu.barrier_wait(bar_free.at[j % 2])  # chunk j - 2 is done with the slot
     issue(j)
@@ -374,15 +386,16 @@ def single_pass_barriers(n_tiles: int, bk: int, interpret):
   )
 
 
-def copy_wg_direct(kv_ref, kv_smem, ids, bar_ids, bar_free, bar_full, raw_bars, issue_op):
+def copy_wg_direct(kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op):
   """A whole copy warpgroup of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py):
-  once the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct, then
-  observe each slot's last release (the interpreter checks), so the kernel ends after the reads."""
+  once the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct over
+  its first n_live chunks, then observe each used slot's last release (the interpreter checks),
+  so the kernel ends after the reads."""
   plgpu.barrier_wait(bar_ids)
-  n_chunks = ids.shape[0]
-  copy_chunks_direct(kv_ref, kv_smem, ids, n_chunks, bar_free, bar_full, raw_bars, issue_op)
-  for slot in range(min(2, n_chunks)):
-    plgpu.barrier_wait(bar_free.at[slot])
+  copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op)
+  plgpu.barrier_wait(bar_free.at[0])
+  if ids.shape[0] > 1:
+    pl.when(n_live > 1)(lambda: plgpu.barrier_wait(bar_free.at[1]))
 
 
 def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret):
@@ -456,8 +469,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     idx = jnp.pad(idx, ((0, 0), (0, bk)), constant_values=-1)
   kp = idx.shape[1]
   n_chunks = kp // bk
-  n_pairs = n_chunks // 2
   idx3 = idx.reshape(n, n_chunks, bk)
+  live = live_chunks(idx, bk, 2)  # per token, pairs of blocks up to its last valid slot
   n_tiles = kp_dim // 64
   v_tiles = d_out // 64
   per = [v_tiles // 2, v_tiles - v_tiles // 2]  # value-column tiles of WG0, WG1
@@ -474,7 +487,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   def rescale(acc, f):
     return acc * lax.broadcast_in_dim(f, acc.shape, [0])
 
-  def body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, bufs, bars):
+  def body(q_ref, kv_ref, idx_ref, live_ref, o_ref, lse_ref, bufs, bars):
     q_smem, kv_smem, p1_smem, p0_own, ids_ring, misc = bufs
     (
       bar_q,
@@ -503,6 +516,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
     heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+    n_live = live_ref[t]  # blocks this token runs (even, >= 2): later ones are all invalid
 
     def fetch_ids(j):
       r = j % IDS_RING
@@ -525,10 +539,15 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def _():
       if not interpret:  # before the ids copies: their barriers order the init
         direct_init(raw_bars)
-      for j in range(min(IDS_RING, n_chunks)):
+      for j in range(2):
         fetch_ids(j)
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
+      for j in range(2, min(IDS_RING, n_chunks)):  # only blocks that run: every copy is waited
+
+        @pl.when(j < n_live)
+        def _(j=j):
+          fetch_ids(j)
 
     def issue(j):
       r = j % IDS_RING
@@ -642,7 +661,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         plgpu.barrier_arrive(bar_p1free)
         return acc, m1, l
 
-      acc, m, l = lax.fori_loop(0, n_pairs, step, (zeros(0), m_init, l_init))
+      acc, m, l = lax.fori_loop(0, n_live // 2, step, (zeros(0), m_init, l_init))
       finish(acc, m, l, 0)
 
     @pl.when(wg == 1)
@@ -682,7 +701,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         plgpu.barrier_arrive(bar_free.at[1])
         return acc, m1, l
 
-      acc, m, l = lax.fori_loop(0, n_pairs, step, (zeros(1), m_init, l_init))
+      acc, m, l = lax.fori_loop(0, n_live // 2, step, (zeros(1), m_init, l_init))
       plgpu.barrier_wait(bar_p1free)  # observe the last phase
       finish(acc, m, l, 1)
 
@@ -693,24 +712,24 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       issue(0)
       issue(1)
 
-      @pl.loop(2, n_chunks)
+      @pl.loop(2, n_live)
       def _(j):
         # Block j - 2 is released by both compute WGs: its operand slot (with P0 over slot 0)
         # and its ids ring slot are free.
         with jax.named_scope("slot_wait"):
           plgpu.barrier_wait(bar_free.at[j % 2])
 
-        @pl.when(j + 2 < n_chunks)
+        @pl.when(j + 2 < n_live)
         def _():
           fetch_ids(j + 2)
 
         with jax.named_scope("issue"):
           issue(j)
 
-      for j in range(n_chunks - 2, n_chunks):  # observe the last releases too
-        plgpu.barrier_wait(bar_free.at[j % 2])
+      for slot in range(2):  # observe the last releases too (n_live is even)
+        plgpu.barrier_wait(bar_free.at[slot])
 
-  def sparse_mla_fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref):  # the name in profiles
+  def sparse_mla_fwd_kernel(q_ref, kv_ref, idx_ref, live_ref, o_ref, lse_ref):  # profile name
     bufs = (
       _swizzled((n_tiles, HEAD_BLOCK, 64), dtype),  # q tile, then the output tile
       _swizzled((2, bk, kp_dim), dtype),  # two wgmma operand slots
@@ -734,7 +753,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       plgpu.Barrier(num_arrivals=2),  # l0, l1 written
     )
     pl.run_scoped(
-      lambda b, r: body(q_ref, kv_ref, idx_ref, o_ref, lse_ref, b, r),
+      lambda b, r: body(q_ref, kv_ref, idx_ref, live_ref, o_ref, lse_ref, b, r),
       bufs,
       bars,
       collective_axes="wg",
@@ -745,4 +764,4 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     jax.ShapeDtypeStruct((n, hp), f32),
   )
   kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, WARPGROUPS, interpret)
-  return kern(q, kv, idx3)
+  return kern(q, kv, idx3, live)

@@ -111,6 +111,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   if len(owners[0]) > 4:  # a WG's dq tiles are one wgmma, N = 64 per tile <= 256
     raise ValueError(f"the backward takes Kp <= 768, got {kp_dim}")
   idx3 = idx.reshape(n, n_chunks, bk)
+  live = fwd.live_chunks(idx, bk)  # per token, chunks up to its last valid slot
   lse2 = lse * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
@@ -123,7 +124,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     shape = (HEAD_BLOCK, 64 * len(tiles))
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
-  def body(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, bufs, bars):
+  def body(q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, bufs, bars):
     q_smem, do_smem, r_smem, p_smem, ds_smem, misc = bufs
     bar_q, bar_idx, bar_full, bar_p, bar_ds, bar_rfree, bar_pfree, bar_dsfree, bar_end = bars
     # misc (int32): row 0 the chunk's slot ids (the copy WG's), row 1 [:4] the raw mbarriers.
@@ -132,6 +133,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
     heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+    n_live = live_ref[t]  # chunks this token runs (>= 1): later ones are all invalid
 
     def wait_rows(j):
       """The chunk's rows have landed in R (each waiting WG tracks the phases itself)."""
@@ -202,7 +204,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           plgpu.barrier_wait(bar_ds)
           wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
 
-        @pl.when(j + 1 < n_chunks)
+        @pl.when(j + 1 < n_live)
         def _():  # the ids were read at issue: fetch the next chunk's
           nxt = jnp.minimum(j + 1, n_chunks - 1)
           plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
@@ -212,7 +214,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         plgpu.barrier_arrive(bar_dsfree)
         return acc
 
-      acc = lax.fori_loop(0, n_chunks, step, zeros_wgmma(owners[2]))
+      acc = lax.fori_loop(0, n_live, step, zeros_wgmma(owners[2]))
       plgpu.barrier_wait(bar_rfree)  # observe every phase (the interpreter checks)
       finish(acc, owners[2])
 
@@ -294,11 +296,13 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
 
         @pl.when(wg == w)
         def _(w=w):
-          acc = lax.fori_loop(0, n_chunks, functools.partial(step, w=w), zeros_wgmma(owners[w]))
+          acc = lax.fori_loop(0, n_live, functools.partial(step, w=w), zeros_wgmma(owners[w]))
           plgpu.barrier_wait(bar_pfree if w == 0 else bar_dsfree)  # observe the last phase
           finish(acc, owners[w])
 
-  def sparse_mla_bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref):
+  def sparse_mla_bwd_kernel(
+    q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref
+  ):
     sw = fwd._swizzled
     bufs = (
       sw((n_tiles, HEAD_BLOCK, 64), dtype),  # q, then the dq output tiles
@@ -320,7 +324,9 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       plgpu.Barrier(num_arrivals=3),  # every WG past its last q read: dq may reuse q_smem
     )
     pl.run_scoped(
-      lambda b, r: body(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, b, r),
+      lambda b, r: body(
+        q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, b, r
+      ),
       bufs,
       bars,
       collective_axes="wg",
@@ -331,4 +337,4 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     jax.ShapeDtypeStruct((n, 2 * hp, kp), dtype),
   )
   kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret)
-  return kern(q, kv, idx3, do, lse2, delta)
+  return kern(q, kv, idx3, live, do, lse2, delta)

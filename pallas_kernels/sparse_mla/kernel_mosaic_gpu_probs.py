@@ -68,11 +68,12 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
   n_chunks = kp // bk
   n_tiles = kp_dim // 64
   idx3 = idx.reshape(n, n_chunks, bk)
+  live = fwd.live_chunks(idx, bk)  # per token, chunks up to its last valid slot
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # the wrapper keeps every copy in bounds
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
 
-  def body(q_ref, kv_ref, idx_ref, lse_ref, o_ref, bufs, bars):
+  def body(q_ref, kv_ref, idx_ref, live_ref, lse_ref, o_ref, bufs, bars):
     q_smem, kv_smem, idx_smem, misc = bufs
     bar_q, bar_idx, bar_full, bar_free = bars
     # misc rows: 0 / 1 the sums of WG0 / WG1, 2[:4] the two slots' raw mbarriers.
@@ -81,6 +82,7 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
     heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+    n_live = live_ref[t]  # chunks this token runs (>= 1): later ones are all invalid
 
     @pl.when(wg == 0)
     def _():
@@ -93,7 +95,9 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
     @pl.when(wg == 2)
     def _copy_wg():
       issue_op = None if interpret else direct_issue
-      fwd.copy_wg_direct(kv_ref, kv_smem, idx_smem, bar_idx, bar_free, bar_full, raw_bars, issue_op)
+      fwd.copy_wg_direct(
+        kv_ref, kv_smem, idx_smem, n_live, bar_idx, bar_free, bar_full, raw_bars, issue_op
+      )
 
     @pl.when(wg < 2)
     def _compute_wg():
@@ -120,13 +124,13 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
 
         @pl.when(wg == w)
         def _(w=w):
-          @pl.loop(0, (n_chunks - w + 1) // 2)
+          @pl.loop(0, (n_live - w + 1) // 2)
           def _(i):
             chunk(w, i)
 
           plgpu.wait_smem_to_gmem(0)
 
-  def sparse_mla_probs_kernel(q_ref, kv_ref, idx_ref, lse_ref, o_ref):  # the name in profiles
+  def sparse_mla_probs_kernel(q_ref, kv_ref, idx_ref, live_ref, lse_ref, o_ref):  # profile name
     sw = fwd._swizzled
     bufs = (
       sw((n_tiles, HEAD_BLOCK, 64), q.dtype),  # q
@@ -136,7 +140,7 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
     )
     bars = fwd.single_pass_barriers(n_tiles, bk, interpret)
     pl.run_scoped(
-      lambda b, r: body(q_ref, kv_ref, idx_ref, lse_ref, o_ref, b, r),
+      lambda b, r: body(q_ref, kv_ref, idx_ref, live_ref, lse_ref, o_ref, b, r),
       bufs,
       bars,
       collective_axes="wg",
@@ -144,4 +148,4 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
 
   out_type = jax.ShapeDtypeStruct((n, hp // HEAD_BLOCK, kp), jnp.float32)
   kern = fwd.token_kernel(sparse_mla_probs_kernel, out_type, hp, n, 3, interpret)
-  return kern(q, kv, idx3, lse2)
+  return kern(q, kv, idx3, live, lse2)

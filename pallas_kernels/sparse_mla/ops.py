@@ -148,7 +148,8 @@ def _mosaic_probs(q, kv, idx, lse, scale, interpret):
   sums = kernel_mosaic_gpu_probs.sparse_mla_probs(
     qf, kvf, gidx, lse2, qk_scale=float(scale) * _LOG2E, interpret=interpret or False
   )
-  p = sums.sum(axis=1)[:, : idx.shape[-1]] / h
+  # The kernel does not write the chunks past a token's last valid slot (live_chunks): zero them.
+  p = jnp.where(gidx >= 0, sums.sum(axis=1), 0.0)[:, : idx.shape[-1]] / h
   return p.reshape(b, t, -1)
 
 
