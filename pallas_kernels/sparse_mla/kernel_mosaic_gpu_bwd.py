@@ -8,7 +8,12 @@ Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosa
   do  [N, Hp, d_out]  dO, value columns zero-padded to d_out (a multiple of 128)
   lse, delta [N, Hp]  f32: the forward's lse (+inf on empty rows and padded heads) and
                       Δ - dlse with Δ = rowsum(O ∘ dO) (dlse zeroed where lse is not finite)
-  -> dq [N, Hp, Kp] and a [N, 2·Hp, kp] (q's dtype): a[:, :Hp] = dS, a[:, Hp:] = P.
+  -> dq [N, Hp, Kp], a [N, 2·Hp, kp] and qd [N, 2·Hp, Kp] (q's dtype): a[:, :Hp] = dS,
+     a[:, Hp:] = P; qd = [q; dO] (dO's columns past d_out zero), the other operand of the dK
+     product, stored from the q and dO tiles the kernel holds anyway (an XLA concatenation
+     would read both back from HBM).
+  Chunks after a token's last valid slot (kernel_mosaic_gpu.live_chunks) are skipped: their
+  slots of `a` are left unwritten, and their dK rows are never read (invalid ids).
 
 Per token t, head h, slot s with row r = kv[idx[t, s]] (invalid slots give P = 0):
   P = exp(scale·q·rᵀ - lse), dP = dO·r[:d_out]ᵀ, dS = scale·P∘(dP - delta), dq = Σ_s dS·r.
@@ -88,9 +93,9 @@ def tile_owners(n_tiles: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[i
 
 
 def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False):
-  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp] and
-  a [N, 2·Hp, kp] = [dS; P] (q's dtype). See the module docstring; the shape rules are the
-  forward's, and `fits(Kp, d_out)`."""
+  """q [N,Hp,Kp], kv [R,Kp], idx [N,kp], do [N,Hp,d_out], lse/delta [N,Hp] -> dq [N,Hp,Kp],
+  a [N, 2·Hp, kp] = [dS; P] and qd [N, 2·Hp, Kp] = [q; dO] (q's dtype). See the module
+  docstring; the shape rules are the forward's, and `fits(Kp, d_out)`."""
   n, hp, kp_dim = q.shape
   kp = idx.shape[1]
   d_out = do.shape[-1]
@@ -124,7 +129,9 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     shape = (HEAD_BLOCK, 64 * len(tiles))
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
-  def body(q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, bufs, bars):
+  def body(
+    q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, qd_ref, bufs, bars
+  ):
     q_smem, do_smem, r_smem, p_smem, ds_smem, misc = bufs
     bar_q, bar_idx, bar_full, bar_p, bar_ds, bar_rfree, bar_pfree, bar_dsfree, bar_end = bars
     # misc (int32): row 0 the chunk's slot ids (the copy WG's), row 1 [:4] the raw mbarriers.
@@ -133,6 +140,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
     heads = pl.ds(hb * HEAD_BLOCK, HEAD_BLOCK)
+    do_heads = pl.ds(hp + hb * HEAD_BLOCK, HEAD_BLOCK)  # this block's dO rows in `qd`
     n_live = live_ref[t]  # chunks this token runs (>= 1): later ones are all invalid
 
     def wait_rows(j):
@@ -151,7 +159,9 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       return fwd._mma_acc(acc, ds_smem, dq_cols, interpret)
 
     def finish(acc, tiles):
-      """All WGs past their last read of q_smem: write this WG's dq tiles through it."""
+      """All WGs past their last read of q_smem (their stores from it included): write this
+      WG's dq tiles through it."""
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       plgpu.barrier_arrive(bar_end)
       plgpu.barrier_wait(bar_end)
       acc = acc.astype(dtype) if tiles else None
@@ -178,7 +188,12 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       if not interpret:
         plgpu.set_max_registers(REGISTERS[1], action="decrease")
       plgpu.copy_gmem_to_smem(idx_ref.at[t, 0], ids_smem, bar_idx, oob_mode=oob)
-      plgpu.barrier_wait(bar_q)  # the raw mbarriers are set up (WG2 reads no q)
+      plgpu.barrier_wait(bar_q)  # the raw mbarriers are set up; q and dO landed
+      # [q; dO] out to `qd` for the dK product (ops.py), from the tiles already in SMEM.
+      for c in range(n_tiles):
+        plgpu.copy_smem_to_gmem(q_smem.at[c], qd_ref.at[t, heads, pl.ds(c * 64, 64)])
+      for c in range(do_tiles):
+        plgpu.copy_smem_to_gmem(do_smem.at[c], qd_ref.at[t, do_heads, pl.ds(c * 64, 64)])
 
       def issue(j):
         plgpu.barrier_wait(bar_idx)
@@ -223,6 +238,15 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       if not interpret:
         plgpu.set_max_registers(REGISTERS[0], action="increase")
       plgpu.barrier_wait(bar_q)
+
+      @pl.when(wg == 0)
+      def _():  # qd's dO rows past d_out are zeros: from the P tile before its first use
+        if n_tiles > do_tiles:
+          p_smem[...] = zeros_wgmma((0,)).astype(dtype)
+          plgpu.commit_smem()
+        for c in range(do_tiles, n_tiles):
+          plgpu.copy_smem_to_gmem(p_smem, qd_ref.at[t, do_heads, pl.ds(c * 64, 64)])
+
       lse_h = plgpu.load(lse_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
       delta_h = plgpu.load(
         delta_ref.at[t, heads], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False
@@ -301,7 +325,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           finish(acc, owners[w])
 
   def sparse_mla_bwd_kernel(
-    q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref
+    q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, qd_ref
   ):
     sw = fwd._swizzled
     bufs = (
@@ -325,7 +349,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     )
     pl.run_scoped(
       lambda b, r: body(
-        q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, b, r
+        q_ref, kv_ref, idx_ref, live_ref, do_ref, lse_ref, delta_ref, dq_ref, a_ref, qd_ref, b, r
       ),
       bufs,
       bars,
@@ -335,6 +359,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   out_type = (
     jax.ShapeDtypeStruct((n, hp, kp_dim), dtype),
     jax.ShapeDtypeStruct((n, 2 * hp, kp), dtype),
+    jax.ShapeDtypeStruct((n, 2 * hp, kp_dim), dtype),
   )
   kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret)
   return kern(q, kv, idx3, live, do, lse2, delta)

@@ -312,9 +312,10 @@ def _gpu_bwd_call(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, config, interp
 
 def _bwd_kernel_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block_t, interpret):
   """GpuConfig.bwd="kernel": per scan step of block_t tokens (batch folded), the Mosaic GPU
-  kernel (kernel_mosaic_gpu_bwd.py) gives dq and a = [dS; P] at the selected slots; the dK rows
-  aᵀ·[q; dO] are one dense product per token, and the slot ids sorted by row let the segment
-  sum add them into an f32 dkv, as _bwd_blocked does."""
+  kernel (kernel_mosaic_gpu_bwd.py) gives dq, a = [dS; P] at the selected slots and the stacked
+  qd = [q; dO]; the dK rows aᵀ·qd are one dense product per token, and the slot ids sorted by
+  row let the segment sum add them into an f32 dkv, as _bwd_blocked does (the rows of invalid
+  slots, which the kernel may leave unwritten, are never read)."""
   b, t, h, k_dim = q.shape
   f32 = jnp.float32
   kp_dim, d_outp, _ = kernel_mosaic_gpu.padded_dims(k_dim, d_v, idx.shape[-1])
@@ -339,10 +340,9 @@ def _bwd_kernel_blocked(q, kv, idx, out, lse, d_out, d_lse, *, scale, d_v, block
 
   def body(dkv, blk):
     qb, ib, db, lb, eb = blk
-    dq, a = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
+    dq, a, qd = kernel_mosaic_gpu_bwd.sparse_mla_bwd(
       qb, kvf, ib, db, lb, eb, scale=scale, interpret=interpret or False
     )
-    qd = jnp.concatenate([qb, jnp.pad(db, ((0, 0), (0, 0), (0, kp_dim - d_outp)))], axis=1)
     drows = jnp.einsum("nhs,nhc->nsc", a, qd, preferred_element_type=jnp.bfloat16)
     order, starts = kernel_segment_sum_triton.sort_segments(ib.reshape(-1), rows)
     dkv = kernel_segment_sum_triton.segment_sum_rows(
