@@ -426,7 +426,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   output reuses it, and TMA stores need contiguous SMEM).
 
   64-slot blocks go in pairs: block 2p to WG0 in operand slot 0, block 2p + 1 to WG1 in slot 1
-  (an odd block count gets one all-invalid block). Each compute WG owns half the value columns
+  (an odd block count gets one all-invalid block). A token runs only the pairs up to its last
+  valid slot (`live_chunks`, read per CTA from an [N] input): later blocks add nothing. Each compute WG owns half the value columns
   (a 64 x d_out/2 f32 accumulator) and computes the logits of its own block only (wgmma N = 64,
   so q is read from SMEM once per 64 slots). The running max m is chained through SMEM. Per
   pair:

@@ -9,6 +9,8 @@ Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosa
   lse2 [N, Hp]      f32: the forward's lse times log2(e), +inf on padded heads and empty rows
   -> [N, Hp/64, kp] f32: per head block, Σ_h exp2(qk_scale·q_h·r_s - lse2_h), 0 at invalid
      slots (qk_scale = scale·log2(e)); the wrapper sums the head blocks and divides by H.
+     Chunks after a token's last valid slot (kernel_mosaic_gpu.live_chunks) are skipped and
+     left unwritten: the wrapper zeroes every invalid slot.
 
 One CTA = one token x 64 heads (grid: heads fastest, as the forward, so a token's CTAs share its
 rows in L2), three warpgroups: WG2 gathers each 64-slot chunk with the forward's direct
