@@ -1,5 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
-"""Small helpers shared by the references: query-block chunking that never builds [T, S] at once."""
+"""Small helpers shared by the kernels and references: query-block chunking that never builds [T, S]
+at once, the live chunks of a token's slot ids."""
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +106,16 @@ def map_query_blocks(fn, block_t: int, xs, t_axis: int = 1, remat: bool = True):
     return jax.lax.slice_in_dim(y, 0, t, axis=t_axis)
 
   return jax.tree.map(merge, out)
+
+
+def live_chunks(idx, bk: int, multiple: int = 1):
+  """idx [N, kp] slot ids (< 0 invalid) -> [N] int32: the chunks of bk slots the kernels run
+  for each token, up to the last one that holds a valid id, rounded up to `multiple` and at least
+  `multiple`. The chunks after it hold only invalid slots and add nothing, so the kernels skip
+  them: top-k puts a row's unused slots (-1) at its end, and in a causal sequence query t < k has
+  k - t - 1 of them (docs/architecture.md, Kernels). The GPU and TPU sparse MLA kernels read it
+  per token."""
+  pos = jnp.arange(idx.shape[1], dtype=jnp.int32)
+  last = jnp.max(jnp.where(idx >= 0, pos, -1), axis=1)  # -1: no valid slot
+  chunks = jnp.maximum(last // bk + 1, 1)  # (-1) // bk + 1 = 0
+  return (chunks + multiple - 1) // multiple * multiple

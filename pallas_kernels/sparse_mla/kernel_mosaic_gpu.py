@@ -36,6 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _common
+
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 HEAD_BLOCK = 64  # wgmma M
@@ -330,18 +332,6 @@ def stand_in_row(row_id, pos: int, n_rows: int):
   return jnp.where(row_id < 0, min(pos, n_rows - 1), row_id)
 
 
-def live_chunks(idx, bk: int, multiple: int = 1):
-  """idx [N, kp] slot ids (< 0 invalid) -> [N] int32: the chunks of bk slots the kernels run
-  for each token, up to the last one that holds a valid id, rounded up to `multiple` and at least
-  `multiple`. The chunks after it hold only invalid slots and add nothing, so the kernels skip
-  them: top-k puts a row's unused slots (-1) at its end, and in a causal sequence query t < k has
-  k - t - 1 of them (docs/architecture.md, Kernels)."""
-  pos = jnp.arange(idx.shape[1], dtype=jnp.int32)
-  last = jnp.max(jnp.where(idx >= 0, pos, -1), axis=1)  # -1: no valid slot
-  chunks = jnp.maximum(last // bk + 1, 1)  # (-1) // bk + 1 = 0
-  return (chunks + multiple - 1) // multiple * multiple
-
-
 def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
   """The rows of one chunk (ids_row: its [bk] slot ids in SMEM) into operand slot `slot` of
   kv_smem. issue_op: `_direct_ops`' issue; None in the interpreter, which has no inline Mosaic
@@ -427,7 +417,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
   64-slot blocks go in pairs: block 2p to WG0 in operand slot 0, block 2p + 1 to WG1 in slot 1
   (an odd block count gets one all-invalid block). A token runs only the pairs up to its last
-  valid slot (`live_chunks`, read per CTA from an [N] input): later blocks add nothing. Each
+  valid slot (`_common.live_chunks`, read per CTA from an [N] input): later blocks add nothing. Each
   compute WG owns half the value columns (a 64 x d_out/2 f32 accumulator) and computes the
   logits of its own block only (wgmma N = 64, so q is read from SMEM once per 64 slots). The running max m is chained through SMEM. Per
   pair:
@@ -471,7 +461,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   kp = idx.shape[1]
   n_chunks = kp // bk
   idx3 = idx.reshape(n, n_chunks, bk)
-  live = live_chunks(idx, bk, 2)  # per token, pairs of blocks up to its last valid slot
+  live = _common.live_chunks(idx, bk, 2)  # per token, pairs of blocks up to its last valid slot
   n_tiles = kp_dim // 64
   v_tiles = d_out // 64
   per = [v_tiles // 2, v_tiles - v_tiles // 2]  # value-column tiles of WG0, WG1

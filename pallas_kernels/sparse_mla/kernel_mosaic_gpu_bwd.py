@@ -12,7 +12,7 @@ Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosa
      a[:, Hp:] = P; qd = [q; dO] (dO's columns past d_out zero), the other operand of the dK
      product, stored from the q and dO tiles the kernel holds anyway (an XLA concatenation
      would read both back from HBM).
-  Chunks after a token's last valid slot (kernel_mosaic_gpu.live_chunks) are skipped: their
+  Chunks after a token's last valid slot (_common.live_chunks) are skipped: their
   slots of `a` are left unwritten, and their dK rows are never read (invalid ids).
 
 Per token t, head h, slot s with row r = kv[idx[t, s]] (invalid slots give P = 0):
@@ -61,6 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _common
 from pallas_kernels.sparse_mla import kernel_mosaic_gpu as fwd
 
 _LOG2E = math.log2(math.e)
@@ -116,7 +117,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   if len(owners[0]) > 4:  # a WG's dq tiles are one wgmma, N = 64 per tile <= 256
     raise ValueError(f"the backward takes Kp <= 768, got {kp_dim}")
   idx3 = idx.reshape(n, n_chunks, bk)
-  live = fwd.live_chunks(idx, bk)  # per token, chunks up to its last valid slot
+  live = _common.live_chunks(idx, bk)  # per token, chunks up to its last valid slot
   lse2 = lse * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:

@@ -9,7 +9,7 @@ Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosa
   lse2 [N, Hp]      f32: the forward's lse times log2(e), +inf on padded heads and empty rows
   -> [N, Hp/64, kp] f32: per head block, Σ_h exp2(qk_scale·q_h·r_s - lse2_h), 0 at invalid
      slots (qk_scale = scale·log2(e)); the wrapper sums the head blocks and divides by H.
-     Chunks after a token's last valid slot (kernel_mosaic_gpu.live_chunks) are skipped and
+     Chunks after a token's last valid slot (_common.live_chunks) are skipped and
      left unwritten: the wrapper zeroes every invalid slot.
 
 One CTA = one token x 64 heads (grid: heads fastest, as the forward, so a token's CTAs share its
@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _common
 from pallas_kernels.sparse_mla import kernel_mosaic_gpu as fwd
 
 HEAD_BLOCK = fwd.HEAD_BLOCK
@@ -70,7 +71,7 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
   n_chunks = kp // bk
   n_tiles = kp_dim // 64
   idx3 = idx.reshape(n, n_chunks, bk)
-  live = fwd.live_chunks(idx, bk)  # per token, chunks up to its last valid slot
+  live = _common.live_chunks(idx, bk)  # per token, chunks up to its last valid slot
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # the wrapper keeps every copy in bounds
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)

@@ -12,6 +12,10 @@ one-token-per-CTA plan):
     s = scale · q·rowsᵀ   [Hp, block_k] f32, -inf at invalid slots
     online softmax (m, l in VMEM, lane-broadcast to 128), acc += p·rows[:, :Vp]
 
+A token runs only its chunks up to its last valid slot (`_common.live_chunks`, scalar-prefetched
+with the indices): top-k leaves the unused slots of a causal prefix at the end of the row, and the
+chunks after the last valid one would only gather and mask.
+
 The indices live in SMEM through `PrefetchScalarGridSpec` (the DMA addresses must be scalars). SMEM
 is 1 MiB per core, so a call takes `tokens_per_call` tokens (32 x 2048 slots x 4 B = 256 KiB) and the
 wrapper scans over token chunks; a VMEM copy of the same indices gives the per-slot validity vector.
@@ -93,6 +97,7 @@ def _wait_rows(kv_hbm, buf, sem, *, slot, bk):
 
 def _fwd_kernel(
   idx_sref,  # SMEM [tc·kp] int32: global kv row per slot (0 for invalid slots)
+  live_sref,  # SMEM [tc] int32: chunks to run per token (_common.live_chunks)
   q_ref,  # VMEM [1, Hp, Kp]
   valid_ref,  # VMEM [1, 1, kp] int32: 1 where the slot is valid
   kv_hbm,  # HBM [B·S, Kp]
@@ -110,7 +115,7 @@ def _fwd_kernel(
   vp,
 ):
   tok = pl.program_id(0)
-  n_chunks = kp // bk
+  n_live = live_sref[tok]  # >= 1: the chunks after hold only invalid slots
   m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
   l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
   acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
@@ -121,7 +126,7 @@ def _fwd_kernel(
   def step(c, carry):
     slot = jax.lax.rem(c, 2)
 
-    @pl.when(c + 1 < n_chunks)
+    @pl.when(c + 1 < n_live)
     def _():
       gather(chunk=c + 1, slot=1 - slot)
 
@@ -141,7 +146,7 @@ def _fwd_kernel(
     acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
     return carry
 
-  jax.lax.fori_loop(0, n_chunks, step, 0)
+  jax.lax.fori_loop(0, n_live, step, 0)
   l = l_ref[...]
   ok = l > 0
   l_safe = jnp.where(ok, l, 1.0)
@@ -151,6 +156,7 @@ def _fwd_kernel(
 
 def _bwd_kernel(
   idx_sref,  # SMEM [tc·kp] int32
+  live_sref,  # SMEM [tc] int32: chunks to run per token
   q_ref,  # VMEM [1, Hp, Kp]
   valid_ref,  # VMEM [1, 1, kp] int32
   do_ref,  # VMEM [1, Hp, Vp]
@@ -158,7 +164,7 @@ def _bwd_kernel(
   c_ref,  # VMEM [1, Hp, 128] f32: Δ - dlse
   kv_hbm,  # HBM [B·S, Kp]
   dq_ref,  # VMEM [1, Hp, Kp]
-  drows_hbm,  # HBM [tc·kp, Kp] f32 (per-slot kv cotangents)
+  drows_hbm,  # HBM [tc·kp, Kp] f32 (per-slot kv cotangents; skipped chunks left unwritten)
   buf,  # VMEM [2, bk, Kp]
   sem,  # DMA (2,)
   dr_buf,  # VMEM [2, bk, Kp] f32 staging for the drows write-back
@@ -171,7 +177,7 @@ def _bwd_kernel(
   vp,
 ):
   tok = pl.program_id(0)
-  n_chunks = kp // bk
+  n_live = live_sref[tok]
   dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
   gather = functools.partial(_gather, idx_sref, kv_hbm, buf, sem, tok=tok, bk=bk, kp=kp)
   gather(chunk=0, slot=0)
@@ -187,7 +193,7 @@ def _bwd_kernel(
   def step(c, carry):
     slot = jax.lax.rem(c, 2)
 
-    @pl.when(c + 1 < n_chunks)
+    @pl.when(c + 1 < n_live)
     def _():
       gather(chunk=c + 1, slot=1 - slot)
 
@@ -213,9 +219,13 @@ def _bwd_kernel(
     write_desc(c, slot).start()
     return carry
 
-  jax.lax.fori_loop(0, n_chunks, step, 0)
-  for c in range(max(0, n_chunks - 2), n_chunks):  # drain the outstanding write-backs
-    write_desc(c, c % 2).wait()
+  jax.lax.fori_loop(0, n_live, step, 0)
+  for back in (2, 1):  # drain the outstanding write-backs (chunks n_live - 2, n_live - 1)
+    c = n_live - back
+
+    @pl.when(c >= 0)
+    def _(c=c):
+      write_desc(c, jax.lax.rem(c, 2)).wait()
 
   dq_ref[0] = (scale * dq_acc[...]).astype(dq_ref.dtype)
 
@@ -224,24 +234,25 @@ def _compiler_params():
   return pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=48 * 1024 * 1024)
 
 
-def fwd_call(q, kv, idx_dma, valid, *, scale, vp, bs: BlockSizes, interpret=False):
-  """One token chunk: q [tc,Hp,Kp], kv [R,Kp], idx_dma [tc·kp] (>= 0), valid [tc,1,kp] int32
-  -> out [tc,Hp,Vp] (q.dtype), lse [tc,Hp,128] f32."""
+def fwd_call(q, kv, idx_dma, live, valid, *, scale, vp, bs: BlockSizes, interpret=False):
+  """One token chunk: q [tc,Hp,Kp], kv [R,Kp], idx_dma [tc·kp] (>= 0), live [tc] int32 (chunks
+  to run, _common.live_chunks), valid [tc,1,kp] int32 -> out [tc,Hp,Vp] (q.dtype), lse
+  [tc,Hp,128] f32."""
   tc, hp, kdim = q.shape
   kp = valid.shape[-1]
   bk = bs.block_k
   kern = functools.partial(_fwd_kernel, scale=scale, bk=bk, kp=kp, vp=vp)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=1,
+    num_scalar_prefetch=2,
     grid=(tc,),
     in_specs=[
-      pl.BlockSpec((1, hp, kdim), lambda i, idx: (i, 0, 0)),
-      pl.BlockSpec((1, 1, kp), lambda i, idx: (i, 0, 0)),
+      pl.BlockSpec((1, hp, kdim), lambda i, *_: (i, 0, 0)),
+      pl.BlockSpec((1, 1, kp), lambda i, *_: (i, 0, 0)),
       pl.BlockSpec(memory_space=pl.ANY),
     ],
     out_specs=[
-      pl.BlockSpec((1, hp, vp), lambda i, idx: (i, 0, 0)),
-      pl.BlockSpec((1, hp, LANES), lambda i, idx: (i, 0, 0)),
+      pl.BlockSpec((1, hp, vp), lambda i, *_: (i, 0, 0)),
+      pl.BlockSpec((1, hp, LANES), lambda i, *_: (i, 0, 0)),
     ],
     scratch_shapes=[
       pltpu.VMEM((2, bk, kdim), kv.dtype),
@@ -264,23 +275,26 @@ def fwd_call(q, kv, idx_dma, valid, *, scale, vp, bs: BlockSizes, interpret=Fals
     cost_estimate=pl.CostEstimate(flops=flops, transcendentals=tc * hp * kp, bytes_accessed=bytes_),
     interpret=interpret,
     name="sparse_mla_fwd_tpu",
-  )(idx_dma, q, valid, kv)
+  )(idx_dma, live, q, valid, kv)
 
 
-def bwd_call(q, kv, idx_dma, valid, do, lse, cterm, *, scale, bs: BlockSizes, interpret=False):
-  """One token chunk: -> dq [tc,Hp,Kp] (q.dtype), drows [tc·kp, Kp] f32."""
+def bwd_call(
+  q, kv, idx_dma, live, valid, do, lse, cterm, *, scale, bs: BlockSizes, interpret=False
+):
+  """One token chunk: -> dq [tc,Hp,Kp] (q.dtype), drows [tc·kp, Kp] f32 (the rows of chunks past
+  a token's live ones are not written: their slots are invalid and the caller drops them)."""
   tc, hp, kdim = q.shape
   vp = do.shape[-1]
   kp = valid.shape[-1]
   bk = bs.block_k
   kern = functools.partial(_bwd_kernel, scale=scale, bk=bk, kp=kp, vp=vp)
-  tok_spec = lambda d: pl.BlockSpec((1, hp, d), lambda i, idx: (i, 0, 0))
+  tok_spec = lambda d: pl.BlockSpec((1, hp, d), lambda i, *_: (i, 0, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=1,
+    num_scalar_prefetch=2,
     grid=(tc,),
     in_specs=[
       tok_spec(kdim),
-      pl.BlockSpec((1, 1, kp), lambda i, idx: (i, 0, 0)),
+      pl.BlockSpec((1, 1, kp), lambda i, *_: (i, 0, 0)),
       tok_spec(vp),
       tok_spec(LANES),
       tok_spec(LANES),
@@ -308,7 +322,7 @@ def bwd_call(q, kv, idx_dma, valid, do, lse, cterm, *, scale, bs: BlockSizes, in
     cost_estimate=pl.CostEstimate(flops=flops, transcendentals=tc * hp * kp, bytes_accessed=bytes_),
     interpret=interpret,
     name="sparse_mla_bwd_tpu",
-  )(idx_dma, q, valid, do, lse, cterm, kv)
+  )(idx_dma, live, q, valid, do, lse, cterm, kv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +360,8 @@ def _prep(q, kv, idx, d_v, bs: BlockSizes):
   gidx = jnp.pad(gidx.reshape(n, -1), ((0, npad - n), (0, kp - idx.shape[-1])), constant_values=-1)
   validf = (gidx >= 0).astype(jnp.int32)[:, None, :]  # [npad, 1, kp]
   idx_dma = jnp.maximum(gidx, 0)  # invalid slots fetch row 0 (finite, then masked)
-  return qf, kvf, gidx, idx_dma, validf, _Prep(n, n_calls, hp, kdim, vp, kp)
+  live = _common.live_chunks(gidx, bs.block_k)  # [npad]
+  return qf, kvf, gidx, idx_dma, live, validf, _Prep(n, n_calls, hp, kdim, vp, kp)
 
 
 def _tokens_per_call(n, bs: BlockSizes):
@@ -370,11 +385,11 @@ def _map_calls(fn, n_calls, xs):
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _fwd(q, kv, idx, scale, d_v, bs, interpret):
   b, t, h, _ = q.shape
-  qf, kvf, _, idx_dma, validf, pp = _prep(q, kv, idx, d_v, bs)
-  fn = lambda qc, ic, vc: fwd_call(
-    qc, kvf, ic.reshape(-1), vc, scale=scale, vp=pp.vp, bs=bs, interpret=interpret
+  qf, kvf, _, idx_dma, live, validf, pp = _prep(q, kv, idx, d_v, bs)
+  fn = lambda qc, ic, lc, vc: fwd_call(
+    qc, kvf, ic.reshape(-1), lc, vc, scale=scale, vp=pp.vp, bs=bs, interpret=interpret
   )
-  xs = [_chunks(x, pp.n_calls) for x in (qf, idx_dma, validf)]
+  xs = [_chunks(x, pp.n_calls) for x in (qf, idx_dma, live, validf)]
   out, lse = _map_calls(fn, pp.n_calls, xs)
   out = out.reshape(-1, pp.hp, pp.vp)[: pp.n, :h, :d_v].reshape(b, t, h, d_v)
   lse = lse.reshape(-1, pp.hp, LANES)[: pp.n, :h, 0].reshape(b, t, h)
@@ -384,7 +399,7 @@ def _fwd(q, kv, idx, scale, d_v, bs, interpret):
 def _bwd(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, bs, interpret):
   b, t, h, k_dim = q.shape
   s = kv.shape[1]
-  qf, kvf, gidx, idx_dma, validf, pp = _prep(q, kv, idx, d_v, bs)
+  qf, kvf, gidx, idx_dma, live, validf, pp = _prep(q, kv, idx, d_v, bs)
   npad = pp.n_calls * _tokens_per_call(pp.n, bs)
   delta = jnp.einsum("bthv,bthv->bth", out.astype(jnp.float32), d_out.astype(jnp.float32))
   cterm = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
@@ -400,15 +415,15 @@ def _bwd(q, kv, idx, out, lse, d_out, d_lse, scale, d_v, bs, interpret):
   lsef, cf = heads(lse, jnp.inf), heads(cterm, 0.0)
 
   def body(dkv, xs):
-    qc, ic, vc, gc, doc, lc, cc = xs
+    qc, ic, nc, vc, gc, doc, lc, cc = xs
     dq, drows = bwd_call(
-      qc, kvf, ic.reshape(-1), vc, doc, lc, cc, scale=scale, bs=bs, interpret=interpret
+      qc, kvf, ic.reshape(-1), nc, vc, doc, lc, cc, scale=scale, bs=bs, interpret=interpret
     )
     tgt = jnp.where(gc >= 0, gc, kvf.shape[0]).reshape(-1)  # invalid -> out of range -> dropped
     dkv = dkv.at[tgt].add(drows, mode="drop")
     return dkv, dq
 
-  xs = [_chunks(x, pp.n_calls) for x in (qf, idx_dma, validf, gidx, dof, lsef, cf)]
+  xs = [_chunks(x, pp.n_calls) for x in (qf, idx_dma, live, validf, gidx, dof, lsef, cf)]
   dkv, dq = jax.lax.scan(body, jnp.zeros(kvf.shape, jnp.float32), tuple(xs))
   dq = dq.reshape(-1, pp.hp, pp.kdim)[: pp.n, :h, :k_dim].reshape(b, t, h, k_dim)
   dkv = dkv.reshape(b, s, pp.kdim)[..., :k_dim].astype(kv.dtype)

@@ -1,6 +1,6 @@
 # Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
 """The Mosaic GPU sparse-MLA kernels (forward, backward, probabilities) skip the chunks after a
-token's last valid slot (kernel_mosaic_gpu.live_chunks): top-k's layout, valid ids first and -1
+token's last valid slot (_common.live_chunks): top-k's layout, valid ids first and -1
 after, as a causal prefix gives it. Checked against the reference in the GPU interpreter on CPU
 (tokens with 0, 1, 64, 65, 130 and all 256 valid slots, one with an invalid gap before a late
 valid slot), and at V3.2 dims on the GPU (`-m gpu`)."""
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _testing
-from pallas_kernels.sparse_mla import kernel_mosaic_gpu, ops, reference
+from pallas_kernels import _common, _testing
+from pallas_kernels.sparse_mla import ops, reference
 
 SCALE = 0.13
 
@@ -21,8 +21,8 @@ def test_live_chunks_counts():
   for row, n in enumerate([0, 1, 64, 65, 130]):
     idx = idx.at[row, :n].set(7)
   idx = idx.at[5, 200].set(3)  # one late valid slot after invalid chunks
-  np.testing.assert_array_equal(kernel_mosaic_gpu.live_chunks(idx, 64), [1, 1, 1, 2, 3, 4])
-  np.testing.assert_array_equal(kernel_mosaic_gpu.live_chunks(idx, 64, 2), [2, 2, 2, 2, 4, 4])
+  np.testing.assert_array_equal(_common.live_chunks(idx, 64), [1, 1, 1, 2, 3, 4])
+  np.testing.assert_array_equal(_common.live_chunks(idx, 64, 2), [2, 2, 2, 2, 4, 4])
 
 
 def _prefix_inputs(b, t, h, k_dim, s, k, counts, seed=0):
@@ -115,3 +115,31 @@ def test_gpu_prefix_ids_v32_dims():
     want = reference.sparse_mla_probs_reference(q, kv, idx, lse, scale=SCALE)
   np.testing.assert_allclose(p, want, atol=1e-5)
   assert (np.asarray(p)[np.asarray(idx) < 0] == 0).all()
+
+
+def test_tpu_interpret_prefix_ids_fwd_bwd():
+  """The TPU kernels skip the same trailing chunks (128-slot chunks at this k): rows with 0, 1 and
+  129 valid slots, and one with a valid slot two chunks after its last full one. The interpreter
+  fills memory nobody wrote with NaN, so the backward's unwritten per-slot rows of skipped chunks
+  must be dropped, not summed."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+  b, t, h, k_dim, d_v, s, k = 1, 4, 8, 96, 64, 400, 384
+  q, kv, idx = _prefix_inputs(b, t, h, k_dim, s, k, [0, 1, 129, 12])
+  interpret = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
+  tol = _testing.tolerances(jnp.bfloat16)
+
+  def f(impl, **kw):
+    return lambda q, kv: ops.sparse_mla(q, kv, idx, scale=SCALE, d_v=d_v, impl=impl, **kw)
+
+  (o, lse), vjp = jax.vjp(f("pallas", interpret=interpret, backend="tpu"), q, kv)
+  (ro, rlse), rvjp = jax.vjp(f("reference"), q, kv)
+  assert _testing.rel_err(o, ro) < tol
+  fin = np.isfinite(rlse)
+  np.testing.assert_array_equal(np.isfinite(lse), fin)
+  np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(rlse)[fin], atol=2e-3, rtol=2e-3)
+  do = _testing.normal(5, o.shape, jnp.bfloat16)
+  dl = jnp.where(fin, _testing.normal(6, lse.shape), 0.0)
+  for g, rg in zip(vjp((do, dl)), rvjp((do, dl))):
+    assert np.isfinite(np.asarray(g, np.float32)).all()
+    assert _testing.rel_err(g, rg) < 2 * tol, _testing.rel_err(g, rg)
