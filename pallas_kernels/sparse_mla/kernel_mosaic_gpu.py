@@ -209,21 +209,14 @@ def _direct_ops(n_rows: int, row_bytes: int):
   (`cp.async.mbarrier.arrive.noinc`): a phase completes when all 128 threads' pieces landed.
   init: one thread sets up the two slots' mbarriers (128 arrivals per phase each).
   wait: waits for the phase of the given parity on one mbarrier.
-  prefetch: asks L2 for a chunk's rows ahead of their copies (`cp.async.bulk.prefetch.L2`,
-    no SMEM, nothing to wait for): each of the 128 threads takes one contiguous part of a row.
-    Where the latent rows do not fit in L2 (S2's 128K keys are 151 MB), a copy that starts only
-    once its operand slot is free would otherwise pay the whole HBM latency; prefetched, it
-    finds the rows in L2.
   """
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
   from jaxlib.mlir import ir  # noqa: PLC0415
   from jaxlib.mlir.dialects import arith, gpu, llvm, memref, nvvm  # noqa: PLC0415
 
   tiles = row_bytes // 128
-  if row_bytes % 128 or n_rows % 16 or 128 % n_rows:
+  if row_bytes % 128 or n_rows % 16:
     raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 16 groups")
-  parts = 128 // n_rows  # prefetch: threads per row, each one contiguous part
-  part_bytes = row_bytes // parts
   buf_bytes = n_rows * row_bytes
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
@@ -300,31 +293,7 @@ def _direct_ops(n_rows: int, row_bytes: int):
     i32 = ir.IntegerType.get_signless(32)
     nvvm.mbarrier_try_wait_parity(mu.memref_ptr(bar), _scalar(parity), mu.c(10000000, i32))
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
-  def prefetch(ctx, kv, ids):
-    del ctx
-    i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
-    index = ir.IndexType.get()
-    lane = arith.index_cast(i32, arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index)))
-    pos = arith.remui(lane, mu.c(n_rows, i32))
-    part = arith.divui(lane, mu.c(n_rows, i32))
-    rid = memref.load(ids, [arith.index_cast(index, pos)])
-    last_row = mu.c(ir.MemRefType(kv.type).shape[0] - 1, i32)
-    invalid = arith.cmpi(arith.CmpIPredicate.slt, rid, mu.c(0, i32))
-    rid = arith.select(invalid, arith.minsi(pos, last_row), rid)  # the row issue copies
-    off = arith.addi(
-      arith.muli(arith.extsi(i64, rid), mu.c(row_bytes, i64)),
-      arith.extui(i64, arith.muli(part, mu.c(part_bytes, i32))),
-    )
-    llvm.inline_asm(
-      ir.Type.parse("!llvm.void"),
-      [mu.getelementptr(mu.memref_ptr(kv), [off], i8)],
-      f"cp.async.bulk.prefetch.L2.global [$0], {part_bytes};",
-      "l",
-      has_side_effects=True,
-    )
-
-  return init, issue, wait, prefetch
+  return init, issue, wait
 
 
 # (ranges per warpgroup, directory) or None. When set, the kernels built by `token_kernel`
@@ -376,32 +345,22 @@ def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
     plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
 
 
-def copy_chunks_direct(
-  kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, prefetch_op
-):
+def copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op):
   """The copy warpgroup's loop of copy_wg_direct: chunk j < n_live's rows (ids [n_chunks, bk] in
   SMEM; n_live traced, >= 1) into operand slot j % 2 of kv_smem (issue_chunk), once the slot's
-  chunk j - 2 is released on bar_free[slot]; right after, chunk j + 1's rows are asked of L2
-  (prefetch_op: `_direct_ops`' prefetch; None in the interpreter)."""
+  chunk j - 2 is released on bar_free[slot]."""
 
   def issue(j):
     issue_chunk(kv_ref, kv_smem, ids.at[j], j % 2, bar_full, raw_bars, issue_op)
 
-  def prefetch(j):
-    if prefetch_op is not None:
-      prefetch_op(kv_ref, ids.at[j])
-
   issue(0)
   if ids.shape[0] > 1:
     pl.when(n_live > 1)(lambda: issue(1))
-  if ids.shape[0] > 2:
-    pl.when(n_live > 2)(lambda: prefetch(2))
 
   @pl.loop(2, n_live)
   def _(j):
     plgpu.barrier_wait(bar_free.at[j % 2])  # chunk j - 2 is done with the slot
     issue(j)
-    pl.when(j + 1 < n_live)(lambda: prefetch(j + 1))
 
 
 def single_pass_barriers(n_tiles: int, bk: int, interpret):
@@ -417,17 +376,13 @@ def single_pass_barriers(n_tiles: int, bk: int, interpret):
   )
 
 
-def copy_wg_direct(
-  kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op, prefetch_op
-):
+def copy_wg_direct(kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op):
   """A whole copy warpgroup of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py):
   once the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct over
   its first n_live chunks, then observe each used slot's last release (the interpreter checks),
   so the kernel ends after the reads."""
   plgpu.barrier_wait(bar_ids)
-  copy_chunks_direct(
-    kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, prefetch_op
-  )
+  copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op)
   plgpu.barrier_wait(bar_free.at[0])
   if ids.shape[0] > 1:
     pl.when(n_live > 1)(lambda: plgpu.barrier_wait(bar_free.at[1]))
@@ -518,9 +473,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   f32 = jnp.float32
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   if not interpret:
-    direct_init, direct_issue, mbarrier_wait, direct_prefetch = _direct_ops(
-      bk, kp_dim * q.dtype.itemsize
-    )
+    direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
 
   def rescale(acc, f):
     return acc * lax.broadcast_in_dim(f, acc.shape, [0])
@@ -587,16 +540,11 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         def _(j=j):
           fetch_ids(j)
 
-    def ready(j):
-      """Block j's ids landed (the copy WG waits once per block): ask L2 for its rows now."""
-      plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
-      if not interpret:
-        direct_prefetch(kv_ref, ids_ring.at[j % IDS_RING])
-
     def issue(j):
-      """Block j's rows into its operand slot (after ready(j))."""
+      r = j % IDS_RING
+      plgpu.barrier_wait(bar_ids.at[r])
       issue_op = None if interpret else direct_issue
-      issue_chunk(kv_ref, kv_smem, ids_ring.at[j % IDS_RING], j % 2, bar_full, raw_bars, issue_op)
+      issue_chunk(kv_ref, kv_smem, ids_ring.at[r], j % 2, bar_full, raw_bars, issue_op)
 
     def wait_rows(slot, p):
       if interpret:
@@ -752,10 +700,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def _wg2():
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
-      for j in range(2):
-        ready(j)
-        issue(j)
-      pl.when(2 < n_live)(lambda: ready(2))
+      issue(0)
+      issue(1)
 
       @pl.loop(2, n_live)
       def _(j):
@@ -770,8 +716,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
         with jax.named_scope("issue"):
           issue(j)
-        # Block j + 1's rows head for L2 while its slot is still in use (block j - 1).
-        pl.when(j + 1 < n_live)(lambda: ready(j + 1))
 
       for slot in range(2):  # observe the last releases too (n_live is even)
         plgpu.barrier_wait(bar_free.at[slot])

@@ -121,9 +121,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   lse2 = lse * _LOG2E
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
-    direct_init, direct_issue, mbarrier_wait, direct_prefetch = fwd._direct_ops(
-      bk, kp_dim * q.dtype.itemsize
-    )
+    direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
 
   def zeros_wgmma(tiles):
     """A WG's dq accumulator: its tiles side by side [64, 64·len(tiles)] f32 (None: no tiles)."""
@@ -198,13 +196,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       for c in range(do_tiles):
         plgpu.copy_smem_to_gmem(do_smem.at[c], qd_ref.at[t, do_heads, pl.ds(c * 64, 64)])
 
-      def ready():
-        """The next chunk's ids landed (waited once per chunk): ask L2 for its rows now."""
-        plgpu.barrier_wait(bar_idx)
-        if not interpret:
-          direct_prefetch(kv_ref, ids_smem)
-
       def issue(j):
+        plgpu.barrier_wait(bar_idx)
         if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
           rows = [fwd.stand_in_row(ids_smem[i], i, kv_ref.shape[0]) for i in range(bk)]
           for i, row in enumerate(rows):
@@ -224,22 +217,19 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
         with jax.named_scope("issue"):
           issue(j)
         with jax.named_scope("ds_wait"):
+          plgpu.barrier_wait(bar_ds)
           wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
 
-          @pl.when(j + 1 < n_live)
-          def _():  # so the next chunk's ids land while dS is computed
-            nxt = jnp.minimum(j + 1, n_chunks - 1)
-            plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
+        @pl.when(j + 1 < n_live)
+        def _():  # the ids were read at issue: fetch the next chunk's
+          nxt = jnp.minimum(j + 1, n_chunks - 1)
+          plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
 
-          plgpu.barrier_wait(bar_ds)
-        # The next chunk's rows head for L2 while WG0 / WG1 still read this one's.
-        pl.when(j + 1 < n_live)(ready)
         with jax.named_scope("dq"):
           acc = dq_step(acc, owners[2], fwd.opaque_zero(interpret))
         plgpu.barrier_arrive(bar_dsfree)
         return acc
 
-      ready()
       acc = lax.fori_loop(0, n_live, step, zeros_wgmma(owners[2]))
       plgpu.barrier_wait(bar_rfree)  # observe every phase (the interpreter checks)
       finish(acc, owners[2])
