@@ -314,14 +314,11 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   prof = {}
   if PROFILE is not None and not interpret:
     prof = dict(profile_space=PROFILE[0], profile_dir=PROFILE[1])
-  nh = hp // HEAD_BLOCK
-  grid = dict(grid=(nh, n), grid_names=("h", "t"))
-  if nh in (2, 4, 8) and not interpret:  # a token's head blocks as one cluster: co-scheduled
-    grid = dict(grid=(n,), grid_names=("t",), cluster=(nh,), cluster_names=("h",))
   return plgpu.kernel(
     entry,
     out_type=out_type,
-    **grid,
+    grid=(hp // HEAD_BLOCK, n),
+    grid_names=("h", "t"),
     num_threads=num_threads,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0, **prof),
