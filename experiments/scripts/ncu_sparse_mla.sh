@@ -1,0 +1,15 @@
+#!/bin/bash
+# Copyright 2026 The dsa-jax Authors. Licensed under the Apache License, Version 2.0.
+# Hardware counters of one sparse MLA forward launch beside one FlashMLA launch (Nsight Compute;
+# GPU machines whose runtime gives ncu the counters), appended as a row to a results file:
+#   bash experiments/scripts/ncu_sparse_mla.sh [S1|S2] [OUT_JSON]
+# Clocks are left alone (--clock-control none). The CSV stays next to the JSON.
+set -eu
+SUITE=${1:-S2}
+OUT_JSON=${2:-experiments/results/ncu_sparse_mla.json}
+CSV=${OUT_JSON%.json}_${SUITE}.csv
+METRICS=$(python3 -c "from experiments import ncu_sparse_mla as m; print(','.join(m.METRICS))")
+ncu --clock-control none --profile-from-start off --csv --metrics "$METRICS" \
+  python3 -m experiments.ncu_sparse_mla run --suite="$SUITE" > "$CSV"
+python3 -m experiments.ncu_sparse_mla report --suite="$SUITE" --csv="$CSV" --out="$OUT_JSON" \
+  --command="bash experiments/scripts/ncu_sparse_mla.sh $SUITE $OUT_JSON"
