@@ -65,7 +65,7 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
 
 
 IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-_BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2 + 1  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l, sync
+_BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l
 
 
 def smem_bytes(kp_dim: int, itemsize: int) -> int:
@@ -306,11 +306,6 @@ def _direct_ops(n_rows: int, row_bytes: int):
 PROFILE: tuple[int, str] | None = None
 
 
-def clustered(hp: int, interpret) -> bool:
-  """Whether token_kernel launches a token's head blocks as one cluster (axis "h")."""
-  return hp // HEAD_BLOCK in (2, 4, 8) and not interpret
-
-
 def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   """plgpu.kernel over the (head block, token) grid of the sparse MLA kernels: heads fastest,
   so a token's CTAs share its rows in L2; one thread per warpgroup ("wg"); the row
@@ -319,14 +314,11 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   prof = {}
   if PROFILE is not None and not interpret:
     prof = dict(profile_space=PROFILE[0], profile_dir=PROFILE[1])
-  nh = hp // HEAD_BLOCK
-  grid = dict(grid=(nh, n), grid_names=("h", "t"))
-  if clustered(hp, interpret):  # a token's head blocks as one cluster: co-scheduled
-    grid = dict(grid=(n,), grid_names=("t",), cluster=(nh,), cluster_names=("h",))
   return plgpu.kernel(
     entry,
     out_type=out_type,
-    **grid,
+    grid=(hp // HEAD_BLOCK, n),
+    grid_names=("h", "t"),
     num_threads=num_threads,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0, **prof),
@@ -502,7 +494,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       bar_free,
       bar_end,
       bar_l,
-      bar_sync,
     ) = bars
     # misc (f32): row 0 m0, row 1 m1 (per pair), row 2 the lse tile, row 3 [:4] the raw
     # mbarriers; after the loop rows 0, 1 take l0, l1.
@@ -725,9 +716,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         def _():
           fetch_ids(j + 2)
 
-        if bar_sync is not None:
-          plgpu.barrier_arrive(bar_sync)
-          plgpu.barrier_wait(bar_sync)
         with jax.named_scope("issue"):
           issue(j)
 
@@ -756,8 +744,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       plgpu.Barrier(num_arrivals=2, num_barriers=2),  # operand slot released by WG0 and WG1
       plgpu.Barrier(num_arrivals=2),  # both compute WGs past the loop
       plgpu.Barrier(num_arrivals=2),  # l0, l1 written
-      # the copy WGs of a token's head blocks issue each block's rows together (L2 sharing)
-      plgpu.ClusterBarrier(collective_axes=("h",)) if clustered(hp, interpret) else None,
     )
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, live_ref, o_ref, lse_ref, b, r),
