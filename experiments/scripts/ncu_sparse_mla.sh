@@ -8,8 +8,11 @@ set -eu
 SUITE=${1:-S2}
 OUT_JSON=${2:-experiments/results/ncu_sparse_mla.json}
 CSV=${OUT_JSON%.json}_${SUITE}.csv
-METRICS=$(python3 -c "from experiments import ncu_sparse_mla as m; print(','.join(m.METRICS))")
-ncu --clock-control none --profile-from-start off --csv --metrics "$METRICS" \
-  python3 -m experiments.ncu_sparse_mla run --suite="$SUITE" > "$CSV"
+metrics() { python3 -c "from experiments import ncu_sparse_mla as m; print(','.join(m.$1))"; }
+run() {
+  ncu --clock-control none --profile-from-start off --csv --metrics "$1" \
+    python3 -m experiments.ncu_sparse_mla run --suite="$SUITE" > "$CSV"
+}
+run "$(metrics METRICS)" || { echo "ncu_sparse_mla: retrying with the minimal metrics"; run "$(metrics MINIMAL)"; }
 python3 -m experiments.ncu_sparse_mla report --suite="$SUITE" --csv="$CSV" --out="$OUT_JSON" \
   --command="bash experiments/scripts/ncu_sparse_mla.sh $SUITE $OUT_JSON"
