@@ -419,10 +419,10 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
   64-slot blocks go in pairs: block 2p to WG0 in operand slot 0, block 2p + 1 to WG1 in slot 1
   (an odd block count gets one all-invalid block). A token runs only the pairs up to its last
-  valid slot (`_common.live_chunks`, read per CTA from an [N] input): later blocks add nothing. Each
-  compute WG owns half the value columns (a 64 x d_out/2 f32 accumulator) and computes the
-  logits of its own block only (wgmma N = 64, so q is read from SMEM once per 64 slots). The running max m is chained through SMEM. Per
-  pair:
+  valid slot (`_common.live_chunks`, read per CTA from an [N] input): later blocks add
+  nothing. Each compute WG owns half the value columns (a 64 x d_out/2 f32 accumulator) and
+  computes the logits of its own block only (wgmma N = 64, so q is read from SMEM once per 64
+  slots). The running max m is chained through SMEM. Per pair:
     WG0: S0 = q·K0ᵀ, m0 = max(m, rowmax S0) -> SMEM (bar_m0); P0 = exp2(S0 - m0), stored (bf16)
          over slot 0's first non-value tile, dead once S0 is done (bar_p0; a tile of its own
          when Kp = d_out); P0·V from registers over its value half (then it releases slot

@@ -220,10 +220,9 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           plgpu.barrier_wait(bar_ds)
           wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
 
-        @pl.when(j + 1 < n_live)
+        @pl.when(j + 1 < n_live)  # n_live <= n_chunks: the next chunk exists
         def _():  # the ids were read at issue: fetch the next chunk's
-          nxt = jnp.minimum(j + 1, n_chunks - 1)
-          plgpu.copy_gmem_to_smem(idx_ref.at[t, nxt], ids_smem, bar_idx, oob_mode=oob)
+          plgpu.copy_gmem_to_smem(idx_ref.at[t, j + 1], ids_smem, bar_idx, oob_mode=oob)
 
         with jax.named_scope("dq"):
           acc = dq_step(acc, owners[2], fwd.opaque_zero(interpret))
