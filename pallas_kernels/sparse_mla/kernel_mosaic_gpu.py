@@ -65,9 +65,7 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
 
 
 IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-_BARRIERS = (
-  1 + IDS_RING + 4 + 1 + 2 + 2 + 1
-)  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l, rx (pairs)
+_BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l
 
 
 def smem_bytes(kp_dim: int, itemsize: int) -> int:
@@ -234,13 +232,6 @@ def _direct_ops(n_rows: int, row_bytes: int):
       nvvm.mbarrier_init(bar, mu.c(128, i32), predicate=pred)
     nvvm.fence_mbarrier_init()
 
-  def issue(kv, bufs, ids, bars, slot, half=None):
-    """All n_rows rows of the chunk into operand slot `slot`, or (half, traced 0 / 1) only rows
-    [half * n_rows / 2, (half + 1) * n_rows / 2): one contiguous half of the slot's tiles."""
-    if half is None:
-      return _issue(kv, bufs, ids, bars, slot)
-    return _issue_half(kv, bufs, ids, bars, slot, half)
-
   @plgpu.inline_mgpu(
     arg_types=(
       plgpu.RefType(),
@@ -250,25 +241,8 @@ def _direct_ops(n_rows: int, row_bytes: int):
       plgpu.Layout.WG_SPLAT,
     )
   )
-  def _issue(ctx, kv, bufs, ids, bars, slot):
+  def issue(ctx, kv, bufs, ids, bars, slot):
     del ctx
-    _issue_rows(kv, bufs, ids, bars, slot, None, n_rows)
-
-  @plgpu.inline_mgpu(
-    arg_types=(
-      plgpu.RefType(),
-      plgpu.RefType(transforms=_SWIZZLE),
-      plgpu.RefType(),
-      plgpu.RefType(),
-      plgpu.Layout.WG_SPLAT,
-      plgpu.Layout.WG_SPLAT,
-    )
-  )
-  def _issue_half(ctx, kv, bufs, ids, bars, slot, half):
-    del ctx
-    _issue_rows(kv, bufs, ids, bars, slot, half, n_rows // 2)
-
-  def _issue_rows(kv, bufs, ids, bars, slot, half, count):
     i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
     index = ir.IndexType.get()
 
@@ -279,19 +253,17 @@ def _direct_ops(n_rows: int, row_bytes: int):
     g, p = arith.shrui(lane, c(3)), arith.andi(lane, c(7))
     g8 = arith.andi(g, c(7))
     slot = _scalar(slot)
-    first = c(0) if half is None else arith.muli(_scalar(half), c(count))  # first row copied
     base = arith.addi(
       arith.addi(arith.muli(slot, c(buf_bytes)), arith.muli(arith.shrui(g, c(3)), c(tiles * 1024))),
       arith.addi(arith.muli(g8, c(128)), arith.shli(arith.xori(p, g8), c(4))),
     )
-    base = arith.addi(base, arith.muli(arith.shrui(first, c(3)), c(tiles * 1024)))
     dst = mu.getelementptr(mu.memref_ptr(bufs), [base], i8)
     src = mu.getelementptr(mu.memref_ptr(kv), [arith.extui(i64, arith.shli(p, c(4)))], i8)
     bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
     last_row = c(ir.MemRefType(kv.type).shape[0] - 1)
     rows = []
-    for k in range(count // 16):
-      pos = arith.addi(arith.addi(first, g), c(16 * k))
+    for k in range(n_rows // 16):
+      pos = arith.addi(g, c(16 * k))
       rid = memref.load(ids, [arith.index_cast(index, pos)])
       invalid = arith.cmpi(arith.CmpIPredicate.slt, rid, c(0))
       rid = arith.select(invalid, arith.minsi(pos, last_row), rid)  # see stand_in_row
@@ -326,104 +298,6 @@ def _direct_ops(n_rows: int, row_bytes: int):
   return init, issue, wait
 
 
-def _pair_ops(n_rows: int, row_bytes: int):
-  """Inline Mosaic GPU for a cluster of two CTAs (a token's two head blocks) that each gather
-  half of every chunk and hand it to the other over distributed SMEM (the forward's `pair`
-  launch). Raw mbarriers per operand slot s: H[s] at bars[s] (own half landed: the copy WG's 128
-  cp.async arrivals) and R[s] at bars[2 + s] (the partner's half landed: one expect_tx arrival
-  plus the partner's bulk copy's bytes).
-  init: one thread sets up the four mbarriers.
-  sync: every thread of the CTA arrives at and waits for the cluster barrier (release /
-    acquire): the partner's remote operations see initialised mbarriers.
-  expect: one thread of the WG arrives on R[slot] expecting the partner's half.
-  push: after the WG saw H[slot] (its own half, written by cp.async: the generic proxy, hence
-    the proxy fence), one thread copies that half of the slot into the same place of the
-    partner's SMEM, completing the partner's R[slot].
-  """
-  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
-  from jaxlib.mlir import ir  # noqa: PLC0415
-  from jaxlib.mlir.dialects import arith, llvm, nvvm  # noqa: PLC0415
-
-  buf_bytes = n_rows * row_bytes
-  half_bytes = buf_bytes // 2
-  void = lambda: ir.Type.parse("!llvm.void")  # noqa: E731
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-  def init(ctx, bars):
-    del ctx
-    i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
-    pred = mu.single_thread_predicate(scope=mu.ThreadSubset.BLOCK)
-    for b in range(4):
-      bar = mu.getelementptr(mu.memref_ptr(bars), [8 * b], i8)
-      nvvm.mbarrier_init(bar, mu.c(128 if b < 2 else 1, i32), predicate=pred)
-    nvvm.fence_mbarrier_init()
-
-  @plgpu.inline_mgpu()
-  def sync(ctx):
-    del ctx
-    llvm.inline_asm(
-      void(),
-      [],
-      "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;",
-      "",
-      has_side_effects=True,
-    )
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT))
-  def expect(ctx, bars, slot):
-    del ctx
-    i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
-    bar = mu.getelementptr(
-      mu.memref_ptr(bars), [arith.muli(arith.addi(_scalar(slot), mu.c(2, i32)), mu.c(8, i32))], i8
-    )
-    pred = arith.extui(i32, mu.single_thread_predicate(scope=mu.ThreadSubset.WARPGROUP))
-    llvm.inline_asm(
-      void(),
-      [pred, bar],
-      f"{{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $0, 0;\n\t"
-      f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$1], {half_bytes};\n\t}}",
-      "r,l",
-      has_side_effects=True,
-    )
-
-  @plgpu.inline_mgpu(
-    arg_types=(
-      plgpu.RefType(transforms=_SWIZZLE),
-      plgpu.RefType(),
-      plgpu.Layout.WG_SPLAT,
-      plgpu.Layout.WG_SPLAT,
-    )
-  )
-  def push(ctx, bufs, bars, slot, half):
-    del ctx
-    i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
-    slot, half = _scalar(slot), _scalar(half)
-    off = arith.addi(
-      arith.muli(slot, mu.c(buf_bytes, i32)), arith.muli(half, mu.c(half_bytes, i32))
-    )
-    src = mu.getelementptr(mu.memref_ptr(bufs), [off], i8)
-    rbar = mu.getelementptr(
-      mu.memref_ptr(bars), [arith.muli(arith.addi(slot, mu.c(2, i32)), mu.c(8, i32))], i8
-    )
-    peer = arith.subi(mu.c(1, i32), half)  # the partner's rank in the cluster of two
-    pred = arith.extui(i32, mu.single_thread_predicate(scope=mu.ThreadSubset.WARPGROUP))
-    mu.warpgroup_barrier()  # every thread saw H[slot] before the fence and the copy
-    llvm.inline_asm(
-      void(),
-      [pred, src, rbar, peer],
-      "{\n\t.reg .pred p;\n\t.reg .b64 d, m;\n\tsetp.ne.b32 p, $0, 0;\n\t"
-      "@p fence.proxy.async.shared::cta;\n\t"
-      "@p mapa.shared::cluster.u64 d, $1, $3;\n\t"
-      "@p mapa.shared::cluster.u64 m, $2, $3;\n\t"
-      f"@p cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [d], [$1], "
-      f"{half_bytes}, [m];\n\t}}",
-      "r,l,l,r",
-      has_side_effects=True,
-    )
-
-  return init, sync, expect, push
-
-
 # (ranges per warpgroup, directory) or None. When set, the kernels built by `token_kernel`
 # (forward, backward, probabilities) record their named regions (jax.named_scope) per warpgroup
 # with the Mosaic GPU profiler and write one Chrome-trace JSON per call into the directory. Each
@@ -432,7 +306,7 @@ def _pair_ops(n_rows: int, row_bytes: int):
 PROFILE: tuple[int, str] | None = None
 
 
-def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret, pair=False):
+def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   """plgpu.kernel over the (head block, token) grid of the sparse MLA kernels: heads fastest,
   so a token's CTAs share its rows in L2; one thread per warpgroup ("wg"); the row
   reductions stay inside a warp (WGMMA layout), so no reduction scratch. PROFILE (above) adds
@@ -440,13 +314,11 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret, 
   prof = {}
   if PROFILE is not None and not interpret:
     prof = dict(profile_space=PROFILE[0], profile_dir=PROFILE[1])
-  grid = dict(grid=(hp // HEAD_BLOCK, n), grid_names=("h", "t"))
-  if pair:  # a token's two head blocks as one cluster (the forward's DSMEM exchange)
-    grid = dict(grid=(n,), grid_names=("t",), cluster=(2,), cluster_names=("h",))
   return plgpu.kernel(
     entry,
     out_type=out_type,
-    **grid,
+    grid=(hp // HEAD_BLOCK, n),
+    grid_names=("h", "t"),
     num_threads=num_threads,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0, **prof),
@@ -475,20 +347,12 @@ def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
     plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
 
 
-def copy_chunks_direct(
-  kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, pair=None
-):
+def copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op):
   """The copy warpgroup's loop of copy_wg_direct: chunk j < n_live's rows (ids [n_chunks, bk] in
   SMEM; n_live traced, >= 1) into operand slot j % 2 of kv_smem (issue_chunk), once the slot's
-  chunk j - 2 is released on bar_free[slot]. pair: (half, expect) for a cluster of two CTAs
-  (_pair_ops): only rows of `half` are copied and the partner's half is expected."""
+  chunk j - 2 is released on bar_free[slot]."""
 
   def issue(j):
-    if pair is not None:
-      half, expect = pair
-      issue_op(kv_ref, kv_smem, ids.at[j], raw_bars, j % 2, half=half)
-      expect(raw_bars, j % 2)
-      return
     issue_chunk(kv_ref, kv_smem, ids.at[j], j % 2, bar_full, raw_bars, issue_op)
 
   issue(0)
@@ -501,49 +365,41 @@ def copy_chunks_direct(
     issue(j)
 
 
-def single_pass_barriers(n_tiles: int, bk: int, interpret, pair=False):
+def single_pass_barriers(n_tiles: int, bk: int, interpret):
   """The barriers of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py), in the
   order its body unpacks them: q's n_tiles tiles landed (WG0's copies), the token's ids landed, a
   slot's rows landed (the interpreter's row copies; direct copies use raw mbarriers), a slot's
-  rows read (what copy_wg_direct waits for; with `pair`, by the readers of both CTAs of the
-  cluster, whose halves cross over)."""
-  free = dict(num_arrivals=1, num_barriers=2)
+  rows read (what copy_wg_direct waits for)."""
   return (
     plgpu.Barrier(num_arrivals=n_tiles),
     plgpu.Barrier(num_arrivals=1),
     plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,
-    plgpu.ClusterBarrier(collective_axes=("h",), **free) if pair else plgpu.Barrier(**free),
+    plgpu.Barrier(num_arrivals=1, num_barriers=2),
   )
 
 
-def copy_wg_direct(
-  kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op, pair=None
-):
+def copy_wg_direct(kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op):
   """A whole copy warpgroup of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py):
   once the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct over
   its first n_live chunks, then observe each used slot's last release (the interpreter checks),
   so the kernel ends after the reads."""
   plgpu.barrier_wait(bar_ids)
-  copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, pair)
+  copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op)
   plgpu.barrier_wait(bar_free.at[0])
   if ids.shape[0] > 1:
     pl.when(n_live > 1)(lambda: plgpu.barrier_wait(bar_free.at[1]))
 
 
-def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret, push=None):
+def chunk_logits_t(rows, q_tiles, wait, w: int, i, bar_full, raw_bars, interpret):
   """For a compute warpgroup w of the single-pass probabilities kernel (it takes every second
   chunk): wait for its i-th chunk's rows (operand slot `rows`, filled by copy_wg_direct) and
   return the transposed logits R·qᵀ [slots, 64 heads] f32 (q_tiles [Kp/64, 64, 64]: q's column
   tiles), so that per-slot sums over heads stay inside a warp. wait: `_direct_ops`' wait (None in
-  the interpreter). push: for a cluster of two CTAs, a function of the slot that hands this
-  CTA's landed half to the partner (_pair_ops), after which the partner's half is awaited."""
+  the interpreter)."""
   if interpret:
     plgpu.barrier_wait(bar_full.at[w])
   else:
     wait(raw_bars.at[pl.ds(w * 2, 2)], i % 2)
-    if push is not None:
-      push(w)
-      wait(raw_bars.at[pl.ds((2 + w) * 2, 2)], i % 2)
     plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
   def scope(acc_ref):
@@ -618,13 +474,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   f32 = jnp.float32
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  # V3.2's 128 heads: the two head blocks of a token form a cluster and each gathers half of
-  # every block's rows, handing it to the other over DSMEM (_pair_ops).
-  pair = hp // HEAD_BLOCK == 2 and not interpret
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
-  if pair:
-    pair_init, pair_sync, pair_expect, pair_push = _pair_ops(bk, kp_dim * q.dtype.itemsize)
 
   def rescale(acc, f):
     return acc * lax.broadcast_in_dim(f, acc.shape, [0])
@@ -643,11 +494,10 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       bar_free,
       bar_end,
       bar_l,
-      bar_rx,
     ) = bars
     # misc (f32): row 0 m0, row 1 m1 (per pair), row 2 the lse tile, row 3 [:4] the raw
     # mbarriers; after the loop rows 0, 1 take l0, l1.
-    lse_smem, raw_bars = misc.at[2], misc.at[3, pl.ds(0, 8 if pair else 4)]
+    lse_smem, raw_bars = misc.at[2], misc.at[3, pl.ds(0, 4)]
 
     def p0_ref(step):
       """Where WG0 stores its P: block 2p's first non-value tile (slot 0) when there is one."""
@@ -680,9 +530,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
     @pl.when(wg == 0)
     def _():
-      if pair:  # before enter()'s cluster sync, which publishes it to the partner
-        pair_init(raw_bars)
-      elif not interpret:  # before the ids copies: their barriers order the init
+      if not interpret:  # before the ids copies: their barriers order the init
         direct_init(raw_bars)
       for j in range(2):
         fetch_ids(j)
@@ -697,22 +545,11 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def issue(j):
       r = j % IDS_RING
       plgpu.barrier_wait(bar_ids.at[r])
-      if pair:  # this CTA's half of the rows; the partner's half is expected on R[slot]
-        direct_issue(kv_ref, kv_smem, ids_ring.at[r], raw_bars, j % 2, half=hb)
-        pair_expect(raw_bars, j % 2)
-        return
       issue_op = None if interpret else direct_issue
       issue_chunk(kv_ref, kv_smem, ids_ring.at[r], j % 2, bar_full, raw_bars, issue_op)
 
     def wait_rows(slot, p):
-      if pair:  # own half landed -> hand it to the partner -> the partner's half landed
-        mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], p % 2)
-        pair_push(kv_smem, raw_bars, slot, hb)
-        mbarrier_wait(raw_bars.at[pl.ds((2 + slot) * 2, 2)], p % 2)
-        plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-        if slot == 0:  # the partner has our half of slot 0 (P0 goes over it, see _wg0)
-          plgpu.barrier_arrive(bar_rx)
-      elif interpret:
+      if interpret:
         plgpu.barrier_wait(bar_full.at[slot])
       else:
         mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], p % 2)
@@ -773,8 +610,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
     def enter():
       """A compute WG's start: its registers, then q in SMEM."""
-      if pair:
-        pair_sync()
       if not interpret:
         plgpu.set_max_registers(config.registers[0], action="increase")
       plgpu.barrier_wait(bar_q)
@@ -801,8 +636,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         alpha = jnp.exp2(m_prev - finite(m0))
         pr = jnp.exp2(s - lax.broadcast_in_dim(finite(m0), s.shape, [0]))
         l = l * alpha + pr.sum(axis=1)
-        if pair and p0_in_slot:  # our push of slot 0's half has landed: its source is free
-          plgpu.barrier_wait(bar_rx)
         store_p(p0_ref(p), pr)  # over block 2p's rope tile: its last reader was the logits above
         plgpu.barrier_arrive(bar_p0)
         with jax.named_scope("pv_own"):
@@ -867,8 +700,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
     @pl.when(wg == 2)
     def _wg2():
-      if pair:
-        pair_sync()
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
       issue(0)
@@ -910,14 +741,9 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       plgpu.Barrier(**one),  # P0 stored (WG0)
       plgpu.Barrier(**one),  # P1 stored (WG1)
       plgpu.Barrier(**one),  # P1 read by WG0
-      # operand slot released by WG0 and WG1 (of both CTAs of a pair: their halves cross over)
-      plgpu.ClusterBarrier(collective_axes=("h",), num_arrivals=2, num_barriers=2)
-      if pair
-      else plgpu.Barrier(num_arrivals=2, num_barriers=2),
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # operand slot released by WG0 and WG1
       plgpu.Barrier(num_arrivals=2),  # both compute WGs past the loop
       plgpu.Barrier(num_arrivals=2),  # l0, l1 written
-      # both CTAs' WG0 hold their partner's half of slot 0 (pairs only)
-      plgpu.ClusterBarrier(collective_axes=("h",)) if pair else None,
     )
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, live_ref, o_ref, lse_ref, b, r),
@@ -930,5 +756,5 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     jax.ShapeDtypeStruct((n, hp, d_out), dtype),
     jax.ShapeDtypeStruct((n, hp), f32),
   )
-  kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, WARPGROUPS, interpret, pair)
+  kern = token_kernel(sparse_mla_fwd_kernel, out_type, hp, n, WARPGROUPS, interpret)
   return kern(q, kv, idx3, live)

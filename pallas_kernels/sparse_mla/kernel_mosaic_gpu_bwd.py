@@ -122,11 +122,6 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
-  # V3.2's 128 heads: a token's two head blocks form a cluster; each CTA gathers half of every
-  # chunk's rows and WG0 pushes it into the partner's R over DSMEM (as the forward).
-  pair = hp // HEAD_BLOCK == 2 and not interpret
-  if pair:
-    pair_init, pair_sync, pair_expect, pair_push = fwd._pair_ops(bk, kp_dim * q.dtype.itemsize)
 
   def zeros_wgmma(tiles):
     """A WG's dq accumulator: its tiles side by side [64, 64·len(tiles)] f32 (None: no tiles)."""
@@ -140,9 +135,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   ):
     q_smem, do_smem, r_smem, p_smem, ds_smem, misc = bufs
     bar_q, bar_idx, bar_full, bar_p, bar_ds, bar_rfree, bar_pfree, bar_dsfree, bar_end = bars
-    # misc (int32): row 0 the chunk's slot ids (the copy WG's), row 1 [:4] the raw mbarriers
-    # (pairs: [:8], with the partner's half's at [4:6]).
-    ids_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 8 if pair else 4)]
+    # misc (int32): row 0 the chunk's slot ids (the copy WG's), row 1 [:4] the raw mbarriers.
+    ids_smem, raw_bars = misc.at[0], misc.at[1, pl.ds(0, 4)]
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
@@ -150,17 +144,12 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     do_heads = pl.ds(hp + hb * HEAD_BLOCK, HEAD_BLOCK)  # this block's dO rows in `qd`
     n_live = live_ref[t]  # chunks this token runs (>= 1): later ones are all invalid
 
-    def wait_rows(j, push=False):
-      """The chunk's rows have landed in R (each waiting WG tracks the phases itself). Pairs:
-      this CTA's half, then (after WG0's `push` of it to the partner) the partner's half."""
+    def wait_rows(j):
+      """The chunk's rows have landed in R (each waiting WG tracks the phases itself)."""
       if interpret:
         plgpu.barrier_wait(bar_full)
       else:
         mbarrier_wait(raw_bars.at[pl.ds(0, 2)], j % 2)
-        if pair:
-          if push:
-            pair_push(r_smem, raw_bars, 0, hb)
-          mbarrier_wait(raw_bars.at[pl.ds(4, 2)], j % 2)
         plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
     def dq_step(acc, tiles, z):
@@ -188,17 +177,12 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     def _():
       # The raw mbarriers' init runs on the block's first thread (WG0, as in the forward),
       # before the q/dO copies: waiting for their barrier orders the init for every WG.
-      if pair:  # published to the partner by the cluster sync below
-        pair_init(raw_bars)
-      elif not interpret:
+      if not interpret:
         direct_init(raw_bars)
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
       for c in range(do_tiles):
         plgpu.copy_gmem_to_smem(do_ref.at[t, heads, pl.ds(c * 64, 64)], do_smem.at[c], bar_q)
-
-    if pair:  # every thread of both CTAs: the raw mbarriers are set up before any push
-      pair_sync()
 
     @pl.when(wg == 2)
     def _copy_wg():
@@ -219,9 +203,6 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
           for i, row in enumerate(rows):
             dst = r_smem.at[0, pl.ds(i, 1)]
             plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full)
-        elif pair:
-          direct_issue(kv_ref, r_smem, ids_smem, raw_bars, 0, half=hb)
-          pair_expect(raw_bars, 0)
         else:
           direct_issue(kv_ref, r_smem, ids_smem, raw_bars, 0)
 
@@ -231,9 +212,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
 
           @pl.when(j > 0)
           def _():
-            # WG0/WG1 are done with chunk j-1's rows (pairs: all WGs of both CTAs, since the
-            # partner writes into this R as well)
-            plgpu.barrier_wait(bar_rfree)
+            plgpu.barrier_wait(bar_rfree)  # WG0/WG1 are done with chunk j-1's rows
 
         with jax.named_scope("issue"):
           issue(j)
@@ -247,8 +226,6 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
 
         with jax.named_scope("dq"):
           acc = dq_step(acc, owners[2], fwd.opaque_zero(interpret))
-        if pair:
-          plgpu.barrier_arrive(bar_rfree)
         plgpu.barrier_arrive(bar_dsfree)
         return acc
 
@@ -286,7 +263,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       def step(j, acc, w):
         z = fwd.opaque_zero(interpret)  # keeps the operands' descriptors in the loop
         with jax.named_scope("rows_wait"):
-          wait_rows(j, push=w == 0)
+          wait_rows(j)
         slots = pl.ds(j * bk, bk)
         if w == 0:
           ids = plgpu.load(idx_ref.at[t, j], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
@@ -365,10 +342,7 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       plgpu.Barrier(num_arrivals=bk) if interpret else None,  # rows (interpreter's copies)
       plgpu.Barrier(num_arrivals=1),  # P in SMEM (WG0)
       plgpu.Barrier(num_arrivals=1),  # dS in SMEM (WG1)
-      # R read by WG0 and WG1 (logits and dq); pairs: by all three WGs of both CTAs
-      plgpu.ClusterBarrier(collective_axes=("h",), num_arrivals=3)
-      if pair
-      else plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_arrivals=2),  # R read by WG0 and WG1 (logits and dq)
       plgpu.Barrier(num_arrivals=1),  # P read by WG1
       plgpu.Barrier(num_arrivals=3),  # dS read (dq of all three WGs)
       plgpu.Barrier(num_arrivals=3),  # every WG past its last q read: dq may reuse q_smem
@@ -387,5 +361,5 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
     jax.ShapeDtypeStruct((n, 2 * hp, kp), dtype),
     jax.ShapeDtypeStruct((n, 2 * hp, kp_dim), dtype),
   )
-  kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret, pair)
+  kern = fwd.token_kernel(sparse_mla_bwd_kernel, out_type, hp, n, 3, interpret)
   return kern(q, kv, idx3, live, do, lse2, delta)

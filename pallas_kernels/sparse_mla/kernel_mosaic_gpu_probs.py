@@ -75,18 +75,12 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # the wrapper keeps every copy in bounds
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
-  # V3.2's 128 heads: a token's two head blocks form a cluster; each CTA gathers half of every
-  # chunk's rows and pushes it into the partner's slot over DSMEM (as the forward).
-  pair = hp // HEAD_BLOCK == 2 and not interpret
-  if pair:
-    pair_init, pair_sync, pair_expect, pair_push = fwd._pair_ops(bk, kp_dim * q.dtype.itemsize)
 
   def body(q_ref, kv_ref, idx_ref, live_ref, lse_ref, o_ref, bufs, bars):
     q_smem, kv_smem, idx_smem, misc = bufs
     bar_q, bar_idx, bar_full, bar_free = bars
-    # misc rows: 0 / 1 the sums of WG0 / WG1, 2[:4] the two slots' raw mbarriers (pairs: [:8],
-    # the partner's halves' too).
-    raw_bars = misc.at[2, pl.ds(0, 8 if pair else 4)]
+    # misc rows: 0 / 1 the sums of WG0 / WG1, 2[:4] the two slots' raw mbarriers.
+    raw_bars = misc.at[2, pl.ds(0, 4)]
     t = lax.axis_index("t")
     hb = lax.axis_index("h")
     wg = lax.axis_index("wg")
@@ -95,35 +89,18 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
 
     @pl.when(wg == 0)
     def _():
-      if pair:  # before the cluster sync below, which publishes it to the partner
-        pair_init(raw_bars)
-      elif not interpret:  # before the idx copy: its barrier orders the init for every WG
+      if not interpret:  # before the idx copy: its barrier orders the init for every WG
         direct_init(raw_bars)
       for c in range(n_tiles):
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads, pl.ds(c * 64, 64)], q_smem.at[c], bar_q)
       plgpu.copy_gmem_to_smem(idx_ref.at[t], idx_smem, bar_idx, oob_mode=oob)
 
-    if pair:  # every thread of both CTAs: the raw mbarriers are set up before any push
-      pair_sync()
-
     @pl.when(wg == 2)
     def _copy_wg():
       issue_op = None if interpret else direct_issue
       fwd.copy_wg_direct(
-        kv_ref,
-        kv_smem,
-        idx_smem,
-        n_live,
-        bar_idx,
-        bar_free,
-        bar_full,
-        raw_bars,
-        issue_op,
-        (hb, pair_expect) if pair else None,
+        kv_ref, kv_smem, idx_smem, n_live, bar_idx, bar_free, bar_full, raw_bars, issue_op
       )
-
-    def push(slot):
-      pair_push(kv_smem, raw_bars, slot, hb)
 
     @pl.when(wg < 2)
     def _compute_wg():
@@ -135,9 +112,7 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
       def chunk(w, i):
         j = 2 * i + w
         wait = None if interpret else mbarrier_wait
-        st = fwd.chunk_logits_t(
-          kv_smem.at[w], q_smem, wait, w, i, bar_full, raw_bars, interpret, push if pair else None
-        )
+        st = fwd.chunk_logits_t(kv_smem.at[w], q_smem, wait, w, i, bar_full, raw_bars, interpret)
         plgpu.barrier_arrive(bar_free.at[w])  # the slot's rows are read
         ids = plgpu.load(idx_smem.at[j], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
         p = jnp.exp2(st * qk_scale - lax.broadcast_in_dim(lse_h, st.shape, [1]))
@@ -166,7 +141,7 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
       plgpu.SMEM((n_chunks, bk), jnp.int32),  # the token's slot ids
       plgpu.SMEM((3, bk), jnp.float32),  # the two WGs' sums, raw mbarriers
     )
-    bars = fwd.single_pass_barriers(n_tiles, bk, interpret, pair)
+    bars = fwd.single_pass_barriers(n_tiles, bk, interpret)
     pl.run_scoped(
       lambda b, r: body(q_ref, kv_ref, idx_ref, live_ref, lse_ref, o_ref, b, r),
       bufs,
@@ -175,5 +150,5 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
     )
 
   out_type = jax.ShapeDtypeStruct((n, hp // HEAD_BLOCK, kp), jnp.float32)
-  kern = fwd.token_kernel(sparse_mla_probs_kernel, out_type, hp, n, 3, interpret, pair)
+  kern = fwd.token_kernel(sparse_mla_probs_kernel, out_type, hp, n, 3, interpret)
   return kern(q, kv, idx3, live, lse2)
