@@ -13,7 +13,11 @@ ratio is FlashMLA's time over ours, from the same process, as in `bench --suite=
 
 What it answers: whether a token's two head-block CTAs find each other's rows in L2 (DRAM
 bytes read near one copy of the selected rows, 2.36 MB a token at k 2048, or near two), and how
-our L2 traffic compares with FlashMLA's at the same shape.
+our L2 traffic compares with FlashMLA's at the same shape. A second ncu pass (optional: the row
+is written without it) reads ncu's SpeedOfLight and WarpStateStats sections (`SECTIONS`): DRAM
+and SM throughput as a share of peak, and where warps stall. DRAM near its peak says the kernel
+is bound by HBM; DRAM well below it with warps stalled on barriers says it waits on the latency
+of filling a slot. The pass also reads every stall reason ncu counts (`STALLS`).
 """
 
 import argparse
@@ -31,6 +35,9 @@ METRICS = {
 # What the script falls back to where ncu rejects a name above.
 MINIMAL = ("gpu__time_duration.sum", "dram__bytes_read.sum")
 OURS, FLASHMLA = "sparse_mla_fwd", "flashmla"
+SECTIONS = ("SpeedOfLight", "WarpStateStats")
+# With SECTIONS: each stall reason's warps per issued instruction (every name ncu has).
+STALLS = r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
 
 
 def kernel_role(name: str) -> str | None:
@@ -43,25 +50,52 @@ def kernel_role(name: str) -> str | None:
   return None
 
 
-def parse_ncu_csv(text: str) -> dict:
-  """ncu --csv --metrics ... output -> {role: {short metric name: value}}. ncu prints one row
-  per (launch, metric) with columns "Kernel Name", "Metric Name", "Metric Value" (values may
-  carry thousands separators); lines before the header are ncu's own log."""
+def _records(text: str):
+  """The CSV records of ncu --csv output; lines before the header are ncu's own log."""
   lines = text.splitlines()
   start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
   if start is None:
     raise ValueError('no ncu CSV header (a line starting with "ID") in the input')
+  return csv.DictReader(io.StringIO("\n".join(lines[start:])))
+
+
+def _number(value: str):
+  try:
+    return float(value.replace(",", ""))
+  except ValueError:
+    return value
+
+
+def parse_ncu_csv(text: str) -> dict:
+  """ncu --csv --metrics ... output -> {role: {short metric name: value}}. ncu prints one row
+  per (launch, metric) with columns "Kernel Name", "Metric Name", "Metric Value" (values may
+  carry thousands separators)."""
   out = {}
-  for rec in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
+  for rec in _records(text):
     role = kernel_role(rec["Kernel Name"])
     short = METRICS.get(rec["Metric Name"])
     if role is None or short is None:
       continue
-    out.setdefault(role, {})[short] = float(rec["Metric Value"].replace(",", ""))
+    out.setdefault(role, {})[short] = _number(rec["Metric Value"])
   return out
 
 
-def report(csv_path: str, out: str, suite: str, command: str):
+def parse_ncu_sections(text: str) -> dict:
+  """ncu --csv --section ... output -> {role: {"Section: Metric Name [unit]": value}}, every
+  metric of the two launches as ncu names it."""
+  out = {}
+  for rec in _records(text):
+    role = kernel_role(rec["Kernel Name"])
+    if role is None:
+      continue
+    name = f"{rec['Section Name']}: {rec['Metric Name']} [{rec['Metric Unit']}]"
+    out.setdefault(role, {})[name] = _number(rec["Metric Value"])
+  return out
+
+
+def report(csv_path: str, out: str, suite: str, command: str, sections_csv: str | None = None):
+  import os  # noqa: PLC0415
+
   from experiments import bench_common, bench_sparse_mla  # noqa: PLC0415
 
   with open(csv_path) as f:
@@ -77,6 +111,9 @@ def report(csv_path: str, out: str, suite: str, command: str):
     dram_read_over_selected_rows=ours.get("dram_read_bytes", float("nan")) / rows_bytes,
     note="ncu --clock-control none, one launch each (the counters' replays); time from ncu",
   )
+  if sections_csv and os.path.exists(sections_csv):
+    with open(sections_csv) as f:
+      extra["sections"] = parse_ncu_sections(f.read())
   t = ours["time_ns"] * 1e-6
   if FLASHMLA in got:
     t_fm = got[FLASHMLA]["time_ns"] * 1e-6
@@ -122,13 +159,14 @@ def main():
   p.add_argument("mode", choices=("run", "report"))
   p.add_argument("--suite", default="S2", choices=("S1", "S2"))
   p.add_argument("--csv", help="report: ncu's CSV output")
+  p.add_argument("--sections_csv", help="report: ncu's CSV of SECTIONS (optional)")
   p.add_argument("--out", default="experiments/results/ncu_sparse_mla.json")
   p.add_argument("--command", default="bash experiments/scripts/ncu_sparse_mla.sh")
   a = p.parse_args()
   if a.mode == "run":
     run(a.suite)
   else:
-    report(a.csv, a.out, a.suite, a.command)
+    report(a.csv, a.out, a.suite, a.command, a.sections_csv)
 
 
 if __name__ == "__main__":

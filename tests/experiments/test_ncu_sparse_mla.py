@@ -43,3 +43,37 @@ def test_parse_keeps_both_launches_and_the_named_metrics():
 def test_parse_without_a_header_says_so():
   with pytest.raises(ValueError, match="no ncu CSV header"):
     ncu.parse_ncu_csv("==PROF== ERR_NVGPUCTRPERM\n")
+
+
+def _section_line(i, kernel, section, metric, unit, value):
+  return (
+    f'"{i}","7","python3","h","{kernel}","1","13","(384, 1, 1)","(2, 8192, 1)","0","9.0",'
+    f'"{section}","{metric}","{unit}","{value}"'
+  )
+
+
+def test_sections_keep_every_metric_of_both_launches_with_section_and_unit():
+  ours, theirs = "sparse_mla_fwd_kernel_mosaic_gpu_kernel", "void sm90::sparse_attn_fwd_kernel<>"
+  text = "\n".join(
+    [
+      _HEADER,
+      _section_line(0, ours, "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "61.2"),
+      _section_line(
+        0, ours, "Warp State Statistics", "Warp Cycles Per Issued Instruction", "cycle", "1,204.5"
+      ),
+      _section_line(1, theirs, "GPU Speed Of Light Throughput", "Duration", "ms", "8.9"),
+      _section_line(1, theirs, "GPU Speed Of Light Throughput", "SM Frequency", "Ghz", "n/a"),
+      _section_line(2, "nvjet_hsh_gemm", "GPU Speed Of Light Throughput", "Duration", "us", "5"),
+    ]
+  )
+  got = ncu.parse_ncu_sections(text)
+  assert got == {
+    ncu.OURS: {
+      "GPU Speed Of Light Throughput: DRAM Throughput [%]": 61.2,
+      "Warp State Statistics: Warp Cycles Per Issued Instruction [cycle]": 1204.5,
+    },
+    ncu.FLASHMLA: {
+      "GPU Speed Of Light Throughput: Duration [ms]": 8.9,
+      "GPU Speed Of Light Throughput: SM Frequency [Ghz]": "n/a",
+    },
+  }
