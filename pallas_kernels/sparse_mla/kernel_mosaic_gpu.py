@@ -65,7 +65,7 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
 
 
 IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-PREFETCH_AHEAD = 1  # the forward's copy WG prefetches block j + this into L2 after issuing j
+PREFETCH_AHEAD = 2  # the forward's copy WG prefetches block j + this into L2 after issuing j
 _BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l
 
 
