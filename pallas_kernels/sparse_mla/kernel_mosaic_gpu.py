@@ -65,7 +65,7 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
 
 
 IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-PREFETCH_AHEAD = 2  # the forward's copy WG prefetches block j + this into L2 after issuing j
+PREFETCH_AHEAD = 1  # the forward and probabilities copy WGs prefetch block j + this after issuing j
 _BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l
 
 
@@ -389,22 +389,32 @@ def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
     plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
 
 
-def copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op):
+def copy_chunks_direct(
+  kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, prefetch_op
+):
   """The copy warpgroup's loop of copy_wg_direct: chunk j < n_live's rows (ids [n_chunks, bk] in
   SMEM; n_live traced, >= 1) into operand slot j % 2 of kv_smem (issue_chunk), once the slot's
-  chunk j - 2 is released on bar_free[slot]."""
+  chunk j - 2 is released on bar_free[slot]; after issuing chunk j it prefetches the rows of
+  chunk j + PREFETCH_AHEAD into L2 (prefetch_op: `_prefetch_op`'s; None in the interpreter)."""
 
   def issue(j):
     issue_chunk(kv_ref, kv_smem, ids.at[j], j % 2, bar_full, raw_bars, issue_op)
 
+  def prefetch(j):
+    if prefetch_op is not None:
+      pl.when(j < n_live)(lambda: prefetch_op(kv_ref, ids.at[j]))
+
   issue(0)
   if ids.shape[0] > 1:
     pl.when(n_live > 1)(lambda: issue(1))
+  for j in range(2, min(2 + PREFETCH_AHEAD, ids.shape[0])):
+    prefetch(j)
 
   @pl.loop(2, n_live)
   def _(j):
     plgpu.barrier_wait(bar_free.at[j % 2])  # chunk j - 2 is done with the slot
     issue(j)
+    prefetch(j + PREFETCH_AHEAD)  # j + PREFETCH_AHEAD < n_live <= n_chunks
 
 
 def single_pass_barriers(n_tiles: int, bk: int, interpret):
@@ -420,13 +430,17 @@ def single_pass_barriers(n_tiles: int, bk: int, interpret):
   )
 
 
-def copy_wg_direct(kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op):
+def copy_wg_direct(
+  kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op, prefetch_op
+):
   """A whole copy warpgroup of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py):
   once the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct over
   its first n_live chunks, then observe each used slot's last release (the interpreter checks),
   so the kernel ends after the reads."""
   plgpu.barrier_wait(bar_ids)
-  copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op)
+  copy_chunks_direct(
+    kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, prefetch_op
+  )
   plgpu.barrier_wait(bar_free.at[0])
   if ids.shape[0] > 1:
     pl.when(n_live > 1)(lambda: plgpu.barrier_wait(bar_free.at[1]))
