@@ -65,7 +65,6 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
 
 
 IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-PREFETCH_AHEAD = 1  # the forward and probabilities copy WGs prefetch block j + this after issuing j
 _BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l
 
 
@@ -299,47 +298,6 @@ def _direct_ops(n_rows: int, row_bytes: int):
   return init, issue, wait
 
 
-def _prefetch_op(n_rows: int, row_bytes: int):
-  """Inline Mosaic GPU prefetch(kv, ids) for a copy warpgroup: the rows of a chunk (ids [n_rows]
-  int32 in SMEM) into L2 ahead of their copies, so that a copy issued later waits for L2, not
-  HBM. Thread i of the WG asks for half i // n_rows of row ids[i % n_rows] with one bulk L2
-  prefetch (`cp.async.bulk.prefetch.L2`: no SMEM, no barrier; invalid ids fetch their stand-in
-  row, as the copies do)."""
-  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
-  from jaxlib.mlir import ir  # noqa: PLC0415
-  from jaxlib.mlir.dialects import arith, gpu, llvm, memref  # noqa: PLC0415
-
-  half = row_bytes // 2
-  if 2 * n_rows != 128 or half % 16:
-    raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not split over 128 threads")
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
-  def prefetch(ctx, kv, ids):
-    del ctx
-    i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
-    index = ir.IndexType.get()
-    lane = arith.index_cast(i32, arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index)))
-    pos = arith.remui(lane, mu.c(n_rows, i32))
-    rid = memref.load(ids, [arith.index_cast(index, pos)])
-    invalid = arith.cmpi(arith.CmpIPredicate.slt, rid, mu.c(0, i32))
-    last_row = mu.c(ir.MemRefType(kv.type).shape[0] - 1, i32)
-    rid = arith.select(invalid, arith.minsi(pos, last_row), rid)  # see stand_in_row
-    offset = arith.addi(
-      arith.muli(arith.extsi(i64, rid), mu.c(row_bytes, i64)),
-      arith.extui(i64, arith.muli(arith.divui(lane, mu.c(n_rows, i32)), mu.c(half, i32))),
-    )
-    src = mu.getelementptr(mu.memref_ptr(kv), [offset], i8)
-    llvm.inline_asm(
-      ir.Type.parse("!llvm.void"),
-      [src],
-      f"cp.async.bulk.prefetch.L2.global [$0], {half};",
-      "l",
-      has_side_effects=True,
-    )
-
-  return prefetch
-
-
 # (ranges per warpgroup, directory) or None. When set, the kernels built by `token_kernel`
 # (forward, backward, probabilities) record their named regions (jax.named_scope) per warpgroup
 # with the Mosaic GPU profiler and write one Chrome-trace JSON per call into the directory. Each
@@ -389,32 +347,22 @@ def issue_chunk(kv_ref, kv_smem, ids_row, slot, bar_full, raw_bars, issue_op):
     plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], dst, bar_full.at[slot])
 
 
-def copy_chunks_direct(
-  kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, prefetch_op
-):
+def copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op):
   """The copy warpgroup's loop of copy_wg_direct: chunk j < n_live's rows (ids [n_chunks, bk] in
   SMEM; n_live traced, >= 1) into operand slot j % 2 of kv_smem (issue_chunk), once the slot's
-  chunk j - 2 is released on bar_free[slot]; after issuing chunk j it prefetches the rows of
-  chunk j + PREFETCH_AHEAD into L2 (prefetch_op: `_prefetch_op`'s; None in the interpreter)."""
+  chunk j - 2 is released on bar_free[slot]."""
 
   def issue(j):
     issue_chunk(kv_ref, kv_smem, ids.at[j], j % 2, bar_full, raw_bars, issue_op)
 
-  def prefetch(j):
-    if prefetch_op is not None:
-      pl.when(j < n_live)(lambda: prefetch_op(kv_ref, ids.at[j]))
-
   issue(0)
   if ids.shape[0] > 1:
     pl.when(n_live > 1)(lambda: issue(1))
-  for j in range(2, min(2 + PREFETCH_AHEAD, ids.shape[0])):
-    prefetch(j)
 
   @pl.loop(2, n_live)
   def _(j):
     plgpu.barrier_wait(bar_free.at[j % 2])  # chunk j - 2 is done with the slot
     issue(j)
-    prefetch(j + PREFETCH_AHEAD)  # j + PREFETCH_AHEAD < n_live <= n_chunks
 
 
 def single_pass_barriers(n_tiles: int, bk: int, interpret):
@@ -430,17 +378,13 @@ def single_pass_barriers(n_tiles: int, bk: int, interpret):
   )
 
 
-def copy_wg_direct(
-  kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op, prefetch_op
-):
+def copy_wg_direct(kv_ref, kv_smem, ids, n_live, bar_ids, bar_free, bar_full, raw_bars, issue_op):
   """A whole copy warpgroup of the single-pass probabilities kernel (kernel_mosaic_gpu_probs.py):
   once the token's ids (ids [n_chunks, bk] in SMEM) arrived on bar_ids, copy_chunks_direct over
   its first n_live chunks, then observe each used slot's last release (the interpreter checks),
   so the kernel ends after the reads."""
   plgpu.barrier_wait(bar_ids)
-  copy_chunks_direct(
-    kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op, prefetch_op
-  )
+  copy_chunks_direct(kv_ref, kv_smem, ids, n_live, bar_free, bar_full, raw_bars, issue_op)
   plgpu.barrier_wait(bar_free.at[0])
   if ids.shape[0] > 1:
     pl.when(n_live > 1)(lambda: plgpu.barrier_wait(bar_free.at[1]))
@@ -532,7 +476,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
-    prefetch_rows = _prefetch_op(bk, kp_dim * q.dtype.itemsize)
 
   def rescale(acc, f):
     return acc * lax.broadcast_in_dim(f, acc.shape, [0])
@@ -599,15 +542,11 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         def _(j=j):
           fetch_ids(j)
 
-    def ids_ready(j, prefetch):
-      """The copy WG's one wait for block j's ids; then, if asked, its rows into L2."""
-      plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
-      if prefetch and not interpret:
-        prefetch_rows(kv_ref, ids_ring.at[j % IDS_RING])
-
-    def issue(j):  # block j's ids have landed (ids_ready)
+    def issue(j):
+      r = j % IDS_RING
+      plgpu.barrier_wait(bar_ids.at[r])
       issue_op = None if interpret else direct_issue
-      issue_chunk(kv_ref, kv_smem, ids_ring.at[j % IDS_RING], j % 2, bar_full, raw_bars, issue_op)
+      issue_chunk(kv_ref, kv_smem, ids_ring.at[r], j % 2, bar_full, raw_bars, issue_op)
 
     def wait_rows(slot, p):
       if interpret:
@@ -763,11 +702,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def _wg2():
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
-      for j in range(2):
-        ids_ready(j, prefetch=False)
-        issue(j)
-      for j in range(2, min(2 + PREFETCH_AHEAD, n_chunks)):
-        pl.when(j < n_live)(lambda j=j: ids_ready(j, prefetch=True))
+      issue(0)
+      issue(1)
 
       @pl.loop(2, n_live)
       def _(j):
@@ -782,8 +718,6 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
 
         with jax.named_scope("issue"):
           issue(j)
-        ahead = j + PREFETCH_AHEAD
-        pl.when(ahead < n_live)(lambda: ids_ready(ahead, prefetch=True))
 
       for slot in range(2):  # observe the last releases too (n_live is even)
         plgpu.barrier_wait(bar_free.at[slot])

@@ -122,7 +122,6 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
-    prefetch_rows = fwd._prefetch_op(bk, kp_dim * q.dtype.itemsize)
 
   def zeros_wgmma(tiles):
     """A WG's dq accumulator: its tiles side by side [64, 64·len(tiles)] f32 (None: no tiles)."""
@@ -197,7 +196,8 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
       for c in range(do_tiles):
         plgpu.copy_smem_to_gmem(do_smem.at[c], qd_ref.at[t, do_heads, pl.ds(c * 64, 64)])
 
-      def issue(j):  # the chunk's ids have landed
+      def issue(j):
+        plgpu.barrier_wait(bar_idx)
         if interpret:  # Pallas row copies (the interpreter has no inline Mosaic GPU)
           rows = [fwd.stand_in_row(ids_smem[i], i, kv_ref.shape[0]) for i in range(bk)]
           for i, row in enumerate(rows):
@@ -216,23 +216,19 @@ def sparse_mla_bwd(q, kv, idx, do, lse, delta, *, scale: float, interpret=False)
 
         with jax.named_scope("issue"):
           issue(j)
-        wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
-
-        @pl.when(j + 1 < n_live)  # n_live <= n_chunks: the next chunk exists
-        def _():  # the ids were read at issue: fetch the next chunk's, and its rows into L2
-          plgpu.copy_gmem_to_smem(idx_ref.at[t, j + 1], ids_smem, bar_idx, oob_mode=oob)
-          plgpu.barrier_wait(bar_idx)
-          if not interpret:
-            prefetch_rows(kv_ref, ids_smem)
-
         with jax.named_scope("ds_wait"):
           plgpu.barrier_wait(bar_ds)
+          wait_rows(j)  # also a warpgroup barrier: every thread has read the chunk's ids
+
+        @pl.when(j + 1 < n_live)  # n_live <= n_chunks: the next chunk exists
+        def _():  # the ids were read at issue: fetch the next chunk's
+          plgpu.copy_gmem_to_smem(idx_ref.at[t, j + 1], ids_smem, bar_idx, oob_mode=oob)
+
         with jax.named_scope("dq"):
           acc = dq_step(acc, owners[2], fwd.opaque_zero(interpret))
         plgpu.barrier_arrive(bar_dsfree)
         return acc
 
-      plgpu.barrier_wait(bar_idx)  # chunk 0's ids
       acc = lax.fori_loop(0, n_live, step, zeros_wgmma(owners[2]))
       plgpu.barrier_wait(bar_rfree)  # observe every phase (the interpreter checks)
       finish(acc, owners[2])

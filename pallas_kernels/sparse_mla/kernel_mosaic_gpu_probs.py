@@ -75,7 +75,6 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # the wrapper keeps every copy in bounds
   if not interpret:
     direct_init, direct_issue, mbarrier_wait = fwd._direct_ops(bk, kp_dim * q.dtype.itemsize)
-    prefetch_rows = fwd._prefetch_op(bk, kp_dim * q.dtype.itemsize)
 
   def body(q_ref, kv_ref, idx_ref, live_ref, lse_ref, o_ref, bufs, bars):
     q_smem, kv_smem, idx_smem, misc = bufs
@@ -98,18 +97,9 @@ def sparse_mla_probs(q, kv, idx, lse2, *, qk_scale: float, interpret=False):
 
     @pl.when(wg == 2)
     def _copy_wg():
-      issue_op, prefetch_op = (None, None) if interpret else (direct_issue, prefetch_rows)
+      issue_op = None if interpret else direct_issue
       fwd.copy_wg_direct(
-        kv_ref,
-        kv_smem,
-        idx_smem,
-        n_live,
-        bar_idx,
-        bar_free,
-        bar_full,
-        raw_bars,
-        issue_op,
-        prefetch_op,
+        kv_ref, kv_smem, idx_smem, n_live, bar_idx, bar_free, bar_full, raw_bars, issue_op
       )
 
     @pl.when(wg < 2)
