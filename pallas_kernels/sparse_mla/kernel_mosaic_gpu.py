@@ -11,7 +11,9 @@ One CTA = one token x 64 heads (grid: heads fastest, so a token's CTAs share its
 each 64-slot chunk of selected rows into one of two operand slots: each of its threads issues
 16-byte `cp.async` pieces of the rows straight into the tiled + swizzled wgmma operand (it
 computes the swizzled address itself, `_direct_ops`), so chunk j+1 lands while chunk j is
-multiplied. The slot ids are staged per chunk in an SMEM ring of 4 (chunk j's 64 ids, one TMA,
+multiplied. A slot is filled and freed in two column halves (WG0's value tiles; WG1's and the
+rest), each signalled on its own barrier and freed by the one WG that reads it last, so a half
+is refilled as soon as that WG is done with it and the logits start on a half that has landed. The slot ids are staged per chunk in an SMEM ring of 4 (chunk j's 64 ids, one TMA,
 in ring slot j % 4), two chunks ahead of the row copies, so the SMEM does not depend on k.
 Chunks go to the compute WGs in pairs (even chunks to WG0, odd ones to WG1, FlashMLA's order):
 each computes the logits of its own chunk (q·kᵀ over all Kp dims, N = 64) and its base-2 online
@@ -212,7 +214,7 @@ def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
   row from HBM for every row (11% more traffic where the rows are not in L2, as at 128K keys).
   Each thread then makes the slot's raw mbarrier track its copies
   (`cp.async.mbarrier.arrive.noinc`): a phase completes when all 128 threads' pieces landed.
-  init: one thread sets up the two slots' mbarriers (128 arrivals per phase each).
+  init: one thread sets up the mbarriers (one per slot, or per half; 128 arrivals a phase).
   wait: waits for the phase of the given parity on one mbarrier.
   """
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
@@ -449,8 +451,11 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
          slot 0 is refilled while that softmax and the rest of the pair run; P1 = exp2(S1 -
          m1) into the P1 tile (once WG0 read the last one); P1·V from registers (after
          rescaling to m1), then it releases slot 1.
-    WG2 (copies): refills an operand slot and its ids ring slot once both compute WGs released
-         the block there (bar_free), two blocks behind.
+    WG2 (copies): refills each half of an operand slot once its last reader released it
+         (bar_free[2 * slot + half]: WG0 frees the first halves, the value tiles of its P·V;
+         WG1 the second, which hold its value tiles, the rope tile and P0), in the order 0A, 0B,
+         1A, 1B, and an ids ring slot once both halves of its block were released (two blocks
+         behind). The logits of a block wait for each half just before its wgmmas.
   So one WG's softmax runs while the other's wgmmas keep the tensor cores busy. Each compute
   WG keeps its own l (relative to its running max, which equals the other's at the end of a
   pair); l0 + l1 is summed through SMEM after the loop.
