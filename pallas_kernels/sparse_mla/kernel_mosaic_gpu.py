@@ -11,9 +11,7 @@ One CTA = one token x 64 heads (grid: heads fastest, so a token's CTAs share its
 each 64-slot chunk of selected rows into one of two operand slots: each of its threads issues
 16-byte `cp.async` pieces of the rows straight into the tiled + swizzled wgmma operand (it
 computes the swizzled address itself, `_direct_ops`), so chunk j+1 lands while chunk j is
-multiplied. A slot is filled and freed in two column halves (WG0's value tiles; WG1's and the
-rest), each signalled on its own barrier and freed by the one WG that reads it last, so a half
-is refilled as soon as that WG is done with it and the logits start on a half that has landed. The slot ids are staged per chunk in an SMEM ring of 4 (chunk j's 64 ids, one TMA,
+multiplied. The slot ids are staged per chunk in an SMEM ring of 4 (chunk j's 64 ids, one TMA,
 in ring slot j % 4), two chunks ahead of the row copies, so the SMEM does not depend on k.
 Chunks go to the compute WGs in pairs (even chunks to WG0, odd ones to WG1, FlashMLA's order):
 each computes the logits of its own chunk (q·kᵀ over all Kp dims, N = 64) and its base-2 online
@@ -67,7 +65,7 @@ def padded_dims(k_dim: int, d_v: int, k: int) -> tuple[int, int, int]:
 
 
 IDS_RING = 4  # SMEM slots of per-chunk slot ids (chunk j in slot j % 4)
-_BARRIERS = 1 + IDS_RING + 4 + 1 + 4 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, halves, end/l
+_BARRIERS = 1 + IDS_RING + 4 + 1 + 2 + 2  # q, ids ring, m0/m1/P0/P1, P1 free, slots, end/l
 
 
 def smem_bytes(kp_dim: int, itemsize: int) -> int:
@@ -195,13 +193,10 @@ def _scalar(x):
   return x
 
 
-def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
+def _direct_ops(n_rows: int, row_bytes: int):
   """Inline Mosaic GPU (init, issue, wait) on raw SMEM mbarriers (Pallas barriers cannot be
   passed to inline_mgpu) for the direct row copies of the forward, the backward and the
   probabilities kernel: the rows land straight in the tiled + swizzled wgmma operand.
-  With `split` (a column tile index; the forward's), each slot is filled in two halves, column
-  tiles [0, split) and [split, row_bytes / 128), each with its own mbarrier (slot s, half h:
-  mbarrier 2s + h), and `issue` is a pair (the first half's op, the second's).
 
   The operand [2, n_rows, row_bytes / 2] bf16 is stored as 1 KiB tiles of 8 rows x 128 bytes
   (row tile major, then column tile), and the 128-byte swizzle XORs a 16-byte piece's index
@@ -214,7 +209,7 @@ def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
   row from HBM for every row (11% more traffic where the rows are not in L2, as at 128K keys).
   Each thread then makes the slot's raw mbarrier track its copies
   (`cp.async.mbarrier.arrive.noinc`): a phase completes when all 128 threads' pieces landed.
-  init: one thread sets up the mbarriers (one per slot, or per half; 128 arrivals a phase).
+  init: one thread sets up the two slots' mbarriers (128 arrivals per phase each).
   wait: waits for the phase of the given parity on one mbarrier.
   """
   from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
@@ -224,10 +219,7 @@ def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
   tiles = row_bytes // 128
   if row_bytes % 128 or n_rows % 16:
     raise ValueError(f"{n_rows} rows of {row_bytes} bytes do not tile over 16 groups")
-  if split is not None and not 0 < split < tiles:
-    raise ValueError(f"split={split}: expected a column tile in (0, {tiles})")
   buf_bytes = n_rows * row_bytes
-  halves = 1 if split is None else 2
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
   def init(ctx, bars):
@@ -235,30 +227,22 @@ def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
     i32 = ir.IntegerType.get_signless(32)
     i8 = ir.IntegerType.get_signless(8)
     pred = mu.single_thread_predicate(scope=mu.ThreadSubset.BLOCK)
-    for b in range(2 * halves):
-      bar = mu.getelementptr(mu.memref_ptr(bars), [8 * b], i8)
+    for slot in range(2):
+      bar = mu.getelementptr(mu.memref_ptr(bars), [8 * slot], i8)
       nvvm.mbarrier_init(bar, mu.c(128, i32), predicate=pred)
     nvvm.fence_mbarrier_init()
 
-  def issue_op(lo: int, hi: int, half: int):
-    """The copies of column tiles [lo, hi) of a chunk's rows, tracked by mbarrier
-    halves * slot + half."""
-
-    @plgpu.inline_mgpu(
-      arg_types=(
-        plgpu.RefType(),
-        plgpu.RefType(transforms=_SWIZZLE),
-        plgpu.RefType(),
-        plgpu.RefType(),
-        plgpu.Layout.WG_SPLAT,
-      )
+  @plgpu.inline_mgpu(
+    arg_types=(
+      plgpu.RefType(),
+      plgpu.RefType(transforms=_SWIZZLE),
+      plgpu.RefType(),
+      plgpu.RefType(),
+      plgpu.Layout.WG_SPLAT,
     )
-    def issue(ctx, kv, bufs, ids, bars, slot):
-      _issue(kv, bufs, ids, bars, _scalar(slot), lo, hi, half)
-
-    return issue
-
-  def _issue(kv, bufs, ids, bars, slot, lo, hi, half):
+  )
+  def issue(ctx, kv, bufs, ids, bars, slot):
+    del ctx
     i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
     index = ir.IndexType.get()
 
@@ -268,14 +252,14 @@ def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
     lane = arith.index_cast(i32, arith.remui(gpu.thread_id(gpu.Dimension.x), mu.c(128, index)))
     g, p = arith.shrui(lane, c(3)), arith.andi(lane, c(7))
     g8 = arith.andi(g, c(7))
+    slot = _scalar(slot)
     base = arith.addi(
       arith.addi(arith.muli(slot, c(buf_bytes)), arith.muli(arith.shrui(g, c(3)), c(tiles * 1024))),
       arith.addi(arith.muli(g8, c(128)), arith.shli(arith.xori(p, g8), c(4))),
     )
     dst = mu.getelementptr(mu.memref_ptr(bufs), [base], i8)
     src = mu.getelementptr(mu.memref_ptr(kv), [arith.extui(i64, arith.shli(p, c(4)))], i8)
-    bar_idx = arith.addi(arith.muli(slot, c(halves)), c(half))
-    bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(bar_idx, c(8))], i8)
+    bar_ptr = mu.getelementptr(mu.memref_ptr(bars), [arith.muli(slot, c(8))], i8)
     last_row = c(ir.MemRefType(kv.type).shape[0] - 1)
     rows = []
     for k in range(n_rows // 16):
@@ -286,7 +270,7 @@ def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
       rows.append(arith.muli(arith.extsi(i64, rid), c(row_bytes, i64)))
     for k, row in enumerate(rows):
       row_src = mu.getelementptr(src, [row], i8)
-      for tile in range(lo, hi):
+      for tile in range(tiles):
         llvm.inline_asm(
           ir.Type.parse("!llvm.void"),
           [
@@ -311,9 +295,7 @@ def _direct_ops(n_rows: int, row_bytes: int, split: int | None = None):
     i32 = ir.IntegerType.get_signless(32)
     nvvm.mbarrier_try_wait_parity(mu.memref_ptr(bar), _scalar(parity), mu.c(10000000, i32))
 
-  if split is None:
-    return init, issue_op(0, tiles, 0), wait
-  return init, (issue_op(0, split, 0), issue_op(split, tiles, 1)), wait
+  return init, issue, wait
 
 
 # (ranges per warpgroup, directory) or None. When set, the kernels built by `token_kernel`
@@ -451,11 +433,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
          slot 0 is refilled while that softmax and the rest of the pair run; P1 = exp2(S1 -
          m1) into the P1 tile (once WG0 read the last one); P1·V from registers (after
          rescaling to m1), then it releases slot 1.
-    WG2 (copies): refills each half of an operand slot once its last reader released it
-         (bar_free[2 * slot + half]: WG0 frees the first halves, the value tiles of its P·V;
-         WG1 the second, which hold its value tiles, the rope tile and P0), in the order 0A, 0B,
-         1A, 1B, and an ids ring slot once both halves of its block were released (two blocks
-         behind). The logits of a block wait for each half just before its wgmmas.
+    WG2 (copies): refills an operand slot and its ids ring slot once both compute WGs released
+         the block there (bar_free), two blocks behind.
   So one WG's softmax runs while the other's wgmmas keep the tensor cores busy. Each compute
   WG keeps its own l (relative to its running max, which equals the other's at the end of a
   pair); l0 + l1 is summed through SMEM after the loop.
@@ -495,12 +474,8 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
   oob = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
   f32 = jnp.float32
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  split = starts[1]  # column tiles [0, split) are WG0's value half, the rest WG1's and rope
-  halves = ((0, split), (split, n_tiles))
   if not interpret:
-    direct_init, direct_issue, mbarrier_wait = _direct_ops(
-      bk, kp_dim * q.dtype.itemsize, split=split
-    )
+    direct_init, direct_issue, mbarrier_wait = _direct_ops(bk, kp_dim * q.dtype.itemsize)
 
   def rescale(acc, f):
     return acc * lax.broadcast_in_dim(f, acc.shape, [0])
@@ -520,9 +495,9 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       bar_end,
       bar_l,
     ) = bars
-    # misc (f32): row 0 m0, row 1 m1 (per pair), row 2 the lse tile, row 3 [:8] the raw
-    # mbarriers (slot s, half h: 2s + h); after the loop rows 0, 1 take l0, l1.
-    lse_smem, raw_bars = misc.at[2], misc.at[3, pl.ds(0, 8)]
+    # misc (f32): row 0 m0, row 1 m1 (per pair), row 2 the lse tile, row 3 [:4] the raw
+    # mbarriers; after the loop rows 0, 1 take l0, l1.
+    lse_smem, raw_bars = misc.at[2], misc.at[3, pl.ds(0, 4)]
 
     def p0_ref(step):
       """Where WG0 stores its P: block 2p's first non-value tile (slot 0) when there is one."""
@@ -567,38 +542,27 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         def _(j=j):
           fetch_ids(j)
 
-    def issue(j, h):
-      """Column half h of block j's rows into operand slot j % 2 (its ids have landed)."""
-      ids_row, slot = ids_ring.at[j % IDS_RING], j % 2
-      if not interpret:
-        direct_issue[h](kv_ref, kv_smem, ids_row, raw_bars, slot)
-        return
-      lo, hi = halves[h]
-      cols = pl.ds(lo * 64, (hi - lo) * 64)
-      for i in range(bk):
-        row = stand_in_row(ids_row[i], i, kv_ref.shape[0])
-        dst = kv_smem.at[slot, pl.ds(i, 1), cols]
-        plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1), cols], dst, bar_full.at[2 * slot + h])
+    def issue(j):
+      r = j % IDS_RING
+      plgpu.barrier_wait(bar_ids.at[r])
+      issue_op = None if interpret else direct_issue
+      issue_chunk(kv_ref, kv_smem, ids_ring.at[r], j % 2, bar_full, raw_bars, issue_op)
 
-    def wait_rows(slot, h, p):
+    def wait_rows(slot, p):
       if interpret:
-        plgpu.barrier_wait(bar_full.at[2 * slot + h])
+        plgpu.barrier_wait(bar_full.at[slot])
       else:
-        mbarrier_wait(raw_bars.at[pl.ds((2 * slot + h) * 2, 2)], p % 2)
+        mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], p % 2)
         plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
-    def logits(slot, j, p):
-      """Scaled, masked logits of block j (in operand slot `slot`, pair p) for this WG's 64
-      heads: the first column half's wgmmas start as soon as that half has landed."""
+    def logits(slot, j):
+      """Scaled, masked logits of block j (in operand slot `slot`) for this WG's 64 heads."""
       z = opaque_zero(interpret)
       operand = kv_smem.at[z + slot]
 
       def scope(acc_ref):
-        for h, (lo, hi) in enumerate(halves):
-          with jax.named_scope("rows_wait"):
-            wait_rows(slot, h, p)
-          for c in range(lo, hi):
-            plgpu.wgmma(acc_ref, q_smem.at[z + c], operand.at[:, pl.ds(c * 64, 64)].T)
+        for c in range(n_tiles):
+          plgpu.wgmma(acc_ref, q_smem.at[z + c], operand.at[:, pl.ds(c * 64, 64)].T)
         return acc_ref[...]
 
       s = pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), f32))
@@ -653,9 +617,11 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def own_logits(w, p):
       """The logits of compute WG w's block of pair p (block 2p + w, in operand slot w)."""
       j = 2 * p + w
-      plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+      with jax.named_scope("rows_wait"):
+        plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
+        wait_rows(w, p)
       with jax.named_scope("qk"):
-        return logits(w, j, p)
+        return logits(w, j)
 
     @pl.when(wg == 0)
     def _wg0():
@@ -674,7 +640,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         plgpu.barrier_arrive(bar_p0)
         with jax.named_scope("pv_own"):
           acc = pv(rescale(acc, alpha), p0_ref(p) if interpret else pr.astype(dtype), 0, 0)
-        plgpu.barrier_arrive(bar_free.at[0])  # slot 0's first half
+        plgpu.barrier_arrive(bar_free.at[0])
         with jax.named_scope("m1_wait"):
           plgpu.barrier_wait(bar_m1)
         m1 = plgpu.load(misc.at[1], layout=row_layout, optimized=False)
@@ -684,7 +650,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
           plgpu.barrier_wait(bar_p1)
         with jax.named_scope("pv_other"):
           acc = pv(acc, p1_smem, 1, 0)
-        plgpu.barrier_arrive(bar_free.at[2])  # slot 1's first half
+        plgpu.barrier_arrive(bar_free.at[1])
         plgpu.barrier_arrive(bar_p1free)
         return acc, m1, l
 
@@ -711,7 +677,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
           plgpu.barrier_wait(bar_p0)
         with jax.named_scope("pv_other"):
           acc = pv(rescale(acc, jnp.exp2(m_prev - finite(m0))), p0_ref(p), 0, 1)
-        plgpu.barrier_arrive(bar_free.at[1])  # slot 0's second half (and P0 over it)
+        plgpu.barrier_arrive(bar_free.at[0])
         pr = jnp.exp2(s - lax.broadcast_in_dim(finite(m1), s.shape, [0]))
         l = l * jnp.exp2(m_prev - finite(m1)) + pr.sum(axis=1)
         with jax.named_scope("p1_free_wait"):
@@ -725,7 +691,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         own = p1_smem if interpret else pr.astype(dtype)
         with jax.named_scope("pv_own"):
           acc = pv(rescale(acc, jnp.exp2(finite(m0) - finite(m1))), own, 1, 1)
-        plgpu.barrier_arrive(bar_free.at[3])  # slot 1's second half
+        plgpu.barrier_arrive(bar_free.at[1])
         return acc, m1, l
 
       acc, m, l = lax.fori_loop(0, n_live // 2, step, (zeros(1), m_init, l_init))
@@ -736,30 +702,25 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     def _wg2():
       if not interpret:
         plgpu.set_max_registers(config.registers[1], action="decrease")
-      for j in range(2):
-        plgpu.barrier_wait(bar_ids.at[j])
-        for h in range(2):
-          issue(j, h)
+      issue(0)
+      issue(1)
 
-      @pl.loop(1, n_live // 2)
-      def _(p):
-        for w in range(2):  # block j = 2p + w into slot w, each half once its reader freed it
-          j = 2 * p + w
-          for h in range(2):
-            with jax.named_scope("slot_wait"):
-              plgpu.barrier_wait(bar_free.at[2 * w + h])
-            if h == 0:
-              plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
-            with jax.named_scope("issue"):
-              issue(j, h)
+      @pl.loop(2, n_live)
+      def _(j):
+        # Block j - 2 is released by both compute WGs: its operand slot (with P0 over slot 0)
+        # and its ids ring slot are free.
+        with jax.named_scope("slot_wait"):
+          plgpu.barrier_wait(bar_free.at[j % 2])
 
-          # Block j - 2 is released whole: its ids ring slot takes block j + 2's.
-          @pl.when(j + 2 < n_live)
-          def _():
-            fetch_ids(j + 2)
+        @pl.when(j + 2 < n_live)
+        def _():
+          fetch_ids(j + 2)
 
-      for b in range(4):  # observe the last releases too
-        plgpu.barrier_wait(bar_free.at[b])
+        with jax.named_scope("issue"):
+          issue(j)
+
+      for slot in range(2):  # observe the last releases too (n_live is even)
+        plgpu.barrier_wait(bar_free.at[slot])
 
   def sparse_mla_fwd_kernel(q_ref, kv_ref, idx_ref, live_ref, o_ref, lse_ref):  # profile name
     bufs = (
@@ -774,13 +735,13 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
     bars = (
       plgpu.Barrier(num_arrivals=n_tiles),  # q tile (one arrival per column-tile copy)
       plgpu.Barrier(num_arrivals=1, num_barriers=IDS_RING),  # a chunk's ids landed
-      plgpu.Barrier(num_arrivals=bk, num_barriers=4) if interpret else None,  # halves (interp.)
+      plgpu.Barrier(num_arrivals=bk, num_barriers=2) if interpret else None,  # rows (interp.)
       plgpu.Barrier(**one),  # m0 written (WG0)
       plgpu.Barrier(**one),  # m1 written (WG1)
       plgpu.Barrier(**one),  # P0 stored (WG0)
       plgpu.Barrier(**one),  # P1 stored (WG1)
       plgpu.Barrier(**one),  # P1 read by WG0
-      plgpu.Barrier(num_arrivals=1, num_barriers=4),  # slot s's half h (2s + h) released
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # operand slot released by WG0 and WG1
       plgpu.Barrier(num_arrivals=2),  # both compute WGs past the loop
       plgpu.Barrier(num_arrivals=2),  # l0, l1 written
     )
