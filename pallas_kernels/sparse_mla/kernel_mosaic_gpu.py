@@ -6,7 +6,8 @@ Layout the wrapper (ops.py) hands to the kernel (batch folded into rows):
   kv  [R, Kp]      R = B*S latent rows
   idx [N, kp]      int32 global row numbers (b*S + s), -1 for an invalid slot, kp % 64 == 0
 
-One CTA = one token x 64 heads (grid: heads fastest, so a token's CTAs share its rows in L2),
+One CTA = one token x 64 heads (a token's head blocks launched as one cluster, `token_kernel`,
+so they share its rows in L2),
 3 warpgroups (WG): 2 compute WGs and 1 copy WG. Hopper has no TMA gather; the copy WG gathers
 each 64-slot chunk of selected rows into one of two operand slots: each of its threads issues
 16-byte `cp.async` pieces of the rows straight into the tiled + swizzled wgmma operand (it
@@ -306,19 +307,29 @@ def _direct_ops(n_rows: int, row_bytes: int):
 PROFILE: tuple[int, str] | None = None
 
 
+CLUSTER_SIZES = (2, 4, 8)  # head blocks a token may have to launch them as one cluster
+
+
 def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
-  """plgpu.kernel over the (head block, token) grid of the sparse MLA kernels: heads fastest,
-  so a token's CTAs share its rows in L2; one thread per warpgroup ("wg"); the row
-  reductions stay inside a warp (WGMMA layout), so no reduction scratch. PROFILE (above) adds
-  the Mosaic GPU profiler (not in the interpreter)."""
+  """plgpu.kernel over the (head block "h", token "t") CTAs of the sparse MLA kernels; one
+  thread per warpgroup ("wg"); the row reductions stay inside a warp (WGMMA layout), so no
+  reduction scratch. Where a token has 2, 4 or 8 head blocks (V3.2's 128 heads: 2), they are
+  launched as one cluster over "h": the hardware starts a cluster's CTAs together on one GPC,
+  so the second CTA to read a selected row finds it in L2 instead of fetching it from HBM again
+  (nothing else in the kernels depends on the cluster). A plain grid, heads fastest, otherwise
+  and in the interpreter. PROFILE (above) adds the Mosaic GPU profiler (not in the
+  interpreter)."""
   prof = {}
   if PROFILE is not None and not interpret:
     prof = dict(profile_space=PROFILE[0], profile_dir=PROFILE[1])
+  nh = hp // HEAD_BLOCK
+  grid = dict(grid=(nh, n), grid_names=("h", "t"))
+  if nh in CLUSTER_SIZES and not interpret:
+    grid = dict(grid=(n,), grid_names=("t",), cluster=(nh,), cluster_names=("h",))
   return plgpu.kernel(
     entry,
     out_type=out_type,
-    grid=(hp // HEAD_BLOCK, n),
-    grid_names=("h", "t"),
+    **grid,
     num_threads=num_threads,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0, **prof),

@@ -23,7 +23,8 @@ them per row (kernel_segment_sum_triton.py). What the kernel saves is every pass
 gathered rows: XLA's backward writes them out, reads them twice more, and writes and re-reads
 the f32 logits.
 
-One CTA = one token x 64 heads (grid: heads fastest, as the forward), three warpgroups (WG):
+One CTA = one token x 64 heads (a token's head blocks as one cluster, as the forward), three
+warpgroups (WG):
   WG0 and WG1 ("compute"), WG2 ("copy": gathers the rows and owns a third of dq).
 q (Kp/64 tiles) and dO (d_out/64 tiles) stay in SMEM for the whole token. Per 64-slot chunk:
   1. WG2 gathers the chunk's rows into ONE swizzled wgmma operand R [64, Kp] with the forward's

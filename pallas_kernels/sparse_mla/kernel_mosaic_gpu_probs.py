@@ -12,8 +12,8 @@ Layout (ops.py folds the batch into rows exactly as for the forward, kernel_mosa
      Chunks after a token's last valid slot (_common.live_chunks) are skipped and
      left unwritten: the wrapper zeroes every invalid slot.
 
-One CTA = one token x 64 heads (grid: heads fastest, as the forward, so a token's CTAs share its
-rows in L2), three warpgroups: WG2 gathers each 64-slot chunk with the forward's direct
+One CTA = one token x 64 heads (a token's head blocks as one cluster, as the forward, so they
+share its rows in L2), three warpgroups: WG2 gathers each 64-slot chunk with the forward's direct
 16-byte `cp.async` copies into one of two swizzled operand slots; WG0 takes the even chunks
 (slot 0) and WG1 the odd ones (slot 1), so two chunks are in flight and each slot has one reader.
 The logits are computed transposed, Sᵀ = R·qᵀ [64 slots, 64 heads], so the head sum is a row

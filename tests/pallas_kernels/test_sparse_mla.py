@@ -307,6 +307,18 @@ def test_cross_lowering_cuda_full_shape(batch, triton_verified):
   assert triton_verified == [True]
 
 
+@pytest.mark.parametrize("h, cluster", [(128, True), (64, False)])
+def test_cross_lowering_cuda_launches_head_blocks_as_a_cluster(h, cluster):
+  """A token's head blocks run as one cluster where there are 2, 4 or 8 of them (V3.2's 128
+  heads: 2), so they share its rows in L2; one head block gets a plain grid. The lowered
+  kernel reads its head block from the cluster index only in the first case."""
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((1, 256, h, 576), jnp.bfloat16), sds((1, 4096, 576), jnp.bfloat16)
+  fwd = functools.partial(ops.sparse_mla, scale=SCALE, d_v=512, impl="pallas")
+  mlir = _export(fwd, q, kv, sds((1, 256, 2048), jnp.int32)).mlir_module()
+  assert "mosaic_gpu" in mlir and ("gpu.cluster_block_id" in mlir) == cluster
+
+
 @pytest.mark.parametrize("k", [4096, 2000])
 def test_cross_lowering_cuda_long_topk(k):
   """The ids are staged per chunk, so there is no bound on k: V3.2 dims at k 4096 (64 chunks)
