@@ -438,9 +438,7 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
          over slot 0's first non-value tile, dead once S0 is done (bar_p0; a tile of its own
          when Kp = d_out); P0·V from registers over its value half (then it releases slot
          0); after m1 (bar_m1) it rescales by exp2(m0 - m1) and, once P1 is stored (bar_p1),
-         issues P1·V from SMEM and behind it the next pair's logits over slot 0 (once its
-         rows landed), so they overlap; once the P·V is done it releases slot 1 and the P1
-         tile (bar_p1free).
+         runs P1·V from SMEM, then releases slot 1 and the P1 tile (bar_p1free).
     WG1: S1 = q·K1ᵀ, then after m0: m1 = max(m0, rowmax S1) -> SMEM (bar_m1); P0·V from SMEM
          (after rescaling to m0) and the release of slot 0 come before its own softmax, so
          slot 0 is refilled while that softmax and the rest of the pair run; P1 = exp2(S1 -
@@ -568,32 +566,21 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         mbarrier_wait(raw_bars.at[pl.ds(slot * 2, 2)], p % 2)
         plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
 
-    def qk(acc_ref, slot, z):
-      """Issue q·Kᵀ over operand slot `slot` into acc_ref (z: opaque_zero)."""
+    def logits(slot, j):
+      """Scaled, masked logits of block j (in operand slot `slot`) for this WG's 64 heads."""
+      z = opaque_zero(interpret)
       operand = kv_smem.at[z + slot]
-      for c in range(n_tiles):
-        plgpu.wgmma(acc_ref, q_smem.at[z + c], operand.at[:, pl.ds(c * 64, 64)].T)
 
-    def masked(s, j):
-      """Raw logits s of block j, scaled, with its invalid slots at -inf."""
+      def scope(acc_ref):
+        for c in range(n_tiles):
+          plgpu.wgmma(acc_ref, q_smem.at[z + c], operand.at[:, pl.ds(c * 64, 64)].T)
+        return acc_ref[...]
+
+      s = pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), f32))
       ids = plgpu.load(
         ids_ring.at[j % IDS_RING], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False
       )
       return jnp.where(lax.broadcast_in_dim(ids >= 0, s.shape, [1]), s * qk_scale, -jnp.inf)
-
-    def raw_logits(slot):
-      """q·Kᵀ over operand slot `slot` for this WG's 64 heads, unscaled and unmasked."""
-      z = opaque_zero(interpret)
-
-      def scope(acc_ref):
-        qk(acc_ref, slot, z)
-        return acc_ref[...]
-
-      return pl.run_scoped(scope, plgpu.ACC((HEAD_BLOCK, bk), f32))
-
-    def logits(slot, j):
-      """Scaled, masked logits of block j (in operand slot `slot`) for this WG's 64 heads."""
-      return masked(raw_logits(slot), j)
 
     def finite(m):
       return jnp.where(m == -jnp.inf, 0.0, m)  # all-invalid so far: keep exp2 finite
@@ -647,52 +634,13 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
       with jax.named_scope("qk"):
         return logits(w, j)
 
-    def rows_ready(w, p):
-      j = 2 * p + w
-      plgpu.barrier_wait(bar_ids.at[j % IDS_RING])
-      wait_rows(w, p)
-
-    def pv_other_then_next_qk(acc, p):
-      """WG0's P1·V over slot 1, with the next pair's logits (block 2p + 2, slot 0) issued
-      behind it so that they run while it does; slot 1 and the P1 tile are released once the
-      P·V is done. On the last pair the logits run over slot 0 as it is (unused). Returns the
-      accumulator and the raw next logits; the caller waits for their ids before masking."""
-      z = opaque_zero(interpret)
-      more = p + 1 < n_live // 2
-      if interpret:  # no accumulating wgmma on a register value: the same steps in order
-        acc = pv(acc, p1_smem, 1, 0)
-        plgpu.barrier_arrive(bar_free.at[1])
-        plgpu.barrier_arrive(bar_p1free)
-        pl.when(more)(lambda: plgpu.barrier_wait(bar_full.at[0]))
-        return acc, raw_logits(0)
-
-      # Slot 0's rows of pair p + 1; on the last pair the phase of pair p, which is complete
-      # (no control flow around the accumulators below).
-      parity = jnp.where(more, (p + 1) % 2, p % 2)
-
-      def body(refs):
-        acc_ref, s_ref = refs
-        plgpu.wgmma(acc_ref, p1_smem, kv_smem.at[z + 1].at[:, cols(0)])
-        with jax.named_scope("rows_wait"):
-          # Traced indices: constant ones of a ref used in here trip the lowering.
-          mbarrier_wait(misc.at[z + 3, pl.ds(z, 2)], parity)
-          plgpu.commit_smem()  # the cp.async writes (generic proxy) before wgmma reads them
-        qk(s_ref, 0, z)
-        plgpu.wgmma_wait(1)  # the P·V is done, the logits may still run
-        plgpu.barrier_arrive(bar_free.at[1])
-        plgpu.barrier_arrive(bar_p1free)
-
-      s0 = plgpu.layout_cast(jnp.zeros((HEAD_BLOCK, bk), f32), plgpu.Layout.WGMMA)
-      return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(s0)))
-
     @pl.when(wg == 0)
     def _wg0():
       enter()
 
       def step(p, carry):
-        acc, m_prev, l, s = carry
-        pl.when(p > 0)(lambda: plgpu.barrier_wait(bar_ids.at[(2 * p) % IDS_RING]))
-        s = masked(s, 2 * p)
+        acc, m_prev, l = carry
+        s = own_logits(0, p)
         m0 = jnp.maximum(m_prev, s.max(axis=1))
         misc.at[0][...] = m0
         plgpu.barrier_arrive(bar_m0)
@@ -712,13 +660,12 @@ def sparse_mla_fwd(q, kv, idx, *, scale: float, d_out: int, config: GpuConfig, i
         with jax.named_scope("p1_wait"):
           plgpu.barrier_wait(bar_p1)
         with jax.named_scope("pv_other"):
-          acc, s = pv_other_then_next_qk(acc, p)
-        return acc, m1, l, s
+          acc = pv(acc, p1_smem, 1, 0)
+        plgpu.barrier_arrive(bar_free.at[1])
+        plgpu.barrier_arrive(bar_p1free)
+        return acc, m1, l
 
-      rows_ready(0, 0)
-      s = raw_logits(0)  # pair 0's; each step issues the next pair's behind its last P·V
-      init = (zeros(0), m_init, l_init, s)
-      acc, m, l, _ = lax.fori_loop(0, n_live // 2, step, init)
+      acc, m, l = lax.fori_loop(0, n_live // 2, step, (zeros(0), m_init, l_init))
       finish(acc, m, l, 0)
 
     @pl.when(wg == 1)
