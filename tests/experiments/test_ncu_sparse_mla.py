@@ -11,10 +11,10 @@ _HEADER = (
 )
 
 
-def _line(i, kernel, metric, value):
+def _line(i, kernel, metric, value, section="Command line profiler metrics", unit="unit"):
   return (
     f'"{i}","7","python3","h","{kernel}","1","13","(384, 1, 1)","(2, 8192, 1)","0","9.0",'
-    f'"Command line profiler metrics","{metric}","unit","{value}"'
+    f'"{section}","{metric}","{unit}","{value}"'
   )
 
 
@@ -45,25 +45,18 @@ def test_parse_without_a_header_says_so():
     ncu.parse_ncu_csv("==PROF== ERR_NVGPUCTRPERM\n")
 
 
-def _section_line(i, kernel, section, metric, unit, value):
-  return (
-    f'"{i}","7","python3","h","{kernel}","1","13","(384, 1, 1)","(2, 8192, 1)","0","9.0",'
-    f'"{section}","{metric}","{unit}","{value}"'
-  )
-
-
 def test_sections_keep_every_metric_of_both_launches_with_section_and_unit():
   ours, theirs = "sparse_mla_fwd_kernel_mosaic_gpu_kernel", "void sm90::sparse_attn_fwd_kernel<>"
   text = "\n".join(
     [
       _HEADER,
-      _section_line(0, ours, "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "61.2"),
-      _section_line(
-        0, ours, "Warp State Statistics", "Warp Cycles Per Issued Instruction", "cycle", "1,204.5"
+      _line(0, ours, "DRAM Throughput", "61.2", "GPU Speed Of Light Throughput", "%"),
+      _line(
+        0, ours, "Warp Cycles Per Issued Instruction", "1,204.5", "Warp State Statistics", "cycle"
       ),
-      _section_line(1, theirs, "GPU Speed Of Light Throughput", "Duration", "ms", "8.9"),
-      _section_line(1, theirs, "GPU Speed Of Light Throughput", "SM Frequency", "Ghz", "n/a"),
-      _section_line(2, "nvjet_hsh_gemm", "GPU Speed Of Light Throughput", "Duration", "us", "5"),
+      _line(1, theirs, "Duration", "8.9", "GPU Speed Of Light Throughput", "ms"),
+      _line(1, theirs, "SM Frequency", "n/a", "GPU Speed Of Light Throughput", "Ghz"),
+      _line(2, "nvjet_hsh_gemm", "Duration", "5", "GPU Speed Of Light Throughput", "us"),
     ]
   )
   got = ncu.parse_ncu_sections(text)
