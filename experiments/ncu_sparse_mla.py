@@ -37,7 +37,7 @@ MINIMAL = ("gpu__time_duration.sum", "dram__bytes_read.sum")
 OURS, FLASHMLA = "sparse_mla_fwd", "flashmla"
 SECTIONS = ("SpeedOfLight", "WarpStateStats")
 # With SECTIONS: each stall reason's warps per issued instruction (every name ncu has).
-STALLS = r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+STALLS = (r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio",)
 
 
 def kernel_role(name: str) -> str | None:
@@ -86,7 +86,7 @@ def parse_ncu_sections(text: str) -> dict:
   out = {}
   for rec in _records(text):
     role = kernel_role(rec["Kernel Name"])
-    if role is None:
+    if role is None or not rec["Metric Name"]:  # a section's empty header row
       continue
     name = f"{rec['Section Name']}: {rec['Metric Name']} [{rec['Metric Unit']}]"
     out.setdefault(role, {})[name] = _number(rec["Metric Value"])

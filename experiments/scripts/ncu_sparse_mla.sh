@@ -21,9 +21,12 @@ profile "$CSV" --metrics "$(metrics METRICS)" || {
   echo "ncu_sparse_mla: retrying with the minimal metrics"
   profile "$CSV" --metrics "$(metrics MINIMAL)"
 }
-SECTIONS=$(python3 -c "from experiments import ncu_sparse_mla as m; print(' '.join('--section ' + s for s in m.SECTIONS))")
-# shellcheck disable=SC2086 (one word per flag)
-profile "$SEC_CSV" $SECTIONS --metrics "$(python3 -c "from experiments import ncu_sparse_mla as m; print(m.STALLS)")" || { echo "ncu_sparse_mla: no sections"; rm -f "$SEC_CSV"; }
+SECTIONS=$(python3 -c "from experiments import ncu_sparse_mla as m; print(*m.SECTIONS)")
+# shellcheck disable=SC2046 (one --section flag per word)
+profile "$SEC_CSV" $(printf -- '--section %s ' $SECTIONS) --metrics "$(metrics STALLS)" || {
+  echo "ncu_sparse_mla: no sections"
+  rm -f "$SEC_CSV"
+}
 python3 -m experiments.ncu_sparse_mla report --suite="$SUITE" --csv="$CSV" --out="$OUT_JSON" \
   --sections_csv="$SEC_CSV" \
   --command="bash experiments/scripts/ncu_sparse_mla.sh $SUITE $OUT_JSON"

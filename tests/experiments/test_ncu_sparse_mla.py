@@ -50,6 +50,7 @@ def test_sections_keep_every_metric_of_both_launches_with_section_and_unit():
   text = "\n".join(
     [
       _HEADER,
+      _line(0, ours, "", "", "SpeedOfLight", ""),  # a section's empty header row: dropped
       _line(0, ours, "DRAM Throughput", "61.2", "GPU Speed Of Light Throughput", "%"),
       _line(
         0, ours, "Warp Cycles Per Issued Instruction", "1,204.5", "Warp State Statistics", "cycle"
