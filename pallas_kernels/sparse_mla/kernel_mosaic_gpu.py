@@ -315,7 +315,7 @@ def token_kernel(entry, out_type, hp: int, n: int, num_threads: int, interpret):
   thread per warpgroup ("wg"); the row reductions stay inside a warp (WGMMA layout), so no
   reduction scratch. Where a token has 2, 4 or 8 head blocks (V3.2's 128 heads: 2), they are
   launched as one cluster over "h": the hardware starts a cluster's CTAs together on one GPC,
-  so the second CTA to read a selected row finds it in L2 instead of fetching it from HBM again
+  so the second CTA to read a selected row tends to find it in L2 rather than fetch it again
   (nothing else in the kernels depends on the cluster). A plain grid, heads fastest, otherwise
   and in the interpreter. PROFILE (above) adds the Mosaic GPU profiler (not in the
   interpreter)."""
