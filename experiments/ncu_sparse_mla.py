@@ -24,6 +24,7 @@ import argparse
 import csv
 import io
 import json
+import os
 
 METRICS = {
   "gpu__time_duration.sum": "time_ns",
@@ -94,8 +95,6 @@ def parse_ncu_sections(text: str) -> dict:
 
 
 def report(csv_path: str, out: str, suite: str, command: str, sections_csv: str | None = None):
-  import os  # noqa: PLC0415
-
   from experiments import bench_common, bench_sparse_mla  # noqa: PLC0415
 
   with open(csv_path) as f:
